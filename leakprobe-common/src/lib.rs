@@ -1,0 +1,219 @@
+//! The one source of truth for what leakprobe's eBPF programs and its daemon share: map value
+//! layouts, map names, counter indices and allocation kinds.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding, so both sides agree byte for byte.
+#![no_std]
+
+/// Frames captured per allocation stack. Deeper stacks are cut here and counted as truncated.
+pub const MAX_STACK_DEPTH: usize = 64;
+
+/// Map names, as the daemon looks them up in the loaded object.
+pub mod maps {
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const WRAPPER_STASH: &str = "WRAPPER_STASH";
+    pub const LIVE: &str = "LIVE";
+    pub const STACKS: &str = "STACKS";
+    pub const SITES: &str = "SITES";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SCRATCH: &str = "SCRATCH";
+}
+
+/// Globals the daemon sets before load.
+pub mod globals {
+    /// The target's tgid; every program returns early for any other process.
+    pub const TARGET_TGID: &str = "TARGET_TGID";
+}
+
+/// Which allocation function produced a block. Part of a call site's identity.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AllocKind {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Reallocarray = 4,
+    PosixMemalign = 5,
+    AlignedAlloc = 6,
+    Memalign = 7,
+    Valloc = 8,
+    Pvalloc = 9,
+    Mmap = 10,
+    /// C++ `operator new` (libstdc++/libc++), which allocates through malloc.
+    OperatorNew = 11,
+    /// C++ `operator new[]`.
+    OperatorNewArray = 12,
+}
+
+impl AllocKind {
+    pub const ALL: [AllocKind; 12] = [
+        AllocKind::Malloc,
+        AllocKind::Calloc,
+        AllocKind::Realloc,
+        AllocKind::Reallocarray,
+        AllocKind::PosixMemalign,
+        AllocKind::AlignedAlloc,
+        AllocKind::Memalign,
+        AllocKind::Valloc,
+        AllocKind::Pvalloc,
+        AllocKind::Mmap,
+        AllocKind::OperatorNew,
+        AllocKind::OperatorNewArray,
+    ];
+
+    pub const fn from_u32(v: u32) -> Option<AllocKind> {
+        match v {
+            1 => Some(AllocKind::Malloc),
+            2 => Some(AllocKind::Calloc),
+            3 => Some(AllocKind::Realloc),
+            4 => Some(AllocKind::Reallocarray),
+            5 => Some(AllocKind::PosixMemalign),
+            6 => Some(AllocKind::AlignedAlloc),
+            7 => Some(AllocKind::Memalign),
+            8 => Some(AllocKind::Valloc),
+            9 => Some(AllocKind::Pvalloc),
+            10 => Some(AllocKind::Mmap),
+            11 => Some(AllocKind::OperatorNew),
+            12 => Some(AllocKind::OperatorNewArray),
+            _ => None,
+        }
+    }
+
+    /// The libc function name, as users know it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AllocKind::Malloc => "malloc",
+            AllocKind::Calloc => "calloc",
+            AllocKind::Realloc => "realloc",
+            AllocKind::Reallocarray => "reallocarray",
+            AllocKind::PosixMemalign => "posix_memalign",
+            AllocKind::AlignedAlloc => "aligned_alloc",
+            AllocKind::Memalign => "memalign",
+            AllocKind::Valloc => "valloc",
+            AllocKind::Pvalloc => "pvalloc",
+            AllocKind::Mmap => "mmap",
+            AllocKind::OperatorNew => "operator new",
+            AllocKind::OperatorNewArray => "operator new[]",
+        }
+    }
+}
+
+/// Indices into the per-CPU `COUNTERS` array. Drops first, then plain activity counts.
+pub mod counter {
+    /// A new block could not be recorded: the live-block map was full.
+    pub const LIVE_MAP_FULL: u32 = 0;
+    /// A stack could not be stored: the stack map was full.
+    pub const STACK_MAP_FULL: u32 = 1;
+    /// A call site's totals could not be created: the site map was full.
+    pub const SITE_MAP_FULL: u32 = 2;
+    /// An entry's arguments could not be kept until its return: the in-flight map was full.
+    pub const IN_FLIGHT_FULL: u32 = 3;
+    /// An entry probe ran but its return probe never did (longjmp, a thread killed mid-call).
+    pub const MISSED_RETURN: u32 = 4;
+    /// An address was handed out again while still recorded as live: its free was missed.
+    pub const MISSED_FREE: u32 = 5;
+    /// Reading the user stack failed part way.
+    pub const STACK_READ_ERROR: u32 = 6;
+    /// A free of an address never seen allocated (allocated before attach, or untracked).
+    pub const UNKNOWN_FREE: u32 = 7;
+    /// A stack reached MAX_STACK_DEPTH and was cut.
+    pub const STACK_TRUNCATED: u32 = 8;
+    /// An munmap of a region not recorded as an anonymous mapping.
+    pub const UNKNOWN_MUNMAP: u32 = 9;
+    /// Allocation calls seen (outermost only, successful or not).
+    pub const ALLOC_CALLS: u32 = 10;
+    /// Free calls seen (non-NULL, outermost only).
+    pub const FREE_CALLS: u32 = 11;
+    /// Allocations that returned NULL / failed.
+    pub const FAILED_ALLOCS: u32 = 12;
+    pub const COUNT: u32 = 13;
+}
+
+/// Arguments of an allocation call kept from entry to return, per thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlight {
+    /// Stack pointer at entry: tells a stale record (missed return) from a nested call.
+    pub sp: u64,
+    /// Requested bytes.
+    pub size: u64,
+    /// realloc's old pointer.
+    pub old_ptr: u64,
+    /// posix_memalign's `void **memptr`.
+    pub out_ptr: u64,
+    pub stack_id: u64,
+    pub kind: u32,
+    /// Nested allocation calls (realloc(NULL) calling malloc inside libc) seen since entry.
+    pub depth: u32,
+    /// realloc's old block, taken out of the live map at entry (so no other thread can reuse
+    /// its address under us) and put back if realloc fails. `old_known` is 0 when the old
+    /// block was never seen (allocated before attach).
+    pub old_block: LiveBlock,
+    pub old_known: u32,
+    pub _pad: u32,
+}
+
+/// A stack captured at a wrapper's entry (C++ operator new), used by the allocation inside it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WrapperStash {
+    pub sp: u64,
+    pub stack_id: u64,
+    /// The wrapper's AllocKind, which replaces the inner call's kind.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// One outstanding block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LiveBlock {
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at allocation.
+    pub timestamp_ns: u64,
+    pub stack_id: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Cumulative totals for one call site (one stack id). Outstanding = alloc - free.
+/// 64-bit counters updated with atomic adds: they do not wrap in any realistic run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCounters {
+    pub alloc_count: u64,
+    pub alloc_bytes: u64,
+    pub free_count: u64,
+    pub free_bytes: u64,
+}
+
+/// A call site: a stack and the function that allocated there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteKey {
+    pub stack_id: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// A captured user stack, innermost first. `ips[0]` is the return address into the caller
+/// of the allocation function.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stack {
+    pub ips: [u64; MAX_STACK_DEPTH],
+    pub depth: u32,
+    /// Non-zero when the walk stopped at MAX_STACK_DEPTH with frames left.
+    pub truncated: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain #[repr(C)] integer structs with explicit padding.
+    unsafe impl aya::Pod for InFlight {}
+    unsafe impl aya::Pod for WrapperStash {}
+    unsafe impl aya::Pod for LiveBlock {}
+    unsafe impl aya::Pod for SiteCounters {}
+    unsafe impl aya::Pod for Stack {}
+    unsafe impl aya::Pod for SiteKey {}
+}
