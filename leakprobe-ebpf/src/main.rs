@@ -82,10 +82,12 @@ fn regs(ctx: &ProbeContext) -> &pt_regs {
     unsafe { &*ctx.regs }
 }
 
-/// True when this call runs inside an outer allocation call on the same thread.
+/// True when this call runs inside an outer allocation call on the same thread. An equal
+/// stack pointer is a tail call (glibc's reallocarray jumps to realloc, realloc(NULL) to
+/// malloc): still the outer call, whose return address is already our return trampoline.
 #[inline(always)]
 fn nested_in(outer_sp: u64, sp: u64, window: u64) -> bool {
-    outer_sp > sp && outer_sp - sp < window
+    outer_sp >= sp && outer_sp - sp < window
 }
 
 /// Walks the user stack from an allocation function's entry and stores it in `STACKS`.

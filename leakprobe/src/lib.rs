@@ -1,1 +1,19 @@
+//! leakprobe: find growing allocation call sites in a live process with eBPF.
+//!
+//! Layers, with data flowing one way:
+//! - [`probe`]: loads the eBPF programs, attaches them, reads their maps;
+//! - [`model`]: pure tracking arithmetic over samples (no I/O);
+//! - [`symbolize`]: addresses to functions and lines;
+//! - [`report`]: the report structure and its text and JSON forms;
+//! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
+pub mod cli;
+pub mod elf;
+pub mod launch;
+pub mod model;
+pub mod preflight;
+pub mod probe;
+pub mod report;
+pub mod session;
+pub mod symbolize;
+pub mod target;

@@ -1,2 +1,56 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakprobe"));
-fn main() { println!("{}", OBJ.len()); }
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use leakprobe::{
+    cli::{Cli, Config},
+    session::{self, Refused},
+};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            // A closed pipe (`leakprobe ... | head`) is not an error.
+            if err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("leakprobe: error: {err:#}");
+            if err.downcast_ref::<Refused>().is_some() {
+                eprintln!("leakprobe: nothing was attached; the target is untouched");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEAKPROBE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::try_from(cli).map_err(|e| anyhow::Error::new(Refused(e.to_string())))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let outcome = runtime.block_on(session::run(config))?;
+    if outcome.leak_gate_failed() {
+        eprintln!(
+            "leakprobe: outstanding growth {} bytes is above --fail-on-leak {} bytes",
+            outcome.outstanding_bytes,
+            outcome.fail_on_leak.unwrap_or(0)
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,247 @@
+//! Command-line flags (clap) and their validation into a [`Config`] before anything runs.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+const EXAMPLES: &str = "\
+Examples:
+  # Watch a live server for 60 s and print the growing call sites
+  leakprobe attach --pid 4242 --duration 60s
+
+  # Run until Ctrl-C, reporting every 10 s, only blocks older than 30 s
+  leakprobe attach --pid 4242 --interval 10s --min-age 30s
+
+  # JSON for scripts
+  leakprobe attach --pid 4242 --duration 30s --format json --output leak.json
+
+  # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
+  leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
+
+Exit status: 0 done, 1 outstanding growth above --fail-on-leak, 2 error (nothing attached).";
+
+/// Find growing allocation call sites in a live process, without restarting it.
+///
+/// leakprobe puts eBPF uprobes on the target's allocation functions, tracks every outstanding
+/// block with its stack, and reports which call sites hold growing memory. When it exits,
+/// every probe is gone and the target runs on untouched.
+#[derive(Debug, Parser)]
+#[command(name = "leakprobe", version, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More logging on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress lines on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to a running process by PID.
+    #[command(after_help = EXAMPLES)]
+    Attach {
+        /// The process to trace.
+        #[arg(short, long)]
+        pid: i32,
+        #[command(flatten)]
+        opts: TraceOpts,
+    },
+    /// Start a command held until the probes are live, and trace it from its first allocation.
+    #[command(after_help = EXAMPLES)]
+    Run {
+        #[command(flatten)]
+        opts: TraceOpts,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceOpts {
+    /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C, SIGTERM or the target exits.
+    #[arg(short, long, value_name = "D")]
+    pub duration: Option<String>,
+    /// How often to read the maps and print progress.
+    #[arg(short, long, default_value = "5s", value_name = "I")]
+    pub interval: String,
+    /// Call sites shown in full in the text report.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+    /// Count only blocks at least this old as outstanding (e.g. 30s).
+    #[arg(long, value_name = "A")]
+    pub min_age: Option<String>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Write the report here instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exit with status 1 if outstanding growth exceeds this (e.g. 0, 4096, 10MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub fail_on_leak: Option<String>,
+    /// Outstanding blocks tracked at once; more are counted as dropped.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    pub max_live: u32,
+    /// Distinct stacks (call sites) tracked; more are counted as dropped.
+    #[arg(long, default_value_t = 1 << 15, value_name = "N")]
+    pub max_stacks: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("invalid {flag} value {value:?}: {reason} (examples: 500ms, 5s, 2m, 1h)")]
+    Duration { flag: &'static str, value: String, reason: String },
+    #[error("invalid --fail-on-leak value {value:?}: {reason} (examples: 0, 4096, 64KiB, 10MiB)")]
+    Bytes { value: String, reason: String },
+    #[error("{flag} must be greater than zero")]
+    Zero { flag: &'static str },
+}
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    Attach { pid: i32 },
+    Run { command: Vec<String> },
+}
+
+/// Validated settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+    pub top: usize,
+    pub min_age: Duration,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub fail_on_leak: Option<u64>,
+    pub max_live: u32,
+    pub max_stacks: u32,
+    pub quiet: bool,
+    /// The command line, recorded in the report.
+    pub args: Vec<String>,
+}
+
+fn duration(flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    let err = |reason: String| ConfigError::Duration { flag, value: v.to_string(), reason };
+    // A bare number means seconds.
+    if let Ok(secs) = v.parse::<f64>() {
+        if !(secs.is_finite() && secs >= 0.0) {
+            return Err(err("must be a non-negative number of seconds".into()));
+        }
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(v).map_err(|e| err(e.to_string()))
+}
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, Self::Error> {
+        let (mode, opts) = match cli.command {
+            Command::Attach { pid, opts } => (Mode::Attach { pid }, opts),
+            Command::Run { opts, command } => (Mode::Run { command }, opts),
+        };
+        let interval = duration("--interval", &opts.interval)?;
+        if interval.is_zero() {
+            return Err(ConfigError::Zero { flag: "--interval" });
+        }
+        let duration_opt = opts.duration.as_deref().map(|d| duration("--duration", d)).transpose()?;
+        if duration_opt.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero { flag: "--duration" });
+        }
+        let min_age = opts.min_age.as_deref().map(|d| duration("--min-age", d)).transpose()?.unwrap_or_default();
+        let fail_on_leak = opts
+            .fail_on_leak
+            .as_deref()
+            .map(|v| {
+                parse_size::parse_size(v).map_err(|e| ConfigError::Bytes { value: v.to_string(), reason: e.to_string() })
+            })
+            .transpose()?;
+        if opts.max_live == 0 {
+            return Err(ConfigError::Zero { flag: "--max-live" });
+        }
+        if opts.max_stacks == 0 {
+            return Err(ConfigError::Zero { flag: "--max-stacks" });
+        }
+        if opts.top == 0 {
+            return Err(ConfigError::Zero { flag: "--top" });
+        }
+        Ok(Config {
+            mode,
+            duration: duration_opt,
+            interval,
+            top: opts.top,
+            min_age,
+            format: opts.format,
+            output: opts.output,
+            fail_on_leak,
+            max_live: opts.max_live,
+            max_stacks: opts.max_stacks,
+            quiet: cli.quiet,
+            args: std::env::args().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        Config::try_from(cli).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn attach_defaults() {
+        let c = parse(&["leakprobe", "attach", "--pid", "12"]).unwrap();
+        assert!(matches!(c.mode, Mode::Attach { pid: 12 }));
+        assert_eq!(c.interval, Duration::from_secs(5));
+        assert_eq!(c.duration, None);
+        assert_eq!(c.top, 10);
+        assert_eq!(c.format, Format::Text);
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        let c = parse(&[
+            "leakprobe", "attach", "-p", "1", "--duration", "1m", "--interval", "250ms", "--min-age", "3",
+            "--fail-on-leak", "64KiB",
+        ])
+        .unwrap();
+        assert_eq!(c.duration, Some(Duration::from_secs(60)));
+        assert_eq!(c.interval, Duration::from_millis(250));
+        assert_eq!(c.min_age, Duration::from_secs(3));
+        assert_eq!(c.fail_on_leak, Some(65536));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(parse(&["leakprobe", "attach", "-p", "1", "--duration", "soon"]).unwrap_err().contains("--duration"));
+        assert!(parse(&["leakprobe", "attach", "-p", "1", "--interval", "0"]).unwrap_err().contains("--interval"));
+        assert!(parse(&["leakprobe", "attach", "-p", "1", "--fail-on-leak", "lots"]).unwrap_err().contains("--fail-on-leak"));
+        assert!(parse(&["leakprobe", "attach", "-p", "x"]).is_err());
+        assert!(parse(&["leakprobe", "run"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_command_after_dashes() {
+        let c = parse(&["leakprobe", "run", "--duration", "2s", "--", "ls", "-l"]).unwrap();
+        match c.mode {
+            Mode::Run { command } => assert_eq!(command, vec!["ls", "-l"]),
+            other => panic!("{other:?}"),
+        }
+    }
+}

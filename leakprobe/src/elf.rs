@@ -1,0 +1,65 @@
+//! Function symbols of a target's module, as file offsets for uprobes.
+
+use std::{collections::HashMap, path::Path};
+
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ElfError {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable ELF file")]
+    Parse {
+        path: String,
+        #[source]
+        source: object::Error,
+    },
+}
+
+/// File offsets of the named functions that `path` defines. Names not found are absent.
+/// Aliases (glibc's memalign and aligned_alloc) come back with the same offset.
+pub fn function_offsets(path: &Path, names: &[&str]) -> Result<HashMap<String, u64>, ElfError> {
+    let shown = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| ElfError::Read { path: shown.clone(), source })?;
+    let file = object::File::parse(&*data).map_err(|source| ElfError::Parse { path: shown, source })?;
+    let mut out = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if !sym.is_definition() || sym.kind() != object::SymbolKind::Text {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if !names.contains(&name) || out.contains_key(name) {
+            continue;
+        }
+        let Some(section) = sym.section_index().and_then(|i| file.section_by_index(i).ok()) else { continue };
+        let Some((sec_offset, _)) = section.file_range() else { continue };
+        let Some(rel) = sym.address().checked_sub(section.address()) else { continue };
+        out.insert(name.to_string(), sec_offset + rel);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_libc_malloc_and_aliases() {
+        // The libc this test runs on.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let libc = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| p.contains("libc.so"))
+            .expect("test binary maps libc");
+        let offs = function_offsets(Path::new(libc), &["malloc", "free", "no_such_function"]).unwrap();
+        assert!(offs.contains_key("malloc") && offs.contains_key("free"));
+        assert_ne!(offs["malloc"], offs["free"]);
+        assert!(!offs.contains_key("no_such_function"));
+    }
+}

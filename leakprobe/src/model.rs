@@ -1,0 +1,303 @@
+//! The tracking model: call site totals over time, growth and ages. Pure arithmetic, no I/O:
+//! it consumes [`Sample`]s (read from the kernel maps in production, built by hand in tests).
+
+use std::collections::HashMap;
+
+use leakprobe_common::{AllocKind, SiteCounters, SiteKey, counter};
+
+/// Drop and activity counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; counter::COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, idx: u32) -> u64 {
+        self.0.get(idx as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Outstanding blocks of one site as seen in the live-block map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveSummary {
+    /// Timestamp (CLOCK_MONOTONIC ns) of the oldest outstanding block.
+    pub oldest_ns: u64,
+    /// Blocks at least `min_age` old, and their bytes.
+    pub aged_count: u64,
+    pub aged_bytes: u64,
+}
+
+/// One reading of the kernel maps.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// CLOCK_MONOTONIC ns when the sample was taken.
+    pub at_ns: u64,
+    pub sites: Vec<(SiteKey, SiteCounters)>,
+    pub live: HashMap<SiteKey, LiveSummary>,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug)]
+struct SiteState {
+    now: SiteCounters,
+    prev: SiteCounters,
+    live: Option<LiveSummary>,
+}
+
+/// A call site's figures at the latest sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteStats {
+    pub key: SiteKey,
+    pub kind: Option<AllocKind>,
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
+    /// Allocations and frees since the previous sample.
+    pub interval_allocs: u64,
+    pub interval_frees: u64,
+    /// Net change of outstanding bytes over the whole window, per second.
+    pub growth_bytes_per_s: f64,
+    /// Age of the oldest outstanding block, if the live map was read.
+    pub oldest_age_s: Option<f64>,
+}
+
+/// Tracks every call site from the moment probes went live.
+#[derive(Debug)]
+pub struct Tracker {
+    start_ns: u64,
+    last_ns: u64,
+    min_age_ns: u64,
+    sites: HashMap<SiteKey, SiteState>,
+    counters: Counters,
+    samples: usize,
+}
+
+impl Tracker {
+    /// `start_ns` is when the probes went live; every site had nothing outstanding then.
+    /// With `min_age_ns` > 0, outstanding figures count only blocks at least that old.
+    pub fn new(start_ns: u64, min_age_ns: u64) -> Self {
+        Tracker {
+            start_ns,
+            last_ns: start_ns,
+            min_age_ns,
+            sites: HashMap::new(),
+            counters: Counters::default(),
+            samples: 0,
+        }
+    }
+
+    pub fn ingest(&mut self, sample: Sample) {
+        for state in self.sites.values_mut() {
+            state.prev = state.now;
+            state.live = None;
+        }
+        for (key, counters) in sample.sites {
+            let state = self.sites.entry(key).or_insert(SiteState {
+                now: SiteCounters::default(),
+                prev: SiteCounters::default(),
+                live: None,
+            });
+            state.now = counters;
+        }
+        for (key, live) in sample.live {
+            if let Some(state) = self.sites.get_mut(&key) {
+                state.live = Some(live);
+            }
+        }
+        self.counters = sample.counters;
+        self.last_ns = self.last_ns.max(sample.at_ns);
+        self.samples += 1;
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Seconds from probes live to the latest sample.
+    pub fn window_s(&self) -> f64 {
+        self.last_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    pub fn min_age_ns(&self) -> u64 {
+        self.min_age_ns
+    }
+
+    /// Every site, largest outstanding growth first (ties: more allocations first, then key,
+    /// so the order is stable).
+    pub fn sites(&self) -> Vec<SiteStats> {
+        let window = self.window_s();
+        let mut out: Vec<SiteStats> = self
+            .sites
+            .iter()
+            .map(|(key, s)| {
+                let mut outstanding_count = s.now.alloc_count.saturating_sub(s.now.free_count);
+                let mut outstanding_bytes = s.now.alloc_bytes.saturating_sub(s.now.free_bytes);
+                if self.min_age_ns > 0 {
+                    let live = s.live.unwrap_or_default();
+                    outstanding_count = live.aged_count;
+                    outstanding_bytes = live.aged_bytes;
+                }
+                let oldest_age_s = s.live.filter(|l| l.oldest_ns > 0).map(|l| {
+                    self.last_ns.saturating_sub(l.oldest_ns) as f64 / 1e9
+                });
+                // Nothing was outstanding when the probes went live, so the net change over
+                // the window is what is outstanding now.
+                let growth_bytes_per_s =
+                    if window > 0.0 { outstanding_bytes as f64 / window } else { 0.0 };
+                SiteStats {
+                    key: *key,
+                    kind: AllocKind::from_u32(key.kind),
+                    outstanding_bytes,
+                    outstanding_count,
+                    allocated_bytes: s.now.alloc_bytes,
+                    allocated_count: s.now.alloc_count,
+                    freed_bytes: s.now.free_bytes,
+                    freed_count: s.now.free_count,
+                    interval_allocs: s.now.alloc_count.saturating_sub(s.prev.alloc_count),
+                    interval_frees: s.now.free_count.saturating_sub(s.prev.free_count),
+                    growth_bytes_per_s,
+                    oldest_age_s: if outstanding_count > 0 { oldest_age_s } else { None },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.outstanding_bytes
+                .cmp(&a.outstanding_bytes)
+                .then(b.allocated_count.cmp(&a.allocated_count))
+                .then(a.key.cmp(&b.key))
+        });
+        out
+    }
+
+    pub fn totals(&self) -> Totals {
+        let sites = self.sites();
+        Totals {
+            outstanding_bytes: sites.iter().map(|s| s.outstanding_bytes).sum(),
+            outstanding_count: sites.iter().map(|s| s.outstanding_count).sum(),
+            allocated_count: sites.iter().map(|s| s.allocated_count).sum(),
+            freed_count: sites.iter().map(|s| s.freed_count).sum(),
+            sites: sites.len(),
+            growing_sites: sites.iter().filter(|s| s.outstanding_bytes > 0).count(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    pub allocated_count: u64,
+    pub freed_count: u64,
+    pub sites: usize,
+    pub growing_sites: usize,
+}
+
+/// The drop counters that mean figures may be incomplete, with the words a report uses.
+pub const DROP_KINDS: &[(u32, &str, &str)] = &[
+    (counter::LIVE_MAP_FULL, "live_map_full", "allocations not tracked: live-block map full (raise --max-live)"),
+    (counter::STACK_MAP_FULL, "stack_map_full", "stacks not stored: stack map full"),
+    (counter::SITE_MAP_FULL, "site_map_full", "call-site totals not created: site map full"),
+    (counter::IN_FLIGHT_FULL, "in_flight_full", "calls not tracked: in-flight map full (too many threads)"),
+    (counter::MISSED_RETURN, "missed_returns", "entries whose return was never seen"),
+    (counter::MISSED_FREE, "missed_frees", "addresses reused while live (a free went unseen)"),
+    (counter::STACK_READ_ERROR, "stack_errors", "stacks that could not be read"),
+];
+
+/// Counters that are expected in normal operation, reported for context.
+pub const INFO_KINDS: &[(u32, &str, &str)] = &[
+    (counter::UNKNOWN_FREE, "unknown_frees", "frees of blocks allocated before attach (or untracked)"),
+    (counter::STACK_TRUNCATED, "truncated_stacks", "stacks cut at the maximum depth"),
+    (counter::UNKNOWN_MUNMAP, "unknown_munmaps", "munmaps of regions not tracked as anonymous mmaps"),
+    (counter::ALLOC_CALLS, "alloc_calls", "allocation calls seen"),
+    (counter::FREE_CALLS, "free_calls", "free calls seen"),
+    (counter::FAILED_ALLOCS, "failed_allocs", "allocations that failed (NULL)"),
+];
+
+/// Sum of the drop counters: non-zero means the report is degraded.
+pub fn total_drops(c: &Counters) -> u64 {
+    DROP_KINDS.iter().map(|(idx, _, _)| c.get(*idx)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: u64) -> SiteKey {
+        SiteKey { stack_id: id, kind: AllocKind::Malloc as u32, _pad: 0 }
+    }
+
+    fn counters(ac: u64, ab: u64, fc: u64, fb: u64) -> SiteCounters {
+        SiteCounters { alloc_count: ac, alloc_bytes: ab, free_count: fc, free_bytes: fb }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn outstanding_and_growth_over_window() {
+        let mut t = Tracker::new(10 * S, 0);
+        t.ingest(Sample {
+            at_ns: 15 * S,
+            sites: vec![(key(1), counters(10, 1000, 0, 0)), (key(2), counters(100, 6400, 100, 6400))],
+            ..Default::default()
+        });
+        t.ingest(Sample {
+            at_ns: 20 * S,
+            sites: vec![(key(1), counters(20, 2000, 0, 0)), (key(2), counters(300, 19200, 300, 19200))],
+            ..Default::default()
+        });
+        let sites = t.sites();
+        assert_eq!(sites[0].key, key(1));
+        assert_eq!(sites[0].outstanding_bytes, 2000);
+        assert_eq!(sites[0].outstanding_count, 20);
+        assert_eq!(sites[0].interval_allocs, 10);
+        assert!((sites[0].growth_bytes_per_s - 200.0).abs() < 1e-9);
+        // Churn: everything freed, no growth.
+        assert_eq!(sites[1].outstanding_bytes, 0);
+        assert_eq!(sites[1].growth_bytes_per_s, 0.0);
+        assert_eq!(sites[1].interval_allocs, 200);
+        assert_eq!(sites[1].interval_frees, 200);
+        let totals = t.totals();
+        assert_eq!(totals.outstanding_bytes, 2000);
+        assert_eq!(totals.growing_sites, 1);
+        assert!((t.window_s() - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn min_age_uses_live_map_figures_and_ages() {
+        let mut t = Tracker::new(0, 5 * S);
+        let mut live = HashMap::new();
+        live.insert(key(1), LiveSummary { oldest_ns: 2 * S, aged_count: 3, aged_bytes: 300 });
+        t.ingest(Sample {
+            at_ns: 10 * S,
+            sites: vec![(key(1), counters(5, 500, 0, 0))],
+            live,
+            ..Default::default()
+        });
+        let s = &t.sites()[0];
+        assert_eq!((s.outstanding_count, s.outstanding_bytes), (3, 300));
+        assert_eq!(s.oldest_age_s, Some(8.0));
+    }
+
+    #[test]
+    fn drops_are_summed_and_info_counters_are_not_drops() {
+        let mut c = Counters::default();
+        c.0[counter::UNKNOWN_FREE as usize] = 7;
+        c.0[counter::ALLOC_CALLS as usize] = 100;
+        assert_eq!(total_drops(&c), 0);
+        c.0[counter::LIVE_MAP_FULL as usize] = 2;
+        c.0[counter::MISSED_RETURN as usize] = 1;
+        assert_eq!(total_drops(&c), 3);
+    }
+
+    #[test]
+    fn free_counts_above_allocs_never_underflow() {
+        let mut t = Tracker::new(0, 0);
+        t.ingest(Sample { at_ns: S, sites: vec![(key(1), counters(1, 10, 2, 20))], ..Default::default() });
+        assert_eq!(t.sites()[0].outstanding_bytes, 0);
+    }
+}

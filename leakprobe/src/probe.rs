@@ -1,0 +1,357 @@
+//! Loading, attaching and reading the eBPF side.
+//!
+//! Nothing here outlives the process: links are owned file descriptors (no pins, no tracefs
+//! probes), so the kernel removes every probe when leakprobe exits, however it exits.
+
+use std::{collections::HashMap as StdHashMap, num::NonZeroU32, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, UProbe, uprobe::{UProbeAttachLocation, UProbeScope}},
+};
+use leakprobe_common::{
+    LiveBlock, SiteCounters, SiteKey, Stack, counter, globals, maps as map_names,
+};
+use thiserror::Error;
+
+use crate::{
+    model::{Counters, LiveSummary, Sample},
+    target::{Allocators, Mapping, target_path},
+};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakprobe"));
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    /// The object failed to load; the verifier log, if any, is in the source.
+    #[error("loading the eBPF programs failed")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("eBPF program {name} is missing from the object (build mismatch)")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF program {name} failed to load")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("probe on {function} in {module} failed to attach")]
+    Attach {
+        function: &'static str,
+        module: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("required probe on {function} in {module} failed to attach: {reason}")]
+    RequiredMissing { function: &'static str, module: String, reason: String },
+    #[error("cannot read the symbols of {module}: {reason}")]
+    Symbols { module: String, reason: String },
+    #[error("eBPF map {name} is missing or has the wrong type")]
+    MissingMap { name: &'static str },
+    #[error("reading eBPF map {name} failed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Load-time settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeConfig {
+    pub tgid: u32,
+    /// Capacity of the live-block map: outstanding blocks tracked at once.
+    pub max_live: u32,
+    /// Capacity of the stack and site maps: distinct stacks / call sites.
+    pub max_stacks: u32,
+    /// Capacity of the per-thread in-flight maps.
+    pub max_threads: u32,
+}
+
+/// One attach attempt, for the report.
+#[derive(Clone, Debug)]
+pub struct ProbeStatus {
+    pub function: &'static str,
+    pub module: PathBuf,
+    pub required: bool,
+    /// None when attached; the reason otherwise.
+    pub error: Option<String>,
+    /// Set when this function is another name for one already probed (same address); its
+    /// calls are reported under that one's name.
+    pub alias_of: Option<&'static str>,
+}
+
+impl ProbeStatus {
+    pub fn attached(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// An allocation-family function and the programs that watch it.
+struct Hook {
+    function: &'static str,
+    entry: &'static str,
+    /// Whether the return is needed (to learn the returned address).
+    exit: bool,
+    required: bool,
+}
+
+const fn hook(function: &'static str, entry: &'static str, exit: bool, required: bool) -> Hook {
+    Hook { function, entry, exit, required }
+}
+
+/// libc's allocation family. malloc and free must attach; the rest may be missing.
+const LIBC_HOOKS: &[Hook] = &[
+    hook("malloc", "malloc_enter", true, true),
+    hook("free", "free_enter", false, true),
+    hook("calloc", "calloc_enter", true, false),
+    hook("realloc", "realloc_enter", true, false),
+    hook("reallocarray", "reallocarray_enter", true, false),
+    hook("posix_memalign", "posix_memalign_enter", true, false),
+    hook("aligned_alloc", "aligned_alloc_enter", true, false),
+    hook("memalign", "memalign_enter", true, false),
+    hook("valloc", "valloc_enter", true, false),
+    hook("pvalloc", "pvalloc_enter", true, false),
+    hook("mmap", "mmap_enter", true, false),
+    hook("munmap", "munmap_enter", false, false),
+];
+
+/// C++ operator new family (Itanium ABI): their entries see the C++ caller's whole stack.
+const CXX_HOOKS: &[Hook] = &[
+    hook("_Znwm", "cxx_new_enter", false, false),
+    hook("_ZnwmRKSt9nothrow_t", "cxx_new_enter", false, false),
+    hook("_ZnwmSt11align_val_t", "cxx_new_enter", false, false),
+    hook("_ZnwmSt11align_val_tRKSt9nothrow_t", "cxx_new_enter", false, false),
+    hook("_Znam", "cxx_new_array_enter", false, false),
+    hook("_ZnamRKSt9nothrow_t", "cxx_new_array_enter", false, false),
+    hook("_ZnamSt11align_val_t", "cxx_new_array_enter", false, false),
+    hook("_ZnamSt11align_val_tRKSt9nothrow_t", "cxx_new_array_enter", false, false),
+];
+
+const EXIT_PROGRAM: &str = "alloc_exit";
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pid: NonZeroU32,
+}
+
+impl Probes {
+    pub fn load(cfg: ProbeConfig) -> Result<Self, ProbeError> {
+        let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
+        let ebpf = EbpfLoader::new()
+            .override_global(globals::TARGET_TGID, &cfg.tgid, true)
+            .map_max_entries(map_names::LIVE, cfg.max_live)
+            .map_max_entries(map_names::STACKS, cfg.max_stacks)
+            .map_max_entries(map_names::SITES, cfg.max_stacks)
+            .map_max_entries(map_names::IN_FLIGHT, cfg.max_threads)
+            .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
+            .load(EBPF_OBJECT)
+            .map_err(|source| ProbeError::Load { source })?;
+        Ok(Probes { ebpf, pid })
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| ProbeError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        function: &'static str,
+        path: &PathBuf,
+        offset: u64,
+    ) -> Result<(), ProbeError> {
+        let pid = self.pid;
+        let prog = self.program(program)?;
+        prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::OneProcess(pid))
+            .map(|_| ())
+            .map_err(|source| ProbeError::Attach { function, module: path.display().to_string(), source })
+    }
+
+    fn attach_hooks(
+        &mut self,
+        hooks: &'static [Hook],
+        module: &Mapping,
+        out: &mut Vec<ProbeStatus>,
+    ) -> Result<(), ProbeError> {
+        let path = target_path(self.pid.get() as i32, &module.path);
+        let names: Vec<&str> = hooks.iter().map(|h| h.function).collect();
+        let offsets = crate::elf::function_offsets(&path, &names)
+            .map_err(|e| ProbeError::Symbols { module: module.path.display().to_string(), reason: error_chain(&e) })?;
+        let mut failed: StdHashMap<&'static str, String> = StdHashMap::new();
+        // Aliases share one address (glibc's memalign is aligned_alloc): probe it once, or
+        // every call would be seen twice.
+        let mut first_at: StdHashMap<u64, &'static str> = StdHashMap::new();
+        let mut alias_of: StdHashMap<&'static str, &'static str> = StdHashMap::new();
+        for h in hooks {
+            match offsets.get(h.function) {
+                None => {
+                    failed.insert(h.function, format!("{} does not define {}", module.file_name(), h.function));
+                }
+                Some(off) => {
+                    if let Some(first) = first_at.get(off) {
+                        alias_of.insert(h.function, first);
+                    } else {
+                        first_at.insert(*off, h.function);
+                    }
+                }
+            }
+        }
+        // Returns first, then entry-only hooks (frees), then allocation entries: an entry
+        // without its return would leave a stale record, and an allocation seen before its
+        // free's probe is live would look leaked.
+        let steps = hooks
+            .iter()
+            .filter(|h| h.exit)
+            .map(|h| (EXIT_PROGRAM, h))
+            .chain(hooks.iter().filter(|h| !h.exit).map(|h| (h.entry, h)))
+            .chain(hooks.iter().filter(|h| h.exit).map(|h| (h.entry, h)));
+        for (program, h) in steps.collect::<Vec<_>>() {
+            if failed.contains_key(h.function) || alias_of.contains_key(h.function) {
+                continue;
+            }
+            let Some(&offset) = offsets.get(h.function) else { continue };
+            if let Err(e) = self.attach_one(program, h.function, &path, offset) {
+                failed.insert(h.function, error_chain(&e));
+            }
+        }
+        for h in hooks {
+            let error = failed.remove(h.function);
+            if let (true, Some(reason)) = (h.required, &error) {
+                return Err(ProbeError::RequiredMissing {
+                    function: h.function,
+                    module: module.path.display().to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            out.push(ProbeStatus {
+                function: h.function,
+                module: module.path.clone(),
+                required: h.required,
+                error,
+                alias_of: alias_of.get(h.function).copied(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Attaches every hook the target's allocators offer. Fails only if a required one fails.
+    pub fn attach(&mut self, allocators: &Allocators) -> Result<Vec<ProbeStatus>, ProbeError> {
+        let mut out = Vec::new();
+        self.attach_hooks(LIBC_HOOKS, &allocators.libc, &mut out)?;
+        if let Some(cxx) = &allocators.cxx {
+            out.extend(self.attach_cxx(cxx)?);
+        }
+        Ok(out)
+    }
+
+    /// The C++ runtime's operator new entries; also used when it is mapped after attach.
+    pub fn attach_cxx(&mut self, cxx: &Mapping) -> Result<Vec<ProbeStatus>, ProbeError> {
+        let mut out = Vec::new();
+        self.attach_hooks(CXX_HOOKS, cxx, &mut out)?;
+        Ok(out)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ProbeError> {
+        self.ebpf.map(name).ok_or(ProbeError::MissingMap { name })
+    }
+
+    pub fn counters(&self) -> Result<Counters, ProbeError> {
+        let name = map_names::COUNTERS;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let mut c = Counters::default();
+        for idx in 0..counter::COUNT {
+            let per_cpu = arr.get(&idx, 0).map_err(|source| ProbeError::Map { name, source })?;
+            c.0[idx as usize] = per_cpu.iter().sum();
+        }
+        Ok(c)
+    }
+
+    /// Reads every map into a sample. `min_age_ns` splits off blocks at least that old.
+    pub fn sample(&self, now_ns: u64, min_age_ns: u64) -> Result<Sample, ProbeError> {
+        let name = map_names::SITES;
+        let sites_map: HashMap<&MapData, SiteKey, SiteCounters> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let mut sites = Vec::new();
+        for entry in sites_map.iter() {
+            match entry {
+                Ok(kv) => sites.push(kv),
+                // Sites are never deleted, so a vanished key is a read race: skip it.
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+
+        let name = map_names::LIVE;
+        let live_map: HashMap<&MapData, u64, LiveBlock> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let mut live: StdHashMap<SiteKey, LiveSummary> = StdHashMap::new();
+        // A key deleted under the iterator restarts it from the top; bound the walk.
+        let limit = live_map.keys().size_hint().1.unwrap_or(usize::MAX);
+        for entry in live_map.iter().take(limit.max(1 << 22)) {
+            let (_, block) = match entry {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            };
+            let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
+            let s = live.entry(key).or_default();
+            if s.oldest_ns == 0 || block.timestamp_ns < s.oldest_ns {
+                s.oldest_ns = block.timestamp_ns;
+            }
+            if now_ns.saturating_sub(block.timestamp_ns) >= min_age_ns {
+                s.aged_count += 1;
+                s.aged_bytes += block.size;
+            }
+        }
+
+        Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()? })
+    }
+
+    /// The frames of a stack id, innermost first; None if the stack was never stored.
+    pub fn stack(&self, id: u64) -> Result<Option<(Vec<u64>, bool)>, ProbeError> {
+        let name = map_names::STACKS;
+        let stacks: HashMap<&MapData, u64, Stack> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        match stacks.get(&id, 0) {
+            Ok(s) => {
+                let depth = (s.depth as usize).min(s.ips.len());
+                Ok(Some((s.ips[..depth].to_vec(), s.truncated != 0)))
+            }
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(ProbeError::Map { name, source }),
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    ts.unwrap_or(0)
+}

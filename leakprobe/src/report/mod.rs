@@ -1,0 +1,194 @@
+//! The report: one data structure (the `leakprobe/v1` JSON schema, see docs/json-schema.md)
+//! and its renderings.
+
+pub mod text;
+
+use serde::Serialize;
+
+use crate::{
+    model::{DROP_KINDS, INFO_KINDS, SiteStats, Tracker, total_drops},
+    probe::ProbeStatus,
+    symbolize::Frame,
+    target::Identity,
+};
+
+pub const SCHEMA: &str = "leakprobe/v1";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub leakprobe: Tool,
+    pub target: Target,
+    pub window: Window,
+    pub probes: Vec<Probe>,
+    pub totals: Totals,
+    /// Every drop counter; all zero in a complete report.
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    /// Counters that are normal in operation, for context.
+    pub activity: std::collections::BTreeMap<&'static str, u64>,
+    /// True when any drop counter is non-zero: figures may be incomplete.
+    pub degraded: bool,
+    /// Every call site that allocated in the window, largest outstanding growth first.
+    pub sites: Vec<Site>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Tool {
+    pub version: &'static str,
+    pub args: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub pid: i32,
+    pub exe: String,
+    pub cmdline: Vec<String>,
+    /// Why tracing ended: "duration", "signal", "target-exited", "target-exec".
+    pub ended_by: String,
+    /// Exit status, when the target was our child (`run` mode) and exited.
+    pub exit_status: Option<i32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Window {
+    /// When the probes went live (UTC, RFC 3339).
+    pub start: String,
+    pub duration_s: f64,
+    pub interval_s: f64,
+    pub samples: usize,
+    /// With --min-age, outstanding figures count only blocks at least this old.
+    pub min_age_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    pub function: String,
+    pub module: String,
+    pub required: bool,
+    pub attached: bool,
+    pub error: Option<String>,
+    /// Another name for `alias_of` (same address); its calls are reported under that name.
+    pub alias_of: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Totals {
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    pub allocated_count: u64,
+    pub freed_count: u64,
+    pub sites: usize,
+    pub growing_sites: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Site {
+    /// The allocation function: malloc, calloc, ..., "operator new", mmap.
+    pub function: String,
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
+    pub interval_allocs: u64,
+    pub interval_frees: u64,
+    pub growth_bytes_per_s: f64,
+    pub oldest_age_s: Option<f64>,
+    pub stack_id: String,
+    /// The stack was cut at the maximum depth.
+    pub truncated: bool,
+    /// Innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// What the session knows besides the tracker.
+pub struct Context<'a> {
+    pub identity: &'a Identity,
+    pub args: Vec<String>,
+    pub start_wall: std::time::SystemTime,
+    pub interval_s: f64,
+    pub probes: &'a [ProbeStatus],
+    pub ended_by: &'a str,
+    pub exit_status: Option<i32>,
+}
+
+pub fn build(
+    ctx: &Context<'_>,
+    tracker: &Tracker,
+    mut stack_of: impl FnMut(&SiteStats) -> (Vec<Frame>, bool),
+) -> Report {
+    let counters = tracker.counters();
+    let sites = tracker
+        .sites()
+        .into_iter()
+        .map(|s| {
+            let (frames, truncated) = stack_of(&s);
+            Site {
+                function: s.kind.map(|k| k.name().to_string()).unwrap_or_else(|| format!("kind {}", s.key.kind)),
+                outstanding_bytes: s.outstanding_bytes,
+                outstanding_count: s.outstanding_count,
+                allocated_bytes: s.allocated_bytes,
+                allocated_count: s.allocated_count,
+                freed_bytes: s.freed_bytes,
+                freed_count: s.freed_count,
+                interval_allocs: s.interval_allocs,
+                interval_frees: s.interval_frees,
+                growth_bytes_per_s: s.growth_bytes_per_s,
+                oldest_age_s: s.oldest_age_s,
+                stack_id: format!("{:016x}", s.key.stack_id),
+                truncated,
+                frames,
+            }
+        })
+        .collect::<Vec<_>>();
+    let t = tracker.totals();
+    Report {
+        schema: SCHEMA,
+        leakprobe: Tool { version: env!("CARGO_PKG_VERSION"), args: ctx.args.clone() },
+        target: Target {
+            pid: ctx.identity.pid,
+            exe: ctx.identity.exe.clone(),
+            cmdline: ctx.identity.cmdline.clone(),
+            ended_by: ctx.ended_by.to_string(),
+            exit_status: ctx.exit_status,
+        },
+        window: Window {
+            start: humantime::format_rfc3339_seconds(ctx.start_wall).to_string(),
+            duration_s: tracker.window_s(),
+            interval_s: ctx.interval_s,
+            samples: tracker.samples(),
+            min_age_s: tracker.min_age_ns() as f64 / 1e9,
+        },
+        probes: ctx
+            .probes
+            .iter()
+            .map(|p| Probe {
+                function: p.function.to_string(),
+                module: p.module.display().to_string(),
+                required: p.required,
+                attached: p.attached(),
+                error: p.error.clone(),
+                alias_of: p.alias_of.map(str::to_string),
+            })
+            .collect(),
+        totals: Totals {
+            outstanding_bytes: t.outstanding_bytes,
+            outstanding_count: t.outstanding_count,
+            allocated_count: t.allocated_count,
+            freed_count: t.freed_count,
+            sites: t.sites,
+            growing_sites: t.growing_sites,
+        },
+        drops: DROP_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
+        activity: INFO_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
+        degraded: total_drops(counters) > 0,
+        sites,
+    }
+}
+
+pub fn to_json(report: &Report) -> serde_json::Result<String> {
+    let mut s = serde_json::to_string_pretty(report)?;
+    s.push('\n');
+    Ok(s)
+}

@@ -1,0 +1,193 @@
+//! The report as people read it: header, warnings, then growing call sites in the style of
+//! LeakSanitizer ("N bytes in K objects allocated from: #0 ... file:line").
+
+use std::fmt::Write as _;
+
+use super::{Report, Site};
+use crate::model::DROP_KINDS;
+
+/// Bytes in binary units: "512 B", "64.0 KiB", "1.50 MiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v < 10.0 { format!("{v:.2} {}", UNITS[unit]) } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn frame_line(out: &mut String, idx: usize, f: &crate::symbolize::Frame) {
+    let func = f.function.as_deref().unwrap_or("[unknown]");
+    let loc = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" {file}:{line}"),
+        (Some(file), None) => format!(" {file}"),
+        _ => String::new(),
+    };
+    let module = f
+        .module
+        .as_deref()
+        .map(|m| format!(" ({})", m.rsplit('/').next().unwrap_or(m)))
+        .unwrap_or_default();
+    let inl = if f.inlined { " [inlined]" } else { "" };
+    let _ = writeln!(out, "    #{idx} {:#014x} in {func}{loc}{module}{inl}", f.address);
+}
+
+fn site_block(out: &mut String, rank: usize, s: &Site) {
+    let _ = writeln!(
+        out,
+        "#{rank} {} outstanding in {} allocated by {} from:",
+        human_bytes(s.outstanding_bytes),
+        plural(s.outstanding_count, "object", "objects"),
+        s.function,
+    );
+    for (i, f) in s.frames.iter().enumerate() {
+        frame_line(out, i, f);
+    }
+    if s.frames.is_empty() {
+        let _ = writeln!(out, "    (stack not available: see drops)");
+    }
+    if s.truncated {
+        let _ = writeln!(out, "    ... (stack cut at the maximum depth)");
+    }
+    let oldest = s.oldest_age_s.map(|a| format!(", oldest {a:.1} s")).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  growth {}/s{oldest}; {} allocated ({}), {} freed; last interval +{} / -{}",
+        human_bytes(s.growth_bytes_per_s.max(0.0) as u64),
+        plural(s.allocated_count, "block", "blocks"),
+        human_bytes(s.allocated_bytes),
+        s.freed_count,
+        s.interval_allocs,
+        s.interval_frees,
+    );
+    out.push('\n');
+}
+
+/// Renders the report. `top` limits how many growing call sites are printed in full.
+pub fn render(r: &Report, top: usize) -> String {
+    let mut out = String::new();
+    let t = &r.target;
+    let _ = writeln!(
+        out,
+        "leakprobe {}: PID {} ({}) traced for {:.1} s from {} ({}; {} samples every {:.1} s)",
+        r.leakprobe.version,
+        t.pid,
+        t.exe,
+        r.window.duration_s,
+        r.window.start,
+        match t.ended_by.as_str() {
+            "target-exited" => match t.exit_status {
+                Some(code) => format!("ended: target exited with status {code}"),
+                None => "ended: target exited".to_string(),
+            },
+            "target-exec" => "ended: target called exec; its new image was not traced".to_string(),
+            "signal" => "ended: interrupted".to_string(),
+            other => format!("ended: {other}"),
+        },
+        r.window.samples,
+        r.window.interval_s,
+    );
+    if !t.cmdline.is_empty() {
+        let _ = writeln!(out, "  command: {}", t.cmdline.join(" "));
+    }
+
+    let mut by_module: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for p in &r.probes {
+        let idx = match by_module.iter().position(|(m, _, _)| *m == p.module) {
+            Some(i) => i,
+            None => {
+                by_module.push((p.module.clone(), Vec::new(), Vec::new()));
+                by_module.len() - 1
+            }
+        };
+        if let Some(alias) = &p.alias_of {
+            by_module[idx].1.push(format!("{}(={alias})", p.function));
+        } else if p.attached {
+            by_module[idx].1.push(p.function.clone());
+        } else {
+            by_module[idx].2.push(p.function.clone());
+        }
+    }
+    for (module, ok, missing) in &by_module {
+        let _ = writeln!(out, "  probes:  {} in {module}", if ok.is_empty() { "none".into() } else { ok.join(" ") });
+        if !missing.is_empty() {
+            let _ = writeln!(out, "           not attached (optional): {}", missing.join(" "));
+        }
+    }
+    if r.window.min_age_s > 0.0 {
+        let _ = writeln!(out, "  counting only blocks at least {:.1} s old (--min-age)", r.window.min_age_s);
+    }
+
+    let dropped: Vec<(&str, u64)> = DROP_KINDS
+        .iter()
+        .filter_map(|(_, name, words)| r.drops.get(name).filter(|v| **v > 0).map(|v| (*words, *v)))
+        .collect();
+    if dropped.is_empty() {
+        let _ = writeln!(out, "  drops:   none");
+    } else {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "!!! WARNING: DEGRADED REPORT: events were dropped; figures below are incomplete !!!");
+        for (words, v) in &dropped {
+            let _ = writeln!(out, "!!!   {v} {words}");
+        }
+        let _ = writeln!(out);
+    }
+    let act = |k: &str| r.activity.get(k).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "  seen:    {} allocation calls, {} frees, {} frees of blocks from before attach",
+        act("alloc_calls"),
+        act("free_calls"),
+        act("unknown_frees"),
+    );
+    let _ = writeln!(out);
+
+    let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();
+    if growing.is_empty() {
+        let _ = writeln!(out, "No outstanding allocations from call sites seen since attach.");
+    } else {
+        for (i, s) in growing.iter().take(top).enumerate() {
+            site_block(&mut out, i + 1, s);
+        }
+        if growing.len() > top {
+            let _ = writeln!(
+                out,
+                "... {} more call sites with outstanding memory (raise --top, or see --format json)\n",
+                growing.len() - top
+            );
+        }
+    }
+    let freed_all = r.sites.len() - growing.len();
+    let _ = writeln!(
+        out,
+        "SUMMARY: {} outstanding in {} from {} since attach{}.",
+        human_bytes(r.totals.outstanding_bytes),
+        plural(r.totals.outstanding_count, "object", "objects"),
+        plural(growing.len() as u64, "call site", "call sites"),
+        if freed_all > 0 { format!("; {freed_all} more call sites freed everything they allocated") } else { String::new() },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.00 KiB");
+        assert_eq!(human_bytes(64 * 1024), "64.0 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.00 MiB");
+    }
+}

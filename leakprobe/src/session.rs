@@ -1,0 +1,286 @@
+//! One tracing session: attach, sample every interval, stop, detach, report.
+//! Data flows one way: probe -> model -> report.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    os::fd::OwnedFd,
+    path::PathBuf,
+    process::Child,
+    time::SystemTime,
+};
+
+use anyhow::Context as _;
+use leakprobe_common::SiteKey;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    cli::{Config, Format, Mode},
+    launch,
+    model::{Tracker, total_drops},
+    preflight,
+    probe::{ProbeConfig, ProbeStatus, Probes, monotonic_ns},
+    report::{self, text::human_bytes},
+    symbolize::{Frame, Symbolizer},
+    target::{self, Identity, TargetError},
+};
+
+/// How a session ended, for the exit status.
+pub struct Outcome {
+    pub outstanding_bytes: u64,
+    pub fail_on_leak: Option<u64>,
+}
+
+impl Outcome {
+    pub fn leak_gate_failed(&self) -> bool {
+        self.fail_on_leak.is_some_and(|limit| self.outstanding_bytes > limit)
+    }
+}
+
+/// Errors that mean "nothing was attached; fix the input": exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
+    if !cfg.quiet {
+        eprintln!("leakprobe: {msg}");
+    }
+}
+
+/// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
+type StackCache = HashMap<u64, Option<(Vec<u64>, bool)>>;
+
+fn fetch_new_stacks(probes: &Probes, tracker: &Tracker, cache: &mut StackCache) -> anyhow::Result<()> {
+    for site in tracker.sites() {
+        let id = site.key.stack_id;
+        if !cache.contains_key(&id) {
+            cache.insert(id, probes.stack(id).context("reading a stack")?);
+        }
+    }
+    Ok(())
+}
+
+fn refuse(e: impl std::error::Error) -> anyhow::Error {
+    anyhow::Error::new(Refused(crate::probe::error_chain(&e)))
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
+    preflight::check().map_err(refuse)?;
+    if let Some(out) = &cfg.output {
+        check_output_path(out)?;
+    }
+
+    // Who we trace, and the allocators we hook in it.
+    let (pid, allocators, mut held) = match &cfg.mode {
+        Mode::Attach { pid } => {
+            let identity = target::identify(*pid).map_err(refuse)?;
+            let maps = target::exec_mappings(*pid).map_err(refuse)?;
+            let allocators = target::find_allocators(&maps).ok_or_else(|| {
+                refuse(TargetError::NoLibc { pid: *pid, exe: identity.exe.clone() })
+            })?;
+            (*pid, allocators, None)
+        }
+        Mode::Run { command } => {
+            let held = launch::spawn_held(command).map_err(refuse)?;
+            (held.pid, held.allocators.clone(), Some(held))
+        }
+    };
+    let identity = target::identify(pid).map_err(refuse)?;
+    let pidfd = target::pidfd_open(pid).map_err(refuse)?;
+    // The PID could have been recycled between identify and pidfd_open.
+    if !target::still_same(&identity) {
+        return Err(refuse(TargetError::NoSuchProcess { pid }));
+    }
+
+    let mut probes = Probes::load(ProbeConfig {
+        tgid: pid as u32,
+        max_live: cfg.max_live,
+        max_stacks: cfg.max_stacks,
+        max_threads: 1 << 14,
+    })
+    .context("loading eBPF programs")?;
+    let mut statuses = match probes.attach(&allocators) {
+        Ok(s) => s,
+        Err(e) => {
+            drop(probes);
+            return Err(refuse(e));
+        }
+    };
+    let start_ns = monotonic_ns();
+    let start_wall = SystemTime::now();
+    let mut child: Option<Child> = None;
+    if let Some(h) = held.take() {
+        h.release().context("releasing the held command")?;
+        child = Some(h.child);
+    }
+    let attached = statuses.iter().filter(|s| s.attached()).count();
+    progress(
+        &cfg,
+        format_args!(
+            "attached {attached} probes to PID {pid} ({}) in {}",
+            identity.exe,
+            allocators.libc.path.display()
+        ),
+    );
+
+    let mut symbolizer = Symbolizer::new();
+    let _ = symbolizer.modules.refresh(pid);
+    let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
+    let mut stacks: StackCache = HashMap::new();
+    let mut cxx_attached = allocators.cxx.is_some();
+
+    let (ended_by, exit_status) =
+        watch(&cfg, &identity, pidfd, &mut probes, &mut tracker, &mut stacks, &mut symbolizer, &mut statuses, &mut cxx_attached, &mut child)
+            .await?;
+
+    // Final reading, then detach before the (slower) symbolization and output.
+    let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading the final sample")?;
+    tracker.ingest(sample);
+    fetch_new_stacks(&probes, &tracker, &mut stacks)?;
+    drop(probes);
+    progress(&cfg, format_args!("detached from PID {pid}"));
+    let _ = symbolizer.modules.refresh(pid);
+
+    let ctx = report::Context {
+        identity: &identity,
+        args: cfg.args.clone(),
+        start_wall,
+        interval_s: cfg.interval.as_secs_f64(),
+        probes: &statuses,
+        ended_by,
+        exit_status,
+    };
+    let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
+    let rendered = match cfg.format {
+        Format::Text => report::text::render(&report, cfg.top),
+        Format::Json => report::to_json(&report).context("serializing the report")?,
+    };
+    write_output(cfg.output.as_ref(), &rendered)?;
+    Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
+}
+
+fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, bool) {
+    match stacks.get(&key.stack_id) {
+        Some(Some((ips, truncated))) => (symbolizer.symbolize(ips), *truncated),
+        _ => (Vec::new(), false),
+    }
+}
+
+/// Samples every interval until the duration, a signal, or the target's exit or exec.
+#[allow(clippy::too_many_arguments)]
+async fn watch(
+    cfg: &Config,
+    identity: &Identity,
+    pidfd: OwnedFd,
+    probes: &mut Probes,
+    tracker: &mut Tracker,
+    stacks: &mut StackCache,
+    symbolizer: &mut Symbolizer,
+    statuses: &mut Vec<ProbeStatus>,
+    cxx_attached: &mut bool,
+    child: &mut Option<Child>,
+) -> anyhow::Result<(&'static str, Option<i32>)> {
+    let pid = identity.pid;
+    // SAFETY: the OwnedFd moves into the AsyncFd and stays open, unchanged, until it drops.
+    let exited = unsafe { AsyncFd::register(pidfd) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the target's pidfd")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
+    let sleep_until_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep_until_deadline);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    let first_exe = target::exe_of(pid);
+
+    loop {
+        tokio::select! {
+            _ = &mut sleep_until_deadline => return Ok(("duration", None)),
+            _ = sigint.recv() => return Ok(("signal", None)),
+            _ = sigterm.recv() => return Ok(("signal", None)),
+            _ = exited.readable() => {
+                let status = child.as_mut().and_then(|c| c.wait().ok()).map(|s| {
+                    use std::os::unix::process::ExitStatusExt as _;
+                    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+                });
+                progress(cfg, format_args!("PID {pid} exited"));
+                return Ok(("target-exited", status));
+            }
+            _ = ticker.tick() => {
+                if target::exe_of(pid) != first_exe && target::still_same(identity) {
+                    progress(cfg, format_args!("PID {pid} called exec; stopping so images are not mixed"));
+                    return Ok(("target-exec", None));
+                }
+                let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading eBPF maps")?;
+                tracker.ingest(sample);
+                let _ = symbolizer.modules.refresh(pid);
+                fetch_new_stacks(probes, tracker, stacks)?;
+                // Warm the symbol cache while the target's files are surely there.
+                for site in tracker.sites().iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
+                    let _ = site_frames(&site.key, stacks, symbolizer);
+                }
+                if !*cxx_attached {
+                    if let Some(cxx) = target::exec_mappings(pid).ok().and_then(|m| target::find_allocators(&m)).and_then(|a| a.cxx) {
+                        match probes.attach_cxx(&cxx) {
+                            Ok(s) => statuses.extend(s),
+                            Err(e) => tracing::warn!("C++ runtime mapped after attach, probes failed: {e}"),
+                        }
+                        *cxx_attached = true;
+                    }
+                }
+                let t = tracker.totals();
+                let drops = total_drops(tracker.counters());
+                progress(cfg, format_args!(
+                    "[{:>6.1}s] outstanding {} in {} objects at {} growing call sites{}",
+                    tracker.window_s(),
+                    human_bytes(t.outstanding_bytes),
+                    t.outstanding_count,
+                    t.growing_sites,
+                    if drops > 0 { format!(" (DEGRADED: {drops} dropped)") } else { String::new() },
+                ));
+            }
+        }
+    }
+}
+
+/// Refuses output paths that are symlinks or not regular files (FIFOs, devices).
+fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(anyhow::Error::new(Refused(format!("refusing to write the report through symlink {}", path.display()))))
+        }
+        Ok(meta) if !meta.file_type().is_file() => {
+            Err(anyhow::Error::new(Refused(format!("refusing to write the report to {}: not a regular file", path.display()))))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {
+    match path {
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(content.as_bytes()).context("writing the report to stdout")?;
+            out.flush().context("writing the report to stdout")
+        }
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("opening {} for the report", path.display()))?;
+            f.write_all(content.as_bytes()).with_context(|| format!("writing the report to {}", path.display()))
+        }
+    }
+}
+

@@ -1,0 +1,202 @@
+//! Addresses to functions, files and lines, with blazesym.
+//!
+//! Each mapped module's file is opened once, through the target's own /proc view, and kept
+//! open: symbols then resolve from the exact inode the target maps, inside containers too, and
+//! still resolve after the target exits. One blazesym `Symbolizer` caches parsed files, and
+//! results are cached per address, so a second report costs almost nothing.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use blazesym::symbolize::{
+    self as bz, Input, Symbolized,
+    source::{Elf, Source},
+};
+
+use crate::target::{self, Mapping, TargetError};
+
+/// One frame of a stack, innermost first. Inlined calls are frames of their own.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    pub address: u64,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    /// Set on frames that were inlined into the frame after them.
+    pub inlined: bool,
+}
+
+impl Frame {
+    fn unknown(address: u64, module: Option<String>) -> Self {
+        Frame { address, function: None, file: None, line: None, module, inlined: false }
+    }
+}
+
+struct Module {
+    mapping: Mapping,
+    /// `/proc/self/fd/N` of our open handle on the mapped file.
+    handle: PathBuf,
+}
+
+/// The target's executable mappings, with their files held open.
+#[derive(Default)]
+pub struct Modules {
+    modules: Vec<Module>,
+    files: HashMap<((i32, i32), u64), (File, PathBuf)>,
+}
+
+impl Modules {
+    /// Re-reads the target's mappings (new libraries appear after dlopen). Files already open
+    /// are kept. A target that has gone keeps the last table.
+    pub fn refresh(&mut self, pid: i32) -> Result<(), TargetError> {
+        let maps = target::exec_mappings(pid)?;
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let mut modules = Vec::with_capacity(maps.len());
+        for m in maps {
+            let key = (m.dev, m.inode);
+            if !self.files.contains_key(&key) {
+                match target::open_mapping(pid, &m) {
+                    Ok(f) => {
+                        let handle = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                        self.files.insert(key, (f, handle));
+                    }
+                    Err(e) => {
+                        tracing::debug!("cannot open {}: {e}", m.path.display());
+                        continue;
+                    }
+                }
+            }
+            let handle = self.files[&key].1.clone();
+            modules.push(Module { mapping: m, handle });
+        }
+        modules.sort_by_key(|m| m.mapping.start);
+        self.modules = modules;
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<&Module> {
+        let idx = self.modules.partition_point(|m| m.mapping.start <= addr);
+        let m = self.modules.get(idx.checked_sub(1)?)?;
+        (addr < m.mapping.end).then_some(m)
+    }
+
+    /// The module containing `addr` and the file offset it corresponds to.
+    pub fn resolve(&self, addr: u64) -> Option<(&Path, u64)> {
+        let m = self.find(addr)?;
+        Some((&m.mapping.path, addr - m.mapping.start + m.mapping.file_offset))
+    }
+}
+
+pub struct Symbolizer {
+    inner: bz::Symbolizer,
+    pub modules: Modules,
+    cache: HashMap<u64, Vec<Frame>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        let inner = bz::Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Symbolizer { inner, modules: Modules::default(), cache: HashMap::new() }
+    }
+
+    /// Frames for a stack of return addresses, innermost first.
+    pub fn symbolize(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let missing: Vec<u64> = ips.iter().copied().filter(|ip| !self.cache.contains_key(ip)).collect();
+        if !missing.is_empty() {
+            self.fill(&missing);
+        }
+        ips.iter().flat_map(|ip| self.cache.get(ip).cloned().unwrap_or_default()).collect()
+    }
+
+    fn fill(&mut self, addrs: &[u64]) {
+        // One batch per module.
+        let mut by_module: HashMap<PathBuf, (String, Vec<(u64, u64)>)> = HashMap::new();
+        for &addr in addrs {
+            match self.modules.find(addr) {
+                Some(m) => {
+                    // A return address points after the call; the call is one byte back.
+                    let offset = addr.saturating_sub(1) - m.mapping.start + m.mapping.file_offset;
+                    by_module
+                        .entry(m.handle.clone())
+                        .or_insert_with(|| (m.mapping.path.display().to_string(), Vec::new()))
+                        .1
+                        .push((addr, offset));
+                }
+                None => {
+                    self.cache.insert(addr, vec![Frame::unknown(addr, None)]);
+                }
+            }
+        }
+        for (handle, (module, entries)) in by_module {
+            let offsets: Vec<u64> = entries.iter().map(|(_, o)| *o).collect();
+            let src = Source::Elf(Elf::new(handle));
+            let results = self.inner.symbolize(&src, Input::FileOffset(&offsets));
+            for (i, (addr, offset)) in entries.into_iter().enumerate() {
+                let frames = match results.as_ref().ok().and_then(|r| r.get(i)) {
+                    Some(Symbolized::Sym(sym)) => frames_of(addr, sym, &module),
+                    _ => {
+                        // Unknown: keep the module and offset visible.
+                        let mut f = Frame::unknown(addr, Some(module.clone()));
+                        f.function = Some(format!("[unknown] {}+{:#x}", short(&module), offset + 1));
+                        vec![f]
+                    }
+                };
+                self.cache.insert(addr, frames);
+            }
+        }
+    }
+}
+
+fn short(module: &str) -> &str {
+    module.rsplit('/').next().unwrap_or(module)
+}
+
+fn code_location(ci: Option<&bz::CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+    match ci {
+        Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
+        None => (None, None),
+    }
+}
+
+fn frames_of(addr: u64, sym: &bz::Sym<'_>, module: &str) -> Vec<Frame> {
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    // blazesym lists inlined calls outermost first; we print innermost first.
+    for inl in sym.inlined.iter().rev() {
+        let (file, line) = code_location(inl.code_info.as_ref());
+        frames.push(Frame {
+            address: addr,
+            function: Some(inl.name.to_string()),
+            file,
+            line,
+            module: Some(module.to_string()),
+            inlined: true,
+        });
+    }
+    let (file, line) = code_location(sym.code_info.as_deref());
+    frames.push(Frame {
+        address: addr,
+        function: Some(sym.name.to_string()),
+        file,
+        line,
+        module: Some(module.to_string()),
+        inlined: false,
+    });
+    frames
+}
