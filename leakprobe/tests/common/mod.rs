@@ -1,0 +1,293 @@
+//! Shared helpers for the privileged integration tests: build the test targets from
+//! `tests/targets`, drive them over stdin/stdout, run the real leakprobe binary against them.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn leakprobe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_leakprobe"))
+}
+
+/// Privileged tests need root; say so plainly instead of failing obscurely.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these integration tests load eBPF programs and must run as root (use `cargo xtask test`)"
+    );
+}
+
+fn out_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("targets");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Compiles `tests/targets/<src>` with `compiler` and `flags` into `<name>`, once per process.
+pub fn build_target(src: &str, name: &str, compiler: &str, flags: &[&str]) -> PathBuf {
+    let out = out_dir().join(name);
+    let src = repo_root().join("tests/targets").join(src);
+    // Rebuild when the source is newer, so edits are picked up.
+    let fresh = match (std::fs::metadata(&out), std::fs::metadata(&src)) {
+        (Ok(o), Ok(s)) => o.modified().unwrap() >= s.modified().unwrap(),
+        _ => false,
+    };
+    if !fresh {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        run_checked(Command::new(compiler).args(flags).arg("-o").arg(&tmp).arg(&src));
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// C targets for issue-2 tests: optimized, with frame pointers, no sibling calls.
+pub fn c_target(src: &str, name: &str) -> PathBuf {
+    build_target(src, name, "gcc", &["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"])
+}
+
+pub fn cxx_target(src: &str, name: &str) -> PathBuf {
+    build_target(src, name, "g++", &["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"])
+}
+
+pub fn rust_target(src: &str, name: &str) -> PathBuf {
+    build_target(src, name, "rustc", &["-C", "opt-level=2", "-C", "force-frame-pointers=yes", "-g"])
+}
+
+/// A test target speaking the ready/leak/done/exit protocol.
+pub struct Target {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Target {
+    pub fn spawn(path: &Path) -> Target {
+        let mut child = Command::new(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        let stdin = child.stdin.take();
+        let lines = line_reader(child.stdout.take().unwrap());
+        let mut t = Target { child, stdin, lines };
+        t.expect("ready");
+        t
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn expect(&mut self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.trim() == want => return,
+                Ok(_) => continue,
+                Err(e) => panic!("target did not print {want:?}: {e}"),
+            }
+        }
+    }
+
+    /// Triggers one round of leaks and waits for it to finish.
+    pub fn leak(&mut self) {
+        self.send("leak");
+        self.expect("done");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn line_reader<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A running leakprobe whose stderr is watched for progress lines.
+pub struct Leakprobe {
+    pub child: Child,
+    stderr: mpsc::Receiver<String>,
+    pub stderr_seen: Vec<String>,
+}
+
+impl Leakprobe {
+    pub fn start(args: &[&str]) -> Leakprobe {
+        let mut child = Command::new(leakprobe_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start leakprobe");
+        let stderr = line_reader(child.stderr.take().unwrap());
+        Leakprobe { child, stderr, stderr_seen: Vec::new() }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.stderr_seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(e) => panic!("leakprobe never printed {needle:?} ({e}); stderr so far:\n{}", self.stderr_seen.join("\n")),
+            }
+        }
+    }
+
+    pub fn wait_attached(&mut self) {
+        self.wait_for("attached");
+    }
+
+    /// Waits for exit; returns status code and stdout.
+    pub fn finish(mut self) -> (i32, String, String) {
+        let mut stdout = self.child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+            s
+        });
+        let status = self.child.wait().unwrap();
+        let out = reader.join().unwrap();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+            self.stderr_seen.push(line);
+        }
+        (status.code().unwrap_or(-1), out, self.stderr_seen.join("\n"))
+    }
+}
+
+pub fn run_leakprobe(args: &[&str]) -> Output {
+    Command::new(leakprobe_bin()).args(args).stdin(Stdio::null()).output().expect("run leakprobe")
+}
+
+/// Attaches to `target` for `duration`, calls `during` once probes are live, returns the JSON.
+pub fn attach_json(target: &mut Target, duration: &str, during: impl FnOnce(&mut Target)) -> Value {
+    let pid = target.pid().to_string();
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--duration", duration, "--interval", "1s", "--format", "json"]);
+    lp.wait_attached();
+    during(target);
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "leakprobe failed:\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{out}\nstderr:\n{err}"))
+}
+
+/// Innermost frame's function name of a site.
+pub fn frame0(site: &Value) -> String {
+    site["frames"][0]["function"].as_str().unwrap_or("").to_string()
+}
+
+/// Whether any frame of the site is in a function whose name contains `name`.
+pub fn has_frame(site: &Value, name: &str) -> bool {
+    site["frames"].as_array().unwrap().iter().any(|f| f["function"].as_str().is_some_and(|n| n.contains(name)))
+}
+
+/// Sums (outstanding_bytes, outstanding_count, allocated_count, freed_count) over sites.
+pub fn sum<'a>(sites: impl Iterator<Item = &'a Value>) -> (u64, u64, u64, u64) {
+    sites.fold((0, 0, 0, 0), |acc, s| {
+        (
+            acc.0 + s["outstanding_bytes"].as_u64().unwrap(),
+            acc.1 + s["outstanding_count"].as_u64().unwrap(),
+            acc.2 + s["allocated_count"].as_u64().unwrap(),
+            acc.3 + s["freed_count"].as_u64().unwrap(),
+        )
+    })
+}
+
+pub fn sites(report: &Value) -> &Vec<Value> {
+    report["sites"].as_array().expect("sites array")
+}
+
+pub fn assert_no_drops(report: &Value) {
+    for (k, v) in report["drops"].as_object().unwrap() {
+        assert_eq!(v.as_u64(), Some(0), "drop counter {k} is {v}");
+    }
+    assert_eq!(report["degraded"], Value::Bool(false));
+}
+
+/// The 1-based line in `tests/targets/<src>` containing `needle`.
+pub fn line_of(src: &str, needle: &str) -> u64 {
+    let text = std::fs::read_to_string(repo_root().join("tests/targets").join(src)).unwrap();
+    text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in {src}")) as u64 + 1
+}
+
+/// Names of leakprobe's programs currently loaded in the kernel (via bpftool).
+pub fn our_programs_loaded() -> Vec<String> {
+    const OURS: &[&str] = &[
+        "malloc_enter", "alloc_exit", "free_enter", "calloc_enter", "realloc_enter", "mmap_enter", "munmap_enter",
+        "cxx_new_enter",
+    ];
+    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool installed (cargo xtask setup)");
+    assert!(out.status.success(), "bpftool prog show failed: {}", String::from_utf8_lossy(&out.stderr));
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| OURS.iter().any(|o| o.starts_with(n) || n.starts_with(o)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Number of perf-event links whose program is one of ours.
+pub fn our_links() -> usize {
+    let out = Command::new("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
+    let links: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    let progs = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool");
+    let progs: Value = serde_json::from_slice(&progs.stdout).unwrap();
+    let ours: Vec<u64> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.ends_with("_enter") || n == "alloc_exit"))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    links.as_array().map(|l| l.iter().filter(|k| k["prog_id"].as_u64().is_some_and(|id| ours.contains(&id))).count()).unwrap_or(0)
+}
