@@ -138,7 +138,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading the final sample")?;
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker, &mut stacks)?;
+    let t0 = std::time::Instant::now();
     drop(probes);
+    tracing::info!("detached in {:?}", t0.elapsed());
     progress(&cfg, format_args!("detached from PID {pid}"));
     let _ = symbolizer.modules.refresh(pid);
 
