@@ -112,7 +112,7 @@ fn setup() -> anyhow::Result<()> {
         let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         status(
             Command::new("cargo")
-                .args(["install", "--locked", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
+                .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
                 .env("PATH", path),
         )?;
     }
