@@ -16,12 +16,67 @@ pub mod maps {
     pub const SITES: &str = "SITES";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const CAPTURE_PROG: &str = "CAPTURE_PROG";
+    pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
 }
 
 /// Globals the daemon sets before load.
 pub mod globals {
     /// The target's tgid; every program returns early for any other process.
     pub const TARGET_TGID: &str = "TARGET_TGID";
+    /// Frames to capture per stack (at most MAX_STACK_DEPTH).
+    pub const MAX_DEPTH: &str = "MAX_DEPTH";
+}
+
+/// Unwind table capacity: executable mappings of the target described at once.
+pub const MAX_UNWIND_MODULES: u32 = 128;
+
+/// How a row computes the canonical frame address (CFA).
+pub mod cfa {
+    /// No frame above: the outermost frame (return address undefined), or no rule we can
+    /// evaluate. The walk ends here.
+    pub const END: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const RBP: u8 = 2;
+}
+
+/// How a row recovers the caller's rbp.
+pub mod rbp_rule {
+    /// rbp is unchanged in the caller.
+    pub const SAME: u8 = 0;
+    /// The caller's rbp is saved at CFA + offset.
+    pub const AT_CFA_OFFSET: u8 = 1;
+    /// The caller's rbp cannot be recovered (we carry on without it).
+    pub const UNDEFINED: u8 = 2;
+}
+
+/// One row of a module's unwind table, from `.eh_frame`: valid from `pc` (an ELF virtual
+/// address of the module) to the next row's `pc`. The return address is always at CFA - 8
+/// on x86_64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u64,
+    pub cfa_offset: i32,
+    pub rbp_offset: i16,
+    pub cfa_reg: u8,
+    pub rbp_rule: u8,
+}
+
+/// One executable mapping of the target and where its rows are in `UNWIND_ROWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindModule {
+    pub start: u64,
+    pub end: u64,
+    /// ELF virtual address = runtime address - bias.
+    pub bias: u64,
+    pub row_start: u32,
+    /// 0: no unwind information (fall back to frame pointers).
+    pub row_count: u32,
 }
 
 /// Which allocation function produced a block. Part of a call site's identity.
@@ -125,7 +180,9 @@ pub mod counter {
     pub const FREE_CALLS: u32 = 11;
     /// Allocations that returned NULL / failed.
     pub const FAILED_ALLOCS: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Stacks that ended at a frame without unwind information (JIT, stripped, unknown).
+    pub const STACK_NO_UNWIND_INFO: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.
@@ -175,6 +232,16 @@ pub struct LiveBlock {
     pub _pad: u32,
 }
 
+/// Why a stack walk ended early (`Stack::truncated`).
+pub mod stack_end {
+    /// Complete: reached the outermost frame, or the walk found nothing more.
+    pub const COMPLETE: u32 = 0;
+    /// Cut at the maximum depth.
+    pub const MAX_DEPTH: u32 = 1;
+    /// The last frame's module has no unwind information and no frame pointer to follow.
+    pub const NO_UNWIND_INFO: u32 = 2;
+}
+
 /// Cumulative totals for one call site (one stack id). Outstanding = alloc - free.
 /// 64-bit counters updated with atomic adds: they do not wrap in any realistic run.
 #[repr(C)]
@@ -202,7 +269,7 @@ pub struct SiteKey {
 pub struct Stack {
     pub ips: [u64; MAX_STACK_DEPTH],
     pub depth: u32,
-    /// Non-zero when the walk stopped at MAX_STACK_DEPTH with frames left.
+    /// Why the walk stopped early, if it did: one of the `stack_end` values.
     pub truncated: u32,
 }
 
@@ -216,4 +283,6 @@ mod pod {
     unsafe impl aya::Pod for SiteCounters {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for SiteKey {}
+    unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for UnwindModule {}
 }

@@ -19,17 +19,20 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
     programs::{ProbeContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, SiteCounters, SiteKey, Stack, WrapperStash,
-    counter,
+    AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey,
+    Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, stack_end,
 };
 
 /// Set by the daemon before load.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
+/// Frames per stack (`--max-stack`), at most MAX_STACK_DEPTH.
+#[unsafe(no_mangle)]
+static MAX_DEPTH: u32 = MAX_STACK_DEPTH as u32;
 
 // Sizes here are defaults; the daemon sets the real ones before load.
 #[map]
@@ -46,6 +49,33 @@ static SITES: HashMap<SiteKey, SiteCounters> = HashMap::with_max_entries(1 << 15
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+/// Slot 0: the `capture` program. Every entry probe tail-calls it, so the stack walker (the
+/// costly part to verify) is verified once rather than once per probe.
+#[map]
+static CAPTURE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// What an entry probe hands to `capture` on this CPU.
+#[map]
+static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    sp: u64,
+    bp: u64,
+    size: u64,
+    old_ptr: u64,
+    out_ptr: u64,
+    kind: u32,
+    /// Non-zero for a C++ operator new entry: stash the stack instead of recording a call.
+    wrapper: u32,
+}
+
+/// Unwind rows of every module, each module's rows sorted by pc.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, 0);
+/// The target's executable mappings sorted by start; unused slots have start = i64::MAX.
+#[map]
+static UNWIND_MODULES: Array<UnwindModule> = Array::with_max_entries(MAX_UNWIND_MODULES, 0);
 
 const EEXIST: i32 = 17;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -90,10 +120,68 @@ fn nested_in(outer_sp: u64, sp: u64, window: u64) -> bool {
     outer_sp >= sp && outer_sp - sp < window
 }
 
+/// All ones when `a <= b`, else zero, without a branch. User addresses are below 2^63, so the
+/// difference's sign bit decides. Branch-free binary searches keep the verifier's work linear
+/// in the number of steps instead of exponential.
+#[inline(always)]
+fn le_mask(a: u64, b: u64) -> u64 {
+    !((b.wrapping_sub(a) as i64 >> 63) as u64)
+}
+
+/// The mapping containing `pc`: binary search over the sorted module slots.
+#[inline(always)]
+fn find_module(pc: u64) -> Option<UnwindModule> {
+    let mut lo: u32 = 0;
+    let mut n: u32 = MAX_UNWIND_MODULES;
+    for _ in 0..8 {
+        if n <= 1 {
+            break;
+        }
+        let half = n / 2;
+        let m = UNWIND_MODULES.get(lo + half)?;
+        lo += half & le_mask(m.start, pc) as u32;
+        n -= half;
+    }
+    let m = *UNWIND_MODULES.get(lo)?;
+    (m.start <= pc && pc < m.end).then_some(m)
+}
+
+/// The unwind row covering ELF address `vaddr` of module `m`.
+#[inline(always)]
+fn find_row(m: &UnwindModule, vaddr: u64) -> Option<UnwindRow> {
+    if m.row_count == 0 {
+        return None;
+    }
+    let mut lo = m.row_start;
+    let mut n = m.row_count;
+    for _ in 0..24 {
+        if n <= 1 {
+            break;
+        }
+        let half = n / 2;
+        let r = UNWIND_ROWS.get(lo + half)?;
+        lo += half & le_mask(r.pc, vaddr) as u32;
+        n -= half;
+    }
+    let r = *UNWIND_ROWS.get(lo)?;
+    (r.pc <= vaddr).then_some(r)
+}
+
+/// The frame-pointer convention as an unwind row: CFA = rbp + 16, caller's rbp at CFA - 16.
+const FRAME_POINTER_ROW: UnwindRow =
+    UnwindRow { pc: 0, cfa_offset: 16, rbp_offset: -16, cfa_reg: cfa::RBP, rbp_rule: rbp_rule::AT_CFA_OFFSET };
+
+#[inline(always)]
+fn plausible_fp(bp: u64, sp: u64) -> bool {
+    bp >= sp && bp - sp <= MAX_STACK_SPAN && bp & 7 == 0
+}
+
 /// Walks the user stack from an allocation function's entry and stores it in `STACKS`.
 ///
 /// At entry `[rsp]` holds the return address into the direct caller, so frame 0 is exact
-/// whatever the caller was compiled with. The frames above it follow the frame-pointer chain.
+/// whatever the caller was compiled with. Each frame above is unwound with the module's
+/// `.eh_frame` rows (loaded by the daemon); where a module has none, frame pointers are
+/// followed if they look sane, and otherwise the stack ends there and is counted.
 fn capture_stack(sp: u64, fp: u64) -> u64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return 0;
@@ -103,38 +191,67 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
         count(counter::STACK_READ_ERROR);
         return 0;
     };
+    let max_depth = unsafe { read_volatile(&raw const MAX_DEPTH) } as usize;
     buf.ips[0] = ret0;
     let mut depth: usize = 1;
-    let mut fp = fp;
-    let mut truncated = 0u32;
+    let mut end = stack_end::COMPLETE;
+    let mut sp = sp + 8;
+    let mut bp = fp;
+    let mut pc = ret0;
     for i in 1..MAX_STACK_DEPTH {
-        if fp < sp || fp - sp > MAX_STACK_SPAN || fp & 7 != 0 {
+        if pc == 0 {
             break;
         }
-        let Ok(ra) = (unsafe { bpf_probe_read_user((fp + 8) as *const u64) }) else {
+        if i >= max_depth {
+            end = stack_end::MAX_DEPTH;
+            break;
+        }
+        // A return address points after the call: look up the call itself.
+        let row = match find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias)) {
+            Some(r) => r,
+            // No unwind information: follow the frame pointer if it looks like one.
+            None if plausible_fp(bp, sp) => FRAME_POINTER_ROW,
+            None => {
+                end = stack_end::NO_UNWIND_INFO;
+                break;
+            }
+        };
+        if row.cfa_reg == cfa::END {
+            break;
+        }
+        // Branch-free from here, so the verifier's paths merge at the loop head.
+        let rsp_based = (row.cfa_reg == cfa::RSP) as u64;
+        let base = (sp & rsp_based.wrapping_neg()) | (bp & rsp_based.wrapping_sub(1));
+        let cfa = base.wrapping_add(row.cfa_offset as i64 as u64);
+        let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+            count(counter::STACK_READ_ERROR);
             break;
         };
-        let Ok(next) = (unsafe { bpf_probe_read_user(fp as *const u64) }) else {
-            break;
-        };
-        if ra == 0 {
+        let saved_bp = unsafe { bpf_probe_read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64) as *const u64) }
+            .unwrap_or(0);
+        let at = (row.rbp_rule == rbp_rule::AT_CFA_OFFSET) as u64;
+        let same = (row.rbp_rule == rbp_rule::SAME) as u64;
+        let next_bp = (saved_bp & at.wrapping_neg()) | (bp & same.wrapping_neg());
+        let next_sp = cfa;
+        if ra == 0 || next_sp <= sp {
             break;
         }
         buf.ips[i] = ra;
         depth = i + 1;
-        if next <= fp {
-            break;
-        }
-        fp = next;
+        sp = next_sp;
+        bp = next_bp;
+        pc = ra;
         if i == MAX_STACK_DEPTH - 1 {
-            truncated = 1;
+            end = stack_end::MAX_DEPTH;
         }
     }
-    if truncated != 0 {
+    if end == stack_end::MAX_DEPTH {
         count(counter::STACK_TRUNCATED);
+    } else if end == stack_end::NO_UNWIND_INFO {
+        count(counter::STACK_NO_UNWIND_INFO);
     }
     buf.depth = depth as u32;
-    buf.truncated = truncated;
+    buf.truncated = end;
 
     // FNV-1a over the frames: the stack id, so equal stacks share one entry.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -259,19 +376,32 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
     }
     count(counter::ALLOC_CALLS);
 
-    let mut kind = kind as u32;
-    let mut stack_id = 0;
     if let Some(stash) = unsafe { WRAPPER_STASH.get(&tid) }.copied() {
         let _ = WRAPPER_STASH.remove(&tid);
         if nested_in(stash.sp, sp, WRAPPER_SP_WINDOW) {
-            stack_id = stash.stack_id;
-            kind = stash.kind;
+            record_call(tid, sp, size, old_ptr, out_ptr, stash.stack_id, stash.kind);
+            return 0;
         }
     }
-    if stack_id == 0 {
-        stack_id = capture_stack(sp, r.rbp);
-    }
+    let pending = Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: 0 };
+    to_capture(ctx, &pending);
+    // Only reached if the tail call failed: record the call without a stack.
+    count(counter::STACK_READ_ERROR);
+    record_call(tid, sp, size, old_ptr, out_ptr, 0, kind as u32);
+    0
+}
 
+/// Hands the entry to the `capture` program; returns only if the tail call failed.
+#[inline(always)]
+fn to_capture(ctx: &ProbeContext, pending: &Pending) {
+    if PENDING.set(0, pending, 0).is_ok() {
+        unsafe { CAPTURE_PROG.tail_call(ctx, 0) };
+    }
+}
+
+/// Keeps an outermost allocation call's arguments until its return.
+#[inline(always)]
+fn record_call(tid: u32, sp: u64, size: u64, old_ptr: u64, out_ptr: u64, stack_id: u64, kind: u32) {
     let mut rec = InFlight {
         sp,
         size,
@@ -296,6 +426,23 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
         if rec.old_known != 0 {
             let _ = LIVE.insert(&old_ptr, &rec.old_block, BPF_ANY as u64);
         }
+    }
+}
+
+/// Tail-called by every entry probe: walks the stack, then records the call (or, for C++
+/// operator new, stashes the stack for the allocation inside it).
+#[uprobe]
+pub fn capture(_ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_tid() else { return 0 };
+    let Some(p) = PENDING.get(0).copied() else { return 0 };
+    let stack_id = capture_stack(p.sp, p.bp);
+    if p.wrapper != 0 {
+        let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, _pad: 0 };
+        if WRAPPER_STASH.insert(&tid, &stash, BPF_ANY as u64).is_err() {
+            count(counter::IN_FLIGHT_FULL);
+        }
+    } else {
+        record_call(tid, p.sp, p.size, p.old_ptr, p.out_ptr, stack_id, p.kind);
     }
     0
 }
@@ -481,11 +628,9 @@ fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
             return 0;
         }
     }
-    let stack_id = capture_stack(r.rsp, r.rbp);
-    let stash = WrapperStash { sp: r.rsp, stack_id, kind: kind as u32, _pad: 0 };
-    if WRAPPER_STASH.insert(&tid, &stash, BPF_ANY as u64).is_err() {
-        count(counter::IN_FLIGHT_FULL);
-    }
+    let pending = Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: 1 };
+    to_capture(ctx, &pending);
+    count(counter::STACK_READ_ERROR);
     0
 }
 

@@ -96,6 +96,13 @@ pub struct TraceOpts {
     /// Distinct stacks (call sites) tracked; more are counted as dropped.
     #[arg(long, default_value_t = 1 << 15, value_name = "N")]
     pub max_stacks: u32,
+    /// Frames captured per stack (1-64). Each frame costs one unwind-table lookup (two
+    /// binary searches) and one user-memory read per allocation.
+    #[arg(long, default_value_t = 48, value_name = "N")]
+    pub max_stack: u32,
+    /// Unwind-table rows loaded for all of the target's modules (16 bytes each).
+    #[arg(long, default_value_t = 1 << 21, value_name = "N")]
+    pub max_unwind_rows: u32,
 }
 
 #[derive(Debug, Error)]
@@ -104,6 +111,8 @@ pub enum ConfigError {
     Duration { flag: &'static str, value: String, reason: String },
     #[error("invalid --fail-on-leak value {value:?}: {reason} (examples: 0, 4096, 64KiB, 10MiB)")]
     Bytes { value: String, reason: String },
+    #[error("{flag} must be between {min} and {max}")]
+    Range { flag: &'static str, min: u64, max: u64 },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
 }
@@ -128,6 +137,8 @@ pub struct Config {
     pub fail_on_leak: Option<u64>,
     pub max_live: u32,
     pub max_stacks: u32,
+    pub max_stack: u32,
+    pub max_unwind_rows: u32,
     pub quiet: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
@@ -175,6 +186,9 @@ impl TryFrom<Cli> for Config {
         if opts.max_stacks == 0 {
             return Err(ConfigError::Zero { flag: "--max-stacks" });
         }
+        if opts.max_stack == 0 || opts.max_stack as usize > leakprobe_common::MAX_STACK_DEPTH {
+            return Err(ConfigError::Range { flag: "--max-stack", min: 1, max: leakprobe_common::MAX_STACK_DEPTH as u64 });
+        }
         if opts.top == 0 {
             return Err(ConfigError::Zero { flag: "--top" });
         }
@@ -189,6 +203,8 @@ impl TryFrom<Cli> for Config {
             fail_on_leak,
             max_live: opts.max_live,
             max_stacks: opts.max_stacks,
+            max_stack: opts.max_stack,
+            max_unwind_rows: opts.max_unwind_rows,
             quiet: cli.quiet,
             args: std::env::args().collect(),
         })

@@ -7,14 +7,15 @@ use std::{collections::HashMap as StdHashMap, num::NonZeroU32, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray},
     programs::{
         ProgramError, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use leakprobe_common::{
-    LiveBlock, SiteCounters, SiteKey, Stack, counter, globals, maps as map_names,
+    LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, counter,
+    globals, maps as map_names,
 };
 use thiserror::Error;
 
@@ -72,6 +73,10 @@ pub struct ProbeConfig {
     pub max_stacks: u32,
     /// Capacity of the per-thread in-flight maps.
     pub max_threads: u32,
+    /// Frames per stack (1..=MAX_STACK_DEPTH).
+    pub max_depth: u32,
+    /// Capacity of the unwind-row array shared by all modules.
+    pub max_unwind_rows: u32,
 }
 
 /// One attach attempt, for the report.
@@ -135,6 +140,7 @@ const CXX_HOOKS: &[Hook] = &[
 ];
 
 const EXIT_PROGRAM: &str = "alloc_exit";
+const CAPTURE_PROGRAM: &str = "capture";
 
 pub struct Probes {
     ebpf: Ebpf,
@@ -148,6 +154,8 @@ impl Probes {
         let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &cfg.tgid, true)
+            .override_global(globals::MAX_DEPTH, &cfg.max_depth, true)
+            .map_max_entries(map_names::UNWIND_ROWS, cfg.max_unwind_rows)
             .map_max_entries(map_names::LIVE, cfg.max_live)
             .map_max_entries(map_names::STACKS, cfg.max_stacks)
             .map_max_entries(map_names::SITES, cfg.max_stacks)
@@ -155,7 +163,53 @@ impl Probes {
             .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
-        Ok(Probes { ebpf, pid, links: Vec::new() })
+        let mut probes = Probes { ebpf, pid, links: Vec::new() };
+        probes.install_capture()?;
+        probes.clear_unwind_modules()?;
+        Ok(probes)
+    }
+
+    /// Loads the stack-walking program every entry probe tail-calls.
+    fn install_capture(&mut self) -> Result<(), ProbeError> {
+        let fd = self.program(CAPTURE_PROGRAM)?.fd().map_err(|source| ProbeError::Program { name: CAPTURE_PROGRAM, source })?.try_clone().map_err(|e| ProbeError::Program { name: CAPTURE_PROGRAM, source: ProgramError::IOError(e) })?;
+        let name = map_names::CAPTURE_PROG;
+        let mut slots: ProgramArray<&mut MapData> = ProgramArray::try_from(
+            self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?,
+        )
+        .map_err(|source| ProbeError::Map { name, source })?;
+        slots.set(0, &fd, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Marks every unwind-module slot unused (start = i64::MAX keeps the table sorted).
+    fn clear_unwind_modules(&mut self) -> Result<(), ProbeError> {
+        self.set_unwind_modules(&[])
+    }
+
+    /// Replaces the target's unwind-module table; `modules` must be sorted by start.
+    pub fn set_unwind_modules(&mut self, modules: &[UnwindModule]) -> Result<(), ProbeError> {
+        let name = map_names::UNWIND_MODULES;
+        let mut arr: Array<&mut MapData, UnwindModule> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        // i64::MAX, not u64::MAX: the walker compares with a sign-bit trick valid below 2^63.
+        let unused = UnwindModule { start: i64::MAX as u64, end: i64::MAX as u64, ..Default::default() };
+        for i in 0..MAX_UNWIND_MODULES {
+            let m = modules.get(i as usize).copied().unwrap_or(unused);
+            arr.set(i, m, 0).map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Writes unwind rows at `start` in the shared row array.
+    pub fn write_unwind_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), ProbeError> {
+        let name = map_names::UNWIND_ROWS;
+        let mut arr: Array<&mut MapData, UnwindRow> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        for (i, row) in rows.iter().enumerate() {
+            arr.set(start + i as u32, *row, 0).map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {

@@ -23,7 +23,22 @@ use crate::{
     report::{self, text::human_bytes},
     symbolize::{Frame, Symbolizer},
     target::{self, Identity, TargetError},
+    unwind,
 };
+
+/// Loads rows for modules not seen yet and republishes the target's module table.
+fn sync_unwind(probes: &mut Probes, loaded: &mut unwind::Loaded, pid: i32, capacity: u32) -> anyhow::Result<()> {
+    let maps = target::exec_mappings(pid)?;
+    if maps.is_empty() {
+        return Ok(()); // gone: keep the last table
+    }
+    let modules = loaded.sync(pid, &maps, capacity, |at, rows| probes.write_unwind_rows(at, rows))?;
+    if modules.len() > leakprobe_common::MAX_UNWIND_MODULES as usize {
+        tracing::warn!("{} executable mappings; only the first {} are unwound", modules.len(), leakprobe_common::MAX_UNWIND_MODULES);
+    }
+    probes.set_unwind_modules(&modules)?;
+    Ok(())
+}
 
 /// How a session ended, for the exit status.
 pub struct Outcome {
@@ -93,13 +108,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         return Err(refuse(TargetError::NoSuchProcess { pid }));
     }
 
+    let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
         max_live: cfg.max_live,
         max_stacks: cfg.max_stacks,
         max_threads: 1 << 14,
+        max_depth: cfg.max_stack,
+        max_unwind_rows: cfg.max_unwind_rows,
     })
     .context("loading eBPF programs")?;
+    tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
+    // Unwind tables first, so the first allocation seen already gets a whole stack.
+    let t_unwind = std::time::Instant::now();
+    let mut unwind = unwind::Loaded::default();
+    sync_unwind(&mut probes, &mut unwind, pid, cfg.max_unwind_rows).context("loading unwind tables")?;
+    tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
+    let t_attach = std::time::Instant::now();
     let mut statuses = match probes.attach(&allocators) {
         Ok(s) => s,
         Err(e) => {
@@ -107,6 +132,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
             return Err(refuse(e));
         }
     };
+    tracing::info!("probes attached in {:?}", t_attach.elapsed());
     let start_ns = monotonic_ns();
     let start_wall = SystemTime::now();
     let mut child: Option<Child> = None;
@@ -131,7 +157,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut cxx_attached = allocators.cxx.is_some();
 
     let (ended_by, exit_status) =
-        watch(&cfg, &identity, pidfd, &mut probes, &mut tracker, &mut stacks, &mut symbolizer, &mut statuses, &mut cxx_attached, &mut child)
+        watch(&cfg, &identity, pidfd, &mut probes, &mut tracker, &mut stacks, &mut symbolizer, &mut statuses, &mut cxx_attached, &mut child, &mut unwind)
             .await?;
 
     // Final reading, then detach before the (slower) symbolization and output.
@@ -182,6 +208,7 @@ async fn watch(
     statuses: &mut Vec<ProbeStatus>,
     cxx_attached: &mut bool,
     child: &mut Option<Child>,
+    unwind: &mut unwind::Loaded,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open, unchanged, until it drops.
@@ -222,6 +249,10 @@ async fn watch(
                 let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading eBPF maps")?;
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(pid);
+                // Libraries loaded since (dlopen) get unwind rows too.
+                if let Err(e) = sync_unwind(probes, unwind, pid, cfg.max_unwind_rows) {
+                    tracing::warn!("updating unwind tables: {e:#}");
+                }
                 fetch_new_stacks(probes, tracker, stacks)?;
                 // Warm the symbol cache while the target's files are surely there.
                 for site in tracker.sites().iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
