@@ -212,6 +212,7 @@ pub const DROP_KINDS: &[(u32, &str, &str)] = &[
 pub const INFO_KINDS: &[(u32, &str, &str)] = &[
     (counter::UNKNOWN_FREE, "unknown_frees", "frees of blocks allocated before attach (or untracked)"),
     (counter::STACK_TRUNCATED, "truncated_stacks", "stacks cut at the maximum depth"),
+    (counter::STACK_NO_UNWIND_INFO, "stacks_without_unwind_info", "stacks that ended at code without unwind information"),
     (counter::UNKNOWN_MUNMAP, "unknown_munmaps", "munmaps of regions not tracked as anonymous mmaps"),
     (counter::ALLOC_CALLS, "alloc_calls", "allocation calls seen"),
     (counter::FREE_CALLS, "free_calls", "free calls seen"),

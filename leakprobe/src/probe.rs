@@ -405,15 +405,16 @@ impl Probes {
         Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()? })
     }
 
-    /// The frames of a stack id, innermost first; None if the stack was never stored.
-    pub fn stack(&self, id: u64) -> Result<Option<(Vec<u64>, bool)>, ProbeError> {
+    /// The frames of a stack id, innermost first, and why the walk ended (`stack_end`);
+    /// None if the stack was never stored.
+    pub fn stack(&self, id: u64) -> Result<Option<(Vec<u64>, u32)>, ProbeError> {
         let name = map_names::STACKS;
         let stacks: HashMap<&MapData, u64, Stack> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
         match stacks.get(&id, 0) {
             Ok(s) => {
                 let depth = (s.depth as usize).min(s.ips.len());
-                Ok(Some((s.ips[..depth].to_vec(), s.truncated != 0)))
+                Ok(Some((s.ips[..depth].to_vec(), s.truncated)))
             }
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(ProbeError::Map { name, source }),

@@ -64,7 +64,7 @@ fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
 }
 
 /// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
-type StackCache = HashMap<u64, Option<(Vec<u64>, bool)>>;
+type StackCache = HashMap<u64, Option<(Vec<u64>, u32)>>;
 
 fn fetch_new_stacks(probes: &Probes, tracker: &Tracker, cache: &mut StackCache) -> anyhow::Result<()> {
     for site in tracker.sites() {
@@ -188,10 +188,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
-fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, bool) {
+fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, u32) {
     match stacks.get(&key.stack_id) {
-        Some(Some((ips, truncated))) => (symbolizer.symbolize(ips), *truncated),
-        _ => (Vec::new(), false),
+        Some(Some((ips, end))) => (symbolizer.symbolize(ips), *end),
+        _ => (Vec::new(), leakprobe_common::stack_end::COMPLETE),
     }
 }
 

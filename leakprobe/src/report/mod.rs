@@ -3,6 +3,7 @@
 
 pub mod text;
 
+use leakprobe_common::stack_end;
 use serde::Serialize;
 
 use crate::{
@@ -96,8 +97,11 @@ pub struct Site {
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: Option<f64>,
     pub stack_id: String,
-    /// The stack was cut at the maximum depth.
+    /// The stack was cut at the maximum depth (--max-stack).
     pub truncated: bool,
+    /// How the stack ends: "complete", "max-depth", or "no-unwind-info" (the outermost frame
+    /// shown is in code without unwind information and without a usable frame pointer).
+    pub stack_end: &'static str,
     /// Innermost first.
     pub frames: Vec<Frame>,
 }
@@ -116,14 +120,14 @@ pub struct Context<'a> {
 pub fn build(
     ctx: &Context<'_>,
     tracker: &Tracker,
-    mut stack_of: impl FnMut(&SiteStats) -> (Vec<Frame>, bool),
+    mut stack_of: impl FnMut(&SiteStats) -> (Vec<Frame>, u32),
 ) -> Report {
     let counters = tracker.counters();
     let sites = tracker
         .sites()
         .into_iter()
         .map(|s| {
-            let (frames, truncated) = stack_of(&s);
+            let (frames, end) = stack_of(&s);
             Site {
                 function: s.kind.map(|k| k.name().to_string()).unwrap_or_else(|| format!("kind {}", s.key.kind)),
                 outstanding_bytes: s.outstanding_bytes,
@@ -137,7 +141,12 @@ pub fn build(
                 growth_bytes_per_s: s.growth_bytes_per_s,
                 oldest_age_s: s.oldest_age_s,
                 stack_id: format!("{:016x}", s.key.stack_id),
-                truncated,
+                truncated: end == stack_end::MAX_DEPTH,
+                stack_end: match end {
+                    stack_end::MAX_DEPTH => "max-depth",
+                    stack_end::NO_UNWIND_INFO => "no-unwind-info",
+                    _ => "complete",
+                },
                 frames,
             }
         })

@@ -55,8 +55,14 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
     if s.frames.is_empty() {
         let _ = writeln!(out, "    (stack not available: see drops)");
     }
-    if s.truncated {
-        let _ = writeln!(out, "    ... (stack cut at the maximum depth)");
+    match s.stack_end {
+        "max-depth" => {
+            let _ = writeln!(out, "    ... (stack cut at --max-stack frames)");
+        }
+        "no-unwind-info" => {
+            let _ = writeln!(out, "    ... (stack ends: no unwind information above this frame)");
+        }
+        _ => {}
     }
     let oldest = s.oldest_age_s.map(|a| format!(", oldest {a:.1} s")).unwrap_or_default();
     let _ = writeln!(
@@ -149,6 +155,13 @@ pub fn render(r: &Report, top: usize) -> String {
         act("free_calls"),
         act("unknown_frees"),
     );
+    let (cut, no_info) = (act("truncated_stacks"), act("stacks_without_unwind_info"));
+    if cut + no_info > 0 {
+        let _ = writeln!(
+            out,
+            "  stacks:  {cut} cut at --max-stack, {no_info} ended at code without unwind information"
+        );
+    }
     let _ = writeln!(out);
 
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();
