@@ -36,12 +36,16 @@ pub struct ModuleTable {
 }
 
 impl ModuleTable {
-    /// ELF virtual address of file offset `off`, if a loadable segment covers it.
+    /// ELF virtual address of file offset `off` (a mapping's offset, so page aligned), if a
+    /// loadable segment covers it. The loader maps each segment from its page-aligned offset,
+    /// so a segment covers `off` from `p_offset & !0xfff`; when two do (the page they share),
+    /// the later segment is the one mapped there.
     pub fn vaddr_of_offset(&self, off: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|(_, o, size)| off >= *o && off < o + size.max(&1))
-            .map(|(v, o, _)| v + (off - o))
+            .filter(|(_, o, size)| off >= (o & !0xfff) && off < o + (*size).max(1))
+            .max_by_key(|(_, o, _)| *o)
+            .map(|(v, o, _)| v.wrapping_add(off).wrapping_sub(*o))
     }
 }
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -14,6 +15,17 @@ char *volatile kept[16];
 volatile int nkept;
 
 NOINLINE void leak_array() { kept[nkept++] = new char[3000]; }
+
+struct Widget {
+    char payload[120];
+    long id;
+};
+
+Widget *volatile widgets[8];
+static std::shared_ptr<Widget> shared[8];
+
+NOINLINE void leak_new(int i) { widgets[i] = new Widget{{0}, i}; }
+NOINLINE void keep_shared(int i) { shared[i] = std::make_shared<Widget>(); }
 
 static std::unordered_map<int, std::string> cache;
 
@@ -37,6 +49,8 @@ int main() {
     while (std::getline(std::cin, line)) {
         if (line == "leak") {
             for (int i = 0; i < 5; i++) leak_array();
+            for (int i = 0; i < 4; i++) leak_new(i);
+            for (int i = 0; i < 3; i++) keep_shared(i);
             for (int i = 0; i < 50; i++) cache_insert(next_key++);
             churn();
             std::cout << "done" << std::endl;

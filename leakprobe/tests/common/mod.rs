@@ -291,3 +291,30 @@ pub fn our_links() -> usize {
         .collect();
     links.as_array().map(|l| l.iter().filter(|k| k["prog_id"].as_u64().is_some_and(|id| ours.contains(&id))).count()).unwrap_or(0)
 }
+
+/// Asserts that `names` appear in the site's frames in this order (innermost first), each
+/// with a source file and line, and returns the frames' function names for messages.
+pub fn assert_chain(site: &Value, names: &[&str], file_suffix: &str) {
+    let frames = site["frames"].as_array().unwrap();
+    let all: Vec<String> = frames.iter().map(|f| f["function"].as_str().unwrap_or("?").to_string()).collect();
+    let mut at = 0;
+    for name in names {
+        let found = frames[at..].iter().position(|f| f["function"].as_str().is_some_and(|n| n == *name));
+        let Some(pos) = found else {
+            panic!("frame {name:?} missing (or out of order) in stack {all:?}");
+        };
+        let f = &frames[at + pos];
+        if *name != "main" || file_suffix.is_empty() {
+            assert!(f["line"].as_u64().is_some(), "{name}: no line in {f}");
+            assert!(
+                f["file"].as_str().is_some_and(|p| p.ends_with(file_suffix)),
+                "{name}: file {} does not end with {file_suffix}",
+                f["file"]
+            );
+        }
+        at += pos + 1;
+    }
+}
+
+/// Flags for targets built the way production binaries are: optimized, no frame pointers.
+pub const NOFP_C: &[&str] = &["-O2", "-g", "-fomit-frame-pointer"];

@@ -1,0 +1,97 @@
+//! Full stacks on binaries built without frame pointers (-O2 C and C++, Rust release), walked
+//! in BPF with the modules' .eh_frame tables. Privileged: run as root, one at a time.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn c_without_frame_pointers_reaches_main_with_exact_accounting() {
+    require_root();
+    let src = "alloc_funcs.c";
+    let bin = build_target(src, "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    for (func, bytes, count) in [("leak_malloc", 4000, 4), ("leak_calloc", 3000, 3), ("leak_realloc", 4096, 2), ("leak_mmap", 131072, 2)] {
+        let mine: Vec<&Value> = sites(&report).iter().filter(|s| frame0(s) == func).collect();
+        assert!(!mine.is_empty(), "no site for {func}");
+        for s in &mine {
+            // Named function, called from main through do_leaks: two levels.
+            assert_chain(s, &[func, "do_leaks", "main"], src);
+            assert_eq!(s["stack_end"], "complete", "{func}: {}", s["stack_end"]);
+        }
+        let (b, c, _, _) = sum(mine.into_iter());
+        assert_eq!((b, c), (bytes, count), "{func}");
+    }
+    let line = line_of(src, "void leak_malloc(");
+    let s = sites(&report).iter().find(|s| frame0(s) == "leak_malloc").unwrap();
+    assert_eq!(s["frames"][0]["line"].as_u64(), Some(line));
+}
+
+#[test]
+fn cxx_without_frame_pointers_unwinds_through_libstdcxx() {
+    require_root();
+    let src = "cxx_target.cpp";
+    let bin = build_target(src, "cxx_target_nofp", "g++", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    let all = sites(&report);
+    let by = |func: &str| -> Vec<&Value> { all.iter().filter(|s| frame0(s) == func).collect() };
+
+    let arrays = by("leak_array()");
+    assert_eq!(sum(arrays.iter().copied()).0, 5 * 3000);
+    for s in &arrays {
+        assert_chain(s, &["leak_array()", "main"], src);
+    }
+    let news = by("leak_new(int)");
+    assert_eq!(sum(news.iter().copied()).1, 4);
+    for s in &news {
+        assert_chain(s, &["leak_new(int)", "main"], src);
+    }
+    // make_shared's allocation is inlined std:: code inside keep_shared.
+    let shared: Vec<&Value> =
+        all.iter().filter(|s| s["function"] == "operator new" && has_frame(s, "keep_shared(int)")).collect();
+    assert_eq!(sum(shared.iter().copied()).1, 3, "make_shared control blocks");
+    for s in &shared {
+        assert_chain(s, &["keep_shared(int)", "main"], src);
+    }
+    // std::string buffers are allocated inside libstdc++ (no frame pointers there either):
+    // the walk must go through it to cache_insert and main.
+    let strings: Vec<&Value> = all
+        .iter()
+        .filter(|s| frame0(s).starts_with("std::__cxx11::basic_string") && has_frame(s, "cache_insert(int)"))
+        .collect();
+    let (b, c, _, _) = sum(strings.iter().copied());
+    assert_eq!((b, c), (50 * 201, 50), "string buffers of the 50 cached values");
+    for s in &strings {
+        assert_chain(s, &["cache_insert(int)", "main"], src);
+        let libstdcxx = s["frames"][0]["module"].as_str().unwrap_or("");
+        assert!(libstdcxx.contains("libstdc++"), "innermost frame in {libstdcxx}");
+    }
+}
+
+#[test]
+fn rust_release_without_frame_pointers() {
+    require_root();
+    let src = "rust_target.rs";
+    let bin = build_target(src, "rust_target_release", "rustc", &["-C", "opt-level=3", "-g"]);
+    let mut target = Target::spawn(&bin);
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    let all = sites(&report);
+    let user = |s: &Value, name: &str| has_frame(s, name) && has_frame(s, "rust_target::main");
+    let boxes: Vec<&Value> = all.iter().filter(|s| user(s, "rust_target::leak_box")).collect();
+    assert_eq!((sum(boxes.iter().copied()).0, sum(boxes.iter().copied()).1), (3 * 4096, 3));
+    for s in &boxes {
+        assert_chain(s, &["rust_target::leak_box", "rust_target::main"], src);
+    }
+    let vecs: Vec<&Value> = all.iter().filter(|s| user(s, "rust_target::grow_registry")).collect();
+    let (b, c, _, _) = sum(vecs.iter().copied());
+    assert_eq!((b, c), (20 * 1500, 20), "Vec buffers kept in the registry");
+    for s in &vecs {
+        assert_chain(s, &["rust_target::grow_registry", "rust_target::main"], src);
+    }
+}
