@@ -61,6 +61,15 @@ pub enum Command {
     },
 }
 
+/// How stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unwind {
+    /// .eh_frame tables for every module; frame pointers where a module has none.
+    Dwarf,
+    /// Frame pointers only: cheaper, but stacks through code without them come out short.
+    Fp,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -100,6 +109,9 @@ pub struct TraceOpts {
     /// binary searches) and one user-memory read per allocation.
     #[arg(long, default_value_t = 48, value_name = "N")]
     pub max_stack: u32,
+    /// How to walk stacks.
+    #[arg(long, value_enum, default_value_t = Unwind::Dwarf)]
+    pub unwind: Unwind,
     /// Unwind-table rows loaded for all of the target's modules (16 bytes each).
     #[arg(long, default_value_t = 1 << 21, value_name = "N")]
     pub max_unwind_rows: u32,
@@ -139,6 +151,7 @@ pub struct Config {
     pub max_stacks: u32,
     pub max_stack: u32,
     pub max_unwind_rows: u32,
+    pub unwind: Unwind,
     pub quiet: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
@@ -205,6 +218,7 @@ impl TryFrom<Cli> for Config {
             max_stacks: opts.max_stacks,
             max_stack: opts.max_stack,
             max_unwind_rows: opts.max_unwind_rows,
+            unwind: opts.unwind,
             quiet: cli.quiet,
             args: std::env::args().collect(),
         })

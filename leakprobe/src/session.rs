@@ -15,7 +15,7 @@ use leakprobe_common::SiteKey;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{Config, Format, Mode},
+    cli::{Config, Format, Mode, Unwind},
     launch,
     model::{Tracker, total_drops},
     preflight,
@@ -27,7 +27,11 @@ use crate::{
 };
 
 /// Loads rows for modules not seen yet and republishes the target's module table.
-fn sync_unwind(probes: &mut Probes, loaded: &mut unwind::Loaded, pid: i32, capacity: u32) -> anyhow::Result<()> {
+fn sync_unwind(cfg: &Config, probes: &mut Probes, loaded: &mut unwind::Loaded, pid: i32) -> anyhow::Result<()> {
+    if cfg.unwind == Unwind::Fp {
+        return Ok(()); // no rows: every frame follows frame pointers
+    }
+    let capacity = cfg.max_unwind_rows;
     let maps = target::exec_mappings(pid)?;
     if maps.is_empty() {
         return Ok(()); // gone: keep the last table
@@ -122,7 +126,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     // Unwind tables first, so the first allocation seen already gets a whole stack.
     let t_unwind = std::time::Instant::now();
     let mut unwind = unwind::Loaded::default();
-    sync_unwind(&mut probes, &mut unwind, pid, cfg.max_unwind_rows).context("loading unwind tables")?;
+    sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables")?;
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
     let t_attach = std::time::Instant::now();
     let mut statuses = match probes.attach(&allocators) {
@@ -250,7 +254,7 @@ async fn watch(
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(pid);
                 // Libraries loaded since (dlopen) get unwind rows too.
-                if let Err(e) = sync_unwind(probes, unwind, pid, cfg.max_unwind_rows) {
+                if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
                     tracing::warn!("updating unwind tables: {e:#}");
                 }
                 fetch_new_stacks(probes, tracker, stacks)?;

@@ -28,6 +28,10 @@ fn c_without_frame_pointers_reaches_main_with_exact_accounting() {
     let line = line_of(src, "void leak_malloc(");
     let s = sites(&report).iter().find(|s| frame0(s) == "leak_malloc").unwrap();
     assert_eq!(s["frames"][0]["line"].as_u64(), Some(line));
+    // libc.so.6 carries no DWARF: a line for its frame comes from the separate debug file
+    // (libc6-dbg, found by build-id under /usr/lib/debug).
+    let libc_frame = s["frames"].as_array().unwrap().iter().find(|f| f["function"] == "__libc_start_call_main").expect("libc frame");
+    assert!(libc_frame["line"].as_u64().is_some(), "no line from separate debug info: {libc_frame}");
 }
 
 #[test]

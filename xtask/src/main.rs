@@ -77,9 +77,10 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// Debian packages: LLVM 22 to build bpf-linker, bpftool for the detach checks, compilers and
-/// the static libc for test targets, setpriv for the privilege test.
+/// the static libc for test targets, libc's separate debug info (the tests check that it is
+/// used), setpriv for the privilege test.
 const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "gcc", "g++", "libc6-dev", "util-linux"];
+    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "gcc", "g++", "libc6-dev", "libc6-dbg", "util-linux"];
 
 fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
