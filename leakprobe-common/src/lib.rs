@@ -41,6 +41,8 @@ pub mod cfa {
     pub const RSP: u8 = 1;
     /// CFA = rbp + offset.
     pub const RBP: u8 = 2;
+    /// Between functions: no FDE covers this pc (code without unwind information).
+    pub const GAP: u8 = 3;
 }
 
 /// How a row recovers the caller's rbp.

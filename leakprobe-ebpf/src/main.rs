@@ -164,7 +164,8 @@ fn find_row(m: &UnwindModule, vaddr: u64) -> Option<UnwindRow> {
         n -= half;
     }
     let r = *UNWIND_ROWS.get(lo)?;
-    (r.pc <= vaddr).then_some(r)
+    // A gap between functions is code without unwind information.
+    (r.pc <= vaddr && r.cfa_reg != cfa::GAP).then_some(r)
 }
 
 /// The frame-pointer convention as an unwind row: CFA = rbp + 16, caller's rbp at CFA - 16.

@@ -98,7 +98,7 @@ pub fn build(data: &[u8]) -> Result<ModuleTable, UnwindError> {
         bases = bases.set_got(got.address());
     }
 
-    // (pc, row, is_fde_end): rows of all FDEs, plus an END marker where each FDE stops.
+    // (row, is_fde_end): rows of all FDEs, plus a GAP marker where each FDE stops.
     let mut raw: Vec<(UnwindRow, bool)> = Vec::new();
     let mut ctx = Box::new(UnwindContext::new());
     let mut entries = eh.entries(&bases);
@@ -119,9 +119,9 @@ pub fn build(data: &[u8]) -> Result<ModuleTable, UnwindError> {
         while let Ok(Some(row)) = table.next_row() {
             raw.push((row_of(row), false));
         }
-        raw.push((UnwindRow { pc: fde.end_address(), cfa_reg: cfa::END, ..Default::default() }, true));
+        raw.push((UnwindRow { pc: fde.end_address(), cfa_reg: cfa::GAP, ..Default::default() }, true));
     }
-    // Real rows win over an END marker at the same pc (the next function starts there).
+    // Real rows win over a GAP marker at the same pc (the next function starts there).
     raw.sort_by_key(|(r, is_end)| (r.pc, !*is_end));
     let mut by_pc: Vec<UnwindRow> = Vec::with_capacity(raw.len());
     for (r, _) in raw {

@@ -99,3 +99,32 @@ fn rust_release_without_frame_pointers() {
         assert_chain(s, &["rust_target::grow_registry", "rust_target::main"], src);
     }
 }
+
+#[test]
+fn stripped_and_unwind_less_code_end_visibly() {
+    require_root();
+    let src = "alloc_funcs.c";
+    // No symbols: frames still unwind (.eh_frame stays), names become module+offset.
+    let stripped = build_target(src, "alloc_funcs_stripped", "gcc", &["-O2", "-s"]);
+    let mut target = Target::spawn(&stripped);
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    let mmaps: Vec<&Value> = sites(&report).iter().filter(|s| s["function"] == "mmap" && s["outstanding_bytes"].as_u64() > Some(0)).collect();
+    assert_eq!(sum(mmaps.iter().copied()).0, 2 * 65536, "accounting without symbols");
+    for s in &mmaps {
+        let f0 = frame0(s);
+        assert!(f0.starts_with("[unknown] alloc_funcs_stripped+0x"), "frame 0: {f0}");
+        assert!(has_frame(s, "__libc_start_call_main"), "stack did not unwind through the stripped code");
+    }
+
+    // No unwind tables and no frame pointers: the stack ends after frame 0, and says so.
+    let bare = build_target(src, "alloc_funcs_bare", "gcc", &["-O2", "-g", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]);
+    let mut target = Target::spawn(&bare);
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    let s = sites(&report).iter().find(|s| frame0(s) == "leak_malloc").expect("leak_malloc site");
+    assert_eq!(s["stack_end"], "no-unwind-info");
+    assert!(report["activity"]["stacks_without_unwind_info"].as_u64() > Some(0));
+    let (b, c, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "leak_malloc"));
+    assert_eq!((b, c), (4000, 4));
+}
