@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey,
-    Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, stack_end,
+    AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack,
+    UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, stack_end,
 };
 
 /// Set by the daemon before load.
@@ -169,8 +169,13 @@ fn find_row(m: &UnwindModule, vaddr: u64) -> Option<UnwindRow> {
 }
 
 /// The frame-pointer convention as an unwind row: CFA = rbp + 16, caller's rbp at CFA - 16.
-const FRAME_POINTER_ROW: UnwindRow =
-    UnwindRow { pc: 0, cfa_offset: 16, rbp_offset: -16, cfa_reg: cfa::RBP, rbp_rule: rbp_rule::AT_CFA_OFFSET };
+const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
+    pc: 0,
+    cfa_offset: 16,
+    rbp_offset: -16,
+    cfa_reg: cfa::RBP,
+    rbp_rule: rbp_rule::AT_CFA_OFFSET,
+};
 
 #[inline(always)]
 fn plausible_fp(bp: u64, sp: u64) -> bool {
@@ -228,8 +233,9 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
             count(counter::STACK_READ_ERROR);
             break;
         };
-        let saved_bp = unsafe { bpf_probe_read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64) as *const u64) }
-            .unwrap_or(0);
+        let saved_bp =
+            unsafe { bpf_probe_read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64) as *const u64) }
+                .unwrap_or(0);
         let at = (row.rbp_rule == rbp_rule::AT_CFA_OFFSET) as u64;
         let same = (row.rbp_rule == rbp_rule::SAME) as u64;
         let next_bp = (saved_bp & at.wrapping_neg()) | (bp & same.wrapping_neg());
@@ -629,7 +635,8 @@ fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
             return 0;
         }
     }
-    let pending = Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: 1 };
+    let pending =
+        Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: 1 };
     to_capture(ctx, &pending);
     count(counter::STACK_READ_ERROR);
     0

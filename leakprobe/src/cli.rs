@@ -185,12 +185,14 @@ impl TryFrom<Cli> for Config {
         if duration_opt.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::Zero { flag: "--duration" });
         }
-        let min_age = opts.min_age.as_deref().map(|d| duration("--min-age", d)).transpose()?.unwrap_or_default();
+        let min_age =
+            opts.min_age.as_deref().map(|d| duration("--min-age", d)).transpose()?.unwrap_or_default();
         let fail_on_leak = opts
             .fail_on_leak
             .as_deref()
             .map(|v| {
-                parse_size::parse_size(v).map_err(|e| ConfigError::Bytes { value: v.to_string(), reason: e.to_string() })
+                parse_size::parse_size(v)
+                    .map_err(|e| ConfigError::Bytes { value: v.to_string(), reason: e.to_string() })
             })
             .transpose()?;
         if opts.max_live == 0 {
@@ -200,7 +202,11 @@ impl TryFrom<Cli> for Config {
             return Err(ConfigError::Zero { flag: "--max-stacks" });
         }
         if opts.max_stack == 0 || opts.max_stack as usize > leakprobe_common::MAX_STACK_DEPTH {
-            return Err(ConfigError::Range { flag: "--max-stack", min: 1, max: leakprobe_common::MAX_STACK_DEPTH as u64 });
+            return Err(ConfigError::Range {
+                flag: "--max-stack",
+                min: 1,
+                max: leakprobe_common::MAX_STACK_DEPTH as u64,
+            });
         }
         if opts.top == 0 {
             return Err(ConfigError::Zero { flag: "--top" });
@@ -247,8 +253,18 @@ mod tests {
     #[test]
     fn durations_and_sizes() {
         let c = parse(&[
-            "leakprobe", "attach", "-p", "1", "--duration", "1m", "--interval", "250ms", "--min-age", "3",
-            "--fail-on-leak", "64KiB",
+            "leakprobe",
+            "attach",
+            "-p",
+            "1",
+            "--duration",
+            "1m",
+            "--interval",
+            "250ms",
+            "--min-age",
+            "3",
+            "--fail-on-leak",
+            "64KiB",
         ])
         .unwrap();
         assert_eq!(c.duration, Some(Duration::from_secs(60)));
@@ -259,9 +275,19 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        assert!(parse(&["leakprobe", "attach", "-p", "1", "--duration", "soon"]).unwrap_err().contains("--duration"));
-        assert!(parse(&["leakprobe", "attach", "-p", "1", "--interval", "0"]).unwrap_err().contains("--interval"));
-        assert!(parse(&["leakprobe", "attach", "-p", "1", "--fail-on-leak", "lots"]).unwrap_err().contains("--fail-on-leak"));
+        assert!(
+            parse(&["leakprobe", "attach", "-p", "1", "--duration", "soon"])
+                .unwrap_err()
+                .contains("--duration")
+        );
+        assert!(
+            parse(&["leakprobe", "attach", "-p", "1", "--interval", "0"]).unwrap_err().contains("--interval")
+        );
+        assert!(
+            parse(&["leakprobe", "attach", "-p", "1", "--fail-on-leak", "lots"])
+                .unwrap_err()
+                .contains("--fail-on-leak")
+        );
         assert!(parse(&["leakprobe", "attach", "-p", "x"]).is_err());
         assert!(parse(&["leakprobe", "run"]).is_err());
     }

@@ -111,7 +111,9 @@ pub fn spawn_held(command: &[String]) -> Result<Held, LaunchError> {
         }
         match waitpid(pid, None) {
             Ok(WaitStatus::PtraceSyscall(_)) => {}
-            Ok(WaitStatus::Exited(_, status)) => return Err(LaunchError::ExitedEarly { command: shown, status }),
+            Ok(WaitStatus::Exited(_, status)) => {
+                return Err(LaunchError::ExitedEarly { command: shown, status });
+            }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 return Err(LaunchError::ExitedEarly { command: shown, status: 128 + sig as i32 });
             }

@@ -142,13 +142,13 @@ impl Tracker {
                     outstanding_count = live.aged_count;
                     outstanding_bytes = live.aged_bytes;
                 }
-                let oldest_age_s = s.live.filter(|l| l.oldest_ns > 0).map(|l| {
-                    self.last_ns.saturating_sub(l.oldest_ns) as f64 / 1e9
-                });
+                let oldest_age_s = s
+                    .live
+                    .filter(|l| l.oldest_ns > 0)
+                    .map(|l| self.last_ns.saturating_sub(l.oldest_ns) as f64 / 1e9);
                 // Nothing was outstanding when the probes went live, so the net change over
                 // the window is what is outstanding now.
-                let growth_bytes_per_s =
-                    if window > 0.0 { outstanding_bytes as f64 / window } else { 0.0 };
+                let growth_bytes_per_s = if window > 0.0 { outstanding_bytes as f64 / window } else { 0.0 };
                 SiteStats {
                     key: *key,
                     kind: AllocKind::from_u32(key.kind),
@@ -199,7 +199,11 @@ pub struct Totals {
 
 /// The drop counters that mean figures may be incomplete, with the words a report uses.
 pub const DROP_KINDS: &[(u32, &str, &str)] = &[
-    (counter::LIVE_MAP_FULL, "live_map_full", "allocations not tracked: live-block map full (raise --max-live)"),
+    (
+        counter::LIVE_MAP_FULL,
+        "live_map_full",
+        "allocations not tracked: live-block map full (raise --max-live)",
+    ),
     (counter::STACK_MAP_FULL, "stack_map_full", "stacks not stored: stack map full"),
     (counter::SITE_MAP_FULL, "site_map_full", "call-site totals not created: site map full"),
     (counter::IN_FLIGHT_FULL, "in_flight_full", "calls not tracked: in-flight map full (too many threads)"),
@@ -212,7 +216,11 @@ pub const DROP_KINDS: &[(u32, &str, &str)] = &[
 pub const INFO_KINDS: &[(u32, &str, &str)] = &[
     (counter::UNKNOWN_FREE, "unknown_frees", "frees of blocks allocated before attach (or untracked)"),
     (counter::STACK_TRUNCATED, "truncated_stacks", "stacks cut at the maximum depth"),
-    (counter::STACK_NO_UNWIND_INFO, "stacks_without_unwind_info", "stacks that ended at code without unwind information"),
+    (
+        counter::STACK_NO_UNWIND_INFO,
+        "stacks_without_unwind_info",
+        "stacks that ended at code without unwind information",
+    ),
     (counter::UNKNOWN_MUNMAP, "unknown_munmaps", "munmaps of regions not tracked as anonymous mmaps"),
     (counter::ALLOC_CALLS, "alloc_calls", "allocation calls seen"),
     (counter::FREE_CALLS, "free_calls", "free calls seen"),

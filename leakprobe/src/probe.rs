@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use leakprobe_common::{
-    LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, counter,
-    globals, maps as map_names,
+    LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, counter, globals,
+    maps as map_names,
 };
 use thiserror::Error;
 
@@ -171,12 +171,16 @@ impl Probes {
 
     /// Loads the stack-walking program every entry probe tail-calls.
     fn install_capture(&mut self) -> Result<(), ProbeError> {
-        let fd = self.program(CAPTURE_PROGRAM)?.fd().map_err(|source| ProbeError::Program { name: CAPTURE_PROGRAM, source })?.try_clone().map_err(|e| ProbeError::Program { name: CAPTURE_PROGRAM, source: ProgramError::IOError(e) })?;
+        let fd = self
+            .program(CAPTURE_PROGRAM)?
+            .fd()
+            .map_err(|source| ProbeError::Program { name: CAPTURE_PROGRAM, source })?
+            .try_clone()
+            .map_err(|e| ProbeError::Program { name: CAPTURE_PROGRAM, source: ProgramError::IOError(e) })?;
         let name = map_names::CAPTURE_PROG;
-        let mut slots: ProgramArray<&mut MapData> = ProgramArray::try_from(
-            self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?,
-        )
-        .map_err(|source| ProbeError::Map { name, source })?;
+        let mut slots: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
         slots.set(0, &fd, 0).map_err(|source| ProbeError::Map { name, source })
     }
 
@@ -272,8 +276,10 @@ impl Probes {
     ) -> Result<(), ProbeError> {
         let path = target_path(self.pid.get() as i32, &module.path);
         let names: Vec<&str> = hooks.iter().map(|h| h.function).collect();
-        let offsets = crate::elf::function_offsets(&path, &names)
-            .map_err(|e| ProbeError::Symbols { module: module.path.display().to_string(), reason: error_chain(&e) })?;
+        let offsets = crate::elf::function_offsets(&path, &names).map_err(|e| ProbeError::Symbols {
+            module: module.path.display().to_string(),
+            reason: error_chain(&e),
+        })?;
         let mut failed: StdHashMap<&'static str, String> = StdHashMap::new();
         // Aliases share one address (glibc's memalign is aligned_alloc): probe it once, or
         // every call would be seen twice.
@@ -282,7 +288,8 @@ impl Probes {
         for h in hooks {
             match offsets.get(h.function) {
                 None => {
-                    failed.insert(h.function, format!("{} does not define {}", module.file_name(), h.function));
+                    failed
+                        .insert(h.function, format!("{} does not define {}", module.file_name(), h.function));
                 }
                 Some(off) => {
                     if let Some(first) = first_at.get(off) {

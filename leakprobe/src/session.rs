@@ -2,12 +2,7 @@
 //! Data flows one way: probe -> model -> report.
 
 use std::{
-    collections::HashMap,
-    io::Write as _,
-    os::fd::OwnedFd,
-    path::PathBuf,
-    process::Child,
-    time::SystemTime,
+    collections::HashMap, io::Write as _, os::fd::OwnedFd, path::PathBuf, process::Child, time::SystemTime,
 };
 
 use anyhow::Context as _;
@@ -27,7 +22,12 @@ use crate::{
 };
 
 /// Loads rows for modules not seen yet and republishes the target's module table.
-fn sync_unwind(cfg: &Config, probes: &mut Probes, loaded: &mut unwind::Loaded, pid: i32) -> anyhow::Result<()> {
+fn sync_unwind(
+    cfg: &Config,
+    probes: &mut Probes,
+    loaded: &mut unwind::Loaded,
+    pid: i32,
+) -> anyhow::Result<()> {
     if cfg.unwind == Unwind::Fp {
         return Ok(()); // no rows: every frame follows frame pointers
     }
@@ -38,7 +38,11 @@ fn sync_unwind(cfg: &Config, probes: &mut Probes, loaded: &mut unwind::Loaded, p
     }
     let modules = loaded.sync(pid, &maps, capacity, |at, rows| probes.write_unwind_rows(at, rows))?;
     if modules.len() > leakprobe_common::MAX_UNWIND_MODULES as usize {
-        tracing::warn!("{} executable mappings; only the first {} are unwound", modules.len(), leakprobe_common::MAX_UNWIND_MODULES);
+        tracing::warn!(
+            "{} executable mappings; only the first {} are unwound",
+            modules.len(),
+            leakprobe_common::MAX_UNWIND_MODULES
+        );
     }
     probes.set_unwind_modules(&modules)?;
     Ok(())
@@ -73,8 +77,8 @@ type StackCache = HashMap<u64, Option<(Vec<u64>, u32)>>;
 fn fetch_new_stacks(probes: &Probes, tracker: &Tracker, cache: &mut StackCache) -> anyhow::Result<()> {
     for site in tracker.sites() {
         let id = site.key.stack_id;
-        if !cache.contains_key(&id) {
-            cache.insert(id, probes.stack(id).context("reading a stack")?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(id) {
+            slot.insert(probes.stack(id).context("reading a stack")?);
         }
     }
     Ok(())
@@ -95,9 +99,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         Mode::Attach { pid } => {
             let identity = target::identify(*pid).map_err(refuse)?;
             let maps = target::exec_mappings(*pid).map_err(refuse)?;
-            let allocators = target::find_allocators(&maps).ok_or_else(|| {
-                refuse(TargetError::NoLibc { pid: *pid, exe: identity.exe.clone() })
-            })?;
+            let allocators = target::find_allocators(&maps)
+                .ok_or_else(|| refuse(TargetError::NoLibc { pid: *pid, exe: identity.exe.clone() }))?;
             (*pid, allocators, None)
         }
         Mode::Run { command } => {
@@ -160,9 +163,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut stacks: StackCache = HashMap::new();
     let mut cxx_attached = allocators.cxx.is_some();
 
-    let (ended_by, exit_status) =
-        watch(&cfg, &identity, pidfd, &mut probes, &mut tracker, &mut stacks, &mut symbolizer, &mut statuses, &mut cxx_attached, &mut child, &mut unwind)
-            .await?;
+    let (ended_by, exit_status) = watch(
+        &cfg,
+        &identity,
+        pidfd,
+        &mut probes,
+        &mut tracker,
+        &mut stacks,
+        &mut symbolizer,
+        &mut statuses,
+        &mut cxx_attached,
+        &mut child,
+        &mut unwind,
+    )
+    .await?;
 
     // Final reading, then detach before the (slower) symbolization and output.
     let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading the final sample")?;
@@ -219,8 +233,10 @@ async fn watch(
     let exited = unsafe { AsyncFd::register(pidfd) }
         .map_err(|e| e.into_parts().1)
         .context("watching the target's pidfd")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
     let sleep_until_deadline = async {
         match deadline {
@@ -262,14 +278,18 @@ async fn watch(
                 for site in tracker.sites().iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
                     let _ = site_frames(&site.key, stacks, symbolizer);
                 }
-                if !*cxx_attached {
-                    if let Some(cxx) = target::exec_mappings(pid).ok().and_then(|m| target::find_allocators(&m)).and_then(|a| a.cxx) {
-                        match probes.attach_cxx(&cxx) {
-                            Ok(s) => statuses.extend(s),
-                            Err(e) => tracing::warn!("C++ runtime mapped after attach, probes failed: {e}"),
-                        }
-                        *cxx_attached = true;
+                // A C++ runtime loaded after attach (dlopen, or a dependency's dependency).
+                let late_cxx = if *cxx_attached {
+                    None
+                } else {
+                    target::exec_mappings(pid).ok().and_then(|m| target::find_allocators(&m)).and_then(|a| a.cxx)
+                };
+                if let Some(cxx) = late_cxx {
+                    match probes.attach_cxx(&cxx) {
+                        Ok(s) => statuses.extend(s),
+                        Err(e) => tracing::warn!("C++ runtime mapped after attach, probes failed: {e}"),
                     }
+                    *cxx_attached = true;
                 }
                 let t = tracker.totals();
                 let drops = total_drops(tracker.counters());
@@ -289,12 +309,14 @@ async fn watch(
 /// Refuses output paths that are symlinks or not regular files (FIFOs, devices).
 fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            Err(anyhow::Error::new(Refused(format!("refusing to write the report through symlink {}", path.display()))))
-        }
-        Ok(meta) if !meta.file_type().is_file() => {
-            Err(anyhow::Error::new(Refused(format!("refusing to write the report to {}: not a regular file", path.display()))))
-        }
+        Ok(meta) if meta.file_type().is_symlink() => Err(anyhow::Error::new(Refused(format!(
+            "refusing to write the report through symlink {}",
+            path.display()
+        )))),
+        Ok(meta) if !meta.file_type().is_file() => Err(anyhow::Error::new(Refused(format!(
+            "refusing to write the report to {}: not a regular file",
+            path.display()
+        )))),
         _ => Ok(()),
     }
 }
@@ -316,8 +338,8 @@ fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {
                 .mode(0o600)
                 .open(path)
                 .with_context(|| format!("opening {} for the report", path.display()))?;
-            f.write_all(content.as_bytes()).with_context(|| format!("writing the report to {}", path.display()))
+            f.write_all(content.as_bytes())
+                .with_context(|| format!("writing the report to {}", path.display()))
         }
     }
 }
-

@@ -60,20 +60,20 @@ impl Modules {
         }
         let mut modules = Vec::with_capacity(maps.len());
         for m in maps {
-            let key = (m.dev, m.inode);
-            if !self.files.contains_key(&key) {
-                match target::open_mapping(pid, &m) {
+            let handle = match self.files.entry((m.dev, m.inode)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().1.clone(),
+                std::collections::hash_map::Entry::Vacant(slot) => match target::open_mapping(pid, &m) {
                     Ok(f) => {
                         let handle = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-                        self.files.insert(key, (f, handle));
+                        slot.insert((f, handle.clone()));
+                        handle
                     }
                     Err(e) => {
                         tracing::debug!("cannot open {}: {e}", m.path.display());
                         continue;
                     }
-                }
-            }
-            let handle = self.files[&key].1.clone();
+                },
+            };
             modules.push(Module { mapping: m, handle });
         }
         modules.sort_by_key(|m| m.mapping.start);
@@ -176,27 +176,20 @@ fn code_location(ci: Option<&bz::CodeInfo<'_>>) -> (Option<String>, Option<u32>)
 }
 
 fn frames_of(addr: u64, sym: &bz::Sym<'_>, module: &str) -> Vec<Frame> {
-    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
-    // blazesym lists inlined calls outermost first; we print innermost first.
-    for inl in sym.inlined.iter().rev() {
-        let (file, line) = code_location(inl.code_info.as_ref());
-        frames.push(Frame {
+    let frame = |name: &str, ci: Option<&bz::CodeInfo<'_>>, inlined: bool| {
+        let (file, line) = code_location(ci);
+        Frame {
             address: addr,
-            function: Some(inl.name.to_string()),
+            function: Some(name.to_string()),
             file,
             line,
             module: Some(module.to_string()),
-            inlined: true,
-        });
-    }
-    let (file, line) = code_location(sym.code_info.as_deref());
-    frames.push(Frame {
-        address: addr,
-        function: Some(sym.name.to_string()),
-        file,
-        line,
-        module: Some(module.to_string()),
-        inlined: false,
-    });
+            inlined,
+        }
+    };
+    // blazesym lists inlined calls outermost first; we print innermost first.
+    let mut frames: Vec<Frame> =
+        sym.inlined.iter().rev().map(|inl| frame(&inl.name, inl.code_info.as_ref(), true)).collect();
+    frames.push(frame(&sym.name, sym.code_info.as_deref(), false));
     frames
 }

@@ -85,10 +85,7 @@ pub fn identify(pid: i32) -> Result<Identity, TargetError> {
     if stat.state == 'Z' || stat.state == 'X' {
         return Err(TargetError::Zombie { pid });
     }
-    let exe = proc
-        .exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| format!("[{}]", stat.comm));
+    let exe = proc.exe().map(|p| p.display().to_string()).unwrap_or_else(|_| format!("[{}]", stat.comm));
     let cmdline = proc.cmdline().unwrap_or_default();
     Ok(Identity { pid, exe, cmdline, start_ticks: stat.starttime })
 }

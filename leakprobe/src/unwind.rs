@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 
 use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext,
-    UnwindSection as _, X86_64,
+    BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection as _,
+    X86_64,
 };
 use leakprobe_common::{UnwindRow, cfa, rbp_rule};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
@@ -141,11 +141,15 @@ pub fn build(data: &[u8]) -> Result<ModuleTable, UnwindError> {
     Ok(ModuleTable { rows, segments })
 }
 
+/// A file by (device, inode).
+type FileKey = ((i32, i32), u64);
+/// Where a file's rows start in the row array, how many, and its segments (rows dropped).
+type LoadedFile = (u32, u32, ModuleTable);
+
 /// Which of a target's modules have rows loaded, and where.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// (dev, inode) -> (row_start, row_count, table without rows)
-    files: HashMap<((i32, i32), u64), (u32, u32, ModuleTable)>,
+    files: HashMap<FileKey, LoadedFile>,
     next_row: u32,
     /// Modules left without rows because the row array was full.
     pub skipped_for_capacity: Vec<String>,
@@ -225,7 +229,7 @@ mod tests {
     #[test]
     fn function_entry_has_cfa_at_rsp_plus_8() {
         let t = own_table();
-        let pc = function_offsets_here as usize as u64;
+        let pc = function_offsets_here as fn() -> u64 as usize as u64;
         // The test binary is position independent: find our runtime bias from /proc/self/maps.
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let exe = std::fs::read_link("/proc/self/exe").unwrap();

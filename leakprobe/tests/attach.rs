@@ -39,7 +39,11 @@ fn check_c_report(report: &Value) {
             let line = line_of(SRC, &format!("void {func}("));
             let got = f["line"].as_u64().unwrap();
             assert!(got >= line && got <= line + 3, "{func}: line {got}, function starts at {line}");
-            assert!(has_frame(s, "do_leaks") && has_frame(s, "main"), "{func}: stack does not reach main: {}", s["frames"]);
+            assert!(
+                has_frame(s, "do_leaks") && has_frame(s, "main"),
+                "{func}: stack does not reach main: {}",
+                s["frames"]
+            );
         }
         let (b, c, _, _) = sum(mine.into_iter());
         assert_eq!((b, c), (*bytes, *count), "{func}: outstanding bytes and count");
@@ -57,7 +61,11 @@ fn check_c_report(report: &Value) {
     for s in churn {
         assert_eq!(s["growth_bytes_per_s"].as_f64(), Some(0.0));
     }
-    assert_eq!(report["totals"]["outstanding_bytes"].as_u64(), Some(expected_total), "nothing else may be outstanding");
+    assert_eq!(
+        report["totals"]["outstanding_bytes"].as_u64(),
+        Some(expected_total),
+        "nothing else may be outstanding"
+    );
 }
 
 #[test]
@@ -98,7 +106,11 @@ fn cxx_target_new_array_and_cache_growth() {
     // One hash node per cached key, allocated from cache_insert through operator new.
     let nodes: Vec<&Value> = all
         .iter()
-        .filter(|s| s["function"] == "operator new" && has_frame(s, "cache_insert") && frame0(s).contains("_Hash_node<std::pair<int const"))
+        .filter(|s| {
+            s["function"] == "operator new"
+                && has_frame(s, "cache_insert")
+                && frame0(s).contains("_Hash_node<std::pair<int const")
+        })
         .collect();
     let (bytes, count, _, _) = sum(nodes.iter().copied());
     assert_eq!(count, 50, "hash nodes outstanding");
@@ -133,7 +145,12 @@ fn rust_target_box_leak_and_registry() {
     assert_eq!((churn.0, churn.1), (0, 0));
     assert!(churn.2 >= 600, "churn allocations: {}", churn.2);
     let leak_box = all.iter().find(|s| innermost_user(s, "rust_target::leak_box")).unwrap();
-    let f = leak_box["frames"].as_array().unwrap().iter().find(|f| f["function"] == "rust_target::leak_box").unwrap();
+    let f = leak_box["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == "rust_target::leak_box")
+        .unwrap();
     assert!(f["file"].as_str().unwrap().ends_with("rust_target.rs"));
     assert!(f["line"].as_u64().is_some());
     assert!(has_frame(leak_box, "rust_target::main"));

@@ -85,20 +85,32 @@ fn refuses_symlink_and_fifo_outputs() {
     let link = dir.path().join("link.json");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     let pid = target.pid().to_string();
-    assert_refused(&run_leakprobe(&["attach", "--pid", &pid, "--duration", "1s", "--output", link.to_str().unwrap()]), "symlink");
+    assert_refused(
+        &run_leakprobe(&["attach", "--pid", &pid, "--duration", "1s", "--output", link.to_str().unwrap()]),
+        "symlink",
+    );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
     let fifo = dir.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    assert_refused(&run_leakprobe(&["attach", "--pid", &pid, "--duration", "1s", "--output", fifo.to_str().unwrap()]), "not a regular file");
+    assert_refused(
+        &run_leakprobe(&["attach", "--pid", &pid, "--duration", "1s", "--output", fifo.to_str().unwrap()]),
+        "not a regular file",
+    );
 }
 
-fn signal_ends_with_report(sig: nix::sys::signal::Signal) {
+/// The C target, leakprobe attached to it (JSON, no duration), and one round of leaks done.
+fn attached_after_leak() -> (Target, Leakprobe) {
     let bin = c_target("alloc_funcs.c", "alloc_funcs");
     let mut target = Target::spawn(&bin);
     let pid = target.pid().to_string();
     let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--format", "json"]);
     lp.wait_attached();
     target.leak();
+    (target, lp)
+}
+
+fn signal_ends_with_report(sig: nix::sys::signal::Signal) {
+    let (mut target, lp) = attached_after_leak();
     assert!(our_links() > 0, "no links while attached");
     let sent = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(lp.child.id() as i32), sig).unwrap();
@@ -131,7 +143,11 @@ fn sigkill_leaves_nothing_behind() {
     let pid = target.pid().to_string();
     let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s"]);
     lp.wait_attached();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lp.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lp.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let _ = lp.finish();
     // The kernel tears down links with the last fd; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -147,12 +163,7 @@ fn sigkill_leaves_nothing_behind() {
 #[test]
 fn target_exit_ends_the_trace_with_a_report() {
     require_root();
-    let bin = c_target("alloc_funcs.c", "alloc_funcs");
-    let mut target = Target::spawn(&bin);
-    let pid = target.pid().to_string();
-    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--format", "json"]);
-    lp.wait_attached();
-    target.leak();
+    let (mut target, lp) = attached_after_leak();
     target.send("exit");
     let (code, out, err) = lp.finish();
     assert_eq!(code, 0, "{err}");
@@ -171,7 +182,17 @@ fn fail_on_leak_gates_the_exit_status() {
     for (limit, want) in [("1KiB", 1), ("10MiB", 0)] {
         let mut target = Target::spawn(&bin);
         let pid = target.pid().to_string();
-        let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--duration", "2s", "--interval", "1s", "--fail-on-leak", limit]);
+        let mut lp = Leakprobe::start(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--duration",
+            "2s",
+            "--interval",
+            "1s",
+            "--fail-on-leak",
+            limit,
+        ]);
         lp.wait_attached();
         target.leak();
         let (code, out, err) = lp.finish();

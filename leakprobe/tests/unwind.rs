@@ -14,7 +14,12 @@ fn c_without_frame_pointers_reaches_main_with_exact_accounting() {
     let mut target = Target::spawn(&bin);
     let report = attach_json(&mut target, "3s", |t| t.leak());
     assert_no_drops(&report);
-    for (func, bytes, count) in [("leak_malloc", 4000, 4), ("leak_calloc", 3000, 3), ("leak_realloc", 4096, 2), ("leak_mmap", 131072, 2)] {
+    for (func, bytes, count) in [
+        ("leak_malloc", 4000, 4),
+        ("leak_calloc", 3000, 3),
+        ("leak_realloc", 4096, 2),
+        ("leak_mmap", 131072, 2),
+    ] {
         let mine: Vec<&Value> = sites(&report).iter().filter(|s| frame0(s) == func).collect();
         assert!(!mine.is_empty(), "no site for {func}");
         for s in &mine {
@@ -30,7 +35,12 @@ fn c_without_frame_pointers_reaches_main_with_exact_accounting() {
     assert_eq!(s["frames"][0]["line"].as_u64(), Some(line));
     // libc.so.6 carries no DWARF: a line for its frame comes from the separate debug file
     // (libc6-dbg, found by build-id under /usr/lib/debug).
-    let libc_frame = s["frames"].as_array().unwrap().iter().find(|f| f["function"] == "__libc_start_call_main").expect("libc frame");
+    let libc_frame = s["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == "__libc_start_call_main")
+        .expect("libc frame");
     assert!(libc_frame["line"].as_u64().is_some(), "no line from separate debug info: {libc_frame}");
 }
 
@@ -109,7 +119,10 @@ fn stripped_and_unwind_less_code_end_visibly() {
     let mut target = Target::spawn(&stripped);
     let report = attach_json(&mut target, "3s", |t| t.leak());
     assert_no_drops(&report);
-    let mmaps: Vec<&Value> = sites(&report).iter().filter(|s| s["function"] == "mmap" && s["outstanding_bytes"].as_u64() > Some(0)).collect();
+    let mmaps: Vec<&Value> = sites(&report)
+        .iter()
+        .filter(|s| s["function"] == "mmap" && s["outstanding_bytes"].as_u64() > Some(0))
+        .collect();
     assert_eq!(sum(mmaps.iter().copied()).0, 2 * 65536, "accounting without symbols");
     for s in &mmaps {
         let f0 = frame0(s);
@@ -118,7 +131,12 @@ fn stripped_and_unwind_less_code_end_visibly() {
     }
 
     // No unwind tables and no frame pointers: the stack ends after frame 0, and says so.
-    let bare = build_target(src, "alloc_funcs_bare", "gcc", &["-O2", "-g", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]);
+    let bare = build_target(
+        src,
+        "alloc_funcs_bare",
+        "gcc",
+        &["-O2", "-g", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"],
+    );
     let mut target = Target::spawn(&bare);
     let report = attach_json(&mut target, "3s", |t| t.leak());
     assert_no_drops(&report);

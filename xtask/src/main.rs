@@ -113,7 +113,15 @@ fn setup() -> anyhow::Result<()> {
         let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         status(
             Command::new("cargo")
-                .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    "0.13.0",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("PATH", path),
         )?;
     }
@@ -146,13 +154,21 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn demo(duration: &str) -> anyhow::Result<()> {
     let root = root();
-    status(Command::new("cargo").current_dir(&root).args(["build", "--quiet", "--release", "-p", "leakprobe"]))?;
+    status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "leakprobe",
+    ]))?;
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
     let server = out_dir.join("leaky_server");
@@ -179,7 +195,17 @@ fn demo(duration: &str) -> anyhow::Result<()> {
 
     let result = (|| -> anyhow::Result<String> {
         let mut lp = Command::new(root.join("target/release/leakprobe"))
-            .args(["attach", "--pid", &pid.to_string(), "--duration", duration, "--interval", "2s", "--top", "5"])
+            .args([
+                "attach",
+                "--pid",
+                &pid.to_string(),
+                "--duration",
+                duration,
+                "--interval",
+                "2s",
+                "--top",
+                "5",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -129,7 +129,10 @@ pub fn build(
         .map(|s| {
             let (frames, end) = stack_of(&s);
             Site {
-                function: s.kind.map(|k| k.name().to_string()).unwrap_or_else(|| format!("kind {}", s.key.kind)),
+                function: s
+                    .kind
+                    .map(|k| k.name().to_string())
+                    .unwrap_or_else(|| format!("kind {}", s.key.kind)),
                 outstanding_bytes: s.outstanding_bytes,
                 outstanding_count: s.outstanding_count,
                 allocated_bytes: s.allocated_bytes,

@@ -32,11 +32,8 @@ fn frame_line(out: &mut String, idx: usize, f: &crate::symbolize::Frame) {
         (Some(file), None) => format!(" {file}"),
         _ => String::new(),
     };
-    let module = f
-        .module
-        .as_deref()
-        .map(|m| format!(" ({})", m.rsplit('/').next().unwrap_or(m)))
-        .unwrap_or_default();
+    let module =
+        f.module.as_deref().map(|m| format!(" ({})", m.rsplit('/').next().unwrap_or(m))).unwrap_or_default();
     let inl = if f.inlined { " [inlined]" } else { "" };
     let _ = writeln!(out, "    #{idx} {:#014x} in {func}{loc}{module}{inl}", f.address);
 }
@@ -124,7 +121,11 @@ pub fn render(r: &Report, top: usize) -> String {
         }
     }
     for (module, ok, missing) in &by_module {
-        let _ = writeln!(out, "  probes:  {} in {module}", if ok.is_empty() { "none".into() } else { ok.join(" ") });
+        let _ = writeln!(
+            out,
+            "  probes:  {} in {module}",
+            if ok.is_empty() { "none".into() } else { ok.join(" ") }
+        );
         if !missing.is_empty() {
             let _ = writeln!(out, "           not attached (optional): {}", missing.join(" "));
         }
@@ -141,7 +142,10 @@ pub fn render(r: &Report, top: usize) -> String {
         let _ = writeln!(out, "  drops:   none");
     } else {
         let _ = writeln!(out);
-        let _ = writeln!(out, "!!! WARNING: DEGRADED REPORT: events were dropped; figures below are incomplete !!!");
+        let _ = writeln!(
+            out,
+            "!!! WARNING: DEGRADED REPORT: events were dropped; figures below are incomplete !!!"
+        );
         for (words, v) in &dropped {
             let _ = writeln!(out, "!!!   {v} {words}");
         }
@@ -186,7 +190,11 @@ pub fn render(r: &Report, top: usize) -> String {
         human_bytes(r.totals.outstanding_bytes),
         plural(r.totals.outstanding_count, "object", "objects"),
         plural(growing.len() as u64, "call site", "call sites"),
-        if freed_all > 0 { format!("; {freed_all} more call sites freed everything they allocated") } else { String::new() },
+        if freed_all > 0 {
+            format!("; {freed_all} more call sites freed everything they allocated")
+        } else {
+            String::new()
+        },
     );
     out
 }

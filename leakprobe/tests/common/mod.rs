@@ -177,7 +177,10 @@ impl Leakprobe {
                         return;
                     }
                 }
-                Err(e) => panic!("leakprobe never printed {needle:?} ({e}); stderr so far:\n{}", self.stderr_seen.join("\n")),
+                Err(e) => panic!(
+                    "leakprobe never printed {needle:?} ({e}); stderr so far:\n{}",
+                    self.stderr_seen.join("\n")
+                ),
             }
         }
     }
@@ -210,7 +213,17 @@ pub fn run_leakprobe(args: &[&str]) -> Output {
 /// Attaches to `target` for `duration`, calls `during` once probes are live, returns the JSON.
 pub fn attach_json(target: &mut Target, duration: &str, during: impl FnOnce(&mut Target)) -> Value {
     let pid = target.pid().to_string();
-    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--duration", duration, "--interval", "1s", "--format", "json"]);
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        duration,
+        "--interval",
+        "1s",
+        "--format",
+        "json",
+    ]);
     lp.wait_attached();
     during(target);
     let (code, out, err) = lp.finish();
@@ -225,7 +238,11 @@ pub fn frame0(site: &Value) -> String {
 
 /// Whether any frame of the site is in a function whose name contains `name`.
 pub fn has_frame(site: &Value, name: &str) -> bool {
-    site["frames"].as_array().unwrap().iter().any(|f| f["function"].as_str().is_some_and(|n| n.contains(name)))
+    site["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["function"].as_str().is_some_and(|n| n.contains(name)))
 }
 
 /// Sums (outstanding_bytes, outstanding_count, allocated_count, freed_count) over sites.
@@ -254,16 +271,26 @@ pub fn assert_no_drops(report: &Value) {
 /// The 1-based line in `tests/targets/<src>` containing `needle`.
 pub fn line_of(src: &str, needle: &str) -> u64 {
     let text = std::fs::read_to_string(repo_root().join("tests/targets").join(src)).unwrap();
-    text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in {src}")) as u64 + 1
+    text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in {src}")) as u64
+        + 1
 }
 
 /// Names of leakprobe's programs currently loaded in the kernel (via bpftool).
 pub fn our_programs_loaded() -> Vec<String> {
     const OURS: &[&str] = &[
-        "malloc_enter", "alloc_exit", "free_enter", "calloc_enter", "realloc_enter", "mmap_enter", "munmap_enter",
+        "malloc_enter",
+        "alloc_exit",
+        "free_enter",
+        "calloc_enter",
+        "realloc_enter",
+        "mmap_enter",
+        "munmap_enter",
         "cxx_new_enter",
     ];
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool installed (cargo xtask setup)");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool installed (cargo xtask setup)");
     assert!(out.status.success(), "bpftool prog show failed: {}", String::from_utf8_lossy(&out.stderr));
     let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
     progs
@@ -289,7 +316,10 @@ pub fn our_links() -> usize {
         .filter(|p| p["name"].as_str().is_some_and(|n| n.ends_with("_enter") || n == "alloc_exit"))
         .filter_map(|p| p["id"].as_u64())
         .collect();
-    links.as_array().map(|l| l.iter().filter(|k| k["prog_id"].as_u64().is_some_and(|id| ours.contains(&id))).count()).unwrap_or(0)
+    links
+        .as_array()
+        .map(|l| l.iter().filter(|k| k["prog_id"].as_u64().is_some_and(|id| ours.contains(&id))).count())
+        .unwrap_or(0)
 }
 
 /// Asserts that `names` appear in the site's frames in this order (innermost first), each
