@@ -189,3 +189,42 @@ fn run_mode_traces_from_the_first_allocation() {
     // Symbols resolved although the target had exited by report time.
     assert!(sites(&report).iter().any(|s| frame0(s) == "leak_malloc"));
 }
+
+#[test]
+fn target_in_its_own_mount_namespace_with_its_own_libc() {
+    require_root();
+    let bin = c_target(SRC, "alloc_funcs");
+    // The target's libc is a copy bind-mounted over the usual path inside a private mount
+    // namespace: another inode than the host's file at that path. Probes must go to the file
+    // the target maps (through /proc/PID/root), or nothing would be seen.
+    let dir = tempfile::tempdir().unwrap();
+    let libc = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5).map(str::to_string))
+        .find(|p| p.contains("/libc.so"))
+        .expect("libc path");
+    let copy = dir.path().join("libc-copy.so.6");
+    std::fs::copy(&libc, &copy).unwrap();
+    let script = format!("mount --bind {} {libc} && exec {}", copy.display(), bin.display());
+    let wrapper = dir.path().join("in-namespace.sh");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec unshare --mount --propagation private sh -c '{script}'\n")).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut target = Target::spawn(&wrapper);
+    let ns_self = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let ns_target = std::fs::read_link(format!("/proc/{}/ns/mnt", target.pid())).unwrap();
+    assert_ne!(ns_self, ns_target, "target is not in its own mount namespace");
+    let inode_of = |maps: &str| -> String {
+        maps.lines()
+            .find(|l| l.ends_with(&libc))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let host = inode_of(&std::fs::read_to_string("/proc/self/maps").unwrap());
+    let theirs = inode_of(&std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap());
+    assert_ne!(host, theirs, "the target should map its own copy of libc");
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    check_c_report(&report);
+}
