@@ -172,10 +172,10 @@ fn demo(duration: &str) -> anyhow::Result<()> {
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
     let server = out_dir.join("leaky_server");
-    // Frame pointers: full stacks without them arrive with DWARF unwinding.
+    // Built like a production server: optimized, no frame pointers.
     status(
         Command::new("gcc")
-            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+            .args(["-O2", "-g", "-o"])
             .arg(&server)
             .arg(root.join("demo/leaky_server.c")),
     )?;
