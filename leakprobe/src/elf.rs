@@ -21,9 +21,17 @@ pub enum ElfError {
     },
 }
 
-/// File offsets of the named functions that `path` defines. Names not found are absent.
-/// Aliases (glibc's memalign and aligned_alloc) come back with the same offset.
-pub fn function_offsets(path: &Path, names: &[&str]) -> Result<HashMap<String, u64>, ElfError> {
+/// A function's place in its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionSym {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// The named functions that `path` defines, with their file offsets and sizes, and the file's
+/// bytes. Names not found are absent. Aliases (glibc's memalign and aligned_alloc) come back
+/// with the same offset.
+pub fn functions(path: &Path, names: &[&str]) -> Result<(HashMap<String, FunctionSym>, Vec<u8>), ElfError> {
     let shown = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| ElfError::Read { path: shown.clone(), source })?;
     let file = object::File::parse(&*data).map_err(|source| ElfError::Parse { path: shown, source })?;
@@ -39,9 +47,10 @@ pub fn function_offsets(path: &Path, names: &[&str]) -> Result<HashMap<String, u
         let Some(section) = sym.section_index().and_then(|i| file.section_by_index(i).ok()) else { continue };
         let Some((sec_offset, _)) = section.file_range() else { continue };
         let Some(rel) = sym.address().checked_sub(section.address()) else { continue };
-        out.insert(name.to_string(), sec_offset + rel);
+        out.insert(name.to_string(), FunctionSym { offset: sec_offset + rel, size: sym.size() });
     }
-    Ok(out)
+    drop(file);
+    Ok((out, data))
 }
 
 #[cfg(test)]
@@ -57,9 +66,10 @@ mod tests {
             .filter_map(|l| l.split_whitespace().nth(5))
             .find(|p| p.contains("libc.so"))
             .expect("test binary maps libc");
-        let offs = function_offsets(Path::new(libc), &["malloc", "free", "no_such_function"]).unwrap();
+        let (offs, _) = functions(Path::new(libc), &["malloc", "free", "no_such_function"]).unwrap();
         assert!(offs.contains_key("malloc") && offs.contains_key("free"));
-        assert_ne!(offs["malloc"], offs["free"]);
+        assert_ne!(offs["malloc"].offset, offs["free"].offset);
+        assert!(offs["free"].size > 0);
         assert!(!offs.contains_key("no_such_function"));
     }
 }

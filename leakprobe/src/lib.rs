@@ -11,6 +11,7 @@ pub mod cli;
 pub mod elf;
 pub mod launch;
 pub mod model;
+pub mod placement;
 pub mod preflight;
 pub mod probe;
 pub mod report;

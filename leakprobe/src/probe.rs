@@ -90,6 +90,8 @@ pub struct ProbeStatus {
     /// Set when this function is another name for one already probed (same address); its
     /// calls are reported under that one's name.
     pub alias_of: Option<&'static str>,
+    /// Set when the entry probe sits past the start of the function: (offset, why).
+    pub placement: Option<(u64, &'static str)>,
 }
 
 impl ProbeStatus {
@@ -105,16 +107,18 @@ struct Hook {
     /// Whether the return is needed (to learn the returned address).
     exit: bool,
     required: bool,
+    /// Starts with a NULL check of its first argument that the probe may skip (free).
+    null_check: bool,
 }
 
 const fn hook(function: &'static str, entry: &'static str, exit: bool, required: bool) -> Hook {
-    Hook { function, entry, exit, required }
+    Hook { function, entry, exit, required, null_check: false }
 }
 
 /// libc's allocation family. malloc and free must attach; the rest may be missing.
 const LIBC_HOOKS: &[Hook] = &[
     hook("malloc", "malloc_enter", true, true),
-    hook("free", "free_enter", false, true),
+    Hook { function: "free", entry: "free_enter", exit: false, required: true, null_check: true },
     hook("calloc", "calloc_enter", true, false),
     hook("realloc", "realloc_enter", true, false),
     hook("reallocarray", "reallocarray_enter", true, false),
@@ -276,10 +280,22 @@ impl Probes {
     ) -> Result<(), ProbeError> {
         let path = target_path(self.pid.get() as i32, &module.path);
         let names: Vec<&str> = hooks.iter().map(|h| h.function).collect();
-        let offsets = crate::elf::function_offsets(&path, &names).map_err(|e| ProbeError::Symbols {
+        let (syms, data) = crate::elf::functions(&path, &names).map_err(|e| ProbeError::Symbols {
             module: module.path.display().to_string(),
             reason: error_chain(&e),
         })?;
+        let offsets: StdHashMap<String, u64> = syms.iter().map(|(n, s)| (n.clone(), s.offset)).collect();
+        // Where inside each function the entry probe goes (free: past its NULL check).
+        let mut placements: StdHashMap<&'static str, crate::placement::Placement> = StdHashMap::new();
+        for h in hooks.iter().filter(|h| h.null_check) {
+            if let Some(sym) = syms.get(h.function) {
+                let start = sym.offset as usize;
+                let end = start.saturating_add(sym.size.clamp(16, 1 << 16) as usize).min(data.len());
+                if let Some(code) = data.get(start..end) {
+                    placements.insert(h.function, crate::placement::after_null_check(code, sym.offset));
+                }
+            }
+        }
         let mut failed: StdHashMap<&'static str, String> = StdHashMap::new();
         // Aliases share one address (glibc's memalign is aligned_alloc): probe it once, or
         // every call would be seen twice.
@@ -314,6 +330,7 @@ impl Probes {
                 continue;
             }
             let Some(&offset) = offsets.get(h.function) else { continue };
+            let offset = offset + placements.get(h.function).map_or(0, |p| p.offset);
             if let Err(e) = self.attach_one(program, h.function, &path, offset) {
                 failed.insert(h.function, error_chain(&e));
             }
@@ -333,6 +350,7 @@ impl Probes {
                 required: h.required,
                 error,
                 alias_of: alias_of.get(h.function).copied(),
+                placement: placements.get(h.function).filter(|p| p.offset > 0).map(|p| (p.offset, p.note)),
             });
         }
         Ok(())

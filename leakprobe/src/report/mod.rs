@@ -70,6 +70,10 @@ pub struct Probe {
     pub error: Option<String>,
     /// Another name for `alias_of` (same address); its calls are reported under that name.
     pub alias_of: Option<String>,
+    /// Bytes past the function's start where the entry probe sits (0: at entry).
+    pub offset: u64,
+    /// Why it sits there, when not at entry.
+    pub placement: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -182,6 +186,8 @@ pub fn build(
                 attached: p.attached(),
                 error: p.error.clone(),
                 alias_of: p.alias_of.map(str::to_string),
+                offset: p.placement.map_or(0, |(o, _)| o),
+                placement: p.placement.map(|(_, why)| why.to_string()),
             })
             .collect(),
         totals: Totals {

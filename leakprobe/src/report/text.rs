@@ -114,6 +114,8 @@ pub fn render(r: &Report, top: usize) -> String {
         };
         if let Some(alias) = &p.alias_of {
             by_module[idx].1.push(format!("{}(={alias})", p.function));
+        } else if p.attached && p.offset > 0 {
+            by_module[idx].1.push(format!("{}(+{:#x})", p.function, p.offset));
         } else if p.attached {
             by_module[idx].1.push(p.function.clone());
         } else {
