@@ -52,3 +52,4 @@ measure "leakprobe --unwind fp, loop with frame pointers" "$work/loop_fp" --unwi
 measure "leakprobe --unwind dwarf, loop with frame pointers" "$work/loop_fp" --unwind dwarf
 measure "leakprobe --unwind dwarf, loop without frame pointers" "$work/loop_nofp" --unwind dwarf
 measure "leakprobe --unwind fp, loop without frame pointers (short stacks)" "$work/loop_nofp" --unwind fp
+measure "leakprobe --sample-bytes 512KiB (dwarf), loop without frame pointers" "$work/loop_nofp" --sample-bytes 512KiB

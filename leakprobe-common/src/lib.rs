@@ -18,6 +18,9 @@ pub mod maps {
     pub const SCRATCH: &str = "SCRATCH";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     pub const CAPTURE_PROG: &str = "CAPTURE_PROG";
+    pub const SAMPLE_LEFT: &str = "SAMPLE_LEFT";
+    pub const EXP_TABLE: &str = "EXP_TABLE";
+    pub const WEIGHT_TABLE: &str = "WEIGHT_TABLE";
     pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
 }
 
@@ -27,6 +30,26 @@ pub mod globals {
     pub const TARGET_TGID: &str = "TARGET_TGID";
     /// Frames to capture per stack (at most MAX_STACK_DEPTH).
     pub const MAX_DEPTH: &str = "MAX_DEPTH";
+    /// Mean bytes between samples; 0 tracks every allocation.
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+}
+
+/// Counts in `SiteCounters` and `LiveBlock::weight_count` are in units of 1/COUNT_SCALE, so
+/// a sampled block can stand for a fractional number of allocations. In full tracking every
+/// block weighs exactly COUNT_SCALE.
+pub const COUNT_SCALE: u64 = 1024;
+
+/// Sampling tables, filled by the daemon when sampling.
+pub mod sampling {
+    /// Entries of `EXP_TABLE`: quantiles of an exponential distribution with mean SAMPLE_BYTES,
+    /// picked at random for each new countdown.
+    pub const EXP_ENTRIES: u32 = 1024;
+    /// Entries of `WEIGHT_TABLE`: f(x) = x / (1 - e^-x) * 65536 at x = (i + 0.5) / 256, where
+    /// x = size / SAMPLE_BYTES. A sampled block of `size` bytes stands for SAMPLE_BYTES * f(x)
+    /// bytes (the unbiased estimate); above the table, f(x) = x.
+    pub const WEIGHT_ENTRIES: u32 = 4096;
+    pub const WEIGHT_STEPS_PER_UNIT: u64 = 256;
+    pub const WEIGHT_ONE: u64 = 65536;
 }
 
 /// Unwind table capacity: executable mappings of the target described at once.
@@ -184,7 +207,9 @@ pub mod counter {
     pub const FAILED_ALLOCS: u32 = 12;
     /// Stacks that ended at a frame without unwind information (JIT, stripped, unknown).
     pub const STACK_NO_UNWIND_INFO: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Allocations passed over by sampling (`--sample-bytes`).
+    pub const UNSAMPLED_ALLOCS: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.
@@ -219,7 +244,8 @@ pub struct WrapperStash {
     pub stack_id: u64,
     /// The wrapper's AllocKind, which replaces the inner call's kind.
     pub kind: u32,
-    pub _pad: u32,
+    /// Non-zero when sampling passed over this call: the allocation inside is not tracked.
+    pub skip: u32,
 }
 
 /// One outstanding block.
@@ -230,6 +256,10 @@ pub struct LiveBlock {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at allocation.
     pub timestamp_ns: u64,
     pub stack_id: u64,
+    /// Bytes this block stands for: `size` in full tracking, the unbiased estimate when sampled.
+    pub weight_bytes: u64,
+    /// Allocations it stands for, in 1/COUNT_SCALE units.
+    pub weight_count: u64,
     pub kind: u32,
     pub _pad: u32,
 }
@@ -244,7 +274,8 @@ pub mod stack_end {
     pub const NO_UNWIND_INFO: u32 = 2;
 }
 
-/// Cumulative totals for one call site (one stack id). Outstanding = alloc - free.
+/// Cumulative totals for one call site (one stack id). Outstanding = alloc - free. Counts are
+/// in 1/COUNT_SCALE units and bytes are weighted (estimates when sampling).
 /// 64-bit counters updated with atomic adds: they do not wrap in any realistic run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

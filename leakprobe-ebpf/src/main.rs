@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use leakprobe_common::{
     AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack,
-    UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, stack_end,
+    UnwindModule, UnwindRow, WrapperStash, COUNT_SCALE, cfa, counter, rbp_rule, sampling, stack_end,
 };
 
 /// Set by the daemon before load.
@@ -33,6 +33,9 @@ static TARGET_TGID: u32 = 0;
 /// Frames per stack (`--max-stack`), at most MAX_STACK_DEPTH.
 #[unsafe(no_mangle)]
 static MAX_DEPTH: u32 = MAX_STACK_DEPTH as u32;
+/// Mean bytes between samples (`--sample-bytes`); 0: every allocation is tracked.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
 
 // Sizes here are defaults; the daemon sets the real ones before load.
 #[map]
@@ -69,6 +72,14 @@ struct Pending {
     /// Non-zero for a C++ operator new entry: stash the stack instead of recording a call.
     wrapper: u32,
 }
+
+/// Per thread: bytes left until the next sampled allocation.
+#[map]
+static SAMPLE_LEFT: HashMap<u32, i64> = HashMap::with_max_entries(16384, 0);
+#[map]
+static EXP_TABLE: Array<u64> = Array::with_max_entries(sampling::EXP_ENTRIES, 0);
+#[map]
+static WEIGHT_TABLE: Array<u64> = Array::with_max_entries(sampling::WEIGHT_ENTRIES, 0);
 
 /// Unwind rows of every module, each module's rows sorted by pc.
 #[map]
@@ -305,8 +316,8 @@ fn atomic_add(p: *mut u64, v: u64) {
 fn account_alloc(block: &LiveBlock) {
     let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
     if let Some(site) = site_counters(&key) {
-        atomic_add(unsafe { &raw mut (*site).alloc_count }, 1);
-        atomic_add(unsafe { &raw mut (*site).alloc_bytes }, block.size);
+        atomic_add(unsafe { &raw mut (*site).alloc_count }, block.weight_count);
+        atomic_add(unsafe { &raw mut (*site).alloc_bytes }, block.weight_bytes);
     }
 }
 
@@ -314,13 +325,90 @@ fn account_alloc(block: &LiveBlock) {
 fn account_free(block: &LiveBlock) {
     let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
     if let Some(site) = SITES.get_ptr_mut(&key) {
-        atomic_add(unsafe { &raw mut (*site).free_count }, 1);
-        atomic_add(unsafe { &raw mut (*site).free_bytes }, block.size);
+        atomic_add(unsafe { &raw mut (*site).free_count }, block.weight_count);
+        atomic_add(unsafe { &raw mut (*site).free_bytes }, block.weight_bytes);
+    }
+}
+
+#[inline(always)]
+fn sample_bytes() -> u64 {
+    unsafe { read_volatile(&raw const SAMPLE_BYTES) }
+}
+
+/// What a tracked block of `size` bytes stands for: itself in full tracking; when sampled, the
+/// unbiased estimate size / P(sampled) with P = 1 - e^(-size/N), and 1/P allocations.
+#[inline(always)]
+fn weights(size: u64) -> (u64, u64) {
+    let n = sample_bytes();
+    if n == 0 {
+        return (size, COUNT_SCALE);
+    }
+    if size == 0 {
+        return (0, COUNT_SCALE);
+    }
+    // No 128-bit multiplies in BPF: sizes and rates are far below these bounds (the daemon
+    // caps SAMPLE_BYTES at 2^40), and anything larger is simply "not scaled".
+    if size >= 1 << 48 {
+        return (size, COUNT_SCALE);
+    }
+    let idx = size.wrapping_mul(sampling::WEIGHT_STEPS_PER_UNIT) / n;
+    let bytes = if idx < sampling::WEIGHT_ENTRIES as u64 {
+        match WEIGHT_TABLE.get(idx as u32) {
+            Some(f) => n.wrapping_mul(*f) / sampling::WEIGHT_ONE,
+            None => size,
+        }
+    } else {
+        size
+    };
+    (bytes, bytes.wrapping_mul(COUNT_SCALE) / size)
+}
+
+/// Poisson sampling by bytes (as tcmalloc and jemalloc do): each thread counts down a random,
+/// exponentially distributed number of bytes; the allocation that crosses zero is sampled.
+/// True means "track this one".
+#[inline(always)]
+fn sampled(tid: u32, size: u64) -> bool {
+    if sample_bytes() == 0 {
+        return true;
+    }
+    let next = || {
+        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % sampling::EXP_ENTRIES;
+        EXP_TABLE.get(r).map_or(0, |v| *v as i64)
+    };
+    match SAMPLE_LEFT.get_ptr_mut(&tid) {
+        Some(left) => unsafe {
+            *left -= size as i64;
+            if *left > 0 {
+                count(counter::UNSAMPLED_ALLOCS);
+                return false;
+            }
+            *left = next();
+            true
+        },
+        None => {
+            let left = next() - size as i64;
+            let _ = SAMPLE_LEFT.insert(&tid, &left.max(1), BPF_ANY as u64);
+            if left > 0 {
+                count(counter::UNSAMPLED_ALLOCS);
+                return false;
+            }
+            let _ = SAMPLE_LEFT.insert(&tid, &next(), BPF_ANY as u64);
+            true
+        }
     }
 }
 
 fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
-    let block = LiveBlock { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, stack_id, kind, _pad: 0 };
+    let (weight_bytes, weight_count) = weights(size);
+    let block = LiveBlock {
+        size,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        stack_id,
+        weight_bytes,
+        weight_count,
+        kind,
+        _pad: 0,
+    };
     match LIVE.insert(&addr, &block, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(e) if e == -EEXIST => {
@@ -386,9 +474,17 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
     if let Some(stash) = unsafe { WRAPPER_STASH.get(&tid) }.copied() {
         let _ = WRAPPER_STASH.remove(&tid);
         if nested_in(stash.sp, sp, WRAPPER_SP_WINDOW) {
-            record_call(tid, sp, size, old_ptr, out_ptr, stash.stack_id, stash.kind);
+            // operator new already decided whether this allocation is sampled.
+            if stash.skip == 0 {
+                record_call(tid, sp, size, old_ptr, out_ptr, stash.stack_id, stash.kind);
+            }
             return 0;
         }
+    }
+    if old_ptr == 0 && !sampled(tid, size) {
+        // Not sampled: no stack, no record. (A realloc is always followed, so that its old
+        // block, if sampled, is retired.)
+        return 0;
     }
     let pending = Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: 0 };
     to_capture(ctx, &pending);
@@ -444,7 +540,7 @@ pub fn capture(_ctx: ProbeContext) -> u32 {
     let Some(p) = PENDING.get(0).copied() else { return 0 };
     let stack_id = capture_stack(p.sp, p.bp);
     if p.wrapper != 0 {
-        let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, _pad: 0 };
+        let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, skip: 0 };
         if WRAPPER_STASH.insert(&tid, &stash, BPF_ANY as u64).is_err() {
             count(counter::IN_FLIGHT_FULL);
         }

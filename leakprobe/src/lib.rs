@@ -15,6 +15,7 @@ pub mod placement;
 pub mod preflight;
 pub mod probe;
 pub mod report;
+pub mod sampling;
 pub mod session;
 pub mod symbolize;
 pub mod target;

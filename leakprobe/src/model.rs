@@ -225,6 +225,7 @@ pub const INFO_KINDS: &[(u32, &str, &str)] = &[
     (counter::ALLOC_CALLS, "alloc_calls", "allocation calls seen"),
     (counter::FREE_CALLS, "free_calls", "free calls seen"),
     (counter::FAILED_ALLOCS, "failed_allocs", "allocations that failed (NULL)"),
+    (counter::UNSAMPLED_ALLOCS, "unsampled_allocs", "allocations passed over by sampling"),
 ];
 
 /// Sum of the drop counters: non-zero means the report is degraded.

@@ -77,6 +77,8 @@ pub struct ProbeConfig {
     pub max_depth: u32,
     /// Capacity of the unwind-row array shared by all modules.
     pub max_unwind_rows: u32,
+    /// Mean bytes between sampled allocations; 0 tracks every allocation.
+    pub sample_bytes: u64,
 }
 
 /// One attach attempt, for the report.
@@ -159,6 +161,7 @@ impl Probes {
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &cfg.tgid, true)
             .override_global(globals::MAX_DEPTH, &cfg.max_depth, true)
+            .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
             .map_max_entries(map_names::UNWIND_ROWS, cfg.max_unwind_rows)
             .map_max_entries(map_names::LIVE, cfg.max_live)
             .map_max_entries(map_names::STACKS, cfg.max_stacks)
@@ -170,7 +173,30 @@ impl Probes {
         let mut probes = Probes { ebpf, pid, links: Vec::new() };
         probes.install_capture()?;
         probes.clear_unwind_modules()?;
+        if cfg.sample_bytes > 0 {
+            probes.fill_sampling_tables(cfg.sample_bytes)?;
+        }
         Ok(probes)
+    }
+
+    /// The exponential quantiles for countdowns and the weight curve for estimates.
+    fn fill_sampling_tables(&mut self, mean: u64) -> Result<(), ProbeError> {
+        use leakprobe_common::sampling::*;
+        let name = map_names::EXP_TABLE;
+        let mut exp: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        for (i, v) in crate::sampling::exponential_quantiles(mean, EXP_ENTRIES).into_iter().enumerate() {
+            exp.set(i as u32, v, 0).map_err(|source| ProbeError::Map { name, source })?;
+        }
+        let name = map_names::WEIGHT_TABLE;
+        let mut w: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        for (i, v) in crate::sampling::weight_curve().into_iter().enumerate() {
+            w.set(i as u32, v, 0).map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// Loads the stack-walking program every entry probe tail-calls.
@@ -397,7 +423,7 @@ impl Probes {
         let mut sites = Vec::new();
         for entry in sites_map.iter() {
             match entry {
-                Ok(kv) => sites.push(kv),
+                Ok((key, c)) => sites.push((key, unscale(c))),
                 // Sites are never deleted, so a vanished key is a read race: skip it.
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => return Err(ProbeError::Map { name, source }),
@@ -422,9 +448,12 @@ impl Probes {
                 s.oldest_ns = block.timestamp_ns;
             }
             if now_ns.saturating_sub(block.timestamp_ns) >= min_age_ns {
-                s.aged_count += 1;
-                s.aged_bytes += block.size;
+                s.aged_count += block.weight_count;
+                s.aged_bytes += block.weight_bytes;
             }
+        }
+        for s in live.values_mut() {
+            s.aged_count = scaled_count(s.aged_count);
         }
 
         Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()? })
@@ -450,6 +479,21 @@ impl Probes {
 impl Drop for Probes {
     fn drop(&mut self) {
         self.detach();
+    }
+}
+
+/// Counts come from the kernel in 1/COUNT_SCALE units (a sampled block may stand for a
+/// fraction of an allocation); whole numbers from here on.
+fn scaled_count(raw: u64) -> u64 {
+    (raw + leakprobe_common::COUNT_SCALE / 2) / leakprobe_common::COUNT_SCALE
+}
+
+fn unscale(c: SiteCounters) -> SiteCounters {
+    SiteCounters {
+        alloc_count: scaled_count(c.alloc_count),
+        alloc_bytes: c.alloc_bytes,
+        free_count: scaled_count(c.free_count),
+        free_bytes: c.free_bytes,
     }
 }
 

@@ -123,6 +123,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         max_threads: 1 << 14,
         max_depth: cfg.max_stack,
         max_unwind_rows: cfg.max_unwind_rows,
+        sample_bytes: cfg.sample_bytes,
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
@@ -196,6 +197,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         probes: &statuses,
         ended_by,
         exit_status,
+        sample_bytes: cfg.sample_bytes,
     };
     let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
     let rendered = match cfg.format {

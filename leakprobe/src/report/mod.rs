@@ -29,8 +29,17 @@ pub struct Report {
     pub activity: std::collections::BTreeMap<&'static str, u64>,
     /// True when any drop counter is non-zero: figures may be incomplete.
     pub degraded: bool,
+    /// Sampling: when on, every byte and count figure is an unbiased estimate.
+    pub sampling: Sampling,
     /// Every call site that allocated in the window, largest outstanding growth first.
     pub sites: Vec<Site>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sampling {
+    /// Mean bytes between sampled allocations; 0 when every allocation was tracked.
+    pub sample_bytes: u64,
+    pub estimated: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -119,6 +128,7 @@ pub struct Context<'a> {
     pub probes: &'a [ProbeStatus],
     pub ended_by: &'a str,
     pub exit_status: Option<i32>,
+    pub sample_bytes: u64,
 }
 
 pub fn build(
@@ -201,6 +211,7 @@ pub fn build(
         drops: DROP_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
         activity: INFO_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
         degraded: total_drops(counters) > 0,
+        sampling: Sampling { sample_bytes: ctx.sample_bytes, estimated: ctx.sample_bytes > 0 },
         sites,
     }
 }

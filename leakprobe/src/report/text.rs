@@ -132,6 +132,14 @@ pub fn render(r: &Report, top: usize) -> String {
             let _ = writeln!(out, "           not attached (optional): {}", missing.join(" "));
         }
     }
+    if r.sampling.estimated {
+        let _ = writeln!(
+            out,
+            "  ESTIMATES: allocations sampled about once per {} allocated (--sample-bytes);\n           \
+             every figure below is an unbiased estimate, not a count",
+            human_bytes(r.sampling.sample_bytes)
+        );
+    }
     if r.window.min_age_s > 0.0 {
         let _ = writeln!(out, "  counting only blocks at least {:.1} s old (--min-age)", r.window.min_age_s);
     }
@@ -156,10 +164,11 @@ pub fn render(r: &Report, top: usize) -> String {
     let act = |k: &str| r.activity.get(k).copied().unwrap_or(0);
     let _ = writeln!(
         out,
-        "  seen:    {} allocation calls, {} frees, {} frees of blocks from before attach",
+        "  seen:    {} allocation calls, {} frees, {} frees of blocks {}",
         act("alloc_calls"),
         act("free_calls"),
         act("unknown_frees"),
+        if r.sampling.estimated { "not sampled or from before attach" } else { "from before attach" },
     );
     let (cut, no_info) = (act("truncated_stacks"), act("stacks_without_unwind_info"));
     if cut + no_info > 0 {
