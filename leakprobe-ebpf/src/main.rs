@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack,
-    UnwindModule, UnwindRow, WrapperStash, COUNT_SCALE, cfa, counter, rbp_rule, sampling, stack_end,
+    AllocKind, COUNT_SCALE, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey,
+    Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, sampling, stack_end,
 };
 
 /// Set by the daemon before load.

@@ -71,6 +71,9 @@ pub struct Tracker {
     sites: HashMap<SiteKey, SiteState>,
     counters: Counters,
     samples: usize,
+    /// Probe hits per second over the last interval, and the highest seen.
+    last_hit_rate: f64,
+    peak_hit_rate: f64,
 }
 
 impl Tracker {
@@ -84,6 +87,8 @@ impl Tracker {
             sites: HashMap::new(),
             counters: Counters::default(),
             samples: 0,
+            last_hit_rate: 0.0,
+            peak_hit_rate: 0.0,
         }
     }
 
@@ -105,6 +110,12 @@ impl Tracker {
                 state.live = Some(live);
             }
         }
+        let hits = |c: &Counters| c.get(counter::ALLOC_CALLS) + c.get(counter::FREE_CALLS);
+        let dt = sample.at_ns.saturating_sub(self.last_ns) as f64 / 1e9;
+        if dt > 0.0 {
+            self.last_hit_rate = hits(&sample.counters).saturating_sub(hits(&self.counters)) as f64 / dt;
+            self.peak_hit_rate = self.peak_hit_rate.max(self.last_hit_rate);
+        }
         self.counters = sample.counters;
         self.last_ns = self.last_ns.max(sample.at_ns);
         self.samples += 1;
@@ -121,6 +132,22 @@ impl Tracker {
     /// Seconds from probes live to the latest sample.
     pub fn window_s(&self) -> f64 {
         self.last_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    /// Allocation and free probe hits per second over the last interval.
+    pub fn last_hit_rate(&self) -> f64 {
+        self.last_hit_rate
+    }
+
+    pub fn peak_hit_rate(&self) -> f64 {
+        self.peak_hit_rate
+    }
+
+    /// Mean probe hits per second over the window.
+    pub fn mean_hit_rate(&self) -> f64 {
+        let w = self.window_s();
+        let hits = self.counters.get(counter::ALLOC_CALLS) + self.counters.get(counter::FREE_CALLS);
+        if w > 0.0 { hits as f64 / w } else { 0.0 }
     }
 
     pub fn min_age_ns(&self) -> u64 {
@@ -302,6 +329,25 @@ mod tests {
         c.0[counter::LIVE_MAP_FULL as usize] = 2;
         c.0[counter::MISSED_RETURN as usize] = 1;
         assert_eq!(total_drops(&c), 3);
+    }
+
+    #[test]
+    fn hit_rates_per_interval() {
+        let mut t = Tracker::new(0, 0);
+        let with_hits = |at_ns: u64, allocs: u64, frees: u64| {
+            let mut c = Counters::default();
+            c.0[counter::ALLOC_CALLS as usize] = allocs;
+            c.0[counter::FREE_CALLS as usize] = frees;
+            Sample { at_ns, counters: c, ..Default::default() }
+        };
+        t.ingest(with_hits(2 * S, 1000, 1000));
+        assert_eq!(t.last_hit_rate(), 1000.0);
+        t.ingest(with_hits(3 * S, 11_000, 11_000));
+        assert_eq!(t.last_hit_rate(), 20_000.0);
+        t.ingest(with_hits(4 * S, 11_000, 11_000));
+        assert_eq!(t.last_hit_rate(), 0.0);
+        assert_eq!(t.peak_hit_rate(), 20_000.0);
+        assert_eq!(t.mean_hit_rate(), 22_000.0 / 4.0);
     }
 
     #[test]

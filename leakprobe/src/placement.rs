@@ -60,7 +60,8 @@ pub fn after_null_check(code: &[u8], ip: u64) -> Placement {
         if i.is_invalid() {
             break;
         }
-        let target_kind = matches!(i.flow_control(), FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch);
+        let target_kind =
+            matches!(i.flow_control(), FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch);
         if target_kind && i.op0_kind() == OpKind::NearBranch64 {
             let t = i.near_branch_target();
             if t > ip && t < spot {

@@ -198,6 +198,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         ended_by,
         exit_status,
         sample_bytes: cfg.sample_bytes,
+        max_overhead: cfg.max_overhead,
     };
     let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
     let rendered = match cfg.format {
@@ -292,6 +293,15 @@ async fn watch(
                         Err(e) => tracing::warn!("C++ runtime mapped after attach, probes failed: {e}"),
                     }
                     *cxx_attached = true;
+                }
+                if let Some(budget) = cfg.max_overhead {
+                    let rate = tracker.last_hit_rate();
+                    if rate > budget as f64 {
+                        progress(cfg, format_args!(
+                            "probe hits {rate:.0}/s exceed --max-overhead {budget}/s: detaching"
+                        ));
+                        return Ok(("overhead-budget", None));
+                    }
                 }
                 let t = tracker.totals();
                 let drops = total_drops(tracker.counters());

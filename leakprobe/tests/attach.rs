@@ -208,7 +208,11 @@ fn target_in_its_own_mount_namespace_with_its_own_libc() {
     std::fs::copy(&libc, &copy).unwrap();
     let script = format!("mount --bind {} {libc} && exec {}", copy.display(), bin.display());
     let wrapper = dir.path().join("in-namespace.sh");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec unshare --mount --propagation private sh -c '{script}'\n")).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec unshare --mount --propagation private sh -c '{script}'\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut target = Target::spawn(&wrapper);
     let ns_self = std::fs::read_link("/proc/self/ns/mnt").unwrap();

@@ -200,3 +200,33 @@ fn fail_on_leak_gates_the_exit_status() {
         assert!(out.contains("SUMMARY:"), "text report missing:\n{out}");
     }
 }
+
+#[test]
+fn overhead_budget_detaches_and_says_so() {
+    require_root();
+    let bin = build_target("big_leak.c", "big_leak", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let pid = target.pid().to_string();
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--interval",
+        "1s",
+        "--format",
+        "json",
+        "--max-overhead",
+        "1000",
+    ]);
+    lp.wait_attached();
+    target.leak(); // ~265 000 probe hits in well under a second
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["target"]["ended_by"], "overhead-budget");
+    assert!(report["overhead"]["peak_hits_per_s"].as_f64().unwrap() > 1000.0);
+    assert_eq!(report["overhead"]["max_hits_per_s"].as_u64(), Some(1000));
+    assert!(err.contains("--max-overhead"), "{err}");
+    assert!(our_programs_loaded().is_empty());
+    assert!(target.is_running());
+}

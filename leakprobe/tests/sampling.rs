@@ -16,8 +16,17 @@ fn sampled_estimates_of_a_64_mib_leak_are_within_10_percent() {
     // estimates is about 2.5% (count) and 2.3% (bytes) for this size mix, so +-10% is four
     // standard errors (docs/benchmarks.md: error ~ sqrt(N / leaked bytes)).
     let mut lp = Leakprobe::start(&[
-        "attach", "--pid", &pid, "--duration", "4s", "--interval", "1s", "--format", "json",
-        "--sample-bytes", "32KiB",
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "4s",
+        "--interval",
+        "1s",
+        "--format",
+        "json",
+        "--sample-bytes",
+        "32KiB",
     ]);
     lp.wait_attached();
     target.leak();

@@ -173,12 +173,7 @@ fn demo(duration: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let server = out_dir.join("leaky_server");
     // Built like a production server: optimized, no frame pointers.
-    status(
-        Command::new("gcc")
-            .args(["-O2", "-g", "-o"])
-            .arg(&server)
-            .arg(root.join("demo/leaky_server.c")),
-    )?;
+    status(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&server).arg(root.join("demo/leaky_server.c")))?;
 
     let mut srv = Command::new(&server).stdout(Stdio::piped()).spawn().context("starting the demo server")?;
     let mut first = String::new();

@@ -31,6 +31,8 @@ pub struct Report {
     pub degraded: bool,
     /// Sampling: when on, every byte and count figure is an unbiased estimate.
     pub sampling: Sampling,
+    /// How often the probes fired: what tracing cost the target.
+    pub overhead: Overhead,
     /// Every call site that allocated in the window, largest outstanding growth first.
     pub sites: Vec<Site>,
 }
@@ -40,6 +42,16 @@ pub struct Sampling {
     /// Mean bytes between sampled allocations; 0 when every allocation was tracked.
     pub sample_bytes: u64,
     pub estimated: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Overhead {
+    /// Allocation and free probe hits per second: mean over the window, and the highest
+    /// interval.
+    pub mean_hits_per_s: f64,
+    pub peak_hits_per_s: f64,
+    /// --max-overhead, if set.
+    pub max_hits_per_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -129,6 +141,7 @@ pub struct Context<'a> {
     pub ended_by: &'a str,
     pub exit_status: Option<i32>,
     pub sample_bytes: u64,
+    pub max_overhead: Option<u64>,
 }
 
 pub fn build(
@@ -212,6 +225,11 @@ pub fn build(
         activity: INFO_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
         degraded: total_drops(counters) > 0,
         sampling: Sampling { sample_bytes: ctx.sample_bytes, estimated: ctx.sample_bytes > 0 },
+        overhead: Overhead {
+            mean_hits_per_s: tracker.mean_hit_rate(),
+            peak_hits_per_s: tracker.peak_hit_rate(),
+            max_hits_per_s: ctx.max_overhead,
+        },
         sites,
     }
 }

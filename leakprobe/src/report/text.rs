@@ -94,6 +94,10 @@ pub fn render(r: &Report, top: usize) -> String {
             },
             "target-exec" => "ended: target called exec; its new image was not traced".to_string(),
             "signal" => "ended: interrupted".to_string(),
+            "overhead-budget" => format!(
+                "ended: DETACHED EARLY, probe hits above --max-overhead {}/s",
+                r.overhead.max_hits_per_s.unwrap_or(0)
+            ),
             other => format!("ended: {other}"),
         },
         r.window.samples,
@@ -169,6 +173,11 @@ pub fn render(r: &Report, top: usize) -> String {
         act("free_calls"),
         act("unknown_frees"),
         if r.sampling.estimated { "not sampled or from before attach" } else { "from before attach" },
+    );
+    let _ = writeln!(
+        out,
+        "  cost:    {:.0} probe hits/s on average, {:.0}/s at peak",
+        r.overhead.mean_hits_per_s, r.overhead.peak_hits_per_s
     );
     let (cut, no_info) = (act("truncated_stacks"), act("stacks_without_unwind_info"));
     if cut + no_info > 0 {
