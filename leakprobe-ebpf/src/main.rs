@@ -748,6 +748,17 @@ pub fn cxx_new_array_enter(ctx: ProbeContext) -> u32 {
     wrapper_enter(&ctx, AllocKind::OperatorNewArray)
 }
 
+/// `--noop`: the cost floor of a naive tracer, the same hooks with programs that do nothing.
+#[uprobe]
+pub fn noop_enter(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn noop_exit(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -120,6 +120,10 @@ pub struct TraceOpts {
     /// detaches, reports what it saw, and says why. Each hit costs the target ~1.8 us here.
     #[arg(long, value_name = "HITS_PER_S")]
     pub max_overhead: Option<u64>,
+    /// Benchmarking only: attach programs that do nothing, on the same functions, at their
+    /// entries (the cost floor of a naive tracer). Tracks nothing.
+    #[arg(long, hide_short_help = true)]
+    pub noop: bool,
     /// How to walk stacks.
     #[arg(long, value_enum, default_value_t = Unwind::Dwarf)]
     pub unwind: Unwind,
@@ -168,6 +172,7 @@ pub struct Config {
     /// Mean bytes between samples; 0 = track every allocation.
     pub sample_bytes: u64,
     pub max_overhead: Option<u64>,
+    pub noop: bool,
     pub quiet: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
@@ -261,6 +266,7 @@ impl TryFrom<Cli> for Config {
             unwind: opts.unwind,
             sample_bytes,
             max_overhead: opts.max_overhead,
+            noop: opts.noop,
             quiet: cli.quiet,
             args: std::env::args().collect(),
         })

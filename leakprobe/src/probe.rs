@@ -79,6 +79,8 @@ pub struct ProbeConfig {
     pub max_unwind_rows: u32,
     /// Mean bytes between sampled allocations; 0 tracks every allocation.
     pub sample_bytes: u64,
+    /// Attach programs that do nothing, at every hook's entry (the naive tracer's floor).
+    pub noop: bool,
 }
 
 /// One attach attempt, for the report.
@@ -147,12 +149,15 @@ const CXX_HOOKS: &[Hook] = &[
 
 const EXIT_PROGRAM: &str = "alloc_exit";
 const CAPTURE_PROGRAM: &str = "capture";
+const NOOP_ENTER: &str = "noop_enter";
+const NOOP_EXIT: &str = "noop_exit";
 
 pub struct Probes {
     ebpf: Ebpf,
     pid: NonZeroU32,
     /// Every link made, so detach can drop them all at once.
     links: Vec<(&'static str, UProbeLinkId)>,
+    noop: bool,
 }
 
 impl Probes {
@@ -170,7 +175,7 @@ impl Probes {
             .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
-        let mut probes = Probes { ebpf, pid, links: Vec::new() };
+        let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop };
         probes.install_capture()?;
         probes.clear_unwind_modules()?;
         if cfg.sample_bytes > 0 {
@@ -356,7 +361,11 @@ impl Probes {
                 continue;
             }
             let Some(&offset) = offsets.get(h.function) else { continue };
-            let offset = offset + placements.get(h.function).map_or(0, |p| p.offset);
+            let (program, offset) = match (self.noop, program == EXIT_PROGRAM) {
+                (false, _) => (program, offset + placements.get(h.function).map_or(0, |p| p.offset)),
+                (true, true) => (NOOP_EXIT, offset),
+                (true, false) => (NOOP_ENTER, offset),
+            };
             if let Err(e) = self.attach_one(program, h.function, &path, offset) {
                 failed.insert(h.function, error_chain(&e));
             }
@@ -376,7 +385,10 @@ impl Probes {
                 required: h.required,
                 error,
                 alias_of: alias_of.get(h.function).copied(),
-                placement: placements.get(h.function).filter(|p| p.offset > 0).map(|p| (p.offset, p.note)),
+                placement: placements
+                    .get(h.function)
+                    .filter(|p| p.offset > 0 && !self.noop)
+                    .map(|p| (p.offset, p.note)),
             });
         }
         Ok(())

@@ -124,6 +124,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         max_depth: cfg.max_stack,
         max_unwind_rows: cfg.max_unwind_rows,
         sample_bytes: cfg.sample_bytes,
+        noop: cfg.noop,
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());

@@ -32,6 +32,8 @@ enum Task {
         #[arg(long, default_value = "8s")]
         duration: String,
     },
+    /// Run the benchmark harness (bench/harness.py) and update docs/benchmarks.md (root).
+    Bench,
     /// Run every test (unit and privileged integration tests; needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -56,6 +58,11 @@ fn run() -> anyhow::Result<()> {
         Task::Demo { duration } => {
             setup()?;
             demo(&duration)
+        }
+        Task::Bench => {
+            setup()?;
+            install_missing(BENCH_PACKAGES)?;
+            status(Command::new("python3").arg(root().join("bench/harness.py")))
         }
         Task::Test { args } => {
             setup()?;
@@ -82,8 +89,11 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 const PACKAGES: &[&str] =
     &["llvm-22-dev", "libpolly-22-dev", "bpftool", "gcc", "g++", "libc6-dev", "libc6-dbg", "util-linux"];
 
-fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Only the benchmark harness needs these: a real server and its load generator.
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "heaptrack", "python3"];
+
+fn install_missing(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         eprintln!("xtask setup: installing {}", missing.join(" "));
         status(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -94,6 +104,11 @@ fn setup() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    install_missing(PACKAGES)?;
 
     let components = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""leakprobe's benchmark harness: `cargo xtask bench` (root).
+
+Measures, in one run, side by side and interleaved (round 1: every configuration, round 2:
+every configuration, ...; medians reported):
+  * an allocation-heavy loop (bench/alloc_loop.c, -O2 without frame pointers, 16 calls deep,
+    1 and 2 threads): ns per malloc+free pair with no tracer, the no-op uprobe floor on the
+    same hooks (`leakprobe --noop`), leakprobe full tracking, leakprobe sampled (512 KiB),
+    and `heaptrack -p`;
+  * Debian's nginx driven by wrk on loopback: requests/s and p99 latency, same tracers;
+  * leakprobe's own CPU time and peak RSS while tracking 1M outstanding blocks;
+  * time from launching `leakprobe attach` to probes live and to the first report, and
+    detach time.
+Writes the tables into docs/benchmarks.md between the harness markers and prints them.
+"""
+import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LP = os.path.join(ROOT, "target/release/leakprobe")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PAIRS = 100_000
+WORK = tempfile.mkdtemp(prefix="leakprobe-bench-")
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def start_tracer(kind, pid):
+    """Starts a tracer on pid; returns a handle once its probes are live."""
+    if kind == "none":
+        return None
+    if kind == "heaptrack":
+        p = subprocess.Popen(["heaptrack", "-p", str(pid)], cwd=WORK, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            if "injection finished" in line:
+                break
+        return p
+    args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"]}[kind]
+    p = subprocess.Popen([LP, "attach", "--pid", str(pid), "--interval", "2s"] + args,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "attached" in line:
+            break
+    return p
+
+
+def stop_tracer(kind, p):
+    if p is None:
+        return
+    if kind == "heaptrack":
+        return  # ends with its target
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=60)
+
+
+TRACERS = [("none", "no tracer"), ("noop", "no-op uprobes on the same hooks (naive floor)"),
+           ("full", "leakprobe, full tracking"), ("sampled", "leakprobe --sample-bytes 512KiB"),
+           ("heaptrack", "heaptrack -p")]
+
+
+def loop_once(loop, kind, threads):
+    p = subprocess.Popen([loop, str(PAIRS), "16", str(threads)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t = start_tracer(kind, p.pid)
+    p.stdin.write("go\n"); p.stdin.flush()
+    ns = float(p.stdout.readline().split()[0])
+    if kind == "heaptrack":
+        p.kill(); p.wait(); t.wait()
+    else:
+        stop_tracer(kind, t)
+        p.kill(); p.wait()
+    return ns
+
+
+def alloc_loop_table():
+    loop = os.path.join(WORK, "alloc_loop")
+    sh("gcc", "-O2", "-pthread", "-o", loop, os.path.join(ROOT, "bench/alloc_loop.c"))
+    rows = []
+    for threads in (1, 2):
+        res = {k: [] for k, _ in TRACERS}
+        for _ in range(ROUNDS):
+            for kind, _ in TRACERS:
+                res[kind].append(loop_once(loop, kind, threads))
+        base = statistics.median(res["none"])
+        floor = statistics.median(res["noop"])
+        for kind, label in TRACERS:
+            m = statistics.median(res[kind])
+            added = m - base
+            rows.append(f"| {threads} | {label} | {m:.1f} | {added:.1f} | "
+                        f"{(added / (floor - base)) if kind != 'none' else 0:.2f} | {m / base:.0f}x |")
+    head = ("| threads | configuration | ns per pair (median) | added ns | added / naive floor's added | slowdown |\n"
+            "|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {work};
+  proxy_temp_path {work};
+  fastcgi_temp_path {work};
+  uwsgi_temp_path {work};
+  scgi_temp_path {work};
+  server {{
+    listen 127.0.0.1:18089;
+    location / {{ root {work}/www; }}
+  }}
+}}
+"""
+
+
+def nginx_table():
+    if not shutil.which("nginx") or not shutil.which("wrk"):
+        return "(nginx or wrk missing: `apt-get install nginx-light wrk`)"
+    os.makedirs(os.path.join(WORK, "www"), exist_ok=True)
+    with open(os.path.join(WORK, "www/index.html"), "w") as f:
+        f.write("x" * 2048)
+    conf = os.path.join(WORK, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(work=WORK))
+    res = {k: [] for k, _ in TRACERS if k != "noop"}
+    for _ in range(max(2, ROUNDS - 1)):
+        for kind in res:
+            master = subprocess.Popen(["nginx", "-c", conf], stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            worker = int(subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True,
+                                        text=True).stdout.split()[0])
+            t = start_tracer(kind, worker)
+            out = subprocess.run(["wrk", "-t2", "-c32", "-d8s", "--latency", "http://127.0.0.1:18089/"],
+                                 capture_output=True, text=True).stdout
+            rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+            p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+            p99_ms = float(p99.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[p99.group(2)]
+            res[kind].append((rps, p99_ms))
+            if kind == "heaptrack":
+                master.send_signal(signal.SIGQUIT); master.wait(); t.wait()
+            else:
+                stop_tracer(kind, t)
+                master.send_signal(signal.SIGQUIT); master.wait()
+    base = statistics.median(r for r, _ in res["none"])
+    rows = []
+    for kind, label in TRACERS:
+        if kind not in res:
+            continue
+        rps = statistics.median(r for r, _ in res[kind])
+        p99 = statistics.median(p for _, p in res[kind])
+        rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
+    return ("| configuration | requests/s (median) | of baseline | p99 latency ms |\n|---|---|---|---|\n"
+            + "\n".join(rows))
+
+
+MANY = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static void *volatile keep[1000000];
+int main(void) { char l[16]; setvbuf(stdout, NULL, _IONBF, 0); printf("ready\n");
+  while (fgets(l, sizeof l, stdin)) { if (!strncmp(l, "go", 2)) {
+    for (int i = 0; i < 1000000; i++) keep[i] = malloc(64); printf("done\n"); } else break; } }
+"""
+
+
+def own_cost_table():
+    src = os.path.join(WORK, "many.c")
+    with open(src, "w") as f:
+        f.write(MANY)
+    exe = os.path.join(WORK, "many")
+    sh("gcc", "-O2", "-o", exe, src)
+    p = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    t0 = time.monotonic()
+    lp = subprocess.Popen([LP, "attach", "--pid", str(p.pid), "--interval", "5s", "--duration", "12s",
+                           "--format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in lp.stderr:
+        if "attached" in line:
+            break
+    attach_s = time.monotonic() - t0
+    p.stdin.write("go\n"); p.stdin.flush(); p.stdout.readline()
+    lp.stderr.read()
+    _, status, ru = os.wait4(lp.pid, 0)
+    p.kill(); p.wait()
+    cpu = ru.ru_utime + ru.ru_stime
+    rss_mib = ru.ru_maxrss / 1024
+    return (f"| tracking 1 000 000 outstanding blocks (12 s, samples every 5 s) | CPU {cpu:.1f} s | "
+            f"peak RSS {rss_mib:.0f} MiB | attach {attach_s:.1f} s |")
+
+
+def timing_table():
+    loop = os.path.join(WORK, "alloc_loop")
+    attach, first, detach = [], [], []
+    for _ in range(ROUNDS):
+        p = subprocess.Popen([loop, "1000", "0", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()
+        t0 = time.monotonic()
+        out = subprocess.run([LP, "attach", "--pid", str(p.pid), "--duration", "1s", "--interval", "1s", "-v"],
+                             capture_output=True, text=True)
+        total = time.monotonic() - t0
+        m = re.search(r"detached in ([\d.]+)(ms|s)", out.stderr)
+        d = float(m.group(1)) * (1e-3 if m.group(2) == "ms" else 1) if m else float("nan")
+        # Launch to first report = total: probes live, one interval, detach, report.
+        first.append(total)
+        detach.append(d)
+        attach.append(total - 1.0 - d)
+        p.kill(); p.wait()
+    med = statistics.median
+    return ("| attach (launch to probes live) | first report (attach --duration 1s) | detach |\n|---|---|---|\n"
+            f"| {med(attach):.1f} s | {med(first):.1f} s | {med(detach):.1f} s |")
+
+
+def main():
+    sh("cargo", "build", "--quiet", "--release", "-p", "leakprobe", cwd=ROOT)
+    cpu = open("/proc/cpuinfo").read()
+    model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
+    header = (f"Command: `cargo xtask bench` (bench/harness.py, {ROUNDS} interleaved rounds, medians). "
+              f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} x {model}.")
+    sections = [
+        header,
+        "### Allocation loop (100 000 malloc/free pairs per thread, 16 B-4 KiB, no frame pointers)",
+        alloc_loop_table(),
+        "### nginx (Debian nginx-light, 1 worker, 2 KiB static file) under wrk -t2 -c32 -d8s",
+        nginx_table(),
+        "### leakprobe's own cost",
+        "| scenario | CPU | memory | |\n|---|---|---|---|\n" + own_cost_table(),
+        "### Attach, first report, detach (glibc target, 12 probe points)",
+        timing_table(),
+    ]
+    text = "\n\n".join(sections)
+    print(text)
+    path = os.path.join(ROOT, "docs/benchmarks.md")
+    doc = open(path).read()
+    begin, end = "<!-- harness:begin -->", "<!-- harness:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S) \
+        if begin in doc else doc.replace("# Benchmarks\n", f"# Benchmarks\n\n## Harness (latest run)\n\n{block}\n", 1)
+    open(path, "w").write(doc)
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
