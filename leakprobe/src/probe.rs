@@ -427,8 +427,9 @@ impl Probes {
         Ok(c)
     }
 
-    /// Reads every map into a sample. `min_age_ns` splits off blocks at least that old.
-    pub fn sample(&self, now_ns: u64, min_age_ns: u64) -> Result<Sample, ProbeError> {
+    /// Reads the maps into a sample. The live-block walk (ages, `min_age_ns`) costs a pair of
+    /// syscalls per outstanding block, so it happens only when `read_live` is set.
+    pub fn sample(&self, now_ns: u64, min_age_ns: u64, read_live: bool) -> Result<Sample, ProbeError> {
         let name = map_names::SITES;
         let sites_map: HashMap<&MapData, SiteKey, SiteCounters> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
@@ -442,6 +443,9 @@ impl Probes {
             }
         }
 
+        if !read_live {
+            return Ok(Sample { at_ns: now_ns, sites, live: StdHashMap::new(), counters: self.counters()? });
+        }
         let name = map_names::LIVE;
         let live_map: HashMap<&MapData, u64, LiveBlock> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;

@@ -181,7 +181,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     .await?;
 
     // Final reading, then detach before the (slower) symbolization and output.
-    let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading the final sample")?;
+    let sample =
+        probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker, &mut stacks)?;
     let t0 = std::time::Instant::now();
@@ -270,7 +271,12 @@ async fn watch(
                     progress(cfg, format_args!("PID {pid} called exec; stopping so images are not mixed"));
                     return Ok(("target-exec", None));
                 }
-                let sample = probes.sample(monotonic_ns(), tracker.min_age_ns()).context("reading eBPF maps")?;
+                // Ages come from walking every live block: only when --min-age needs them each
+                // interval; the final report always has them.
+                let read_live = tracker.min_age_ns() > 0;
+                let sample = probes
+                    .sample(monotonic_ns(), tracker.min_age_ns(), read_live)
+                    .context("reading eBPF maps")?;
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(pid);
                 // Libraries loaded since (dlopen) get unwind rows too.
