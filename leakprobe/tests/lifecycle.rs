@@ -181,21 +181,8 @@ fn fail_on_leak_gates_the_exit_status() {
     let bin = c_target("alloc_funcs.c", "alloc_funcs");
     for (limit, want) in [("1KiB", 1), ("10MiB", 0)] {
         let mut target = Target::spawn(&bin);
-        let pid = target.pid().to_string();
-        let mut lp = Leakprobe::start(&[
-            "attach",
-            "--pid",
-            &pid,
-            "--duration",
-            "2s",
-            "--interval",
-            "1s",
-            "--fail-on-leak",
-            limit,
-        ]);
-        lp.wait_attached();
-        target.leak();
-        let (code, out, err) = lp.finish();
+        let (code, out, err) =
+            attach_with(&mut target, &["--duration", "2s", "--fail-on-leak", limit], Target::leak);
         assert_eq!(code, want, "limit {limit}: {err}");
         assert!(out.contains("SUMMARY:"), "text report missing:\n{out}");
     }
@@ -206,21 +193,9 @@ fn overhead_budget_detaches_and_says_so() {
     require_root();
     let bin = build_target("big_leak.c", "big_leak", "gcc", NOFP_C);
     let mut target = Target::spawn(&bin);
-    let pid = target.pid().to_string();
-    let mut lp = Leakprobe::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--interval",
-        "1s",
-        "--format",
-        "json",
-        "--max-overhead",
-        "1000",
-    ]);
-    lp.wait_attached();
-    target.leak(); // ~265 000 probe hits in well under a second
-    let (code, out, err) = lp.finish();
+    // The leak round is ~265 000 probe hits in well under a second.
+    let (code, out, err) =
+        attach_with(&mut target, &["--format", "json", "--max-overhead", "1000"], Target::leak);
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["target"]["ended_by"], "overhead-budget");

@@ -11,26 +11,14 @@ fn sampled_estimates_of_a_64_mib_leak_are_within_10_percent() {
     require_root();
     let bin = build_target("big_leak.c", "big_leak", "gcc", NOFP_C);
     let mut target = Target::spawn(&bin);
-    let pid = target.pid().to_string();
     // 64 MiB at one sample per 32 KiB: about 2000 samples. The standard error of these
     // estimates is about 2.5% (count) and 2.3% (bytes) for this size mix, so +-10% is four
     // standard errors (docs/benchmarks.md: error ~ sqrt(N / leaked bytes)).
-    let mut lp = Leakprobe::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--duration",
-        "4s",
-        "--interval",
-        "1s",
-        "--format",
-        "json",
-        "--sample-bytes",
-        "32KiB",
-    ]);
-    lp.wait_attached();
-    target.leak();
-    let (code, out, err) = lp.finish();
+    let (code, out, err) = attach_with(
+        &mut target,
+        &["--duration", "4s", "--format", "json", "--sample-bytes", "32KiB"],
+        Target::leak,
+    );
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["sampling"]["estimated"], true);

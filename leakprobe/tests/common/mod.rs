@@ -210,23 +210,25 @@ pub fn run_leakprobe(args: &[&str]) -> Output {
     Command::new(leakprobe_bin()).args(args).stdin(Stdio::null()).output().expect("run leakprobe")
 }
 
-/// Attaches to `target` for `duration`, calls `during` once probes are live, returns the JSON.
-pub fn attach_json(target: &mut Target, duration: &str, during: impl FnOnce(&mut Target)) -> Value {
+/// Runs `leakprobe attach --pid PID --interval 1s ARGS` on `target`, calls `during` once the
+/// probes are live, and waits for leakprobe to end: (exit code, stdout, stderr).
+pub fn attach_with(
+    target: &mut Target,
+    args: &[&str],
+    during: impl FnOnce(&mut Target),
+) -> (i32, String, String) {
     let pid = target.pid().to_string();
-    let mut lp = Leakprobe::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--duration",
-        duration,
-        "--interval",
-        "1s",
-        "--format",
-        "json",
-    ]);
+    let mut all = vec!["attach", "--pid", &pid, "--interval", "1s"];
+    all.extend_from_slice(args);
+    let mut lp = Leakprobe::start(&all);
     lp.wait_attached();
     during(target);
-    let (code, out, err) = lp.finish();
+    lp.finish()
+}
+
+/// Attaches to `target` for `duration`, calls `during` once probes are live, returns the JSON.
+pub fn attach_json(target: &mut Target, duration: &str, during: impl FnOnce(&mut Target)) -> Value {
+    let (code, out, err) = attach_with(target, &["--duration", duration, "--format", "json"], during);
     assert_eq!(code, 0, "leakprobe failed:\n{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{out}\nstderr:\n{err}"))
 }
