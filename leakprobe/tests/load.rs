@@ -1,0 +1,65 @@
+//! Load and capacity: many threads allocating at once, a live-block map too small for the
+//! target, and a forked child. Privileged: run as root, one at a time.
+
+mod common;
+
+use common::*;
+
+fn threads_target() -> std::path::PathBuf {
+    build_target("threads.c", "threads", "gcc", &["-O2", "-g", "-pthread"])
+}
+
+#[test]
+fn sixty_four_threads_exact_accounting() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let report = attach_json(&mut target, "3s", |t| t.leak());
+    assert_no_drops(&report);
+    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
+    assert_eq!((bytes, count), (64 * 100 * 100, 64 * 100), "leaked by 64 threads");
+    let churn = sum(sites(&report).iter().filter(|s| frame0(s) == "worker"));
+    assert_eq!((churn.0, churn.1), (0, 0), "per-thread churn is all freed");
+    assert!(churn.2 >= 64 * 1000, "churn allocations seen: {}", churn.2);
+}
+
+#[test]
+fn a_full_live_map_is_counted_degraded_and_invents_no_leak() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let (code, out, err) = attach_with(
+        &mut target,
+        &["--duration", "3s", "--format", "json", "--max-live", "500"],
+        Target::leak,
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["degraded"], true);
+    let full = report["drops"]["live_map_full"].as_u64().unwrap();
+    assert!(full > 0, "live_map_full should count the overflow");
+    // Only recorded blocks are counted, so outstanding can never exceed what really leaked.
+    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
+    assert!(count <= 6400 && bytes == count * 100, "outstanding {count} blocks / {bytes} B");
+    let churn = sum(sites(&report).iter().filter(|s| frame0(s) == "worker"));
+    assert_eq!((churn.0, churn.1), (0, 0), "a dropped block must not show as a leak");
+    // And the text report says so loudly.
+    let mut target = Target::spawn(&threads_target());
+    let (_, text, _) = attach_with(&mut target, &["--duration", "2s", "--max-live", "500"], Target::leak);
+    assert!(text.contains("DEGRADED REPORT"), "{text}");
+    assert!(text.contains("live-block map full"), "{text}");
+}
+
+#[test]
+fn forked_children_are_not_counted_and_not_harmed() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let report = attach_json(&mut target, "3s", |t| {
+        t.send("fork");
+        t.expect("forked 0");
+    });
+    assert_no_drops(&report);
+    assert!(
+        !sites(&report).iter().any(|s| has_frame(s, "child_leak")),
+        "the child's allocations were counted"
+    );
+    assert!(target.is_running());
+}
