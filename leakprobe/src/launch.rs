@@ -34,6 +34,8 @@ pub enum LaunchError {
         #[source]
         source: nix::Error,
     },
+    #[error("the new process stopped unexpectedly before exec completed ({status})")]
+    UnexpectedStop { status: String },
     #[error("{command:?} exited before loading libc (status {status})")]
     ExitedEarly { command: String, status: i32 },
     #[error(
@@ -80,9 +82,7 @@ pub fn spawn_held(command: &[String]) -> Result<Held, LaunchError> {
         Ok(WaitStatus::Exited(_, status)) => return Err(LaunchError::ExitedEarly { command: shown, status }),
         Ok(other) => {
             kill(&mut child);
-            return Err(LaunchError::Ptrace { source: nix::Error::EINVAL }).inspect_err(|_| {
-                tracing::debug!("unexpected first stop: {other:?}");
-            });
+            return Err(LaunchError::UnexpectedStop { status: format!("{other:?}") });
         }
         Err(source) => {
             kill(&mut child);
@@ -144,13 +144,12 @@ fn needs_cxx(pid: i32) -> bool {
 }
 
 fn needed_libs(data: &[u8]) -> Vec<String> {
-    use object::read::elf::{Dyn as _, ElfFile64, FileHeader as _};
+    use object::read::elf::{Dyn as _, ElfFile64};
     let Ok(elf) = ElfFile64::<object::Endianness>::parse(data) else { return Vec::new() };
     let endian = elf.endian();
     let sections = elf.elf_section_table();
     let Ok(Some((dyns, link))) = sections.dynamic(endian, data) else { return Vec::new() };
     let Ok(strings) = sections.strings(endian, data, link) else { return Vec::new() };
-    let _ = elf.elf_header().e_type(endian);
     dyns.iter()
         .filter(|d| d.tag32(endian) == Some(object::elf::DT_NEEDED))
         .filter_map(|d| d.string(endian, strings).ok())
