@@ -18,6 +18,7 @@ pub mod maps {
     pub const SCRATCH: &str = "SCRATCH";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     pub const CAPTURE_PROG: &str = "CAPTURE_PROG";
+    pub const EXECED: &str = "EXECED";
     pub const SAMPLE_LEFT: &str = "SAMPLE_LEFT";
     pub const EXP_TABLE: &str = "EXP_TABLE";
     pub const WEIGHT_TABLE: &str = "WEIGHT_TABLE";

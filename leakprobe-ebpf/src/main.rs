@@ -18,9 +18,9 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use leakprobe_common::{
     AllocKind, COUNT_SCALE, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey,
@@ -106,7 +106,12 @@ fn count(idx: u32) {
     }
 }
 
-/// The current thread id if it belongs to the target, else None.
+/// Slot 0: non-zero once the target has called exec. From then on nothing is recorded, so
+/// the old image's figures are never mixed with the new one's.
+#[map]
+static EXECED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The current thread id if it belongs to the target (and the target has not exec'd).
 #[inline(always)]
 fn target_tid() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -115,7 +120,21 @@ fn target_tid() -> Option<u32> {
     if target == 0 || tgid != target {
         return None;
     }
+    if EXECED.get(0).is_some_and(|v| *v != 0) {
+        return None;
+    }
     Some(pid_tgid as u32)
+}
+
+/// Marks the target's exec (a raw tracepoint: no tracefs involved).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+    if target_tid().is_some() {
+        if let Some(flag) = EXECED.get_ptr_mut(0) {
+            unsafe { *flag = 1 };
+        }
+    }
+    0
 }
 
 #[inline(always)]

@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray},
     programs::{
-        ProgramError, UProbe,
+        ProgramError, RawTracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
@@ -150,6 +150,7 @@ const CXX_HOOKS: &[Hook] = &[
 const EXIT_PROGRAM: &str = "alloc_exit";
 const CAPTURE_PROGRAM: &str = "capture";
 const NOOP_ENTER: &str = "noop_enter";
+const EXEC_PROGRAM: &str = "on_exec";
 const NOOP_EXIT: &str = "noop_exit";
 
 pub struct Probes {
@@ -177,6 +178,7 @@ impl Probes {
             .map_err(|source| ProbeError::Load { source })?;
         let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop };
         probes.install_capture()?;
+        probes.watch_exec()?;
         probes.clear_unwind_modules()?;
         if cfg.sample_bytes > 0 {
             probes.fill_sampling_tables(cfg.sample_bytes)?;
@@ -217,6 +219,28 @@ impl Probes {
             ProgramArray::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
                 .map_err(|source| ProbeError::Map { name, source })?;
         slots.set(0, &fd, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Attaches the exec watcher (raw tracepoint sched_process_exec; no tracefs).
+    fn watch_exec(&mut self) -> Result<(), ProbeError> {
+        let name = EXEC_PROGRAM;
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name, source })?;
+        prog.load().map_err(|source| ProbeError::Program { name, source })?;
+        prog.attach("sched_process_exec").map_err(|source| ProbeError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Whether the target has called exec since attach (recording stopped at that moment).
+    pub fn target_execed(&self) -> Result<bool, ProbeError> {
+        let name = map_names::EXECED;
+        let arr: Array<&MapData, u32> =
+            Array::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        Ok(arr.get(&0, 0).map_err(|source| ProbeError::Map { name, source })? != 0)
     }
 
     /// Marks every unwind-module slot unused (start = i64::MAX keeps the table sorted).

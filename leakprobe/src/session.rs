@@ -267,7 +267,9 @@ async fn watch(
                 return Ok(("target-exited", status));
             }
             _ = ticker.tick() => {
-                if target::exe_of(pid) != first_exe && target::still_same(identity) {
+                let execed = probes.target_execed().unwrap_or(false)
+                    || (target::exe_of(pid) != first_exe && target::still_same(identity));
+                if execed {
                     progress(cfg, format_args!("PID {pid} called exec; stopping so images are not mixed"));
                     return Ok(("target-exec", None));
                 }

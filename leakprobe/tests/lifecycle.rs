@@ -15,7 +15,7 @@ fn assert_refused(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "want exit 2 for {needle:?}; stderr:\n{stderr}");
     assert!(stderr.contains(needle), "stderr lacks {needle:?}:\n{stderr}");
-    assert!(our_programs_loaded().is_empty(), "programs left loaded after a refusal");
+    assert_all_gone(&format!("after refusing ({needle})"));
 }
 
 #[test]
@@ -122,8 +122,7 @@ fn signal_ends_with_report(sig: nix::sys::signal::Signal) {
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["target"]["ended_by"], "signal");
     assert_eq!(sum(sites(&report).iter().filter(|s| frame0(s) == "leak_malloc")).0, 4000);
-    assert!(our_programs_loaded().is_empty(), "programs left after {sig}");
-    assert_eq!(our_links(), 0, "links left after {sig}");
+    assert_all_gone(&format!("after {sig}"));
     assert!(target.is_running());
     target.leak();
 }
@@ -149,13 +148,7 @@ fn sigkill_leaves_nothing_behind() {
     )
     .unwrap();
     let _ = lp.finish();
-    // The kernel tears down links with the last fd; give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while (!our_programs_loaded().is_empty() || our_links() > 0) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(our_programs_loaded().is_empty());
-    assert_eq!(our_links(), 0);
+    assert_all_gone("after SIGKILL");
     assert!(target.is_running());
     target.leak();
 }
@@ -172,7 +165,7 @@ fn target_exit_ends_the_trace_with_a_report() {
     // Symbolized after the target was gone, from the files held open.
     let malloc = sum(sites(&report).iter().filter(|s| frame0(s) == "leak_malloc"));
     assert_eq!((malloc.0, malloc.1), (4000, 4));
-    assert!(our_programs_loaded().is_empty());
+    assert_all_gone("after the target exited");
 }
 
 #[test]
@@ -202,6 +195,6 @@ fn overhead_budget_detaches_and_says_so() {
     assert!(report["overhead"]["peak_hits_per_s"].as_f64().unwrap() > 1000.0);
     assert_eq!(report["overhead"]["max_hits_per_s"].as_u64(), Some(1000));
     assert!(err.contains("--max-overhead"), "{err}");
-    assert!(our_programs_loaded().is_empty());
+    assert_all_gone("after the overhead budget");
     assert!(target.is_running());
 }

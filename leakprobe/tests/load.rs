@@ -63,3 +63,22 @@ fn forked_children_are_not_counted_and_not_harmed() {
     );
     assert!(target.is_running());
 }
+
+#[test]
+fn exec_ends_the_trace_and_the_new_image_is_not_counted() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let pid = target.pid().to_string();
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--format", "json"]);
+    lp.wait_attached();
+    target.send("exec");
+    target.expect("ready"); // the new image
+    target.leak(); // must not be counted: it is another program now
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["target"]["ended_by"], "target-exec");
+    assert!(!sites(&report).iter().any(|s| has_frame(s, "thread_leak")), "new image counted");
+    assert_all_gone("after exec");
+    assert!(target.is_running());
+}

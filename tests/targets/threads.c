@@ -3,6 +3,7 @@
  *              malloc/free pairs; prints "done" when all joined.
  *   "fork"  -> forks a child that leaks 10 x 64 KiB from child_leak() and exits 0; the parent
  *              reaps it and prints "forked <exit status>".
+ *   "exec"  -> execs itself (the new image prints "ready" again).
  *   "exit"  -> exits 0. */
 #include <pthread.h>
 #include <stdio.h>
@@ -33,7 +34,8 @@ __attribute__((noinline)) void child_leak(void) {
     for (int i = 0; i < 10; i++) sink = malloc(64 * 1024);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    (void)argc;
     char line[64];
     setvbuf(stdout, NULL, _IONBF, 0);
     printf("ready\n");
@@ -52,6 +54,9 @@ int main(void) {
             int status = 0;
             waitpid(pid, &status, 0);
             printf("forked %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        } else if (strncmp(line, "exec", 4) == 0) {
+            execv("/proc/self/exe", argv);
+            perror("execv");
         } else if (strncmp(line, "exit", 4) == 0) {
             break;
         }

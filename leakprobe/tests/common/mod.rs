@@ -288,6 +288,10 @@ pub fn our_programs_loaded() -> Vec<String> {
         "mmap_enter",
         "munmap_enter",
         "cxx_new_enter",
+        "capture",
+        "on_exec",
+        "noop_enter",
+        "noop_exit",
     ];
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
@@ -315,7 +319,11 @@ pub fn our_links() -> usize {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["name"].as_str().is_some_and(|n| n.ends_with("_enter") || n == "alloc_exit"))
+        .filter(|p| {
+            p["name"].as_str().is_some_and(|n| {
+                n.ends_with("_enter") || n.ends_with("_exit") || n == "capture" || n == "on_exec"
+            })
+        })
         .filter_map(|p| p["id"].as_u64())
         .collect();
     links
@@ -350,3 +358,20 @@ pub fn assert_chain(site: &Value, names: &[&str], file_suffix: &str) {
 
 /// Flags for targets built the way production binaries are: optimized, no frame pointers.
 pub const NOFP_C: &[&str] = &["-O2", "-g", "-fomit-frame-pointer"];
+
+/// Waits (up to 5 s) for every program and link of ours to be gone. The kernel frees them
+/// after the last fd closes, some of it deferred (the tail-call array releases its program
+/// from a work item), so "gone" is checked with a short grace period.
+pub fn assert_all_gone(context: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (progs, links) = (our_programs_loaded(), our_links());
+        if progs.is_empty() && links == 0 {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("{context}: still loaded: programs {progs:?}, {links} links");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
