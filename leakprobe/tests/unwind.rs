@@ -146,3 +146,26 @@ fn stripped_and_unwind_less_code_end_visibly() {
     let (b, c, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "leak_malloc"));
     assert_eq!((b, c), (4000, 4));
 }
+
+#[test]
+fn library_loaded_after_attach_gets_unwind_rows_and_symbols() {
+    require_root();
+    let plugin = build_target("plugin.c", "libplugin.so", "gcc", &["-O2", "-g", "-shared", "-fPIC"]);
+    let host = build_target("dlopen_host.c", "dlopen_host", "gcc", NOFP_C);
+    let mut target = Target::spawn(&host);
+    let report = attach_json(&mut target, "4s", |t| {
+        t.send(&format!("dlopen {}", plugin.display()));
+        t.expect("loaded");
+        // Rows for a new library are loaded at the next interval (1 s here).
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        t.leak();
+    });
+    assert_no_drops(&report);
+    let leaks: Vec<&Value> = sites(&report).iter().filter(|s| has_frame(s, "plugin_leak_inner")).collect();
+    let (b, c, _, _) = sum(leaks.iter().copied());
+    assert_eq!((b, c), (8 * 4096, 8));
+    for s in &leaks {
+        assert_chain(s, &["plugin_leak_inner", "plugin_leak", "call_plugin", "main"], "");
+        assert_eq!(s["stack_end"], "complete");
+    }
+}
