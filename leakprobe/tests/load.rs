@@ -82,3 +82,37 @@ fn exec_ends_the_trace_and_the_new_image_is_not_counted() {
     assert_all_gone("after exec");
     assert!(target.is_running());
 }
+
+#[test]
+fn repeated_sigkill_under_16_allocating_threads_leaves_nothing_and_no_harm() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    target.send("spin");
+    target.expect("spinning");
+    let mut rate = |t: &mut Target| -> u64 {
+        t.send("rate");
+        t.read_line().strip_prefix("rate ").and_then(|r| r.parse().ok()).expect("rate line")
+    };
+    let before = rate(&mut target);
+    let pid = target.pid().to_string();
+    // Kill points spread over loading, attaching and tracing.
+    let delays_ms = [50u64, 300, 700, 1200, 2000, 2600, 3500, 900];
+    for (i, delay) in delays_ms.iter().enumerate() {
+        let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s"]);
+        std::thread::sleep(std::time::Duration::from_millis(*delay));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(lp.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = lp.finish();
+        assert_all_gone(&format!("after SIGKILL #{i} at {delay} ms"));
+        assert!(target.is_running(), "target died after kill #{i}");
+    }
+    let after = rate(&mut target);
+    eprintln!(
+        "target malloc/free pairs per second: before {before}, after {} kills {after}",
+        delays_ms.len()
+    );
+    assert!(after > 0, "the target stopped allocating");
+}

@@ -4,6 +4,8 @@
  *   "fork"  -> forks a child that leaks 10 x 64 KiB from child_leak() and exits 0; the parent
  *              reaps it and prints "forked <exit status>".
  *   "exec"  -> execs itself (the new image prints "ready" again).
+ *   "spin"  -> starts 16 threads that malloc/free without pause; prints "spinning".
+ *   "rate"  -> prints "rate N": malloc/free pairs per second over the next 200 ms.
  *   "exit"  -> exits 0. */
 #include <pthread.h>
 #include <stdio.h>
@@ -26,6 +28,19 @@ static void *worker(void *arg) {
         sink = p;
         free(p);
         if (i % 10 == 0) thread_leak(t, i / 10);
+    }
+    return NULL;
+}
+
+static volatile unsigned long spins;
+
+static void *spinner(void *arg) {
+    (void)arg;
+    for (;;) {
+        void *p = malloc(64);
+        sink = p;
+        free(p);
+        __atomic_fetch_add(&spins, 1, __ATOMIC_RELAXED);
     }
     return NULL;
 }
@@ -54,6 +69,15 @@ int main(int argc, char **argv) {
             int status = 0;
             waitpid(pid, &status, 0);
             printf("forked %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        } else if (strncmp(line, "spin", 4) == 0) {
+            pthread_t tid;
+            for (int t = 0; t < 16; t++) pthread_create(&tid, NULL, spinner, NULL);
+            printf("spinning\n");
+        } else if (strncmp(line, "rate", 4) == 0) {
+            unsigned long a = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+            usleep(200000);
+            unsigned long b = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+            printf("rate %lu\n", (b - a) * 5);
         } else if (strncmp(line, "exec", 4) == 0) {
             execv("/proc/self/exe", argv);
             perror("execv");

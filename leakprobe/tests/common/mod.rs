@@ -119,6 +119,11 @@ impl Target {
         self.expect("done");
     }
 
+    /// The next line the target prints (within 20 s).
+    pub fn read_line(&mut self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(20)).expect("target output")
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
