@@ -228,7 +228,11 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
         return 0;
     };
     let max_depth = unsafe { read_volatile(&raw const MAX_DEPTH) } as usize;
+    // FNV-1a over the frames, computed as they are found: the stack id, so equal stacks share
+    // one entry.
+    let fnv = |h: u64, ip: u64| (h ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
     buf.ips[0] = ret0;
+    let mut h = fnv(0xcbf2_9ce4_8422_2325, ret0);
     let mut depth: usize = 1;
     let mut end = stack_end::COMPLETE;
     let mut sp = sp + 8;
@@ -255,28 +259,28 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
         if row.cfa_reg == cfa::END {
             break;
         }
-        // Branch-free from here, so the verifier's paths merge at the loop head.
-        let rsp_based = (row.cfa_reg == cfa::RSP) as u64;
-        let base = (sp & rsp_based.wrapping_neg()) | (bp & rsp_based.wrapping_sub(1));
+        let base = if row.cfa_reg == cfa::RSP { sp } else { bp };
         let cfa = base.wrapping_add(row.cfa_offset as i64 as u64);
         let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
             count(counter::STACK_READ_ERROR);
             break;
         };
-        let saved_bp =
-            unsafe { bpf_probe_read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64) as *const u64) }
-                .unwrap_or(0);
-        let at = (row.rbp_rule == rbp_rule::AT_CFA_OFFSET) as u64;
-        let same = (row.rbp_rule == rbp_rule::SAME) as u64;
-        let next_bp = (saved_bp & at.wrapping_neg()) | (bp & same.wrapping_neg());
-        let next_sp = cfa;
-        if ra == 0 || next_sp <= sp {
+        if ra == 0 || cfa <= sp {
             break;
         }
+        // The caller's rbp: read from the stack only where the row says it was saved.
+        bp = match row.rbp_rule {
+            rbp_rule::AT_CFA_OFFSET => {
+                let at = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+                unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0)
+            }
+            rbp_rule::SAME => bp,
+            _ => 0,
+        };
         buf.ips[i] = ra;
+        h = fnv(h, ra);
         depth = i + 1;
-        sp = next_sp;
-        bp = next_bp;
+        sp = cfa;
         pc = ra;
         if i == MAX_STACK_DEPTH - 1 {
             end = stack_end::MAX_DEPTH;
@@ -289,16 +293,6 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
     }
     buf.depth = depth as u32;
     buf.truncated = end;
-
-    // FNV-1a over the frames: the stack id, so equal stacks share one entry.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for i in 0..MAX_STACK_DEPTH {
-        if i >= depth {
-            break;
-        }
-        h ^= buf.ips[i];
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
     h ^= depth as u64;
     if h == 0 {
         h = 1;
