@@ -89,7 +89,7 @@ fn repeated_sigkill_under_16_allocating_threads_leaves_nothing_and_no_harm() {
     let mut target = Target::spawn(&threads_target());
     target.send("spin");
     target.expect("spinning");
-    let mut rate = |t: &mut Target| -> u64 {
+    let rate = |t: &mut Target| -> u64 {
         t.send("rate");
         t.read_line().strip_prefix("rate ").and_then(|r| r.parse().ok()).expect("rate line")
     };
@@ -98,7 +98,7 @@ fn repeated_sigkill_under_16_allocating_threads_leaves_nothing_and_no_harm() {
     // Kill points spread over loading, attaching and tracing.
     let delays_ms = [50u64, 300, 700, 1200, 2000, 2600, 3500, 900];
     for (i, delay) in delays_ms.iter().enumerate() {
-        let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s"]);
+        let lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s"]);
         std::thread::sleep(std::time::Duration::from_millis(*delay));
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(lp.child.id() as i32),
