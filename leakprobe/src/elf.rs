@@ -21,6 +21,27 @@ pub enum ElfError {
     },
 }
 
+/// The GNU build-id of the ELF file at `path`, as lowercase hex; `None` if it has none or
+/// cannot be read.
+pub fn build_id(path: &Path) -> Option<String> {
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let id = file.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The version a glibc announces in its banner ("... release version 2.36."), if `path` is
+/// one.
+pub fn glibc_version(path: &Path) -> Option<String> {
+    let data = std::fs::read(path).ok()?;
+    const NEEDLE: &[u8] = b"release version ";
+    let at = data.windows(NEEDLE.len()).position(|w| w == NEEDLE)? + NEEDLE.len();
+    let rest = data.get(at..at + 16)?;
+    let len = rest.iter().position(|c| !(c.is_ascii_digit() || *c == b'.'))?;
+    let v = std::str::from_utf8(&rest[..len]).ok()?.trim_end_matches('.');
+    (!v.is_empty()).then(|| v.to_string())
+}
+
 /// A function's place in its file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FunctionSym {

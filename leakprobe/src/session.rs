@@ -164,6 +164,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     let mut stacks: StackCache = HashMap::new();
     let mut cxx_attached = allocators.cxx.is_some();
+    let mut build_ids = BuildIds::new();
 
     let (ended_by, exit_status) = watch(
         &cfg,
@@ -191,6 +192,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     progress(&cfg, format_args!("detached from PID {pid}"));
     let _ = symbolizer.modules.refresh(pid);
 
+    let (host, modules) = describe(&symbolizer, &allocators, &mut build_ids);
     let ctx = report::Context {
         identity: &identity,
         args: cfg.args.clone(),
@@ -201,6 +203,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         exit_status,
         sample_bytes: cfg.sample_bytes,
         max_overhead: cfg.max_overhead,
+        host,
+        modules,
     };
     let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
     let rendered = match cfg.format {
@@ -209,6 +213,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     };
     write_output(cfg.output.as_ref(), &rendered)?;
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
+}
+
+/// Build-ids by the file we hold open, read once.
+type BuildIds = HashMap<PathBuf, Option<String>>;
+
+/// The reproduction record: kernel, the target's libc, and every executable mapping with its
+/// build-id (read through our open handle, so it works after exit and across namespaces).
+fn describe(
+    symbolizer: &Symbolizer,
+    allocators: &target::Allocators,
+    build_ids: &mut BuildIds,
+) -> (report::Host, Vec<report::Module>) {
+    let modules: Vec<report::Module> = symbolizer
+        .modules
+        .iter()
+        .map(|(m, handle)| report::Module {
+            path: m.path.display().to_string(),
+            start: m.start,
+            end: m.end,
+            file_offset: m.file_offset,
+            build_id: build_ids
+                .entry(handle.to_path_buf())
+                .or_insert_with(|| crate::elf::build_id(handle))
+                .clone(),
+        })
+        .collect();
+    let libc_handle = symbolizer.modules.iter().find(|(m, _)| m.path == allocators.libc.path).map(|(_, h)| h);
+    let host = report::Host {
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        libc: Some(allocators.libc.path.display().to_string()),
+        libc_version: libc_handle.and_then(crate::elf::glibc_version),
+    };
+    (host, modules)
 }
 
 fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, u32) {

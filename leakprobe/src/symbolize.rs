@@ -87,6 +87,12 @@ impl Modules {
         (addr < m.mapping.end).then_some(m)
     }
 
+    /// Every executable mapping with the file we hold open for it (readable after the target
+    /// exits and inside its mount namespace).
+    pub fn iter(&self) -> impl Iterator<Item = (&Mapping, &Path)> {
+        self.modules.iter().map(|m| (&m.mapping, m.handle.as_path()))
+    }
+
     /// The module containing `addr` and the file offset it corresponds to.
     pub fn resolve(&self, addr: u64) -> Option<(&Path, u64)> {
         let m = self.find(addr)?;

@@ -58,6 +58,8 @@ pub struct Identity {
     pub cmdline: Vec<String>,
     /// Start time in clock ticks since boot: with the PID, it names one process for good.
     pub start_ticks: u64,
+    /// The same as wall-clock time, when the boot time is known.
+    pub start_time: Option<std::time::SystemTime>,
 }
 
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -87,7 +89,13 @@ pub fn identify(pid: i32) -> Result<Identity, TargetError> {
     }
     let exe = proc.exe().map(|p| p.display().to_string()).unwrap_or_else(|_| format!("[{}]", stat.comm));
     let cmdline = proc.cmdline().unwrap_or_default();
-    Ok(Identity { pid, exe, cmdline, start_ticks: stat.starttime })
+    let start_time = procfs::boot_time_secs().ok().map(|boot| {
+        let ticks = procfs::ticks_per_second().max(1);
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(boot)
+            + std::time::Duration::from_secs_f64(stat.starttime as f64 / ticks as f64)
+    });
+    Ok(Identity { pid, exe, cmdline, start_ticks: stat.starttime, start_time })
 }
 
 /// True while `id` still names the same running process (not exited, PID not recycled).

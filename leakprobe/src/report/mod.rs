@@ -19,6 +19,8 @@ pub const SCHEMA: &str = "leakprobe/v1";
 pub struct Report {
     pub schema: &'static str,
     pub leakprobe: Tool,
+    /// Where it ran: kernel and the target's libc.
+    pub host: Host,
     pub target: Target,
     pub window: Window,
     pub probes: Vec<Probe>,
@@ -35,6 +37,29 @@ pub struct Report {
     pub overhead: Overhead,
     /// Every call site that allocated in the window, largest outstanding growth first.
     pub sites: Vec<Site>,
+    /// The target's executable mappings at the end of the window, with build-ids: what the
+    /// frames' addresses refer to.
+    pub modules: Vec<Module>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Host {
+    /// `uname -r`.
+    pub kernel: String,
+    /// The target's libc file and its glibc version, when it is glibc.
+    pub libc: Option<String>,
+    pub libc_version: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Module {
+    /// The path as the target sees it.
+    pub path: String,
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    /// GNU build-id (hex), when the file has one.
+    pub build_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -64,7 +89,11 @@ pub struct Tool {
 pub struct Target {
     pub pid: i32,
     pub exe: String,
+    /// The executable's GNU build-id (hex), when it has one.
+    pub build_id: Option<String>,
     pub cmdline: Vec<String>,
+    /// When the target process started (UTC, RFC 3339): with the PID, it names one process.
+    pub start_time: Option<String>,
     /// Why tracing ended: "duration", "signal", "target-exited", "target-exec".
     pub ended_by: String,
     /// Exit status, when the target was our child (`run` mode) and exited.
@@ -142,6 +171,8 @@ pub struct Context<'a> {
     pub exit_status: Option<i32>,
     pub sample_bytes: u64,
     pub max_overhead: Option<u64>,
+    pub host: Host,
+    pub modules: Vec<Module>,
 }
 
 pub fn build(
@@ -185,10 +216,13 @@ pub fn build(
     Report {
         schema: SCHEMA,
         leakprobe: Tool { version: env!("CARGO_PKG_VERSION"), args: ctx.args.clone() },
+        host: ctx.host.clone(),
         target: Target {
             pid: ctx.identity.pid,
             exe: ctx.identity.exe.clone(),
+            build_id: ctx.modules.iter().find(|m| m.path == ctx.identity.exe).and_then(|m| m.build_id.clone()),
             cmdline: ctx.identity.cmdline.clone(),
+            start_time: ctx.identity.start_time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             ended_by: ctx.ended_by.to_string(),
             exit_status: ctx.exit_status,
         },
@@ -231,6 +265,7 @@ pub fn build(
             max_hits_per_s: ctx.max_overhead,
         },
         sites,
+        modules: ctx.modules.clone(),
     }
 }
 

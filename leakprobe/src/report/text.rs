@@ -106,6 +106,21 @@ pub fn render(r: &Report, top: usize) -> String {
     if !t.cmdline.is_empty() {
         let _ = writeln!(out, "  command: {}", t.cmdline.join(" "));
     }
+    let _ = writeln!(
+        out,
+        "  target:  started {}, exe build-id {}",
+        t.start_time.as_deref().unwrap_or("unknown"),
+        t.build_id.as_deref().unwrap_or("none"),
+    );
+    let _ = writeln!(
+        out,
+        "  host:    kernel {}, libc {}{}; leakprobe {} run as: {}",
+        r.host.kernel,
+        r.host.libc.as_deref().unwrap_or("unknown"),
+        r.host.libc_version.as_deref().map(|v| format!(" (glibc {v})")).unwrap_or_default(),
+        r.leakprobe.version,
+        r.leakprobe.args.join(" "),
+    );
 
     let mut by_module: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for p in &r.probes {
