@@ -19,6 +19,9 @@ Examples:
   # A busy server: sample, and detach if probes fire over 200k times a second
   leakprobe attach --pid 4242 --sample-bytes 512KiB --max-overhead 200000
 
+  # A JSON snapshot every minute for `leakprobe diff`, and a chart of RSS vs heap at the end
+  leakprobe attach --pid 4242 --snapshot-every 1m --snapshot-dir /tmp/snaps --plot mem.svg
+
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 
@@ -130,6 +133,18 @@ pub struct TraceOpts {
     /// Unwind-table rows loaded for all of the target's modules (16 bytes each).
     #[arg(long, default_value_t = 1 << 21, value_name = "N")]
     pub max_unwind_rows: u32,
+    /// Write a JSON snapshot (the leakprobe/v1 report so far) this often, into
+    /// --snapshot-dir; compare two with `leakprobe diff`. Rounded up to whole intervals.
+    #[arg(long, value_name = "I", requires = "snapshot_dir")]
+    pub snapshot_every: Option<String>,
+    /// Directory for snapshots (created if missing), named snapshot-PID-NNNN.json. Each is
+    /// written atomically: complete or absent.
+    #[arg(long, value_name = "DIR", requires = "snapshot_every")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Draw the timeline at the end (RSS, anonymous and file RSS, tracked heap, mmap'd bytes,
+    /// and the top growing call sites) as a chart: FILE.svg or FILE.png.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -144,6 +159,8 @@ pub enum ConfigError {
     Range { flag: &'static str, min: u64, max: u64 },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error("--plot {0}: the file name must end in .svg or .png")]
+    PlotFormat(PathBuf),
 }
 
 /// What to trace.
@@ -173,6 +190,9 @@ pub struct Config {
     pub sample_bytes: u64,
     pub max_overhead: Option<u64>,
     pub noop: bool,
+    /// Snapshot period (a whole number of intervals) and directory.
+    pub snapshots: Option<(Duration, PathBuf)>,
+    pub plot: Option<PathBuf>,
     pub quiet: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
@@ -250,6 +270,22 @@ impl TryFrom<Cli> for Config {
         if opts.top == 0 {
             return Err(ConfigError::Zero { flag: "--top" });
         }
+        let snapshots = match (opts.snapshot_every.as_deref(), opts.snapshot_dir) {
+            (Some(every), Some(dir)) => {
+                let every = duration("--snapshot-every", every)?;
+                if every.is_zero() {
+                    return Err(ConfigError::Zero { flag: "--snapshot-every" });
+                }
+                Some((every, dir))
+            }
+            _ => None, // clap requires both together
+        };
+        if let Some(plot) = &opts.plot {
+            let ext = plot.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            if !matches!(ext.as_deref(), Some("svg" | "png")) {
+                return Err(ConfigError::PlotFormat(plot.clone()));
+            }
+        }
         Ok(Config {
             mode,
             duration: duration_opt,
@@ -267,6 +303,8 @@ impl TryFrom<Cli> for Config {
             sample_bytes,
             max_overhead: opts.max_overhead,
             noop: opts.noop,
+            snapshots,
+            plot: opts.plot,
             quiet: cli.quiet,
             args: std::env::args().collect(),
         })

@@ -3,6 +3,7 @@
 //! Layers, with data flowing one way:
 //! - [`probe`]: loads the eBPF programs, attaches them, reads their maps;
 //! - [`model`]: pure tracking arithmetic over samples (no I/O);
+//! - [`trend`]: slopes, fits and the leak / fragmentation / stable verdicts (no I/O);
 //! - [`symbolize`]: addresses to functions and lines;
 //! - [`report`]: the report structure and its text and JSON forms;
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
@@ -10,8 +11,11 @@
 pub mod cli;
 pub mod elf;
 pub mod launch;
+pub mod memory;
 pub mod model;
+pub mod output;
 pub mod placement;
+pub mod plot;
 pub mod preflight;
 pub mod probe;
 pub mod report;
@@ -19,4 +23,5 @@ pub mod sampling;
 pub mod session;
 pub mod symbolize;
 pub mod target;
+pub mod trend;
 pub mod unwind;

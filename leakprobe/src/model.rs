@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use leakprobe_common::{AllocKind, SiteCounters, SiteKey, counter};
 
+use crate::trend::{self, Fit, RunVerdict, Series, Trend};
+
 /// Drop and activity counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub [u64; counter::COUNT as usize]);
@@ -33,6 +35,32 @@ pub struct Sample {
     pub sites: Vec<(SiteKey, SiteCounters)>,
     pub live: HashMap<SiteKey, LiveSummary>,
     pub counters: Counters,
+    /// The process's memory as the kernel sees it, when it could be read.
+    pub memory: Option<ProcMemory>,
+}
+
+/// Resident memory from /proc/PID/status and smaps_rollup, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcMemory {
+    pub rss: u64,
+    pub anon: u64,
+    pub file: u64,
+}
+
+/// The process over time, one point per sample (thinned when long; see [`trend::Series`]).
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    /// RSS, anonymous and file-backed resident bytes.
+    pub rss: Series,
+    pub anon: Series,
+    pub file: Series,
+    /// Tracked live heap: bytes allocated since attach through the hooks and not freed.
+    pub heap: Series,
+    /// Of which anonymous mmap regions.
+    pub mmap: Series,
+    /// Allocation and free calls per second over each interval.
+    pub alloc_rate: Series,
+    pub free_rate: Series,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +68,8 @@ struct SiteState {
     now: SiteCounters,
     prev: SiteCounters,
     live: Option<LiveSummary>,
+    /// Outstanding bytes at each sample.
+    history: Series,
 }
 
 /// A call site's figures at the latest sample.
@@ -60,6 +90,9 @@ pub struct SiteStats {
     pub growth_bytes_per_s: f64,
     /// Age of the oldest outstanding block, if the live map was read.
     pub oldest_age_s: Option<f64>,
+    /// What its outstanding bytes did over the trailing half of the window.
+    pub trend: Trend,
+    pub fit: Option<Fit>,
 }
 
 /// Tracks every call site from the moment probes went live.
@@ -74,6 +107,7 @@ pub struct Tracker {
     /// Probe hits per second over the last interval, and the highest seen.
     last_hit_rate: f64,
     peak_hit_rate: f64,
+    timeline: Timeline,
 }
 
 impl Tracker {
@@ -89,6 +123,7 @@ impl Tracker {
             samples: 0,
             last_hit_rate: 0.0,
             peak_hit_rate: 0.0,
+            timeline: Timeline::default(),
         }
     }
 
@@ -102,8 +137,19 @@ impl Tracker {
                 now: SiteCounters::default(),
                 prev: SiteCounters::default(),
                 live: None,
+                history: Series::default(),
             });
             state.now = counters;
+        }
+        let t = sample.at_ns.saturating_sub(self.start_ns) as f64 / 1e9;
+        let (mut heap, mut mmap) = (0u64, 0u64);
+        for (key, state) in &mut self.sites {
+            let outstanding = state.now.alloc_bytes.saturating_sub(state.now.free_bytes);
+            state.history.push(t, outstanding as f64);
+            heap += outstanding;
+            if AllocKind::from_u32(key.kind) == Some(AllocKind::Mmap) {
+                mmap += outstanding;
+            }
         }
         for (key, live) in sample.live {
             if let Some(state) = self.sites.get_mut(&key) {
@@ -112,6 +158,23 @@ impl Tracker {
         }
         let hits = |c: &Counters| c.get(counter::ALLOC_CALLS) + c.get(counter::FREE_CALLS);
         let dt = sample.at_ns.saturating_sub(self.last_ns) as f64 / 1e9;
+        let rate = |idx: u32| {
+            if dt > 0.0 {
+                sample.counters.get(idx).saturating_sub(self.counters.get(idx)) as f64 / dt
+            } else {
+                0.0
+            }
+        };
+        let tl = &mut self.timeline;
+        tl.heap.push(t, heap as f64);
+        tl.mmap.push(t, mmap as f64);
+        tl.alloc_rate.push(t, rate(counter::ALLOC_CALLS));
+        tl.free_rate.push(t, rate(counter::FREE_CALLS));
+        if let Some(m) = sample.memory {
+            tl.rss.push(t, m.rss as f64);
+            tl.anon.push(t, m.anon as f64);
+            tl.file.push(t, m.file as f64);
+        }
         if dt > 0.0 {
             self.last_hit_rate = hits(&sample.counters).saturating_sub(hits(&self.counters)) as f64 / dt;
             self.peak_hit_rate = self.peak_hit_rate.max(self.last_hit_rate);
@@ -154,6 +217,21 @@ impl Tracker {
         self.min_age_ns
     }
 
+    /// A site's outstanding bytes at each sample (seconds since attach, bytes).
+    pub fn site_history(&self, key: &SiteKey) -> Option<&[(f64, f64)]> {
+        self.sites.get(key).map(|s| s.history.points())
+    }
+
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// The run's verdict (leak / fragmentation / stable / not enough data) and the numbers
+    /// behind it, from the tracked heap and RSS over the trailing half of the window.
+    pub fn verdict(&self) -> (RunVerdict, String) {
+        trend::run_verdict(self.timeline.heap.points(), self.timeline.rss.points())
+    }
+
     /// Every site, largest outstanding growth first (ties: more allocations first, then key,
     /// so the order is stable).
     pub fn sites(&self) -> Vec<SiteStats> {
@@ -176,6 +254,7 @@ impl Tracker {
                 // Nothing was outstanding when the probes went live, so the net change over
                 // the window is what is outstanding now.
                 let growth_bytes_per_s = if window > 0.0 { outstanding_bytes as f64 / window } else { 0.0 };
+                let (trend, fit) = trend::trend(s.history.points(), &trend::HEAP);
                 SiteStats {
                     key: *key,
                     kind: AllocKind::from_u32(key.kind),
@@ -189,6 +268,8 @@ impl Tracker {
                     interval_frees: s.now.free_count.saturating_sub(s.prev.free_count),
                     growth_bytes_per_s,
                     oldest_age_s: if outstanding_count > 0 { oldest_age_s } else { None },
+                    trend,
+                    fit,
                 }
             })
             .collect();

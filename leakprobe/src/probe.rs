@@ -468,7 +468,13 @@ impl Probes {
         }
 
         if !read_live {
-            return Ok(Sample { at_ns: now_ns, sites, live: StdHashMap::new(), counters: self.counters()? });
+            return Ok(Sample {
+                at_ns: now_ns,
+                sites,
+                live: StdHashMap::new(),
+                counters: self.counters()?,
+                memory: None,
+            });
         }
         let name = map_names::LIVE;
         let live_map: HashMap<&MapData, u64, LiveBlock> =
@@ -496,7 +502,7 @@ impl Probes {
             s.aged_count = scaled_count(s.aged_count);
         }
 
-        Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()? })
+        Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None })
     }
 
     /// The frames of a stack id, innermost first, and why the walk ended (`stack_end`);

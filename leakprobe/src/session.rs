@@ -90,8 +90,12 @@ fn refuse(e: impl std::error::Error) -> anyhow::Error {
 
 pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     preflight::check().map_err(refuse)?;
-    if let Some(out) = &cfg.output {
+    for out in cfg.output.iter().chain(cfg.plot.iter()) {
         check_output_path(out)?;
+    }
+    if let Some((_, dir)) = &cfg.snapshots {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the snapshot directory {}", dir.display()))?;
     }
 
     // Who we trace, and the allocators we hook in it.
@@ -164,7 +168,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     let mut stacks: StackCache = HashMap::new();
     let mut cxx_attached = allocators.cxx.is_some();
-    let mut build_ids = BuildIds::new();
+    let mut reporting = Reporting {
+        cfg: &cfg,
+        identity: &identity,
+        allocators: &allocators,
+        start_wall,
+        build_ids: BuildIds::new(),
+        snapshots_written: 0,
+    };
 
     let (ended_by, exit_status) = watch(
         &cfg,
@@ -178,12 +189,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         &mut cxx_attached,
         &mut child,
         &mut unwind,
+        &mut reporting,
     )
     .await?;
 
     // Final reading, then detach before the (slower) symbolization and output.
-    let sample =
+    let mut sample =
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
+    sample.memory = crate::memory::read(pid);
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker, &mut stacks)?;
     let t0 = std::time::Instant::now();
@@ -192,27 +205,106 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     progress(&cfg, format_args!("detached from PID {pid}"));
     let _ = symbolizer.modules.refresh(pid);
 
-    let (host, modules) = describe(&symbolizer, &allocators, &mut build_ids);
-    let ctx = report::Context {
-        identity: &identity,
-        args: cfg.args.clone(),
-        start_wall,
-        interval_s: cfg.interval.as_secs_f64(),
-        probes: &statuses,
-        ended_by,
-        exit_status,
-        sample_bytes: cfg.sample_bytes,
-        max_overhead: cfg.max_overhead,
-        host,
-        modules,
-    };
-    let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
+    let report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
     let rendered = match cfg.format {
         Format::Text => report::text::render(&report, cfg.top),
         Format::Json => report::to_json(&report).context("serializing the report")?,
     };
     write_output(cfg.output.as_ref(), &rendered)?;
+    if let Some(path) = &cfg.plot {
+        let lines = top_growing_lines(&report, &tracker, 4);
+        crate::plot::draw(path, &report, &lines).context("drawing --plot")?;
+        progress(&cfg, format_args!("timeline chart written to {}", path.display()));
+    }
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
+}
+
+/// Builds reports (the final one, and snapshots while running) from the session's state.
+struct Reporting<'a> {
+    cfg: &'a Config,
+    identity: &'a Identity,
+    allocators: &'a target::Allocators,
+    start_wall: SystemTime,
+    build_ids: BuildIds,
+    snapshots_written: u32,
+}
+
+impl Reporting<'_> {
+    fn build(
+        &mut self,
+        tracker: &Tracker,
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+        statuses: &[ProbeStatus],
+        ended_by: &str,
+        exit_status: Option<i32>,
+    ) -> report::Report {
+        let (host, modules) = describe(symbolizer, self.allocators, &mut self.build_ids);
+        let ctx = report::Context {
+            identity: self.identity,
+            args: self.cfg.args.clone(),
+            start_wall: self.start_wall,
+            interval_s: self.cfg.interval.as_secs_f64(),
+            probes: statuses,
+            ended_by,
+            exit_status,
+            sample_bytes: self.cfg.sample_bytes,
+            max_overhead: self.cfg.max_overhead,
+            host,
+            modules,
+        };
+        report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer))
+    }
+
+    /// Writes a snapshot when one is due: the report so far, as leakprobe/v1 JSON.
+    fn snapshot_if_due(
+        &mut self,
+        tracker: &Tracker,
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+        statuses: &[ProbeStatus],
+    ) -> anyhow::Result<()> {
+        let Some((every, dir)) = &self.cfg.snapshots else { return Ok(()) };
+        let due = every.as_secs_f64() * f64::from(self.snapshots_written + 1);
+        // Half an interval of slack: ticks land a little after each whole interval.
+        if tracker.window_s() + self.cfg.interval.as_secs_f64() / 2.0 < due {
+            return Ok(());
+        }
+        let report = self.build(tracker, stacks, symbolizer, statuses, "running", None);
+        let json = report::to_json(&report).context("serializing a snapshot")?;
+        self.snapshots_written += 1;
+        let path = dir.join(format!("snapshot-{}-{:04}.json", self.identity.pid, self.snapshots_written));
+        crate::output::write_atomic(&path, json.as_bytes()).context("writing a snapshot")?;
+        progress(self.cfg, format_args!("snapshot written to {}", path.display()));
+        Ok(())
+    }
+}
+
+/// The top growing call sites' outstanding bytes over time, labelled for the chart.
+fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Vec<crate::plot::Line> {
+    let sites = tracker.sites();
+    report
+        .sites
+        .iter()
+        .filter(|s| s.outstanding_bytes > 0)
+        .take(n)
+        .filter_map(|s| {
+            let stats = sites.iter().find(|t| {
+                format!("{:016x}", t.key.stack_id) == s.stack_id
+                    && t.kind.map(|k| k.name()) == Some(s.function.as_str())
+            })?;
+            let frame = s
+                .frames
+                .iter()
+                .find(|f| !f.inlined || f.function.is_some())
+                .and_then(|f| f.function.clone())
+                .unwrap_or_else(|| "[unknown]".into());
+            Some(crate::plot::Line {
+                label: format!("{} <- {}", s.function, frame),
+                points: tracker.site_history(&stats.key).map(<[_]>::to_vec).unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 /// Build-ids by the file we hold open, read once.
@@ -271,6 +363,7 @@ async fn watch(
     cxx_attached: &mut bool,
     child: &mut Option<Child>,
     unwind: &mut unwind::Loaded,
+    reporting: &mut Reporting<'_>,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open, unchanged, until it drops.
@@ -315,9 +408,10 @@ async fn watch(
                 // Ages come from walking every live block: only when --min-age needs them each
                 // interval; the final report always has them.
                 let read_live = tracker.min_age_ns() > 0;
-                let sample = probes
+                let mut sample = probes
                     .sample(monotonic_ns(), tracker.min_age_ns(), read_live)
                     .context("reading eBPF maps")?;
+                sample.memory = crate::memory::read(pid);
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(pid);
                 // Libraries loaded since (dlopen) get unwind rows too.
@@ -351,6 +445,10 @@ async fn watch(
                         return Ok(("overhead-budget", None));
                     }
                 }
+                if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses) {
+                    tracing::warn!("{e:#}");
+                    progress(cfg, format_args!("snapshot failed: {e:#}"));
+                }
                 let t = tracker.totals();
                 let drops = total_drops(tracker.counters());
                 progress(cfg, format_args!(
@@ -368,17 +466,7 @@ async fn watch(
 
 /// Refuses output paths that are symlinks or not regular files (FIFOs, devices).
 fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(anyhow::Error::new(Refused(format!(
-            "refusing to write the report through symlink {}",
-            path.display()
-        )))),
-        Ok(meta) if !meta.file_type().is_file() => Err(anyhow::Error::new(Refused(format!(
-            "refusing to write the report to {}: not a regular file",
-            path.display()
-        )))),
-        _ => Ok(()),
-    }
+    crate::output::check_path(path).map_err(refuse)
 }
 
 fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {
@@ -388,18 +476,6 @@ fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {
             out.write_all(content.as_bytes()).context("writing the report to stdout")?;
             out.flush().context("writing the report to stdout")
         }
-        Some(path) => {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("opening {} for the report", path.display()))?;
-            f.write_all(content.as_bytes())
-                .with_context(|| format!("writing the report to {}", path.display()))
-        }
+        Some(path) => crate::output::write_atomic(path, content.as_bytes()).context("writing the report"),
     }
 }

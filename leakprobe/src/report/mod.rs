@@ -11,6 +11,7 @@ use crate::{
     probe::ProbeStatus,
     symbolize::Frame,
     target::Identity,
+    trend::{Fit, RunVerdict, Trend},
 };
 
 pub const SCHEMA: &str = "leakprobe/v1";
@@ -35,11 +36,44 @@ pub struct Report {
     pub sampling: Sampling,
     /// How often the probes fired: what tracing cost the target.
     pub overhead: Overhead,
+    /// Leak, fragmentation, stable, or not enough data: the run's verdict and why.
+    pub verdict: Verdict,
+    /// The process over time, one point per sample (older points thinned in long runs).
+    pub timeline: Vec<TimelinePoint>,
     /// Every call site that allocated in the window, largest outstanding growth first.
     pub sites: Vec<Site>,
     /// The target's executable mappings at the end of the window, with build-ids: what the
     /// frames' addresses refer to.
     pub modules: Vec<Module>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// "leak", "fragmentation", "stable" or "not-enough-data".
+    pub kind: RunVerdict,
+    /// The numbers behind it, in a sentence.
+    pub summary: String,
+    /// The fits it was drawn from (trailing half of the window).
+    pub heap_fit: Option<Fit>,
+    pub rss_fit: Option<Fit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the probes went live.
+    pub t_s: f64,
+    /// Resident memory (VmRSS) and its anonymous and file-backed parts (smaps_rollup); null
+    /// when /proc could not be read.
+    pub rss_bytes: Option<u64>,
+    pub anon_bytes: Option<u64>,
+    pub file_bytes: Option<u64>,
+    /// Tracked live heap: allocated through the hooks since attach and not freed.
+    pub heap_bytes: u64,
+    /// Of which anonymous mmap regions.
+    pub mmap_bytes: u64,
+    /// Allocation and free calls per second over the interval before the point.
+    pub allocs_per_s: f64,
+    pub frees_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -150,6 +184,10 @@ pub struct Site {
     pub interval_frees: u64,
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: Option<f64>,
+    /// "growing", "stable" or "not-enough-data": outstanding bytes over the trailing half of
+    /// the window, and the fit behind it.
+    pub trend: Trend,
+    pub fit: Option<Fit>,
     pub stack_id: String,
     /// The stack was cut at the maximum depth (--max-stack).
     pub truncated: bool,
@@ -201,6 +239,8 @@ pub fn build(
                 interval_frees: s.interval_frees,
                 growth_bytes_per_s: s.growth_bytes_per_s,
                 oldest_age_s: s.oldest_age_s,
+                trend: s.trend,
+                fit: s.fit,
                 stack_id: format!("{:016x}", s.key.stack_id),
                 truncated: end == stack_end::MAX_DEPTH,
                 stack_end: match end {
@@ -213,6 +253,10 @@ pub fn build(
         })
         .collect::<Vec<_>>();
     let t = tracker.totals();
+    let (kind, summary) = tracker.verdict();
+    let tl = tracker.timeline();
+    let heap_from = crate::trend::trailing_from(tl.heap.points());
+    let rss_from = crate::trend::trailing_from(tl.rss.points());
     Report {
         schema: SCHEMA,
         leakprobe: Tool { version: env!("CARGO_PKG_VERSION"), args: ctx.args.clone() },
@@ -220,7 +264,11 @@ pub fn build(
         target: Target {
             pid: ctx.identity.pid,
             exe: ctx.identity.exe.clone(),
-            build_id: ctx.modules.iter().find(|m| m.path == ctx.identity.exe).and_then(|m| m.build_id.clone()),
+            build_id: ctx
+                .modules
+                .iter()
+                .find(|m| m.path == ctx.identity.exe)
+                .and_then(|m| m.build_id.clone()),
             cmdline: ctx.identity.cmdline.clone(),
             start_time: ctx.identity.start_time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             ended_by: ctx.ended_by.to_string(),
@@ -264,9 +312,42 @@ pub fn build(
             peak_hits_per_s: tracker.peak_hit_rate(),
             max_hits_per_s: ctx.max_overhead,
         },
+        verdict: Verdict {
+            kind,
+            summary,
+            heap_fit: crate::trend::fit(tl.heap.points(), heap_from),
+            rss_fit: crate::trend::fit(tl.rss.points(), rss_from),
+        },
+        timeline: timeline(tl),
         sites,
         modules: ctx.modules.clone(),
     }
+}
+
+/// Joins the series on their sample times.
+fn timeline(tl: &crate::model::Timeline) -> Vec<TimelinePoint> {
+    let at = |s: &crate::trend::Series| -> std::collections::HashMap<u64, f64> {
+        s.points().iter().map(|(t, y)| (t.to_bits(), *y)).collect()
+    };
+    let (rss, anon, file, mmap, allocs, frees) =
+        (at(&tl.rss), at(&tl.anon), at(&tl.file), at(&tl.mmap), at(&tl.alloc_rate), at(&tl.free_rate));
+    tl.heap
+        .points()
+        .iter()
+        .map(|(t, heap)| {
+            let k = t.to_bits();
+            TimelinePoint {
+                t_s: *t,
+                rss_bytes: rss.get(&k).map(|v| *v as u64),
+                anon_bytes: anon.get(&k).map(|v| *v as u64),
+                file_bytes: file.get(&k).map(|v| *v as u64),
+                heap_bytes: *heap as u64,
+                mmap_bytes: mmap.get(&k).map_or(0, |v| *v as u64),
+                allocs_per_s: allocs.get(&k).copied().unwrap_or(0.0),
+                frees_per_s: frees.get(&k).copied().unwrap_or(0.0),
+            }
+        })
+        .collect()
 }
 
 pub fn to_json(report: &Report) -> serde_json::Result<String> {

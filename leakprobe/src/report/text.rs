@@ -61,6 +61,19 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
         }
         _ => {}
     }
+    let trend = match (s.trend, s.fit) {
+        (crate::trend::Trend::NotEnoughData, _) | (_, None) => "trend: not enough data".to_string(),
+        (t, Some(f)) => format!(
+            "trend: {} {}{}/s over the last {:.0} s (R\u{b2} {:.2}, rising in {:.0}% of intervals)",
+            if t == crate::trend::Trend::Growing { "GROWING" } else { "stable" },
+            if f.slope_per_s < 0.0 { "-" } else { "+" },
+            human_bytes(f.slope_per_s.abs() as u64),
+            f.span_s,
+            f.r2,
+            f.rising_fraction * 100.0
+        ),
+    };
+    let _ = writeln!(out, "  {trend}");
     let oldest = s.oldest_age_s.map(|a| format!(", oldest {a:.1} s")).unwrap_or_default();
     let _ = writeln!(
         out,
@@ -201,6 +214,19 @@ pub fn render(r: &Report, top: usize) -> String {
             "  stacks:  {cut} cut at --max-stack, {no_info} ended at code without unwind information"
         );
     }
+    let _ = writeln!(out);
+
+    let _ = writeln!(
+        out,
+        "VERDICT: {}: {}",
+        match r.verdict.kind {
+            crate::trend::RunVerdict::Leak => "LEAK / GROWING",
+            crate::trend::RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
+            crate::trend::RunVerdict::Stable => "STABLE",
+            crate::trend::RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
+        },
+        r.verdict.summary
+    );
     let _ = writeln!(out);
 
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();
