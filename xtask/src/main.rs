@@ -85,9 +85,18 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Debian packages: LLVM 22 to build bpf-linker, bpftool for the detach checks, compilers and
 /// the static libc for test targets, libc's separate debug info (the tests check that it is
-/// used), setpriv for the privilege test.
-const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "gcc", "g++", "libc6-dev", "libc6-dbg", "util-linux"];
+/// used), setpriv for the privilege test, a TrueType font for --plot's labels.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "gcc",
+    "g++",
+    "libc6-dev",
+    "libc6-dbg",
+    "util-linux",
+    "fonts-dejavu-core",
+];
 
 /// Only the benchmark harness needs these: a real server and its load generator.
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "heaptrack", "python3"];

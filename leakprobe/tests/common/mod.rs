@@ -78,7 +78,12 @@ pub struct Target {
 
 impl Target {
     pub fn spawn(path: &Path) -> Target {
+        Target::spawn_with_args(path, &[])
+    }
+
+    pub fn spawn_with_args(path: &Path, args: &[&str]) -> Target {
         let mut child = Command::new(path)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -215,7 +220,7 @@ pub fn run_leakprobe(args: &[&str]) -> Output {
     Command::new(leakprobe_bin()).args(args).stdin(Stdio::null()).output().expect("run leakprobe")
 }
 
-/// Runs `leakprobe attach --pid PID --interval 1s ARGS` on `target`, calls `during` once the
+/// Runs `leakprobe attach --pid PID --interval 1s ARGS` (unless ARGS set the interval) on `target`, calls `during` once the
 /// probes are live, and waits for leakprobe to end: (exit code, stdout, stderr).
 pub fn attach_with(
     target: &mut Target,
@@ -223,7 +228,10 @@ pub fn attach_with(
     during: impl FnOnce(&mut Target),
 ) -> (i32, String, String) {
     let pid = target.pid().to_string();
-    let mut all = vec!["attach", "--pid", &pid, "--interval", "1s"];
+    let mut all = vec!["attach", "--pid", &pid];
+    if !args.contains(&"--interval") {
+        all.extend_from_slice(&["--interval", "1s"]);
+    }
     all.extend_from_slice(args);
     let mut lp = Leakprobe::start(&all);
     lp.wait_attached();
