@@ -224,7 +224,9 @@ fn demo(duration: &str) -> anyhow::Result<()> {
                 "2s",
                 "--top",
                 "5",
+                "--plot",
             ])
+            .arg(out_dir.join("timeline.png"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -246,20 +248,26 @@ fn demo(duration: &str) -> anyhow::Result<()> {
                 eprintln!("{line}");
             }
         });
-        // Traffic: logins (accumulate), uploads without a checksum (leak), health checks.
-        let stop = Instant::now() + Duration::from_secs(3);
+        // Traffic until leakprobe ends: logins (accumulate), uploads without a checksum (leak),
+        // health checks.
         let mut i = 0u32;
-        while Instant::now() < stop {
+        while lp.try_wait()?.is_none() {
             let path = match i % 4 {
                 0 => format!("/login?user=user{i}"),
                 1 => "/upload".to_string(),
                 _ => "/health".to_string(),
             };
-            request(port, &path)?;
+            if let Err(e) = request(port, &path) {
+                if lp.try_wait()?.is_some() {
+                    break;
+                }
+                return Err(e);
+            }
             i += 1;
             std::thread::sleep(Duration::from_millis(5));
         }
         eprintln!("xtask demo: sent {i} requests");
+        eprintln!("xtask demo: timeline chart in {}", out_dir.join("timeline.png").display());
         let mut report = String::new();
         lp.stdout.take().expect("piped").read_to_string(&mut report)?;
         let st = lp.wait()?;
