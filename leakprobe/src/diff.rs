@@ -1015,7 +1015,7 @@ mod tests {
             vec![site("malloc", "1", leak_frames(1), 10, 1, 10, 1, 0, 0)],
         );
         let text = serde_json::to_string_pretty(&a).unwrap();
-        let cut = &text[..text.len() / 2];
+        let cut = text[..text.len() / 2].trim_end();
         let lines = cut.lines().count();
         let err = parse("snap/a.json", cut.as_bytes()).unwrap_err().to_string();
         assert!(err.starts_with(&format!("snap/a.json: line {lines}, column ")), "{err}");
@@ -1130,10 +1130,7 @@ mod tests {
         assert_eq!(signed_bytes(0), "0 B");
         assert_eq!(signed_bytes(-512), "-512 B");
         assert_eq!(signed_bytes(2048), "+2.00 KiB");
-        assert_eq!(
-        assert!(signed_bytes(i64::MIN).starts_with("-8"), "no overflow at the extreme");
-            "-8.00 PiB".replace("8.00 PiB", &human_bytes(i64::MIN.unsigned_abs()))
-        );
+        assert_eq!(signed_bytes(i64::MIN), "-8192.0 PiB");
         assert_eq!(signed_rate(None), "-");
         assert_eq!(signed_rate(Some(-1024.0)), "-1.00 KiB/s");
         assert_eq!(signed_rate(Some(0.2)), "0 B/s");
