@@ -405,7 +405,6 @@ pub fn compare(a: &Named, b: &Named, force: bool) -> Result<Diff, DiffError> {
     }
     let (sa, sb) = (&a.snapshot, &b.snapshot);
     let same_run = sa.target.pid == sb.target.pid
-        && nonempty(&sa.target.start_time).is_some()
         && sa.target.start_time == sb.target.start_time
         && sa.window.start == sb.window.start;
     if same_run && sb.window.duration_s < sa.window.duration_s {
@@ -465,24 +464,22 @@ pub fn compare(a: &Named, b: &Named, force: bool) -> Result<Diff, DiffError> {
     }
 
     let by_stack = same_run && sa.sites.iter().chain(&sb.sites).all(|s| !s.stack_id.is_empty());
-    let mut merged: BTreeMap<SiteKey, (Option<Side>, Option<Side>, Vec<FrameIn>, Vec<FrameIn>)> =
-        BTreeMap::new();
-    for (is_b, snap) in [(false, sa), (true, sb)] {
+    // One call site's two sides, each with the frames it was first seen with.
+    type Sides = [Option<(Side, Vec<FrameIn>)>; 2];
+    let mut merged: BTreeMap<SiteKey, Sides> = BTreeMap::new();
+    for (i, snap) in [sa, sb].into_iter().enumerate() {
         for s in &snap.sites {
-            let entry = merged.entry(key(s, by_stack)).or_default();
-            let (side, frames) =
-                if is_b { (&mut entry.1, &mut entry.3) } else { (&mut entry.0, &mut entry.2) };
-            side.get_or_insert_with(Side::default).add(s);
-            if frames.is_empty() {
-                frames.clone_from(&s.frames);
-            }
+            let sides = merged.entry(key(s, by_stack)).or_default();
+            sides[i].get_or_insert_with(|| (Side::default(), s.frames.clone())).0.add(s);
         }
     }
 
     let zero = Side::default();
     let mut sites: Vec<SiteDiff> = merged
         .into_iter()
-        .map(|(k, (sa_, sb_, fa, fb))| {
+        .map(|(k, [pa, pb])| {
+            let (sa_, fa) = pa.map_or((None, Vec::new()), |(side, f)| (Some(side), f));
+            let (sb_, fb) = pb.map_or((None, Vec::new()), |(side, f)| (Some(side), f));
             let function = match k {
                 SiteKey::Stack { function, .. } | SiteKey::Frames { function, .. } => function,
             };
@@ -869,7 +866,33 @@ mod tests {
         assert_eq!((s.new_count, s.new_bytes), (7, 7000));
         assert_eq!((s.freed_count, s.freed_bytes), (3, 3000));
         assert_eq!(s.growth_bytes_per_s, Some(1000.0));
+        assert_eq!(s.delta_count, s.new_count - s.freed_count);
         assert_eq!(s.a.as_ref().unwrap().stack_ids, vec!["00000000000000aa"]);
+    }
+
+    #[test]
+    fn same_run_needs_same_pid_start_time_and_window() {
+        let start = "2026-01-01T10:00:10Z";
+        let a = report(7, Some("ab12"), start, 1.0, vec![]);
+        let mut b = report(7, Some("ab12"), start, 2.0, vec![]);
+        let run = |b: &Value| compare(&named("a", &a), &named("b", b), false).unwrap();
+        assert_eq!(run(&b).comparison, "same-run");
+        // A recycled PID: another process.
+        b["target"]["start_time"] = json!("2026-01-01T09:00:00Z");
+        let d = run(&b);
+        assert_eq!((d.comparison, d.matched_by), ("separate-windows", "frames"));
+        assert!(d.warnings.iter().any(|w| w.contains("different processes")), "{:?}", d.warnings);
+        // The same process attached twice: separate windows, no warning about processes.
+        b["target"]["start_time"] = a["target"]["start_time"].clone();
+        b["window"]["start"] = json!("2026-01-01T10:00:20Z");
+        let d = run(&b);
+        assert_eq!(d.comparison, "separate-windows");
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        assert_eq!(d.interval_s, 11.0);
+        // Overlapping windows (two tracers at once) are flagged.
+        b["window"]["start"] = json!("2026-01-01T10:00:05Z");
+        b["window"]["duration_s"] = json!(30.0);
+        assert!(run(&b).warnings.iter().any(|w| w.contains("overlap")));
     }
 
     #[test]
