@@ -182,6 +182,9 @@ pub struct TraceOpts {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// `diff` reads files; it has no trace configuration.
+    #[error("`leakprobe diff` traces nothing")]
+    NotATrace,
     #[error("invalid {flag} value {value:?}: {reason} (examples: 500ms, 5s, 2m, 1h)")]
     Duration { flag: &'static str, value: String, reason: String },
     #[error("invalid --fail-on-leak value {value:?}: {reason} (examples: 0, 4096, 64KiB, 10MiB)")]
@@ -192,9 +195,6 @@ pub enum ConfigError {
     Range { flag: &'static str, min: u64, max: u64 },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
-    /// `diff` reads files; it has no trace configuration.
-    #[error("`leakprobe diff` traces nothing")]
-    NotATrace,
 }
 
 /// What to trace.
