@@ -25,6 +25,9 @@ Examples:
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 
+  # Compare two JSON reports or snapshots: which call sites grew in between
+  leakprobe diff before.json after.json
+
 Exit status: 0 done, 1 outstanding growth above --fail-on-leak, 2 error (nothing attached).";
 
 /// Find growing allocation call sites in a live process, without restarting it.
@@ -65,6 +68,51 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Compare two JSON reports or snapshots per call site: what grew between them.
+    #[command(after_help = DIFF_EXAMPLES)]
+    Diff(DiffArgs),
+}
+
+const DIFF_EXAMPLES: &str = "\
+Call sites are matched by allocation function and symbolized frames; two snapshots of one
+attach (same PID, start time and window) by stack id, and their NEW and FREED counts are then
+the exact allocations and frees between the two. Largest growth first.
+
+Examples:
+  # Two reports of the same server, before and after a load test
+  leakprobe attach --pid 4242 --duration 60s --format json --output before.json
+  leakprobe attach --pid 4242 --duration 60s --format json --output after.json
+  leakprobe diff before.json after.json
+
+  # Two snapshots of one attach, as JSON for scripts
+  leakprobe diff --format json --output growth.json snaps/0001.json snaps/0010.json
+
+  # Another build (refused without --force: call sites may have moved)
+  leakprobe diff --force v1.json v2.json
+
+Exit status: 0 done, 2 error (unreadable, malformed or mismatched files).";
+
+/// `leakprobe diff A.json B.json`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report or snapshot (leakprobe/v1 JSON).
+    #[arg(value_name = "A.json")]
+    pub a: PathBuf,
+    /// The later one.
+    #[arg(value_name = "B.json")]
+    pub b: PathBuf,
+    /// Output format (json: the leakprobe/diff/v1 object, docs/json-schema.md).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Changed call sites shown in the text form.
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub top: u32,
+    /// Write the comparison here instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Compare files of different programs or builds anyway.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// How stacks are walked.
@@ -149,6 +197,9 @@ pub struct TraceOpts {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// `diff` reads files; it has no trace configuration.
+    #[error("`leakprobe diff` traces nothing")]
+    NotATrace,
     #[error("invalid {flag} value {value:?}: {reason} (examples: 500ms, 5s, 2m, 1h)")]
     Duration { flag: &'static str, value: String, reason: String },
     #[error("invalid --fail-on-leak value {value:?}: {reason} (examples: 0, 4096, 64KiB, 10MiB)")]
@@ -217,6 +268,7 @@ impl TryFrom<Cli> for Config {
         let (mode, opts) = match cli.command {
             Command::Attach { pid, opts } => (Mode::Attach { pid }, opts),
             Command::Run { opts, command } => (Mode::Run { command }, opts),
+            Command::Diff(_) => return Err(ConfigError::NotATrace),
         };
         let interval = duration("--interval", &opts.interval)?;
         if interval.is_zero() {
@@ -370,6 +422,17 @@ mod tests {
         );
         assert!(parse(&["leakprobe", "attach", "-p", "x"]).is_err());
         assert!(parse(&["leakprobe", "run"]).is_err());
+    }
+
+    #[test]
+    fn diff_takes_two_files() {
+        let cli = Cli::try_parse_from(["leakprobe", "diff", "--force", "a.json", "b.json"]).unwrap();
+        let Command::Diff(d) = cli.command else { panic!("not diff") };
+        assert_eq!((d.a, d.b), (PathBuf::from("a.json"), PathBuf::from("b.json")));
+        assert!(d.force);
+        assert_eq!((d.top, d.format), (10, Format::Text));
+        assert!(Cli::try_parse_from(["leakprobe", "diff", "a.json"]).is_err());
+        assert!(Cli::try_parse_from(["leakprobe", "diff", "--top", "0", "a", "b"]).is_err());
     }
 
     #[test]

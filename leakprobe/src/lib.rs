@@ -6,9 +6,11 @@
 //! - [`trend`]: slopes, fits and the leak / fragmentation / stable verdicts (no I/O);
 //! - [`symbolize`]: addresses to functions and lines;
 //! - [`report`]: the report structure and its text and JSON forms;
+//! - [`diff`]: two reports compared per call site (pure);
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
 pub mod cli;
+pub mod diff;
 pub mod elf;
 pub mod launch;
 pub mod memory;

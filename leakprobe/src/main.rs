@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use leakprobe::{
-    cli::{Cli, Config},
+    cli::{Cli, Command, Config},
     session::{self, Refused},
 };
 
@@ -41,6 +41,10 @@ fn run() -> anyhow::Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Diff(args) = &cli.command {
+        session::diff(args, cli.quiet)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::try_from(cli).map_err(|e| anyhow::Error::new(Refused(e.to_string())))?;
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;

@@ -465,6 +465,33 @@ async fn watch(
 }
 
 /// Refuses output paths that are symlinks or not regular files (FIFOs, devices).
+/// `leakprobe diff`: reads two reports, compares them (crate::diff) and writes the result.
+pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
+    if let Some(out) = &args.output {
+        // Not `Refused`: diff attaches nothing, so that note would mislead.
+        check_output_path(out).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    }
+    let read = |path: &PathBuf| -> anyhow::Result<crate::diff::Named> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(crate::diff::parse(&path.display().to_string(), &bytes)?)
+    };
+    let (a, b) = (read(&args.a)?, read(&args.b)?);
+    let d = crate::diff::compare(&a, &b, args.force)?;
+    let rendered = match args.format {
+        Format::Text => crate::diff::render(&d, args.top as usize),
+        Format::Json => {
+            // The text form shows its warnings; JSON readers get them on stderr too.
+            if !quiet {
+                for w in &d.warnings {
+                    eprintln!("leakprobe: warning: {w}");
+                }
+            }
+            crate::diff::to_json(&d).context("serializing the comparison")?
+        }
+    };
+    write_output(args.output.as_ref(), &rendered)
+}
+
 fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
     crate::output::check_path(path).map_err(refuse)
 }
