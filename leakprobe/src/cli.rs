@@ -19,6 +19,10 @@ Examples:
   # A busy server: sample, and detach if probes fire over 200k times a second
   leakprobe attach --pid 4242 --sample-bytes 512KiB --max-overhead 200000
 
+  # Hand the leak to other tools: pprof (go tool pprof, Pyroscope, Parca, speedscope),
+  # a flame graph of outstanding bytes, and its folded stacks
+  leakprobe attach --pid 4242 --duration 60s --pprof leak.pb.gz --flamegraph leak.svg --folded leak.folded
+
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 
@@ -130,6 +134,41 @@ pub struct TraceOpts {
     /// Unwind-table rows loaded for all of the target's modules (16 bytes each).
     #[arg(long, default_value_t = 1 << 21, value_name = "N")]
     pub max_unwind_rows: u32,
+    #[command(flatten)]
+    pub export: ExportOpts,
+}
+
+/// Extra files written after the report, for other tools.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Export")]
+pub struct ExportOpts {
+    /// Write a gzipped pprof profile (inuse_space, inuse_objects, alloc_space, alloc_objects)
+    /// for go tool pprof, Pyroscope, Parca or speedscope.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+    /// Write an SVG flame graph of outstanding bytes by stack.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<PathBuf>,
+    /// Write the folded stacks of outstanding bytes (root first, `;`-separated, then bytes).
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+}
+
+/// Validated export paths.
+#[derive(Clone, Debug, Default)]
+pub struct Exports {
+    pub pprof: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+    pub folded: Option<PathBuf>,
+}
+
+impl Exports {
+    /// (flag, path) of each file asked for.
+    pub fn paths(&self) -> impl Iterator<Item = (&'static str, &PathBuf)> {
+        [("--pprof", &self.pprof), ("--flamegraph", &self.flamegraph), ("--folded", &self.folded)]
+            .into_iter()
+            .filter_map(|(flag, p)| p.as_ref().map(|p| (flag, p)))
+    }
 }
 
 #[derive(Debug, Error)]
@@ -144,6 +183,8 @@ pub enum ConfigError {
     Range { flag: &'static str, min: u64, max: u64 },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error("{first} and {second} name the same file {path:?}")]
+    SamePath { first: &'static str, second: &'static str, path: PathBuf },
 }
 
 /// What to trace.
@@ -174,6 +215,8 @@ pub struct Config {
     pub max_overhead: Option<u64>,
     pub noop: bool,
     pub quiet: bool,
+    /// --pprof, --flamegraph, --folded.
+    pub exports: Exports,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -250,6 +293,19 @@ impl TryFrom<Cli> for Config {
         if opts.top == 0 {
             return Err(ConfigError::Zero { flag: "--top" });
         }
+        let exports = Exports {
+            pprof: opts.export.pprof,
+            flamegraph: opts.export.flamegraph,
+            folded: opts.export.folded,
+        };
+        // Two outputs into one file would leave only the last one.
+        let outputs: Vec<(&'static str, &PathBuf)> =
+            opts.output.as_ref().map(|p| ("--output", p)).into_iter().chain(exports.paths()).collect();
+        for (i, (first, a)) in outputs.iter().enumerate() {
+            if let Some((second, _)) = outputs[i + 1..].iter().find(|(_, b)| b == a) {
+                return Err(ConfigError::SamePath { first, second, path: (*a).clone() });
+            }
+        }
         Ok(Config {
             mode,
             duration: duration_opt,
@@ -268,6 +324,7 @@ impl TryFrom<Cli> for Config {
             max_overhead: opts.max_overhead,
             noop: opts.noop,
             quiet: cli.quiet,
+            exports,
             args: std::env::args().collect(),
         })
     }
@@ -332,6 +389,15 @@ mod tests {
         );
         assert!(parse(&["leakprobe", "attach", "-p", "x"]).is_err());
         assert!(parse(&["leakprobe", "run"]).is_err());
+    }
+
+    #[test]
+    fn export_paths() {
+        let c = parse(&["leakprobe", "attach", "-p", "1", "--pprof", "a.pb.gz", "--folded", "a.folded"]).unwrap();
+        let got: Vec<_> = c.exports.paths().map(|(f, p)| (f, p.to_str().unwrap())).collect();
+        assert_eq!(got, [("--pprof", "a.pb.gz"), ("--folded", "a.folded")]);
+        let err = parse(&["leakprobe", "attach", "-p", "1", "--output", "x", "--flamegraph", "x"]).unwrap_err();
+        assert!(err.contains("--output") && err.contains("--flamegraph"), "{err}");
     }
 
     #[test]

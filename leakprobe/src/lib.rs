@@ -5,10 +5,12 @@
 //! - [`model`]: pure tracking arithmetic over samples (no I/O);
 //! - [`symbolize`]: addresses to functions and lines;
 //! - [`report`]: the report structure and its text and JSON forms;
+//! - [`export`]: the report as pprof, folded stacks and a flame graph;
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
 pub mod cli;
 pub mod elf;
+pub mod export;
 pub mod launch;
 pub mod model;
 pub mod placement;
