@@ -393,10 +393,12 @@ mod tests {
 
     #[test]
     fn export_paths() {
-        let c = parse(&["leakprobe", "attach", "-p", "1", "--pprof", "a.pb.gz", "--folded", "a.folded"]).unwrap();
+        let c =
+            parse(&["leakprobe", "attach", "-p", "1", "--pprof", "a.pb.gz", "--folded", "a.folded"]).unwrap();
         let got: Vec<_> = c.exports.paths().map(|(f, p)| (f, p.to_str().unwrap())).collect();
         assert_eq!(got, [("--pprof", "a.pb.gz"), ("--folded", "a.folded")]);
-        let err = parse(&["leakprobe", "attach", "-p", "1", "--output", "x", "--flamegraph", "x"]).unwrap_err();
+        let err =
+            parse(&["leakprobe", "attach", "-p", "1", "--output", "x", "--flamegraph", "x"]).unwrap_err();
         assert!(err.contains("--output") && err.contains("--flamegraph"), "{err}");
     }
 

@@ -93,6 +93,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     if let Some(out) = &cfg.output {
         check_output_path(out)?;
     }
+    for (_, out) in cfg.exports.paths() {
+        check_output_path(out)?;
+    }
 
     // Who we trace, and the allocators we hook in it.
     let (pid, allocators, mut held) = match &cfg.mode {
@@ -212,6 +215,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         Format::Json => report::to_json(&report).context("serializing the report")?,
     };
     write_output(cfg.output.as_ref(), &rendered)?;
+    write_exports(&cfg.exports, &report)?;
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
@@ -379,6 +383,29 @@ fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
         )))),
         _ => Ok(()),
     }
+}
+
+/// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
+fn write_exports(exports: &crate::cli::Exports, report: &report::Report) -> anyhow::Result<()> {
+    use crate::export::{flame, pprof};
+    for (flag, path) in exports.paths() {
+        let bytes = match flag {
+            "--pprof" => pprof::encode(report)?,
+            "--flamegraph" => flame::svg(report)?,
+            _ => flame::folded(report).into_bytes(),
+        };
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening {} for {flag}", path.display()))?;
+        f.write_all(&bytes).with_context(|| format!("writing {flag} {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {

@@ -26,7 +26,8 @@ fn sanitize(name: &str) -> String {
 pub fn folded(report: &Report) -> String {
     let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
     for site in report.sites.iter().filter(|s| s.outstanding_bytes > 0) {
-        let mut names: Vec<String> = site.frames.iter().rev().map(|f| sanitize(&frame_label(f, report))).collect();
+        let mut names: Vec<String> =
+            site.frames.iter().rev().map(|f| sanitize(&frame_label(f, report))).collect();
         if names.is_empty() {
             names.push("[no stack]".into());
         }
@@ -118,7 +119,9 @@ mod tests {
         let svg = String::from_utf8(svg(&report()).unwrap()).unwrap();
         assert!(svg.starts_with("<?xml"), "{}", &svg[..100]);
         assert!(svg.contains(TITLE));
-        assert!(svg.contains("4300 bytes in 5 objects allocated in a 2.5 s window from 2026-01-02T03:04:05Z"));
+        assert!(
+            svg.contains("4300 bytes in 5 objects allocated in a 2.5 s window from 2026-01-02T03:04:05Z")
+        );
         assert!(svg.contains("every allocation tracked"));
         // inferno's tooltip: name, value and share.
         assert!(svg.contains("parse (4,000 bytes, 93.02%)"), "{svg}");

@@ -150,7 +150,11 @@ pub(crate) mod testing {
                     "calloc",
                     (300, 1),
                     (600, 2),
-                    vec![frame(0x1200, Some("cache_put;v2\nx"), Some(12), false), frame(0x7f00_0000_1010, None, None, false), main()],
+                    vec![
+                        frame(0x1200, Some("cache_put;v2\nx"), Some(12), false),
+                        frame(0x7f00_0000_1010, None, None, false),
+                        main(),
+                    ],
                 ),
                 site("malloc", (0, 0), (500, 6), vec![frame(0x1300, Some("churn"), None, false), main()]),
             ],
@@ -182,7 +186,10 @@ mod tests {
     fn labels_fall_back_to_module_offset_then_address() {
         let r = report();
         assert_eq!(frame_label(&frame(0x1100, Some("parse"), None, false), &r), "parse");
-        assert_eq!(frame_label(&frame(0x7f00_0000_1010, None, None, false), &r), "[unknown] libc.so.6+0x3010");
+        assert_eq!(
+            frame_label(&frame(0x7f00_0000_1010, None, None, false), &r),
+            "[unknown] libc.so.6+0x3010"
+        );
         assert_eq!(frame_label(&frame(0x42, None, None, false), &r), "0x42");
     }
 

@@ -141,8 +141,12 @@ pub mod proto {
 use proto::*;
 
 /// The sample types, in the order of every sample's values.
-pub const SAMPLE_TYPES: [(&str, &str); 4] =
-    [("inuse_space", "bytes"), ("inuse_objects", "count"), ("alloc_space", "bytes"), ("alloc_objects", "count")];
+pub const SAMPLE_TYPES: [(&str, &str); 4] = [
+    ("inuse_space", "bytes"),
+    ("inuse_objects", "count"),
+    ("alloc_space", "bytes"),
+    ("alloc_objects", "count"),
+];
 
 /// Strings interned into the profile's string table (index 0 is always "").
 struct Strings {
@@ -370,7 +374,8 @@ mod tests {
         let r = report();
         let p = decode(&encode(&r).unwrap());
         assert_eq!(s(&p, 0), "");
-        let types: Vec<(&str, &str)> = p.sample_type.iter().map(|t| (s(&p, t.r#type), s(&p, t.unit))).collect();
+        let types: Vec<(&str, &str)> =
+            p.sample_type.iter().map(|t| (s(&p, t.r#type), s(&p, t.unit))).collect();
         assert_eq!(types, SAMPLE_TYPES);
         assert_eq!(s(&p, p.default_sample_type), "inuse_space");
         assert_eq!(p.duration_nanos, 2_500_000_000);
