@@ -220,7 +220,11 @@ pub fn build(
         target: Target {
             pid: ctx.identity.pid,
             exe: ctx.identity.exe.clone(),
-            build_id: ctx.modules.iter().find(|m| m.path == ctx.identity.exe).and_then(|m| m.build_id.clone()),
+            build_id: ctx
+                .modules
+                .iter()
+                .find(|m| m.path == ctx.identity.exe)
+                .and_then(|m| m.build_id.clone()),
             cmdline: ctx.identity.cmdline.clone(),
             start_time: ctx.identity.start_time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             ended_by: ctx.ended_by.to_string(),
