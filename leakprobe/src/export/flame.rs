@@ -38,22 +38,23 @@ pub fn folded(report: &Report) -> String {
     stacks.into_iter().map(|(stack, bytes)| format!("{stack} {bytes}\n")).collect()
 }
 
-/// What the graph measures, over which window, and whether the figures are estimates.
+/// What the graph measures, over which window, and whether the figures are estimates. Short:
+/// inferno centres it on one line.
 fn subtitle(report: &Report) -> String {
     let how = if report.sampling.estimated {
-        format!("estimated from sampled allocations (one per {} bytes)", report.sampling.sample_bytes)
+        format!("estimated (sampled, 1 per {} bytes)", report.sampling.sample_bytes)
     } else {
-        "every allocation tracked".to_string()
+        "exact".to_string()
     };
-    let degraded = if report.degraded { "; DEGRADED: events were dropped" } else { "" };
+    let degraded = if report.degraded { "; DEGRADED: events dropped" } else { "" };
+    let exe = report.target.exe.rsplit('/').next().unwrap_or(&report.target.exe);
     format!(
-        "{} bytes in {} objects allocated in a {:.1} s window from {}, not freed; PID {} {}; {how}{degraded}",
+        "{} bytes in {} objects not freed, allocated in {:.1} s from {}; PID {} ({exe}); {how}{degraded}",
         report.totals.outstanding_bytes,
         report.totals.outstanding_count,
         report.window.duration_s,
         report.window.start,
         report.target.pid,
-        report.target.exe,
     )
 }
 
@@ -119,10 +120,9 @@ mod tests {
         let svg = String::from_utf8(svg(&report()).unwrap()).unwrap();
         assert!(svg.starts_with("<?xml"), "{}", &svg[..100]);
         assert!(svg.contains(TITLE));
-        assert!(
-            svg.contains("4300 bytes in 5 objects allocated in a 2.5 s window from 2026-01-02T03:04:05Z")
-        );
-        assert!(svg.contains("every allocation tracked"));
+        assert!(svg.contains(
+            "4300 bytes in 5 objects not freed, allocated in 2.5 s from 2026-01-02T03:04:05Z; PID 4242 (app); exact"
+        ));
         // inferno's tooltip: name, value and share.
         assert!(svg.contains("parse (4,000 bytes, 93.02%)"), "{svg}");
         assert!(svg.contains("cache_put:v2 x (300 bytes"));
@@ -134,7 +134,7 @@ mod tests {
         r.sampling.sample_bytes = 524_288;
         r.sampling.estimated = true;
         let svg = String::from_utf8(svg(&r).unwrap()).unwrap();
-        assert!(svg.contains("estimated from sampled allocations (one per 524288 bytes)"));
+        assert!(svg.contains("; estimated (sampled, 1 per 524288 bytes)"));
     }
 
     #[test]
