@@ -162,12 +162,34 @@ pub struct Exports {
     pub folded: Option<PathBuf>,
 }
 
+/// The formats of [`Exports`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportKind {
+    Pprof,
+    Flamegraph,
+    Folded,
+}
+
+impl ExportKind {
+    pub fn flag(self) -> &'static str {
+        match self {
+            ExportKind::Pprof => "--pprof",
+            ExportKind::Flamegraph => "--flamegraph",
+            ExportKind::Folded => "--folded",
+        }
+    }
+}
+
 impl Exports {
-    /// (flag, path) of each file asked for.
-    pub fn paths(&self) -> impl Iterator<Item = (&'static str, &PathBuf)> {
-        [("--pprof", &self.pprof), ("--flamegraph", &self.flamegraph), ("--folded", &self.folded)]
-            .into_iter()
-            .filter_map(|(flag, p)| p.as_ref().map(|p| (flag, p)))
+    /// Each file asked for, with its format.
+    pub fn paths(&self) -> impl Iterator<Item = (ExportKind, &PathBuf)> {
+        [
+            (ExportKind::Pprof, &self.pprof),
+            (ExportKind::Flamegraph, &self.flamegraph),
+            (ExportKind::Folded, &self.folded),
+        ]
+        .into_iter()
+        .filter_map(|(kind, p)| p.as_ref().map(|p| (kind, p)))
     }
 }
 
@@ -299,8 +321,13 @@ impl TryFrom<Cli> for Config {
             folded: opts.export.folded,
         };
         // Two outputs into one file would leave only the last one.
-        let outputs: Vec<(&'static str, &PathBuf)> =
-            opts.output.as_ref().map(|p| ("--output", p)).into_iter().chain(exports.paths()).collect();
+        let outputs: Vec<(&'static str, &PathBuf)> = opts
+            .output
+            .as_ref()
+            .map(|p| ("--output", p))
+            .into_iter()
+            .chain(exports.paths().map(|(k, p)| (k.flag(), p)))
+            .collect();
         for (i, (first, a)) in outputs.iter().enumerate() {
             if let Some((second, _)) = outputs[i + 1..].iter().find(|(_, b)| b == a) {
                 return Err(ConfigError::SamePath { first, second, path: (*a).clone() });
@@ -395,7 +422,7 @@ mod tests {
     fn export_paths() {
         let c =
             parse(&["leakprobe", "attach", "-p", "1", "--pprof", "a.pb.gz", "--folded", "a.folded"]).unwrap();
-        let got: Vec<_> = c.exports.paths().map(|(f, p)| (f, p.to_str().unwrap())).collect();
+        let got: Vec<_> = c.exports.paths().map(|(k, p)| (k.flag(), p.to_str().unwrap())).collect();
         assert_eq!(got, [("--pprof", "a.pb.gz"), ("--folded", "a.folded")]);
         let err =
             parse(&["leakprobe", "attach", "-p", "1", "--output", "x", "--flamegraph", "x"]).unwrap_err();

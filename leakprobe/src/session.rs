@@ -387,13 +387,18 @@ fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
 
 /// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
 fn write_exports(exports: &crate::cli::Exports, report: &report::Report) -> anyhow::Result<()> {
-    use crate::export::{flame, pprof};
-    for (flag, path) in exports.paths() {
-        let bytes = match flag {
-            "--pprof" => pprof::encode(report)?,
-            "--flamegraph" => flame::svg(report)?,
-            _ => flame::folded(report).into_bytes(),
-        };
+    use crate::{
+        cli::ExportKind,
+        export::{flame, pprof},
+    };
+    for (kind, path) in exports.paths() {
+        let flag = kind.flag();
+        let bytes = match kind {
+            ExportKind::Pprof => pprof::encode(report),
+            ExportKind::Flamegraph => flame::svg(report),
+            ExportKind::Folded => Ok(flame::folded(report).into_bytes()),
+        }
+        .with_context(|| format!("{flag} {}", path.display()))?;
         use std::os::unix::fs::OpenOptionsExt as _;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
