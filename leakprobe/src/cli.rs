@@ -21,6 +21,9 @@ Examples:
 
   # A JSON snapshot every minute for `leakprobe diff`, and a chart of RSS vs heap at the end
   leakprobe attach --pid 4242 --snapshot-every 1m --snapshot-dir /tmp/snaps --plot mem.svg
+  # Hand the leak to other tools: pprof (go tool pprof, Pyroscope, Parca, speedscope),
+  # a flame graph of outstanding bytes, and its folded stacks
+  leakprobe attach --pid 4242 --duration 60s --pprof leak.pb.gz --flamegraph leak.svg --folded leak.folded
 
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
@@ -193,6 +196,63 @@ pub struct TraceOpts {
     /// and the top growing call sites) as a chart: FILE.svg or FILE.png.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub export: ExportOpts,
+}
+
+/// Extra files written after the report, for other tools.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Export")]
+pub struct ExportOpts {
+    /// Write a gzipped pprof profile (inuse_space, inuse_objects, alloc_space, alloc_objects)
+    /// for go tool pprof, Pyroscope, Parca or speedscope.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+    /// Write an SVG flame graph of outstanding bytes by stack.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<PathBuf>,
+    /// Write the folded stacks of outstanding bytes (root first, `;`-separated, then bytes).
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+}
+
+/// Validated export paths.
+#[derive(Clone, Debug, Default)]
+pub struct Exports {
+    pub pprof: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+    pub folded: Option<PathBuf>,
+}
+
+/// The formats of [`Exports`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportKind {
+    Pprof,
+    Flamegraph,
+    Folded,
+}
+
+impl ExportKind {
+    pub fn flag(self) -> &'static str {
+        match self {
+            ExportKind::Pprof => "--pprof",
+            ExportKind::Flamegraph => "--flamegraph",
+            ExportKind::Folded => "--folded",
+        }
+    }
+}
+
+impl Exports {
+    /// Each file asked for, with its format.
+    pub fn paths(&self) -> impl Iterator<Item = (ExportKind, &PathBuf)> {
+        [
+            (ExportKind::Pprof, &self.pprof),
+            (ExportKind::Flamegraph, &self.flamegraph),
+            (ExportKind::Folded, &self.folded),
+        ]
+        .into_iter()
+        .filter_map(|(kind, p)| p.as_ref().map(|p| (kind, p)))
+    }
 }
 
 #[derive(Debug, Error)]
@@ -212,6 +272,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("--plot {0}: the file name must end in .svg or .png")]
     PlotFormat(PathBuf),
+    #[error("{first} and {second} name the same file {path:?}")]
+    SamePath { first: &'static str, second: &'static str, path: PathBuf },
 }
 
 /// What to trace.
@@ -245,6 +307,8 @@ pub struct Config {
     pub snapshots: Option<(Duration, PathBuf)>,
     pub plot: Option<PathBuf>,
     pub quiet: bool,
+    /// --pprof, --flamegraph, --folded.
+    pub exports: Exports,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -338,6 +402,24 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::PlotFormat(plot.clone()));
             }
         }
+        let exports = Exports {
+            pprof: opts.export.pprof,
+            flamegraph: opts.export.flamegraph,
+            folded: opts.export.folded,
+        };
+        // Two outputs into one file would leave only the last one.
+        let outputs: Vec<(&'static str, &PathBuf)> = opts
+            .output
+            .as_ref()
+            .map(|p| ("--output", p))
+            .into_iter()
+            .chain(exports.paths().map(|(k, p)| (k.flag(), p)))
+            .collect();
+        for (i, (first, a)) in outputs.iter().enumerate() {
+            if let Some((second, _)) = outputs[i + 1..].iter().find(|(_, b)| b == a) {
+                return Err(ConfigError::SamePath { first, second, path: (*a).clone() });
+            }
+        }
         Ok(Config {
             mode,
             duration: duration_opt,
@@ -358,6 +440,7 @@ impl TryFrom<Cli> for Config {
             snapshots,
             plot: opts.plot,
             quiet: cli.quiet,
+            exports,
             args: std::env::args().collect(),
         })
     }
@@ -433,6 +516,17 @@ mod tests {
         assert_eq!((d.top, d.format), (10, Format::Text));
         assert!(Cli::try_parse_from(["leakprobe", "diff", "a.json"]).is_err());
         assert!(Cli::try_parse_from(["leakprobe", "diff", "--top", "0", "a", "b"]).is_err());
+    }
+
+    #[test]
+    fn export_paths() {
+        let c =
+            parse(&["leakprobe", "attach", "-p", "1", "--pprof", "a.pb.gz", "--folded", "a.folded"]).unwrap();
+        let got: Vec<_> = c.exports.paths().map(|(k, p)| (k.flag(), p.to_str().unwrap())).collect();
+        assert_eq!(got, [("--pprof", "a.pb.gz"), ("--folded", "a.folded")]);
+        let err =
+            parse(&["leakprobe", "attach", "-p", "1", "--output", "x", "--flamegraph", "x"]).unwrap_err();
+        assert!(err.contains("--output") && err.contains("--flamegraph"), "{err}");
     }
 
     #[test]

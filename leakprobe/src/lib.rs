@@ -7,11 +7,13 @@
 //! - [`symbolize`]: addresses to functions and lines;
 //! - [`report`]: the report structure and its text and JSON forms;
 //! - [`diff`]: two reports compared per call site (pure);
+//! - [`export`]: the report as pprof, folded stacks and a flame graph;
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
 pub mod cli;
 pub mod diff;
 pub mod elf;
+pub mod export;
 pub mod launch;
 pub mod memory;
 pub mod model;

@@ -53,6 +53,9 @@ pub struct Line {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// A process-wide series: label, colour, (seconds, MiB).
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// Draws the chart to `path` (.svg or .png). `sites` are the call sites to draw besides the
 /// process-wide series, largest growth first.
 pub fn draw(path: &Path, report: &Report, sites: &[Line]) -> Result<(), PlotError> {
@@ -77,7 +80,7 @@ where
     root.fill(&WHITE).map_err(e)?;
     let tl = &r.timeline;
     let t_max = tl.last().map_or(1.0, |p| p.t_s).max(1.0);
-    let memory: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
+    let memory: Vec<Series> = vec![
         (
             "RSS",
             RGBColor(0, 0, 0),

@@ -97,6 +97,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the snapshot directory {}", dir.display()))?;
     }
+    for (_, out) in cfg.exports.paths() {
+        check_output_path(out)?;
+    }
 
     // Who we trace, and the allocators we hook in it.
     let (pid, allocators, mut held) = match &cfg.mode {
@@ -216,6 +219,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         crate::plot::draw(path, &report, &lines).context("drawing --plot")?;
         progress(&cfg, format_args!("timeline chart written to {}", path.display()));
     }
+    write_exports(&cfg.exports, &report)?;
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
@@ -492,8 +496,27 @@ pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
     write_output(args.output.as_ref(), &rendered)
 }
 
-fn check_output_path(path: &PathBuf) -> anyhow::Result<()> {
+fn check_output_path(path: &std::path::Path) -> anyhow::Result<()> {
     crate::output::check_path(path).map_err(refuse)
+}
+
+/// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
+fn write_exports(exports: &crate::cli::Exports, report: &report::Report) -> anyhow::Result<()> {
+    use crate::{
+        cli::ExportKind,
+        export::{flame, pprof},
+    };
+    for (kind, path) in exports.paths() {
+        let flag = kind.flag();
+        let bytes = match kind {
+            ExportKind::Pprof => pprof::encode(report),
+            ExportKind::Flamegraph => flame::svg(report),
+            ExportKind::Folded => Ok(flame::folded(report).into_bytes()),
+        }
+        .with_context(|| format!("{flag} {}", path.display()))?;
+        crate::output::write_atomic(path, &bytes).with_context(|| format!("writing {flag}"))?;
+    }
+    Ok(())
 }
 
 fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {

@@ -200,7 +200,7 @@ pub fn run_verdict(heap: &[(f64, f64)], rss: &[(f64, f64)]) -> (RunVerdict, Stri
     }
     if ht == Trend::Growing {
         let Some(h) = hf else { unreachable!("growing implies a fit") };
-        return (RunVerdict::Leak, format!("{}", describe("tracked heap", &h, &kib, "KiB")));
+        return (RunVerdict::Leak, describe("tracked heap", &h, &kib, "KiB"));
     }
     let Some(h) = hf else { unreachable!("checked above") };
     (RunVerdict::Stable, format!("{}: no steady growth", describe("tracked heap", &h, &kib, "KiB")))

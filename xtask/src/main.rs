@@ -9,7 +9,7 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -85,7 +85,9 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Debian packages: LLVM 22 to build bpf-linker, bpftool for the detach checks, compilers and
 /// the static libc for test targets, libc's separate debug info (the tests check that it is
-/// used), setpriv for the privilege test, a TrueType font for --plot's labels.
+/// used), setpriv for the privilege test, a TrueType font for --plot's labels, and the tools
+/// that open the exports in the tests (`go tool pprof` from golang-go, headless chromium for
+/// the flame graph).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -96,6 +98,8 @@ const PACKAGES: &[&str] = &[
     "libc6-dbg",
     "util-linux",
     "fonts-dejavu-core",
+    "golang-go",
+    "chromium",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator.
