@@ -104,6 +104,20 @@ fn steady_leak_is_a_leak_with_its_site_on_top_and_snapshots_on_disk() {
         .collect();
     assert!(leaked.windows(2).all(|w| w[1] > w[0] && (w[1] - w[0]) % 65536 == 0), "{leaked:?}");
 
+    // `leakprobe diff` of the first and last snapshot: one run, so the leak's delta is exact.
+    let (first, last) = (&files[0], &files[files.len() - 1]);
+    let out = run_leakprobe(&["diff", first.to_str().unwrap(), last.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let diff: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(diff["comparison"], "same-run");
+    let top = &diff["sites"][0];
+    assert_eq!(top["frames"][0]["function"], "leak_sessions", "{top}");
+    let delta = leaked[leaked.len() - 1] - leaked[0];
+    assert_eq!(top["delta_bytes"].as_u64(), Some(delta), "{top}");
+    assert_eq!(top["delta_count"].as_u64(), Some(delta / 4096), "{top}");
+    assert_eq!(top["new_count"].as_u64(), Some(delta / 4096), "nothing freed in between: {top}");
+    assert_eq!(top["freed_count"].as_u64(), Some(0), "{top}");
+
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains("<svg") && svg.contains("tracked heap") && svg.contains("leak_sessions"), "plot");
     let _ = std::fs::remove_dir_all(&dir);
