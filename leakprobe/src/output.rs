@@ -75,8 +75,9 @@ fn link_unnamed(f: &File, to: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically: the content goes to an unnamed file first (or, where
-/// the filesystem has no O_TMPFILE, to a hidden temporary), which is synced and then renamed
-/// over `path`. `path` itself is never opened, so a symlink there is replaced, not followed.
+/// the filesystem has no O_TMPFILE, to a hidden temporary) and is synced; it is then linked in
+/// as `path` if that is a new name, or renamed over the existing `path`. `path` itself is
+/// never opened, so a symlink there is replaced, not followed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
     let io = |source| OutputError::Io { path: path.to_path_buf(), source };
     let dir = parent_of(path);
@@ -86,6 +87,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
     match unnamed_file_in(dir) {
         Ok(mut f) => {
             f.write_all(bytes).and_then(|()| f.sync_data()).map_err(io)?;
+            // A new name: link the finished file straight into place.
+            match link_unnamed(&f, path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
+            }
             link_unnamed(&f, &temp).map_err(io)?;
         }
         Err(_) => {

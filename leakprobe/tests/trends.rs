@@ -176,3 +176,45 @@ fn plot_png_and_bad_flags() {
     assert!(!Path::new("x.jpg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_killed_leakprobe_never_leaves_a_partial_snapshot() {
+    require_root();
+    let dir = scratch("kill");
+    let mut target = Target::spawn_with_args(&trends_target(), &["cache"]);
+    target.send("go");
+    let pid = target.pid().to_string();
+    let mut written = 0;
+    for round in 0..6u64 {
+        let snaps = dir.join(format!("r{round}"));
+        let mut lp = Leakprobe::start(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--interval",
+            "100ms",
+            "--snapshot-every",
+            "100ms",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+        ]);
+        lp.wait_attached();
+        // Spread the kills over the write cycle.
+        std::thread::sleep(std::time::Duration::from_millis(300 + round * 137));
+        lp.child.kill().unwrap();
+        lp.child.wait().unwrap();
+        for entry in std::fs::read_dir(&snaps).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("snapshot-") && name.ends_with(".json"), "stray file {name}");
+            let snap: Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{name} is not complete JSON: {e}"));
+            assert_eq!(snap["schema"], "leakprobe/v1");
+            written += 1;
+        }
+        assert_all_gone("after SIGKILL during snapshots");
+    }
+    assert!(written >= 6, "only {written} snapshots were written before the kills");
+    assert!(target.is_running(), "the target survives");
+    let _ = std::fs::remove_dir_all(&dir);
+}
