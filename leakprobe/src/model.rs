@@ -108,6 +108,9 @@ pub struct Tracker {
     last_hit_rate: f64,
     peak_hit_rate: f64,
     timeline: Timeline,
+    /// When and at what counts the last timeline point was recorded, and its spacing.
+    rate_base: (u64, Counters),
+    last_dt: f64,
 }
 
 impl Tracker {
@@ -124,6 +127,8 @@ impl Tracker {
             last_hit_rate: 0.0,
             peak_hit_rate: 0.0,
             timeline: Timeline::default(),
+            rate_base: (start_ns, Counters::default()),
+            last_dt: 0.0,
         }
     }
 
@@ -142,10 +147,17 @@ impl Tracker {
             state.now = counters;
         }
         let t = sample.at_ns.saturating_sub(self.start_ns) as f64 / 1e9;
+        let hits = |c: &Counters| c.get(counter::ALLOC_CALLS) + c.get(counter::FREE_CALLS);
+        let dt = sample.at_ns.saturating_sub(self.rate_base.0) as f64 / 1e9;
+        // A sample right after the previous one (the final reading at a tick) adds no point:
+        // rates over a sliver of time are noise, and a repeated point reads as "not rising".
+        let record = self.samples == 0 || dt >= 0.25 * self.last_dt;
         let (mut heap, mut mmap) = (0u64, 0u64);
         for (key, state) in &mut self.sites {
             let outstanding = state.now.alloc_bytes.saturating_sub(state.now.free_bytes);
-            state.history.push(t, outstanding as f64);
+            if record {
+                state.history.push(t, outstanding as f64);
+            }
             heap += outstanding;
             if AllocKind::from_u32(key.kind) == Some(AllocKind::Mmap) {
                 mmap += outstanding;
@@ -156,28 +168,31 @@ impl Tracker {
                 state.live = Some(live);
             }
         }
-        let hits = |c: &Counters| c.get(counter::ALLOC_CALLS) + c.get(counter::FREE_CALLS);
-        let dt = sample.at_ns.saturating_sub(self.last_ns) as f64 / 1e9;
-        let rate = |idx: u32| {
-            if dt > 0.0 {
-                sample.counters.get(idx).saturating_sub(self.counters.get(idx)) as f64 / dt
-            } else {
-                0.0
+        if record {
+            let base = &self.rate_base.1;
+            let rate = |idx: u32| {
+                if dt > 0.0 {
+                    sample.counters.get(idx).saturating_sub(base.get(idx)) as f64 / dt
+                } else {
+                    0.0
+                }
+            };
+            let tl = &mut self.timeline;
+            tl.heap.push(t, heap as f64);
+            tl.mmap.push(t, mmap as f64);
+            tl.alloc_rate.push(t, rate(counter::ALLOC_CALLS));
+            tl.free_rate.push(t, rate(counter::FREE_CALLS));
+            if let Some(m) = sample.memory {
+                tl.rss.push(t, m.rss as f64);
+                tl.anon.push(t, m.anon as f64);
+                tl.file.push(t, m.file as f64);
             }
-        };
-        let tl = &mut self.timeline;
-        tl.heap.push(t, heap as f64);
-        tl.mmap.push(t, mmap as f64);
-        tl.alloc_rate.push(t, rate(counter::ALLOC_CALLS));
-        tl.free_rate.push(t, rate(counter::FREE_CALLS));
-        if let Some(m) = sample.memory {
-            tl.rss.push(t, m.rss as f64);
-            tl.anon.push(t, m.anon as f64);
-            tl.file.push(t, m.file as f64);
-        }
-        if dt > 0.0 {
-            self.last_hit_rate = hits(&sample.counters).saturating_sub(hits(&self.counters)) as f64 / dt;
-            self.peak_hit_rate = self.peak_hit_rate.max(self.last_hit_rate);
+            if dt > 0.0 {
+                self.last_hit_rate = hits(&sample.counters).saturating_sub(hits(base)) as f64 / dt;
+                self.peak_hit_rate = self.peak_hit_rate.max(self.last_hit_rate);
+            }
+            self.rate_base = (sample.at_ns, sample.counters);
+            self.last_dt = dt;
         }
         self.counters = sample.counters;
         self.last_ns = self.last_ns.max(sample.at_ns);
@@ -436,5 +451,39 @@ mod tests {
         let mut t = Tracker::new(0, 0);
         t.ingest(Sample { at_ns: S, sites: vec![(key(1), counters(1, 10, 2, 20))], ..Default::default() });
         assert_eq!(t.sites()[0].outstanding_bytes, 0);
+    }
+
+    #[test]
+    fn timeline_and_trend_from_samples() {
+        let mut t = Tracker::new(0, 0);
+        let mut calls = Counters::default();
+        for i in 1..=8u64 {
+            calls.0[counter::ALLOC_CALLS as usize] = 100 * i;
+            t.ingest(Sample {
+                at_ns: i * S,
+                sites: vec![(key(1), counters(10 * i, 10_000 * i, 0, 0))],
+                counters: calls,
+                memory: Some(ProcMemory { rss: (8 << 20) + 12_000 * i, anon: 1 << 19, file: 1 << 19 }),
+                ..Default::default()
+            });
+        }
+        // The final reading lands 1 ms after the last tick: no extra point, no rate spike.
+        calls.0[counter::ALLOC_CALLS as usize] += 50;
+        t.ingest(Sample {
+            at_ns: 8 * S + 1_000_000,
+            sites: vec![(key(1), counters(85, 85_000, 0, 0))],
+            counters: calls,
+            ..Default::default()
+        });
+        let tl = t.timeline();
+        assert_eq!(tl.heap.points().len(), 8);
+        assert_eq!(tl.heap.last(), Some(80_000.0));
+        assert!(tl.alloc_rate.points().iter().all(|p| p.1 == 100.0), "{:?}", tl.alloc_rate.points());
+        assert_eq!(t.peak_hit_rate(), 100.0);
+        let site = &t.sites()[0];
+        assert_eq!(site.outstanding_bytes, 85_000, "totals still take the final reading");
+        assert_eq!(site.trend, Trend::Growing);
+        assert!((site.fit.unwrap().slope_per_s - 10_000.0).abs() < 1e-6);
+        assert_eq!(t.verdict().0, RunVerdict::Leak);
     }
 }

@@ -29,7 +29,7 @@ enum Task {
     /// Build leakprobe, start the bundled leaky server, attach, drive its leak, print the report.
     Demo {
         /// How long to trace.
-        #[arg(long, default_value = "8s")]
+        #[arg(long, default_value = "10s")]
         duration: String,
     },
     /// Run the benchmark harness (bench/harness.py) and update docs/benchmarks.md (root).
@@ -225,12 +225,16 @@ fn demo(duration: &str) -> anyhow::Result<()> {
                 "--duration",
                 duration,
                 "--interval",
-                "2s",
+                "1s",
                 "--top",
                 "5",
                 "--plot",
             ])
             .arg(out_dir.join("timeline.png"))
+            .arg("--flamegraph")
+            .arg(out_dir.join("flamegraph.svg"))
+            .arg("--pprof")
+            .arg(out_dir.join("leak.pb.gz"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -271,7 +275,12 @@ fn demo(duration: &str) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
         eprintln!("xtask demo: sent {i} requests");
-        eprintln!("xtask demo: timeline chart in {}", out_dir.join("timeline.png").display());
+        eprintln!(
+            "xtask demo: timeline chart {}, flame graph {}, pprof profile {}",
+            out_dir.join("timeline.png").display(),
+            out_dir.join("flamegraph.svg").display(),
+            out_dir.join("leak.pb.gz").display()
+        );
         let mut report = String::new();
         lp.stdout.take().expect("piped").read_to_string(&mut report)?;
         let st = lp.wait()?;
