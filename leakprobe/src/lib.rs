@@ -7,6 +7,7 @@
 //! - [`report`]: the report structure and its text and JSON forms;
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
+pub mod allocator;
 pub mod cli;
 pub mod elf;
 pub mod launch;

@@ -10,6 +10,7 @@ use leakprobe_common::SiteKey;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
+    allocator,
     cli::{Config, Format, Mode, Unwind},
     launch,
     model::{Tracker, total_drops},
@@ -94,18 +95,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         check_output_path(out)?;
     }
 
-    // Who we trace, and the allocators we hook in it.
-    let (pid, allocators, mut held) = match &cfg.mode {
+    // Who we trace.
+    let (pid, mut held) = match &cfg.mode {
         Mode::Attach { pid } => {
-            let identity = target::identify(*pid).map_err(refuse)?;
-            let maps = target::exec_mappings(*pid).map_err(refuse)?;
-            let allocators = target::find_allocators(&maps)
-                .ok_or_else(|| refuse(TargetError::NoLibc { pid: *pid, exe: identity.exe.clone() }))?;
-            (*pid, allocators, None)
+            target::identify(*pid).map_err(refuse)?;
+            (*pid, None)
         }
         Mode::Run { command } => {
             let held = launch::spawn_held(command).map_err(refuse)?;
-            (held.pid, held.allocators.clone(), Some(held))
+            (held.pid, Some(held))
         }
     };
     let identity = target::identify(pid).map_err(refuse)?;
@@ -114,6 +112,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     if !target::still_same(&identity) {
         return Err(refuse(TargetError::NoSuchProcess { pid }));
     }
+    // The allocators it really uses, and where each hook goes.
+    let modules = allocator::scan(pid).map_err(refuse)?;
+    let plan = allocator::plan(pid, &identity.exe, &modules, &allocator::preloads(pid), &cfg.allocator)
+        .map_err(refuse)?;
 
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
@@ -133,14 +135,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut unwind = unwind::Loaded::default();
     sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables")?;
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
+    test_hook_pause("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS");
     let t_attach = std::time::Instant::now();
-    let mut statuses = match probes.attach(&allocators) {
+    let mut statuses = match probes.attach(&plan) {
         Ok(s) => s,
         Err(e) => {
             drop(probes);
             return Err(refuse(e));
         }
     };
+    // Probes bind to whichever process holds the PID when they attach: if ours exited and
+    // its PID went to another process meanwhile, they are on the newcomer. Detach at once.
+    if target::pidfd_exited(&pidfd) || !target::still_same(&identity) {
+        drop(probes);
+        return Err(refuse(TargetError::GoneWhileAttaching { pid }));
+    }
     tracing::info!("probes attached in {:?}", t_attach.elapsed());
     let start_ns = monotonic_ns();
     let start_wall = SystemTime::now();
@@ -153,9 +162,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     progress(
         &cfg,
         format_args!(
-            "attached {attached} probes to PID {pid} ({}) in {}",
+            "attached {attached} probes to PID {pid} ({}): {} allocator in {}",
             identity.exe,
-            allocators.libc.path.display()
+            plan.allocator.name(),
+            plan.module.path.display()
         ),
     );
 
@@ -163,7 +173,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let _ = symbolizer.modules.refresh(pid);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     let mut stacks: StackCache = HashMap::new();
-    let mut cxx_attached = allocators.cxx.is_some();
+    // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
+    // operator new is hooked (it comes first in the search order).
+    let mut cxx_attached =
+        plan.cxx.is_some() || statuses.iter().any(|s| s.function == "_Znwm" && s.attached() && !s.watch_only);
 
     let (ended_by, exit_status) = watch(
         &cfg,
@@ -201,6 +214,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         exit_status,
         sample_bytes: cfg.sample_bytes,
         max_overhead: cfg.max_overhead,
+        allocator: &plan,
     };
     let report = report::build(&ctx, &tracker, |site| site_frames(&site.key, &stacks, &mut symbolizer));
     let rendered = match cfg.format {
@@ -253,6 +267,7 @@ async fn watch(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
     let first_exe = target::exe_of(pid);
 
+    let mut test_panic = std::env::var_os("LEAKPROBE_TEST_PANIC_AFTER_ATTACH").is_some();
     loop {
         tokio::select! {
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
@@ -267,6 +282,10 @@ async fn watch(
                 return Ok(("target-exited", status));
             }
             _ = ticker.tick() => {
+                // Tests only: leakprobe's own panic while attached must leave nothing behind.
+                if std::mem::take(&mut test_panic) {
+                    panic!("LEAKPROBE_TEST_PANIC_AFTER_ATTACH is set");
+                }
                 let execed = probes.target_execed().unwrap_or(false)
                     || (target::exe_of(pid) != first_exe && target::still_same(identity));
                 if execed {
@@ -324,6 +343,14 @@ async fn watch(
                 ));
             }
         }
+    }
+}
+
+/// Tests only: sleep where a race is to be provoked (the named variable holds milliseconds).
+fn test_hook_pause(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        eprintln!("leakprobe: {var}: pausing {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
