@@ -247,6 +247,9 @@ fn kind_of(file_name: &str, syms: &HashMap<String, FunctionSym>) -> Option<Alloc
     } else if file_name.starts_with("ld-musl")
         || file_name.starts_with("libc.musl")
         || has("__libc_malloc_impl")
+        // Debian's musl: /lib/ld-musl-x86_64.so.1 links to .../x86_64-linux-musl/libc.so,
+        // which, unlike glibc's libc, exports no __libc_malloc.
+        || (file_name == "libc.so" && has("malloc") && !has("__libc_malloc"))
     {
         Some(AllocatorKind::Musl)
     } else if has("__libc_malloc") && has("malloc") {
@@ -323,7 +326,11 @@ fn names_module(m: &Module, name: &str) -> bool {
     m.mapping.path.as_os_str() == name
         || file == name
         || m.dynamic.soname.as_deref() == Some(name)
-        || (name.contains('/') && PathBuf::from(name).file_name().is_some_and(|n| n == file.as_str()))
+        // A preload named through a symlink (libtcmalloc_minimal.so.4 -> ...so.4.5.10).
+        || (name.contains('/')
+            && PathBuf::from(name).file_name().is_some_and(|n| {
+                n == file.as_str() || m.dynamic.soname.as_deref().is_some_and(|s| n == s)
+            }))
 }
 
 /// The loader's symbol search order over `modules`: executable, preloads, then DT_NEEDED

@@ -85,9 +85,27 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Debian packages: LLVM 22 to build bpf-linker, bpftool for the detach checks, compilers and
 /// the static libc for test targets, libc's separate debug info (the tests check that it is
-/// used), setpriv for the privilege test.
-const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "bpftool", "gcc", "g++", "libc6-dev", "libc6-dbg", "util-linux"];
+/// used), setpriv for the privilege test, and the other allocators the tests trace (jemalloc,
+/// tcmalloc, mimalloc, musl, Debian's redis-server on jemalloc).
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "gcc",
+    "g++",
+    "libc6-dev",
+    "libc6-dbg",
+    "util-linux",
+    "libjemalloc2",
+    "libjemalloc-dev",
+    "libtcmalloc-minimal4",
+    "libgoogle-perftools-dev",
+    "libmimalloc2.0",
+    "libmimalloc-dev",
+    "musl-tools",
+    "redis-server",
+    "redis-tools",
+];
 
 /// Only the benchmark harness needs these: a real server and its load generator.
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "heaptrack", "python3"];

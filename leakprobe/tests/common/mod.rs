@@ -78,7 +78,13 @@ pub struct Target {
 
 impl Target {
     pub fn spawn(path: &Path) -> Target {
+        Target::spawn_env(path, &[])
+    }
+
+    /// Like [`Target::spawn`], with extra environment variables (LD_PRELOAD, say).
+    pub fn spawn_env(path: &Path, env: &[(&str, &str)]) -> Target {
         let mut child = Command::new(path)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -297,6 +303,11 @@ pub fn our_programs_loaded() -> Vec<String> {
         "on_exec",
         "noop_enter",
         "noop_exit",
+        "mallocx_enter",
+        "rallocx_enter",
+        "new_enter",
+        "new_array_enter",
+        "untracked_enter",
     ];
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
