@@ -170,7 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     );
 
     let mut symbolizer = Symbolizer::new();
-    let _ = symbolizer.modules.refresh(pid);
+    let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     let mut stacks: StackCache = HashMap::new();
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
@@ -202,7 +202,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     drop(probes);
     tracing::info!("detached in {:?}", t0.elapsed());
     progress(&cfg, format_args!("detached from PID {pid}"));
-    let _ = symbolizer.modules.refresh(pid);
+    let _ = symbolizer.modules.refresh(&identity);
 
     let ctx = report::Context {
         identity: &identity,
@@ -282,6 +282,11 @@ async fn watch(
                 return Ok(("target-exited", status));
             }
             _ = ticker.tick() => {
+                // Exited (perhaps its PID already reused): nothing more is read from /proc for
+                // this PID; the pidfd branch ends the trace.
+                if target::pidfd_exited(exited.get_ref()) {
+                    continue;
+                }
                 // Tests only: leakprobe's own panic while attached must leave nothing behind.
                 if std::mem::take(&mut test_panic) {
                     panic!("LEAKPROBE_TEST_PANIC_AFTER_ATTACH is set");
@@ -299,7 +304,7 @@ async fn watch(
                     .sample(monotonic_ns(), tracker.min_age_ns(), read_live)
                     .context("reading eBPF maps")?;
                 tracker.ingest(sample);
-                let _ = symbolizer.modules.refresh(pid);
+                let _ = symbolizer.modules.refresh(identity);
                 // Libraries loaded since (dlopen) get unwind rows too.
                 if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
                     tracing::warn!("updating unwind tables: {e:#}");

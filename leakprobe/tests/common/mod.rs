@@ -164,8 +164,14 @@ pub struct Leakprobe {
 
 impl Leakprobe {
     pub fn start(args: &[&str]) -> Leakprobe {
+        Leakprobe::start_env(args, &[])
+    }
+
+    /// Like [`Leakprobe::start`], with extra environment variables (the test-only hooks).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Leakprobe {
         let mut child = Command::new(leakprobe_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
