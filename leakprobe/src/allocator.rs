@@ -563,7 +563,7 @@ mod tests {
         }
     }
 
-    fn hooked_on<'a>(p: &'a Plan, func: &str) -> Option<String> {
+    fn hooked_on(p: &Plan, func: &str) -> Option<String> {
         p.hooks.iter().find(|m| m.hooks.iter().any(|h| h.function == func)).map(|m| m.module.file_name())
     }
 
