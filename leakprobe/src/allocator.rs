@@ -261,9 +261,15 @@ fn kind_of(file_name: &str, syms: &HashMap<String, FunctionSym>) -> Option<Alloc
     }
 }
 
-/// The static name of a function some table hooks as an allocation or free function.
-pub fn hooked_name(name: &str) -> Option<&'static str> {
-    TABLES.iter().flat_map(|t| t.iter()).chain(CXX_DIRECT).map(|h| h.function).find(|f| *f == name)
+/// The static name of a function some table hooks as a free.
+pub fn hooked_free(name: &str) -> Option<&'static str> {
+    TABLES
+        .iter()
+        .flat_map(|t| t.iter())
+        .chain(CXX_DIRECT)
+        .filter(|h| h.entry == "free_enter")
+        .map(|h| h.function)
+        .find(|f| *f == name)
 }
 
 /// Every name any table hooks, plus the ones that tell allocators apart.
@@ -561,6 +567,14 @@ mod tests {
             kind: kind_of(name, &syms),
             syms,
         }
+    }
+
+    #[test]
+    fn only_frees_count_as_free_forwarders() {
+        assert_eq!(hooked_free("free"), Some("free"));
+        assert_eq!(hooked_free("sdallocx"), Some("sdallocx"));
+        assert_eq!(hooked_free("_Znwm"), None);
+        assert_eq!(hooked_free("malloc"), None);
     }
 
     fn hooked_on(p: &Plan, func: &str) -> Option<String> {

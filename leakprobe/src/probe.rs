@@ -328,11 +328,14 @@ impl Probes {
                 Some(off) => {
                     if let Some(first) = first_at.get(off) {
                         alias_of.insert(h.function, first);
-                    } else if let Some(to) = crate::elf::plt_forward(&data, *off)
-                        .and_then(|name| crate::allocator::hooked_name(&name))
+                    } else if let Some(to) = (h.entry == "free_enter")
+                        .then(|| crate::elf::plt_forward(&data, *off))
+                        .flatten()
+                        .and_then(|name| crate::allocator::hooked_free(&name))
                     {
-                        // A bare `jmp free@plt`: seen where it lands, probing it too would
-                        // count each call twice.
+                        // A free that is a bare `jmp free@plt`: seen where it lands, probing
+                        // it too would count each call twice. (Allocation forwarders stay
+                        // probed: libstdc++'s new[] jumps to new, and the outer kind wins.)
                         alias_of.insert(h.function, to);
                     } else {
                         first_at.insert(*off, h.function);
