@@ -123,10 +123,14 @@ pub enum AllocKind {
     OperatorNew = 11,
     /// C++ `operator new[]`.
     OperatorNewArray = 12,
+    /// jemalloc's `mallocx(size, flags)` (also `je_`/`_rjem_` prefixed).
+    Mallocx = 13,
+    /// jemalloc's `rallocx(ptr, size, flags)`: a realloc that keeps the old block on failure.
+    Rallocx = 14,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 12] = [
+    pub const ALL: [AllocKind; 14] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -139,6 +143,8 @@ impl AllocKind {
         AllocKind::Mmap,
         AllocKind::OperatorNew,
         AllocKind::OperatorNewArray,
+        AllocKind::Mallocx,
+        AllocKind::Rallocx,
     ];
 
     pub const fn from_u32(v: u32) -> Option<AllocKind> {
@@ -155,6 +161,8 @@ impl AllocKind {
             10 => Some(AllocKind::Mmap),
             11 => Some(AllocKind::OperatorNew),
             12 => Some(AllocKind::OperatorNewArray),
+            13 => Some(AllocKind::Mallocx),
+            14 => Some(AllocKind::Rallocx),
             _ => None,
         }
     }
@@ -174,6 +182,8 @@ impl AllocKind {
             AllocKind::Mmap => "mmap",
             AllocKind::OperatorNew => "operator new",
             AllocKind::OperatorNewArray => "operator new[]",
+            AllocKind::Mallocx => "mallocx",
+            AllocKind::Rallocx => "rallocx",
         }
     }
 }
@@ -210,7 +220,10 @@ pub mod counter {
     pub const STACK_NO_UNWIND_INFO: u32 = 13;
     /// Allocations passed over by sampling (`--sample-bytes`).
     pub const UNSAMPLED_ALLOCS: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Calls into an allocation function that the target's own calls do not bind to (glibc's
+    /// malloc shadowed by jemalloc, say): whatever it allocates is not tracked.
+    pub const UNTRACKED_ALLOCATOR_CALLS: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.

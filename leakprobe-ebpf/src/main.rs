@@ -584,7 +584,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
 
     match AllocKind::from_u32(rec.kind) {
-        Some(AllocKind::Realloc | AllocKind::Reallocarray) => {
+        Some(AllocKind::Realloc | AllocKind::Reallocarray | AllocKind::Rallocx) => {
             if ret != 0 || (rec.size == 0 && rec.old_ptr != 0) {
                 // Success, or glibc's realloc(p, 0), which frees p and returns NULL.
                 if rec.old_ptr != 0 {
@@ -691,6 +691,40 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, AllocKind::Mmap, arg(&ctx, 1), 0, arg(&ctx, 3))
+}
+
+/// jemalloc's mallocx(size, flags).
+#[uprobe]
+pub fn mallocx_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Mallocx, arg(&ctx, 0), 0, 0)
+}
+
+/// jemalloc's rallocx(ptr, size, flags): realloc semantics (ptr is never NULL).
+#[uprobe]
+pub fn rallocx_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Rallocx, arg(&ctx, 1), arg(&ctx, 0), 0)
+}
+
+/// operator new defined by the allocator itself (jemalloc, tcmalloc, mimalloc): it allocates
+/// through internal paths, not through the exported malloc, so it is an allocation of its own.
+#[uprobe]
+pub fn new_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::OperatorNew, arg(&ctx, 0), 0, 0)
+}
+
+#[uprobe]
+pub fn new_array_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::OperatorNewArray, arg(&ctx, 0), 0, 0)
+}
+
+/// An allocation function the target's calls do not bind to (shadowed by another allocator):
+/// counted, so that allocations leakprobe cannot see never pass silently.
+#[uprobe]
+pub fn untracked_enter(_ctx: ProbeContext) -> u32 {
+    if target_tid().is_some() {
+        count(counter::UNTRACKED_ALLOCATOR_CALLS);
+    }
+    0
 }
 
 #[uprobe]

@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::allocator::{AllocatorKind, Choice};
+
 const EXAMPLES: &str = "\
 Examples:
   # Watch a live server for 60 s and print the growing call sites
@@ -196,6 +198,14 @@ pub struct TraceOpts {
     /// and the top growing call sites) as a chart: FILE.svg or FILE.png.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Which allocator to hook (auto: the one the target's malloc binds to).
+    /// One of auto, glibc, jemalloc, tcmalloc, mimalloc, musl.
+    #[arg(long, value_name = "NAME", default_value = "auto")]
+    pub allocator: String,
+    /// Hook the allocator in this mapped library (a path, file name or soname prefix, e.g.
+    /// libjemalloc.so.2) instead of the detected one.
+    #[arg(long, value_name = "PATH_OR_SONAME")]
+    pub lib: Option<String>,
     #[command(flatten)]
     pub export: ExportOpts,
 }
@@ -255,6 +265,15 @@ impl Exports {
     }
 }
 
+fn parse_allocator(v: &str) -> Result<Option<AllocatorKind>, ConfigError> {
+    if v == "auto" {
+        return Ok(None);
+    }
+    <AllocatorKind as ValueEnum>::from_str(v, true)
+        .map(Some)
+        .map_err(|_| ConfigError::Allocator { value: v.to_string() })
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// `diff` reads files; it has no trace configuration.
@@ -268,6 +287,10 @@ pub enum ConfigError {
     Size { flag: &'static str, value: String, reason: String },
     #[error("{flag} must be between {min} and {max}")]
     Range { flag: &'static str, min: u64, max: u64 },
+    #[error(
+        "invalid --allocator value {value:?}: expected auto, glibc, jemalloc, tcmalloc, mimalloc or musl"
+    )]
+    Allocator { value: String },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
     #[error("--plot {0}: the file name must end in .svg or .png")]
@@ -309,6 +332,8 @@ pub struct Config {
     pub quiet: bool,
     /// --pprof, --flamegraph, --folded.
     pub exports: Exports,
+    /// `--allocator` / `--lib`.
+    pub allocator: Choice,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -441,6 +466,7 @@ impl TryFrom<Cli> for Config {
             plot: opts.plot,
             quiet: cli.quiet,
             exports,
+            allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
             args: std::env::args().collect(),
         })
     }
@@ -505,6 +531,30 @@ mod tests {
         );
         assert!(parse(&["leakprobe", "attach", "-p", "x"]).is_err());
         assert!(parse(&["leakprobe", "run"]).is_err());
+        assert!(
+            parse(&["leakprobe", "attach", "-p", "1", "--allocator", "dlmalloc"])
+                .unwrap_err()
+                .contains("--allocator")
+        );
+    }
+
+    #[test]
+    fn allocator_choice() {
+        let c = parse(&["leakprobe", "attach", "-p", "1"]).unwrap();
+        assert_eq!(c.allocator, Choice::default());
+        let c = parse(&[
+            "leakprobe",
+            "attach",
+            "-p",
+            "1",
+            "--allocator",
+            "jemalloc",
+            "--lib",
+            "libjemalloc.so.2",
+        ])
+        .unwrap();
+        assert_eq!(c.allocator.allocator, Some(AllocatorKind::Jemalloc));
+        assert_eq!(c.allocator.lib.as_deref(), Some("libjemalloc.so.2"));
     }
 
     #[test]

@@ -55,9 +55,21 @@ pub struct FunctionSym {
 pub fn functions(path: &Path, names: &[&str]) -> Result<(HashMap<String, FunctionSym>, Vec<u8>), ElfError> {
     let shown = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| ElfError::Read { path: shown.clone(), source })?;
-    let file = object::File::parse(&*data).map_err(|source| ElfError::Parse { path: shown, source })?;
+    let out = functions_in(&data, names, false).map_err(|source| ElfError::Parse { path: shown, source })?;
+    Ok((out, data))
+}
+
+/// The named functions an ELF image defines. `exported_only` keeps to the dynamic symbol
+/// table: what other modules can bind to (a shared library's local `malloc` binds nothing).
+pub fn functions_in(
+    data: &[u8],
+    names: &[&str],
+    exported_only: bool,
+) -> Result<HashMap<String, FunctionSym>, object::Error> {
+    let file = object::File::parse(data)?;
     let mut out = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
+    let local = if exported_only { None } else { Some(file.symbols()) };
+    for sym in file.dynamic_symbols().chain(local.into_iter().flatten()) {
         if !sym.is_definition() || sym.kind() != object::SymbolKind::Text {
             continue;
         }
@@ -70,8 +82,86 @@ pub fn functions(path: &Path, names: &[&str]) -> Result<(HashMap<String, Functio
         let Some(rel) = sym.address().checked_sub(section.address()) else { continue };
         out.insert(name.to_string(), FunctionSym { offset: sec_offset + rel, size: sym.size() });
     }
-    drop(file);
-    Ok((out, data))
+    Ok(out)
+}
+
+/// What the dynamic loader reads from an image: its program interpreter (none: static),
+/// its SONAME and its DT_NEEDED list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dynamic {
+    pub interp: bool,
+    pub soname: Option<String>,
+    pub needed: Vec<String>,
+}
+
+pub fn dynamic(data: &[u8]) -> Dynamic {
+    use object::read::elf::{Dyn as _, ElfFile64, ProgramHeader as _};
+    let Ok(elf) = ElfFile64::<object::Endianness>::parse(data) else { return Dynamic::default() };
+    let endian = elf.endian();
+    let interp = elf.elf_program_headers().iter().any(|p| p.p_type(endian) == object::elf::PT_INTERP);
+    let mut out = Dynamic { interp, ..Default::default() };
+    let sections = elf.elf_section_table();
+    let Ok(Some((dyns, link))) = sections.dynamic(endian, data) else { return out };
+    let Ok(strings) = sections.strings(endian, data, link) else { return out };
+    for d in dyns {
+        let Some(tag) = d.tag32(endian) else { continue };
+        let Ok(name) = d.string(endian, strings) else { continue };
+        let name = String::from_utf8_lossy(name).into_owned();
+        match tag {
+            object::elf::DT_NEEDED => out.needed.push(name),
+            object::elf::DT_SONAME => out.soname = Some(name),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The symbol a function forwards to when its whole body is a tail jump through the PLT
+/// (jemalloc's `operator delete(void*)` is `jmp free@plt`): its calls are seen where they
+/// land, so probing it as well would count every call twice. `offset` is the function's
+/// file offset.
+pub fn plt_forward(data: &[u8], offset: u64) -> Option<String> {
+    use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    use object::read::elf::{ElfFile64, Rela as _, SectionHeader as _};
+
+    let decode_jmp = |off: u64| -> Option<iced_x86::Instruction> {
+        let code = data.get(off as usize..(off as usize).checked_add(16)?.min(data.len()))?;
+        let mut d = Decoder::with_ip(64, code, off, DecoderOptions::NONE);
+        let mut i = d.decode();
+        if i.code() == Code::Endbr64 {
+            i = d.decode();
+        }
+        (i.mnemonic() == Mnemonic::Jmp).then_some(i)
+    };
+    let jmp = decode_jmp(offset)?;
+    if jmp.op0_kind() != OpKind::NearBranch64 {
+        return None;
+    }
+    let stub = decode_jmp(jmp.near_branch_target())?;
+    if stub.op0_kind() != OpKind::Memory || stub.memory_base() != Register::RIP {
+        return None;
+    }
+    // The stub's GOT slot, as a virtual address (the decoder ran on file offsets).
+    let elf = ElfFile64::<object::Endianness>::parse(data).ok()?;
+    let endian = elf.endian();
+    let sections = elf.elf_section_table();
+    let text = sections.iter().find(|s| {
+        let (start, size) = (s.sh_offset(endian), s.sh_size(endian));
+        s.sh_type(endian) == object::elf::SHT_PROGBITS && start <= stub.ip() && stub.ip() < start + size
+    })?;
+    let slot = stub.memory_displacement64() - text.sh_offset(endian) + text.sh_addr(endian);
+    let dynsyms = sections.symbols(endian, data, object::elf::SHT_DYNSYM).ok()?;
+    for s in sections.iter().filter(|s| s.sh_type(endian) == object::elf::SHT_RELA) {
+        let Ok(Some((relas, _))) = s.rela(endian, data) else { continue };
+        for r in relas {
+            if r.r_offset(endian) == slot && r.r_type(endian, false) == object::elf::R_X86_64_JUMP_SLOT {
+                let sym = dynsyms.symbol(object::SymbolIndex(r.r_sym(endian, false) as usize)).ok()?;
+                let name = dynsyms.symbol_name(endian, sym).ok()?;
+                return Some(String::from_utf8_lossy(name).into_owned());
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -92,5 +182,11 @@ mod tests {
         assert_ne!(offs["malloc"].offset, offs["free"].offset);
         assert!(offs["free"].size > 0);
         assert!(!offs.contains_key("no_such_function"));
+        let data = std::fs::read(libc).unwrap();
+        let d = dynamic(&data);
+        assert_eq!(d.soname.as_deref(), Some("libc.so.6"));
+        assert!(d.interp, "glibc's libc.so.6 has a PT_INTERP (it can be run)");
+        // glibc's malloc does real work; it is no PLT forwarder.
+        assert_eq!(plt_forward(&data, offs["malloc"].offset), None);
     }
 }

@@ -19,7 +19,7 @@ use nix::{
 };
 use thiserror::Error;
 
-use crate::target::{self, Allocators};
+use crate::target;
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
@@ -38,10 +38,7 @@ pub enum LaunchError {
     UnexpectedStop { status: String },
     #[error("{command:?} exited before loading libc (status {status})")]
     ExitedEarly { command: String, status: i32 },
-    #[error(
-        "{command:?} never mapped a dynamic libc (static binary?); static binaries are not \
-         supported yet"
-    )]
+    #[error("{command:?} never mapped a libc within {MAX_SYSCALL_STOPS} loader system calls")]
     NoLibc { command: String },
 }
 
@@ -49,7 +46,6 @@ pub enum LaunchError {
 pub struct Held {
     pub child: Child,
     pub pid: i32,
-    pub allocators: Allocators,
 }
 
 /// Loader system calls we are willing to step through while waiting for libc.
@@ -97,13 +93,17 @@ pub fn spawn_held(command: &[String]) -> Result<Held, LaunchError> {
         return Err(LaunchError::Ptrace { source });
     }
 
+    // A static executable has no loader: everything it has is mapped already.
+    if is_static(pid.as_raw()) {
+        return Ok(Held { child, pid: pid.as_raw() });
+    }
     for _ in 0..MAX_SYSCALL_STOPS {
-        if let Some(allocators) = target::exec_mappings(pid.as_raw())
-            .ok()
-            .and_then(|maps| target::find_allocators(&maps))
-            .filter(|a| a.cxx.is_some() || !needs_cxx(pid.as_raw()))
-        {
-            return Ok(Held { child, pid: pid.as_raw(), allocators });
+        let ready = target::exec_mappings(pid.as_raw()).ok().is_some_and(|maps| {
+            target::find_allocators(&maps).is_some_and(|a| a.cxx.is_some() || !needs_cxx(pid.as_raw()))
+                && all_needed_mapped(pid.as_raw(), &maps)
+        });
+        if ready {
+            return Ok(Held { child, pid: pid.as_raw() });
         }
         if let Err(source) = ptrace::syscall(pid, None) {
             kill(&mut child);
@@ -144,17 +144,21 @@ fn needs_cxx(pid: i32) -> bool {
 }
 
 fn needed_libs(data: &[u8]) -> Vec<String> {
-    use object::read::elf::{Dyn as _, ElfFile64};
-    let Ok(elf) = ElfFile64::<object::Endianness>::parse(data) else { return Vec::new() };
-    let endian = elf.endian();
-    let sections = elf.elf_section_table();
-    let Ok(Some((dyns, link))) = sections.dynamic(endian, data) else { return Vec::new() };
-    let Ok(strings) = sections.strings(endian, data, link) else { return Vec::new() };
-    dyns.iter()
-        .filter(|d| d.tag32(endian) == Some(object::elf::DT_NEEDED))
-        .filter_map(|d| d.string(endian, strings).ok())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-        .collect()
+    crate::elf::dynamic(data).needed
+}
+
+fn is_static(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/exe")).is_ok_and(|data| !crate::elf::dynamic(&data).interp)
+}
+
+/// Whether the executable's direct DT_NEEDED libraries are all mapped: an allocator linked
+/// in (libjemalloc) must be there before we decide which malloc the calls bind to. musl's
+/// `libc.so` is its loader, mapped under another name.
+fn all_needed_mapped(pid: i32, maps: &[target::Mapping]) -> bool {
+    let Ok(data) = std::fs::read(format!("/proc/{pid}/exe")) else { return true };
+    needed_libs(&data)
+        .iter()
+        .all(|n| n == "libc.so" || maps.iter().any(|m| m.file_name().starts_with(n.as_str())))
 }
 
 impl Held {

@@ -10,6 +10,7 @@
 //! - [`export`]: the report as pprof, folded stacks and a flame graph;
 //! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
 
+pub mod allocator;
 pub mod cli;
 pub mod diff;
 pub mod elf;

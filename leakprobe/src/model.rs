@@ -333,6 +333,11 @@ pub const DROP_KINDS: &[(u32, &str, &str)] = &[
     (counter::MISSED_RETURN, "missed_returns", "entries whose return was never seen"),
     (counter::MISSED_FREE, "missed_frees", "addresses reused while live (a free went unseen)"),
     (counter::STACK_READ_ERROR, "stack_errors", "stacks that could not be read"),
+    (
+        counter::UNTRACKED_ALLOCATOR_CALLS,
+        "untracked_allocator_calls",
+        "calls into an allocator the target's calls do not bind to (shadowed): not tracked",
+    ),
 ];
 
 /// Counters that are expected in normal operation, reported for context.

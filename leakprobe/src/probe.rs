@@ -20,8 +20,9 @@ use leakprobe_common::{
 use thiserror::Error;
 
 use crate::{
+    allocator::{CXX_WRAPPERS, Hook, Plan},
     model::{Counters, LiveSummary, Sample},
-    target::{Allocators, Mapping, target_path},
+    target::{Mapping, target_path},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakprobe"));
@@ -96,6 +97,9 @@ pub struct ProbeStatus {
     pub alias_of: Option<&'static str>,
     /// Set when the entry probe sits past the start of the function: (offset, why).
     pub placement: Option<(u64, &'static str)>,
+    /// A shadowed definition the target's calls do not bind to: its hits are only counted
+    /// (`untracked_allocator_calls`), since nothing it allocates can be tracked.
+    pub watch_only: bool,
 }
 
 impl ProbeStatus {
@@ -104,54 +108,12 @@ impl ProbeStatus {
     }
 }
 
-/// An allocation-family function and the programs that watch it.
-struct Hook {
-    function: &'static str,
-    entry: &'static str,
-    /// Whether the return is needed (to learn the returned address).
-    exit: bool,
-    required: bool,
-    /// Starts with a NULL check of its first argument that the probe may skip (free).
-    null_check: bool,
-}
-
-const fn hook(function: &'static str, entry: &'static str, exit: bool, required: bool) -> Hook {
-    Hook { function, entry, exit, required, null_check: false }
-}
-
-/// libc's allocation family. malloc and free must attach; the rest may be missing.
-const LIBC_HOOKS: &[Hook] = &[
-    hook("malloc", "malloc_enter", true, true),
-    Hook { function: "free", entry: "free_enter", exit: false, required: true, null_check: true },
-    hook("calloc", "calloc_enter", true, false),
-    hook("realloc", "realloc_enter", true, false),
-    hook("reallocarray", "reallocarray_enter", true, false),
-    hook("posix_memalign", "posix_memalign_enter", true, false),
-    hook("aligned_alloc", "aligned_alloc_enter", true, false),
-    hook("memalign", "memalign_enter", true, false),
-    hook("valloc", "valloc_enter", true, false),
-    hook("pvalloc", "pvalloc_enter", true, false),
-    hook("mmap", "mmap_enter", true, false),
-    hook("munmap", "munmap_enter", false, false),
-];
-
-/// C++ operator new family (Itanium ABI): their entries see the C++ caller's whole stack.
-const CXX_HOOKS: &[Hook] = &[
-    hook("_Znwm", "cxx_new_enter", false, false),
-    hook("_ZnwmRKSt9nothrow_t", "cxx_new_enter", false, false),
-    hook("_ZnwmSt11align_val_t", "cxx_new_enter", false, false),
-    hook("_ZnwmSt11align_val_tRKSt9nothrow_t", "cxx_new_enter", false, false),
-    hook("_Znam", "cxx_new_array_enter", false, false),
-    hook("_ZnamRKSt9nothrow_t", "cxx_new_array_enter", false, false),
-    hook("_ZnamSt11align_val_t", "cxx_new_array_enter", false, false),
-    hook("_ZnamSt11align_val_tRKSt9nothrow_t", "cxx_new_array_enter", false, false),
-];
-
 const EXIT_PROGRAM: &str = "alloc_exit";
 const CAPTURE_PROGRAM: &str = "capture";
 const NOOP_ENTER: &str = "noop_enter";
 const EXEC_PROGRAM: &str = "on_exec";
 const NOOP_EXIT: &str = "noop_exit";
+const WATCH_PROGRAM: &str = "untracked_enter";
 
 pub struct Probes {
     ebpf: Ebpf,
@@ -329,8 +291,9 @@ impl Probes {
 
     fn attach_hooks(
         &mut self,
-        hooks: &'static [Hook],
+        hooks: &[&'static Hook],
         module: &Mapping,
+        watch_only: bool,
         out: &mut Vec<ProbeStatus>,
     ) -> Result<(), ProbeError> {
         let path = target_path(self.pid.get() as i32, &module.path);
@@ -365,6 +328,15 @@ impl Probes {
                 Some(off) => {
                     if let Some(first) = first_at.get(off) {
                         alias_of.insert(h.function, first);
+                    } else if let Some(to) = (h.entry == "free_enter")
+                        .then(|| crate::elf::plt_forward(&data, *off))
+                        .flatten()
+                        .and_then(|name| crate::allocator::hooked_free(&name))
+                    {
+                        // A free that is a bare `jmp free@plt`: seen where it lands, probing
+                        // it too would count each call twice. (Allocation forwarders stay
+                        // probed: libstdc++'s new[] jumps to new, and the outer kind wins.)
+                        alias_of.insert(h.function, to);
                     } else {
                         first_at.insert(*off, h.function);
                     }
@@ -386,6 +358,8 @@ impl Probes {
             }
             let Some(&offset) = offsets.get(h.function) else { continue };
             let (program, offset) = match (self.noop, program == EXIT_PROGRAM) {
+                _ if watch_only && program == EXIT_PROGRAM => continue,
+                _ if watch_only => (WATCH_PROGRAM, offset),
                 (false, _) => (program, offset + placements.get(h.function).map_or(0, |p| p.offset)),
                 (true, true) => (NOOP_EXIT, offset),
                 (true, false) => (NOOP_ENTER, offset),
@@ -396,7 +370,7 @@ impl Probes {
         }
         for h in hooks {
             let error = failed.remove(h.function);
-            if let (true, Some(reason)) = (h.required, &error) {
+            if let (true, false, Some(reason)) = (h.required, watch_only, &error) {
                 return Err(ProbeError::RequiredMissing {
                     function: h.function,
                     module: module.path.display().to_string(),
@@ -406,24 +380,33 @@ impl Probes {
             out.push(ProbeStatus {
                 function: h.function,
                 module: module.path.clone(),
-                required: h.required,
                 error,
                 alias_of: alias_of.get(h.function).copied(),
                 placement: placements
                     .get(h.function)
-                    .filter(|p| p.offset > 0 && !self.noop)
+                    .filter(|p| p.offset > 0 && !self.noop && !watch_only)
                     .map(|p| (p.offset, p.note)),
+                required: h.required && !watch_only,
+                watch_only,
             });
         }
         Ok(())
     }
 
-    /// Attaches every hook the target's allocators offer. Fails only if a required one fails.
-    pub fn attach(&mut self, allocators: &Allocators) -> Result<Vec<ProbeStatus>, ProbeError> {
+    /// Attaches every hook of the plan, each on the module its name binds to, then the
+    /// watchers of shadowed definitions. Fails only if a required one fails.
+    pub fn attach(&mut self, plan: &Plan) -> Result<Vec<ProbeStatus>, ProbeError> {
         let mut out = Vec::new();
-        self.attach_hooks(LIBC_HOOKS, &allocators.libc, &mut out)?;
-        if let Some(cxx) = &allocators.cxx {
+        for m in &plan.hooks {
+            self.attach_hooks(&m.hooks, &m.module, false, &mut out)?;
+        }
+        if let Some(cxx) = &plan.cxx {
             out.extend(self.attach_cxx(cxx)?);
+        }
+        if !self.noop {
+            for m in &plan.watch {
+                self.attach_hooks(&m.hooks, &m.module, true, &mut out)?;
+            }
         }
         Ok(out)
     }
@@ -431,7 +414,8 @@ impl Probes {
     /// The C++ runtime's operator new entries; also used when it is mapped after attach.
     pub fn attach_cxx(&mut self, cxx: &Mapping) -> Result<Vec<ProbeStatus>, ProbeError> {
         let mut out = Vec::new();
-        self.attach_hooks(CXX_HOOKS, cxx, &mut out)?;
+        let hooks: Vec<&'static Hook> = CXX_WRAPPERS.iter().collect();
+        self.attach_hooks(&hooks, cxx, false, &mut out)?;
         Ok(out)
     }
 

@@ -10,6 +10,7 @@ use leakprobe_common::SiteKey;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
+    allocator,
     cli::{Config, Format, Mode, Unwind},
     launch,
     model::{Tracker, total_drops},
@@ -101,18 +102,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         check_output_path(out)?;
     }
 
-    // Who we trace, and the allocators we hook in it.
-    let (pid, allocators, mut held) = match &cfg.mode {
+    // Who we trace.
+    let (pid, mut held) = match &cfg.mode {
         Mode::Attach { pid } => {
-            let identity = target::identify(*pid).map_err(refuse)?;
-            let maps = target::exec_mappings(*pid).map_err(refuse)?;
-            let allocators = target::find_allocators(&maps)
-                .ok_or_else(|| refuse(TargetError::NoLibc { pid: *pid, exe: identity.exe.clone() }))?;
-            (*pid, allocators, None)
+            target::identify(*pid).map_err(refuse)?;
+            (*pid, None)
         }
         Mode::Run { command } => {
             let held = launch::spawn_held(command).map_err(refuse)?;
-            (held.pid, held.allocators.clone(), Some(held))
+            (held.pid, Some(held))
         }
     };
     let identity = target::identify(pid).map_err(refuse)?;
@@ -121,6 +119,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     if !target::still_same(&identity) {
         return Err(refuse(TargetError::NoSuchProcess { pid }));
     }
+    // The allocators it really uses, and where each hook goes.
+    let modules = allocator::scan(pid).map_err(refuse)?;
+    let plan = allocator::plan(pid, &identity.exe, &modules, &allocator::preloads(pid), &cfg.allocator)
+        .map_err(refuse)?;
 
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
@@ -140,14 +142,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut unwind = unwind::Loaded::default();
     sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables")?;
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
+    test_hook_pause("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS");
     let t_attach = std::time::Instant::now();
-    let mut statuses = match probes.attach(&allocators) {
+    let mut statuses = match probes.attach(&plan) {
         Ok(s) => s,
         Err(e) => {
             drop(probes);
             return Err(refuse(e));
         }
     };
+    // Probes bind to whichever process holds the PID when they attach: if ours exited and
+    // its PID went to another process meanwhile, they are on the newcomer. Detach at once.
+    if target::pidfd_exited(&pidfd) || !target::still_same(&identity) {
+        drop(probes);
+        return Err(refuse(TargetError::GoneWhileAttaching { pid }));
+    }
     tracing::info!("probes attached in {:?}", t_attach.elapsed());
     let start_ns = monotonic_ns();
     let start_wall = SystemTime::now();
@@ -160,21 +169,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     progress(
         &cfg,
         format_args!(
-            "attached {attached} probes to PID {pid} ({}) in {}",
+            "attached {attached} probes to PID {pid} ({}): {} allocator in {}",
             identity.exe,
-            allocators.libc.path.display()
+            plan.allocator.name(),
+            plan.module.path.display()
         ),
     );
 
     let mut symbolizer = Symbolizer::new();
-    let _ = symbolizer.modules.refresh(pid);
+    let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     let mut stacks: StackCache = HashMap::new();
-    let mut cxx_attached = allocators.cxx.is_some();
+    // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
+    // operator new is hooked (it comes first in the search order).
+    let mut cxx_attached =
+        plan.cxx.is_some() || statuses.iter().any(|s| s.function == "_Znwm" && s.attached() && !s.watch_only);
     let mut reporting = Reporting {
         cfg: &cfg,
         identity: &identity,
-        allocators: &allocators,
+        plan: &plan,
         start_wall,
         build_ids: BuildIds::new(),
         snapshots_written: 0,
@@ -206,7 +219,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     drop(probes);
     tracing::info!("detached in {:?}", t0.elapsed());
     progress(&cfg, format_args!("detached from PID {pid}"));
-    let _ = symbolizer.modules.refresh(pid);
+    let _ = symbolizer.modules.refresh(&identity);
 
     let report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
     let rendered = match cfg.format {
@@ -227,7 +240,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
 struct Reporting<'a> {
     cfg: &'a Config,
     identity: &'a Identity,
-    allocators: &'a target::Allocators,
+    plan: &'a crate::allocator::Plan,
     start_wall: SystemTime,
     build_ids: BuildIds,
     snapshots_written: u32,
@@ -243,7 +256,7 @@ impl Reporting<'_> {
         ended_by: &str,
         exit_status: Option<i32>,
     ) -> report::Report {
-        let (host, modules) = describe(symbolizer, self.allocators, &mut self.build_ids);
+        let (host, modules) = describe(symbolizer, &mut self.build_ids);
         let ctx = report::Context {
             identity: self.identity,
             args: self.cfg.args.clone(),
@@ -256,6 +269,7 @@ impl Reporting<'_> {
             max_overhead: self.cfg.max_overhead,
             host,
             modules,
+            allocator: self.plan,
         };
         report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer))
     }
@@ -316,11 +330,7 @@ type BuildIds = HashMap<PathBuf, Option<String>>;
 
 /// The reproduction record: kernel, the target's libc, and every executable mapping with its
 /// build-id (read through our open handle, so it works after exit and across namespaces).
-fn describe(
-    symbolizer: &Symbolizer,
-    allocators: &target::Allocators,
-    build_ids: &mut BuildIds,
-) -> (report::Host, Vec<report::Module>) {
+fn describe(symbolizer: &Symbolizer, build_ids: &mut BuildIds) -> (report::Host, Vec<report::Module>) {
     let modules: Vec<report::Module> = symbolizer
         .modules
         .iter()
@@ -335,13 +345,17 @@ fn describe(
                 .clone(),
         })
         .collect();
-    let libc_handle = symbolizer.modules.iter().find(|(m, _)| m.path == allocators.libc.path).map(|(_, h)| h);
+    // The C library the target maps (glibc or musl's loader); none in a static binary.
+    let libc = symbolizer.modules.iter().find(|(m, _)| {
+        let name = m.file_name();
+        name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl-")
+    });
     let host = report::Host {
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
-        libc: Some(allocators.libc.path.display().to_string()),
-        libc_version: libc_handle.and_then(crate::elf::glibc_version),
+        libc: libc.map(|(m, _)| m.path.display().to_string()),
+        libc_version: libc.and_then(|(_, handle)| crate::elf::glibc_version(handle)),
     };
     (host, modules)
 }
@@ -389,6 +403,7 @@ async fn watch(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
     let first_exe = target::exe_of(pid);
 
+    let mut test_panic = std::env::var_os("LEAKPROBE_TEST_PANIC_AFTER_ATTACH").is_some();
     loop {
         tokio::select! {
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
@@ -403,6 +418,15 @@ async fn watch(
                 return Ok(("target-exited", status));
             }
             _ = ticker.tick() => {
+                // Exited (perhaps its PID already reused): nothing more is read from /proc for
+                // this PID; the pidfd branch ends the trace.
+                if target::pidfd_exited(exited.get_ref()) {
+                    continue;
+                }
+                // Tests only: leakprobe's own panic while attached must leave nothing behind.
+                if std::mem::take(&mut test_panic) {
+                    panic!("LEAKPROBE_TEST_PANIC_AFTER_ATTACH is set");
+                }
                 let execed = probes.target_execed().unwrap_or(false)
                     || (target::exe_of(pid) != first_exe && target::still_same(identity));
                 if execed {
@@ -417,7 +441,7 @@ async fn watch(
                     .context("reading eBPF maps")?;
                 sample.memory = crate::memory::read(pid);
                 tracker.ingest(sample);
-                let _ = symbolizer.modules.refresh(pid);
+                let _ = symbolizer.modules.refresh(identity);
                 // Libraries loaded since (dlopen) get unwind rows too.
                 if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
                     tracing::warn!("updating unwind tables: {e:#}");
@@ -465,6 +489,14 @@ async fn watch(
                 ));
             }
         }
+    }
+}
+
+/// Tests only: sleep where a race is to be provoked (the named variable holds milliseconds).
+fn test_hook_pause(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        eprintln!("leakprobe: {var}: pausing {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -17,7 +17,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::target::{self, Mapping, TargetError};
+use crate::target::{self, Identity, Mapping, TargetError};
 
 /// One frame of a stack, innermost first. Inlined calls are frames of their own.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -52,8 +52,11 @@ pub struct Modules {
 
 impl Modules {
     /// Re-reads the target's mappings (new libraries appear after dlopen). Files already open
-    /// are kept. A target that has gone keeps the last table.
-    pub fn refresh(&mut self, pid: i32) -> Result<(), TargetError> {
+    /// are kept. A target that has gone keeps the last table, even when its PID now names
+    /// another process: the new table is used only if `id` still names the same process
+    /// after it was read.
+    pub fn refresh(&mut self, id: &Identity) -> Result<(), TargetError> {
+        let pid = id.pid;
         let maps = target::exec_mappings(pid)?;
         if maps.is_empty() {
             return Ok(());
@@ -77,6 +80,9 @@ impl Modules {
             modules.push(Module { mapping: m, handle });
         }
         modules.sort_by_key(|m| m.mapping.start);
+        if !target::still_same(id) {
+            return Ok(());
+        }
         self.modules = modules;
         Ok(())
     }

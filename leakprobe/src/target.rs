@@ -24,10 +24,10 @@ pub enum TargetError {
     #[error("PID {pid} is a zombie (exited, not yet reaped); there is nothing left to trace")]
     Zombie { pid: i32 },
     #[error(
-        "PID {pid} ({exe}) maps no dynamic libc; static binaries and other allocators are not \
-         supported yet"
+        "PID {pid} exited while the probes were being attached (its PID may already belong to \
+         another process); the probes were removed at once and nothing is reported"
     )]
-    NoLibc { pid: i32, exe: String },
+    GoneWhileAttaching { pid: i32 },
     #[error("cannot read /proc/{pid}/{what}")]
     Proc {
         pid: i32,
@@ -170,8 +170,12 @@ pub struct Allocators {
     pub cxx: Option<Mapping>,
 }
 
+/// glibc's libc, or musl's (its dynamic loader is its libc).
 fn is_libc(name: &str) -> bool {
-    name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+    name.starts_with("libc.so")
+        || (name.starts_with("libc-") && name.ends_with(".so"))
+        || name.starts_with("ld-musl-")
+        || name.starts_with("libc.musl-")
 }
 
 pub fn is_cxx(name: &str) -> bool {
@@ -198,6 +202,15 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, TargetError> {
     Ok(fd)
 }
 
+/// Whether the process behind a pidfd has exited (it stays "exited" even if its PID is
+/// reused, which is the point).
+pub fn pidfd_exited(fd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
 /// The current exe link, to notice an exec.
 pub fn exe_of(pid: i32) -> Option<PathBuf> {
     Process::new(pid).ok()?.exe().ok()
@@ -213,6 +226,7 @@ mod tests {
         assert!(is_libc("libc-2.31.so"));
         assert!(!is_libc("libcrypto.so.3"));
         assert!(!is_libc("libcap.so.2"));
+        assert!(is_libc("ld-musl-x86_64.so.1"));
         assert!(is_cxx("libstdc++.so.6"));
     }
 

@@ -85,9 +85,10 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Debian packages: LLVM 22 to build bpf-linker, bpftool for the detach checks, compilers and
 /// the static libc for test targets, libc's separate debug info (the tests check that it is
-/// used), setpriv for the privilege test, a TrueType font for --plot's labels, and the tools
+/// used), setpriv for the privilege test, a TrueType font for --plot's labels, the tools
 /// that open the exports in the tests (`go tool pprof` from golang-go, headless chromium for
-/// the flame graph).
+/// the flame graph), and the other allocators the tests trace (jemalloc, tcmalloc, mimalloc,
+/// musl, Debian's redis-server on jemalloc).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -100,6 +101,15 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "golang-go",
     "chromium",
+    "libjemalloc2",
+    "libjemalloc-dev",
+    "libtcmalloc-minimal4",
+    "libgoogle-perftools-dev",
+    "libmimalloc2.0",
+    "libmimalloc-dev",
+    "musl-tools",
+    "redis-server",
+    "redis-tools",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator.

@@ -116,6 +116,15 @@ pub(crate) mod testing {
                 ended_by: "duration".into(),
                 exit_status: None,
             },
+            allocator: crate::report::Allocator {
+                name: "glibc",
+                module: "/usr/lib/libc.so.6".into(),
+                chosen_by: "auto",
+                static_executable: false,
+                also: Vec::new(),
+                shadowed: Vec::new(),
+                warning: None,
+            },
             window: Window {
                 start: "2026-01-02T03:04:05Z".into(),
                 duration_s: 2.5,

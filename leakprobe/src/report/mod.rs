@@ -23,6 +23,8 @@ pub struct Report {
     /// Where it ran: kernel and the target's libc.
     pub host: Host,
     pub target: Target,
+    /// The allocator the target's malloc binds to, and where it was hooked.
+    pub allocator: Allocator,
     pub window: Window,
     pub probes: Vec<Probe>,
     pub totals: Totals,
@@ -135,6 +137,32 @@ pub struct Target {
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct Allocator {
+    /// glibc, jemalloc, tcmalloc, mimalloc, musl, or other.
+    pub name: &'static str,
+    /// The module the target's malloc binds to (the executable itself when static).
+    pub module: String,
+    /// "auto", "--allocator" or "--lib".
+    pub chosen_by: &'static str,
+    pub static_executable: bool,
+    /// Other allocators hooked through their own names (a `_rjem_` jemalloc in the
+    /// executable, say).
+    pub also: Vec<OtherAllocator>,
+    /// Modules whose malloc/calloc/realloc the target's calls do not bind to: calls into them
+    /// are counted in `drops.untracked_allocator_calls`, never silently ignored.
+    pub shadowed: Vec<String>,
+    /// Set when no allocation call was seen at all: a zero here is not proof of no
+    /// allocation.
+    pub warning: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OtherAllocator {
+    pub name: &'static str,
+    pub module: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Window {
     /// When the probes went live (UTC, RFC 3339).
     pub start: String,
@@ -158,6 +186,8 @@ pub struct Probe {
     pub offset: u64,
     /// Why it sits there, when not at entry.
     pub placement: Option<String>,
+    /// A shadowed definition: hits are counted as untracked, not tracked.
+    pub watch_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -211,6 +241,7 @@ pub struct Context<'a> {
     pub max_overhead: Option<u64>,
     pub host: Host,
     pub modules: Vec<Module>,
+    pub allocator: &'a crate::allocator::Plan,
 }
 
 pub fn build(
@@ -274,6 +305,28 @@ pub fn build(
             ended_by: ctx.ended_by.to_string(),
             exit_status: ctx.exit_status,
         },
+        allocator: {
+            let plan = ctx.allocator;
+            let alloc_calls = counters.get(leakprobe_common::counter::ALLOC_CALLS);
+            Allocator {
+                name: plan.allocator.name(),
+                module: plan.module.path.display().to_string(),
+                chosen_by: plan.chosen_by,
+                static_executable: plan.static_exe,
+                also: plan
+                    .also
+                    .iter()
+                    .map(|(k, m)| OtherAllocator { name: k.name(), module: m.path.display().to_string() })
+                    .collect(),
+                shadowed: plan.watch.iter().map(|m| m.module.path.display().to_string()).collect(),
+                warning: (alloc_calls == 0 && ctx.sample_bytes == 0 && !ctx.probes.is_empty()).then(|| {
+                    "no allocation call was seen through the hooked functions: if the target \
+                     allocated, it did so through something not hooked (an inlined or custom \
+                     allocator, raw mmap); try --allocator or --lib"
+                        .to_string()
+                }),
+            }
+        },
         window: Window {
             start: humantime::format_rfc3339_seconds(ctx.start_wall).to_string(),
             duration_s: tracker.window_s(),
@@ -293,6 +346,7 @@ pub fn build(
                 alias_of: p.alias_of.map(str::to_string),
                 offset: p.placement.map_or(0, |(o, _)| o),
                 placement: p.placement.map(|(_, why)| why.to_string()),
+                watch_only: p.watch_only,
             })
             .collect(),
         totals: Totals {

@@ -135,8 +135,27 @@ pub fn render(r: &Report, top: usize) -> String {
         r.leakprobe.args.join(" "),
     );
 
+    let a = &r.allocator;
+    let _ = writeln!(
+        out,
+        "  allocator: {} in {}{} ({})",
+        a.name,
+        a.module,
+        if a.static_executable { " (static executable)" } else { "" },
+        if a.chosen_by == "auto" { "detected" } else { a.chosen_by },
+    );
+    for o in &a.also {
+        let _ = writeln!(out, "             also hooked: {} in {}", o.name, o.module);
+    }
+    if !a.shadowed.is_empty() {
+        let _ =
+            writeln!(out, "             shadowed (calls counted as untracked): {}", a.shadowed.join(", "));
+    }
+    if let Some(w) = &a.warning {
+        let _ = writeln!(out, "  WARNING: {w}");
+    }
     let mut by_module: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
-    for p in &r.probes {
+    for p in r.probes.iter().filter(|p| !p.watch_only) {
         let idx = match by_module.iter().position(|(m, _, _)| *m == p.module) {
             Some(i) => i,
             None => {

@@ -78,12 +78,22 @@ pub struct Target {
 
 impl Target {
     pub fn spawn(path: &Path) -> Target {
-        Target::spawn_with_args(path, &[])
+        Target::spawn_full(path, &[], &[])
     }
 
     pub fn spawn_with_args(path: &Path, args: &[&str]) -> Target {
+        Target::spawn_full(path, args, &[])
+    }
+
+    /// Like [`Target::spawn`], with extra environment variables (LD_PRELOAD, say).
+    pub fn spawn_env(path: &Path, env: &[(&str, &str)]) -> Target {
+        Target::spawn_full(path, &[], env)
+    }
+
+    pub fn spawn_full(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Target {
         let mut child = Command::new(path)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -163,8 +173,14 @@ pub struct Leakprobe {
 
 impl Leakprobe {
     pub fn start(args: &[&str]) -> Leakprobe {
+        Leakprobe::start_env(args, &[])
+    }
+
+    /// Like [`Leakprobe::start`], with extra environment variables (the test-only hooks).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Leakprobe {
         let mut child = Command::new(leakprobe_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -305,6 +321,11 @@ pub fn our_programs_loaded() -> Vec<String> {
         "on_exec",
         "noop_enter",
         "noop_exit",
+        "mallocx_enter",
+        "rallocx_enter",
+        "new_enter",
+        "new_array_enter",
+        "untracked_enter",
     ];
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
