@@ -491,4 +491,22 @@ mod tests {
         assert!((site.fit.unwrap().slope_per_s - 10_000.0).abs() < 1e-6);
         assert_eq!(t.verdict().0, RunVerdict::Leak);
     }
+
+    #[test]
+    fn counters_are_64_bit_and_do_not_wrap() {
+        // Sums far beyond 32 bits (an hour at 10M allocations/s of 4 KiB blocks).
+        let (n, bytes) = (36_000_000_000u64, 36_000_000_000u64 * 4096);
+        let mut t = Tracker::new(0, 0);
+        t.ingest(Sample {
+            at_ns: S,
+            sites: vec![(key(1), counters(n, bytes, n - 7, bytes - 7 * 4096))],
+            ..Default::default()
+        });
+        let s = &t.sites()[0];
+        assert_eq!((s.allocated_count, s.allocated_bytes), (n, bytes));
+        assert_eq!((s.outstanding_count, s.outstanding_bytes), (7, 7 * 4096));
+        // The kernel-side fields are u64 too.
+        let c = SiteCounters::default();
+        let _: [u64; 4] = [c.alloc_count, c.alloc_bytes, c.free_count, c.free_bytes];
+    }
 }

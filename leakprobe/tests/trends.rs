@@ -120,6 +120,13 @@ fn steady_leak_is_a_leak_with_its_site_on_top_and_snapshots_on_disk() {
 
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains("<svg") && svg.contains("tracked heap") && svg.contains("leak_sessions"), "plot");
+
+    // The leaked blocks hold a secret; no output may contain target memory.
+    const SECRET: &str = "hunter2-SESSION-SECRET-7f3a9c";
+    assert!(!report.to_string().contains(SECRET) && !svg.contains(SECRET), "report or plot holds memory");
+    for f in &files {
+        assert!(!std::fs::read_to_string(f).unwrap().contains(SECRET), "snapshot holds target memory");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,5 +1,6 @@
 /* Memory-growth patterns for the verdict tests. After "go" on stdin, runs MODE until killed:
- *   leak   64 KiB (16 x 4 KiB) leaked every 100 ms from leak_sessions(): a steady leak;
+ *   leak   64 KiB (16 x 4 KiB, each holding a secret string) leaked every 100 ms from
+ *          leak_sessions(): a steady leak;
  *   frag   allocator retention: glibc told (mallopt) to neither mmap blocks under 32 MiB nor
  *          trim its heap; every 50 ms a block 64 KiB larger than the last (256 KiB at first)
  *          is allocated, written and freed at once. Freed memory stays resident, so RSS
@@ -20,10 +21,14 @@ static void nap(long ms) {
 
 void *volatile keep;
 
+/* What the leaked blocks hold: a report must never contain it. */
+static const char SECRET[] = "hunter2-SESSION-SECRET-7f3a9c";
+
 __attribute__((noinline)) void leak_sessions(void) {
     for (int i = 0; i < 16; i++) {
         char *p = malloc(4096);
         memset(p, 1, 4096);
+        memcpy(p, SECRET, sizeof SECRET);
         keep = p;
     }
 }
