@@ -53,8 +53,56 @@ pub struct Line {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// A process-wide series: label, colour, (seconds, MiB).
-type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+/// A line: label, colour, (seconds, value).
+type Series = (String, RGBColor, Vec<(f64, f64)>);
+
+/// One chart: axes from 0 to `t_max` and `y_max`, a line per series, and a legend.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: Option<String>,
+    t_max: f64,
+    y_max: f64,
+    y_desc: &str,
+    lines: Vec<Series>,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let mut builder = ChartBuilder::on(area);
+    if let Some(caption) = caption {
+        builder.caption(caption, ("sans-serif", 22));
+    }
+    let mut chart = builder
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since attach")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(e)?;
+    for (label, color, pts) in lines {
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(e)?;
+    Ok(())
+}
 
 /// Draws the chart to `path` (.svg or .png). `sites` are the call sites to draw besides the
 /// process-wide series, largest growth first.
@@ -82,27 +130,27 @@ where
     let t_max = tl.last().map_or(1.0, |p| p.t_s).max(1.0);
     let memory: Vec<Series> = vec![
         (
-            "RSS",
+            "RSS".to_string(),
             RGBColor(0, 0, 0),
             tl.iter().filter_map(|p| Some((p.t_s, p.rss_bytes? as f64 / MIB))).collect(),
         ),
         (
-            "anonymous RSS",
+            "anonymous RSS".to_string(),
             RGBColor(120, 120, 120),
             tl.iter().filter_map(|p| Some((p.t_s, p.anon_bytes? as f64 / MIB))).collect(),
         ),
         (
-            "file RSS",
+            "file RSS".to_string(),
             RGBColor(180, 180, 180),
             tl.iter().filter_map(|p| Some((p.t_s, p.file_bytes? as f64 / MIB))).collect(),
         ),
         (
-            "tracked heap",
+            "tracked heap".to_string(),
             RGBColor(220, 30, 30),
             tl.iter().map(|p| (p.t_s, p.heap_bytes as f64 / MIB)).collect(),
         ),
         (
-            "mmap'd (tracked)",
+            "mmap'd (tracked)".to_string(),
             RGBColor(30, 90, 220),
             tl.iter().map(|p| (p.t_s, p.mmap_bytes as f64 / MIB)).collect(),
         ),
@@ -127,83 +175,22 @@ where
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default(),
     );
-    let mut chart = ChartBuilder::on(&upper)
-        .caption(title, ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since attach")
-        .y_desc("MiB")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
-    for (label, color, pts) in &memory {
-        if pts.is_empty() {
-            continue;
-        }
-        let c = *color;
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(e)?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-    }
+    let mut upper_lines: Vec<Series> = memory.into_iter().filter(|(_, _, pts)| !pts.is_empty()).collect();
     for (i, site) in sites.iter().enumerate() {
-        let c = palette[i % palette.len()];
-        chart
-            .draw_series(LineSeries::new(site.points.iter().map(|p| (p.0, p.1 / MIB)), c.stroke_width(2)))
-            .map_err(e)?
-            .label(site.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        let points = site.points.iter().map(|p| (p.0, p.1 / MIB)).collect();
+        upper_lines.push((site.label.clone(), palette[i % palette.len()], points));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
+    panel(&upper, Some(title), t_max, y_max, "MiB", upper_lines)?;
 
     let rate_max = tl.iter().map(|p| p.allocs_per_s.max(p.frees_per_s)).fold(0.0f64, f64::max).max(1.0) * 1.1;
-    let mut rates = ChartBuilder::on(&lower)
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..t_max, 0.0..rate_max)
-        .map_err(e)?;
-    rates
-        .configure_mesh()
-        .x_desc("seconds since attach")
-        .y_desc("calls/s")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
-    for (label, color, pts) in [
+    let rates = vec![
         (
-            "allocations/s",
+            "allocations/s".to_string(),
             RGBColor(220, 30, 30),
-            tl.iter().map(|p| (p.t_s, p.allocs_per_s)).collect::<Vec<_>>(),
+            tl.iter().map(|p| (p.t_s, p.allocs_per_s)).collect(),
         ),
-        ("frees/s", RGBColor(30, 90, 220), tl.iter().map(|p| (p.t_s, p.frees_per_s)).collect()),
-    ] {
-        rates
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-            .map_err(e)?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-    }
-    rates
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
+        ("frees/s".to_string(), RGBColor(30, 90, 220), tl.iter().map(|p| (p.t_s, p.frees_per_s)).collect()),
+    ];
+    panel(&lower, None, t_max, rate_max, "calls/s", rates)?;
     Ok(())
 }
