@@ -157,6 +157,44 @@ def nginx_table():
             + "\n".join(rows))
 
 
+def redis_table():
+    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
+        return "(redis missing: `apt-get install redis-server redis-tools`)"
+    port = "26390"
+    res = {k: [] for k, _ in TRACERS if k != "noop"}
+    for _ in range(max(2, ROUNDS - 1)):
+        for kind in res:
+            srv = subprocess.Popen(["redis-server", "--port", port, "--save", "", "--appendonly", "no",
+                                    "--dir", WORK], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(50):
+                if subprocess.run(["redis-cli", "-p", port, "ping"], capture_output=True,
+                                  text=True).stdout.strip() == "PONG":
+                    break
+                time.sleep(0.1)
+            t = start_tracer(kind, srv.pid)
+            out = subprocess.run(["redis-benchmark", "-p", port, "-t", "set,get", "-n", "200000", "-c", "32",
+                                  "-d", "256", "-r", "100000", "--csv"], capture_output=True, text=True).stdout
+            rows = [line.replace('"', "").split(",") for line in out.splitlines()[1:] if line.strip()]
+            rps = statistics.mean(float(r[1]) for r in rows)
+            p99 = max(float(r[6]) for r in rows)
+            res[kind].append((rps, p99))
+            if kind == "heaptrack":
+                srv.terminate(); srv.wait(); t.wait()
+            else:
+                stop_tracer(kind, t)
+                srv.terminate(); srv.wait()
+    base = statistics.median(r for r, _ in res["none"])
+    rows = []
+    for kind, label in TRACERS:
+        if kind not in res:
+            continue
+        rps = statistics.median(r for r, _ in res[kind])
+        p99 = statistics.median(p for _, p in res[kind])
+        rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
+    return ("| configuration | SET+GET requests/s (median of mean) | of baseline | p99 latency ms (worse of SET, GET) |\n"
+            "|---|---|---|---|\n" + "\n".join(rows))
+
+
 MANY = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -227,6 +265,8 @@ def main():
         alloc_loop_table(),
         "### nginx (Debian nginx-light, 1 worker, 2 KiB static file) under wrk -t2 -c32 -d8s",
         nginx_table(),
+        "### redis-server (Debian 7.0, jemalloc) under redis-benchmark -t set,get -n 200000 -c 32 -d 256",
+        redis_table(),
         "### leakprobe's own cost",
         "| scenario | CPU | memory | |\n|---|---|---|---|\n" + own_cost_table(),
         "### Attach, first report, detach (glibc target, 12 probe points)",
