@@ -303,16 +303,26 @@ impl Probes {
             reason: error_chain(&e),
         })?;
         let offsets: StdHashMap<String, u64> = syms.iter().map(|(n, s)| (n.clone(), s.offset)).collect();
-        // Where inside each function the entry probe goes (free: past its NULL check).
+        // Where inside each function the probes go: on the first instruction the kernel
+        // emulates, when what comes before it changes nothing the probe reads (free: past its
+        // NULL check). Needs the function's whole body (its symbol size) to check that no
+        // branch skips the spot.
         let mut placements: StdHashMap<&'static str, crate::placement::Placement> = StdHashMap::new();
-        for h in hooks.iter().filter(|h| h.null_check) {
-            if let Some(sym) = syms.get(h.function) {
-                let start = sym.offset as usize;
-                let end = start.saturating_add(sym.size.clamp(16, 1 << 16) as usize).min(data.len());
-                if let Some(code) = data.get(start..end) {
-                    placements.insert(h.function, crate::placement::after_null_check(code, sym.offset));
-                }
+        for h in hooks {
+            let Some(sym) = syms.get(h.function).filter(|s| s.size > 0) else { continue };
+            let start = sym.offset as usize;
+            let end = start.saturating_add(sym.size.min(1 << 16) as usize).min(data.len());
+            let Some(code) = data.get(start..end) else { continue };
+            use crate::placement::{ALL_ARGS, FIRST_ARG, after_null_check, first_emulated};
+            let mut p = if h.null_check {
+                after_null_check(code, sym.offset)
+            } else {
+                first_emulated(code, sym.offset, ALL_ARGS)
+            };
+            if p.offset == 0 && h.null_check {
+                p = first_emulated(code, sym.offset, FIRST_ARG);
             }
+            placements.insert(h.function, p);
         }
         let mut failed: StdHashMap<&'static str, String> = StdHashMap::new();
         // Aliases share one address (glibc's memalign is aligned_alloc): probe it once, or

@@ -100,6 +100,11 @@ fn jemalloc_linked_with_its_own_api_and_sized_frees() {
             .any(|m| m.as_str().unwrap().contains("libc.so"))
     );
     assert_eq!(report["drops"]["untracked_allocator_calls"].as_u64(), Some(0));
+    // jemalloc's malloc opens with `cmp $0x1000,%rdi; ja`: its probes sit on the emulated
+    // `ja`, and the figures above stayed exact.
+    let probe = |f: &str| report["probes"].as_array().unwrap().iter().find(|p| p["function"] == f).cloned();
+    let malloc = probe("malloc").unwrap();
+    assert!(malloc["offset"].as_u64().unwrap() > 0 && malloc["placement"].is_string(), "{malloc}");
     // operator delete(void*) is `jmp free@plt`: probed once, at free.
     let dl = report["probes"].as_array().unwrap().iter().find(|p| p["function"] == "_ZdlPv").unwrap();
     assert_eq!(dl["alias_of"], "free", "{dl}");
