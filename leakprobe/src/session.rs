@@ -216,9 +216,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker, &mut stacks)?;
     let t0 = std::time::Instant::now();
-    drop(probes);
+    let background = probes.detach_in_background();
     tracing::info!("detached in {:?}", t0.elapsed());
-    progress(&cfg, format_args!("detached from PID {pid}"));
+    progress(
+        &cfg,
+        format_args!(
+            "detached from PID {pid}{}",
+            if background { " (the kernel removes the probes within seconds)" } else { "" }
+        ),
+    );
     let _ = symbolizer.modules.refresh(&identity);
 
     let report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);

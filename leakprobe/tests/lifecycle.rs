@@ -122,8 +122,9 @@ fn signal_ends_with_report(sig: nix::sys::signal::Signal) {
     let (code, out, err) = lp.finish();
     let took = sent.elapsed();
     assert_eq!(code, 0, "{err}");
-    // A bound against hangs, not a performance goal: detaching costs ~0.09 s per probe here.
-    assert!(took < Duration::from_secs(10), "took {took:?} to stop on {sig}");
+    // Issue 5: exit within 2 s with the report flushed. The kernel's teardown (~0.09 s per
+    // probe) continues in a child after we return; assert_all_gone below waits for it.
+    assert!(took < Duration::from_secs(2), "took {took:?} to stop on {sig}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["target"]["ended_by"], "signal");
     assert_eq!(sum(sites(&report).iter().filter(|s| frame0(s) == "leak_malloc")).0, 4000);
