@@ -542,6 +542,10 @@ impl Probes {
         match unsafe { libc::fork() } {
             0 => unsafe {
                 libc::close(write_end);
+                // Whoever reads our output (a pipe, a terminal) must not wait for the teardown.
+                for fd in 0..3 {
+                    libc::close(fd);
+                }
                 // Wait until the parent has closed its copies (a byte), or has died (EOF).
                 let mut byte = 0u8;
                 libc::read(read_end, (&raw mut byte).cast(), 1);
