@@ -117,6 +117,19 @@ http {{
 """
 
 
+def server_table(res, rate_label, p99_label):
+    """res: tracer kind -> [(requests/s, p99 ms)] per round. Medians, relative to no tracer."""
+    base = statistics.median(r for r, _ in res["none"])
+    rows = []
+    for kind, label in TRACERS:
+        if kind not in res:
+            continue
+        rps = statistics.median(r for r, _ in res[kind])
+        p99 = statistics.median(p for _, p in res[kind])
+        rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
+    return f"| configuration | {rate_label} | of baseline | {p99_label} |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
 def nginx_table():
     if not shutil.which("nginx") or not shutil.which("wrk"):
         return "(nginx or wrk missing: `apt-get install nginx-light wrk`)"
@@ -145,16 +158,7 @@ def nginx_table():
             else:
                 stop_tracer(kind, t)
                 master.send_signal(signal.SIGQUIT); master.wait()
-    base = statistics.median(r for r, _ in res["none"])
-    rows = []
-    for kind, label in TRACERS:
-        if kind not in res:
-            continue
-        rps = statistics.median(r for r, _ in res[kind])
-        p99 = statistics.median(p for _, p in res[kind])
-        rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
-    return ("| configuration | requests/s (median) | of baseline | p99 latency ms |\n|---|---|---|---|\n"
-            + "\n".join(rows))
+    return server_table(res, "requests/s (median)", "p99 latency ms")
 
 
 def redis_table():
@@ -183,16 +187,7 @@ def redis_table():
             else:
                 stop_tracer(kind, t)
                 srv.terminate(); srv.wait()
-    base = statistics.median(r for r, _ in res["none"])
-    rows = []
-    for kind, label in TRACERS:
-        if kind not in res:
-            continue
-        rps = statistics.median(r for r, _ in res[kind])
-        p99 = statistics.median(p for _, p in res[kind])
-        rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
-    return ("| configuration | SET+GET requests/s (median of mean) | of baseline | p99 latency ms (worse of SET, GET) |\n"
-            "|---|---|---|---|\n" + "\n".join(rows))
+    return server_table(res, "SET+GET requests/s (median of mean)", "p99 latency ms (worse of SET, GET)")
 
 
 MANY = r"""
