@@ -23,6 +23,7 @@ Examples:
 
   # A JSON snapshot every minute for `leakprobe diff`, and a chart of RSS vs heap at the end
   leakprobe attach --pid 4242 --snapshot-every 1m --snapshot-dir /tmp/snaps --plot mem.svg
+
   # Hand the leak to other tools: pprof (go tool pprof, Pyroscope, Parca, speedscope),
   # a flame graph of outstanding bytes, and its folded stacks
   leakprobe attach --pid 4242 --duration 60s --pprof leak.pb.gz --flamegraph leak.svg --folded leak.folded
