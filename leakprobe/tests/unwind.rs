@@ -169,3 +169,40 @@ fn library_loaded_after_attach_gets_unwind_rows_and_symbols() {
         assert_eq!(s["stack_end"], "complete");
     }
 }
+
+#[test]
+fn cxx_runtime_loaded_after_attach_gets_its_operator_new_probes() {
+    require_root();
+    let plugin =
+        build_target("plugin_cxx.cpp", "libplugin_cxx.so", "g++", &["-O2", "-g", "-shared", "-fPIC"]);
+    let host = build_target("dlopen_host.c", "dlopen_host", "gcc", NOFP_C);
+    let mut target = Target::spawn(&host);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
+    assert!(!maps.contains("libstdc++"), "the host must start without a C++ runtime");
+    let report = attach_json(&mut target, "4s", |t| {
+        t.send(&format!("dlopen {}", plugin.display()));
+        t.expect("loaded");
+        // The C++ runtime's probes (and the plugin's rows) come at the next interval (1 s).
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        t.leak();
+    });
+    assert_no_drops(&report);
+    let new_probe = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["function"] == "_Znwm" && p["module"].as_str().is_some_and(|m| m.contains("libstdc++")))
+        .cloned();
+    assert!(
+        new_probe.as_ref().is_some_and(|p| p["attached"] == true),
+        "late operator new probe: {new_probe:?}"
+    );
+    let leaks: Vec<&Value> =
+        sites(&report).iter().filter(|s| has_frame(s, "plugin_cxx_leak_inner")).collect();
+    assert!(leaks.iter().all(|s| s["function"] == "operator new"), "{leaks:?}");
+    let (b, c, _, _) = sum(leaks.iter().copied());
+    assert_eq!((b, c), (8 * 4096, 8), "each block once, as operator new");
+    for s in &leaks {
+        assert_chain(s, &["plugin_cxx_leak_inner", "plugin_leak", "call_plugin", "main"], "");
+    }
+}
