@@ -212,7 +212,7 @@ pub struct TraceOpts {
 }
 
 /// Extra files written after the report, for other tools.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Default, Args)]
 #[command(next_help_heading = "Export")]
 pub struct ExportOpts {
     /// Write a gzipped pprof profile (inuse_space, inuse_objects, alloc_space, alloc_objects)
@@ -227,15 +227,7 @@ pub struct ExportOpts {
     pub folded: Option<PathBuf>,
 }
 
-/// Validated export paths.
-#[derive(Clone, Debug, Default)]
-pub struct Exports {
-    pub pprof: Option<PathBuf>,
-    pub flamegraph: Option<PathBuf>,
-    pub folded: Option<PathBuf>,
-}
-
-/// The formats of [`Exports`].
+/// The formats of [`ExportOpts`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportKind {
     Pprof,
@@ -253,7 +245,7 @@ impl ExportKind {
     }
 }
 
-impl Exports {
+impl ExportOpts {
     /// Each file asked for, with its format.
     pub fn paths(&self) -> impl Iterator<Item = (ExportKind, &PathBuf)> {
         [
@@ -332,7 +324,7 @@ pub struct Config {
     pub plot: Option<PathBuf>,
     pub quiet: bool,
     /// --pprof, --flamegraph, --folded.
-    pub exports: Exports,
+    pub exports: ExportOpts,
     /// `--allocator` / `--lib`.
     pub allocator: Choice,
     /// The command line, recorded in the report.
@@ -428,11 +420,7 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::PlotFormat(plot.clone()));
             }
         }
-        let exports = Exports {
-            pprof: opts.export.pprof,
-            flamegraph: opts.export.flamegraph,
-            folded: opts.export.folded,
-        };
+        let exports = opts.export;
         // Two outputs into one file would leave only the last one.
         let outputs: Vec<(&'static str, &PathBuf)> = opts
             .output

@@ -298,15 +298,7 @@ impl Tracker {
     }
 
     pub fn totals(&self) -> Totals {
-        let sites = self.sites();
-        Totals {
-            outstanding_bytes: sites.iter().map(|s| s.outstanding_bytes).sum(),
-            outstanding_count: sites.iter().map(|s| s.outstanding_count).sum(),
-            allocated_count: sites.iter().map(|s| s.allocated_count).sum(),
-            freed_count: sites.iter().map(|s| s.freed_count).sum(),
-            sites: sites.len(),
-            growing_sites: sites.iter().filter(|s| s.outstanding_bytes > 0).count(),
-        }
+        Totals::of(&self.sites())
     }
 }
 
@@ -318,6 +310,20 @@ pub struct Totals {
     pub freed_count: u64,
     pub sites: usize,
     pub growing_sites: usize,
+}
+
+impl Totals {
+    /// The sums over `sites` (as [`Tracker::sites`] returns them).
+    pub fn of(sites: &[SiteStats]) -> Totals {
+        Totals {
+            outstanding_bytes: sites.iter().map(|s| s.outstanding_bytes).sum(),
+            outstanding_count: sites.iter().map(|s| s.outstanding_count).sum(),
+            allocated_count: sites.iter().map(|s| s.allocated_count).sum(),
+            freed_count: sites.iter().map(|s| s.freed_count).sum(),
+            sites: sites.len(),
+            growing_sites: sites.iter().filter(|s| s.outstanding_bytes > 0).count(),
+        }
+    }
 }
 
 /// The drop counters that mean figures may be incomplete, with the words a report uses.

@@ -13,7 +13,7 @@ use crate::{
     allocator,
     cli::{Config, Format, Mode, Unwind},
     launch,
-    model::{Tracker, total_drops},
+    model::{SiteStats, Totals, Tracker, total_drops},
     preflight,
     probe::{ProbeConfig, ProbeStatus, Probes, monotonic_ns},
     report::{self, text::human_bytes},
@@ -75,8 +75,8 @@ fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
 /// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
 type StackCache = HashMap<u64, Option<(Vec<u64>, u32)>>;
 
-fn fetch_new_stacks(probes: &Probes, tracker: &Tracker, cache: &mut StackCache) -> anyhow::Result<()> {
-    for site in tracker.sites() {
+fn fetch_new_stacks(probes: &Probes, sites: &[SiteStats], cache: &mut StackCache) -> anyhow::Result<()> {
+    for site in sites {
         let id = site.key.stack_id;
         if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(id) {
             slot.insert(probes.stack(id).context("reading a stack")?);
@@ -190,6 +190,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         plan: &plan,
         start_wall,
         build_ids: BuildIds::new(),
+        host: None,
         snapshots_written: 0,
     };
 
@@ -214,7 +215,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     sample.memory = crate::memory::read(pid);
     tracker.ingest(sample);
-    fetch_new_stacks(&probes, &tracker, &mut stacks)?;
+    fetch_new_stacks(&probes, &tracker.sites(), &mut stacks)?;
     let t0 = std::time::Instant::now();
     let background = probes.detach_in_background();
     tracing::info!("detached in {:?}", t0.elapsed());
@@ -249,6 +250,8 @@ struct Reporting<'a> {
     plan: &'a crate::allocator::Plan,
     start_wall: SystemTime,
     build_ids: BuildIds,
+    /// Kernel and libc do not change during a run: read once, at the first report.
+    host: Option<report::Host>,
     snapshots_written: u32,
 }
 
@@ -262,7 +265,8 @@ impl Reporting<'_> {
         ended_by: &str,
         exit_status: Option<i32>,
     ) -> report::Report {
-        let (host, modules) = describe(symbolizer, &mut self.build_ids);
+        let modules = modules(symbolizer, &mut self.build_ids);
+        let host = self.host.get_or_insert_with(|| host(symbolizer)).clone();
         let ctx = report::Context {
             identity: self.identity,
             args: self.cfg.args.clone(),
@@ -306,27 +310,22 @@ impl Reporting<'_> {
 
 /// The top growing call sites' outstanding bytes over time, labelled for the chart.
 fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Vec<crate::plot::Line> {
-    let sites = tracker.sites();
+    // report.sites was built from tracker.sites(), one for one and in the same order.
     report
         .sites
         .iter()
-        .filter(|s| s.outstanding_bytes > 0)
+        .zip(tracker.sites())
+        .filter(|(s, _)| s.outstanding_bytes > 0)
         .take(n)
-        .filter_map(|s| {
-            let stats = sites.iter().find(|t| {
-                format!("{:016x}", t.key.stack_id) == s.stack_id
-                    && t.kind.map(|k| k.name()) == Some(s.function.as_str())
-            })?;
-            let frame = s
+        .map(|(s, stats)| {
+            let caller = s
                 .frames
-                .iter()
-                .find(|f| !f.inlined || f.function.is_some())
-                .and_then(|f| f.function.clone())
-                .unwrap_or_else(|| "[unknown]".into());
-            Some(crate::plot::Line {
-                label: format!("{} <- {}", s.function, frame),
+                .first()
+                .map_or_else(|| "[no stack]".into(), |f| crate::export::frame_label(f, report));
+            crate::plot::Line {
+                label: format!("{} <- {caller}", s.function),
                 points: tracker.site_history(&stats.key).map(<[_]>::to_vec).unwrap_or_default(),
-            })
+            }
         })
         .collect()
 }
@@ -334,10 +333,10 @@ fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Ve
 /// Build-ids by the file we hold open, read once.
 type BuildIds = HashMap<PathBuf, Option<String>>;
 
-/// The reproduction record: kernel, the target's libc, and every executable mapping with its
-/// build-id (read through our open handle, so it works after exit and across namespaces).
-fn describe(symbolizer: &Symbolizer, build_ids: &mut BuildIds) -> (report::Host, Vec<report::Module>) {
-    let modules: Vec<report::Module> = symbolizer
+/// Every executable mapping with its build-id (read once per file, through our open handle,
+/// so it works after exit and across namespaces).
+fn modules(symbolizer: &Symbolizer, build_ids: &mut BuildIds) -> Vec<report::Module> {
+    symbolizer
         .modules
         .iter()
         .map(|(m, handle)| report::Module {
@@ -350,20 +349,19 @@ fn describe(symbolizer: &Symbolizer, build_ids: &mut BuildIds) -> (report::Host,
                 .or_insert_with(|| crate::elf::build_id(handle))
                 .clone(),
         })
-        .collect();
-    // The C library the target maps (glibc or musl's loader); none in a static binary.
-    let libc = symbolizer.modules.iter().find(|(m, _)| {
-        let name = m.file_name();
-        name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl-")
-    });
-    let host = report::Host {
+        .collect()
+}
+
+/// The kernel, and the C library the target maps (glibc or musl's loader; none when static).
+fn host(symbolizer: &Symbolizer) -> report::Host {
+    let libc = symbolizer.modules.iter().find(|(m, _)| target::is_libc(&m.file_name()));
+    report::Host {
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         libc: libc.map(|(m, _)| m.path.display().to_string()),
         libc_version: libc.and_then(|(_, handle)| crate::elf::glibc_version(handle)),
-    };
-    (host, modules)
+    }
 }
 
 fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, u32) {
@@ -452,9 +450,10 @@ async fn watch(
                 if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
                     tracing::warn!("updating unwind tables: {e:#}");
                 }
-                fetch_new_stacks(probes, tracker, stacks)?;
+                let sites = tracker.sites();
+                fetch_new_stacks(probes, &sites, stacks)?;
                 // Warm the symbol cache while the target's files are surely there.
-                for site in tracker.sites().iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
+                for site in sites.iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
                     let _ = site_frames(&site.key, stacks, symbolizer);
                 }
                 // A C++ runtime loaded after attach (dlopen, or a dependency's dependency).
@@ -483,7 +482,7 @@ async fn watch(
                     tracing::warn!("{e:#}");
                     progress(cfg, format_args!("snapshot failed: {e:#}"));
                 }
-                let t = tracker.totals();
+                let t = Totals::of(&sites);
                 let drops = total_drops(tracker.counters());
                 progress(cfg, format_args!(
                     "[{:>6.1}s] outstanding {} in {} objects at {} growing call sites{}",
@@ -539,7 +538,7 @@ fn check_output_path(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
-fn write_exports(exports: &crate::cli::Exports, report: &report::Report) -> anyhow::Result<()> {
+fn write_exports(exports: &crate::cli::ExportOpts, report: &report::Report) -> anyhow::Result<()> {
     use crate::{
         cli::ExportKind,
         export::{flame, pprof},

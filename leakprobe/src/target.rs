@@ -171,7 +171,7 @@ pub struct Allocators {
 }
 
 /// glibc's libc, or musl's (its dynamic loader is its libc).
-fn is_libc(name: &str) -> bool {
+pub fn is_libc(name: &str) -> bool {
     name.starts_with("libc.so")
         || (name.starts_with("libc-") && name.ends_with(".so"))
         || name.starts_with("ld-musl-")

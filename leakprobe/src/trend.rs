@@ -158,20 +158,21 @@ pub const HEAP_SHARE_OF_RSS: f64 = 0.25;
 
 /// The run's verdict from the tracked heap and RSS series, and a sentence with the numbers.
 pub fn run_verdict(heap: &[(f64, f64)], rss: &[(f64, f64)]) -> (RunVerdict, String) {
-    let (ht, hf) = trend(heap, &HEAP);
-    let (rt, rf) = trend(rss, &RSS);
     let mib = |b: f64| b / (1024.0 * 1024.0);
     let kib = |b: f64| b / 1024.0;
-    if ht == Trend::NotEnoughData {
-        let n = heap.len();
-        return (
-            RunVerdict::NotEnoughData,
-            format!(
-                "{n} samples; a verdict needs {} over the trailing half (run longer or use a shorter --interval)",
-                2 * MIN_POINTS - 1
-            ),
-        );
-    }
+    let (ht, h) = match trend(heap, &HEAP) {
+        (t, Some(f)) if t != Trend::NotEnoughData => (t, f),
+        _ => {
+            return (
+                RunVerdict::NotEnoughData,
+                format!(
+                    "{} samples; a verdict needs {} over the trailing half (run longer or use a shorter --interval)",
+                    heap.len(),
+                    2 * MIN_POINTS - 1
+                ),
+            );
+        }
+    };
     let describe = |what: &str, f: &Fit, unit: &dyn Fn(f64) -> f64, u: &str| {
         format!(
             "{what} {:+.1} {u} over the last {:.0} s ({:+.1} {u}/s, R\u{b2} {:.2}, rising in {:.0}% of intervals)",
@@ -182,27 +183,25 @@ pub fn run_verdict(heap: &[(f64, f64)], rss: &[(f64, f64)]) -> (RunVerdict, Stri
             f.rising_fraction * 100.0
         )
     };
-    let heap_growth = hf.map_or(0.0, |f| f.change.max(0.0));
-    let rss_growth = rf.map_or(0.0, |f| f.change.max(0.0));
-    let rss_growing = rt == Trend::Growing;
-    if rss_growing && heap_growth < HEAP_SHARE_OF_RSS * rss_growth {
-        let (Some(h), Some(r)) = (hf, rf) else { unreachable!("growing implies a fit") };
-        return (
-            RunVerdict::Fragmentation,
-            format!(
-                "{}; {} explains {:.0}% of it: memory freed is not returned to the system \
-                 (fragmentation or allocator retention), or it comes from outside the hooked allocator",
-                describe("RSS", &r, &mib, "MiB"),
-                describe("tracked heap", &h, &kib, "KiB"),
-                if rss_growth > 0.0 { 100.0 * heap_growth / rss_growth } else { 0.0 },
-            ),
-        );
+    let heap_growth = h.change.max(0.0);
+    if let (Trend::Growing, Some(r)) = trend(rss, &RSS) {
+        let rss_growth = r.change.max(0.0);
+        if heap_growth < HEAP_SHARE_OF_RSS * rss_growth {
+            return (
+                RunVerdict::Fragmentation,
+                format!(
+                    "{}; {} explains {:.0}% of it: memory freed is not returned to the system \
+                     (fragmentation or allocator retention), or it comes from outside the hooked allocator",
+                    describe("RSS", &r, &mib, "MiB"),
+                    describe("tracked heap", &h, &kib, "KiB"),
+                    100.0 * heap_growth / rss_growth,
+                ),
+            );
+        }
     }
     if ht == Trend::Growing {
-        let Some(h) = hf else { unreachable!("growing implies a fit") };
         return (RunVerdict::Leak, describe("tracked heap", &h, &kib, "KiB"));
     }
-    let Some(h) = hf else { unreachable!("checked above") };
     (RunVerdict::Stable, format!("{}: no steady growth", describe("tracked heap", &h, &kib, "KiB")))
 }
 

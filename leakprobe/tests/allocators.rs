@@ -31,6 +31,11 @@ fn c_flags(extra: &[&'static str]) -> Vec<&'static str> {
     f
 }
 
+/// allocators.c built with `define` and linked against the allocator library `lib`.
+fn linked(name: &str, define: &'static str, lib: &'static str) -> std::path::PathBuf {
+    build_target(SRC, name, "gcc", &c_flags(&[define, "-Wl,--no-as-needed", lib]))
+}
+
 /// Traces one `leak` round and checks the figures exactly: every leak at its own call site,
 /// nothing else outstanding, every free seen (none unknown), no drops. Returns the report.
 fn check_exact(target: &mut Target, with_api: bool, args: &[&str]) -> Value {
@@ -82,12 +87,7 @@ fn assert_allocator(report: &Value, name: &str, module_part: &str) {
 #[test]
 fn jemalloc_linked_with_its_own_api_and_sized_frees() {
     require_root();
-    let bin = build_target(
-        SRC,
-        "alloc_jemalloc",
-        "gcc",
-        &c_flags(&["-DUSE_JEMALLOC", "-Wl,--no-as-needed", "-ljemalloc"]),
-    );
+    let bin = linked("alloc_jemalloc", "-DUSE_JEMALLOC", "-ljemalloc");
     let mut target = Target::spawn(&bin);
     let report = check_exact(&mut target, true, &[]);
     assert_allocator(&report, "jemalloc", "libjemalloc.so.2");
@@ -116,12 +116,7 @@ fn jemalloc_linked_with_its_own_api_and_sized_frees() {
 #[test]
 fn tcmalloc_linked_and_preloaded() {
     require_root();
-    let bin = build_target(
-        SRC,
-        "alloc_tcmalloc",
-        "gcc",
-        &c_flags(&["-DUSE_TCMALLOC", "-Wl,--no-as-needed", "-ltcmalloc_minimal"]),
-    );
+    let bin = linked("alloc_tcmalloc", "-DUSE_TCMALLOC", "-ltcmalloc_minimal");
     let mut target = Target::spawn(&bin);
     let report = check_exact(&mut target, true, &[]);
     assert_allocator(&report, "tcmalloc", "libtcmalloc_minimal.so.4");
@@ -139,12 +134,7 @@ fn tcmalloc_linked_and_preloaded() {
 #[test]
 fn mimalloc_linked_with_its_own_api() {
     require_root();
-    let bin = build_target(
-        SRC,
-        "alloc_mimalloc",
-        "gcc",
-        &c_flags(&["-DUSE_MIMALLOC", "-Wl,--no-as-needed", "-lmimalloc"]),
-    );
+    let bin = linked("alloc_mimalloc", "-DUSE_MIMALLOC", "-lmimalloc");
     let mut target = Target::spawn(&bin);
     let report = check_exact(&mut target, true, &[]);
     assert_allocator(&report, "mimalloc", "libmimalloc.so.2");
@@ -179,12 +169,7 @@ fn static_executables_are_hooked_in_themselves() {
 #[test]
 fn overrides_and_what_is_not_hooked_is_said() {
     require_root();
-    let bin = build_target(
-        SRC,
-        "alloc_jemalloc",
-        "gcc",
-        &c_flags(&["-DUSE_JEMALLOC", "-Wl,--no-as-needed", "-ljemalloc"]),
-    );
+    let bin = linked("alloc_jemalloc", "-DUSE_JEMALLOC", "-ljemalloc");
     let mut target = Target::spawn(&bin);
     let pid = target.pid().to_string();
     let refused = |args: &[&str], needle: &str| {

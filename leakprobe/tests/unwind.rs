@@ -147,20 +147,30 @@ fn stripped_and_unwind_less_code_end_visibly() {
     assert_eq!((b, c), (4000, 4));
 }
 
-#[test]
-fn library_loaded_after_attach_gets_unwind_rows_and_symbols() {
-    require_root();
-    let plugin = build_target("plugin.c", "libplugin.so", "gcc", &["-O2", "-g", "-shared", "-fPIC"]);
+/// A C host (no C++ runtime) attached to, then made to dlopen the plugin built from `src`
+/// and to leak through it: the JSON report, checked for drops.
+fn leak_from_plugin_loaded_after_attach(src: &str, name: &str, compiler: &str) -> Value {
+    let plugin = build_target(src, name, compiler, &["-O2", "-g", "-shared", "-fPIC"]);
     let host = build_target("dlopen_host.c", "dlopen_host", "gcc", NOFP_C);
     let mut target = Target::spawn(&host);
-    let report = attach_json(&mut target, "4s", |t| {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
+    assert!(!maps.contains("libstdc++"), "the host must start without a C++ runtime");
+    let report = attach_json(&mut target, "6s", |t| {
         t.send(&format!("dlopen {}", plugin.display()));
         t.expect("loaded");
-        // Rows for a new library are loaded at the next interval (1 s here).
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // A new library's rows (and a late C++ runtime's probes) come at the next interval
+        // (1 s); loading libstdc++'s rows and attaching its probes takes a while longer.
+        std::thread::sleep(std::time::Duration::from_millis(3000));
         t.leak();
     });
     assert_no_drops(&report);
+    report
+}
+
+#[test]
+fn library_loaded_after_attach_gets_unwind_rows_and_symbols() {
+    require_root();
+    let report = leak_from_plugin_loaded_after_attach("plugin.c", "libplugin.so", "gcc");
     let leaks: Vec<&Value> = sites(&report).iter().filter(|s| has_frame(s, "plugin_leak_inner")).collect();
     let (b, c, _, _) = sum(leaks.iter().copied());
     assert_eq!((b, c), (8 * 4096, 8));
@@ -173,20 +183,7 @@ fn library_loaded_after_attach_gets_unwind_rows_and_symbols() {
 #[test]
 fn cxx_runtime_loaded_after_attach_gets_its_operator_new_probes() {
     require_root();
-    let plugin =
-        build_target("plugin_cxx.cpp", "libplugin_cxx.so", "g++", &["-O2", "-g", "-shared", "-fPIC"]);
-    let host = build_target("dlopen_host.c", "dlopen_host", "gcc", NOFP_C);
-    let mut target = Target::spawn(&host);
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid())).unwrap();
-    assert!(!maps.contains("libstdc++"), "the host must start without a C++ runtime");
-    let report = attach_json(&mut target, "4s", |t| {
-        t.send(&format!("dlopen {}", plugin.display()));
-        t.expect("loaded");
-        // The C++ runtime's probes (and the plugin's rows) come at the next interval (1 s).
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        t.leak();
-    });
-    assert_no_drops(&report);
+    let report = leak_from_plugin_loaded_after_attach("plugin_cxx.cpp", "libplugin_cxx.so", "g++");
     let new_probe = report["probes"]
         .as_array()
         .unwrap()

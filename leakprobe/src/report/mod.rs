@@ -250,8 +250,9 @@ pub fn build(
     mut stack_of: impl FnMut(&SiteStats) -> (Vec<Frame>, u32),
 ) -> Report {
     let counters = tracker.counters();
-    let sites = tracker
-        .sites()
+    let stats = tracker.sites();
+    let t = crate::model::Totals::of(&stats);
+    let sites = stats
         .into_iter()
         .map(|s| {
             let (frames, end) = stack_of(&s);
@@ -283,7 +284,6 @@ pub fn build(
             }
         })
         .collect::<Vec<_>>();
-    let t = tracker.totals();
     let (kind, summary) = tracker.verdict();
     let tl = tracker.timeline();
     let heap_from = crate::trend::trailing_from(tl.heap.points());
