@@ -34,6 +34,9 @@ Examples:
   # Compare two JSON reports or snapshots: which call sites grew in between
   leakprobe diff before.json after.json
 
+Existing output files are replaced only if leakprobe wrote them; anything else needs --force
+(owner and mode kept), and /etc, /usr, /boot, /proc, /sys, /dev need --allow-system-path.
+
 Exit status: 0 done, 1 outstanding growth above --fail-on-leak, 2 error (nothing attached).";
 
 /// Find growing allocation call sites in a live process, without restarting it.
@@ -116,9 +119,20 @@ pub struct DiffArgs {
     /// Write the comparison here instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Compare files of different programs or builds anyway.
+    /// Compare files of different programs or builds anyway, and replace an --output file that
+    /// leakprobe did not write (its owner and mode are kept).
     #[arg(long)]
     pub force: bool,
+    /// Allow --output inside /etc, /usr, /boot, /proc, /sys or /dev.
+    #[arg(long)]
+    pub allow_system_path: bool,
+}
+
+impl DiffArgs {
+    /// What may happen to an existing --output file.
+    pub fn output_policy(&self) -> crate::output::Policy {
+        crate::output::Policy { force: self.force, allow_system_path: self.allow_system_path }
+    }
 }
 
 /// How stacks are walked.
@@ -191,8 +205,9 @@ pub struct TraceOpts {
     /// --snapshot-dir; compare two with `leakprobe diff`. Rounded up to whole intervals.
     #[arg(long, value_name = "I", requires = "snapshot_dir")]
     pub snapshot_every: Option<String>,
-    /// Directory for snapshots (created if missing), named snapshot-PID-NNNN.json. Each is
-    /// written atomically: complete or absent.
+    /// Directory for snapshots, named snapshot-PID-NNNN.json, each written atomically
+    /// (complete or absent). Created if missing; an existing one must be empty or hold only
+    /// leakprobe's snapshots (or pass --force).
     #[arg(long, value_name = "DIR", requires = "snapshot_every")]
     pub snapshot_dir: Option<PathBuf>,
     /// Draw the timeline at the end (RSS, anonymous and file RSS, tracked heap, mmap'd bytes,
@@ -207,6 +222,14 @@ pub struct TraceOpts {
     /// libjemalloc.so.2) instead of the detected one.
     #[arg(long, value_name = "PATH_OR_SONAME")]
     pub lib: Option<String>,
+    /// Replace output files (--output, --pprof, --flamegraph, --folded, --plot) and use a
+    /// --snapshot-dir that leakprobe did not write. Without it those are refused; its own
+    /// earlier outputs are always replaced. A replaced file keeps its owner and mode.
+    #[arg(long)]
+    pub force: bool,
+    /// Allow outputs inside /etc, /usr, /boot, /proc, /sys or /dev (refused even with --force).
+    #[arg(long)]
+    pub allow_system_path: bool,
     #[command(flatten)]
     pub export: ExportOpts,
 }
@@ -327,6 +350,8 @@ pub struct Config {
     pub exports: ExportOpts,
     /// `--allocator` / `--lib`.
     pub allocator: Choice,
+    /// `--force` / `--allow-system-path`: what may happen to existing output paths.
+    pub output_policy: crate::output::Policy,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -456,6 +481,10 @@ impl TryFrom<Cli> for Config {
             quiet: cli.quiet,
             exports,
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
+            output_policy: crate::output::Policy {
+                force: opts.force,
+                allow_system_path: opts.allow_system_path,
+            },
             args: std::env::args().collect(),
         })
     }

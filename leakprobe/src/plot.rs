@@ -104,20 +104,46 @@ where
     Ok(())
 }
 
-/// Draws the chart to `path` (.svg or .png). `sites` are the call sites to draw besides the
-/// process-wide series, largest growth first.
-pub fn draw(path: &Path, report: &Report, sites: &[Line]) -> Result<(), PlotError> {
+/// Draws the chart (`png`: PNG, else SVG), with leakprobe's authorship mark
+/// (crate::output::mark) so that a later run may replace it. `sites` are the call sites to draw
+/// besides the process-wide series, largest growth first.
+pub fn draw(path: &Path, report: &Report, sites: &[Line]) -> Result<Vec<u8>, PlotError> {
     load_font()?;
     let png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    let size = (1200, 800);
-    let result = if png {
-        let root = BitMapBackend::new(path, size).into_drawing_area();
-        render(&root, report, sites).and_then(|()| root.present().map_err(|e| e.to_string()))
+    let (w, h) = (1200u32, 800u32);
+    let draw_err = |reason: String| PlotError::Draw { path: path.to_path_buf(), reason };
+    if png {
+        let mut rgb = vec![0u8; (w * h * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+            render(&root, report, sites)
+                .and_then(|()| root.present().map_err(|e| e.to_string()))
+                .map_err(draw_err)?;
+        }
+        encode_png(&rgb, w, h).map_err(|e| draw_err(e.to_string()))
     } else {
-        let root = SVGBackend::new(path, size).into_drawing_area();
-        render(&root, report, sites).and_then(|()| root.present().map_err(|e| e.to_string()))
-    };
-    result.map_err(|reason| PlotError::Draw { path: path.to_path_buf(), reason })
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+            render(&root, report, sites)
+                .and_then(|()| root.present().map_err(|e| e.to_string()))
+                .map_err(draw_err)?;
+        }
+        Ok(crate::output::mark::svg(svg.as_bytes()))
+    }
+}
+
+fn encode_png(rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let (keyword, text) = crate::output::mark::png_text();
+    enc.add_text_chunk(keyword, text)?;
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(out)
 }
 
 fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, r: &Report, sites: &[Line]) -> Result<(), String>

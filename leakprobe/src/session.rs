@@ -91,15 +91,19 @@ fn refuse(e: impl std::error::Error) -> anyhow::Error {
 
 pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     preflight::check().map_err(refuse)?;
-    for out in cfg.output.iter().chain(cfg.plot.iter()) {
-        check_output_path(out)?;
+    // Every output path is judged before anything is attached.
+    let policy = cfg.output_policy;
+    let outputs = cfg
+        .output
+        .iter()
+        .map(|p| ("--output", p))
+        .chain(cfg.plot.iter().map(|p| ("--plot", p)))
+        .chain(cfg.exports.paths().map(|(kind, p)| (kind.flag(), p)));
+    for (flag, out) in outputs {
+        check_output_path(flag, out, policy).map_err(refuse)?;
     }
     if let Some((_, dir)) = &cfg.snapshots {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the snapshot directory {}", dir.display()))?;
-    }
-    for (_, out) in cfg.exports.paths() {
-        check_output_path(out)?;
+        crate::output::prepare_dir(dir, policy).map_err(|e| refuse_flag("--snapshot-dir", &e))?;
     }
 
     // Who we trace.
@@ -233,13 +237,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         Format::Text => report::text::render(&report, cfg.top),
         Format::Json => report::to_json(&report).context("serializing the report")?,
     };
-    write_output(cfg.output.as_ref(), &rendered)?;
+    write_output(cfg.output.as_ref(), &rendered, cfg.output_policy)?;
     if let Some(path) = &cfg.plot {
         let lines = top_growing_lines(&report, &tracker, 4);
-        crate::plot::draw(path, &report, &lines).context("drawing --plot")?;
+        let chart = crate::plot::draw(path, &report, &lines).context("drawing --plot")?;
+        crate::output::write_atomic(path, &chart, cfg.output_policy).context("writing --plot")?;
         progress(&cfg, format_args!("timeline chart written to {}", path.display()));
     }
-    write_exports(&cfg.exports, &report)?;
+    write_exports(&cfg.exports, &report, cfg.output_policy)?;
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
@@ -302,7 +307,8 @@ impl Reporting<'_> {
         let json = report::to_json(&report).context("serializing a snapshot")?;
         self.snapshots_written += 1;
         let path = dir.join(format!("snapshot-{}-{:04}.json", self.identity.pid, self.snapshots_written));
-        crate::output::write_atomic(&path, json.as_bytes()).context("writing a snapshot")?;
+        crate::output::write_atomic(&path, json.as_bytes(), self.cfg.output_policy)
+            .context("writing a snapshot")?;
         progress(self.cfg, format_args!("snapshot written to {}", path.display()));
         Ok(())
     }
@@ -510,7 +516,7 @@ fn test_hook_pause(var: &str) {
 pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
         // Not `Refused`: diff attaches nothing, so that note would mislead.
-        check_output_path(out).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        check_output_path("--output", out, args.output_policy()).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let read = |path: &PathBuf| -> anyhow::Result<crate::diff::Named> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -530,15 +536,30 @@ pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
             crate::diff::to_json(&d).context("serializing the comparison")?
         }
     };
-    write_output(args.output.as_ref(), &rendered)
+    write_output(args.output.as_ref(), &rendered, args.output_policy())
 }
 
-fn check_output_path(path: &std::path::Path) -> anyhow::Result<()> {
-    crate::output::check_path(path).map_err(refuse)
+/// `FLAG PATH: why`, as a refusal (exit 2, nothing attached).
+fn refuse_flag(flag: &str, e: &crate::output::OutputError) -> anyhow::Error {
+    anyhow::Error::new(Refused(format!("{flag}: {}", crate::probe::error_chain(e))))
+}
+
+fn check_output_path(
+    flag: &str,
+    path: &std::path::Path,
+    policy: crate::output::Policy,
+) -> Result<(), Refused> {
+    crate::output::check_file(path, policy)
+        .map(|_| ())
+        .map_err(|e| Refused(format!("{flag}: {}", crate::probe::error_chain(&e))))
 }
 
 /// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
-fn write_exports(exports: &crate::cli::ExportOpts, report: &report::Report) -> anyhow::Result<()> {
+fn write_exports(
+    exports: &crate::cli::ExportOpts,
+    report: &report::Report,
+    policy: crate::output::Policy,
+) -> anyhow::Result<()> {
     use crate::{
         cli::ExportKind,
         export::{flame, pprof},
@@ -548,21 +569,23 @@ fn write_exports(exports: &crate::cli::ExportOpts, report: &report::Report) -> a
         let bytes = match kind {
             ExportKind::Pprof => pprof::encode(report),
             ExportKind::Flamegraph => flame::svg(report),
-            ExportKind::Folded => Ok(flame::folded(report).into_bytes()),
+            ExportKind::Folded => Ok(flame::folded_file(report).into_bytes()),
         }
         .with_context(|| format!("{flag} {}", path.display()))?;
-        crate::output::write_atomic(path, &bytes).with_context(|| format!("writing {flag}"))?;
+        crate::output::write_atomic(path, &bytes, policy).with_context(|| format!("writing {flag}"))?;
     }
     Ok(())
 }
 
-fn write_output(path: Option<&PathBuf>, content: &str) -> anyhow::Result<()> {
+fn write_output(path: Option<&PathBuf>, content: &str, policy: crate::output::Policy) -> anyhow::Result<()> {
     match path {
         None => {
             let mut out = std::io::stdout().lock();
             out.write_all(content.as_bytes()).context("writing the report to stdout")?;
             out.flush().context("writing the report to stdout")
         }
-        Some(path) => crate::output::write_atomic(path, content.as_bytes()).context("writing the report"),
+        Some(path) => {
+            crate::output::write_atomic(path, content.as_bytes(), policy).context("writing the report")
+        }
     }
 }

@@ -106,6 +106,15 @@ fn two_attaches_show_the_leak_delta_and_bad_files_are_refused() {
     let (code, _, err) = diff(&["-o", link.to_str().unwrap(), a_s, b_s]);
     assert_eq!(code, 2);
     assert!(err.contains("symlink"), "{err}");
+    // Our own earlier diff is replaced; someone else's file is not (issue 10).
+    let (code, _, err) = diff(&["--format", "json", "-o", out_path.to_str().unwrap(), a_s, b_s]);
+    assert_eq!(code, 0, "{err}");
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "keep me\n").unwrap();
+    let (code, _, err) = diff(&["-o", notes.to_str().unwrap(), a_s, b_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not written by leakprobe") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me\n");
 
     // A truncated file: exit 2, its name and the position, no panic.
     let full = std::fs::read_to_string(&b_path).unwrap();

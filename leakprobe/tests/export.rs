@@ -150,7 +150,13 @@ fn pprof_flamegraph_and_folded_of_a_real_leak() {
     assert!(line.contains("main;do_leaks;leak_malloc;malloc "), "{line}");
     assert_eq!(line.rsplit_once(' ').unwrap().1, LEAK_MALLOC.0.to_string());
     // Every outstanding byte is on some line, once.
-    let sum: u64 = text.lines().map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap()).sum();
+    // The first line is leakprobe's authorship mark, a comment that readers skip.
+    assert!(text.starts_with("# leakprobe "), "{text}");
+    let sum: u64 = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
     assert_eq!(sum, total);
 }
 

@@ -209,6 +209,11 @@ fn demo(duration: &str) -> anyhow::Result<()> {
     ]))?;
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
+    // Our own directory: outputs of an older leakprobe (from before outputs carried the
+    // authorship mark) would be refused, so start clean.
+    for name in ["timeline.png", "flamegraph.svg", "leak.pb.gz"] {
+        let _ = std::fs::remove_file(out_dir.join(name));
+    }
     let server = out_dir.join("leaky_server");
     // Built like a production server: optimized, no frame pointers.
     status(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&server).arg(root.join("demo/leaky_server.c")))?;

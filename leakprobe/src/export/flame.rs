@@ -38,6 +38,11 @@ pub fn folded(report: &Report) -> String {
     stacks.into_iter().map(|(stack, bytes)| format!("{stack} {bytes}\n")).collect()
 }
 
+/// The folded-stacks file: [`folded`] under leakprobe's authorship line.
+pub fn folded_file(report: &Report) -> String {
+    crate::output::mark::folded_header() + &folded(report)
+}
+
 /// What the graph measures, over which window, and whether the figures are estimates. Short:
 /// inferno centres it on one line.
 fn subtitle(report: &Report) -> String {
@@ -76,7 +81,7 @@ pub fn svg(report: &Report) -> Result<Vec<u8>, ExportError> {
             )
             .as_bytes(),
         );
-        return Ok(out);
+        return Ok(crate::output::mark::svg(&out));
     }
     let mut opts = flamegraph::Options::default();
     opts.title = TITLE.to_string();
@@ -88,7 +93,7 @@ pub fn svg(report: &Report) -> Result<Vec<u8>, ExportError> {
     opts.deterministic = true;
     flamegraph::from_lines(&mut opts, folded.lines(), &mut out)
         .map_err(|source| ExportError::Flamegraph { source })?;
-    Ok(out)
+    Ok(crate::output::mark::svg(&out))
 }
 
 #[cfg(test)]
@@ -146,5 +151,23 @@ mod tests {
         assert_eq!(folded(&r), "");
         let svg = String::from_utf8(svg(&r).unwrap()).unwrap();
         assert!(svg.contains("nothing allocated in the 2.5 s window is still outstanding"));
+        assert!(crate::output::mark::recognise(svg.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn our_files_carry_the_mark_and_readers_of_folded_stacks_skip_it() {
+        let r = report();
+        let file = folded_file(&r);
+        assert!(crate::output::mark::recognise(file.as_bytes()).is_some());
+        assert!(crate::output::mark::recognise(folded(&r).as_bytes()).is_none());
+        // inferno reads the file with its header line and draws the same stacks.
+        let mut opts = flamegraph::Options::default();
+        let mut out = Vec::new();
+        flamegraph::from_lines(&mut opts, file.lines(), &mut out).unwrap();
+        let drawn = String::from_utf8(out).unwrap();
+        assert!(drawn.contains("parse (4,000 samples"), "{drawn}");
+        let svg = svg(&r).unwrap();
+        assert!(svg.starts_with(b"<?xml"));
+        assert!(crate::output::mark::recognise(&svg).is_some());
     }
 }

@@ -433,4 +433,16 @@ mod tests {
         assert!(comments.iter().any(|c| c.starts_with("estimated")), "{comments:?}");
         assert!(comments.iter().any(|c| c.starts_with("DEGRADED")), "{comments:?}");
     }
+
+    #[test]
+    fn the_profile_carries_leakprobes_mark() {
+        let bytes = encode(&report()).unwrap();
+        assert_eq!(crate::output::mark::recognise(&bytes), Some("leakprobe pprof profile"));
+        // Another tool's profile (no leakprobe comment) is not ours.
+        let mut other = profile(&report());
+        other.comment.clear();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&other.encode_to_vec()).unwrap();
+        assert_eq!(crate::output::mark::recognise(&gz.finish().unwrap()), None);
+    }
 }
