@@ -1,7 +1,7 @@
 //! Writing result files safely. leakprobe runs as root on other people's servers, so a typo in
 //! `--output` must never destroy a file it did not make:
-//! - a path may be replaced without asking only if nothing is there, or if leakprobe wrote
-//!   what is there (recognised by the authorship mark every output carries, see [`mark`]);
+//! - a path may be replaced without asking only if nothing is there, an empty file (`mktemp`),
+//!   or a file leakprobe wrote (recognised by the mark every output carries, see [`mark`]);
 //! - anything else is refused unless `--force`, which keeps the old file's owner and mode;
 //! - system directories (`/etc`, `/usr`, ...) are refused even with `--force`, unless
 //!   `--allow-system-path`;
@@ -130,7 +130,8 @@ pub fn check_file(path: &Path, policy: Policy) -> Result<Option<Existing>, Outpu
         return Err(OutputError::NotRegular(path.to_path_buf()));
     }
     let existing = Existing { uid: meta.uid(), gid: meta.gid(), mode: meta.mode() & 0o7777 };
-    if policy.force {
+    // An empty file holds nothing to lose: `mktemp` made it for us.
+    if policy.force || meta.len() == 0 {
         return Ok(Some(existing));
     }
     let ours =
@@ -489,6 +490,10 @@ mod tests {
         );
         // Now it is ours: replaced without --force.
         write_atomic(&p, b"leakprobe 0.1.0: PID 2 (x)\n", MINE).unwrap();
+        // An empty file (mktemp's) has nothing to lose.
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        write_atomic(&empty, b"{\"schema\": \"leakprobe/v1\"}", MINE).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
