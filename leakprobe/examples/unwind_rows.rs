@@ -3,7 +3,7 @@
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).ok_or_else(|| anyhow::anyhow!("usage: unwind_rows FILE [VADDR_HEX]"))?;
-    let table = leakprobe::unwind::build(&std::fs::read(path)?)?;
+    let table = leakprobe::kernel::unwind::build(&std::fs::read(path)?)?;
     println!("{} rows; segments {:x?}", table.rows.len(), table.segments);
     match args.get(2).map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16)).transpose()? {
         Some(addr) => {

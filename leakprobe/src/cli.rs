@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::allocator::{AllocatorKind, Choice};
+use crate::target::allocator::{AllocatorKind, Choice};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -403,11 +403,11 @@ impl TryFrom<Cli> for Config {
                     value: v.to_string(),
                     reason: e.to_string(),
                 })?;
-                if n == 0 || n > crate::sampling::MAX_SAMPLE_BYTES {
+                if n == 0 || n > crate::model::sampling::MAX_SAMPLE_BYTES {
                     return Err(ConfigError::Range {
                         flag: "--sample-bytes",
                         min: 1,
-                        max: crate::sampling::MAX_SAMPLE_BYTES,
+                        max: crate::model::sampling::MAX_SAMPLE_BYTES,
                     });
                 }
                 n

@@ -1,32 +1,19 @@
 //! leakprobe: find growing allocation call sites in a live process with eBPF.
 //!
-//! Layers, with data flowing one way:
-//! - [`probe`]: loads the eBPF programs, attaches them, reads their maps;
-//! - [`model`]: pure tracking arithmetic over samples (no I/O);
-//! - [`trend`]: slopes, fits and the leak / fragmentation / stable verdicts (no I/O);
+//! Layers, one folder each, with data flowing one way (see docs/architecture.md):
+//! - [`target`]: what to hook: the process, its modules and allocator, `run` mode (/proc, ELF);
+//! - [`kernel`]: the eBPF side: load, place, attach, unwind rows, read maps;
+//! - [`model`]: pure tracking arithmetic, trends and verdicts (no I/O);
 //! - [`symbolize`]: addresses to functions and lines;
-//! - [`report`]: the report structure and its text and JSON forms;
-//! - [`diff`]: two reports compared per call site (pure);
-//! - [`export`]: the report as pprof, folded stacks and a flame graph;
-//! - [`cli`], [`session`], [`launch`], [`target`], [`preflight`]: the edges.
+//! - [`report`]: the report and its renderings: text, JSON, diff, exports, chart (pure);
+//! - the edges: [`cli`] (flags), [`session`] (the tokio loop that runs it all), [`output`]
+//!   (checked, atomic result files).
 
-pub mod allocator;
 pub mod cli;
-pub mod diff;
-pub mod elf;
-pub mod export;
-pub mod launch;
-pub mod memory;
+pub mod kernel;
 pub mod model;
 pub mod output;
-pub mod placement;
-pub mod plot;
-pub mod preflight;
-pub mod probe;
 pub mod report;
-pub mod sampling;
 pub mod session;
 pub mod symbolize;
 pub mod target;
-pub mod trend;
-pub mod unwind;

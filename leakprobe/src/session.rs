@@ -10,16 +10,16 @@ use leakprobe_common::SiteKey;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    allocator,
     cli::{Config, Format, Mode, Unwind},
-    launch,
+    kernel::{
+        preflight,
+        probe::{ProbeConfig, ProbeStatus, Probes, monotonic_ns},
+        unwind,
+    },
     model::{SiteStats, Totals, Tracker, total_drops},
-    preflight,
-    probe::{ProbeConfig, ProbeStatus, Probes, monotonic_ns},
     report::{self, text::human_bytes},
     symbolize::{Frame, Symbolizer},
-    target::{self, Identity, TargetError},
-    unwind,
+    target::{self, Identity, TargetError, allocator, launch},
 };
 
 /// Loads rows for modules not seen yet and republishes the target's module table.
@@ -86,7 +86,7 @@ fn fetch_new_stacks(probes: &Probes, sites: &[SiteStats], cache: &mut StackCache
 }
 
 fn refuse(e: impl std::error::Error) -> anyhow::Error {
-    anyhow::Error::new(Refused(crate::probe::error_chain(&e)))
+    anyhow::Error::new(Refused(crate::kernel::probe::error_chain(&e)))
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
@@ -217,7 +217,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     // Final reading, then detach before the (slower) symbolization and output.
     let mut sample =
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
-    sample.memory = crate::memory::read(pid);
+    sample.memory = crate::target::memory::read(pid);
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker.sites(), &mut stacks)?;
     let t0 = std::time::Instant::now();
@@ -240,7 +240,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     write_output(cfg.output.as_ref(), &rendered, cfg.output_policy)?;
     if let Some(path) = &cfg.plot {
         let lines = top_growing_lines(&report, &tracker, 4);
-        let chart = crate::plot::draw(path, &report, &lines).context("drawing --plot")?;
+        let chart = crate::report::plot::draw(path, &report, &lines).context("drawing --plot")?;
         crate::output::write_atomic(path, &chart, cfg.output_policy).context("writing --plot")?;
         progress(&cfg, format_args!("timeline chart written to {}", path.display()));
     }
@@ -252,7 +252,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
 struct Reporting<'a> {
     cfg: &'a Config,
     identity: &'a Identity,
-    plan: &'a crate::allocator::Plan,
+    plan: &'a crate::target::allocator::Plan,
     start_wall: SystemTime,
     build_ids: BuildIds,
     /// Kernel and libc do not change during a run: read once, at the first report.
@@ -315,7 +315,7 @@ impl Reporting<'_> {
 }
 
 /// The top growing call sites' outstanding bytes over time, labelled for the chart.
-fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Vec<crate::plot::Line> {
+fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Vec<crate::report::plot::Line> {
     // report.sites was built from tracker.sites(), one for one and in the same order.
     report
         .sites
@@ -327,8 +327,8 @@ fn top_growing_lines(report: &report::Report, tracker: &Tracker, n: usize) -> Ve
             let caller = s
                 .frames
                 .first()
-                .map_or_else(|| "[no stack]".into(), |f| crate::export::frame_label(f, report));
-            crate::plot::Line {
+                .map_or_else(|| "[no stack]".into(), |f| crate::report::export::frame_label(f, report));
+            crate::report::plot::Line {
                 label: format!("{} <- {caller}", s.function),
                 points: tracker.site_history(&stats.key).map(<[_]>::to_vec).unwrap_or_default(),
             }
@@ -352,7 +352,7 @@ fn modules(symbolizer: &Symbolizer, build_ids: &mut BuildIds) -> Vec<report::Mod
             file_offset: m.file_offset,
             build_id: build_ids
                 .entry(handle.to_path_buf())
-                .or_insert_with(|| crate::elf::build_id(handle))
+                .or_insert_with(|| crate::target::elf::build_id(handle))
                 .clone(),
         })
         .collect()
@@ -366,7 +366,7 @@ fn host(symbolizer: &Symbolizer) -> report::Host {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         libc: libc.map(|(m, _)| m.path.display().to_string()),
-        libc_version: libc.and_then(|(_, handle)| crate::elf::glibc_version(handle)),
+        libc_version: libc.and_then(|(_, handle)| crate::target::elf::glibc_version(handle)),
     }
 }
 
@@ -449,7 +449,7 @@ async fn watch(
                 let mut sample = probes
                     .sample(monotonic_ns(), tracker.min_age_ns(), read_live)
                     .context("reading eBPF maps")?;
-                sample.memory = crate::memory::read(pid);
+                sample.memory = crate::target::memory::read(pid);
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(identity);
                 // Libraries loaded since (dlopen) get unwind rows too.
@@ -512,20 +512,20 @@ fn test_hook_pause(var: &str) {
 }
 
 /// Refuses output paths that are symlinks or not regular files (FIFOs, devices).
-/// `leakprobe diff`: reads two reports, compares them (crate::diff) and writes the result.
+/// `leakprobe diff`: reads two reports, compares them (crate::report::diff) and writes the result.
 pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
         // Not `Refused`: diff attaches nothing, so that note would mislead.
         check_output_path("--output", out, args.output_policy()).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let read = |path: &PathBuf| -> anyhow::Result<crate::diff::Named> {
+    let read = |path: &PathBuf| -> anyhow::Result<crate::report::diff::Named> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(crate::diff::parse(&path.display().to_string(), &bytes)?)
+        Ok(crate::report::diff::parse(&path.display().to_string(), &bytes)?)
     };
     let (a, b) = (read(&args.a)?, read(&args.b)?);
-    let d = crate::diff::compare(&a, &b, args.force)?;
+    let d = crate::report::diff::compare(&a, &b, args.force)?;
     let rendered = match args.format {
-        Format::Text => crate::diff::render(&d, args.top as usize),
+        Format::Text => crate::report::diff::render(&d, args.top as usize),
         Format::Json => {
             // The text form shows its warnings; JSON readers get them on stderr too.
             if !quiet {
@@ -533,7 +533,7 @@ pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
                     eprintln!("leakprobe: warning: {w}");
                 }
             }
-            crate::diff::to_json(&d).context("serializing the comparison")?
+            crate::report::diff::to_json(&d).context("serializing the comparison")?
         }
     };
     write_output(args.output.as_ref(), &rendered, args.output_policy())
@@ -541,7 +541,7 @@ pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
 
 /// `FLAG PATH: why`, as a refusal (exit 2, nothing attached).
 fn refuse_flag(flag: &str, e: &crate::output::OutputError) -> anyhow::Error {
-    anyhow::Error::new(Refused(format!("{flag}: {}", crate::probe::error_chain(e))))
+    anyhow::Error::new(Refused(format!("{flag}: {}", crate::kernel::probe::error_chain(e))))
 }
 
 fn check_output_path(
@@ -551,7 +551,7 @@ fn check_output_path(
 ) -> Result<(), Refused> {
     crate::output::check_file(path, policy)
         .map(|_| ())
-        .map_err(|e| Refused(format!("{flag}: {}", crate::probe::error_chain(&e))))
+        .map_err(|e| Refused(format!("{flag}: {}", crate::kernel::probe::error_chain(&e))))
 }
 
 /// --pprof, --flamegraph, --folded: after the report, so a failure here still leaves it.
@@ -562,7 +562,7 @@ fn write_exports(
 ) -> anyhow::Result<()> {
     use crate::{
         cli::ExportKind,
-        export::{flame, pprof},
+        report::export::{flame, pprof},
     };
     for (kind, path) in exports.paths() {
         let flag = kind.flag();

@@ -20,9 +20,12 @@ use leakprobe_common::{
 use thiserror::Error;
 
 use crate::{
-    allocator::{CXX_WRAPPERS, Hook, Plan},
     model::{Counters, LiveSummary, Sample},
-    target::{Mapping, target_path},
+    target::{
+        Mapping,
+        allocator::{CXX_WRAPPERS, Hook, Plan},
+        target_path,
+    },
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakprobe"));
@@ -155,14 +158,15 @@ impl Probes {
         let mut exp: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
                 .map_err(|source| ProbeError::Map { name, source })?;
-        for (i, v) in crate::sampling::exponential_quantiles(mean, EXP_ENTRIES).into_iter().enumerate() {
+        for (i, v) in crate::model::sampling::exponential_quantiles(mean, EXP_ENTRIES).into_iter().enumerate()
+        {
             exp.set(i as u32, v, 0).map_err(|source| ProbeError::Map { name, source })?;
         }
         let name = map_names::WEIGHT_TABLE;
         let mut w: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
                 .map_err(|source| ProbeError::Map { name, source })?;
-        for (i, v) in crate::sampling::weight_curve().into_iter().enumerate() {
+        for (i, v) in crate::model::sampling::weight_curve().into_iter().enumerate() {
             w.set(i as u32, v, 0).map_err(|source| ProbeError::Map { name, source })?;
         }
         Ok(())
@@ -298,7 +302,7 @@ impl Probes {
     ) -> Result<(), ProbeError> {
         let path = target_path(self.pid.get() as i32, &module.path);
         let names: Vec<&str> = hooks.iter().map(|h| h.function).collect();
-        let (syms, data) = crate::elf::functions(&path, &names).map_err(|e| ProbeError::Symbols {
+        let (syms, data) = crate::target::elf::functions(&path, &names).map_err(|e| ProbeError::Symbols {
             module: module.path.display().to_string(),
             reason: error_chain(&e),
         })?;
@@ -307,13 +311,13 @@ impl Probes {
         // emulates, when what comes before it changes nothing the probe reads (free: past its
         // NULL check). Needs the function's whole body (its symbol size) to check that no
         // branch skips the spot.
-        let mut placements: StdHashMap<&'static str, crate::placement::Placement> = StdHashMap::new();
+        let mut placements: StdHashMap<&'static str, crate::kernel::placement::Placement> = StdHashMap::new();
         for h in hooks {
             let Some(sym) = syms.get(h.function).filter(|s| s.size > 0) else { continue };
             let start = sym.offset as usize;
             let end = start.saturating_add(sym.size.min(1 << 16) as usize).min(data.len());
             let Some(code) = data.get(start..end) else { continue };
-            use crate::placement::{ALL_ARGS, FIRST_ARG, after_null_check, first_emulated};
+            use crate::kernel::placement::{ALL_ARGS, FIRST_ARG, after_null_check, first_emulated};
             let mut p = if h.null_check {
                 after_null_check(code, sym.offset)
             } else {
@@ -339,9 +343,9 @@ impl Probes {
                     if let Some(first) = first_at.get(off) {
                         alias_of.insert(h.function, first);
                     } else if let Some(to) = (h.entry == "free_enter")
-                        .then(|| crate::elf::plt_forward(&data, *off))
+                        .then(|| crate::target::elf::plt_forward(&data, *off))
                         .flatten()
-                        .and_then(|name| crate::allocator::hooked_free(&name))
+                        .and_then(|name| crate::target::allocator::hooked_free(&name))
                     {
                         // A free that is a bare `jmp free@plt`: seen where it lands, probing
                         // it too would count each call twice. (Allocation forwarders stay

@@ -1,11 +1,17 @@
+//! **Layer: tracking model.** Pure arithmetic over what the kernel side counted: call sites,
+//! growth, trends and verdicts, sampling weights. May use only `leakprobe-common`; no I/O.
+//!
 //! The tracking model: call site totals over time, growth and ages. Pure arithmetic, no I/O:
 //! it consumes [`Sample`]s (read from the kernel maps in production, built by hand in tests).
+
+pub mod sampling;
+pub mod trend;
 
 use std::collections::HashMap;
 
 use leakprobe_common::{AllocKind, SiteCounters, SiteKey, counter};
 
-use crate::trend::{self, Fit, RunVerdict, Series, Trend};
+use trend::{Fit, RunVerdict, Series, Trend};
 
 /// Drop and activity counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,5 +1,12 @@
+//! **Layer: reporting.** One `Report` (the leakprobe/v1 schema) built from the model, and every
+//! rendering of it: text, JSON, diff, pprof, flame graph, chart. Pure: returns bytes, writes nothing.
+//!
 //! The report: one data structure (the `leakprobe/v1` JSON schema, see docs/json-schema.md)
 //! and its renderings.
+
+pub mod diff;
+pub mod export;
+pub mod plot;
 
 pub mod text;
 
@@ -7,11 +14,13 @@ use leakprobe_common::stack_end;
 use serde::Serialize;
 
 use crate::{
-    model::{DROP_KINDS, INFO_KINDS, SiteStats, Tracker, total_drops},
-    probe::ProbeStatus,
+    kernel::probe::ProbeStatus,
+    model::{
+        DROP_KINDS, INFO_KINDS, SiteStats, Tracker, total_drops,
+        trend::{Fit, RunVerdict, Trend},
+    },
     symbolize::Frame,
     target::Identity,
-    trend::{Fit, RunVerdict, Trend},
 };
 
 pub const SCHEMA: &str = "leakprobe/v1";
@@ -241,7 +250,7 @@ pub struct Context<'a> {
     pub max_overhead: Option<u64>,
     pub host: Host,
     pub modules: Vec<Module>,
-    pub allocator: &'a crate::allocator::Plan,
+    pub allocator: &'a crate::target::allocator::Plan,
 }
 
 pub fn build(
@@ -286,8 +295,8 @@ pub fn build(
         .collect::<Vec<_>>();
     let (kind, summary) = tracker.verdict();
     let tl = tracker.timeline();
-    let heap_from = crate::trend::trailing_from(tl.heap.points());
-    let rss_from = crate::trend::trailing_from(tl.rss.points());
+    let heap_from = crate::model::trend::trailing_from(tl.heap.points());
+    let rss_from = crate::model::trend::trailing_from(tl.rss.points());
     Report {
         schema: SCHEMA,
         leakprobe: Tool { version: env!("CARGO_PKG_VERSION"), args: ctx.args.clone() },
@@ -369,8 +378,8 @@ pub fn build(
         verdict: Verdict {
             kind,
             summary,
-            heap_fit: crate::trend::fit(tl.heap.points(), heap_from),
-            rss_fit: crate::trend::fit(tl.rss.points(), rss_from),
+            heap_fit: crate::model::trend::fit(tl.heap.points(), heap_from),
+            rss_fit: crate::model::trend::fit(tl.rss.points(), rss_from),
         },
         timeline: timeline(tl),
         sites,
@@ -380,7 +389,7 @@ pub fn build(
 
 /// Joins the series on their sample times.
 fn timeline(tl: &crate::model::Timeline) -> Vec<TimelinePoint> {
-    let at = |s: &crate::trend::Series| -> std::collections::HashMap<u64, f64> {
+    let at = |s: &crate::model::trend::Series| -> std::collections::HashMap<u64, f64> {
         s.points().iter().map(|(t, y)| (t.to_bits(), *y)).collect()
     };
     let (rss, anon, file, mmap, allocs, frees) =

@@ -62,10 +62,10 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
         _ => {}
     }
     let trend = match (s.trend, s.fit) {
-        (crate::trend::Trend::NotEnoughData, _) | (_, None) => "trend: not enough data".to_string(),
+        (crate::model::trend::Trend::NotEnoughData, _) | (_, None) => "trend: not enough data".to_string(),
         (t, Some(f)) => format!(
             "trend: {} {}{}/s over the last {:.0} s (R\u{b2} {:.2}, rising in {:.0}% of intervals)",
-            if t == crate::trend::Trend::Growing { "GROWING" } else { "stable" },
+            if t == crate::model::trend::Trend::Growing { "GROWING" } else { "stable" },
             if f.slope_per_s < 0.0 { "-" } else { "+" },
             human_bytes(f.slope_per_s.abs() as u64),
             f.span_s,
@@ -239,10 +239,10 @@ pub fn render(r: &Report, top: usize) -> String {
         out,
         "VERDICT: {}: {}",
         match r.verdict.kind {
-            crate::trend::RunVerdict::Leak => "LEAK / GROWING",
-            crate::trend::RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
-            crate::trend::RunVerdict::Stable => "STABLE",
-            crate::trend::RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
+            crate::model::trend::RunVerdict::Leak => "LEAK / GROWING",
+            crate::model::trend::RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
+            crate::model::trend::RunVerdict::Stable => "STABLE",
+            crate::model::trend::RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
         },
         r.verdict.summary
     );

@@ -1,3 +1,6 @@
+//! **Layer: symbolization.** Addresses to functions, files and lines (blazesym), from the
+//! target's own files held open. May read the target's files; knows nothing of eBPF or reports.
+//!
 //! Addresses to functions, files and lines, with blazesym.
 //!
 //! Each mapped module's file is opened once, through the target's own /proc view, and kept

@@ -11,9 +11,9 @@ use std::{collections::HashMap, path::PathBuf};
 
 use thiserror::Error;
 
-use crate::{
+use crate::target::{
+    self, Mapping,
     elf::{self, FunctionSym},
-    target::{self, Mapping},
 };
 
 /// An allocation-family function and the programs that watch it.

@@ -144,11 +144,11 @@ fn needs_cxx(pid: i32) -> bool {
 }
 
 fn needed_libs(data: &[u8]) -> Vec<String> {
-    crate::elf::dynamic(data).needed
+    crate::target::elf::dynamic(data).needed
 }
 
 fn is_static(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/exe")).is_ok_and(|data| !crate::elf::dynamic(&data).interp)
+    std::fs::read(format!("/proc/{pid}/exe")).is_ok_and(|data| !crate::target::elf::dynamic(&data).interp)
 }
 
 /// Whether the executable's direct DT_NEEDED libraries are all mapped: an allocator linked

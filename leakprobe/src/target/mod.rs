@@ -1,7 +1,15 @@
+//! **Layer: what to hook.** The target process as /proc and its ELF files show it: identity,
+//! modules, which allocator its calls bind to, `run` mode. May read /proc and files; no eBPF.
+//!
 //! The target process as /proc shows it: identity, liveness and mapped modules.
 //!
 //! Paths to a target's files always go through `/proc/PID/map_files` or `/proc/PID/root`, so a
 //! target in another mount namespace resolves to its own files, not the host's.
+
+pub mod allocator;
+pub mod elf;
+pub mod launch;
+pub mod memory;
 
 use std::{
     fs::File,

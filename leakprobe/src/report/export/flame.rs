@@ -99,7 +99,7 @@ pub fn svg(report: &Report) -> Result<Vec<u8>, ExportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::testing::report;
+    use crate::report::export::testing::report;
 
     #[test]
     fn folded_is_root_first_sorted_and_sanitized() {

@@ -90,7 +90,7 @@ pub(crate) mod testing {
             interval_frees: 0,
             growth_bytes_per_s: 0.0,
             oldest_age_s: None,
-            trend: crate::trend::Trend::NotEnoughData,
+            trend: crate::model::trend::Trend::NotEnoughData,
             fit: None,
             stack_id: "0000000000000001".into(),
             truncated: false,
@@ -147,7 +147,7 @@ pub(crate) mod testing {
             sampling: Sampling { sample_bytes: 0, estimated: false },
             overhead: Overhead { mean_hits_per_s: 0.0, peak_hits_per_s: 0.0, max_hits_per_s: None },
             verdict: crate::report::Verdict {
-                kind: crate::trend::RunVerdict::NotEnoughData,
+                kind: crate::model::trend::RunVerdict::NotEnoughData,
                 summary: String::new(),
                 heap_fit: None,
                 rss_fit: None,

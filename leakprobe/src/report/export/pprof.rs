@@ -336,7 +336,7 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::export::testing::report;
+    use crate::report::export::testing::report;
 
     fn decode(bytes: &[u8]) -> Profile {
         let mut raw = Vec::new();
