@@ -2,7 +2,7 @@
 //! unbounded accumulation), flat (stable), or is the process's RSS rising while the heap it
 //! asked for stays flat (fragmentation / allocator retention)? Pure arithmetic, no I/O.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Points kept per series; older points are thinned (every other one dropped) beyond this,
 /// so memory stays bounded however long the session runs.
@@ -42,7 +42,7 @@ impl Series {
 }
 
 /// A least-squares line through the trailing part of a series, with how well it fits.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fit {
     /// Units of the series per second.
     pub slope_per_s: f64,
@@ -87,13 +87,14 @@ pub fn fit(points: &[(f64, f64)], from_s: f64) -> Option<Fit> {
 }
 
 /// What a series is doing over the trailing half of the window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Trend {
     /// Rising steadily: the line fits well, most intervals rise, and the rise is material.
     Growing,
     /// Not rising materially (flat, falling, or noise around a level).
     Stable,
+    #[default]
     NotEnoughData,
 }
 
@@ -140,7 +141,7 @@ pub fn trend(points: &[(f64, f64)], th: &Thresholds) -> (Trend, Option<Fit>) {
 }
 
 /// The verdict for the whole run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunVerdict {
     /// The tracked heap grows steadily: a leak, or unbounded accumulation.
@@ -149,6 +150,7 @@ pub enum RunVerdict {
     /// returned (fragmentation, allocator caching), or memory comes from outside the hooks.
     Fragmentation,
     Stable,
+    #[default]
     NotEnoughData,
 }
 

@@ -18,7 +18,10 @@ use std::{collections::BTreeMap, fmt::Write as _, time::SystemTime};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::report::text::human_bytes;
+use crate::{
+    report::{Report, Site, text::human_bytes},
+    symbolize::Frame,
+};
 
 /// The schema of `leakprobe diff --format json`.
 pub const SCHEMA: &str = "leakprobe/diff/v1";
@@ -52,78 +55,12 @@ pub enum DiffError {
     Reversed { a: String, b: String, a_s: f64, b_s: f64 },
 }
 
-/// The part of a `leakprobe/v1` report that diff reads. Unknown fields are ignored, so
-/// fields added to the schema later do not break it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Snapshot {
-    pub schema: String,
-    pub target: TargetIn,
-    pub window: WindowIn,
-    #[serde(default)]
-    pub sampling: SamplingIn,
-    #[serde(default)]
-    pub degraded: bool,
-    pub sites: Vec<SiteIn>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct TargetIn {
-    pub pid: i32,
-    pub exe: String,
-    pub build_id: Option<String>,
-    pub start_time: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct WindowIn {
-    pub start: String,
-    pub duration_s: f64,
-    #[serde(default)]
-    pub min_age_s: f64,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct SamplingIn {
-    #[serde(default)]
-    pub sample_bytes: u64,
-    #[serde(default)]
-    pub estimated: bool,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct SiteIn {
-    pub function: String,
-    pub outstanding_bytes: u64,
-    pub outstanding_count: u64,
-    pub allocated_bytes: u64,
-    pub allocated_count: u64,
-    pub freed_bytes: u64,
-    pub freed_count: u64,
-    #[serde(default)]
-    pub growth_bytes_per_s: f64,
-    #[serde(default)]
-    pub stack_id: String,
-    #[serde(default)]
-    pub frames: Vec<FrameIn>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct FrameIn {
-    #[serde(default)]
-    pub address: u64,
-    pub function: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    pub module: Option<String>,
-    #[serde(default)]
-    pub inlined: bool,
-}
-
-/// A parsed file and the name it is reported under.
+/// A parsed file and the name it is reported under. The report is read with the types that
+/// write it; fields diff does not need may be missing (older files), unknown ones are ignored.
 #[derive(Clone, Debug)]
 pub struct Named {
     pub file: String,
-    pub snapshot: Snapshot,
+    pub report: Report,
     /// `window.start`, parsed.
     start: SystemTime,
 }
@@ -160,18 +97,15 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Named, DiffError> {
             });
         }
     }
-    let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| malformed(file, &e))?;
+    let report: Report = serde_json::from_slice(bytes).map_err(|e| malformed(file, &e))?;
     let invalid = |field, reason: String| DiffError::Invalid { file: file.to_string(), field, reason };
-    if !(snapshot.window.duration_s.is_finite() && snapshot.window.duration_s >= 0.0) {
-        return Err(invalid(
-            "window.duration_s",
-            format!("{} is not a duration", snapshot.window.duration_s),
-        ));
+    if !(report.window.duration_s.is_finite() && report.window.duration_s >= 0.0) {
+        return Err(invalid("window.duration_s", format!("{} is not a duration", report.window.duration_s)));
     }
-    let start = humantime::parse_rfc3339_weak(&snapshot.window.start).map_err(|e| {
-        invalid("window.start", format!("{:?} is not an RFC 3339 time: {e}", snapshot.window.start))
+    let start = humantime::parse_rfc3339_weak(&report.window.start).map_err(|e| {
+        invalid("window.start", format!("{:?} is not an RFC 3339 time: {e}", report.window.start))
     })?;
-    Ok(Named { file: file.to_string(), snapshot, start })
+    Ok(Named { file: file.to_string(), report, start })
 }
 
 /// Figures of one side of a call site (summed when several sites symbolize alike).
@@ -189,7 +123,7 @@ pub struct Side {
 }
 
 impl Side {
-    fn add(&mut self, s: &SiteIn) {
+    fn add(&mut self, s: &Site) {
         self.outstanding_bytes = self.outstanding_bytes.saturating_add(s.outstanding_bytes);
         self.outstanding_count = self.outstanding_count.saturating_add(s.outstanding_count);
         self.allocated_bytes = self.allocated_bytes.saturating_add(s.allocated_bytes);
@@ -223,7 +157,7 @@ pub struct SiteDiff {
     pub a: Option<Side>,
     pub b: Option<Side>,
     /// Innermost first; B's symbolization, or A's for a gone site.
-    pub frames: Vec<FrameIn>,
+    pub frames: Vec<Frame>,
 }
 
 impl SiteDiff {
@@ -253,7 +187,7 @@ pub struct FileInfo {
 
 impl FileInfo {
     fn of(n: &Named) -> Self {
-        let s = &n.snapshot;
+        let s = &n.report;
         FileInfo {
             file: n.file.clone(),
             pid: s.target.pid,
@@ -322,7 +256,7 @@ enum SiteKey {
     Frames { function: String, frames: Vec<FrameKey> },
 }
 
-fn key(s: &SiteIn, by_stack: bool) -> SiteKey {
+fn key(s: &Site, by_stack: bool) -> SiteKey {
     if by_stack {
         SiteKey::Stack { function: s.function.clone(), stack_id: s.stack_id.clone() }
     } else {
@@ -343,7 +277,7 @@ fn key(s: &SiteIn, by_stack: bool) -> SiteKey {
 }
 
 fn end_of(n: &Named) -> SystemTime {
-    n.start + std::time::Duration::from_secs_f64(n.snapshot.window.duration_s)
+    n.start + std::time::Duration::from_secs_f64(n.report.window.duration_s)
 }
 
 /// Seconds from `a` to `b` (negative when `b` is earlier).
@@ -361,7 +295,7 @@ fn nonempty(s: &Option<String>) -> Option<&str> {
 /// Refuses files of different builds. With build-ids on both sides they decide (the same
 /// build may sit at another path, e.g. in a container); otherwise the executable path does.
 fn check_same_build(a: &Named, b: &Named, warnings: &mut Vec<String>) -> Result<(), DiffError> {
-    let (ta, tb) = (&a.snapshot.target, &b.snapshot.target);
+    let (ta, tb) = (&a.report.target, &b.report.target);
     let mismatch =
         |what, detail| DiffError::DifferentTarget { a: a.file.clone(), b: b.file.clone(), what, detail };
     match (nonempty(&ta.build_id), nonempty(&tb.build_id)) {
@@ -403,7 +337,7 @@ pub fn compare(a: &Named, b: &Named, force: bool) -> Result<Diff, DiffError> {
         forced = true;
         warnings.push(format!("compared anyway (--force): {e}"));
     }
-    let (sa, sb) = (&a.snapshot, &b.snapshot);
+    let (sa, sb) = (&a.report, &b.report);
     let same_run = sa.target.pid == sb.target.pid
         && sa.target.start_time == sb.target.start_time
         && sa.window.start == sb.window.start;
@@ -455,7 +389,7 @@ pub fn compare(a: &Named, b: &Named, force: bool) -> Result<Diff, DiffError> {
         ));
     }
     for n in [a, b] {
-        if n.snapshot.degraded {
+        if n.report.degraded {
             warnings.push(format!(
                 "{} is a degraded report (events were dropped): figures are incomplete",
                 n.file
@@ -465,7 +399,7 @@ pub fn compare(a: &Named, b: &Named, force: bool) -> Result<Diff, DiffError> {
 
     let by_stack = same_run && sa.sites.iter().chain(&sb.sites).all(|s| !s.stack_id.is_empty());
     // One call site's two sides, each with the frames it was first seen with.
-    type Sides = [Option<(Side, Vec<FrameIn>)>; 2];
+    type Sides = [Option<(Side, Vec<Frame>)>; 2];
     let mut merged: BTreeMap<SiteKey, Sides> = BTreeMap::new();
     for (i, snap) in [sa, sb].into_iter().enumerate() {
         for s in &snap.sites {
@@ -595,7 +529,7 @@ fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
-fn frame_text(f: &FrameIn) -> String {
+fn frame_text(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("[unknown]");
     let loc = match (&f.file, f.line) {
         (Some(file), Some(line)) => format!(" {}:{line}", basename(file)),
@@ -1146,6 +1080,64 @@ mod tests {
         assert_eq!(v["sites"][0]["a"]["outstanding_bytes"], 1024);
         assert_eq!(v["sites"][1]["a"], Value::Null);
         assert_eq!(v["sites"][0]["frames"][0]["function"], "leak");
+    }
+
+    /// One schema: a report written by `report::to_json` comes back through diff's parser
+    /// with every field, so writing it again gives the same bytes.
+    #[test]
+    fn a_written_report_round_trips_through_the_parser_without_loss() {
+        use crate::{
+            model::trend::{Fit, RunVerdict, Trend},
+            report::{Probe, TimelinePoint, to_json},
+        };
+        let mut r = crate::report::export::testing::report();
+        // Every section filled, with floats that do not print short.
+        let fit = Fit {
+            slope_per_s: 0.1 + 0.2,
+            r2: 0.987_654_321_012_345_6,
+            rising_fraction: 2.0 / 3.0,
+            change: 1e-7,
+            points: 5,
+            span_s: 4.000_000_001,
+            last: 123_456.789_012_345,
+        };
+        r.verdict = crate::report::Verdict {
+            kind: RunVerdict::Leak,
+            summary: "tracked heap +4 KiB".into(),
+            heap_fit: Some(fit),
+            rss_fit: None,
+        };
+        r.sites[0].trend = Trend::Growing;
+        r.sites[0].fit = Some(fit);
+        r.sites[0].oldest_age_s = Some(1.0 / 3.0);
+        r.sites[0].growth_bytes_per_s = 1234.567_890_123;
+        r.timeline = vec![TimelinePoint {
+            t_s: 0.1,
+            rss_bytes: Some(1 << 20),
+            anon_bytes: None,
+            file_bytes: Some(7),
+            heap_bytes: 4096,
+            mmap_bytes: 0,
+            allocs_per_s: 333.333_333_333,
+            frees_per_s: 0.0,
+        }];
+        r.probes = vec![Probe {
+            function: "free".into(),
+            module: "/usr/lib/libc.so.6".into(),
+            required: true,
+            attached: true,
+            error: None,
+            alias_of: Some("cfree".into()),
+            offset: 9,
+            placement: Some("past the NULL check".into()),
+            watch_only: false,
+        }];
+        r.drops.insert("live_map_full".into(), 3);
+        r.activity.insert("unknown_frees".into(), 5);
+        r.degraded = true;
+        let written = to_json(&r).unwrap();
+        let parsed = parse("r.json", written.as_bytes()).unwrap();
+        assert_eq!(to_json(&parsed.report).unwrap(), written);
     }
 
     #[test]

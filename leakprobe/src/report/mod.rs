@@ -11,7 +11,9 @@ pub mod plot;
 pub mod text;
 
 use leakprobe_common::stack_end;
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::{
     kernel::probe::ProbeStatus,
@@ -25,40 +27,54 @@ use crate::{
 
 pub const SCHEMA: &str = "leakprobe/v1";
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub schema: &'static str,
+    pub schema: Cow<'static, str>,
+    #[serde(default)]
     pub leakprobe: Tool,
     /// Where it ran: kernel and the target's libc.
+    #[serde(default)]
     pub host: Host,
     pub target: Target,
     /// The allocator the target's malloc binds to, and where it was hooked.
+    #[serde(default)]
     pub allocator: Allocator,
     pub window: Window,
+    #[serde(default)]
     pub probes: Vec<Probe>,
+    #[serde(default)]
     pub totals: Totals,
     /// Every drop counter; all zero in a complete report.
-    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<Cow<'static, str>, u64>,
     /// Counters that are normal in operation, for context.
-    pub activity: std::collections::BTreeMap<&'static str, u64>,
+    #[serde(default)]
+    pub activity: std::collections::BTreeMap<Cow<'static, str>, u64>,
     /// True when any drop counter is non-zero: figures may be incomplete.
+    #[serde(default)]
     pub degraded: bool,
     /// Sampling: when on, every byte and count figure is an unbiased estimate.
+    #[serde(default)]
     pub sampling: Sampling,
     /// How often the probes fired: what tracing cost the target.
+    #[serde(default)]
     pub overhead: Overhead,
     /// Leak, fragmentation, stable, or not enough data: the run's verdict and why.
+    #[serde(default)]
     pub verdict: Verdict,
     /// The process over time, one point per sample (older points thinned in long runs).
+    #[serde(default)]
     pub timeline: Vec<TimelinePoint>,
     /// Every call site that allocated in the window, largest outstanding growth first.
     pub sites: Vec<Site>,
     /// The target's executable mappings at the end of the window, with build-ids: what the
     /// frames' addresses refer to.
+    #[serde(default)]
     pub modules: Vec<Module>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Verdict {
     /// "leak", "fragmentation", "stable" or "not-enough-data".
     pub kind: RunVerdict,
@@ -69,7 +85,8 @@ pub struct Verdict {
     pub rss_fit: Option<Fit>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct TimelinePoint {
     /// Seconds since the probes went live.
     pub t_s: f64,
@@ -87,7 +104,8 @@ pub struct TimelinePoint {
     pub frees_per_s: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Host {
     /// `uname -r`.
     pub kernel: String,
@@ -96,7 +114,8 @@ pub struct Host {
     pub libc_version: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Module {
     /// The path as the target sees it.
     pub path: String,
@@ -107,14 +126,16 @@ pub struct Module {
     pub build_id: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Sampling {
     /// Mean bytes between sampled allocations; 0 when every allocation was tracked.
     pub sample_bytes: u64,
     pub estimated: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Overhead {
     /// Allocation and free probe hits per second: mean over the window, and the highest
     /// interval.
@@ -124,35 +145,39 @@ pub struct Overhead {
     pub max_hits_per_s: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Tool {
-    pub version: &'static str,
+    pub version: Cow<'static, str>,
     pub args: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     pub pid: i32,
     pub exe: String,
     /// The executable's GNU build-id (hex), when it has one.
     pub build_id: Option<String>,
+    #[serde(default)]
     pub cmdline: Vec<String>,
     /// When the target process started (UTC, RFC 3339): with the PID, it names one process.
     pub start_time: Option<String>,
     /// Why tracing ended: "duration", "signal", "target-exited", "target-exec".
+    #[serde(default)]
     pub ended_by: String,
     /// Exit status, when the target was our child (`run` mode) and exited.
     pub exit_status: Option<i32>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Allocator {
     /// glibc, jemalloc, tcmalloc, mimalloc, musl, or other.
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     /// The module the target's malloc binds to (the executable itself when static).
     pub module: String,
     /// "auto", "--allocator" or "--lib".
-    pub chosen_by: &'static str,
+    pub chosen_by: Cow<'static, str>,
     pub static_executable: bool,
     /// Other allocators hooked through their own names (a `_rjem_` jemalloc in the
     /// executable, say).
@@ -165,24 +190,29 @@ pub struct Allocator {
     pub warning: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct OtherAllocator {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub module: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Window {
     /// When the probes went live (UTC, RFC 3339).
     pub start: String,
     pub duration_s: f64,
+    #[serde(default)]
     pub interval_s: f64,
+    #[serde(default)]
     pub samples: usize,
     /// With --min-age, outstanding figures count only blocks at least this old.
+    #[serde(default)]
     pub min_age_s: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Probe {
     pub function: String,
     pub module: String,
@@ -199,7 +229,8 @@ pub struct Probe {
     pub watch_only: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Totals {
     pub outstanding_bytes: u64,
     pub outstanding_count: u64,
@@ -209,7 +240,7 @@ pub struct Totals {
     pub growing_sites: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Site {
     /// The allocation function: malloc, calloc, ..., "operator new", mmap.
     pub function: String,
@@ -219,21 +250,29 @@ pub struct Site {
     pub allocated_count: u64,
     pub freed_bytes: u64,
     pub freed_count: u64,
+    #[serde(default)]
     pub interval_allocs: u64,
+    #[serde(default)]
     pub interval_frees: u64,
+    #[serde(default)]
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: Option<f64>,
     /// "growing", "stable" or "not-enough-data": outstanding bytes over the trailing half of
     /// the window, and the fit behind it.
+    #[serde(default)]
     pub trend: Trend,
     pub fit: Option<Fit>,
+    #[serde(default)]
     pub stack_id: String,
     /// The stack was cut at the maximum depth (--max-stack).
+    #[serde(default)]
     pub truncated: bool,
     /// How the stack ends: "complete", "max-depth", or "no-unwind-info" (the outermost frame
     /// shown is in code without unwind information and without a usable frame pointer).
-    pub stack_end: &'static str,
+    #[serde(default)]
+    pub stack_end: Cow<'static, str>,
     /// Innermost first.
+    #[serde(default)]
     pub frames: Vec<Frame>,
 }
 
@@ -284,11 +323,11 @@ pub fn build(
                 fit: s.fit,
                 stack_id: format!("{:016x}", s.key.stack_id),
                 truncated: end == stack_end::MAX_DEPTH,
-                stack_end: match end {
+                stack_end: Cow::Borrowed(match end {
                     stack_end::MAX_DEPTH => "max-depth",
                     stack_end::NO_UNWIND_INFO => "no-unwind-info",
                     _ => "complete",
-                },
+                }),
                 frames,
             }
         })
@@ -298,8 +337,8 @@ pub fn build(
     let heap_from = crate::model::trend::trailing_from(tl.heap.points());
     let rss_from = crate::model::trend::trailing_from(tl.rss.points());
     Report {
-        schema: SCHEMA,
-        leakprobe: Tool { version: env!("CARGO_PKG_VERSION"), args: ctx.args.clone() },
+        schema: SCHEMA.into(),
+        leakprobe: Tool { version: env!("CARGO_PKG_VERSION").into(), args: ctx.args.clone() },
         host: ctx.host.clone(),
         target: Target {
             pid: ctx.identity.pid,
@@ -318,14 +357,17 @@ pub fn build(
             let plan = ctx.allocator;
             let alloc_calls = counters.get(leakprobe_common::counter::ALLOC_CALLS);
             Allocator {
-                name: plan.allocator.name(),
+                name: plan.allocator.name().into(),
                 module: plan.module.path.display().to_string(),
-                chosen_by: plan.chosen_by,
+                chosen_by: plan.chosen_by.into(),
                 static_executable: plan.static_exe,
                 also: plan
                     .also
                     .iter()
-                    .map(|(k, m)| OtherAllocator { name: k.name(), module: m.path.display().to_string() })
+                    .map(|(k, m)| OtherAllocator {
+                        name: k.name().into(),
+                        module: m.path.display().to_string(),
+                    })
                     .collect(),
                 shadowed: plan.watch.iter().map(|m| m.module.path.display().to_string()).collect(),
                 warning: (alloc_calls == 0 && ctx.sample_bytes == 0 && !ctx.probes.is_empty()).then(|| {
@@ -366,8 +408,8 @@ pub fn build(
             sites: t.sites,
             growing_sites: t.growing_sites,
         },
-        drops: DROP_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
-        activity: INFO_KINDS.iter().map(|(i, name, _)| (*name, counters.get(*i))).collect(),
+        drops: DROP_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),
+        activity: INFO_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),
         degraded: total_drops(counters) > 0,
         sampling: Sampling { sample_bytes: ctx.sample_bytes, estimated: ctx.sample_bytes > 0 },
         overhead: Overhead {

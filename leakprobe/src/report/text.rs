@@ -52,7 +52,7 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
     if s.frames.is_empty() {
         let _ = writeln!(out, "    (stack not available: see drops)");
     }
-    match s.stack_end {
+    match &*s.stack_end {
         "max-depth" => {
             let _ = writeln!(out, "    ... (stack cut at --max-stack frames)");
         }
@@ -142,7 +142,7 @@ pub fn render(r: &Report, top: usize) -> String {
         a.name,
         a.module,
         if a.static_executable { " (static executable)" } else { "" },
-        if a.chosen_by == "auto" { "detected" } else { a.chosen_by },
+        if a.chosen_by == "auto" { "detected" } else { &a.chosen_by },
     );
     for o in &a.also {
         let _ = writeln!(out, "             also hooked: {} in {}", o.name, o.module);
@@ -197,7 +197,7 @@ pub fn render(r: &Report, top: usize) -> String {
 
     let dropped: Vec<(&str, u64)> = DROP_KINDS
         .iter()
-        .filter_map(|(_, name, words)| r.drops.get(name).filter(|v| **v > 0).map(|v| (*words, *v)))
+        .filter_map(|(_, name, words)| r.drops.get(*name).filter(|v| **v > 0).map(|v| (*words, *v)))
         .collect();
     if dropped.is_empty() {
         let _ = writeln!(out, "  drops:   none");

@@ -23,14 +23,16 @@ use blazesym::symbolize::{
 use crate::target::{self, Identity, Mapping, TargetError};
 
 /// One frame of a stack, innermost first. Inlined calls are frames of their own.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Frame {
+    #[serde(default)]
     pub address: u64,
     pub function: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
     pub module: Option<String>,
     /// Set on frames that were inlined into the frame after them.
+    #[serde(default)]
     pub inlined: bool,
 }
 

@@ -94,7 +94,7 @@ pub(crate) mod testing {
             fit: None,
             stack_id: "0000000000000001".into(),
             truncated: false,
-            stack_end: "complete",
+            stack_end: "complete".into(),
             frames,
         }
     }
@@ -104,8 +104,8 @@ pub(crate) mod testing {
     pub fn report() -> Report {
         let main = || frame(0x1900, Some("main"), Some(90), false);
         Report {
-            schema: crate::report::SCHEMA,
-            leakprobe: Tool { version: "0.1.0", args: vec!["leakprobe".into()] },
+            schema: crate::report::SCHEMA.into(),
+            leakprobe: Tool { version: "0.1.0".into(), args: vec!["leakprobe".into()] },
             host: Host { kernel: "6.1.0".into(), libc: None, libc_version: None },
             target: Target {
                 pid: 4242,
@@ -117,9 +117,9 @@ pub(crate) mod testing {
                 exit_status: None,
             },
             allocator: crate::report::Allocator {
-                name: "glibc",
+                name: "glibc".into(),
                 module: "/usr/lib/libc.so.6".into(),
-                chosen_by: "auto",
+                chosen_by: "auto".into(),
                 static_executable: false,
                 also: Vec::new(),
                 shadowed: Vec::new(),
