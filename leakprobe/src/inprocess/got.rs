@@ -483,10 +483,11 @@ fn parse(path: &Path, data: &[u8]) -> Result<Parsed, String> {
         }
     }
     for sym in elf.dynamic_symbols() {
-        if sym.is_definition() && sym.elf_symbol().st_type() == abi::STT_GNU_IFUNC {
-            if let Some(name) = sym.name().ok().map(str::to_string).filter(|n| FAMILY.contains(&n.as_str())) {
-                p.ifuncs.insert(name);
-            }
+        if !sym.is_definition() || sym.elf_symbol().st_type() != abi::STT_GNU_IFUNC {
+            continue;
+        }
+        if let Some(name) = sym.name().ok().filter(|n| FAMILY.contains(n)) {
+            p.ifuncs.insert(name.to_string());
         }
     }
     let Some(dyns) = dynamic else { return Ok(p) };
