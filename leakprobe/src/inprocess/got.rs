@@ -712,6 +712,9 @@ fn slot(
             None => unresolved("cannot read the slot".into()),
             Some(0) => unresolved("holds 0: not bound (a weak undefined reference?)".into()),
             Some(value) => {
+                // Not "anywhere in its own module": libc's realloc slot, once bound, rightly
+                // points into libc. Only a PLT entry (or the slot's unrelocated file value)
+                // means "not at the function yet".
                 let into_plt = placed.iter().any(|p| p.in_ranges(&p.parsed.plt, value));
                 let lazy_entry = r.reloc == RelocType::JumpSlot
                     && m.file_word(r.vaddr).is_some_and(|w| w != 0 && m.bias.wrapping_add(w) == value);
