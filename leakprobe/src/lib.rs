@@ -10,6 +10,7 @@
 //!   (checked, atomic result files).
 
 pub mod cli;
+pub mod inprocess;
 pub mod kernel;
 pub mod model;
 pub mod output;

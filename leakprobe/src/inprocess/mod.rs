@@ -1,0 +1,4 @@
+//! **Layer: in-process sampling.** What to patch in the target and the stub it points to;
+//! may use [`crate::target`] and `ptrace/`.
+
+pub mod got;
