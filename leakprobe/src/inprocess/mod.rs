@@ -2,3 +2,4 @@
 //! may use [`crate::target`] and `ptrace/`.
 
 pub mod got;
+pub mod stub;

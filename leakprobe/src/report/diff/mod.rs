@@ -944,7 +944,7 @@ mod tests {
         r.sites[0].trend = Trend::Growing;
         r.sites[0].fit = Some(fit);
         r.sites[0].oldest_age_s = Some(1.0 / 3.0);
-        r.sites[0].growth_bytes_per_s = 1234.567_890_123;
+        r.sites[0].growth_bytes_per_s = 1_234.567_890_123;
         r.timeline = vec![TimelinePoint {
             t_s: 0.1,
             rss_bytes: Some(1 << 20),
