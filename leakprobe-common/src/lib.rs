@@ -33,6 +33,10 @@ pub mod globals {
     pub const MAX_DEPTH: &str = "MAX_DEPTH";
     /// Mean bytes between samples; 0 tracks every allocation.
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+    /// In-process mode: the allocator module's code range; mmap/munmap called from inside it
+    /// are its own bookkeeping, not allocations (0, 0: off).
+    pub const ALLOCATOR_TEXT_START: &str = "ALLOCATOR_TEXT_START";
+    pub const ALLOCATOR_TEXT_END: &str = "ALLOCATOR_TEXT_END";
 }
 
 /// Counts in `SiteCounters` and `LiveBlock::weight_count` are in units of 1/COUNT_SCALE, so

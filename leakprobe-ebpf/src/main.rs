@@ -69,9 +69,26 @@ struct Pending {
     old_ptr: u64,
     out_ptr: u64,
     kind: u32,
-    /// Non-zero for a C++ operator new entry: stash the stack instead of recording a call.
+    /// What `capture` does with the stack: [`then::CALL`], [`then::STASH`] or [`then::RECORD`].
     wrapper: u32,
 }
+
+/// What `capture` does once it has the stack.
+mod then {
+    /// An allocation function's entry: keep the call until its return.
+    pub const CALL: u32 = 0;
+    /// C++ operator new: stash the stack for the allocation inside it.
+    pub const STASH: u32 = 1;
+    /// An in-process report site: the block exists already; record it now.
+    pub const RECORD: u32 = 2;
+}
+
+/// The allocator module's code (in-process mode): mmap/munmap called from inside it are the
+/// allocator's own bookkeeping for a block already reported at its site, not allocations.
+#[unsafe(no_mangle)]
+static ALLOCATOR_TEXT_START: u64 = 0;
+#[unsafe(no_mangle)]
+static ALLOCATOR_TEXT_END: u64 = 0;
 
 /// Per thread: bytes left until the next sampled allocation.
 #[map]
@@ -499,7 +516,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
         // block, if sampled, is retired.)
         return 0;
     }
-    let pending = Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: 0 };
+    let pending = Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: then::CALL };
     to_capture(ctx, &pending);
     // Only reached if the tail call failed: record the call without a stack.
     count(counter::STACK_READ_ERROR);
@@ -552,13 +569,15 @@ pub fn capture(_ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
     let Some(p) = PENDING.get(0).copied() else { return 0 };
     let stack_id = capture_stack(p.sp, p.bp);
-    if p.wrapper != 0 {
-        let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, skip: 0 };
-        if WRAPPER_STASH.insert(&tid, &stash, BPF_ANY as u64).is_err() {
-            count(counter::IN_FLIGHT_FULL);
+    match p.wrapper {
+        then::STASH => {
+            let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, skip: 0 };
+            if WRAPPER_STASH.insert(&tid, &stash, BPF_ANY as u64).is_err() {
+                count(counter::IN_FLIGHT_FULL);
+            }
         }
-    } else {
-        record_call(tid, p.sp, p.size, p.old_ptr, p.out_ptr, stack_id, p.kind);
+        then::RECORD => record_alloc(p.out_ptr, p.size, stack_id, p.kind),
+        _ => record_call(tid, p.sp, p.size, p.old_ptr, p.out_ptr, stack_id, p.kind),
     }
     0
 }
@@ -690,6 +709,9 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 /// in the out_ptr slot, which mmap does not otherwise use.
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    if called_from_allocator(&ctx) {
+        return 0;
+    }
     enter(&ctx, AllocKind::Mmap, arg(&ctx, 1), 0, arg(&ctx, 3))
 }
 
@@ -746,6 +768,9 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
+    if called_from_allocator(&ctx) {
+        return 0;
+    }
     let addr = arg(&ctx, 0);
     // munmap inside free() of a large block belongs to malloc's own bookkeeping.
     if outer_call(tid, regs(&ctx).rsp).is_some() {
@@ -779,7 +804,7 @@ fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
         }
     }
     let pending =
-        Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: 1 };
+        Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: then::STASH };
     to_capture(ctx, &pending);
     count(counter::STACK_READ_ERROR);
     0
@@ -793,6 +818,99 @@ pub fn cxx_new_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn cxx_new_array_enter(ctx: ProbeContext) -> u32 {
     wrapper_enter(&ctx, AllocKind::OperatorNewArray)
+}
+
+/// In-process mode: true when the direct caller (the return address at entry) is the
+/// allocator's own code.
+#[inline(always)]
+fn called_from_allocator(ctx: &ProbeContext) -> bool {
+    let start = unsafe { read_volatile(&raw const ALLOCATOR_TEXT_START) };
+    if start == 0 {
+        return false;
+    }
+    let end = unsafe { read_volatile(&raw const ALLOCATOR_TEXT_END) };
+    match unsafe { bpf_probe_read_user(regs(ctx).rsp as *const u64) } {
+        Ok(ret) => ret >= start && ret < end,
+        Err(_) => false,
+    }
+}
+
+// In-process report sites: 5-byte NOPs in the stub the daemon placed in the target (see
+// leakprobe/src/inprocess/stub.rs for their register ABI). The stub already decided what is
+// sampled, so these record every report; weights still follow SAMPLE_BYTES.
+
+/// A block came back from the real allocation function: rdi = block (0: failed), rsi = size,
+/// rdx = kind; rsp is at the caller's return address, as at the function's entry.
+#[uprobe]
+pub fn site_alloc(ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_tid() else { return 0 };
+    let r = regs(&ctx);
+    let (ptr, size, kind, sp) = (r.rdi, r.rsi, r.rdx as u32, r.rsp);
+    count(counter::ALLOC_CALLS);
+    if kind == AllocKind::Realloc as u32 || kind == AllocKind::Reallocarray as u32 {
+        // The old block, taken at this same call's realloc_old site (same rsp).
+        if let Some(rec) = unsafe { IN_FLIGHT.get(&tid) }.copied() {
+            if rec.sp == sp {
+                let _ = IN_FLIGHT.remove(&tid);
+                if ptr != 0 || size == 0 {
+                    if rec.old_known != 0 {
+                        account_free(&rec.old_block);
+                    } else {
+                        count(counter::UNKNOWN_FREE);
+                    }
+                } else {
+                    // Failed: the old block is still the caller's.
+                    count(counter::FAILED_ALLOCS);
+                    if rec.old_known != 0 {
+                        let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);
+                    }
+                    return 0;
+                }
+            }
+        }
+    }
+    if ptr == 0 {
+        if size != 0 {
+            count(counter::FAILED_ALLOCS);
+        }
+        return 0;
+    }
+    let pending = Pending { sp, bp: r.rbp, size, old_ptr: 0, out_ptr: ptr, kind, wrapper: then::RECORD };
+    to_capture(&ctx, &pending);
+    count(counter::STACK_READ_ERROR);
+    record_alloc(ptr, size, 0, kind);
+    0
+}
+
+/// A block is about to be freed: rdi = block.
+#[uprobe]
+pub fn site_free(ctx: ProbeContext) -> u32 {
+    if target_tid().is_none() {
+        return 0;
+    }
+    count(counter::FREE_CALLS);
+    finish_free(regs(&ctx).rdi);
+    0
+}
+
+/// realloc is about to run on a tracked block: rdi = the old block. Taken out of LIVE now,
+/// before the real realloc can hand its address to another thread.
+#[uprobe]
+pub fn site_realloc_old(ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_tid() else { return 0 };
+    let r = regs(&ctx);
+    let mut rec = InFlight { sp: r.rsp, old_ptr: r.rdi, ..InFlight::default() };
+    if let Some(old) = take_live(r.rdi) {
+        rec.old_block = old;
+        rec.old_known = 1;
+    }
+    if IN_FLIGHT.insert(&tid, &rec, BPF_ANY as u64).is_err() {
+        count(counter::IN_FLIGHT_FULL);
+        if rec.old_known != 0 {
+            let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);
+        }
+    }
+    0
 }
 
 /// `--noop`: the cost floor of a naive tracer, the same hooks with programs that do nothing.

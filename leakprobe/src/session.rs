@@ -138,6 +138,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         max_unwind_rows: cfg.max_unwind_rows,
         sample_bytes: cfg.sample_bytes,
         noop: cfg.noop,
+        allocator_text: None,
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());

@@ -85,6 +85,19 @@ pub struct ProbeConfig {
     pub sample_bytes: u64,
     /// Attach programs that do nothing, at every hook's entry (the naive tracer's floor).
     pub noop: bool,
+    /// In-process mode: the allocator's code range (start, end), so that its own mmap and
+    /// munmap calls are not taken for allocations. `None` otherwise.
+    pub allocator_text: Option<(u64, u64)>,
+}
+
+/// Where the in-process stub's report sites are: the code mapping's file (its
+/// `/proc/PID/map_files` entry) and each site's offset in it.
+#[derive(Clone, Debug)]
+pub struct StubSites {
+    pub path: PathBuf,
+    pub alloc: u64,
+    pub free: u64,
+    pub realloc_old: u64,
 }
 
 /// One attach attempt, for the report.
@@ -129,7 +142,10 @@ pub struct Probes {
 impl Probes {
     pub fn load(cfg: ProbeConfig) -> Result<Self, ProbeError> {
         let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
+        let (text_start, text_end) = cfg.allocator_text.unwrap_or((0, 0));
         let ebpf = EbpfLoader::new()
+            .override_global(globals::ALLOCATOR_TEXT_START, &text_start, true)
+            .override_global(globals::ALLOCATOR_TEXT_END, &text_end, true)
             .override_global(globals::TARGET_TGID, &cfg.tgid, true)
             .override_global(globals::MAX_DEPTH, &cfg.max_depth, true)
             .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
@@ -405,6 +421,29 @@ impl Probes {
             });
         }
         Ok(())
+    }
+
+    /// Attaches the programs of the in-process stub's report sites. The free and realloc_old
+    /// sites go first, so that no block is reported allocated before its free can be seen.
+    pub fn attach_sites(&mut self, sites: &StubSites) -> Result<Vec<ProbeStatus>, ProbeError> {
+        let mut out = Vec::new();
+        for (program, function, offset) in [
+            ("site_free", "free (in-process site)", sites.free),
+            ("site_realloc_old", "realloc (in-process site)", sites.realloc_old),
+            ("site_alloc", "allocations (in-process site)", sites.alloc),
+        ] {
+            self.attach_one(program, function, &sites.path, offset)?;
+            out.push(ProbeStatus {
+                function,
+                module: sites.path.clone(),
+                required: true,
+                error: None,
+                alias_of: None,
+                placement: None,
+                watch_only: false,
+            });
+        }
+        Ok(out)
     }
 
     /// Attaches every hook of the plan, each on the module its name binds to, then the
