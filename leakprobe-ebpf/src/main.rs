@@ -803,8 +803,15 @@ fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
             return 0;
         }
     }
-    let pending =
-        Pending { sp: r.rsp, bp: r.rbp, size: 0, old_ptr: 0, out_ptr: 0, kind: kind as u32, wrapper: then::STASH };
+    let pending = Pending {
+        sp: r.rsp,
+        bp: r.rbp,
+        size: 0,
+        old_ptr: 0,
+        out_ptr: 0,
+        kind: kind as u32,
+        wrapper: then::STASH,
+    };
     to_capture(ctx, &pending);
     count(counter::STACK_READ_ERROR);
     0

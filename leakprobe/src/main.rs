@@ -7,6 +7,10 @@ use leakprobe::{
 };
 
 fn main() -> ExitCode {
+    // The in-process guard (started by leakprobe itself, never by users).
+    if std::env::args_os().nth(1).is_some_and(|a| a == leakprobe::inprocess::guard::ARG) {
+        return leakprobe::inprocess::guard::run();
+    }
     match run() {
         Ok(code) => code,
         Err(err) => {

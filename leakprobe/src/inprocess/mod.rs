@@ -2,4 +2,5 @@
 //! may use [`crate::target`] and `ptrace/`.
 
 pub mod got;
+pub mod guard;
 pub mod stub;

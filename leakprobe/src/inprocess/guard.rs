@@ -1,0 +1,255 @@
+//! The guard: a small process of ours that outlives a SIGKILLed leakprobe and puts the GOT
+//! slots back within a second.
+//!
+//! It is leakprobe itself, started with a hidden argument before any slot is patched. It
+//! reads the restore list on stdin, then waits for stdin to close. A clean detach restores the
+//! slots itself and writes [`DISARM`] first; any other end of the pipe (leakprobe killed,
+//! crashed) makes the guard restore: for each slot still holding our stub's address, the
+//! original value, and the stub's switch off. It does not stop the target: an 8-byte aligned
+//! store is seen whole by any thread, and a call that still reaches the stub is passed
+//! straight through, so a race with a running thread is harmless.
+//!
+//! Even with the guard killed too, the target stays correct: the stub forwards every call,
+//! and it stops sampling once its set is full.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::fs::FileExt as _,
+    process::{Child, Command, Stdio},
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The hidden first argument that makes leakprobe a guard.
+pub const ARG: &str = "__inprocess-guard";
+/// Written by a clean detach before closing the pipe.
+pub const DISARM: u8 = b'D';
+/// Starts a restore list: the tag, its length (u64 LE), then its JSON.
+const LIST: u8 = b'L';
+
+/// What the guard puts back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreList {
+    pub pid: i32,
+    /// The target's start time in clock ticks (`/proc/PID/stat` field 22): with the PID, it
+    /// names one process, so a recycled PID is never written to.
+    pub start_ticks: u64,
+    /// (slot address, original value, our stub's entry): restored only while it holds ours.
+    pub slots: Vec<(u64, u64, u64)>,
+    /// The stub's switch, set to 0.
+    pub enabled_at: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum GuardError {
+    /// The guard process could not be started.
+    #[error("cannot start the in-process guard ({exe})")]
+    Spawn {
+        exe: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guard did not take the restore list.
+    #[error("cannot hand the restore list to the in-process guard")]
+    Handoff {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running guard. Dropping it without [`Guard::disarm`] makes it restore.
+pub struct Guard {
+    child: Child,
+}
+
+impl Guard {
+    /// Starts the guard with `list`. Call before patching anything.
+    pub fn spawn(list: &RestoreList) -> Result<Guard, GuardError> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        let mut child = Command::new(&exe)
+            .arg(ARG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| GuardError::Spawn { exe: exe.display().to_string(), source })?;
+        let mut guard = Guard { child };
+        guard.send(list)?;
+        Ok(guard)
+    }
+
+    fn send(&mut self, list: &RestoreList) -> Result<(), GuardError> {
+        let json = serde_json::to_vec(list).map_err(|e| GuardError::Handoff { source: e.into() })?;
+        let stdin = self.child.stdin.as_mut().ok_or(GuardError::Handoff {
+            source: std::io::Error::other("the guard's stdin is not a pipe"),
+        })?;
+        // Tagged and length-prefixed, so the guard knows where a list ends without EOF.
+        stdin
+            .write_all(&[LIST])
+            .and_then(|()| stdin.write_all(&(json.len() as u64).to_le_bytes()))
+            .and_then(|()| stdin.write_all(&json))
+            .and_then(|()| stdin.flush())
+            .map_err(|source| GuardError::Handoff { source })
+    }
+
+    /// Replaces the list (slots patched later, a new module).
+    pub fn update(&mut self, list: &RestoreList) -> Result<(), GuardError> {
+        self.send(list)
+    }
+
+    /// The slots are restored: tell the guard to exit without touching anything.
+    pub fn disarm(mut self) {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(&[DISARM]);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Closing stdin without DISARM: the guard restores. Not waited for: it may outlive us.
+        drop(self.child.stdin.take());
+    }
+}
+
+/// Start ticks of `pid` (field 22 of /proc/PID/stat), if it exists.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reads messages until the pipe ends: the newest list, and whether the end was a disarm.
+fn read_until_end(input: &mut impl std::io::Read) -> (Option<RestoreList>, bool) {
+    let mut list = None;
+    loop {
+        let mut tag = [0u8; 1];
+        match input.read(&mut tag) {
+            Ok(1) if tag[0] == DISARM => return (list, true),
+            Ok(1) if tag[0] == LIST => {}
+            _ => return (list, false),
+        }
+        let mut len = [0u8; 8];
+        if input.read_exact(&mut len).is_err() {
+            return (list, false);
+        }
+        let n = u64::from_le_bytes(len).min(64 << 20) as usize;
+        let mut json = vec![0u8; n];
+        if input.read_exact(&mut json).is_err() {
+            return (list, false);
+        }
+        if let Ok(l) = serde_json::from_slice(&json) {
+            list = Some(l);
+        }
+    }
+}
+
+/// Puts the slots back through /proc/PID/mem if the target is still the same process.
+/// Returns how many slots were restored.
+pub fn restore(list: &RestoreList) -> std::io::Result<usize> {
+    if start_ticks(list.pid) != Some(list.start_ticks) {
+        return Ok(0);
+    }
+    let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{}/mem", list.pid))?;
+    // Once the file is open it names this process even if the PID is recycled; check again.
+    if start_ticks(list.pid) != Some(list.start_ticks) {
+        return Ok(0);
+    }
+    let mut restored = 0;
+    for &(addr, original, ours) in &list.slots {
+        let mut cur = [0u8; 8];
+        if mem.read_exact_at(&mut cur, addr).is_ok() && u64::from_le_bytes(cur) == ours {
+            mem.write_all_at(&original.to_le_bytes(), addr)?;
+            restored += 1;
+        }
+    }
+    if list.enabled_at != 0 {
+        mem.write_all_at(&0u64.to_le_bytes(), list.enabled_at)?;
+    }
+    Ok(restored)
+}
+
+/// The guard process's main: wait, then restore unless disarmed.
+pub fn run() -> std::process::ExitCode {
+    // Not our terminal's Ctrl-C: only the pipe ends a guard.
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let (list, disarmed) = read_until_end(&mut std::io::stdin().lock());
+    match (list, disarmed) {
+        (Some(list), false) => match restore(&list) {
+            Ok(n) => {
+                eprintln!(
+                    "leakprobe guard: leakprobe ended without detaching; restored {n} GOT slots of PID {} and switched its stub off",
+                    list.pid
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("leakprobe guard: restoring PID {}: {e}", list.pid);
+                std::process::ExitCode::FAILURE
+            }
+        },
+        _ => std::process::ExitCode::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(list: &RestoreList) -> Vec<u8> {
+        let json = serde_json::to_vec(list).unwrap();
+        let mut out = vec![LIST];
+        out.extend((json.len() as u64).to_le_bytes());
+        out.extend(json);
+        out
+    }
+
+    #[test]
+    fn the_newest_list_wins_and_only_disarm_disarms() {
+        let a = RestoreList { pid: 1, start_ticks: 2, slots: vec![(0x10, 1, 2)], enabled_at: 8 };
+        let b = RestoreList { slots: vec![(0x10, 1, 2), (0x18, 3, 4)], ..a.clone() };
+        let mut bytes = frame(&a);
+        bytes.extend(frame(&b));
+        let (got, disarmed) = read_until_end(&mut bytes.as_slice());
+        assert_eq!((got.as_ref(), disarmed), (Some(&b), false));
+        bytes.push(DISARM);
+        let (got, disarmed) = read_until_end(&mut bytes.as_slice());
+        assert_eq!((got, disarmed), (Some(b), true));
+        // A list cut short keeps the one before it.
+        let mut cut = frame(&a);
+        cut.extend(&frame(&a)[..12]);
+        assert_eq!(read_until_end(&mut cut.as_slice()), (Some(a), false));
+    }
+
+    #[test]
+    fn restores_only_our_values_in_the_same_process() {
+        // This test process is the target: three slots in a buffer of ours.
+        let mut slots = vec![0u64; 4];
+        slots[0] = 0xaaaa; // ours: restored
+        slots[1] = 0xbbbb; // changed since: left alone
+        slots[3] = 1; // the switch
+        let base = slots.as_ptr() as u64;
+        let me = std::process::id() as i32;
+        let list = RestoreList {
+            pid: me,
+            start_ticks: start_ticks(me).unwrap(),
+            slots: vec![(base, 0x1111, 0xaaaa), (base + 8, 0x2222, 0xcccc)],
+            enabled_at: base + 24,
+        };
+        assert_eq!(restore(&list).unwrap(), 1);
+        let now: Vec<u64> =
+            (0..4).map(|i| unsafe { std::ptr::read_volatile(slots.as_ptr().add(i)) }).collect();
+        assert_eq!(now, vec![0x1111, 0xbbbb, 0, 0]);
+        // Another process's start time: nothing written.
+        let stale = RestoreList { start_ticks: list.start_ticks + 1, ..list };
+        assert_eq!(restore(&stale).unwrap(), 0);
+    }
+}
