@@ -13,7 +13,7 @@
 //! and it stops sampling once its set is full.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     os::unix::fs::FileExt as _,
     process::{Child, Command, Stdio},
 };
@@ -67,7 +67,7 @@ impl Guard {
     /// Starts the guard with `list`. Call before patching anything.
     pub fn spawn(list: &RestoreList) -> Result<Guard, GuardError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
-        let mut child = Command::new(&exe)
+        let child = Command::new(&exe)
             .arg(ARG)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -232,7 +232,7 @@ mod tests {
     #[test]
     fn restores_only_our_values_in_the_same_process() {
         // This test process is the target: three slots in a buffer of ours.
-        let mut slots = vec![0u64; 4];
+        let mut slots = [0u64; 4];
         slots[0] = 0xaaaa; // ours: restored
         slots[1] = 0xbbbb; // changed since: left alone
         slots[3] = 1; // the switch
