@@ -23,6 +23,7 @@ pub mod placement;
 pub mod plot;
 pub mod preflight;
 pub mod probe;
+pub mod ptrace;
 pub mod report;
 pub mod sampling;
 pub mod session;
