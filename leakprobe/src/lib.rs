@@ -5,6 +5,8 @@
 //! - [`kernel`]: the eBPF side: load, place, attach, unwind rows, read maps;
 //! - [`model`]: pure tracking arithmetic, trends and verdicts (no I/O);
 //! - [`symbolize`]: addresses to functions and lines;
+//! - [`ptrace`]: stop the world, run system calls in the target, resume (RAII guards);
+//! - [`inprocess`]: in-process sampling: the GOT plan, the stub, its install and guard;
 //! - [`report`]: the report and its renderings: text, JSON, diff, exports, chart (pure);
 //! - the edges: [`cli`] (flags), [`session`] (the tokio loop that runs it all), [`output`]
 //!   (checked, atomic result files).
@@ -14,6 +16,7 @@ pub mod inprocess;
 pub mod kernel;
 pub mod model;
 pub mod output;
+pub mod ptrace;
 pub mod report;
 pub mod session;
 pub mod symbolize;

@@ -3,4 +3,5 @@
 
 pub mod got;
 pub mod guard;
+pub mod install;
 pub mod stub;

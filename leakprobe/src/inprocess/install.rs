@@ -1,0 +1,329 @@
+//! Placing the stub in a live target and taking it out again, with ptrace alone: no function
+//! of the target is ever called.
+//!
+//! 1. **Map** (one short stop): a memfd created in the target holds the code (uprobes need a
+//!    file-backed mapping), mapped read+exec and then closed in the target; an anonymous
+//!    read-write mapping holds the data. We keep our own handle on the memfd: the code is
+//!    written through it, and the report sites' uprobes name it.
+//! 2. The caller attaches the report sites' programs while the target runs.
+//! 3. **Patch** (a second short stop): the [`guard`] is started with the restore list, then
+//!    every planned GOT slot and data pointer still holding what the plan saw gets its stub's
+//!    entry.
+//! 4. **Restore** (on detach, one stop): every slot still holding our entry gets its original
+//!    value back and the stub's switch goes off. The stub stays mapped, inert: a function
+//!    pointer copied while the slots were patched may still lead into it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::FileExt as _},
+    path::PathBuf,
+    time::Duration,
+};
+
+use thiserror::Error;
+
+use super::{
+    got::{PatchPlan, SlotKind},
+    guard::{self, Guard, RestoreList},
+    stub::{self, Func, Stub},
+};
+use crate::ptrace::{PtraceError, RemoteSyscalls, StopOptions, StoppedWorld};
+
+/// Room for the generated code (it is about 3 KiB).
+pub const CODE_LEN: u64 = 1 << 16;
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    /// Stopping the target, or a system call run inside it, failed.
+    #[error("in-process install on PID {pid}: {during}")]
+    Ptrace {
+        pid: i32,
+        during: &'static str,
+        #[source]
+        source: PtraceError,
+    },
+    /// The plan has no slot through which the target reaches malloc and free.
+    #[error(
+        "PID {pid}: no GOT slot reaches {missing}; in-process sampling cannot see its allocations \
+         (static executable, or an allocator called without a GOT): use uprobes (leave out \
+         --in-process)"
+    )]
+    NothingToPatch { pid: i32, missing: &'static str },
+    /// The code could not be generated.
+    #[error("generating the in-process stub")]
+    Stub {
+        #[source]
+        source: stub::StubError,
+    },
+    /// Our handle on the memfd, or writing through it, failed.
+    #[error("writing the stub's code into its memfd ({path})")]
+    Memfd {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guard process could not be started.
+    #[error("starting the guard that restores the GOT if leakprobe is killed")]
+    Guard {
+        #[source]
+        source: guard::GuardError,
+    },
+}
+
+/// What the report says about the install.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Slots patched per module (module, function, count).
+    pub patched: Vec<(PathBuf, &'static str, usize)>,
+    /// Slots left alone, with why.
+    pub skipped: Vec<(PathBuf, &'static str, String)>,
+    /// The target's two pauses: mapping the stub, patching the slots.
+    pub map_pause: Duration,
+    pub patch_pause: Duration,
+}
+
+/// The stub, mapped in the target.
+pub struct Installed {
+    pub pid: i32,
+    pub code: u64,
+    pub data: u64,
+    pub stub: Stub,
+    /// Our handle on the code's memfd: `/proc/self/fd/N` names it for uprobes.
+    memfd: File,
+    /// The real function each stub forwards to.
+    pub real: Vec<(Func, u64)>,
+    /// (slot, original, our entry) for every slot written.
+    patched: Vec<(u64, u64, u64)>,
+    guard: Option<Guard>,
+    pub summary: Summary,
+    max_pause: Duration,
+}
+
+fn ptrace_err(pid: i32, during: &'static str) -> impl FnOnce(PtraceError) -> InstallError {
+    move |source| InstallError::Ptrace { pid, during, source }
+}
+
+/// The real function for each stub: what the plan's slots forward to, the most common target
+/// where they differ (the others are left unpatched and reported).
+pub fn choose_real(plan: &PatchPlan) -> Vec<(Func, u64)> {
+    let mut votes: BTreeMap<Func, HashMap<u64, usize>> = BTreeMap::new();
+    for s in &plan.slots {
+        if let (Some(f), Some(t)) = (Func::from_name(s.function), s.target()) {
+            *votes.entry(f).or_default().entry(t).or_default() += 1;
+        }
+    }
+    votes
+        .into_iter()
+        .filter_map(|(f, v)| {
+            v.into_iter().max_by_key(|(addr, n)| (*n, std::cmp::Reverse(*addr))).map(|(a, _)| (f, a))
+        })
+        .collect()
+}
+
+impl Installed {
+    /// Maps the stub (code + data) into `pid`. Nothing in the target points at it yet.
+    pub fn map(
+        pid: i32,
+        plan: &PatchPlan,
+        sample_bytes: u64,
+        max_pause: Duration,
+    ) -> Result<Installed, InstallError> {
+        let real = choose_real(plan);
+        for needed in ["malloc", "free"] {
+            if !real.iter().any(|(f, _)| Some(*f) == Func::from_name(needed)) {
+                return Err(InstallError::NothingToPatch { pid, missing: needed });
+            }
+        }
+        let funcs: Vec<Func> = real.iter().map(|(f, _)| *f).collect();
+        let opts = StopOptions { max_pause, ..StopOptions::default() };
+        let mut world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target"))?;
+        let (code, data, memfd) = {
+            let mut rs =
+                RemoteSyscalls::new(&mut world).map_err(ptrace_err(pid, "preparing remote calls"))?;
+            let fd = rs
+                .memfd_create("leakprobe-stub", libc::MFD_CLOEXEC)
+                .map_err(ptrace_err(pid, "memfd_create"))?;
+            rs.syscall("ftruncate", libc::SYS_ftruncate, [fd as u64, CODE_LEN, 0, 0, 0, 0])
+                .map_err(ptrace_err(pid, "ftruncate of the memfd"))?;
+            let code = rs
+                .mmap(0, CODE_LEN, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_SHARED, fd, 0)
+                .map_err(ptrace_err(pid, "mapping the stub's code"))?;
+            let data = rs
+                .mmap(
+                    0,
+                    stub::DATA_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+                .map_err(ptrace_err(pid, "mapping the stub's data"))?;
+            let path = format!("/proc/{pid}/fd/{fd}");
+            let memfd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|source| InstallError::Memfd { path: path.clone(), source });
+            // Closed in the target whatever happened: the mapping keeps the file alive.
+            let closed = rs.close(fd).map_err(ptrace_err(pid, "closing the memfd in the target"));
+            rs.finish().map_err(ptrace_err(pid, "restoring the thread's registers"))?;
+            closed?;
+            (code, data, memfd?)
+        };
+        let stub = stub::generate(code, data, &funcs).map_err(|source| InstallError::Stub { source })?;
+        let memfd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
+        memfd
+            .write_all_at(&stub.code, 0)
+            .map_err(|source| InstallError::Memfd { path: memfd_path, source })?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let page = stub::data_page(sample_bytes, &real, seed);
+        world
+            .mem()
+            .and_then(|m| m.write_all_at(data, &page))
+            .map_err(ptrace_err(pid, "writing the stub's data"))?;
+        let map_pause = world.resume();
+        Ok(Installed {
+            pid,
+            code,
+            data,
+            stub,
+            memfd,
+            real,
+            patched: Vec::new(),
+            guard: None,
+            summary: Summary { map_pause, ..Summary::default() },
+            max_pause,
+        })
+    }
+
+    /// Where uprobes go: our memfd handle and each report site's offset in it.
+    pub fn sites(&self) -> crate::kernel::probe::StubSites {
+        crate::kernel::probe::StubSites {
+            path: PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.memfd.as_raw_fd())),
+            alloc: self.stub.site_alloc - self.code,
+            free: self.stub.site_free - self.code,
+            realloc_old: self.stub.site_realloc_old - self.code,
+        }
+    }
+
+    /// The code's address range in the target.
+    pub fn code_range(&self) -> (u64, u64) {
+        (self.code, self.code + CODE_LEN)
+    }
+
+    /// Points the plan's slots at the stubs (one stop), after starting the guard.
+    pub fn patch(&mut self, plan: &PatchPlan) -> Result<(), InstallError> {
+        let pid = self.pid;
+        let real: HashMap<Func, u64> = self.real.iter().copied().collect();
+        // Which slots to write, with what; judged again against their values under the stop.
+        let mut wanted = Vec::new();
+        for s in &plan.slots {
+            let Some(f) = Func::from_name(s.function) else { continue };
+            let (Some(original), Some(target)) = (s.original(), s.target()) else {
+                self.summary.skipped.push((s.module.clone(), s.function, "unresolved slot".into()));
+                continue;
+            };
+            if real.get(&f) != Some(&target) {
+                self.summary.skipped.push((
+                    s.module.clone(),
+                    s.function,
+                    format!("binds to {target:#x}, not the {} the stub forwards to", s.function),
+                ));
+                continue;
+            }
+            let Some(entry) = self.stub.entry(f) else { continue };
+            wanted.push((s, original, target, entry));
+        }
+        let list = RestoreList {
+            pid,
+            start_ticks: guard::start_ticks(pid).unwrap_or(0),
+            slots: wanted.iter().map(|(s, original, _, entry)| (s.address, *original, *entry)).collect(),
+            enabled_at: self.data + stub::off::ENABLED as u64,
+        };
+        self.guard = Some(Guard::spawn(&list).map_err(|source| InstallError::Guard { source })?);
+
+        let opts = StopOptions { max_pause: self.max_pause, ..StopOptions::default() };
+        let world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target to patch"))?;
+        let mem = world.mem().map_err(ptrace_err(pid, "opening its memory"))?;
+        let mut counts: BTreeMap<(PathBuf, &'static str), usize> = BTreeMap::new();
+        let mut restore = Vec::new();
+        for (s, original, target, entry) in wanted {
+            let cur = match mem.read_u64(s.address) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.summary.skipped.push((s.module.clone(), s.function, format!("unreadable: {e}")));
+                    continue;
+                }
+            };
+            // A lazy slot bound since planning holds the target now; restore that.
+            let back = if cur == original || cur == target {
+                cur
+            } else {
+                let why = if s.kind == SlotKind::DataPointer {
+                    "the program stored another value"
+                } else {
+                    "changed since planning"
+                };
+                self.summary.skipped.push((s.module.clone(), s.function, why.into()));
+                continue;
+            };
+            if let Err(e) = mem.write_all_at(s.address, &entry.to_le_bytes()) {
+                self.summary.skipped.push((s.module.clone(), s.function, format!("not writable: {e}")));
+                continue;
+            }
+            restore.push((s.address, back, entry));
+            *counts.entry((s.module.clone(), s.function)).or_default() += 1;
+        }
+        self.summary.patch_pause = world.resume();
+        self.patched = restore;
+        // The guard restores exactly what was written (lazy slots bound meanwhile included).
+        let list = RestoreList { slots: self.patched.clone(), ..list };
+        if let Some(g) = self.guard.as_mut() {
+            g.update(&list).map_err(|source| InstallError::Guard { source })?;
+        }
+        self.summary.patched = counts.into_iter().map(|((m, f), n)| (m, f, n)).collect();
+        Ok(())
+    }
+
+    /// Slots currently pointing at the stub.
+    pub fn patched_slots(&self) -> usize {
+        self.patched.len()
+    }
+
+    /// The stub's counters, read while the target runs.
+    pub fn counters(&self) -> Result<[u64; stub::counter::COUNT], PtraceError> {
+        let mem = crate::ptrace::Mem::open(self.pid)?;
+        let mut buf = vec![0u8; stub::off::COUNTERS as usize + 8 * stub::counter::COUNT];
+        mem.read_exact_at(self.data, &mut buf)?;
+        Ok(stub::counters(&buf))
+    }
+
+    /// Puts every slot back and switches the stub off (one stop), then disarms the guard.
+    /// Returns the slots restored and the pause.
+    pub fn restore(&mut self) -> Result<(usize, Duration), InstallError> {
+        let pid = self.pid;
+        let opts = StopOptions { max_pause: self.max_pause, ..StopOptions::default() };
+        let world =
+            StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target to restore"))?;
+        let mem = world.mem().map_err(ptrace_err(pid, "opening its memory"))?;
+        let mut restored = 0;
+        for &(addr, original, entry) in &self.patched {
+            if mem.read_u64(addr).is_ok_and(|v| v == entry)
+                && mem.write_all_at(addr, &original.to_le_bytes()).is_ok()
+            {
+                restored += 1;
+            }
+        }
+        let off = mem.write_all_at(self.data + stub::off::ENABLED as u64, &0u64.to_le_bytes());
+        let pause = world.resume();
+        off.map_err(ptrace_err(pid, "switching the stub off"))?;
+        self.patched.clear();
+        if let Some(g) = self.guard.take() {
+            g.disarm();
+        }
+        Ok((restored, pause))
+    }
+}
