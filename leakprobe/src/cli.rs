@@ -187,6 +187,12 @@ pub struct TraceOpts {
     /// tracking every one: far cheaper, and every figure becomes an unbiased estimate.
     #[arg(long, value_name = "BYTES")]
     pub sample_bytes: Option<String>,
+    /// Decide sampling inside the target, so unsampled calls never trap: a small stub is mapped
+    /// into it with ptrace (no function of the target is called) and its GOT slots for the
+    /// allocation family point at it until detach. With --sample-bytes only sampled calls reach
+    /// a probe; without, every call reaches one (one trap per call, no return probe).
+    #[arg(long)]
+    pub in_process: bool,
     /// Overhead budget in probe hits (allocations + frees) per second: above it, leakprobe
     /// detaches, reports what it saw, and says why. Each hit costs the target ~1.8 us here.
     #[arg(long, value_name = "HITS_PER_S")]
@@ -311,6 +317,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("--plot {0}: the file name must end in .svg or .png")]
     PlotFormat(PathBuf),
+    #[error("{flag} cannot be combined with --in-process: {why}")]
+    InProcess { flag: &'static str, why: &'static str },
     #[error("{first} and {second} name the same file {path:?}")]
     SamePath { first: &'static str, second: &'static str, path: PathBuf },
 }
@@ -352,6 +360,8 @@ pub struct Config {
     pub allocator: Choice,
     /// `--force` / `--allow-system-path`: what may happen to existing output paths.
     pub output_policy: crate::output::Policy,
+    /// `--in-process`.
+    pub in_process: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -445,6 +455,20 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::PlotFormat(plot.clone()));
             }
         }
+        if opts.in_process {
+            if opts.noop {
+                return Err(ConfigError::InProcess {
+                    flag: "--noop",
+                    why: "it measures uprobes at the functions",
+                });
+            }
+            if matches!(mode, Mode::Run { .. }) {
+                return Err(ConfigError::InProcess {
+                    flag: "run",
+                    why: "not yet: start the command, then `leakprobe attach --in-process --pid PID`",
+                });
+            }
+        }
         let exports = opts.export;
         // Two outputs into one file would leave only the last one.
         let outputs: Vec<(&'static str, &PathBuf)> = opts
@@ -481,6 +505,7 @@ impl TryFrom<Cli> for Config {
             quiet: cli.quiet,
             exports,
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
+            in_process: opts.in_process,
             output_policy: crate::output::Policy {
                 force: opts.force,
                 allow_system_path: opts.allow_system_path,

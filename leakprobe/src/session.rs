@@ -127,6 +127,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let modules = allocator::scan(pid).map_err(refuse)?;
     let plan = allocator::plan(pid, &identity.exe, &modules, &allocator::preloads(pid), &cfg.allocator)
         .map_err(refuse)?;
+    // In-process: plan the GOT, map the stub (a first short stop); the uprobes then go on its
+    // report sites and on mmap/munmap only.
+    let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg, &plan)?) } else { None };
+    let attach_plan = match &inproc {
+        Some(_) => in_process_hooks(&plan),
+        None => plan.clone(),
+    };
 
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
@@ -138,7 +145,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         max_unwind_rows: cfg.max_unwind_rows,
         sample_bytes: cfg.sample_bytes,
         noop: cfg.noop,
-        allocator_text: None,
+        allocator_text: inproc.as_ref().and_then(|i| i.allocator_text),
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
@@ -149,13 +156,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
     test_hook_pause("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS");
     let t_attach = std::time::Instant::now();
-    let mut statuses = match probes.attach(&plan) {
-        Ok(s) => s,
+    let mut statuses = match &inproc {
+        Some(i) => probes.attach_sites(&i.installed.sites()).map_err(refuse)?,
+        None => Vec::new(),
+    };
+    match probes.attach(&attach_plan) {
+        Ok(s) => statuses.extend(s),
         Err(e) => {
             drop(probes);
             return Err(refuse(e));
         }
     };
+    // Only now, with every report site watched, do the GOT slots lead into the stub.
+    if let Some(i) = inproc.as_mut() {
+        i.installed.patch(&i.got).context("patching the GOT")?;
+        progress(
+            &cfg,
+            format_args!(
+                "in-process: {} GOT slots point at the stub (pauses {:.1} ms + {:.1} ms)",
+                i.installed.patched_slots(),
+                i.installed.summary.map_pause.as_secs_f64() * 1e3,
+                i.installed.summary.patch_pause.as_secs_f64() * 1e3,
+            ),
+        );
+    }
     // Probes bind to whichever process holds the PID when they attach: if ours exited and
     // its PID went to another process meanwhile, they are on the newcomer. Detach at once.
     if target::pidfd_exited(&pidfd) || !target::still_same(&identity) {
@@ -187,8 +211,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let mut stacks: StackCache = HashMap::new();
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
     // operator new is hooked (it comes first in the search order).
-    let mut cxx_attached =
-        plan.cxx.is_some() || statuses.iter().any(|s| s.function == "_Znwm" && s.attached() && !s.watch_only);
+    // In-process: operator new reaches malloc through the C++ runtime's GOT, no uprobe needed.
+    let mut cxx_attached = inproc.is_some()
+        || plan.cxx.is_some()
+        || statuses.iter().any(|s| s.function == "_Znwm" && s.attached() && !s.watch_only);
     let mut reporting = Reporting {
         cfg: &cfg,
         identity: &identity,
@@ -215,6 +241,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     )
     .await?;
 
+    // The GOT back first: from then on no call reaches a report site.
+    if let Some(i) = inproc.as_mut() {
+        i.finish(ended_by);
+    }
     // Final reading, then detach before the (slower) symbolization and output.
     let mut sample =
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
@@ -233,7 +263,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     );
     let _ = symbolizer.modules.refresh(&identity);
 
-    let report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
+    let mut report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
+    if let Some(i) = &inproc {
+        let ip = i.report();
+        if ip.stub_set_full > 0 {
+            report.drops.insert("inprocess_set_full".into(), ip.stub_set_full);
+            report.degraded = true;
+        }
+        report.in_process = Some(ip);
+    }
     let rendered = match cfg.format {
         Format::Text => report::text::render(&report, cfg.top),
         Format::Json => report::to_json(&report).context("serializing the report")?,
@@ -247,6 +285,111 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     }
     write_exports(&cfg.exports, &report, cfg.output_policy)?;
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
+}
+
+/// The in-process stub of this session and what the report says of it.
+struct InProcess {
+    got: crate::inprocess::got::PatchPlan,
+    installed: crate::inprocess::install::Installed,
+    /// The allocator's code, whose own mmap/munmap calls are not allocations.
+    allocator_text: Option<(u64, u64)>,
+    /// Slots restored at detach, and that pause.
+    restored: Option<(usize, std::time::Duration)>,
+    counters: [u64; crate::inprocess::stub::counter::COUNT],
+}
+
+impl InProcess {
+    fn map(pid: i32, cfg: &Config, plan: &allocator::Plan) -> anyhow::Result<InProcess> {
+        use crate::inprocess::{got, install::Installed};
+        let mem = crate::ptrace::Mem::open(pid).map_err(refuse)?;
+        let got = got::plan_pid(pid, |a| mem.read_u64(a).ok()).map_err(refuse)?;
+        let installed = Installed::map(pid, &got, cfg.sample_bytes, std::time::Duration::from_millis(200))
+            .map_err(refuse)?;
+        // The allocator's code: the executable mappings of the module the real malloc is in.
+        let malloc =
+            installed.real.iter().find(|(f, _)| *f == crate::inprocess::stub::Func::Malloc).map(|r| r.1);
+        let allocator_text = malloc.and_then(|m| {
+            let maps = target::exec_mappings(pid).ok()?;
+            let module = maps.iter().find(|x| x.start <= m && m < x.end)?.path.clone();
+            let (lo, hi) = maps
+                .iter()
+                .filter(|x| x.path == module)
+                .fold((u64::MAX, 0), |(lo, hi), x| (lo.min(x.start), hi.max(x.end)));
+            (lo < hi).then_some((lo, hi))
+        });
+        let _ = plan;
+        Ok(InProcess { got, installed, allocator_text, restored: None, counters: [0; 3] })
+    }
+
+    fn report(&self) -> report::InProcess {
+        use crate::inprocess::stub::counter;
+        let s = &self.installed.summary;
+        report::InProcess {
+            patched: s
+                .patched
+                .iter()
+                .map(|(m, f, n)| report::PatchedSlots {
+                    module: m.display().to_string(),
+                    function: f.to_string(),
+                    slots: *n as u64,
+                })
+                .collect(),
+            skipped: s
+                .skipped
+                .iter()
+                .map(|(m, f, why)| report::SkippedSlot {
+                    module: m.display().to_string(),
+                    function: f.to_string(),
+                    reason: why.clone(),
+                })
+                .collect(),
+            map_pause_ms: s.map_pause.as_secs_f64() * 1e3,
+            patch_pause_ms: s.patch_pause.as_secs_f64() * 1e3,
+            restore_pause_ms: self.restored.map(|(_, p)| p.as_secs_f64() * 1e3),
+            restored_slots: self.restored.map(|(n, _)| n as u64),
+            stub_sampled_allocs: self.counters[counter::SAMPLED_ALLOCS as usize],
+            stub_sampled_frees: self.counters[counter::SAMPLED_FREES as usize],
+            stub_set_full: self.counters[counter::SET_FULL as usize],
+            left_in_target: format!(
+                "the stub, switched off (every call passes straight through), at {:#x} ({} KiB of \
+                 code, memfd \"leakprobe-stub\") and {:#x} ({} KiB of data): a function pointer \
+                 copied while the slots were patched may still lead there",
+                self.installed.code,
+                crate::inprocess::install::CODE_LEN / 1024,
+                self.installed.data,
+                crate::inprocess::stub::DATA_SIZE / 1024,
+            ),
+        }
+    }
+
+    /// Restores the GOT (unless the target is gone) and keeps the stub's last counters.
+    fn finish(&mut self, ended_by: &str) {
+        if let Ok(c) = self.installed.counters() {
+            self.counters = c;
+        }
+        if ended_by == "target-exited" {
+            return;
+        }
+        match self.installed.restore() {
+            Ok(r) => self.restored = Some(r),
+            Err(e) => {
+                eprintln!("leakprobe: warning: restoring the GOT: {e:#} (the guard process restores it)")
+            }
+        }
+    }
+}
+
+/// In-process mode: only mmap and munmap keep uprobes; the allocation family goes through the
+/// stub, and watchers of shadowed allocators would trap on every call.
+fn in_process_hooks(plan: &allocator::Plan) -> allocator::Plan {
+    let mut p = plan.clone();
+    for m in &mut p.hooks {
+        m.hooks.retain(|h| matches!(h.function, "mmap" | "munmap"));
+    }
+    p.hooks.retain(|m| !m.hooks.is_empty());
+    p.watch.clear();
+    p.cxx = None;
+    p
 }
 
 /// Builds reports (the final one, and snapshots while running) from the session's state.

@@ -146,8 +146,11 @@ impl Installed {
                 .map_err(ptrace_err(pid, "memfd_create"))?;
             rs.syscall("ftruncate", libc::SYS_ftruncate, [fd as u64, CODE_LEN, 0, 0, 0, 0])
                 .map_err(ptrace_err(pid, "ftruncate of the memfd"))?;
+            // Private: the kernel puts no uprobe in a shared mapping (valid_vma refuses
+            // VM_MAYSHARE). Until a page is copied on write it shows the memfd's page cache,
+            // so our writes through the memfd are what the target runs.
             let code = rs
-                .mmap(0, CODE_LEN, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_SHARED, fd, 0)
+                .mmap(0, CODE_LEN, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE, fd, 0)
                 .map_err(ptrace_err(pid, "mapping the stub's code"))?;
             let data = rs
                 .mmap(

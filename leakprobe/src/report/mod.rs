@@ -71,6 +71,49 @@ pub struct Report {
     /// frames' addresses refer to.
     #[serde(default)]
     pub modules: Vec<Module>,
+    /// `--in-process`: what was placed in the target and what it counted; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_process: Option<InProcess>,
+}
+
+/// The in-process sampler: the GOT slots that pointed at the stub, the pauses, the stub's
+/// own counters, and what stays in the target.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InProcess {
+    /// Slots patched, per module and function.
+    pub patched: Vec<PatchedSlots>,
+    /// Slots left alone, and why: calls through them were not seen.
+    pub skipped: Vec<SkippedSlot>,
+    /// The target's pauses: mapping the stub, patching, restoring (null if not restored:
+    /// the target had exited).
+    pub map_pause_ms: f64,
+    pub patch_pause_ms: f64,
+    pub restore_pause_ms: Option<f64>,
+    pub restored_slots: Option<u64>,
+    /// Sampled allocations and frees the stub followed, and samples its pointer set could not
+    /// hold (non-zero: sampling stopped, the report is DEGRADED).
+    pub stub_sampled_allocs: u64,
+    pub stub_sampled_frees: u64,
+    pub stub_set_full: u64,
+    /// What stays in the target after detach.
+    pub left_in_target: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PatchedSlots {
+    pub module: String,
+    pub function: String,
+    pub slots: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SkippedSlot {
+    pub module: String,
+    pub function: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -426,6 +469,7 @@ pub fn build(
         timeline: timeline(tl),
         sites,
         modules: ctx.modules.clone(),
+        in_process: None,
     }
 }
 

@@ -183,6 +183,40 @@ pub fn render(r: &Report, top: usize) -> String {
             let _ = writeln!(out, "           not attached (optional): {}", missing.join(" "));
         }
     }
+    if let Some(ip) = &r.in_process {
+        let slots: u64 = ip.patched.iter().map(|p| p.slots).sum();
+        let modules =
+            ip.patched.iter().map(|p| p.module.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+        let _ = writeln!(
+            out,
+            "  sampler: in-process stub: {slots} GOT slots in {modules} modules; target paused {:.1} + {:.1} ms to \
+             install, {} to restore ({})",
+            ip.map_pause_ms,
+            ip.patch_pause_ms,
+            ip.restore_pause_ms.map_or("not".to_string(), |p| format!("{p:.1} ms")),
+            ip.restored_slots.map_or("target gone".to_string(), |n| format!("{n} slots restored")),
+        );
+        if r.sampling.estimated {
+            let _ = writeln!(
+                out,
+                "           the stub followed {} sampled allocations and {} of their frees{}",
+                ip.stub_sampled_allocs,
+                ip.stub_sampled_frees,
+                if ip.stub_set_full > 0 {
+                    format!(
+                        "; DEGRADED: its pointer set was full {} times, sampling stopped",
+                        ip.stub_set_full
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for s in &ip.skipped {
+            let _ = writeln!(out, "           not patched: {} in {} ({})", s.function, s.module, s.reason);
+        }
+        let _ = writeln!(out, "           left in the target: {}", ip.left_in_target);
+    }
     if r.sampling.estimated {
         let _ = writeln!(
             out,

@@ -192,6 +192,7 @@ pub(crate) mod testing {
                     build_id: Some("abcd".into()),
                 },
             ],
+            in_process: None,
         }
     }
 }
