@@ -86,6 +86,29 @@ fn c_target_exact_accounting_per_function() {
     target.leak();
 }
 
+/// The same exact figures through the in-process stub (issue 12), on the target built without
+/// frame pointers: GOT slots instead of uprobes at the functions, one report site per call.
+#[test]
+fn c_target_exact_accounting_in_process_without_frame_pointers() {
+    require_root();
+    // No frame pointers; no sibling calls either, since a tail call changes which function is
+    // frame 0 for any tracer (seed_for_realloc's malloc would belong to leak_realloc).
+    let flags = ["-O2", "-g", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"];
+    let bin = build_target(SRC, "alloc_funcs_nofp_nosib", "gcc", &flags);
+    let mut target = Target::spawn(&bin);
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    check_c_report(&report);
+    let ip = &report["in_process"];
+    assert!(ip["patched"].as_array().is_some_and(|p| !p.is_empty()), "{ip}");
+    assert!(ip["restored_slots"].as_u64().unwrap() > 0, "{ip}");
+    assert_eq!(ip["stub_set_full"].as_u64(), Some(0));
+    assert!(target.is_running());
+    target.leak();
+}
+
 #[test]
 fn cxx_target_new_array_and_cache_growth() {
     require_root();

@@ -121,6 +121,39 @@ pub fn choose_real(plan: &PatchPlan) -> Vec<(Func, u64)> {
         .collect()
 }
 
+/// The code of the allocation family in the modules the real functions live in: calls made
+/// from there (glibc's reallocarray calling realloc through its GOT) are nested calls.
+pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
+    let Ok(maps) = crate::target::exec_mappings(pid) else { return Vec::new() };
+    let mut modules: Vec<&crate::target::Mapping> = Vec::new();
+    for (_, addr) in real {
+        if let Some(m) = maps.iter().find(|m| m.start <= *addr && *addr < m.end)
+            && !modules.iter().any(|x| x.path == m.path)
+        {
+            modules.push(m);
+        }
+    }
+    let mut out = Vec::new();
+    for m in modules {
+        let path = crate::target::target_path(pid, &m.path);
+        let Ok((syms, _)) = crate::target::elf::functions(&path, super::got::FAMILY) else { continue };
+        for sym in syms.values().filter(|s| s.size > 0) {
+            // The executable mapping of this module that holds the function's file offset.
+            if let Some(x) = maps.iter().find(|x| {
+                x.path == m.path && x.file_offset <= sym.offset && sym.offset < x.file_offset + (x.end - x.start)
+            }) {
+                let start = x.start + (sym.offset - x.file_offset);
+                if !out.iter().any(|(s, _)| *s == start) {
+                    out.push((start, start + sym.size));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.truncate(stub::MAX_NESTED - 1);
+    out
+}
+
 impl Installed {
     /// Maps the stub (code + data) into `pid`. Nothing in the target points at it yet.
     pub fn map(
@@ -182,7 +215,11 @@ impl Installed {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
-        let page = stub::data_page(sample_bytes, &real, seed);
+        // A call returning into the stub itself is nested too: the real function tail-called
+        // another one (glibc's reallocarray jumps to realloc@plt).
+        let mut nested = vec![(code, code + CODE_LEN)];
+        nested.extend(family_code(pid, &real));
+        let page = stub::data_page(sample_bytes, &real, &nested, seed);
         world
             .mem()
             .and_then(|m| m.write_all_at(data, &page))

@@ -23,7 +23,7 @@
 use iced_x86::{
     BlockEncoderOptions, IcedError,
     code_asm::{
-        CodeAssembler, CodeLabel, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rdi, rdx, rsi,
+        CodeAssembler, CodeLabel, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx, rdi, rdx, rsi,
         rsp,
     },
 };
@@ -52,15 +52,24 @@ pub mod off {
     pub const SAMPLING_OFF: i32 = 0x10;
     /// Next exponential draw to use (atomic).
     pub const EXP_POS: i32 = 0x18;
+    /// How many [`NESTED`] ranges are in use.
+    pub const NESTED_COUNT: i32 = 0x20;
     /// [`super::counter`] values.
     pub const COUNTERS: i32 = 0x40;
     /// The real functions, by [`super::Func`] index.
     pub const REAL: i32 = 0x100;
     /// i64 byte countdowns, one per thread slot.
     pub const COUNTDOWN: i32 = 0x200;
+    /// (start, end) of the real allocation functions' code: a call from inside one of them
+    /// (glibc's reallocarray calls realloc through the GOT) is part of the outer call, which
+    /// reports it; the inner one passes straight through.
+    pub const NESTED: i32 = 0xa00;
     pub const EXP: i32 = 0x1000;
     pub const SET: i32 = 0x3000;
 }
+
+/// Ranges of allocator code whose calls into the family are nested calls.
+pub const MAX_NESTED: usize = 16;
 
 /// The data page's size: a whole number of pages.
 pub const DATA_SIZE: u64 = (off::SET as u64 + SET_CAPACITY * 8 + 4095) & !4095;
@@ -224,6 +233,7 @@ struct Gen {
     site_realloc_old: CodeLabel,
     set_insert: CodeLabel,
     set_remove: CodeLabel,
+    is_nested: CodeLabel,
 }
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -260,6 +270,46 @@ impl Gen {
         a.jmp(take)
     }
 
+    /// Jumps to `pass` when the stub was called from inside the allocator's own functions
+    /// (a nested call, reported by the outer one). Uses rax, rcx, r10; r11 = base.
+    fn skip_nested(&mut self, pass: CodeLabel) -> Result<(), IcedError> {
+        self.a.call(self.is_nested)?;
+        self.a.test(r10, r10)?;
+        self.a.jne(pass)
+    }
+
+    /// is_nested: r10 = 1 when the stub's return address ([rsp + 8] here) is inside one of
+    /// the NESTED ranges. Keeps the argument registers.
+    fn is_nested_body(&mut self) -> Result<(), IcedError> {
+        let mut lp = self.a.create_label();
+        let mut next = self.a.create_label();
+        let mut no = self.a.create_label();
+        let mut yes = self.a.create_label();
+        let mut label = self.is_nested;
+        self.a.set_label(&mut label)?;
+        self.is_nested = label;
+        self.a.mov(rax, qword_ptr(rsp + 8))?;
+        self.a.mov(rcx, qword_ptr(r11 + off::NESTED_COUNT))?;
+        self.a.test(rcx, rcx)?;
+        self.a.je(no)?;
+        self.a.lea(r10, qword_ptr(r11 + off::NESTED))?;
+        self.a.set_label(&mut lp)?;
+        self.a.cmp(rax, qword_ptr(r10))?;
+        self.a.jb(next)?;
+        self.a.cmp(rax, qword_ptr(r10 + 8))?;
+        self.a.jb(yes)?;
+        self.a.set_label(&mut next)?;
+        self.a.add(r10, 16)?;
+        self.a.dec(rcx)?;
+        self.a.jne(lp)?;
+        self.a.set_label(&mut no)?;
+        self.a.xor(r10d, r10d)?;
+        self.a.ret()?;
+        self.a.set_label(&mut yes)?;
+        self.a.mov(r10d, 1)?;
+        self.a.ret()
+    }
+
     /// The stub of an allocation function other than realloc.
     fn alloc(&mut self, f: Func) -> Result<CodeLabel, IcedError> {
         let mut entry = self.a.create_label();
@@ -280,6 +330,7 @@ impl Gen {
         self.a.jmp(real)?;
 
         self.a.set_label(&mut take)?;
+        self.skip_nested(pass)?;
         let saved = shape(f).saved;
         for r in saved {
             self.a.push(*r)?;
@@ -340,6 +391,7 @@ impl Gen {
         self.a.test(r10, r10)?;
         self.a.je(pass)?;
         self.a.set_label(&mut report)?;
+        self.skip_nested(pass)?;
         let real = self.real(f);
         self.a.mov(r8, real)?;
         self.a.jmp(self.site_free)?;
@@ -370,12 +422,17 @@ impl Gen {
         self.a.test(r10, r10)?;
         self.a.jne(old_tracked)?;
         self.a.set_label(&mut decide)?;
-        self.countdown(f, call, pass)?;
+        let mut sampled_new = self.a.create_label();
+        self.countdown(f, sampled_new, pass)?;
+        self.a.set_label(&mut sampled_new)?;
+        self.skip_nested(pass)?;
+        self.a.jmp(call)?;
         self.a.set_label(&mut pass)?;
         let real = self.real(f);
         self.a.jmp(real)?;
 
         self.a.set_label(&mut old_tracked)?;
+        self.skip_nested(pass)?;
         self.a.test(rdi, rdi)?;
         self.a.je(call)?;
         self.a.lea(r9, ptr(call))?;
@@ -514,13 +571,20 @@ impl Gen {
 /// Generates the stubs for `funcs`, to run at `code_base` with the data page at `data_base`.
 pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, StubError> {
     let mut a = CodeAssembler::new(64)?;
-    let (site_alloc, site_free, site_realloc_old, set_insert, set_remove) =
-        (a.create_label(), a.create_label(), a.create_label(), a.create_label(), a.create_label());
-    let mut g = Gen { a, data: data_base, site_alloc, site_free, site_realloc_old, set_insert, set_remove };
+    let (site_alloc, site_free, site_realloc_old, set_insert, set_remove, is_nested) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let mut g = Gen { a, data: data_base, site_alloc, site_free, site_realloc_old, set_insert, set_remove, is_nested };
     // The sites first, each on its own: a uprobe's instruction must not straddle anything.
     g.sites()?;
     g.set_insert_body()?;
     g.set_remove_body()?;
+    g.is_nested_body()?;
     let mut labels = Vec::new();
     for &f in funcs {
         let l = match f {
@@ -544,7 +608,7 @@ pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, 
 
 /// The initial data page: switch on, the mode, the real functions, full countdowns and the
 /// exponential draws (shuffled, so taking them in turn is as good as at random).
-pub fn data_page(sample_bytes: u64, real: &[(Func, u64)], seed: u64) -> Vec<u8> {
+pub fn data_page(sample_bytes: u64, real: &[(Func, u64)], nested: &[(u64, u64)], seed: u64) -> Vec<u8> {
     let mut page = vec![0u8; DATA_SIZE as usize];
     let put = |page: &mut Vec<u8>, at: i32, v: u64| {
         let at = at as usize;
@@ -554,6 +618,12 @@ pub fn data_page(sample_bytes: u64, real: &[(Func, u64)], seed: u64) -> Vec<u8> 
     put(&mut page, off::MODE, u64::from(sample_bytes > 0));
     for (f, addr) in real {
         put(&mut page, off::REAL + 8 * f.index(), *addr);
+    }
+    let nested = &nested[..nested.len().min(MAX_NESTED)];
+    put(&mut page, off::NESTED_COUNT, nested.len() as u64);
+    for (i, (lo, hi)) in nested.iter().enumerate() {
+        put(&mut page, off::NESTED + 16 * i as i32, *lo);
+        put(&mut page, off::NESTED + 16 * i as i32 + 8, *hi);
     }
     if sample_bytes > 0 {
         let mut draws = crate::model::sampling::exponential_quantiles(sample_bytes, EXP_ENTRIES as u32);
@@ -673,7 +743,7 @@ mod tests {
         let data = map(DATA_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE);
         let stub = generate(code as u64, data as u64, &Func::ALL).unwrap();
         assert!(stub.code.len() < 1 << 16);
-        let page = data_page(sample_bytes, &real_functions(), 42);
+        let page = data_page(sample_bytes, &real_functions(), &[], 42);
         // SAFETY: both mappings are ours and large enough.
         unsafe {
             std::ptr::copy_nonoverlapping(stub.code.as_ptr(), code, stub.code.len());
@@ -781,6 +851,24 @@ mod tests {
             ]
         );
         assert_eq!(s.counters(), [0, 0, 0], "exact mode keeps no set");
+    }
+
+    #[test]
+    fn calls_from_inside_the_allocator_pass_through_unreported() {
+        let s = install(0);
+        // Everything counts as called from the allocator's code: nothing is reported.
+        s.set_word(off::NESTED, 0);
+        s.set_word(off::NESTED + 8, u64::MAX);
+        s.set_word(off::NESTED_COUNT, 1);
+        let p = s.malloc(64);
+        let q = s.f::<extern "C" fn(*mut c_void, usize) -> *mut c_void>(Func::Realloc)(p, 128);
+        s.free(q);
+        assert!(events().is_empty());
+        // A range elsewhere: reported again.
+        s.set_word(off::NESTED + 8, 0x1000);
+        let p = s.malloc(64);
+        s.free(p);
+        assert_eq!(events().len(), 2);
     }
 
     #[test]

@@ -1,0 +1,134 @@
+//! In-process sampling (issue 12): the stub placed with ptrace, the GOT patched and put back,
+//! and what happens when leakprobe is killed. Privileged: run as root, one at a time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use leakprobe::inprocess::got;
+use serde_json::Value;
+
+/// The target's planned GOT slots for malloc and free, with the value each holds now.
+fn slot_values(pid: i32) -> Vec<(u64, &'static str, u64)> {
+    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
+    let plan = got::plan_pid(pid, |a| mem.read_u64(a).ok()).unwrap();
+    plan.slots
+        .iter()
+        .filter(|s| matches!(s.function, "malloc" | "free"))
+        .map(|s| (s.address, s.function, mem.read_u64(s.address).unwrap()))
+        .collect()
+}
+
+/// The address range of the stub's code mapping, if the target has one.
+fn stub_range(pid: i32) -> Option<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().find(|l| l.contains("leakprobe-stub")).map(|l| {
+        let (lo, hi) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+        (u64::from_str_radix(lo, 16).unwrap(), u64::from_str_radix(hi, 16).unwrap())
+    })
+}
+
+fn in_stub(v: u64, r: Option<(u64, u64)>) -> bool {
+    r.is_some_and(|(lo, hi)| v >= lo && v < hi)
+}
+
+#[test]
+fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
+    require_root();
+    let bin = build_target("alloc_funcs.c", "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let pid = target.pid();
+    let before = slot_values(pid);
+    assert!(before.iter().any(|s| s.1 == "malloc") && before.iter().any(|s| s.1 == "free"), "{before:?}");
+    let pid_s = pid.to_string();
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s", "--format", "json"]);
+    lp.wait_attached();
+    lp.wait_for("GOT slots point at the stub");
+    let range = stub_range(pid);
+    assert!(range.is_some(), "no stub mapping in the target");
+    let during = slot_values(pid);
+    for ((addr, f, v), (_, _, old)) in during.iter().zip(&before) {
+        assert!(in_stub(*v, range), "{f} slot {addr:#x} holds {v:#x}, not the stub (was {old:#x})");
+    }
+    target.leak();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lp.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["in_process"]["restore_pause_ms"].as_f64().is_some(), "{}", report["in_process"]);
+    // Every slot holds what it held before (or, lazily bound meanwhile, the same function).
+    let after = slot_values(pid);
+    for ((addr, f, v), (_, _, old)) in after.iter().zip(&before) {
+        assert!(!in_stub(*v, range), "{f} slot {addr:#x} still points at the stub");
+        assert_eq!(v, old, "{f} slot {addr:#x}");
+    }
+    assert_all_gone("after an in-process detach");
+    // The stub stays mapped, switched off; the target works on.
+    assert!(stub_range(pid).is_some());
+    target.leak();
+    assert!(target.is_running());
+}
+
+#[test]
+fn sigkill_of_leakprobe_leaves_the_guard_to_restore_the_slots_within_a_second() {
+    require_root();
+    let bin = build_target("alloc_funcs.c", "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let pid = target.pid();
+    let before = slot_values(pid);
+    let pid_s = pid.to_string();
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"]);
+    lp.wait_attached();
+    lp.wait_for("GOT slots point at the stub");
+    let range = stub_range(pid);
+    assert!(slot_values(pid).iter().all(|s| in_stub(s.2, range)));
+    lp.child.kill().unwrap();
+    let killed = Instant::now();
+    let _ = lp.child.wait();
+    loop {
+        let now = slot_values(pid);
+        if now.iter().zip(&before).all(|(a, b)| a.2 == b.2) {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(1), "slots not restored 1 s after SIGKILL: {now:x?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("slots restored {:?} after the SIGKILL", killed.elapsed());
+    assert_all_gone("after SIGKILL in in-process mode");
+    for _ in 0..3 {
+        target.leak();
+    }
+    assert!(target.is_running());
+}
+
+#[test]
+fn sampled_in_process_estimates_of_a_64_mib_leak_are_within_10_percent() {
+    require_root();
+    let bin = build_target("big_leak.c", "big_leak", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let (code, out, err) = attach_with(
+        &mut target,
+        &["--duration", "4s", "--format", "json", "--sample-bytes", "32KiB", "--in-process"],
+        Target::leak,
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    let truth_bytes = 64u64 << 20;
+    let truth_count = 65536u64;
+    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| has_frame(s, "leak_block")));
+    let err_bytes = bytes as f64 / truth_bytes as f64 - 1.0;
+    let err_count = count as f64 / truth_count as f64 - 1.0;
+    eprintln!("in-process: estimated {bytes} bytes ({err_bytes:+.3}), {count} blocks ({err_count:+.3})");
+    assert!(err_bytes.abs() <= 0.10, "bytes estimate {bytes} vs {truth_bytes}");
+    assert!(err_count.abs() <= 0.10, "count estimate {count} vs {truth_count}");
+    let churn = sum(sites(&report).iter().filter(|s| has_frame(s, "churn")));
+    assert_eq!((churn.0, churn.1), (0, 0));
+    // The stub decided: it followed the samples, and the sampled churn's frees.
+    let ip = &report["in_process"];
+    let (allocs, frees) = (ip["stub_sampled_allocs"].as_u64().unwrap(), ip["stub_sampled_frees"].as_u64().unwrap());
+    assert!(allocs > 1000 && frees > 0 && frees < allocs, "{ip}");
+    assert_eq!(ip["stub_set_full"].as_u64(), Some(0));
+}
