@@ -42,9 +42,18 @@ fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
     let before = slot_values(pid);
     assert!(before.iter().any(|s| s.1 == "malloc") && before.iter().any(|s| s.1 == "free"), "{before:?}");
     let pid_s = pid.to_string();
-    let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s", "--format", "json"]);
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid_s,
+        "--in-process",
+        "--interval",
+        "1s",
+        "--format",
+        "json",
+    ]);
+    // "attached" comes after the slots are patched.
     lp.wait_attached();
-    lp.wait_for("GOT slots point at the stub");
     let range = stub_range(pid);
     assert!(range.is_some(), "no stub mapping in the target");
     let during = slot_values(pid);
@@ -52,8 +61,11 @@ fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
         assert!(in_stub(*v, range), "{f} slot {addr:#x} holds {v:#x}, not the stub (was {old:#x})");
     }
     target.leak();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lp.child.id() as i32), nix::sys::signal::Signal::SIGINT)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lp.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let (code, out, err) = lp.finish();
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -80,8 +92,8 @@ fn sigkill_of_leakprobe_leaves_the_guard_to_restore_the_slots_within_a_second() 
     let before = slot_values(pid);
     let pid_s = pid.to_string();
     let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"]);
+    // "attached" comes after the slots are patched.
     lp.wait_attached();
-    lp.wait_for("GOT slots point at the stub");
     let range = stub_range(pid);
     assert!(slot_values(pid).iter().all(|s| in_stub(s.2, range)));
     lp.child.kill().unwrap();
@@ -128,7 +140,8 @@ fn sampled_in_process_estimates_of_a_64_mib_leak_are_within_10_percent() {
     assert_eq!((churn.0, churn.1), (0, 0));
     // The stub decided: it followed the samples, and the sampled churn's frees.
     let ip = &report["in_process"];
-    let (allocs, frees) = (ip["stub_sampled_allocs"].as_u64().unwrap(), ip["stub_sampled_frees"].as_u64().unwrap());
+    let (allocs, frees) =
+        (ip["stub_sampled_allocs"].as_u64().unwrap(), ip["stub_sampled_frees"].as_u64().unwrap());
     assert!(allocs > 1000 && frees > 0 && frees < allocs, "{ip}");
     assert_eq!(ip["stub_set_full"].as_u64(), Some(0));
 }

@@ -140,7 +140,9 @@ pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
         for sym in syms.values().filter(|s| s.size > 0) {
             // The executable mapping of this module that holds the function's file offset.
             if let Some(x) = maps.iter().find(|x| {
-                x.path == m.path && x.file_offset <= sym.offset && sym.offset < x.file_offset + (x.end - x.start)
+                x.path == m.path
+                    && x.file_offset <= sym.offset
+                    && sym.offset < x.file_offset + (x.end - x.start)
             }) {
                 let start = x.start + (sym.offset - x.file_offset);
                 if !out.iter().any(|(s, _)| *s == start) {

@@ -23,8 +23,8 @@
 use iced_x86::{
     BlockEncoderOptions, IcedError,
     code_asm::{
-        CodeAssembler, CodeLabel, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx, rdi, rdx, rsi,
-        rsp,
+        CodeAssembler, CodeLabel, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx, rdi, rdx,
+        rsi, rsp,
     },
 };
 use leakprobe_common::AllocKind;
@@ -579,7 +579,16 @@ pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, 
         a.create_label(),
         a.create_label(),
     );
-    let mut g = Gen { a, data: data_base, site_alloc, site_free, site_realloc_old, set_insert, set_remove, is_nested };
+    let mut g = Gen {
+        a,
+        data: data_base,
+        site_alloc,
+        site_free,
+        site_realloc_old,
+        set_insert,
+        set_remove,
+        is_nested,
+    };
     // The sites first, each on its own: a uprobe's instruction must not straddle anything.
     g.sites()?;
     g.set_insert_body()?;
