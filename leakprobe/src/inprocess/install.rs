@@ -6,7 +6,7 @@
 //!    read-write mapping holds the data. We keep our own handle on the memfd: the code is
 //!    written through it, and the report sites' uprobes name it.
 //! 2. The caller attaches the report sites' programs while the target runs.
-//! 3. **Patch** (a second short stop): the [`guard`] is started with the restore list, then
+//! 3. **Patch** (a second short stop): the [`guard`] (started at step 1) gets the restore list, then
 //!    every planned GOT slot and data pointer still holding what the plan saw gets its stub's
 //!    entry.
 //! 4. **Restore** (on detach, one stop): every slot still holding our entry gets its original
@@ -171,6 +171,15 @@ impl Installed {
             }
         }
         let funcs: Vec<Func> = real.iter().map(|(f, _)| *f).collect();
+        // The guard first, with nothing to restore yet: its pipe then has a lower descriptor
+        // than the probes' perf events, and a dying leakprobe closes descriptors in order, so
+        // the guard learns of our death before the kernel's slow uprobe teardown (~0.1 s each).
+        let guard = Guard::spawn(&RestoreList {
+            pid,
+            start_ticks: guard::start_ticks(pid).unwrap_or(0),
+            ..RestoreList::default()
+        })
+        .map_err(|source| InstallError::Guard { source })?;
         let opts = StopOptions { max_pause, ..StopOptions::default() };
         let mut world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target"))?;
         let (code, data, memfd) = {
@@ -235,7 +244,7 @@ impl Installed {
             memfd,
             real,
             patched: Vec::new(),
-            guard: None,
+            guard: Some(guard),
             summary: Summary { map_pause, ..Summary::default() },
             max_pause,
         })
@@ -285,7 +294,9 @@ impl Installed {
             slots: wanted.iter().map(|(s, original, _, entry)| (s.address, *original, *entry)).collect(),
             enabled_at: self.data + stub::off::ENABLED as u64,
         };
-        self.guard = Some(Guard::spawn(&list).map_err(|source| InstallError::Guard { source })?);
+        if let Some(g) = self.guard.as_mut() {
+            g.update(&list).map_err(|source| InstallError::Guard { source })?;
+        }
 
         let opts = StopOptions { max_pause: self.max_pause, ..StopOptions::default() };
         let world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target to patch"))?;
