@@ -399,6 +399,52 @@ fn clone_snapshot_child_is_ours_then_reaped_by_injected_wait4() {
     assert_exits_0(t);
 }
 
+#[test]
+fn refuses_targets_it_must_not_stop() {
+    require_root();
+    let o = || opts(Duration::from_secs(1));
+    assert!(matches!(StoppedWorld::stop(999_999_999, o()), Err(PtraceError::NoSuchProcess { .. })));
+    assert!(matches!(StoppedWorld::stop(2, o()), Err(PtraceError::KernelThread { .. })), "kthreadd");
+    let mut zombie = Command::new("true").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let e = StoppedWorld::stop(zombie.id() as i32, o()).err().unwrap();
+    assert!(matches!(e, PtraceError::Zombie { .. }), "{e}");
+    zombie.wait().unwrap();
+
+    // Traced already (by another thread of ours): named, with what to do.
+    let t = spawn(4);
+    let pid = t.pid();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _w = StoppedWorld::stop(pid, opts(Duration::from_secs(5))).unwrap();
+        tx.send(()).unwrap();
+        let _ = done_rx.recv_timeout(Duration::from_secs(4));
+    });
+    rx.recv().unwrap();
+    let e = StoppedWorld::stop(pid, o()).err().unwrap();
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(matches!(e, PtraceError::AlreadyTraced { .. }), "{e}");
+    assert!(e.to_string().contains("already traced by PID") && e.to_string().contains("detach that tracer"), "{e}");
+    assert_exits_0(t);
+
+    // A seccomp filter: refused by default, allowed on request (this one allows everything).
+    let mut t = Target::spawn_with_args(&target_bin(), &["4", "seccomp"]);
+    let pid = t.pid();
+    let before = count(&mut t);
+    let e = StoppedWorld::stop(pid, o()).err().unwrap();
+    assert!(matches!(e, PtraceError::SeccompFilter { .. }), "{e}");
+    println!("refused: {e}");
+    let mut allowed = o();
+    allowed.checks.allow_seccomp_filter = true;
+    let mut w = StoppedWorld::stop(pid, allowed).unwrap();
+    assert_eq!(RemoteSyscalls::new(&mut w).unwrap().getpid().unwrap(), pid);
+    drop(w);
+    assert_healthy(&mut t, before);
+    assert_exits_0(t);
+}
+
 const INJECT_PID: &str = "LEAKPROBE_PTRACE_INJECT_PID";
 const INJECT_FLAG: &str = "LEAKPROBE_PTRACE_INJECT_FLAG";
 

@@ -2,13 +2,17 @@
  *   spinning  (counting, with an invariant kept in general and vector registers),
  *   sleeping  (nanosleep 50 ms in a loop; waking early or with an error is an error),
  *   reading   (blocked in read() on a pipe nobody writes; returning is an error).
- * SIGUSR1's handler counts deliveries. Built without frame pointers.
+ * SIGUSR1's handler counts deliveries. With argv[2] "seccomp" it first installs an allow-all
+ * seccomp filter (Seccomp: 2). Built without frame pointers.
  * Protocol: prints "ready"; then
  *   "count" -> "count <spins> <sleeps> <errors> <usr1>"
  *   "exit"  -> exits 0 if no thread saw an error, else 1. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +89,11 @@ int main(int argc, char **argv) {
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR1, &sa, NULL);
     if (pipe(pipefd) != 0) return 2;
+    if (argc > 2 && strcmp(argv[2], "seccomp") == 0) {
+        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        struct sock_fprog prog = {1, allow};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) return 2;
+    }
     setvbuf(stdout, NULL, _IONBF, 0);
     for (int t = 0; t < n; t++) {
         pthread_t tid;
