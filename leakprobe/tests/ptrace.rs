@@ -19,7 +19,12 @@ use leakprobe::ptrace::{Mem, PtraceError, RemoteSyscalls, StopKind, StopOptions,
 use nix::sys::ptrace::Options;
 
 fn target_bin() -> PathBuf {
-    build_target("ptrace_target.c", "ptrace_target", "gcc", &["-O2", "-g", "-fomit-frame-pointer", "-pthread"])
+    build_target(
+        "ptrace_target.c",
+        "ptrace_target",
+        "gcc",
+        &["-O2", "-g", "-fomit-frame-pointer", "-pthread"],
+    )
 }
 
 /// A target with `n` worker threads, all started and past their first round.
@@ -63,7 +68,10 @@ fn tasks(pid: i32) -> BTreeSet<i32> {
 
 fn task_state(pid: i32, tid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-    stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).and_then(|s| s.chars().next()).unwrap_or('?')
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .and_then(|s| s.chars().next())
+        .unwrap_or('?')
 }
 
 fn tracer_of(pid: i32, tid: i32) -> i32 {
@@ -81,11 +89,16 @@ fn map_line(pid: i32, addr: u64) -> Option<String> {
 
 fn regs_bytes(r: &libc::user_regs_struct) -> Vec<u8> {
     // SAFETY: plain u64 fields.
-    unsafe { std::slice::from_raw_parts((r as *const libc::user_regs_struct).cast::<u8>(), size_of_val(r)).to_vec() }
+    unsafe {
+        std::slice::from_raw_parts((r as *const libc::user_regs_struct).cast::<u8>(), size_of_val(r)).to_vec()
+    }
 }
 
+/// A thread's tid, GETREGS bytes, NT_PRSTATUS bytes and NT_X86_XSTATE bytes.
+type ThreadRegs = (i32, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// Every general register, the NT_PRSTATUS set and the vector registers of every thread.
-fn snapshot(w: &StoppedWorld) -> Vec<(i32, Vec<u8>, Vec<u8>, Vec<u8>)> {
+fn snapshot(w: &StoppedWorld) -> Vec<ThreadRegs> {
     w.threads()
         .iter()
         .map(|t| (t.tid(), regs_bytes(&t.read_regs().unwrap()), t.prstatus().unwrap(), t.xstate().unwrap()))
@@ -137,7 +150,11 @@ fn stops_every_thread_and_resumes_4_and_64() {
             assert!(w.threads().iter().all(|th| th.stop() == StopKind::Interrupt), "all interrupt stops");
             latencies.push(w.stop_latency());
             if std::env::var("PTRACE_DEBUG").is_ok() {
-                let mut v: Vec<_> = w.threads().iter().map(|t| (t.stopped_after(), t.tid(), t.regs().orig_rax as i64)).collect();
+                let mut v: Vec<_> = w
+                    .threads()
+                    .iter()
+                    .map(|t| (t.stopped_after(), t.tid(), t.regs().orig_rax as i64))
+                    .collect();
                 v.sort();
                 println!("{v:?}");
             }
@@ -192,7 +209,9 @@ fn remote_syscalls_in_a_sleeping_thread_leave_every_register_alone() {
 
         assert_eq!(rs.getpid().unwrap(), pid, "remote getpid returns the tgid");
 
-        let anon = rs.mmap(0, 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
+        let anon = rs
+            .mmap(0, 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            .unwrap();
         assert!(map_line(pid, anon).is_some_and(|l| l.contains(" rw-p ")), "anonymous mapping appears");
         mem.write_all_at(anon + 100, b"hello").unwrap();
         assert_eq!(mem.read_u64(anon + 96).unwrap().to_le_bytes()[4..], *b"hell");
@@ -332,7 +351,10 @@ fn a_stopped_process_stays_stopped() {
     }
     {
         let mut w = StoppedWorld::stop(pid, opts(Duration::from_secs(2))).unwrap();
-        assert!(w.threads().iter().all(|th| th.stop() == StopKind::GroupStop(libc::SIGSTOP)), "group stops seen");
+        assert!(
+            w.threads().iter().all(|th| th.stop() == StopKind::GroupStop(libc::SIGSTOP)),
+            "group stops seen"
+        );
         let mut rs = RemoteSyscalls::new(&mut w).unwrap();
         assert_eq!(rs.getpid().unwrap(), pid);
     }
@@ -353,10 +375,8 @@ fn clone_snapshot_child_is_ours_then_reaped_by_injected_wait4() {
     let mut t = spawn(4);
     let pid = t.pid();
     let before = count(&mut t);
-    let options = StopOptions {
-        ptrace_options: Options::PTRACE_O_TRACECLONE,
-        ..opts(Duration::from_secs(2))
-    };
+    let options =
+        StopOptions { ptrace_options: Options::PTRACE_O_TRACECLONE, ..opts(Duration::from_secs(2)) };
     let mut w = StoppedWorld::stop(pid, options).unwrap();
     let (rsp, tid) = (w.threads()[0].regs().rsp, w.threads()[0].tid());
     let child = {
@@ -426,7 +446,10 @@ fn refuses_targets_it_must_not_stop() {
     done_tx.send(()).unwrap();
     holder.join().unwrap();
     assert!(matches!(e, PtraceError::AlreadyTraced { .. }), "{e}");
-    assert!(e.to_string().contains("already traced by PID") && e.to_string().contains("detach that tracer"), "{e}");
+    assert!(
+        e.to_string().contains("already traced by PID") && e.to_string().contains("detach that tracer"),
+        "{e}"
+    );
     assert_exits_0(t);
 
     // A seccomp filter: refused by default, allowed on request (this one allows everything).
@@ -464,7 +487,8 @@ fn injector_process() {
             let _ = f.write_all_at(if open { b"1" } else { b"0" }, 0);
         });
         let tids = w.tids();
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let tid = tids[nanos as usize / 1000 % tids.len()];
         let mut rs = RemoteSyscalls::on_thread(&mut w, tid).unwrap();
         if !said {
@@ -474,7 +498,8 @@ fn injector_process() {
         }
         for i in 0..400u64 {
             assert_eq!(rs.getpid().unwrap(), pid);
-            let a = rs.mmap(0, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
+            let a =
+                rs.mmap(0, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).unwrap();
             rs.mprotect(a, 4096, if i % 2 == 0 { libc::PROT_NONE } else { libc::PROT_READ }).unwrap();
             rs.munmap(a, 4096).unwrap();
         }
@@ -524,7 +549,10 @@ fn sigkill_of_the_tracer_mid_sequence_leaves_the_target_running() {
         std::thread::sleep(Duration::from_millis(50));
         let alive = t.is_running();
         if !alive || !window {
-            assert!(alive || window, "round {round}: target died after a kill at {delay:?}, outside the exposed window");
+            assert!(
+                alive || window,
+                "round {round}: target died after a kill at {delay:?}, outside the exposed window"
+            );
         }
         if !alive {
             // Killed inside the documented window: note it and go on with a fresh target.

@@ -185,7 +185,11 @@ impl<'w> RemoteSyscalls<'w> {
     fn check(&self, name: &'static str, r: Result<i64, PtraceError>) -> Result<u64, PtraceError> {
         let r = r?;
         if (-4095..0).contains(&r) {
-            return Err(PtraceError::Syscall { pid: self.world.pid(), name, source: Errno::from_raw(-r as i32) });
+            return Err(PtraceError::Syscall {
+                pid: self.world.pid(),
+                name,
+                source: Errno::from_raw(-r as i32),
+            });
         }
         Ok(r as u64)
     }
@@ -276,7 +280,8 @@ impl<'w> RemoteSyscalls<'w> {
             match sys::wait_until(tid, deadline) {
                 Ok(Some(Status::Stopped { sig, event: libc::PTRACE_EVENT_STOP })) => {
                     if let Some(t) = self.world.thread_mut(tid) {
-                        t.stop = if sig == libc::SIGTRAP { StopKind::Interrupt } else { StopKind::GroupStop(sig) };
+                        t.stop =
+                            if sig == libc::SIGTRAP { StopKind::Interrupt } else { StopKind::GroupStop(sig) };
                     }
                     return Ok(());
                 }
@@ -291,7 +296,11 @@ impl<'w> RemoteSyscalls<'w> {
                 Ok(Some(Status::Stopped { .. })) => {}
                 Ok(Some(Status::Gone)) => return Err(self.gone()),
                 Ok(None) => {
-                    return Err(PtraceError::UnexpectedStop { tid, status: "no stop".into(), during: "restoring registers" });
+                    return Err(PtraceError::UnexpectedStop {
+                        tid,
+                        status: "no stop".into(),
+                        during: "restoring registers",
+                    });
                 }
                 Err(source) => return Err(PtraceError::Wait { tid, source }),
             }
@@ -344,7 +353,15 @@ impl<'w> RemoteSyscalls<'w> {
         self.syscall("getpid", libc::SYS_getpid, [0; 6]).map(|v| v as i32)
     }
 
-    pub fn mmap(&mut self, addr: u64, len: u64, prot: i32, flags: i32, fd: i32, offset: u64) -> Result<u64, PtraceError> {
+    pub fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: u64,
+    ) -> Result<u64, PtraceError> {
         self.syscall("mmap", libc::SYS_mmap, [addr, len, prot as u64, flags as u64, fd as i64 as u64, offset])
     }
 
@@ -374,21 +391,34 @@ impl<'w> RemoteSyscalls<'w> {
     /// is `exit_group(0)`: if it is ever let go it exits instead of running the target's code.
     /// With `PTRACE_O_TRACECLONE` set on the world the child is ours from its first
     /// instruction; [`RemoteSyscalls::last_child`] names it. Returns the child's PID.
-    pub fn clone(&mut self, flags: u64, stack: u64, parent_tid: u64, child_tid: u64, tls: u64) -> Result<i32, PtraceError> {
+    pub fn clone(
+        &mut self,
+        flags: u64,
+        stack: u64,
+        parent_tid: u64,
+        child_tid: u64,
+        tls: u64,
+    ) -> Result<i32, PtraceError> {
         self.check_pause()?;
         let Some(page) = self.page else {
             return Err(PtraceError::NeedsCodePage { what: "clone" });
         };
         self.last_child = None;
         let deadline = self.world.pause_deadline();
-        let r = self.run(page + ENTRY_CLONE as u64, SYS_CLONE, [flags, stack, parent_tid, child_tid, tls, 0], deadline);
+        let r = self.run(
+            page + ENTRY_CLONE as u64,
+            SYS_CLONE,
+            [flags, stack, parent_tid, child_tid, tls, 0],
+            deadline,
+        );
         self.check("clone", r).map(|v| v as i32)
     }
 
     /// `wait4(pid, NULL, options, NULL)`: with `__WALL|WNOHANG` it reaps a child whose exit
     /// signal is 0 without blocking.
     pub fn wait4(&mut self, pid: i32, options: i32) -> Result<i32, PtraceError> {
-        self.syscall("wait4", libc::SYS_wait4, [pid as i64 as u64, 0, options as u64, 0, 0, 0]).map(|v| v as i32)
+        self.syscall("wait4", libc::SYS_wait4, [pid as i64 as u64, 0, options as u64, 0, 0, 0])
+            .map(|v| v as i32)
     }
 
     pub fn kill(&mut self, pid: i32, sig: i32) -> Result<(), PtraceError> {
@@ -420,7 +450,12 @@ impl<'w> RemoteSyscalls<'w> {
             // Not bounded by the pause: one call, and the page must not stay behind.
             self.world.window(true);
             let deadline = Instant::now() + Duration::from_millis(100);
-            let r = self.run(page + ENTRY_SYSCALL as u64, libc::SYS_munmap, [page, PAGE_SIZE as u64, 0, 0, 0, 0], deadline);
+            let r = self.run(
+                page + ENTRY_SYSCALL as u64,
+                libc::SYS_munmap,
+                [page, PAGE_SIZE as u64, 0, 0, 0, 0],
+                deadline,
+            );
             unmapped = self.check("munmap", r).map(drop);
         }
         let back = self.settle();

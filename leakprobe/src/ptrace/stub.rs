@@ -11,8 +11,9 @@
 //! than run the target's code as a second copy.
 //!
 //! The page is mapped `PROT_READ|PROT_EXEC` and written through `/proc/PID/mem` (FOLL_FORCE).
-//! Two single steps stay exposed: the first `mmap` (it runs from libc's `syscall`, before the
-//! page exists) and the final `munmap` (it returns into the page it removed).
+//! Two system calls stay exposed: the first `mmap` (it runs from libc's `syscall`, before the
+//! page exists) and the final `munmap` (it returns into the page it removed); about 40 µs each
+//! here. A leakprobe killed mid-sequence leaves the page behind (4 KiB, never run again).
 
 use super::sys::Regs;
 
@@ -114,8 +115,8 @@ pub fn resume_context(r: &Regs) -> Regs {
 /// The context slots' bytes for `r` (already passed through [`resume_context`]).
 pub fn context_bytes(r: &Regs) -> Vec<u8> {
     let words = [
-        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
-        r.rsp, r.eflags, r.rip,
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+        r.r15, r.rsp, r.eflags, r.rip,
     ];
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
@@ -145,7 +146,10 @@ mod tests {
         assert_eq!((ins[1].mnemonic(), ins[1].op0_register()), (Mnemonic::Mov, Register::RSP));
         assert_eq!(ins[1].memory_displacement64(), slot_addr(SLOT_RSP));
         assert_eq!((ins[2].mnemonic(), ins[2].memory_displacement64()), (Mnemonic::Lea, (-128i64) as u64));
-        assert_eq!((ins[3].mnemonic(), ins[3].memory_displacement64()), (Mnemonic::Push, slot_addr(SLOT_RFLAGS)));
+        assert_eq!(
+            (ins[3].mnemonic(), ins[3].memory_displacement64()),
+            (Mnemonic::Push, slot_addr(SLOT_RFLAGS))
+        );
         assert_eq!(ins[4].mnemonic(), Mnemonic::Popfq);
         let want = [
             Register::RAX,
@@ -173,7 +177,10 @@ mod tests {
         // lea leaves the restored flags alone; the jump reads the saved rip.
         assert_eq!((ins[20].mnemonic(), ins[20].memory_displacement64()), (Mnemonic::Lea, 128));
         assert_eq!(ins[21].mnemonic(), Mnemonic::Jmp);
-        assert_eq!((ins[21].op0_kind(), ins[21].memory_displacement64()), (OpKind::Memory, slot_addr(SLOT_RIP)));
+        assert_eq!(
+            (ins[21].op0_kind(), ins[21].memory_displacement64()),
+            (OpKind::Memory, slot_addr(SLOT_RIP))
+        );
         assert!(ins[21].next_ip() < BASE + ENTRY_CLONE as u64);
     }
 
@@ -184,7 +191,15 @@ mod tests {
         let m: Vec<_> = ins.iter().map(|i| i.mnemonic()).collect();
         assert_eq!(
             m,
-            [Mnemonic::Syscall, Mnemonic::Test, Mnemonic::Jne, Mnemonic::Mov, Mnemonic::Xor, Mnemonic::Syscall, Mnemonic::Ud2]
+            [
+                Mnemonic::Syscall,
+                Mnemonic::Test,
+                Mnemonic::Jne,
+                Mnemonic::Mov,
+                Mnemonic::Xor,
+                Mnemonic::Syscall,
+                Mnemonic::Ud2
+            ]
         );
         assert_eq!(ins[2].near_branch_target(), BASE + ENTRY_SYSCALL as u64 + 2);
         assert_eq!(ins[3].immediate32(), SYS_EXIT_GROUP);
@@ -225,7 +240,10 @@ mod tests {
         let b = context_bytes(&r);
         assert_eq!(b.len(), 8 * CTX_SLOTS.len());
         let word = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap());
-        assert_eq!((word(1), word(14), word(SLOT_RSP), word(SLOT_RFLAGS), word(SLOT_RIP)), (0xb, 0xf15, 5, 0x246, 0x1002));
+        assert_eq!(
+            (word(1), word(14), word(SLOT_RSP), word(SLOT_RFLAGS), word(SLOT_RIP)),
+            (0xb, 0xf15, 5, 0x246, 0x1002)
+        );
         assert!(CONTEXT + b.len() <= SCRATCH);
     }
 }

@@ -2,13 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix::{
-    errno::Errno,
-    sys::{
-        ptrace,
-    },
-    unistd::Pid,
-};
+use nix::{errno::Errno, sys::ptrace, unistd::Pid};
 
 use super::PtraceError;
 
@@ -168,4 +162,3 @@ impl Drop for Boost {
         }
     }
 }
-

@@ -112,7 +112,11 @@ pub struct StopOptions {
 
 impl Default for StopOptions {
     fn default() -> Self {
-        StopOptions { ptrace_options: Options::empty(), max_pause: Duration::from_millis(250), checks: CheckOptions::default() }
+        StopOptions {
+            ptrace_options: Options::empty(),
+            max_pause: Duration::from_millis(250),
+            checks: CheckOptions::default(),
+        }
     }
 }
 
@@ -203,7 +207,9 @@ impl StoppedWorld {
                                 world.ignored.insert(tid);
                                 continue;
                             }
-                            Ok(st) if st.tracer_pid != 0 => return Err(already_traced(pid, tid, st.tracer_pid)),
+                            Ok(st) if st.tracer_pid != 0 => {
+                                return Err(already_traced(pid, tid, st.tracer_pid));
+                            }
                             Err(_) => {
                                 world.ignored.insert(tid);
                                 continue;
@@ -492,7 +498,9 @@ impl StoppedWorld {
             Ok(Some(_)) => {
                 let _ = sys::detach(tid, 0);
             }
-            Ok(None) => tracing::warn!(tid, "thread did not stop to be detached; it detaches when leakprobe exits"),
+            Ok(None) => {
+                tracing::warn!(tid, "thread did not stop to be detached; it detaches when leakprobe exits")
+            }
         }
     }
 }
