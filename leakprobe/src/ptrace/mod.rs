@@ -10,8 +10,20 @@
 //! - [`check_target`] refuses targets we must not stop (traced, seccomp filter, zombie...).
 //!
 //! If leakprobe dies mid-operation the kernel detaches every tracee and each resumes with the
-//! registers it has. Every step here is arranged so that this is harmless, except two single
-//! steps (the first `mmap` of our code page and its final `munmap`): see [`stub`].
+//! registers it has. Every step here is arranged so that this is harmless, except two system
+//! calls (the first `mmap` of our code page and its final `munmap`): see [`stub`].
+//!
+//! Kernel behaviour this rests on (measured on 6.18):
+//! - A tracee left in a *signal-delivery* stop by a dying tracer gets that signal: a thread
+//!   parked on a single-step trap dies of SIGTRAP. So injected calls run to syscall stops
+//!   (`PTRACE_SYSCALL`), never single steps, with `PTRACE_O_TRACESYSGOOD`: a syscall stop left
+//!   behind "re-sends" SIGTRAP|0x80, which is no signal (without TRACESYSGOOD it is SIGTRAP).
+//! - Interrupt and event stops left behind deliver nothing, and a detached thread in a group
+//!   stop stays stopped: resuming is `PTRACE_DETACH`, never `PTRACE_CONT`.
+//! - An interrupted sleep (`orig_rax` 230, `rax` -ERESTART_RESTARTBLOCK) restarts only from a
+//!   stop inside signal handling; a thread sent back from a syscall-exit stop returns the raw
+//!   -516. So the last step of every sequence parks the thread in an interrupt stop.
+//! - `TracerPid` names the tracing *thread*; ptrace requests work only from that thread.
 
 mod checks;
 mod error;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use nix::errno::Errno;
+use nix::{errno::Errno, sys::ptrace::Options};
 
 use super::{
     Mem, PtraceError, StopKind, StoppedWorld,
@@ -46,6 +46,8 @@ pub fn find_syscall_insn(pid: i32, mem: &Mem) -> Result<u64, PtraceError> {
 }
 
 const SYS_CLONE: i64 = libc::SYS_clone;
+/// A syscall stop's signal with PTRACE_O_TRACESYSGOOD.
+const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
 
 /// System calls run in one stopped thread. Every register is restored on drop, on every path.
 ///
@@ -59,6 +61,8 @@ pub struct RemoteSyscalls<'w> {
     libc_syscall: u64,
     page: Option<u64>,
     restored: bool,
+    /// The thread is still inside a call we gave up on: leave it to the page.
+    lost: bool,
     last_child: Option<i32>,
     calls: u64,
     busy: Duration,
@@ -88,6 +92,9 @@ impl<'w> RemoteSyscalls<'w> {
         }
         let saved = thread.read_regs()?;
         let libc_syscall = world.syscall_insn()?;
+        // TRACESYSGOOD matters beyond telling stops apart: a thread left in a syscall stop by a
+        // dying tracer gets its stop code sent as a signal, and SIGTRAP|0x80 is no signal.
+        sys::setoptions(tid, world.ptrace_options() | Options::PTRACE_O_TRACESYSGOOD)?;
         world.remote_active = true;
         Ok(RemoteSyscalls {
             world,
@@ -96,6 +103,7 @@ impl<'w> RemoteSyscalls<'w> {
             libc_syscall,
             page: None,
             restored: false,
+            lost: false,
             last_child: None,
             calls: 0,
             busy: Duration::ZERO,
@@ -113,8 +121,8 @@ impl<'w> RemoteSyscalls<'w> {
         ];
         // The exposed window: from loading the registers until they are back.
         self.world.window(true);
-        let r = self.run(self.libc_syscall, libc::SYS_mmap, args);
-        let back = sys::setregs(self.tid, &self.saved);
+        let r = self.run(self.libc_syscall, libc::SYS_mmap, args, self.world.pause_deadline());
+        let back = self.settle();
         self.world.window(false);
         let page = self.check("mmap", r)?;
         back?;
@@ -165,7 +173,7 @@ impl<'w> RemoteSyscalls<'w> {
     pub fn syscall_raw(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, PtraceError> {
         self.check_pause()?;
         let entry = self.page.map_or(self.libc_syscall, |p| p + ENTRY_SYSCALL as u64);
-        self.run(entry, nr, args)
+        self.run(entry, nr, args, self.world.pause_deadline())
     }
 
     /// Runs system call `nr`; a negative result becomes [`PtraceError::Syscall`].
@@ -204,22 +212,24 @@ impl<'w> RemoteSyscalls<'w> {
         Ok(())
     }
 
-    /// Loads the call at `entry`, single-steps it and returns rax. Signals that arrive
-    /// meanwhile are held for re-injection; interrupts and ptrace events are stepped over.
-    fn run(&mut self, entry: u64, nr: i64, args: [u64; 6]) -> Result<i64, PtraceError> {
+    /// Loads the call at `entry`, runs it to its syscall-exit stop and returns rax. The thread
+    /// rests in syscall stops (never in a signal-delivery stop, whose signal a dying tracer
+    /// would deliver). Signals that arrive meanwhile are held for re-injection.
+    fn run(&mut self, entry: u64, nr: i64, args: [u64; 6], deadline: Instant) -> Result<i64, PtraceError> {
         let t0 = Instant::now();
         let tid = self.tid;
         let mut r = self.saved;
         r.rip = entry;
-        r.orig_rax = u64::MAX; // no restart logic on the way out of the stop
+        r.orig_rax = u64::MAX; // no restart logic on the way out of the current stop
         r.rax = nr as u64;
         [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
         sys::setregs(tid, &r)?;
-        let deadline = self.world.pause_deadline().max(Instant::now() + Duration::from_millis(5));
+        let deadline = deadline.max(Instant::now() + Duration::from_millis(5));
+        let mut entered = false;
         loop {
-            sys::step(tid)?;
+            sys::resume_to_syscall(tid)?;
             if let Some(t) = self.world.thread_mut(tid) {
-                t.stop = StopKind::Step;
+                t.stop = StopKind::Syscall;
             }
             let status = match sys::wait_until(tid, deadline) {
                 Ok(Some(s)) => s,
@@ -227,29 +237,23 @@ impl<'w> RemoteSyscalls<'w> {
                 Err(source) => return Err(PtraceError::Wait { tid, source }),
             };
             match status {
-                Status::Gone => {
-                    self.restored = true;
-                    self.world.forget(tid);
-                    return Err(PtraceError::NoSuchThread { tid });
-                }
-                Status::Stopped { sig: libc::SIGTRAP, event: 0 } => {
+                Status::Gone => return Err(self.gone()),
+                Status::Stopped { sig: SYSCALL_STOP, event: 0 } if !entered => entered = true,
+                Status::Stopped { sig: SYSCALL_STOP, event: 0 } => {
                     let now = sys::getregs(tid)?;
-                    if now.rip == entry + 2 {
-                        self.calls += 1;
-                        self.busy += t0.elapsed();
-                        return Ok(now.rax as i64);
-                    }
-                    // A SIGTRAP of someone else's, before our instruction ran.
-                    self.hold_signal()?;
+                    self.calls += 1;
+                    self.busy += t0.elapsed();
+                    return Ok(now.rax as i64);
                 }
-                Status::Stopped { sig: _, event: 0 } => self.hold_signal()?,
+                // Pending before the call: handed back at resume.
+                Status::Stopped { event: 0, .. } => self.hold_signal()?,
                 Status::Stopped {
                     event: libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK,
                     ..
                 } => {
                     self.last_child = Some(sys::geteventmsg(tid)? as i32);
                 }
-                // Our own pending interrupt, or a group stop: step again.
+                // Our interrupt still pending from the stop, or a group stop: go on.
                 Status::Stopped { event: libc::PTRACE_EVENT_STOP, .. } => {}
                 Status::Stopped { sig, event } => {
                     return Err(PtraceError::UnexpectedStop {
@@ -262,6 +266,54 @@ impl<'w> RemoteSyscalls<'w> {
         }
     }
 
+    /// Puts the saved registers back and parks the thread in an interrupt stop inside signal
+    /// handling, where the kernel's restart logic sees them on resume (a sleep we interrupted
+    /// restarts). The interrupt goes first: if we die before the registers are back, the
+    /// thread is on its way through the page's restore, and after, through signal handling.
+    fn settle(&mut self) -> Result<(), PtraceError> {
+        let tid = self.tid;
+        let _ = sys::interrupt(tid);
+        sys::setregs(tid, &self.saved)?;
+        let deadline = Instant::now() + Duration::from_millis(100);
+        loop {
+            sys::resume_to_syscall(tid)?;
+            match sys::wait_until(tid, deadline) {
+                Ok(Some(Status::Stopped { sig, event: libc::PTRACE_EVENT_STOP })) => {
+                    if let Some(t) = self.world.thread_mut(tid) {
+                        t.stop =
+                            if sig == libc::SIGTRAP { StopKind::Interrupt } else { StopKind::GroupStop(sig) };
+                    }
+                    return Ok(());
+                }
+                Ok(Some(Status::Stopped { sig, event: 0 })) if sig != SYSCALL_STOP => self.hold_signal()?,
+                Ok(Some(Status::Stopped { event: 0, .. })) => {
+                    return Err(PtraceError::UnexpectedStop {
+                        tid,
+                        status: "a syscall stop".into(),
+                        during: "restoring registers",
+                    });
+                }
+                Ok(Some(Status::Stopped { .. })) => {}
+                Ok(Some(Status::Gone)) => return Err(self.gone()),
+                Ok(None) => {
+                    return Err(PtraceError::UnexpectedStop {
+                        tid,
+                        status: "no stop".into(),
+                        during: "restoring registers",
+                    });
+                }
+                Err(source) => return Err(PtraceError::Wait { tid, source }),
+            }
+        }
+    }
+
+    fn gone(&mut self) -> PtraceError {
+        self.restored = true;
+        self.world.remote_active = false;
+        self.world.forget(self.tid);
+        PtraceError::NoSuchThread { tid: self.tid }
+    }
+
     fn hold_signal(&mut self) -> Result<(), PtraceError> {
         let info = sys::getsiginfo(self.tid)?;
         if let Some(t) = self.world.thread_mut(self.tid) {
@@ -271,8 +323,8 @@ impl<'w> RemoteSyscalls<'w> {
     }
 
     /// The call did not come back within the pause (a blocking call): interrupt it (it
-    /// returns -ERESTART*), consume the single-step trap it then owes us, and put the
-    /// registers back. Our page, if any, stays behind (4 KiB, never run again).
+    /// returns -ERESTART* or -EINTR to its exit stop) and settle. If it does not come back
+    /// even then, leave it to the page: it restores itself whenever the call ends.
     fn stuck(&mut self) -> PtraceError {
         let tid = self.tid;
         let err = PtraceError::PauseExceeded {
@@ -281,41 +333,16 @@ impl<'w> RemoteSyscalls<'w> {
             during: "waiting for a remote system call",
         };
         let _ = sys::interrupt(tid);
-        let deadline = Instant::now() + Duration::from_millis(100);
-        loop {
-            match sys::wait_until(tid, deadline) {
-                // The interrupt comes first; the trap is still queued: step to take it.
-                Ok(Some(Status::Stopped { event: libc::PTRACE_EVENT_STOP, .. })) => {
-                    if sys::step(tid).is_err() {
-                        break;
-                    }
+        match sys::wait_until(tid, Instant::now() + Duration::from_millis(100)) {
+            Ok(Some(Status::Stopped { .. })) => {
+                if self.settle().is_err() {
+                    self.lost = true;
                 }
-                Ok(Some(Status::Stopped { sig: libc::SIGTRAP, event: 0 })) => break,
-                Ok(Some(Status::Stopped { event: 0, .. })) => {
-                    if self.hold_signal().is_err() || sys::step(tid).is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(Status::Stopped { .. })) => {
-                    if sys::step(tid).is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(Status::Gone)) => {
-                    self.world.forget(tid);
-                    self.restored = true;
-                    self.world.remote_active = false;
-                    return err;
-                }
-                // Still inside the call: it stops on our trap later, or, if we die first, the
-                // page (when there is one) brings it back.
-                Ok(None) | Err(_) => return err,
             }
-        }
-        if sys::setregs(tid, &self.saved).is_ok() {
-            self.page = None;
-            self.restored = true;
-            self.world.remote_active = false;
+            Ok(Some(Status::Gone)) => {
+                self.gone();
+            }
+            _ => self.lost = true,
         }
         err
     }
@@ -377,7 +404,13 @@ impl<'w> RemoteSyscalls<'w> {
             return Err(PtraceError::NeedsCodePage { what: "clone" });
         };
         self.last_child = None;
-        let r = self.run(page + ENTRY_CLONE as u64, SYS_CLONE, [flags, stack, parent_tid, child_tid, tls, 0]);
+        let deadline = self.world.pause_deadline();
+        let r = self.run(
+            page + ENTRY_CLONE as u64,
+            SYS_CLONE,
+            [flags, stack, parent_tid, child_tid, tls, 0],
+            deadline,
+        );
         self.check("clone", r).map(|v| v as i32)
     }
 
@@ -405,17 +438,30 @@ impl<'w> RemoteSyscalls<'w> {
         if self.restored {
             return Ok(());
         }
+        self.restored = true;
+        if self.lost {
+            // Still inside a call: the page brings it back; the page must stay.
+            self.world.remote_active = false;
+            return Ok(());
+        }
         let mut unmapped = Ok(());
-        if let Some(page) = self.page.take() {
-            // Not bounded by the pause: one step, and the page must not stay behind.
+        let page = self.page.take();
+        if let Some(page) = page {
+            // Not bounded by the pause: one call, and the page must not stay behind.
             self.world.window(true);
-            let r =
-                self.run(page + ENTRY_SYSCALL as u64, libc::SYS_munmap, [page, PAGE_SIZE as u64, 0, 0, 0, 0]);
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let r = self.run(
+                page + ENTRY_SYSCALL as u64,
+                libc::SYS_munmap,
+                [page, PAGE_SIZE as u64, 0, 0, 0, 0],
+                deadline,
+            );
             unmapped = self.check("munmap", r).map(drop);
         }
-        let back = sys::setregs(self.tid, &self.saved);
-        self.world.window(false);
-        self.restored = true;
+        let back = self.settle();
+        if page.is_some() {
+            self.world.window(false);
+        }
         self.world.remote_active = false;
         back.and(unmapped)
     }
@@ -438,7 +484,6 @@ fn pick_thread(world: &StoppedWorld) -> Result<i32, PtraceError> {
     let rank = |k: StopKind| match k {
         StopKind::Interrupt => 0,
         StopKind::GroupStop(_) => 1,
-        StopKind::Step => 2,
         _ => 3,
     };
     world

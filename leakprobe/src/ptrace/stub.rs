@@ -11,8 +11,9 @@
 //! than run the target's code as a second copy.
 //!
 //! The page is mapped `PROT_READ|PROT_EXEC` and written through `/proc/PID/mem` (FOLL_FORCE).
-//! Two single steps stay exposed: the first `mmap` (it runs from libc's `syscall`, before the
-//! page exists) and the final `munmap` (it returns into the page it removed).
+//! Two system calls stay exposed: the first `mmap` (it runs from libc's `syscall`, before the
+//! page exists) and the final `munmap` (it returns into the page it removed); about 40 µs each
+//! here. A leakprobe killed mid-sequence leaves the page behind (4 KiB, never run again).
 
 use super::sys::Regs;
 

@@ -48,12 +48,13 @@ pub(crate) fn getsiginfo(tid: i32) -> Result<libc::siginfo_t, PtraceError> {
     ptrace::getsiginfo(pid(tid)).map_err(op_err(tid, "GETSIGINFO"))
 }
 
-pub(crate) fn setsiginfo(tid: i32, info: &libc::siginfo_t) -> Result<(), PtraceError> {
-    ptrace::setsiginfo(pid(tid), info).map_err(op_err(tid, "SETSIGINFO"))
+/// `PTRACE_SYSCALL`: run to the next syscall-enter or syscall-exit stop.
+pub(crate) fn resume_to_syscall(tid: i32) -> Result<(), PtraceError> {
+    ptrace::syscall(pid(tid), None).map_err(op_err(tid, "SYSCALL"))
 }
 
-pub(crate) fn step(tid: i32) -> Result<(), PtraceError> {
-    ptrace::step(pid(tid), None).map_err(op_err(tid, "SINGLESTEP"))
+pub(crate) fn setoptions(tid: i32, options: ptrace::Options) -> Result<(), PtraceError> {
+    ptrace::setoptions(pid(tid), options).map_err(op_err(tid, "SETOPTIONS"))
 }
 
 pub(crate) fn interrupt(tid: i32) -> Result<(), Errno> {
@@ -104,11 +105,10 @@ pub(crate) fn poll_wait(tid: i32) -> Result<Option<Status>, Errno> {
     }
 }
 
-/// Waits for `tid`'s next event until `deadline`: `Ok(None)` on timeout. Polls, spinning
-/// briefly first (stops usually land within microseconds), so the deadline holds even when a
-/// thread never stops (uninterruptible sleep, a vfork parent).
+/// Waits for `tid`'s next event until `deadline`: `Ok(None)` on timeout. Polls, so the
+/// deadline holds even when a thread never stops (uninterruptible sleep, a vfork parent).
 pub(crate) fn wait_until(tid: i32, deadline: Instant) -> Result<Option<Status>, Errno> {
-    let mut polls = 0u32;
+    let start = Instant::now();
     loop {
         if let Some(st) = poll_wait(tid)? {
             return Ok(Some(st));
@@ -116,16 +116,49 @@ pub(crate) fn wait_until(tid: i32, deadline: Instant) -> Result<Option<Status>, 
         if Instant::now() >= deadline {
             return Ok(None);
         }
-        polls += 1;
-        backoff(polls);
+        backoff(start);
     }
 }
 
-/// Spin (yielding) for the first polls, then sleep: a stop usually lands within microseconds.
-pub(crate) fn backoff(polls: u32) {
-    if polls < 200 {
-        std::thread::yield_now();
+/// Spin first: a stopped world leaves the other CPUs to the one thread we run, which stops
+/// again within microseconds. Then sleep briefly, so threads still on their way to a stop
+/// get a CPU. Never `sched_yield`: next to a CPU-bound thread it gives away a whole slice.
+pub(crate) fn backoff(since: Instant) {
+    if since.elapsed() > Duration::from_micros(200) {
+        std::thread::sleep(Duration::from_micros(20));
     } else {
-        std::thread::sleep(Duration::from_micros(50));
+        std::hint::spin_loop();
+    }
+}
+
+/// Raises the calling thread's priority (nice -20) while it stops or resumes a world, and
+/// puts it back: otherwise the target's resumed CPU-bound threads preempt us between
+/// detaches and keep the rest stopped for whole time slices. Without CAP_SYS_NICE it does
+/// nothing.
+pub(crate) struct Boost {
+    old: Option<i32>,
+}
+
+impl Boost {
+    pub(crate) fn new() -> Boost {
+        // SAFETY: plain syscalls on our own thread (who 0 = the calling thread on Linux).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, 0);
+            if *libc::__errno_location() != 0 || old <= -20 {
+                return Boost { old: None };
+            }
+            let ok = libc::setpriority(libc::PRIO_PROCESS, 0, -20) == 0;
+            Boost { old: ok.then_some(old) }
+        }
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(old) = self.old {
+            // SAFETY: plain syscall on our own thread.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, old) };
+        }
     }
 }

@@ -32,9 +32,9 @@ pub enum StopKind {
     Signal(i32),
     /// Another ptrace event (clone, exec, exit...): the `PTRACE_EVENT_*` number.
     Event(i32),
-    /// The single-step trap after an injected system call (a SIGTRAP signal-delivery stop,
-    /// which we discard).
-    Step,
+    /// A syscall-enter or syscall-exit stop of an injected system call. Never a resting
+    /// state once a [`super::RemoteSyscalls`] is done with the thread.
+    Syscall,
 }
 
 impl StopKind {
@@ -51,6 +51,8 @@ pub struct Thread {
     regs: Regs,
     /// Signals taken from signal-delivery stops, re-injected at resume, oldest first.
     pub(crate) held: Vec<libc::siginfo_t>,
+    /// From the world's first interrupt until this thread's stop was seen.
+    stopped_after: Duration,
 }
 
 impl Thread {
@@ -81,6 +83,12 @@ impl Thread {
     /// The legacy area holds xmm0-15 at offset 160, the AVX upper halves sit at offset 576.
     pub fn xstate(&self) -> Result<Vec<u8>, PtraceError> {
         sys::getregset(self.tid, sys::NT_X86_XSTATE)
+    }
+
+    /// From the world's first interrupt until this thread's stop was seen: which thread held
+    /// the stop up.
+    pub fn stopped_after(&self) -> Duration {
+        self.stopped_after
     }
 
     /// The signals held for re-injection at resume.
@@ -153,6 +161,7 @@ impl StoppedWorld {
     /// `/proc/PID/task` until no new thread appears, and waits until each one is stopped.
     pub fn stop(pid: i32, options: StopOptions) -> Result<StoppedWorld, PtraceError> {
         check_target(pid, options.checks)?;
+        let _boost = sys::Boost::new();
         let mut world = StoppedWorld {
             pid,
             threads: Vec::new(),
@@ -171,7 +180,8 @@ impl StoppedWorld {
             _not_send: PhantomData,
         };
         // On any error below, dropping `world` detaches what was seized.
-        let me = std::process::id() as i32;
+        // TracerPid names the tracing thread, not its process.
+        let me = nix::unistd::gettid().as_raw();
         loop {
             let tids = list_tasks(pid)?;
             let mut fresh = 0;
@@ -231,10 +241,9 @@ impl StoppedWorld {
 
     /// Waits for every pending thread to report a stop (or its exit).
     fn wait_pending(&mut self) -> Result<(), PtraceError> {
-        let mut polls = 0u32;
+        let mut since = Instant::now();
         while !self.pending.is_empty() {
             let mut progressed = false;
-            polls += 1;
             let mut i = 0;
             while i < self.pending.len() {
                 let tid = self.pending[i];
@@ -258,9 +267,9 @@ impl StoppedWorld {
             }
             self.check_deadline("stopping threads")?;
             if progressed {
-                polls = 0;
+                since = Instant::now();
             } else {
-                sys::backoff(polls);
+                sys::backoff(since);
             }
         }
         Ok(())
@@ -286,7 +295,13 @@ impl StoppedWorld {
         };
         match sys::getregs(tid) {
             Ok(regs) => {
-                self.threads.push(Thread { tid, stop, regs, held: held.into_iter().collect() });
+                self.threads.push(Thread {
+                    tid,
+                    stop,
+                    regs,
+                    held: held.into_iter().collect(),
+                    stopped_after: self.started.elapsed(),
+                });
                 Ok(())
             }
             // SIGKILLed meanwhile: it is gone.
@@ -301,6 +316,7 @@ impl StoppedWorld {
                     stop,
                     regs: unsafe_zero_regs(),
                     held: held.into_iter().collect(),
+                    stopped_after: self.started.elapsed(),
                 });
                 Err(e)
             }
@@ -335,6 +351,10 @@ impl StoppedWorld {
     /// How long the target has been stopped so far (from the first interrupt).
     pub fn stopped_for(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    pub(crate) fn ptrace_options(&self) -> Options {
+        self.options.ptrace_options
     }
 
     pub fn max_pause(&self) -> Duration {
@@ -435,18 +455,18 @@ impl StoppedWorld {
         if let Some(p) = self.pause {
             return p;
         }
+        let _boost = sys::Boost::new();
         let mut requeue: Vec<(i32, libc::siginfo_t)> = Vec::new();
-        for t in std::mem::take(&mut self.threads) {
+        let mut threads = std::mem::take(&mut self.threads);
+        // Threads that were blocked first: they go back to sleep; running ones compete with us.
+        threads.sort_by_key(|t| (t.regs.orig_rax as i64) < 0);
+        for t in threads {
             let mut held = t.held.into_iter();
             // Only a signal-delivery stop can hand a signal back; others ignore detach's signal.
             let first = match t.stop {
-                StopKind::Signal(_) | StopKind::Step => held.next(),
+                StopKind::Signal(_) => held.next(),
                 _ => None,
             };
-            if let (StopKind::Step, Some(info)) = (t.stop, &first) {
-                // Make the step trap's siginfo the held one, so the signal keeps its sender.
-                let _ = sys::setsiginfo(t.tid, info);
-            }
             let signo = first.as_ref().map_or(0, |i| i.si_signo);
             if let Err(e) = sys::detach(t.tid, signo) {
                 self.detach_running(t.tid, e);
@@ -485,11 +505,20 @@ impl StoppedWorld {
     }
 }
 
-/// Re-raises a held signal that could not be handed back from its own stop. Kernel-generated
-/// and SI_USER siginfo cannot be forged from another process, so those become a tgkill.
+/// Re-raises a held signal that could not be handed back from its own stop. A queued
+/// signal (negative si_code: sigqueue, timers) is forwarded with its siginfo; the kernel
+/// refuses forged SI_USER/SI_TKILL/kernel siginfo from another process, so those become a
+/// plain tgkill (the handler sees leakprobe as the sender).
 fn requeue_signal(pid: i32, tid: i32, info: &libc::siginfo_t) {
-    // SAFETY: plain syscalls.
+    let mut info = *info;
+    // SAFETY: plain syscalls; `info` outlives them.
     unsafe {
+        if info.si_code < 0
+            && info.si_code != libc::SI_TKILL
+            && libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, info.si_signo, &mut info as *mut _) == 0
+        {
+            return;
+        }
         if libc::syscall(libc::SYS_tgkill, pid, tid, info.si_signo) != 0 {
             // The thread is gone: the process still gets the signal.
             libc::kill(pid, info.si_signo);
