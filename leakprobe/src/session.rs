@@ -238,6 +238,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         &mut child,
         &mut unwind,
         &mut reporting,
+        &mut inproc,
     )
     .await?;
 
@@ -295,6 +296,11 @@ struct InProcess {
     allocator_text: Option<(u64, u64)>,
     /// Slots restored at detach, and that pause.
     restored: Option<(usize, std::time::Duration)>,
+    /// The modules mapped when the GOT was last planned: a new one (dlopen) is planned and
+    /// patched at the next interval.
+    known: std::collections::BTreeSet<std::path::PathBuf>,
+    /// Modules patched after the start: (module names, slots, when, the pause).
+    late: Vec<report::LatePatch>,
     counters: [u64; crate::inprocess::stub::counter::COUNT],
 }
 
@@ -318,7 +324,49 @@ impl InProcess {
             (lo < hi).then_some((lo, hi))
         });
         let _ = plan;
-        Ok(InProcess { got, installed, allocator_text, restored: None, counters: [0; 3] })
+        let known = exec_paths(pid);
+        Ok(InProcess {
+            got,
+            installed,
+            allocator_text,
+            restored: None,
+            counters: [0; 3],
+            known,
+            late: Vec::new(),
+        })
+    }
+
+    /// Plans and patches modules mapped since the last look (dlopen). `at_s` is the time
+    /// since attach, `since_s` the time of the previous look: the module was loaded in between.
+    fn patch_late_modules(&mut self, pid: i32, at_s: f64, since_s: f64) -> Option<String> {
+        let now = exec_paths(pid);
+        if now.is_empty() || now.is_subset(&self.known) {
+            self.known = now;
+            return None;
+        }
+        let new: Vec<String> = now.difference(&self.known).map(|p| p.display().to_string()).collect();
+        self.known = now;
+        let mem = crate::ptrace::Mem::open(pid).ok()?;
+        let plan = crate::inprocess::got::plan_pid(pid, |a| mem.read_u64(a).ok()).ok()?;
+        match self.installed.patch(&plan) {
+            Ok((0, _)) => None,
+            Ok((slots, pause)) => {
+                let pause_ms = pause.as_secs_f64() * 1e3;
+                self.late.push(report::LatePatch {
+                    modules: new.clone(),
+                    slots: slots as u64,
+                    at_s,
+                    since_s,
+                    pause_ms,
+                });
+                Some(format!(
+                    "in-process: patched {slots} GOT slots of {} (loaded between +{since_s:.1} s and +{at_s:.1} s; \
+                     its allocations before now were not seen; pause {pause_ms:.1} ms)",
+                    new.join(", ")
+                ))
+            }
+            Err(e) => Some(format!("in-process: could not patch {}: {e:#}", new.join(", "))),
+        }
     }
 
     fn report(&self) -> report::InProcess {
@@ -350,6 +398,7 @@ impl InProcess {
             stub_sampled_allocs: self.counters[counter::SAMPLED_ALLOCS as usize],
             stub_sampled_frees: self.counters[counter::SAMPLED_FREES as usize],
             stub_set_full: self.counters[counter::SET_FULL as usize],
+            late: self.late.clone(),
             left_in_target: format!(
                 "the stub, switched off (every call passes straight through), at {:#x} ({} KiB of \
                  code, memfd \"leakprobe-stub\") and {:#x} ({} KiB of data): a function pointer \
@@ -367,7 +416,11 @@ impl InProcess {
         if let Ok(c) = self.installed.counters() {
             self.counters = c;
         }
-        if ended_by == "target-exited" {
+        if matches!(ended_by, "target-exited" | "target-exec") {
+            // Gone, or another program now: the guard has nothing to do either.
+            if let Some(g) = self.installed.take_guard() {
+                g.disarm();
+            }
             return;
         }
         match self.installed.restore() {
@@ -379,12 +432,19 @@ impl InProcess {
     }
 }
 
-/// In-process mode: only mmap and munmap keep uprobes; the allocation family goes through the
-/// stub, and watchers of shadowed allocators would trap on every call.
+/// The files the target maps executable.
+fn exec_paths(pid: i32) -> std::collections::BTreeSet<std::path::PathBuf> {
+    target::exec_mappings(pid).map(|m| m.into_iter().map(|x| x.path).collect()).unwrap_or_default()
+}
+
+/// In-process mode: the C allocation family goes through the stub; everything else the plan
+/// hooks keeps its uprobes (mmap and munmap, jemalloc's mallocx family, an allocator's own
+/// operator new and sized deletes, prefixed copies inside the executable). Watchers of
+/// shadowed allocators would trap on every call and are left out.
 fn in_process_hooks(plan: &allocator::Plan) -> allocator::Plan {
     let mut p = plan.clone();
     for m in &mut p.hooks {
-        m.hooks.retain(|h| matches!(h.function, "mmap" | "munmap"));
+        m.hooks.retain(|h| crate::inprocess::stub::Func::from_name(h.function).is_none());
     }
     p.hooks.retain(|m| !m.hooks.is_empty());
     p.watch.clear();
@@ -536,8 +596,10 @@ async fn watch(
     child: &mut Option<Child>,
     unwind: &mut unwind::Loaded,
     reporting: &mut Reporting<'_>,
+    inproc: &mut Option<InProcess>,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
+    let mut last_look = 0.0;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open, unchanged, until it drops.
     let exited = unsafe { AsyncFd::register(pidfd) }
         .map_err(|e| e.into_parts().1)
@@ -599,6 +661,14 @@ async fn watch(
                 // Libraries loaded since (dlopen) get unwind rows too.
                 if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
                     tracing::warn!("updating unwind tables: {e:#}");
+                }
+                // ...and, in-process, their GOT slots point at the stub from now on.
+                if let Some(i) = inproc.as_mut() {
+                    let now = tracker.window_s();
+                    if let Some(msg) = i.patch_late_modules(pid, now, last_look) {
+                        progress(cfg, format_args!("{msg}"));
+                    }
+                    last_look = now;
                 }
                 let sites = tracker.sites();
                 fetch_new_stacks(probes, &sites, stacks)?;

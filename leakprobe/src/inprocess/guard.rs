@@ -39,6 +39,16 @@ pub struct RestoreList {
     pub slots: Vec<(u64, u64, u64)>,
     /// The stub's switch, set to 0.
     pub enabled_at: u64,
+    /// Where the stub's code is mapped: if the target no longer maps it there (it called
+    /// exec), its memory is another program's and nothing is written.
+    pub code_at: u64,
+}
+
+/// Whether `pid` still maps our stub's code at `code_at`.
+pub fn stub_mapped(pid: i32, code_at: u64) -> bool {
+    let prefix = format!("{code_at:x}-");
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .is_ok_and(|maps| maps.lines().any(|l| l.starts_with(&prefix) && l.contains("leakprobe-stub")))
 }
 
 #[derive(Debug, Error)]
@@ -155,14 +165,18 @@ pub fn restore(list: &RestoreList) -> std::io::Result<usize> {
     }
     let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{}/mem", list.pid))?;
     // Once the file is open it names this process even if the PID is recycled; check again.
-    if start_ticks(list.pid) != Some(list.start_ticks) {
+    // After an exec the PID and start time stay, but the memory is another program's.
+    if start_ticks(list.pid) != Some(list.start_ticks) || !stub_mapped(list.pid, list.code_at) {
         return Ok(0);
     }
     let mut restored = 0;
     for &(addr, original, ours) in &list.slots {
         let mut cur = [0u8; 8];
-        if mem.read_exact_at(&mut cur, addr).is_ok() && u64::from_le_bytes(cur) == ours {
-            mem.write_all_at(&original.to_le_bytes(), addr)?;
+        // A module unloaded since (dlclose) is skipped; the others are still put back.
+        if mem.read_exact_at(&mut cur, addr).is_ok()
+            && u64::from_le_bytes(cur) == ours
+            && mem.write_all_at(&original.to_le_bytes(), addr).is_ok()
+        {
             restored += 1;
         }
     }
@@ -214,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_newest_list_wins_and_only_disarm_disarms() {
-        let a = RestoreList { pid: 1, start_ticks: 2, slots: vec![(0x10, 1, 2)], enabled_at: 8 };
+        let a = RestoreList { pid: 1, start_ticks: 2, slots: vec![(0x10, 1, 2)], enabled_at: 8, code_at: 0 };
         let b = RestoreList { slots: vec![(0x10, 1, 2), (0x18, 3, 4)], ..a.clone() };
         let mut bytes = frame(&a);
         bytes.extend(frame(&b));
@@ -231,7 +245,17 @@ mod tests {
 
     #[test]
     fn restores_only_our_values_in_the_same_process() {
-        // This test process is the target: three slots in a buffer of ours.
+        // This test process is the target: three slots in a buffer of ours, and a mapping
+        // named like the stub's.
+        // SAFETY: memfd_create with a valid name; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"leakprobe-stub".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh private mapping of our memfd.
+        let code = unsafe {
+            assert_eq!(libc::ftruncate(fd, 4096), 0);
+            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0)
+        };
+        assert_ne!(code, libc::MAP_FAILED);
         let mut slots = [0u64; 4];
         slots[0] = 0xaaaa; // ours: restored
         slots[1] = 0xbbbb; // changed since: left alone
@@ -243,7 +267,12 @@ mod tests {
             start_ticks: start_ticks(me).unwrap(),
             slots: vec![(base, 0x1111, 0xaaaa), (base + 8, 0x2222, 0xcccc)],
             enabled_at: base + 24,
+            code_at: code as u64,
         };
+        // Not where the stub is: another image, nothing written.
+        let elsewhere = RestoreList { code_at: code as u64 + 0x1000, ..list.clone() };
+        assert_eq!(restore(&elsewhere).unwrap(), 0);
+        assert_eq!(slots[0], 0xaaaa);
         assert_eq!(restore(&list).unwrap(), 1);
         let now: Vec<u64> =
             (0..4).map(|i| unsafe { std::ptr::read_volatile(slots.as_ptr().add(i)) }).collect();

@@ -266,12 +266,15 @@ impl Installed {
     }
 
     /// Points the plan's slots at the stubs (one stop), after starting the guard.
-    pub fn patch(&mut self, plan: &PatchPlan) -> Result<(), InstallError> {
+    /// Additive: slots already patched are left as they are, so a new plan after a dlopen
+    /// patches only the new module's slots. Returns the slots written and the pause.
+    pub fn patch(&mut self, plan: &PatchPlan) -> Result<(usize, Duration), InstallError> {
         let pid = self.pid;
         let real: HashMap<Func, u64> = self.real.iter().copied().collect();
+        let done: std::collections::HashSet<u64> = self.patched.iter().map(|p| p.0).collect();
         // Which slots to write, with what; judged again against their values under the stop.
         let mut wanted = Vec::new();
-        for s in &plan.slots {
+        for s in plan.slots.iter().filter(|s| !done.contains(&s.address)) {
             let Some(f) = Func::from_name(s.function) else { continue };
             let (Some(original), Some(target)) = (s.original(), s.target()) else {
                 self.summary.skipped.push((s.module.clone(), s.function, "unresolved slot".into()));
@@ -291,8 +294,14 @@ impl Installed {
         let list = RestoreList {
             pid,
             start_ticks: guard::start_ticks(pid).unwrap_or(0),
-            slots: wanted.iter().map(|(s, original, _, entry)| (s.address, *original, *entry)).collect(),
+            slots: self
+                .patched
+                .iter()
+                .copied()
+                .chain(wanted.iter().map(|(s, original, _, entry)| (s.address, *original, *entry)))
+                .collect(),
             enabled_at: self.data + stub::off::ENABLED as u64,
+            code_at: self.code,
         };
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
@@ -330,15 +339,35 @@ impl Installed {
             restore.push((s.address, back, entry));
             *counts.entry((s.module.clone(), s.function)).or_default() += 1;
         }
-        self.summary.patch_pause = world.resume();
-        self.patched = restore;
+        let pause = world.resume();
+        let written = restore.len();
+        if self.patched.is_empty() {
+            self.summary.patch_pause = pause;
+        }
+        self.patched.extend(restore);
         // The guard restores exactly what was written (lazy slots bound meanwhile included).
         let list = RestoreList { slots: self.patched.clone(), ..list };
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
         }
-        self.summary.patched = counts.into_iter().map(|((m, f), n)| (m, f, n)).collect();
-        Ok(())
+        for ((m, f), n) in counts {
+            self.summary.patched.push((m, f, n));
+        }
+        // Said once per slot, however many plans saw it.
+        let mut seen = std::collections::HashSet::new();
+        self.summary.skipped.retain(|k| seen.insert(k.clone()));
+        Ok((written, pause))
+    }
+
+    /// Module paths with at least one slot patched.
+    pub fn patched_modules(&self) -> std::collections::BTreeSet<PathBuf> {
+        self.summary.patched.iter().map(|(m, _, _)| m.clone()).collect()
+    }
+
+    /// The guard, for a caller that knows nothing is left to restore (the target exited).
+    pub fn take_guard(&mut self) -> Option<Guard> {
+        self.patched.clear();
+        self.guard.take()
     }
 
     /// Slots currently pointing at the stub.
@@ -359,6 +388,14 @@ impl Installed {
     pub fn restore(&mut self) -> Result<(usize, Duration), InstallError> {
         let pid = self.pid;
         let opts = StopOptions { max_pause: self.max_pause, ..StopOptions::default() };
+        // After an exec the memory is another program's: nothing of ours is left to restore.
+        if !guard::stub_mapped(pid, self.code) {
+            self.patched.clear();
+            if let Some(g) = self.guard.take() {
+                g.disarm();
+            }
+            return Ok((0, Duration::ZERO));
+        }
         let world =
             StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target to restore"))?;
         let mem = world.mem().map_err(ptrace_err(pid, "opening its memory"))?;

@@ -96,8 +96,23 @@ pub struct InProcess {
     pub stub_sampled_allocs: u64,
     pub stub_sampled_frees: u64,
     pub stub_set_full: u64,
+    /// Modules mapped after attach (dlopen) whose slots were patched at a later interval.
+    pub late: Vec<LatePatch>,
     /// What stays in the target after detach.
     pub left_in_target: String,
+}
+
+/// Modules patched after the start: their allocations between loading and patching were not
+/// seen.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatePatch {
+    pub modules: Vec<String>,
+    pub slots: u64,
+    /// Patched at this time since attach; the modules appeared after `since_s`.
+    pub at_s: f64,
+    pub since_s: f64,
+    pub pause_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
