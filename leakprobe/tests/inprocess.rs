@@ -148,3 +148,86 @@ fn sampled_in_process_estimates_of_a_64_mib_leak_are_within_10_percent() {
     assert!(allocs > 1000 && frees > 0 && frees < allocs, "{ip}");
     assert_eq!(ip["stub_set_full"].as_u64(), Some(0));
 }
+
+fn threads_target() -> std::path::PathBuf {
+    build_target("threads.c", "threads_nofp", "gcc", &["-O2", "-g", "-fomit-frame-pointer", "-pthread"])
+}
+
+#[test]
+fn sixty_four_threads_are_exact_in_process() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
+    assert_eq!((bytes, count), (64 * 100 * 100, 64 * 100), "leaked by 64 threads");
+    let churn = sum(sites(&report).iter().filter(|s| frame0(s) == "worker"));
+    assert_eq!((churn.0, churn.1), (0, 0), "per-thread churn is all freed");
+    assert!(churn.2 >= 64 * 1000, "churn allocations seen: {}", churn.2);
+    assert!(target.is_running());
+}
+
+#[test]
+fn a_target_that_forks_or_execs_while_patched_keeps_working() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| {
+            // The child inherits the patched GOT and the stub: it must run and exit 0, uncounted.
+            t.send("fork");
+            t.expect("forked 0");
+            t.leak();
+        });
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    assert!(!sites(&report).iter().any(|s| has_frame(s, "child_leak")), "the child was counted");
+    let (bytes, _, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
+    assert_eq!(bytes, 64 * 100 * 100);
+
+    // exec while patched: the trace ends; nothing is written into the new image.
+    let pid = target.pid().to_string();
+    let mut lp =
+        Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--format", "json", "--in-process"]);
+    lp.wait_attached();
+    target.send("exec");
+    target.expect("ready");
+    target.leak();
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["target"]["ended_by"], "target-exec");
+    assert!(stub_range(target.pid()).is_none(), "the new image has no stub");
+    target.leak();
+    target.send("fork");
+    target.expect("forked 0");
+    assert!(target.is_running());
+    assert_all_gone("after exec in in-process mode");
+}
+
+#[test]
+fn a_library_loaded_after_attach_is_patched_at_the_next_interval() {
+    require_root();
+    let plugin = build_target("plugin.c", "libplugin.so", "gcc", &["-O2", "-g", "-shared", "-fPIC"]);
+    let host = build_target("dlopen_host.c", "dlopen_host", "gcc", NOFP_C);
+    let mut target = Target::spawn(&host);
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "5s", "--format", "json", "--in-process"], |t| {
+            t.send(&format!("dlopen {}", plugin.display()));
+            t.expect("loaded");
+            // Patched at the next interval (1 s).
+            std::thread::sleep(Duration::from_millis(2500));
+            t.leak();
+        });
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("libplugin.so") && err.contains("patched"), "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    let late = report["in_process"]["late"].as_array().unwrap();
+    assert!(late.iter().any(|l| l["modules"].to_string().contains("libplugin.so")), "{late:?}");
+    let (b, c, _, _) = sum(sites(&report).iter().filter(|s| has_frame(s, "plugin_leak_inner")));
+    assert_eq!((b, c), (8 * 4096, 8));
+}
