@@ -10,6 +10,7 @@ pub const MAX_STACK_DEPTH: usize = 64;
 /// Map names, as the daemon looks them up in the loaded object.
 pub mod maps {
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const SITE_OLD: &str = "SITE_OLD";
     pub const WRAPPER_STASH: &str = "WRAPPER_STASH";
     pub const LIVE: &str = "LIVE";
     pub const STACKS: &str = "STACKS";
@@ -37,6 +38,10 @@ pub mod globals {
     /// are its own bookkeeping, not allocations (0, 0: off).
     pub const ALLOCATOR_TEXT_START: &str = "ALLOCATOR_TEXT_START";
     pub const ALLOCATOR_TEXT_END: &str = "ALLOCATOR_TEXT_END";
+    /// In-process mode: the stub's code; a call returning into it was tail-called by a real
+    /// allocation function and is part of the call the stub reports.
+    pub const STUB_TEXT_START: &str = "STUB_TEXT_START";
+    pub const STUB_TEXT_END: &str = "STUB_TEXT_END";
 }
 
 /// Counts in `SiteCounters` and `LiveBlock::weight_count` are in units of 1/COUNT_SCALE, so

@@ -42,6 +42,10 @@ static SAMPLE_BYTES: u64 = 0;
 static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 #[map]
 static WRAPPER_STASH: HashMap<u32, WrapperStash> = HashMap::with_max_entries(16384, 0);
+/// In-process: a realloc's old block, from its realloc_old site to its alloc site. Apart from
+/// IN_FLIGHT, whose records belong to uprobe calls and their return probes.
+#[map]
+static SITE_OLD: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 #[map]
 static LIVE: HashMap<u64, LiveBlock> = HashMap::with_max_entries(1 << 20, 0);
 #[map]
@@ -89,6 +93,11 @@ mod then {
 static ALLOCATOR_TEXT_START: u64 = 0;
 #[unsafe(no_mangle)]
 static ALLOCATOR_TEXT_END: u64 = 0;
+/// In-process mode: the stub's code (see `called_from_allocator`).
+#[unsafe(no_mangle)]
+static STUB_TEXT_START: u64 = 0;
+#[unsafe(no_mangle)]
+static STUB_TEXT_END: u64 = 0;
 
 /// Per thread: bytes left until the next sampled allocation.
 #[map]
@@ -495,6 +504,11 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
         count(counter::MISSED_RETURN);
         let _ = IN_FLIGHT.remove(&tid);
     }
+    // In-process: the inner part of a call a stub reports. It records nothing, so its return
+    // probe finds no record either.
+    if called_from_allocator(ctx) {
+        return 0;
+    }
     if kind == AllocKind::Mmap && out_ptr & MAP_ANONYMOUS == 0 {
         // File mappings are not heap; its return finds no record and does nothing.
         return 0;
@@ -709,9 +723,6 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 /// in the out_ptr slot, which mmap does not otherwise use.
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
-    if called_from_allocator(&ctx) {
-        return 0;
-    }
     enter(&ctx, AllocKind::Mmap, arg(&ctx, 1), 0, arg(&ctx, 3))
 }
 
@@ -752,6 +763,9 @@ pub fn untracked_enter(_ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
+    if called_from_allocator(&ctx) {
+        return 0;
+    }
     let addr = arg(&ctx, 0);
     if addr == 0 {
         return 0;
@@ -793,6 +807,9 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 /// use it.
 fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
+    if called_from_allocator(ctx) {
+        return 0;
+    }
     let r = regs(ctx);
     if outer_call(tid, r.rsp).is_some() {
         return 0;
@@ -828,7 +845,9 @@ pub fn cxx_new_array_enter(ctx: ProbeContext) -> u32 {
 }
 
 /// In-process mode: true when the direct caller (the return address at entry) is the
-/// allocator's own code.
+/// allocator's own code or the stub. Such a call is the inner part of a call the stub
+/// reports (mimalloc's posix_memalign calls mi_malloc_aligned; malloc maps large chunks),
+/// so counting it again would count one block twice. Without the stub the ranges are 0.
 #[inline(always)]
 fn called_from_allocator(ctx: &ProbeContext) -> bool {
     let start = unsafe { read_volatile(&raw const ALLOCATOR_TEXT_START) };
@@ -836,8 +855,10 @@ fn called_from_allocator(ctx: &ProbeContext) -> bool {
         return false;
     }
     let end = unsafe { read_volatile(&raw const ALLOCATOR_TEXT_END) };
+    let (stub_start, stub_end) =
+        unsafe { (read_volatile(&raw const STUB_TEXT_START), read_volatile(&raw const STUB_TEXT_END)) };
     match unsafe { bpf_probe_read_user(regs(ctx).rsp as *const u64) } {
-        Ok(ret) => ret >= start && ret < end,
+        Ok(ret) => (ret >= start && ret < end) || (ret >= stub_start && ret < stub_end),
         Err(_) => false,
     }
 }
@@ -856,9 +877,9 @@ pub fn site_alloc(ctx: ProbeContext) -> u32 {
     count(counter::ALLOC_CALLS);
     if kind == AllocKind::Realloc as u32 || kind == AllocKind::Reallocarray as u32 {
         // The old block, taken at this same call's realloc_old site (same rsp).
-        if let Some(rec) = unsafe { IN_FLIGHT.get(&tid) }.copied() {
+        if let Some(rec) = unsafe { SITE_OLD.get(&tid) }.copied() {
             if rec.sp == sp {
-                let _ = IN_FLIGHT.remove(&tid);
+                let _ = SITE_OLD.remove(&tid);
                 if ptr != 0 || size == 0 {
                     if rec.old_known != 0 {
                         account_free(&rec.old_block);
@@ -911,7 +932,7 @@ pub fn site_realloc_old(ctx: ProbeContext) -> u32 {
         rec.old_block = old;
         rec.old_known = 1;
     }
-    if IN_FLIGHT.insert(&tid, &rec, BPF_ANY as u64).is_err() {
+    if SITE_OLD.insert(&tid, &rec, BPF_ANY as u64).is_err() {
         count(counter::IN_FLIGHT_FULL);
         if rec.old_known != 0 {
             let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);

@@ -146,6 +146,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         sample_bytes: cfg.sample_bytes,
         noop: cfg.noop,
         allocator_text: inproc.as_ref().and_then(|i| i.allocator_text),
+        stub_text: inproc.as_ref().map(|i| i.installed.code_range()),
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
@@ -157,7 +158,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     test_hook_pause("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS");
     let t_attach = std::time::Instant::now();
     let mut statuses = match &inproc {
-        Some(i) => probes.attach_sites(&i.installed.sites()).map_err(refuse)?,
+        Some(i) => {
+            probes.set_stubbed_modules(i.stubbed_modules.clone());
+            probes.attach_sites(&i.installed.sites()).map_err(refuse)?
+        }
         None => Vec::new(),
     };
     match probes.attach(&attach_plan) {
@@ -301,6 +305,8 @@ struct InProcess {
     known: std::collections::BTreeSet<std::path::PathBuf>,
     /// Modules patched after the start: (module names, slots, when, the pause).
     late: Vec<report::LatePatch>,
+    /// The modules the stubs forward into.
+    stubbed_modules: Vec<std::path::PathBuf>,
     counters: [u64; crate::inprocess::stub::counter::COUNT],
 }
 
@@ -325,6 +331,15 @@ impl InProcess {
         });
         let _ = plan;
         let known = exec_paths(pid);
+        let maps = target::exec_mappings(pid).unwrap_or_default();
+        let mut stubbed_modules: Vec<std::path::PathBuf> = Vec::new();
+        for (_, addr) in &installed.real {
+            if let Some(m) = maps.iter().find(|m| m.start <= *addr && *addr < m.end)
+                && !stubbed_modules.contains(&m.path)
+            {
+                stubbed_modules.push(m.path.clone());
+            }
+        }
         Ok(InProcess {
             got,
             installed,
@@ -333,6 +348,7 @@ impl InProcess {
             counters: [0; 3],
             known,
             late: Vec::new(),
+            stubbed_modules,
         })
     }
 
@@ -441,12 +457,10 @@ fn exec_paths(pid: i32) -> std::collections::BTreeSet<std::path::PathBuf> {
 /// hooks keeps its uprobes (mmap and munmap, jemalloc's mallocx family, an allocator's own
 /// operator new and sized deletes, prefixed copies inside the executable). Watchers of
 /// shadowed allocators would trap on every call and are left out.
+/// (The family functions of the modules the stubs forward into are skipped by `Probes`, which
+/// still sees them to recognise their aliases: tcmalloc's operator delete is its free.)
 fn in_process_hooks(plan: &allocator::Plan) -> allocator::Plan {
     let mut p = plan.clone();
-    for m in &mut p.hooks {
-        m.hooks.retain(|h| crate::inprocess::stub::Func::from_name(h.function).is_none());
-    }
-    p.hooks.retain(|m| !m.hooks.is_empty());
     p.watch.clear();
     p.cxx = None;
     p

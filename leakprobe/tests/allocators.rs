@@ -212,3 +212,30 @@ fn overrides_and_what_is_not_hooked_is_said() {
     assert!(text.contains("DEGRADED") && text.contains("shadowed"), "{text}");
     assert_all_gone("after the override traces");
 }
+
+/// The same exact figures through the in-process stub (issue 12): the C family through the
+/// GOT, each allocator's own API (mallocx, its operator new, sized frees) still on uprobes.
+#[test]
+fn other_allocators_are_exact_in_process() {
+    require_root();
+    let in_process = ["--in-process"];
+    for (name, define, lib, api, module) in [
+        ("alloc_jemalloc", "-DUSE_JEMALLOC", "-ljemalloc", true, "libjemalloc.so.2"),
+        ("alloc_tcmalloc", "-DUSE_TCMALLOC", "-ltcmalloc_minimal", true, "libtcmalloc_minimal.so.4"),
+        ("alloc_mimalloc", "-DUSE_MIMALLOC", "-lmimalloc", true, "libmimalloc.so.2"),
+    ] {
+        let mut target = Target::spawn(&linked(name, define, lib));
+        let report = check_exact(&mut target, api, &in_process);
+        assert_eq!(report["allocator"]["module"].as_str().map(|m| m.contains(module)), Some(true), "{name}");
+        assert!(report["in_process"]["restored_slots"].as_u64().unwrap() > 0, "{name}");
+    }
+    let plain = build_target(SRC, "alloc_plain", "gcc", NOFP_C);
+    let lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
+    let mut target = Target::spawn_env(&plain, &[("LD_PRELOAD", lib)]);
+    let report = check_exact(&mut target, false, &in_process);
+    assert_allocator(&report, "tcmalloc", "libtcmalloc_minimal.so.4");
+    let musl = build_target(SRC, "alloc_musl", "musl-gcc", NOFP_C);
+    let mut target = Target::spawn(&musl);
+    check_exact(&mut target, false, &in_process);
+    assert_all_gone("after the in-process allocator traces");
+}

@@ -51,7 +51,8 @@ use crate::target::{
 };
 
 /// The allocation family whose slots are patched. The same names as the C part of
-/// [`allocator::STANDARD`] (mmap and munmap aside), plus glibc's old `cfree`.
+/// [`allocator::STANDARD`] (mmap and munmap aside), plus glibc's old `cfree`, and the
+/// `tc_`, `mi_` and `je_` names of the same functions.
 pub const FAMILY: &[&str] = &[
     "malloc",
     "free",
@@ -64,6 +65,38 @@ pub const FAMILY: &[&str] = &[
     "valloc",
     "pvalloc",
     "cfree",
+    // The same functions under an allocator's own names, which programs also call through
+    // their GOT (tcmalloc's are aliases; mimalloc's and jemalloc's separate entry points).
+    "tc_malloc",
+    "tc_free",
+    "tc_calloc",
+    "tc_realloc",
+    "tc_reallocarray",
+    "tc_posix_memalign",
+    "tc_aligned_alloc",
+    "tc_memalign",
+    "tc_valloc",
+    "tc_pvalloc",
+    "mi_malloc",
+    "mi_free",
+    "mi_calloc",
+    "mi_realloc",
+    "mi_reallocarray",
+    "mi_posix_memalign",
+    "mi_aligned_alloc",
+    "mi_memalign",
+    "mi_valloc",
+    "mi_pvalloc",
+    "je_malloc",
+    "je_free",
+    "je_calloc",
+    "je_realloc",
+    "je_reallocarray",
+    "je_posix_memalign",
+    "je_aligned_alloc",
+    "je_memalign",
+    "je_valloc",
+    "je_pvalloc",
 ];
 
 /// The loader rounds RELRO and segments to pages; x86-64 user pages are 4 KiB.
@@ -376,11 +409,14 @@ struct Load {
 }
 
 /// A family relocation, before the target is looked at.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Reloc {
     vaddr: u64,
     reloc: RelocType,
+    /// The family function (for an alias, decided where the name binds; see [`aliases_in`]).
     function: &'static str,
+    /// The name the relocation asks for, when it is not a family name.
+    alias: Option<String>,
     addend: i64,
 }
 
@@ -449,7 +485,7 @@ struct DynTags {
 }
 
 /// Parses what the plan needs. `Err` is a skip reason.
-fn parse(path: &Path, data: &[u8]) -> Result<Parsed, String> {
+fn parse(path: &Path, data: &[u8], aliases: &HashSet<String>) -> Result<Parsed, String> {
     let bad = |source| reason(&ModuleError::Parse { path: path.to_path_buf(), source });
     let elf = ElfFile64::<Endianness>::parse(data).map_err(bad)?;
     let endian = elf.endian();
@@ -549,16 +585,41 @@ fn parse(path: &Path, data: &[u8]) -> Result<Parsed, String> {
                 continue;
             }
             let Some(name) = name_of(index) else { continue };
-            let Some(function) = FAMILY.iter().copied().find(|f| f.as_bytes() == name) else { continue };
+            let (function, alias) = match FAMILY.iter().copied().find(|f| f.as_bytes() == name) {
+                Some(f) => (f, None),
+                None => match std::str::from_utf8(name).ok().filter(|n| aliases.contains(*n)) {
+                    Some(n) => ("", Some(n.to_string())),
+                    None => continue,
+                },
+            };
             let vaddr = r.r_offset(endian);
             // DT_RELASZ may cover DT_JMPREL too; one slot is one entry.
             if seen.insert(vaddr) {
-                p.relocs.push(Reloc { vaddr, reloc, function, addend: r.r_addend(endian) });
+                p.relocs.push(Reloc { vaddr, reloc, function, alias, addend: r.r_addend(endian) });
             }
         }
     }
     p.relocs.sort_by_key(|r| r.vaddr);
     Ok(p)
+}
+
+/// Other names of the family's functions in one module: exported functions at the same
+/// address as a family function (tcmalloc's `operator delete` *is* its `free`). Programs call
+/// them through their own GOT slots, which must lead into the stub too.
+fn aliases_in(data: &[u8]) -> HashMap<String, &'static str> {
+    let Ok(file) = object::File::parse(data) else { return HashMap::new() };
+    let funcs: Vec<(String, u64)> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition() && s.kind() == object::SymbolKind::Text)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+        .collect();
+    let family: HashMap<u64, &'static str> =
+        funcs.iter().filter_map(|(n, a)| FAMILY.iter().copied().find(|f| f == n).map(|f| (*a, f))).collect();
+    funcs
+        .into_iter()
+        .filter(|(n, _)| !FAMILY.contains(&n.as_str()))
+        .filter_map(|(n, a)| family.get(&a).map(|f| (n, *f)))
+        .collect()
 }
 
 /// A parsed module, placed in the target.
@@ -568,8 +629,10 @@ struct Placed<'a> {
     bias: u64,
     /// What the loader knows of it (soname, DT_NEEDED), for the binding order.
     dynamic: telf::Dynamic,
-    /// Family functions it exports.
+    /// Family functions it exports (and the alias names of any module, where it defines them).
     defines: HashMap<String, FunctionSym>,
+    /// Its own aliases of family functions.
+    aliases: HashMap<String, &'static str>,
 }
 
 impl Placed<'_> {
@@ -609,8 +672,13 @@ fn is_ld_so(m: &Placed, interp: Option<&str>) -> bool {
 pub fn plan(images: &Images, preload: &[String], mut read_u64: impl FnMut(u64) -> Option<u64>) -> PatchPlan {
     let mut out = PatchPlan { slots: Vec::new(), skipped: images.unreadable.clone() };
     let mut placed: Vec<Placed> = Vec::new();
-    for image in &images.images {
-        let parsed = match parse(&image.path, &image.data) {
+    let alias_maps: Vec<HashMap<String, &'static str>> =
+        images.images.iter().map(|i| aliases_in(&i.data)).collect();
+    let alias_names: HashSet<String> = alias_maps.iter().flat_map(|m| m.keys().cloned()).collect();
+    let mut wanted: Vec<&str> = FAMILY.to_vec();
+    wanted.extend(alias_names.iter().map(String::as_str));
+    for (image, aliases) in images.images.iter().zip(alias_maps.iter()) {
+        let parsed = match parse(&image.path, &image.data, &alias_names) {
             Ok(p) => p,
             Err(why) => {
                 out.skipped.push((image.path.clone(), why));
@@ -621,9 +689,9 @@ pub fn plan(images: &Images, preload: &[String], mut read_u64: impl FnMut(u64) -
             out.skipped.push((image.path.clone(), "no mapping matches its PT_LOAD segments".into()));
             continue;
         };
-        let defines = telf::functions_in(&image.data, FAMILY, true).unwrap_or_default();
+        let defines = telf::functions_in(&image.data, &wanted, true).unwrap_or_default();
         let dynamic = telf::dynamic(&image.data);
-        placed.push(Placed { image, parsed, bias, dynamic, defines });
+        placed.push(Placed { image, parsed, bias, dynamic, defines, aliases: aliases.clone() });
     }
 
     // The loader's search order, over every module (ld.so included: it could define names).
@@ -680,11 +748,27 @@ pub fn plan(images: &Images, preload: &[String], mut read_u64: impl FnMut(u64) -
             continue;
         }
         for r in &m.parsed.relocs {
-            out.slots.push(slot(m, i, r, &placed, &mut read_u64, &resolve));
+            let r = match &r.alias {
+                None => std::borrow::Cow::Borrowed(r),
+                // An alias counts where its name binds: libstdc++'s operator delete is not free.
+                Some(name) => {
+                    match binding(name, i, &placed, &order).and_then(|b| placed[b].aliases.get(name)) {
+                        Some(f) => std::borrow::Cow::Owned(Reloc { function: f, ..r.clone() }),
+                        None => continue,
+                    }
+                }
+            };
+            out.slots.push(slot(m, i, &r, &placed, &mut read_u64, &resolve));
         }
     }
     check_data_pointers(&mut out.slots, &placed, &resolve);
     out
+}
+
+/// The module a reference to `name` from module `from` binds to, in the loader's order.
+fn binding(name: &str, from: usize, placed: &[Placed], order: &[usize]) -> Option<usize> {
+    let symbolic = placed[from].parsed.symbolic.then_some(from);
+    symbolic.into_iter().chain(order.iter().copied()).find(|i| placed[*i].defines.contains_key(name))
 }
 
 /// One slot as it stands now.
@@ -719,7 +803,7 @@ fn slot(
                 let lazy_entry = r.reloc == RelocType::JumpSlot
                     && m.file_word(r.vaddr).is_some_and(|w| w != 0 && m.bias.wrapping_add(w) == value);
                 if into_plt || lazy_entry {
-                    match resolve(r.function, index) {
+                    match resolve(r.alias.as_deref().unwrap_or(r.function), index) {
                         Ok(resolved) => SlotState::Lazy { plt_value: value, resolved },
                         Err(why) => unresolved(format!("points into a PLT and {why}")),
                     }
@@ -820,7 +904,7 @@ mod tests {
     ) -> impl FnMut(u64) -> Option<u64> + use<F> {
         let mut words = HashMap::new();
         for im in images {
-            let p = parse(&im.path, &im.data).unwrap();
+            let p = parse(&im.path, &im.data, &HashSet::new()).unwrap();
             let bias = load_bias(&p.loads, &im.mappings).unwrap();
             for r in &p.relocs {
                 let file = vaddr_to_offset(&p.loads, r.vaddr)
@@ -837,7 +921,7 @@ mod tests {
 
     /// The address `name` has in `im`, placed as it is.
     fn addr_in(im: &Image, name: &str) -> u64 {
-        let p = parse(&im.path, &im.data).unwrap();
+        let p = parse(&im.path, &im.data, &HashSet::new()).unwrap();
         let f = telf::functions_in(&im.data, &[name], true).unwrap();
         load_bias(&p.loads, &im.mappings).unwrap() + offset_to_vaddr(&p.loads, f[name].offset).unwrap()
     }

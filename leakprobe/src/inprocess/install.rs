@@ -104,21 +104,20 @@ fn ptrace_err(pid: i32, during: &'static str) -> impl FnOnce(PtraceError) -> Ins
     move |source| InstallError::Ptrace { pid, during, source }
 }
 
-/// The real function for each stub: what the plan's slots forward to, the most common target
-/// where they differ (the others are left unpatched and reported).
+/// One stub per function and real target the plan's slots forward to (`malloc` and
+/// `mi_malloc` are two), at most [`stub::MAX_STUBS`].
 pub fn choose_real(plan: &PatchPlan) -> Vec<(Func, u64)> {
-    let mut votes: BTreeMap<Func, HashMap<u64, usize>> = BTreeMap::new();
+    let mut out: Vec<(Func, u64)> = Vec::new();
     for s in &plan.slots {
-        if let (Some(f), Some(t)) = (Func::from_name(s.function), s.target()) {
-            *votes.entry(f).or_default().entry(t).or_default() += 1;
+        if let (Some(f), Some(t)) = (Func::from_name(s.function), s.target())
+            && !out.contains(&(f, t))
+        {
+            out.push((f, t));
         }
     }
-    votes
-        .into_iter()
-        .filter_map(|(f, v)| {
-            v.into_iter().max_by_key(|(addr, n)| (*n, std::cmp::Reverse(*addr))).map(|(a, _)| (f, a))
-        })
-        .collect()
+    out.sort_unstable();
+    out.truncate(stub::MAX_STUBS);
+    out
 }
 
 /// The code of the allocation family in the modules the real functions live in: calls made
@@ -135,6 +134,15 @@ pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
     }
     let mut out = Vec::new();
     for m in modules {
+        // A library that is only an allocator (jemalloc, tcmalloc, mimalloc): everything it
+        // calls is its own bookkeeping (mimalloc's mi_malloc_aligned frees through its GOT).
+        // libc is not: its strdup or fopen allocate for the program, and must be seen.
+        if !crate::target::is_libc(&m.file_name()) {
+            for x in maps.iter().filter(|x| x.path == m.path) {
+                out.push((x.start, x.end));
+            }
+            continue;
+        }
         let path = crate::target::target_path(pid, &m.path);
         let Ok((syms, _)) = crate::target::elf::functions(&path, super::got::FAMILY) else { continue };
         for sym in syms.values().filter(|s| s.size > 0) {
@@ -270,7 +278,8 @@ impl Installed {
     /// patches only the new module's slots. Returns the slots written and the pause.
     pub fn patch(&mut self, plan: &PatchPlan) -> Result<(usize, Duration), InstallError> {
         let pid = self.pid;
-        let real: HashMap<Func, u64> = self.real.iter().copied().collect();
+        let stub_of: HashMap<(Func, u64), usize> =
+            self.real.iter().copied().enumerate().map(|(i, v)| (v, i)).collect();
         let done: std::collections::HashSet<u64> = self.patched.iter().map(|p| p.0).collect();
         // Which slots to write, with what; judged again against their values under the stop.
         let mut wanted = Vec::new();
@@ -280,15 +289,17 @@ impl Installed {
                 self.summary.skipped.push((s.module.clone(), s.function, "unresolved slot".into()));
                 continue;
             };
-            if real.get(&f) != Some(&target) {
+            let Some(entry) = stub_of.get(&(f, target)).and_then(|i| self.stub.entry_at(*i)) else {
                 self.summary.skipped.push((
                     s.module.clone(),
                     s.function,
-                    format!("binds to {target:#x}, not the {} the stub forwards to", s.function),
+                    format!(
+                        "binds to {target:#x}, which has no stub (more than {} targets)",
+                        stub::MAX_STUBS
+                    ),
                 ));
                 continue;
-            }
-            let Some(entry) = self.stub.entry(f) else { continue };
+            };
             wanted.push((s, original, target, entry));
         }
         let list = RestoreList {

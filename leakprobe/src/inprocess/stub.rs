@@ -56,20 +56,23 @@ pub mod off {
     pub const NESTED_COUNT: i32 = 0x20;
     /// [`super::counter`] values.
     pub const COUNTERS: i32 = 0x40;
-    /// The real functions, by [`super::Func`] index.
-    pub const REAL: i32 = 0x100;
+    /// The real function of each stub, in the order the stubs were generated.
+    pub const REAL: i32 = 0xa00;
     /// i64 byte countdowns, one per thread slot.
     pub const COUNTDOWN: i32 = 0x200;
     /// (start, end) of the real allocation functions' code: a call from inside one of them
     /// (glibc's reallocarray calls realloc through the GOT) is part of the outer call, which
     /// reports it; the inner one passes straight through.
-    pub const NESTED: i32 = 0xa00;
+    pub const NESTED: i32 = 0xc00;
     pub const EXP: i32 = 0x1000;
     pub const SET: i32 = 0x3000;
 }
 
 /// Ranges of allocator code whose calls into the family are nested calls.
-pub const MAX_NESTED: usize = 16;
+pub const MAX_NESTED: usize = 64;
+/// Stubs at most: one per function and real target (`malloc` and `mi_malloc` of one
+/// program are two).
+pub const MAX_STUBS: usize = 64;
 
 /// The data page's size: a whole number of pages.
 pub const DATA_SIZE: u64 = (off::SET as u64 + SET_CAPACITY * 8 + 4095) & !4095;
@@ -114,8 +117,10 @@ impl Func {
         Func::Pvalloc,
     ];
 
-    /// The C name; `cfree` is glibc's old alias of free.
+    /// The C name; `cfree` is glibc's old alias of free; an allocator's own name of the same
+    /// function (`tc_malloc`, `mi_free`, `je_calloc`) is that function.
     pub fn from_name(name: &str) -> Option<Func> {
+        let name = ["tc_", "mi_", "je_"].iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
         Some(match name {
             "malloc" => Func::Malloc,
             "calloc" => Func::Calloc,
@@ -129,10 +134,6 @@ impl Func {
             "pvalloc" => Func::Pvalloc,
             _ => return None,
         })
-    }
-
-    fn index(self) -> i32 {
-        Func::ALL.iter().position(|f| *f == self).unwrap_or(0) as i32
     }
 
     fn kind(self) -> Option<AllocKind> {
@@ -172,7 +173,7 @@ impl From<IcedError> for StubError {
 pub struct Stub {
     /// Machine code for `code_base`.
     pub code: Vec<u8>,
-    /// Entry of each function's stub (absolute).
+    /// Entry of each stub (absolute), in the order generated.
     pub entries: Vec<(Func, u64)>,
     /// The report sites (absolute addresses of the 5-byte NOPs).
     pub site_alloc: u64,
@@ -181,8 +182,14 @@ pub struct Stub {
 }
 
 impl Stub {
+    /// The first stub of `f`.
     pub fn entry(&self, f: Func) -> Option<u64> {
         self.entries.iter().find(|(g, _)| *g == f).map(|(_, a)| *a)
+    }
+
+    /// Stub number `i`.
+    pub fn entry_at(&self, i: usize) -> Option<u64> {
+        self.entries.get(i).map(|(_, a)| *a)
     }
 }
 
@@ -243,8 +250,9 @@ impl Gen {
         self.a.mov(r11, self.data)
     }
 
-    fn real(&self, f: Func) -> iced_x86::code_asm::AsmMemoryOperand {
-        qword_ptr(r11 + (off::REAL + 8 * f.index()))
+    /// The real function of stub number `i`.
+    fn real(&self, i: usize) -> iced_x86::code_asm::AsmMemoryOperand {
+        qword_ptr(r11 + (off::REAL + 8 * i as i32))
     }
 
     /// Sampled mode: counts the size down in this thread's slot; jumps to `take` when the
@@ -311,7 +319,7 @@ impl Gen {
     }
 
     /// The stub of an allocation function other than realloc.
-    fn alloc(&mut self, f: Func) -> Result<CodeLabel, IcedError> {
+    fn alloc(&mut self, f: Func, i: usize) -> Result<CodeLabel, IcedError> {
         let mut entry = self.a.create_label();
         let mut pass = self.a.create_label();
         let mut take = self.a.create_label();
@@ -326,7 +334,7 @@ impl Gen {
         self.a.je(take)?;
         self.countdown(f, take, pass)?;
         self.a.set_label(&mut pass)?;
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.jmp(real)?;
 
         self.a.set_label(&mut take)?;
@@ -340,7 +348,7 @@ impl Gen {
         if pad {
             self.a.sub(rsp, 8)?;
         }
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.call(real)?;
         if pad {
             self.a.add(rsp, 8)?;
@@ -375,7 +383,7 @@ impl Gen {
         Ok(entry)
     }
 
-    fn free(&mut self, f: Func) -> Result<CodeLabel, IcedError> {
+    fn free(&mut self, i: usize) -> Result<CodeLabel, IcedError> {
         let mut entry = self.a.create_label();
         let mut pass = self.a.create_label();
         let mut report = self.a.create_label();
@@ -392,16 +400,16 @@ impl Gen {
         self.a.je(pass)?;
         self.a.set_label(&mut report)?;
         self.skip_nested(pass)?;
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.mov(r8, real)?;
         self.a.jmp(self.site_free)?;
         self.a.set_label(&mut pass)?;
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.jmp(real)?;
         Ok(entry)
     }
 
-    fn realloc(&mut self, f: Func) -> Result<CodeLabel, IcedError> {
+    fn realloc(&mut self, f: Func, i: usize) -> Result<CodeLabel, IcedError> {
         let mut entry = self.a.create_label();
         let mut pass = self.a.create_label();
         let mut decide = self.a.create_label();
@@ -428,7 +436,7 @@ impl Gen {
         self.skip_nested(pass)?;
         self.a.jmp(call)?;
         self.a.set_label(&mut pass)?;
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.jmp(real)?;
 
         self.a.set_label(&mut old_tracked)?;
@@ -442,7 +450,7 @@ impl Gen {
             self.a.push(r)?;
         }
         self.base()?;
-        let real = self.real(f);
+        let real = self.real(i);
         self.a.call(real)?;
         for r in [rdx, rsi, rdi] {
             self.a.pop(r)?;
@@ -568,7 +576,8 @@ impl Gen {
     }
 }
 
-/// Generates the stubs for `funcs`, to run at `code_base` with the data page at `data_base`.
+/// Generates one stub per entry of `funcs` (stub `i` forwards to the i-th real function of
+/// [`data_page`]), to run at `code_base` with the data page at `data_base`.
 pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, StubError> {
     let mut a = CodeAssembler::new(64)?;
     let (site_alloc, site_free, site_realloc_old, set_insert, set_remove, is_nested) = (
@@ -595,11 +604,11 @@ pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, 
     g.set_remove_body()?;
     g.is_nested_body()?;
     let mut labels = Vec::new();
-    for &f in funcs {
+    for (i, &f) in funcs.iter().enumerate().take(MAX_STUBS) {
         let l = match f {
-            Func::Free => g.free(f)?,
-            Func::Realloc | Func::Reallocarray => g.realloc(f)?,
-            _ => g.alloc(f)?,
+            Func::Free => g.free(i)?,
+            Func::Realloc | Func::Reallocarray => g.realloc(f, i)?,
+            _ => g.alloc(f, i)?,
         };
         labels.push((f, l));
     }
@@ -625,8 +634,8 @@ pub fn data_page(sample_bytes: u64, real: &[(Func, u64)], nested: &[(u64, u64)],
     };
     put(&mut page, off::ENABLED, 1);
     put(&mut page, off::MODE, u64::from(sample_bytes > 0));
-    for (f, addr) in real {
-        put(&mut page, off::REAL + 8 * f.index(), *addr);
+    for (i, (_, addr)) in real.iter().enumerate().take(MAX_STUBS) {
+        put(&mut page, off::REAL + 8 * i as i32, *addr);
     }
     let nested = &nested[..nested.len().min(MAX_NESTED)];
     put(&mut page, off::NESTED_COUNT, nested.len() as u64);
@@ -976,3 +985,12 @@ mod tests {
         assert_eq!(c[0], c[1]);
     }
 }
+
+// The data page's areas must not overlap.
+const _: () = {
+    assert!(off::COUNTDOWN as u64 + 8 * COUNTDOWN_SLOTS <= off::REAL as u64);
+    assert!(off::REAL as usize + 8 * MAX_STUBS <= off::NESTED as usize);
+    assert!(off::NESTED as usize + 16 * MAX_NESTED <= off::EXP as usize);
+    assert!(off::EXP as u64 + 8 * EXP_ENTRIES <= off::SET as u64);
+    assert!((off::COUNTERS as usize + 8 * counter::COUNT) <= off::COUNTDOWN as usize);
+};

@@ -88,6 +88,8 @@ pub struct ProbeConfig {
     /// In-process mode: the allocator's code range (start, end), so that its own mmap and
     /// munmap calls are not taken for allocations. `None` otherwise.
     pub allocator_text: Option<(u64, u64)>,
+    /// In-process mode: the stub's code range.
+    pub stub_text: Option<(u64, u64)>,
 }
 
 /// Where the in-process stub's report sites are: the code mapping's file (its
@@ -137,15 +139,21 @@ pub struct Probes {
     /// Every link made, so detach can drop them all at once.
     links: Vec<(&'static str, UProbeLinkId)>,
     noop: bool,
+    /// In-process mode: modules whose allocation family the stub covers (reached through
+    /// the patched GOT). Their family functions, and aliases of them, get no uprobe.
+    stubbed: Vec<PathBuf>,
 }
 
 impl Probes {
     pub fn load(cfg: ProbeConfig) -> Result<Self, ProbeError> {
         let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
         let (text_start, text_end) = cfg.allocator_text.unwrap_or((0, 0));
+        let (stub_start, stub_end) = cfg.stub_text.unwrap_or((0, 0));
         let ebpf = EbpfLoader::new()
             .override_global(globals::ALLOCATOR_TEXT_START, &text_start, true)
             .override_global(globals::ALLOCATOR_TEXT_END, &text_end, true)
+            .override_global(globals::STUB_TEXT_START, &stub_start, true)
+            .override_global(globals::STUB_TEXT_END, &stub_end, true)
             .override_global(globals::TARGET_TGID, &cfg.tgid, true)
             .override_global(globals::MAX_DEPTH, &cfg.max_depth, true)
             .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
@@ -154,10 +162,11 @@ impl Probes {
             .map_max_entries(map_names::STACKS, cfg.max_stacks)
             .map_max_entries(map_names::SITES, cfg.max_stacks)
             .map_max_entries(map_names::IN_FLIGHT, cfg.max_threads)
+            .map_max_entries(map_names::SITE_OLD, cfg.max_threads)
             .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
-        let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop };
+        let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop, stubbed: Vec::new() };
         probes.install_capture()?;
         probes.watch_exec()?;
         probes.clear_unwind_modules()?;
@@ -382,8 +391,12 @@ impl Probes {
             .map(|h| (EXIT_PROGRAM, h))
             .chain(hooks.iter().filter(|h| !h.exit).map(|h| (h.entry, h)))
             .chain(hooks.iter().filter(|h| h.exit).map(|h| (h.entry, h)));
+        // In-process: the stub covers the family here (and, through alias_of, its aliases).
+        let stubbed_here = self.stubbed.contains(&module.path);
+        let covered =
+            |h: &Hook| stubbed_here && crate::inprocess::stub::Func::from_name(h.function).is_some();
         for (program, h) in steps.collect::<Vec<_>>() {
-            if failed.contains_key(h.function) || alias_of.contains_key(h.function) {
+            if failed.contains_key(h.function) || alias_of.contains_key(h.function) || covered(h) {
                 continue;
             }
             let Some(&offset) = offsets.get(h.function) else { continue };
@@ -398,7 +411,7 @@ impl Probes {
                 failed.insert(h.function, error_chain(&e));
             }
         }
-        for h in hooks {
+        for h in hooks.iter().filter(|h| !covered(h)) {
             let error = failed.remove(h.function);
             if let (true, false, Some(reason)) = (h.required, watch_only, &error) {
                 return Err(ProbeError::RequiredMissing {
@@ -421,6 +434,11 @@ impl Probes {
             });
         }
         Ok(())
+    }
+
+    /// In-process mode: the family functions of these modules are covered by the stub.
+    pub fn set_stubbed_modules(&mut self, modules: Vec<PathBuf>) {
+        self.stubbed = modules;
     }
 
     /// Attaches the programs of the in-process stub's report sites. The free and realloc_old
