@@ -676,6 +676,15 @@ pub fn counters(page: &[u8]) -> [u64; counter::COUNT] {
     out
 }
 
+// The data page's areas must not overlap.
+const _: () = {
+    assert!(off::COUNTDOWN as u64 + 8 * COUNTDOWN_SLOTS <= off::REAL as u64);
+    assert!(off::REAL as usize + 8 * MAX_STUBS <= off::NESTED as usize);
+    assert!(off::NESTED as usize + 16 * MAX_NESTED <= off::EXP as usize);
+    assert!(off::EXP as u64 + 8 * EXP_ENTRIES <= off::SET as u64);
+    assert!((off::COUNTERS as usize + 8 * counter::COUNT) <= off::COUNTDOWN as usize);
+};
+
 #[cfg(test)]
 mod tests {
     //! The stubs run here, in the test process: mapped executable, pointing at this process's
@@ -985,12 +994,3 @@ mod tests {
         assert_eq!(c[0], c[1]);
     }
 }
-
-// The data page's areas must not overlap.
-const _: () = {
-    assert!(off::COUNTDOWN as u64 + 8 * COUNTDOWN_SLOTS <= off::REAL as u64);
-    assert!(off::REAL as usize + 8 * MAX_STUBS <= off::NESTED as usize);
-    assert!(off::NESTED as usize + 16 * MAX_NESTED <= off::EXP as usize);
-    assert!(off::EXP as u64 + 8 * EXP_ENTRIES <= off::SET as u64);
-    assert!((off::COUNTERS as usize + 8 * counter::COUNT) <= off::COUNTDOWN as usize);
-};
