@@ -10,7 +10,9 @@ every configuration, ...; medians reported):
   * Debian's nginx driven by wrk on loopback: requests/s and p99 latency, same tracers;
   * leakprobe's own CPU time and peak RSS while tracking 1M outstanding blocks;
   * time from launching `leakprobe attach` to probes live and to the first report, and
-    detach time.
+    detach time;
+  * the target's pauses when the in-process stub is installed and removed, at 4 and 64
+    threads.
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -37,7 +39,9 @@ def start_tracer(kind, pid):
             if "injection finished" in line:
                 break
         return p
-    args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"]}[kind]
+    args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"],
+            "inproc_full": ["--in-process"],
+            "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"]}[kind]
     p = subprocess.Popen([LP, "attach", "--pid", str(pid), "--interval", "2s"] + args,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
@@ -57,6 +61,8 @@ def stop_tracer(kind, p):
 
 TRACERS = [("none", "no tracer"), ("noop", "no-op uprobes on the same hooks (naive floor)"),
            ("full", "leakprobe, full tracking"), ("sampled", "leakprobe --sample-bytes 512KiB"),
+           ("inproc_full", "leakprobe --in-process (exact)"),
+           ("inproc_sampled", "leakprobe --in-process --sample-bytes 512KiB"),
            ("heaptrack", "heaptrack -p")]
 
 
@@ -78,7 +84,7 @@ def loop_once(loop, kind, threads):
 def alloc_loop_table():
     loop = os.path.join(WORK, "alloc_loop")
     sh("gcc", "-O2", "-pthread", "-o", loop, os.path.join(ROOT, "bench/alloc_loop.c"))
-    rows = []
+    rows, ratios = [], []
     for threads in (1, 2):
         res = {k: [] for k, _ in TRACERS}
         for _ in range(ROUNDS):
@@ -91,9 +97,15 @@ def alloc_loop_table():
             added = m - base
             rows.append(f"| {threads} | {label} | {m:.1f} | {added:.1f} | "
                         f"{(added / (floor - base)) if kind != 'none' else 0:.2f} | {m / base:.0f}x |")
+        ht = statistics.median(res["heaptrack"]) - base
+        ips = statistics.median(res["inproc_sampled"]) - base
+        ipf = statistics.median(res["inproc_full"]) - base
+        ratios.append(f"| {threads} | {ips / ht:.3f} (goal <= 0.1) | {ipf / (floor - base):.2f} (goal <= 0.5) |")
     head = ("| threads | configuration | ns per pair (median) | added ns | added / naive floor's added | slowdown |\n"
             "|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows)
+    goals = ("| threads | in-process sampled added / heaptrack -p added | in-process exact added / naive floor's added |\n"
+             "|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n\n" + goals + "\n" + "\n".join(ratios)
 
 
 NGINX_CONF = """
@@ -226,6 +238,47 @@ def own_cost_table():
             f"peak RSS {rss_mib:.0f} MiB | attach {attach_s:.1f} s |")
 
 
+SPIN = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+void *volatile sink;
+static void *spin(void *a) { (void)a; for (;;) { void *p = malloc(64); sink = p; free(p); } return 0; }
+int main(int argc, char **argv) { int n = atoi(argv[1]); pthread_t t;
+  for (int i = 0; i < n; i++) pthread_create(&t, 0, spin, 0);
+  setvbuf(stdout, NULL, _IONBF, 0); printf("ready\n"); getchar(); return 0; }
+"""
+
+
+def pause_table():
+    """The target's pauses when the in-process stub goes in (map, then patch) and comes out,
+    with every thread busy allocating: leakprobe measures each from the first interrupt to
+    the last thread resumed."""
+    src = os.path.join(WORK, "spin.c")
+    with open(src, "w") as f:
+        f.write(SPIN)
+    exe = os.path.join(WORK, "spin")
+    sh("gcc", "-O2", "-pthread", "-o", exe, src)
+    rows = []
+    for threads in (4, 64):
+        maps, patches, restores = [], [], []
+        for _ in range(ROUNDS):
+            p = subprocess.Popen([exe, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            p.stdout.readline()
+            out = subprocess.run([LP, "attach", "--pid", str(p.pid), "--in-process", "--duration", "1s",
+                                  "--interval", "1s", "--format", "json"], capture_output=True, text=True)
+            import json
+            ip = json.loads(out.stdout)["in_process"]
+            maps.append(ip["map_pause_ms"]); patches.append(ip["patch_pause_ms"])
+            restores.append(ip["restore_pause_ms"] or float("nan"))
+            p.kill(); p.wait()
+        med = statistics.median
+        rows.append(f"| {threads} + main | {med(maps):.1f} | {med(patches):.1f} | {med(restores):.1f} | "
+                    f"{max(maps + patches + restores):.1f} |")
+    return ("| threads allocating | map stub, ms (median) | patch GOT, ms | restore GOT, ms | longest of all rounds, ms |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def timing_table():
     loop = os.path.join(WORK, "alloc_loop")
     attach, first, detach, gone = [], [], [], []
@@ -271,6 +324,8 @@ def main():
         "| scenario | CPU | memory | |\n|---|---|---|---|\n" + own_cost_table(),
         "### Attach, first report, detach (glibc target, 12 probe points)",
         timing_table(),
+        "### In-process install and removal: the target's pauses (every thread allocating)",
+        pause_table(),
     ]
     text = "\n\n".join(sections)
     print(text)
