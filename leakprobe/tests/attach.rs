@@ -255,3 +255,53 @@ fn target_in_its_own_mount_namespace_with_its_own_libc() {
     assert_no_drops(&report);
     check_c_report(&report);
 }
+
+/// C++ and Rust targets through the in-process stub, built without frame pointers. operator
+/// new reaches malloc through the C++ runtime's GOT, so blocks are reported under `malloc`,
+/// with operator new as the innermost frame; the figures stay exact.
+#[test]
+fn cxx_and_rust_targets_exact_in_process_without_frame_pointers() {
+    require_root();
+    let src = "cxx_target.cpp";
+    let bin = build_target(src, "cxx_target_nofp", "g++", &["-O2", "-g", "-fomit-frame-pointer"]);
+    let mut target = Target::spawn(&bin);
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    let all = sites(&report);
+    let arrays = sum(all.iter().filter(|s| has_frame(s, "leak_array()")));
+    assert_eq!((arrays.0, arrays.1), (5 * 3000, 5), "operator new[] from leak_array");
+    // Frame 0 is operator new; frame 1, the node allocator (not the bucket array's).
+    let nodes: Vec<&Value> = all
+        .iter()
+        .filter(|s| {
+            frame0(s).starts_with("operator new")
+                && has_frame(s, "cache_insert")
+                && s["frames"][1]["function"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("_Hash_node<std::pair<int const"))
+        })
+        .collect();
+    assert_eq!(sum(nodes.iter().copied()).1, 50, "hash nodes outstanding");
+    let churn = sum(all.iter().filter(|s| has_frame(s, "churn()")));
+    assert_eq!((churn.0, churn.1), (0, 0));
+    assert!(churn.2 >= 300);
+    drop(target);
+
+    let bin = build_target("rust_target.rs", "rust_target_release", "rustc", &["-C", "opt-level=2", "-g"]);
+    let mut target = Target::spawn(&bin);
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_no_drops(&report);
+    let all = sites(&report);
+    let boxes = sum(all.iter().filter(|s| has_frame(s, "rust_target::leak_box")));
+    assert_eq!((boxes.0, boxes.1), (3 * 4096, 3));
+    let registry = sum(all.iter().filter(|s| has_frame(s, "rust_target::grow_registry")));
+    assert_eq!((registry.0, registry.1), (20 * 1500, 20));
+    let churn = sum(all.iter().filter(|s| has_frame(s, "rust_target::churn")));
+    assert_eq!((churn.0, churn.1), (0, 0));
+}

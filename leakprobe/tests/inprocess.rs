@@ -231,3 +231,56 @@ fn a_library_loaded_after_attach_is_patched_at_the_next_interval() {
     let (b, c, _, _) = sum(sites(&report).iter().filter(|s| has_frame(s, "plugin_leak_inner")));
     assert_eq!((b, c), (8 * 4096, 8));
 }
+
+/// 100 SIGKILLs of leakprobe at random points (while stopping the target, mapping the stub,
+/// patching, tracing) under 16 threads allocating without pause: each time the slots come
+/// back, nothing of ours stays loaded, and the target runs on; at the end its own work is
+/// still right.
+#[test]
+fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct() {
+    require_root();
+    let mut target = Target::spawn(&threads_target());
+    target.send("spin");
+    target.expect("spinning");
+    let pid = target.pid();
+    let before = slot_values(pid);
+    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
+    let pid_s = pid.to_string();
+    // A cheap xorshift: reproducible kill points from 0 to 1.5 s after launch.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let kills = 100;
+    for i in 0..kills {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let delay = Duration::from_millis(x % 1500);
+        let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"]);
+        std::thread::sleep(delay);
+        lp.child.kill().unwrap();
+        let killed = Instant::now();
+        loop {
+            let now: Vec<u64> = before.iter().map(|s| mem.read_u64(s.0).unwrap()).collect();
+            if now.iter().zip(&before).all(|(v, b)| *v == b.2) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(1),
+                "kill #{i} at {delay:?}: slots not restored in 1 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = lp.finish();
+        assert!(target.is_running(), "target died after kill #{i} at {delay:?}");
+    }
+    assert_all_gone(&format!("after {kills} SIGKILLs in in-process mode"));
+    // Still right: 64 threads leak exactly what they should, with a fresh leakprobe.
+    let (code, out, err) =
+        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
+    assert_eq!((bytes, count), (64 * 100 * 100, 64 * 100));
+    target.send("exit");
+    let status = target.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the target's exit status");
+}
