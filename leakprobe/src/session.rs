@@ -177,7 +177,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         progress(
             &cfg,
             format_args!(
-                "in-process: {} GOT slots point at the stub (pauses {:.1} ms + {:.1} ms)",
+                "in-process: {} GOT slots point at the stub (target paused {:.1} ms; slots written in {:.1} ms)",
                 i.installed.patched_slots(),
                 i.installed.summary.map_pause.as_secs_f64() * 1e3,
                 i.installed.summary.patch_pause.as_secs_f64() * 1e3,
@@ -246,16 +246,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     )
     .await?;
 
-    // The GOT back first: from then on no call reaches a report site.
-    if let Some(i) = inproc.as_mut() {
-        i.finish(ended_by);
-    }
     // Final reading, then detach before the (slower) symbolization and output.
     let mut sample =
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     sample.memory = crate::target::memory::read(pid);
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker.sites(), &mut stacks)?;
+    // Then the GOT back (after the reading: a free between the two would go unseen and its
+    // block look leaked), and only then the probes.
+    if let Some(i) = inproc.as_mut() {
+        i.finish(ended_by);
+    }
     let t0 = std::time::Instant::now();
     let background = probes.detach_in_background();
     tracing::info!("detached in {:?}", t0.elapsed());

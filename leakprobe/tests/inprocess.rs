@@ -284,3 +284,29 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
     let status = target.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "the target's exit status");
 }
+
+#[test]
+fn a_target_already_traced_is_refused_naming_its_tracer() {
+    require_root();
+    let bin = build_target("alloc_funcs.c", "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let pid = nix::unistd::Pid::from_raw(target.pid());
+    // This test thread becomes the target's tracer (seize: the target keeps running).
+    nix::sys::ptrace::seize(pid, nix::sys::ptrace::Options::empty()).unwrap();
+    let out = run_leakprobe(&["attach", "--pid", &pid.to_string(), "--in-process", "--duration", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let me = nix::unistd::gettid().to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&me) && err.contains("nothing was attached"),
+        "the refusal names tracer {me}:\n{err}"
+    );
+    assert!(stub_range(pid.as_raw()).is_none(), "nothing placed in the target");
+    nix::sys::ptrace::detach(pid, None).ok();
+    // Seized and never stopped: detach needs a stop; interrupt, wait, detach.
+    let _ = nix::sys::ptrace::interrupt(pid);
+    let _ = nix::sys::wait::waitpid(pid, None);
+    let _ = nix::sys::ptrace::detach(pid, None);
+    assert_all_gone("after refusing a traced target");
+    target.leak();
+}

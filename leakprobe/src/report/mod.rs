@@ -85,9 +85,11 @@ pub struct InProcess {
     pub patched: Vec<PatchedSlots>,
     /// Slots left alone, and why: calls through them were not seen.
     pub skipped: Vec<SkippedSlot>,
-    /// The target's pauses: mapping the stub, patching, restoring (null if not restored:
-    /// the target had exited).
+    /// The target's pauses: mapping the stub and restoring the GOT (null if not restored:
+    /// the target had exited). Patching needs no stop: `patch_ms` is how long writing the
+    /// slots took while the target ran.
     pub map_pause_ms: f64,
+    #[serde(rename = "patch_ms")]
     pub patch_pause_ms: f64,
     pub restore_pause_ms: Option<f64>,
     pub restored_slots: Option<u64>,

@@ -189,8 +189,8 @@ pub fn render(r: &Report, top: usize) -> String {
             ip.patched.iter().map(|p| p.module.as_str()).collect::<std::collections::BTreeSet<_>>().len();
         let _ = writeln!(
             out,
-            "  sampler: in-process stub: {slots} GOT slots in {modules} modules; target paused {:.1} + {:.1} ms to \
-             install, {} to restore ({})",
+            "  sampler: in-process stub: {slots} GOT slots in {modules} modules; target paused {:.1} ms to \
+             install (slots written in {:.1} ms, no stop), {} to restore ({})",
             ip.map_pause_ms,
             ip.patch_pause_ms,
             ip.restore_pause_ms.map_or("not".to_string(), |p| format!("{p:.1} ms")),
