@@ -323,6 +323,22 @@ impl Gen {
         self.a.ret()
     }
 
+    /// Every stub's start: r11 = data base; switched off, jump to `pass`; exact mode, jump to
+    /// `exact`; sampled mode falls through.
+    fn prologue(
+        &mut self,
+        entry: &mut CodeLabel,
+        pass: CodeLabel,
+        exact: CodeLabel,
+    ) -> Result<(), IcedError> {
+        self.a.set_label(entry)?;
+        self.base()?;
+        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
+        self.a.je(pass)?;
+        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
+        self.a.je(exact)
+    }
+
     /// The stub of an allocation function other than realloc.
     fn alloc(&mut self, f: Func, i: usize) -> Result<CodeLabel, IcedError> {
         let mut entry = self.a.create_label();
@@ -331,12 +347,7 @@ impl Gen {
         let mut ret = self.a.create_label();
         let mut report = self.a.create_label();
         let kind = f.kind().map_or(0, |k| k as u32);
-        self.a.set_label(&mut entry)?;
-        self.base()?;
-        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
-        self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(take)?;
+        self.prologue(&mut entry, pass, take)?;
         self.countdown(f, take, pass)?;
         self.a.set_label(&mut pass)?;
         let real = self.real(i);
@@ -392,16 +403,16 @@ impl Gen {
         let mut entry = self.a.create_label();
         let mut pass = self.a.create_label();
         let mut report = self.a.create_label();
-        self.a.set_label(&mut entry)?;
-        self.base()?;
-        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
-        self.a.je(pass)?;
+        let mut exact = self.a.create_label();
+        self.prologue(&mut entry, pass, exact)?;
         self.a.test(rdi, rdi)?;
         self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(report)?;
         self.a.call(self.set_remove)?;
         self.a.test(r10, r10)?;
+        self.a.je(pass)?;
+        self.a.jmp(report)?;
+        self.a.set_label(&mut exact)?;
+        self.a.test(rdi, rdi)?;
         self.a.je(pass)?;
         self.a.set_label(&mut report)?;
         self.skip_nested(pass)?;
@@ -422,12 +433,7 @@ impl Gen {
         let mut call = self.a.create_label();
         let mut post = self.a.create_label();
         let kind = f.kind().map_or(0, |k| k as u32);
-        self.a.set_label(&mut entry)?;
-        self.base()?;
-        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
-        self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(old_tracked)?;
+        self.prologue(&mut entry, pass, old_tracked)?;
         // Sampled: a sampled old block is followed whatever the new size.
         self.a.test(rdi, rdi)?;
         self.a.je(decide)?;
