@@ -33,6 +33,22 @@ fn in_stub(v: u64, r: Option<(u64, u64)>) -> bool {
     r.is_some_and(|(lo, hi)| v >= lo && v < hi)
 }
 
+/// Waits, from a SIGKILL of leakprobe at `killed`, until every slot holds its value from
+/// `before` again; fails past a second. Polled from the kill on: leakprobe's own exit goes on
+/// for a while (the kernel tears its uprobes down one by one), and the guard must not wait
+/// for that. Returns how long it took.
+fn wait_restored(pid: i32, before: &[(u64, &'static str, u64)], killed: Instant, what: &str) -> Duration {
+    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
+    loop {
+        let now: Vec<u64> = before.iter().map(|s| mem.read_u64(s.0).unwrap()).collect();
+        if now.iter().zip(before).all(|(v, b)| *v == b.2) {
+            return killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(1), "{what}: slots not restored in 1 s: {now:x?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
     require_root();
@@ -96,20 +112,9 @@ fn sigkill_of_leakprobe_leaves_the_guard_to_restore_the_slots_within_a_second() 
     lp.wait_attached();
     let range = stub_range(pid);
     assert!(slot_values(pid).iter().all(|s| in_stub(s.2, range)));
-    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
     lp.child.kill().unwrap();
-    let killed = Instant::now();
-    // Polled from the kill on: leakprobe's own exit goes on for a while (the kernel tears
-    // its uprobes down one by one), and the guard must not wait for that.
-    loop {
-        let now: Vec<u64> = before.iter().map(|s| mem.read_u64(s.0).unwrap()).collect();
-        if now.iter().zip(&before).all(|(v, b)| *v == b.2) {
-            break;
-        }
-        assert!(killed.elapsed() < Duration::from_secs(1), "slots not restored 1 s after SIGKILL: {now:x?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("slots restored {:?} after the SIGKILL", killed.elapsed());
+    let took = wait_restored(pid, &before, Instant::now(), "SIGKILL");
+    eprintln!("slots restored {took:?} after the SIGKILL");
     let _ = lp.child.wait();
     assert_all_gone("after SIGKILL in in-process mode");
     for _ in 0..3 {
@@ -130,17 +135,7 @@ fn sampled_in_process_estimates_of_a_64_mib_leak_are_within_10_percent() {
     );
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_no_drops(&report);
-    let truth_bytes = 64u64 << 20;
-    let truth_count = 65536u64;
-    let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| has_frame(s, "leak_block")));
-    let err_bytes = bytes as f64 / truth_bytes as f64 - 1.0;
-    let err_count = count as f64 / truth_count as f64 - 1.0;
-    eprintln!("in-process: estimated {bytes} bytes ({err_bytes:+.3}), {count} blocks ({err_count:+.3})");
-    assert!(err_bytes.abs() <= 0.10, "bytes estimate {bytes} vs {truth_bytes}");
-    assert!(err_count.abs() <= 0.10, "count estimate {count} vs {truth_count}");
-    let churn = sum(sites(&report).iter().filter(|s| has_frame(s, "churn")));
-    assert_eq!((churn.0, churn.1), (0, 0));
+    check_64_mib_estimate(&report);
     // The stub decided: it followed the samples, and the sampled churn's frees.
     let ip = &report["in_process"];
     let (allocs, frees) =
@@ -244,7 +239,6 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
     target.expect("spinning");
     let pid = target.pid();
     let before = slot_values(pid);
-    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
     let pid_s = pid.to_string();
     // A cheap xorshift: reproducible kill points from 0 to 1.5 s after launch.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -257,18 +251,7 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
         let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"]);
         std::thread::sleep(delay);
         lp.child.kill().unwrap();
-        let killed = Instant::now();
-        loop {
-            let now: Vec<u64> = before.iter().map(|s| mem.read_u64(s.0).unwrap()).collect();
-            if now.iter().zip(&before).all(|(v, b)| *v == b.2) {
-                break;
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(1),
-                "kill #{i} at {delay:?}: slots not restored in 1 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_restored(pid, &before, Instant::now(), &format!("kill #{i} at {delay:?}"));
         let _ = lp.finish();
         assert!(target.is_running(), "target died after kill #{i} at {delay:?}");
     }

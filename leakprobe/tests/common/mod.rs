@@ -409,3 +409,19 @@ pub fn assert_all_gone(context: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// big_leak.c's 64 MiB leak in 65536 blocks, sampled: both estimates within 10% (four standard
+/// errors at one sample per 32 KiB), its churn estimated at zero, no drops.
+pub fn check_64_mib_estimate(report: &Value) {
+    assert_no_drops(report);
+    let truth_bytes = 64u64 << 20;
+    let truth_count = 65536u64;
+    let (bytes, count, _, _) = sum(sites(report).iter().filter(|s| has_frame(s, "leak_block")));
+    let err_bytes = bytes as f64 / truth_bytes as f64 - 1.0;
+    let err_count = count as f64 / truth_count as f64 - 1.0;
+    eprintln!("estimated {bytes} bytes ({err_bytes:+.3}), {count} blocks ({err_count:+.3})");
+    assert!(err_bytes.abs() <= 0.10, "bytes estimate {bytes} vs {truth_bytes}");
+    assert!(err_count.abs() <= 0.10, "count estimate {count} vs {truth_count}");
+    let churn = sum(sites(report).iter().filter(|s| has_frame(s, "churn")));
+    assert_eq!((churn.0, churn.1), (0, 0), "the churn is freed");
+}
