@@ -21,6 +21,10 @@ Examples:
   # A busy server: sample, and detach if probes fire over 200k times a second
   leakprobe attach --pid 4242 --sample-bytes 512KiB --max-overhead 200000
 
+  # A hot server: decide sampling inside it (a stub placed with ptrace, removed at detach):
+  # unsampled calls never trap; nginx kept its full throughput here
+  leakprobe attach --pid 4242 --in-process --sample-bytes 512KiB --duration 1h
+
   # A JSON snapshot every minute for `leakprobe diff`, and a chart of RSS vs heap at the end
   leakprobe attach --pid 4242 --snapshot-every 1m --snapshot-dir /tmp/snaps --plot mem.svg
 
