@@ -229,11 +229,17 @@ fn other_allocators_are_exact_in_process() {
         assert_eq!(report["allocator"]["module"].as_str().map(|m| m.contains(module)), Some(true), "{name}");
         assert!(report["in_process"]["restored_slots"].as_u64().unwrap() > 0, "{name}");
     }
+    // Preloaded into a program built for glibc: every C-family call binds to the allocator.
     let plain = build_target(SRC, "alloc_plain", "gcc", NOFP_C);
-    let lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
-    let mut target = Target::spawn_env(&plain, &[("LD_PRELOAD", lib)]);
-    let report = check_exact(&mut target, false, &in_process);
-    assert_allocator(&report, "tcmalloc", "libtcmalloc_minimal.so.4");
+    for (name, lib, module) in [
+        ("tcmalloc", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "libtcmalloc_minimal.so.4"),
+        ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "libjemalloc.so.2"),
+        ("mimalloc", "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2", "libmimalloc.so.2"),
+    ] {
+        let mut target = Target::spawn_env(&plain, &[("LD_PRELOAD", lib)]);
+        let report = check_exact(&mut target, false, &in_process);
+        assert_allocator(&report, name, module);
+    }
     let musl = build_target(SRC, "alloc_musl", "musl-gcc", NOFP_C);
     let mut target = Target::spawn(&musl);
     check_exact(&mut target, false, &in_process);
