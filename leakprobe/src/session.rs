@@ -129,7 +129,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         .map_err(refuse)?;
     // In-process: plan the GOT, map the stub (a first short stop); the uprobes then go on its
     // report sites and on mmap/munmap only.
-    let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg, &plan)?) } else { None };
+    let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg)?) } else { None };
     let attach_plan = match &inproc {
         Some(_) => in_process_hooks(&plan),
         None => plan.clone(),
@@ -293,6 +293,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
+/// The longest the target may stay stopped while the stub is mapped or the GOT restored: past
+/// it, the operation is abandoned and the target resumed.
+const IN_PROCESS_MAX_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The in-process stub of this session and what the report says of it.
 struct InProcess {
     got: crate::inprocess::got::PatchPlan,
@@ -312,12 +316,11 @@ struct InProcess {
 }
 
 impl InProcess {
-    fn map(pid: i32, cfg: &Config, plan: &allocator::Plan) -> anyhow::Result<InProcess> {
+    fn map(pid: i32, cfg: &Config) -> anyhow::Result<InProcess> {
         use crate::inprocess::{got, install::Installed};
         let mem = crate::ptrace::Mem::open(pid).map_err(refuse)?;
         let got = got::plan_pid(pid, |a| mem.read_u64(a).ok()).map_err(refuse)?;
-        let installed = Installed::map(pid, &got, cfg.sample_bytes, std::time::Duration::from_millis(200))
-            .map_err(refuse)?;
+        let installed = Installed::map(pid, &got, cfg.sample_bytes, IN_PROCESS_MAX_PAUSE).map_err(refuse)?;
         // The allocator's code: the executable mappings of the module the real malloc is in.
         let malloc =
             installed.real.iter().find(|(f, _)| *f == crate::inprocess::stub::Func::Malloc).map(|r| r.1);
@@ -330,7 +333,6 @@ impl InProcess {
                 .fold((u64::MAX, 0), |(lo, hi), x| (lo.min(x.start), hi.max(x.end)));
             (lo < hi).then_some((lo, hi))
         });
-        let _ = plan;
         let known = exec_paths(pid);
         let maps = target::exec_mappings(pid).unwrap_or_default();
         let mut stubbed_modules: Vec<std::path::PathBuf> = Vec::new();
