@@ -358,6 +358,10 @@ impl InProcess {
     /// Plans and patches modules mapped since the last look (dlopen). `at_s` is the time
     /// since attach, `since_s` the time of the previous look: the module was loaded in between.
     fn patch_late_modules(&mut self, pid: i32, at_s: f64, since_s: f64) -> Option<String> {
+        let drifted = self.installed.repatch_drifted();
+        if drifted > 0 {
+            tracing::info!("{drifted} GOT slots had lost the stub's address and were put back");
+        }
         let now = exec_paths(pid);
         if now.is_empty() || now.is_subset(&self.known) {
             self.known = now;
@@ -417,6 +421,7 @@ impl InProcess {
             stub_sampled_allocs: self.counters[counter::SAMPLED_ALLOCS as usize],
             stub_sampled_frees: self.counters[counter::SAMPLED_FREES as usize],
             stub_set_full: self.counters[counter::SET_FULL as usize],
+            repatched_slots: s.repatched,
             late: self.late.clone(),
             left_in_target: format!(
                 "the stub, switched off (every call passes straight through), at {:#x} ({} KiB of \

@@ -293,3 +293,49 @@ fn a_target_already_traced_is_refused_naming_its_tracer() {
     assert_all_gone("after refusing a traced target");
     target.leak();
 }
+
+/// A slot that loses the stub's address to its original value while attached (what a lazy
+/// bind racing the patch would do) is put back at the next interval, and the report says so.
+#[test]
+fn a_slot_that_loses_the_stub_is_put_back_at_the_next_interval() {
+    require_root();
+    let bin = build_target("alloc_funcs.c", "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut target = Target::spawn(&bin);
+    let pid = target.pid();
+    let before = slot_values(pid);
+    let pid_s = pid.to_string();
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid_s,
+        "--in-process",
+        "--interval",
+        "1s",
+        "--format",
+        "json",
+    ]);
+    lp.wait_attached();
+    let range = stub_range(pid);
+    let (addr, function, original) = before[0];
+    let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
+    let ours = mem.read_u64(addr).unwrap();
+    assert!(in_stub(ours, range), "{function} slot not patched");
+    mem.write_all_at(addr, &original.to_le_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mem.read_u64(addr).unwrap() != ours {
+        assert!(Instant::now() < deadline, "{function} slot at {addr:#x} not put back in 3 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    target.leak();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lp.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["in_process"]["repatched_slots"].as_u64().unwrap() >= 1, "{}", report["in_process"]);
+    assert_eq!(mem.read_u64(addr).unwrap(), original, "restored at detach");
+    assert!(target.is_running());
+}

@@ -81,6 +81,9 @@ pub struct Summary {
     /// The target's two pauses: mapping the stub, patching the slots.
     pub map_pause: Duration,
     pub patch_pause: Duration,
+    /// Slots found holding their original value again and put back (see
+    /// [`Installed::repatch_drifted`]).
+    pub repatched: u64,
 }
 
 /// The stub, mapped in the target.
@@ -385,6 +388,30 @@ impl Installed {
     pub fn take_guard(&mut self) -> Option<Guard> {
         self.patched.clear();
         self.guard.take()
+    }
+
+    /// Puts our entry back into patched slots that lost it to their original value: a lazy
+    /// bind racing the patch (the loader writes the slot after we did), or the program
+    /// storing the function into a data pointer again. Slots holding anything else are left
+    /// alone. Returns how many were put back.
+    pub fn repatch_drifted(&mut self) -> usize {
+        let Ok(mem) = crate::ptrace::Mem::open(self.pid) else { return 0 };
+        let real: std::collections::HashSet<u64> = self.real.iter().map(|(_, a)| *a).collect();
+        let mut n = 0;
+        for &(addr, original, entry) in &self.patched {
+            match mem.read_u64(addr) {
+                Ok(v) if v == entry => {}
+                Ok(v)
+                    if (v == original || real.contains(&v))
+                        && mem.write_all_at(addr, &entry.to_le_bytes()).is_ok() =>
+                {
+                    n += 1
+                }
+                _ => {}
+            }
+        }
+        self.summary.repatched += n as u64;
+        n
     }
 
     /// Slots currently pointing at the stub.

@@ -98,6 +98,10 @@ pub struct InProcess {
     pub stub_sampled_allocs: u64,
     pub stub_sampled_frees: u64,
     pub stub_set_full: u64,
+    /// Slots that lost the stub's address to their original value while attached (a lazy
+    /// bind racing the patch) and were put back at the next interval: calls through them in
+    /// between were not seen.
+    pub repatched_slots: u64,
     /// Modules mapped after attach (dlopen) whose slots were patched at a later interval.
     pub late: Vec<LatePatch>,
     /// What stays in the target after detach.

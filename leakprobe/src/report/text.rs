@@ -212,6 +212,14 @@ pub fn render(r: &Report, top: usize) -> String {
                 }
             );
         }
+        if ip.repatched_slots > 0 {
+            let _ = writeln!(
+                out,
+                "           {} GOT slots lost the stub's address while attached and were put back at the \
+                 next interval (calls through them in between were not seen)",
+                ip.repatched_slots
+            );
+        }
         for s in &ip.skipped {
             let _ = writeln!(out, "           not patched: {} in {} ({})", s.function, s.module, s.reason);
         }
