@@ -379,15 +379,30 @@ fn clone_snapshot_child_is_ours_then_reaped_by_injected_wait4() {
         StopOptions { ptrace_options: Options::PTRACE_O_TRACECLONE, ..opts(Duration::from_secs(2)) };
     let mut w = StoppedWorld::stop(pid, options).unwrap();
     let (rsp, tid) = (w.threads()[0].regs().rsp, w.threads()[0].tid());
-    let child = {
+    let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64; // exit signal 0
+    let (child, orphan) = {
         let mut rs = RemoteSyscalls::on_thread(&mut w, tid).unwrap();
-        let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64; // exit signal 0
         let child = rs.clone(flags, 0, 0, 0, 0).unwrap();
         assert_eq!(rs.last_child(), Some(child));
-        child
+        (child, rs.clone(flags, 0, 0, 0, 0).unwrap())
     };
-    // Its first stop comes before any instruction of its own.
+    // A snapshot child let go (as if leakprobe died) exits at once through the page's
+    // exit_group path instead of running the target's code.
     let mut status = 0;
+    // SAFETY: plain syscalls.
+    unsafe {
+        assert_eq!(libc::waitpid(orphan, &mut status, libc::__WALL), orphan);
+        assert_eq!(libc::ptrace(libc::PTRACE_DETACH, orphan, 0, 0), 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while task_state(orphan, orphan) != 'Z' {
+        assert!(Instant::now() < deadline, "a detached snapshot child kept running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap();
+    let exit_code = stat.rsplit(' ').next().unwrap().trim();
+    assert_eq!(exit_code, "0", "exit_group(0), not a crash");
+    // Its first stop comes before any instruction of its own.
     // SAFETY: plain syscall.
     let r = unsafe { libc::waitpid(child, &mut status, libc::__WALL) };
     assert_eq!(r, child);
@@ -412,9 +427,12 @@ fn clone_snapshot_child_is_ours_then_reaped_by_injected_wait4() {
     {
         let mut rs = RemoteSyscalls::new(&mut w).unwrap();
         assert_eq!(rs.wait4(child, libc::__WALL | libc::WNOHANG).unwrap(), child);
+        assert_eq!(rs.wait4(orphan, libc::__WALL | libc::WNOHANG).unwrap(), orphan);
+        assert!(matches!(rs.wait4(-1, libc::__WALL | libc::WNOHANG), Err(PtraceError::Syscall { .. })));
     }
     drop(w);
     assert!(std::fs::metadata(format!("/proc/{child}")).is_err(), "reaped");
+    assert!(std::fs::metadata(format!("/proc/{orphan}")).is_err(), "reaped");
     assert_healthy(&mut t, before);
     assert_exits_0(t);
 }

@@ -154,6 +154,42 @@ impl Boost {
     }
 }
 
+/// Runs the calling thread SCHED_FIFO while it detaches a world, and puts the old policy
+/// back: a loop of `PTRACE_DETACH` calls that never waits, so it cannot starve anything for
+/// long, while the resumed CPU-bound threads would otherwise preempt it for whole slices.
+/// Without CAP_SYS_NICE it falls back to [`Boost`].
+pub(crate) struct Realtime {
+    old: Option<(i32, libc::sched_param)>,
+    _nice: Option<Boost>,
+}
+
+impl Realtime {
+    pub(crate) fn new() -> Realtime {
+        // SAFETY: plain syscalls on our own thread (pid 0 = the calling thread).
+        unsafe {
+            let policy = libc::sched_getscheduler(0);
+            let mut old = libc::sched_param { sched_priority: 0 };
+            if policy < 0 || libc::sched_getparam(0, &mut old) != 0 {
+                return Realtime { old: None, _nice: Some(Boost::new()) };
+            }
+            let rt = libc::sched_param { sched_priority: 1 };
+            if policy == libc::SCHED_OTHER && libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) == 0 {
+                return Realtime { old: Some((policy, old)), _nice: None };
+            }
+            Realtime { old: None, _nice: Some(Boost::new()) }
+        }
+    }
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.old {
+            // SAFETY: plain syscall on our own thread.
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
+    }
+}
+
 impl Drop for Boost {
     fn drop(&mut self) {
         if let Some(old) = self.old {

@@ -455,7 +455,7 @@ impl StoppedWorld {
         if let Some(p) = self.pause {
             return p;
         }
-        let _boost = sys::Boost::new();
+        let _rt = sys::Realtime::new();
         let mut requeue: Vec<(i32, libc::siginfo_t)> = Vec::new();
         let mut threads = std::mem::take(&mut self.threads);
         // Threads that were blocked first: they go back to sleep; running ones compete with us.
