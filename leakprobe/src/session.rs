@@ -321,28 +321,24 @@ impl InProcess {
         let mem = crate::ptrace::Mem::open(pid).map_err(refuse)?;
         let got = got::plan_pid(pid, |a| mem.read_u64(a).ok()).map_err(refuse)?;
         let installed = Installed::map(pid, &got, cfg.sample_bytes, IN_PROCESS_MAX_PAUSE).map_err(refuse)?;
+        let maps = target::exec_mappings(pid).unwrap_or_default();
+        let known = maps.iter().map(|m| m.path.clone()).collect();
+        let stubbed_modules: Vec<std::path::PathBuf> =
+            target::modules_holding(&maps, installed.real.iter().map(|r| r.1))
+                .into_iter()
+                .map(|m| m.path.clone())
+                .collect();
         // The allocator's code: the executable mappings of the module the real malloc is in.
         let malloc =
             installed.real.iter().find(|(f, _)| *f == crate::inprocess::stub::Func::Malloc).map(|r| r.1);
         let allocator_text = malloc.and_then(|m| {
-            let maps = target::exec_mappings(pid).ok()?;
-            let module = maps.iter().find(|x| x.start <= m && m < x.end)?.path.clone();
+            let module = &target::modules_holding(&maps, [m]).first()?.path;
             let (lo, hi) = maps
                 .iter()
-                .filter(|x| x.path == module)
+                .filter(|x| &x.path == module)
                 .fold((u64::MAX, 0), |(lo, hi), x| (lo.min(x.start), hi.max(x.end)));
             (lo < hi).then_some((lo, hi))
         });
-        let known = exec_paths(pid);
-        let maps = target::exec_mappings(pid).unwrap_or_default();
-        let mut stubbed_modules: Vec<std::path::PathBuf> = Vec::new();
-        for (_, addr) in &installed.real {
-            if let Some(m) = maps.iter().find(|m| m.start <= *addr && *addr < m.end)
-                && !stubbed_modules.contains(&m.path)
-            {
-                stubbed_modules.push(m.path.clone());
-            }
-        }
         Ok(InProcess {
             got,
             installed,

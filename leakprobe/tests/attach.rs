@@ -96,10 +96,8 @@ fn c_target_exact_accounting_in_process_without_frame_pointers() {
     let flags = ["-O2", "-g", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"];
     let bin = build_target(SRC, "alloc_funcs_nofp_nosib", "gcc", &flags);
     let mut target = Target::spawn(&bin);
-    let (code, out, err) =
-        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap();
+    let report =
+        attach_report(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
     check_c_report(&report);
     let ip = &report["in_process"];
     assert!(ip["patched"].as_array().is_some_and(|p| !p.is_empty()), "{ip}");
@@ -265,10 +263,8 @@ fn cxx_and_rust_targets_exact_in_process_without_frame_pointers() {
     let src = "cxx_target.cpp";
     let bin = build_target(src, "cxx_target_nofp", "g++", &["-O2", "-g", "-fomit-frame-pointer"]);
     let mut target = Target::spawn(&bin);
-    let (code, out, err) =
-        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap();
+    let report =
+        attach_report(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
     assert_no_drops(&report);
     let all = sites(&report);
     let arrays = sum(all.iter().filter(|s| has_frame(s, "leak_array()")));
@@ -292,10 +288,8 @@ fn cxx_and_rust_targets_exact_in_process_without_frame_pointers() {
 
     let bin = build_target("rust_target.rs", "rust_target_release", "rustc", &["-C", "opt-level=2", "-g"]);
     let mut target = Target::spawn(&bin);
-    let (code, out, err) =
-        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap();
+    let report =
+        attach_report(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], |t| t.leak());
     assert_no_drops(&report);
     let all = sites(&report);
     let boxes = sum(all.iter().filter(|s| has_frame(s, "rust_target::leak_box")));

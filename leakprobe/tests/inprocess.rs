@@ -152,10 +152,8 @@ fn threads_target() -> std::path::PathBuf {
 fn sixty_four_threads_are_exact_in_process() {
     require_root();
     let mut target = Target::spawn(&threads_target());
-    let (code, out, err) =
-        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap();
+    let report =
+        attach_report(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
     assert_no_drops(&report);
     let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
     assert_eq!((bytes, count), (64 * 100 * 100, 64 * 100), "leaked by 64 threads");
@@ -257,10 +255,8 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
     }
     assert_all_gone(&format!("after {kills} SIGKILLs in in-process mode"));
     // Still right: 64 threads leak exactly what they should, with a fresh leakprobe.
-    let (code, out, err) =
-        attach_with(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap();
+    let report =
+        attach_report(&mut target, &["--duration", "3s", "--format", "json", "--in-process"], Target::leak);
     let (bytes, count, _, _) = sum(sites(&report).iter().filter(|s| frame0(s) == "thread_leak"));
     assert_eq!((bytes, count), (64 * 100 * 100, 64 * 100));
     target.send("exit");
@@ -338,4 +334,25 @@ fn a_slot_that_loses_the_stub_is_put_back_at_the_next_interval() {
     assert!(report["in_process"]["repatched_slots"].as_u64().unwrap() >= 1, "{}", report["in_process"]);
     assert_eq!(mem.read_u64(addr).unwrap(), original, "restored at detach");
     assert!(target.is_running());
+}
+
+/// A static executable has no GOT: refused with what to do (uprobes), nothing placed.
+#[test]
+fn a_static_executable_is_refused_in_process() {
+    require_root();
+    let bin = build_target(
+        "allocators.c",
+        "alloc_glibc_static",
+        "gcc",
+        &["-O2", "-g", "-fomit-frame-pointer", "-static"],
+    );
+    let mut target = Target::spawn(&bin);
+    let out =
+        run_leakprobe(&["attach", "--pid", &target.pid().to_string(), "--in-process", "--duration", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no GOT slot") && err.contains("--in-process"), "{err}");
+    assert!(stub_range(target.pid()).is_none(), "nothing placed in the target");
+    assert_all_gone("after refusing a static executable");
+    target.leak();
 }

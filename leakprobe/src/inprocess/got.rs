@@ -175,26 +175,19 @@ pub struct Images {
 /// Reads every file the target maps with some executable mapping (data files such as the
 /// locale archive have no GOT), through the target's own view of its files.
 pub fn read_images(pid: i32) -> Result<Images, GotError> {
-    use procfs::process::{MMPermissions, MMapPath, Process};
+    use procfs::process::{MMPermissions, Process};
     let maps = Process::new(pid).and_then(|p| p.maps()).map_err(|source| GotError::Maps { pid, source })?;
     let exe = target::exe_of(pid);
     let mut files: Vec<(Vec<Mapping>, bool)> = Vec::new();
     let mut by_inode: HashMap<((i32, i32), u64), usize> = HashMap::new();
     for m in maps {
-        let MMapPath::Path(path) = &m.pathname else { continue };
+        let Some(mapping) = Mapping::of(&m) else { continue };
         let i = *by_inode.entry((m.dev, m.inode)).or_insert_with(|| {
             files.push((Vec::new(), false));
             files.len() - 1
         });
         files[i].1 |= m.perms.contains(MMPermissions::EXECUTE);
-        files[i].0.push(Mapping {
-            start: m.address.0,
-            end: m.address.1,
-            file_offset: m.offset,
-            path: path.clone(),
-            dev: m.dev,
-            inode: m.inode,
-        });
+        files[i].0.push(mapping);
     }
     let mut out = Images::default();
     for (mappings, exec) in files {

@@ -127,16 +127,8 @@ pub fn choose_real(plan: &PatchPlan) -> Vec<(Func, u64)> {
 /// from there (glibc's reallocarray calling realloc through its GOT) are nested calls.
 pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
     let Ok(maps) = crate::target::exec_mappings(pid) else { return Vec::new() };
-    let mut modules: Vec<&crate::target::Mapping> = Vec::new();
-    for (_, addr) in real {
-        if let Some(m) = maps.iter().find(|m| m.start <= *addr && *addr < m.end)
-            && !modules.iter().any(|x| x.path == m.path)
-        {
-            modules.push(m);
-        }
-    }
     let mut out = Vec::new();
-    for m in modules {
+    for m in crate::target::modules_holding(&maps, real.iter().map(|r| r.1)) {
         // A library that is only an allocator (jemalloc, tcmalloc, mimalloc): everything it
         // calls is its own bookkeeping (mimalloc's mi_malloc_aligned frees through its GOT).
         // libc is not: its strdup or fopen allocate for the program, and must be seen.

@@ -138,20 +138,40 @@ pub fn exec_mappings(pid: i32) -> Result<Vec<Mapping>, TargetError> {
     let maps = proc.maps().map_err(proc_err(pid, "maps"))?;
     let mut out = Vec::new();
     for m in maps {
-        let MMapPath::Path(path) = &m.pathname else { continue };
         if !m.perms.contains(procfs::process::MMPermissions::EXECUTE) {
             continue;
         }
-        out.push(Mapping {
+        out.extend(Mapping::of(&m));
+    }
+    Ok(out)
+}
+
+impl Mapping {
+    /// A file mapping as /proc/PID/maps lists it; `None` for anonymous and special ones.
+    pub fn of(m: &procfs::process::MemoryMap) -> Option<Mapping> {
+        let MMapPath::Path(path) = &m.pathname else { return None };
+        Some(Mapping {
             start: m.address.0,
             end: m.address.1,
             file_offset: m.offset,
             path: path.clone(),
             dev: m.dev,
             inode: m.inode,
-        });
+        })
     }
-    Ok(out)
+}
+
+/// The distinct modules (one mapping each) whose executable mappings hold `addrs`.
+pub fn modules_holding(maps: &[Mapping], addrs: impl IntoIterator<Item = u64>) -> Vec<&Mapping> {
+    let mut out: Vec<&Mapping> = Vec::new();
+    for addr in addrs {
+        if let Some(m) = maps.iter().find(|m| m.start <= addr && addr < m.end)
+            && !out.iter().any(|x| x.path == m.path)
+        {
+            out.push(m);
+        }
+    }
+    out
 }
 
 /// The path through which we open a target's file: its own mount namespace's view.

@@ -257,7 +257,12 @@ pub fn attach_with(
 
 /// Attaches to `target` for `duration`, calls `during` once probes are live, returns the JSON.
 pub fn attach_json(target: &mut Target, duration: &str, during: impl FnOnce(&mut Target)) -> Value {
-    let (code, out, err) = attach_with(target, &["--duration", duration, "--format", "json"], during);
+    attach_report(target, &["--duration", duration, "--format", "json"], during)
+}
+
+/// [`attach_with`] `ARGS` (which ask for JSON), asserting success: the report.
+pub fn attach_report(target: &mut Target, args: &[&str], during: impl FnOnce(&mut Target)) -> Value {
+    let (code, out, err) = attach_with(target, args, during);
     assert_eq!(code, 0, "leakprobe failed:\n{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{out}\nstderr:\n{err}"))
 }
