@@ -459,19 +459,11 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::PlotFormat(plot.clone()));
             }
         }
-        if opts.in_process {
-            if opts.noop {
-                return Err(ConfigError::InProcess {
-                    flag: "--noop",
-                    why: "it measures uprobes at the functions",
-                });
-            }
-            if matches!(mode, Mode::Run { .. }) {
-                return Err(ConfigError::InProcess {
-                    flag: "run",
-                    why: "not yet: start the command, then `leakprobe attach --in-process --pid PID`",
-                });
-            }
+        if opts.in_process && opts.noop {
+            return Err(ConfigError::InProcess {
+                flag: "--noop",
+                why: "it measures uprobes at the functions",
+            });
         }
         let exports = opts.export;
         // Two outputs into one file would leave only the last one.

@@ -113,7 +113,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
             (*pid, None)
         }
         Mode::Run { command } => {
-            let held = launch::spawn_held(command).map_err(refuse)?;
+            let mut held = launch::spawn_held(command).map_err(refuse)?;
+            // In-process, the GOT must be bound before it is planned: hold the program at its
+            // entry point instead (the libraries' constructors have run by then).
+            if cfg.in_process {
+                held.run_to_entry().map_err(refuse)?;
+            }
             (held.pid, Some(held))
         }
     };
@@ -129,7 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         .map_err(refuse)?;
     // In-process: plan the GOT, map the stub (a first short stop); the uprobes then go on its
     // report sites and on mmap/munmap only.
-    let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg)?) } else { None };
+    let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg, held.as_mut())?) } else { None };
     let attach_plan = match &inproc {
         Some(_) => in_process_hooks(&plan),
         None => plan.clone(),
@@ -195,8 +200,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     let start_wall = SystemTime::now();
     let mut child: Option<Child> = None;
     if let Some(h) = held.take() {
-        h.release().context("releasing the held command")?;
-        child = Some(h.child);
+        child = Some(h.release().context("releasing the held command")?);
+        if let Some(i) = inproc.as_mut() {
+            i.installed.held_released().context("telling the guard the command runs")?;
+        }
     }
     let attached = statuses.iter().filter(|s| s.attached()).count();
     progress(
@@ -313,14 +320,18 @@ struct InProcess {
     /// The modules the stubs forward into.
     stubbed_modules: Vec<std::path::PathBuf>,
     counters: [u64; crate::inprocess::stub::counter::COUNT],
+    /// `run`: installed while the command was held at its entry point.
+    from_entry: bool,
 }
 
 impl InProcess {
-    fn map(pid: i32, cfg: &Config) -> anyhow::Result<InProcess> {
+    fn map(pid: i32, cfg: &Config, held: Option<&mut launch::Held>) -> anyhow::Result<InProcess> {
+        let from_entry = held.is_some();
         use crate::inprocess::{got, install::Installed};
         let mem = crate::ptrace::Mem::open(pid).map_err(refuse)?;
         let got = got::plan_pid(pid, |a| mem.read_u64(a).ok()).map_err(refuse)?;
-        let installed = Installed::map(pid, &got, cfg.sample_bytes, IN_PROCESS_MAX_PAUSE).map_err(refuse)?;
+        let installed =
+            Installed::map(pid, &got, cfg.sample_bytes, IN_PROCESS_MAX_PAUSE, held).map_err(refuse)?;
         let maps = target::exec_mappings(pid).unwrap_or_default();
         let known = maps.iter().map(|m| m.path.clone()).collect();
         let stubbed_modules: Vec<std::path::PathBuf> =
@@ -348,6 +359,7 @@ impl InProcess {
             known,
             late: Vec::new(),
             stubbed_modules,
+            from_entry,
         })
     }
 
@@ -428,6 +440,7 @@ impl InProcess {
                 self.installed.data,
                 crate::inprocess::stub::DATA_SIZE / 1024,
             ),
+            from_entry: self.from_entry,
         }
     }
 

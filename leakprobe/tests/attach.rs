@@ -177,14 +177,15 @@ fn rust_target_box_leak_and_registry() {
     assert!(has_frame(leak_box, "rust_target::main"));
 }
 
-#[test]
-fn run_mode_traces_from_the_first_allocation() {
-    require_root();
+/// `leakprobe run [extra] -- alloc_funcs`, fed "leak" then "exit": its JSON report.
+fn run_mode_report(extra: &[&str]) -> Value {
     let bin = c_target(SRC, "alloc_funcs");
     let out_file = tempfile::NamedTempFile::new().unwrap();
     let path = out_file.path().to_str().unwrap().to_string();
     let mut child = std::process::Command::new(leakprobe_bin())
-        .args(["run", "--interval", "1s", "--format", "json", "--output", &path, "--", bin.to_str().unwrap()])
+        .args(["run", "--interval", "1s", "--format", "json", "--output", &path])
+        .args(extra)
+        .args(["--", bin.to_str().unwrap()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -209,6 +210,27 @@ fn run_mode_traces_from_the_first_allocation() {
     assert!(sites(&report).iter().any(|s| has_frame(s, "_IO_file_doallocate")), "startup allocations missed");
     // Symbols resolved although the target had exited by report time.
     assert!(sites(&report).iter().any(|s| frame0(s) == "leak_malloc"));
+    report
+}
+
+#[test]
+fn run_mode_traces_from_the_first_allocation() {
+    require_root();
+    let report = run_mode_report(&[]);
+    assert!(report["in_process"].is_null());
+}
+
+/// `run --in-process`: the command is held at its entry point (after relocation, so its GOT
+/// is bound) while the stub goes in; exact from main on.
+#[test]
+fn run_in_process_holds_the_command_at_its_entry_point_and_is_exact() {
+    require_root();
+    let report = run_mode_report(&["--in-process"]);
+    let ip = &report["in_process"];
+    assert_eq!(ip["from_entry"], true, "{ip}");
+    assert!(ip["patched"].as_array().is_some_and(|p| !p.is_empty()), "{ip}");
+    // Exact mode: every call reached a report site; the stub sampled nothing.
+    assert_eq!(ip["stub_sampled_allocs"].as_u64(), Some(0), "{ip}");
 }
 
 #[test]

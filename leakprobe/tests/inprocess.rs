@@ -356,3 +356,58 @@ fn a_static_executable_is_refused_in_process() {
     assert_all_gone("after refusing a static executable");
     target.leak();
 }
+
+/// The children of `pid` whose command name is `comm`.
+fn children_named(pid: u32, comm: &str) -> Vec<i32> {
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .filter(|c: &i32| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm))
+        .collect()
+}
+
+/// The state letter of `pid` (`/proc/PID/stat` field 3), if it exists.
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// `run --in-process` holds the command in a job-control stop while the probes load. A
+/// SIGKILL of leakprobe then must not leave it stopped: the guard continues it within a
+/// second, and it runs to its normal end.
+#[test]
+fn sigkill_while_a_run_command_is_held_leaves_it_running() {
+    require_root();
+    let bin = build_target("alloc_funcs.c", "alloc_funcs_nofp", "gcc", NOFP_C);
+    let mut lp = Leakprobe::start_env(
+        &["run", "--in-process", "--", bin.to_str().unwrap()],
+        &[("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS", "5000")],
+    );
+    let lp_pid = lp.child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(&c) = children_named(lp_pid, "alloc_funcs_nof").first()
+            && state_of(c) == Some('T')
+            && stub_range(c).is_some()
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the command was never held stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    lp.child.kill().unwrap();
+    let killed = Instant::now();
+    // Its stdin is leakprobe's (null): once continued it reads EOF, exits 0, and is reaped
+    // by init.
+    while state_of(pid) == Some('T') {
+        assert!(killed.elapsed() < Duration::from_secs(1), "still stopped 1 s after the SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("continued {:?} after the SIGKILL", killed.elapsed());
+    while state_of(pid).is_some_and(|s| s != 'Z') {
+        assert!(killed.elapsed() < Duration::from_secs(10), "never ended: state {:?}", state_of(pid));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = lp.finish();
+    assert_all_gone("after SIGKILL of a held run --in-process");
+}

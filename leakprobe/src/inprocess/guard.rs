@@ -42,6 +42,10 @@ pub struct RestoreList {
     /// Where the stub's code is mapped: if the target no longer maps it there (it called
     /// exec), its memory is another program's and nothing is written.
     pub code_at: u64,
+    /// `run --in-process`: the target is held in a job-control stop until the GOT is
+    /// patched. A guard that restores also continues it (`SIGCONT`), or it would stay stopped.
+    #[serde(default)]
+    pub held_stopped: bool,
 }
 
 /// Whether `pid` still maps our stub's code at `code_at`.
@@ -196,6 +200,15 @@ pub fn run() -> std::process::ExitCode {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
     let (list, disarmed) = read_until_end(&mut std::io::stdin().lock());
+    if let (Some(list), false) = (&list, disarmed) {
+        // After the slots (below) would be the natural order, but a held target must not stay
+        // stopped whatever the restore does; the slots are written through /proc/PID/mem and
+        // need no stop either way.
+        if list.held_stopped && start_ticks(list.pid) == Some(list.start_ticks) {
+            // SAFETY: kill with a valid signal; the PID was just checked to name our target.
+            unsafe { libc::kill(list.pid, libc::SIGCONT) };
+        }
+    }
     match (list, disarmed) {
         (Some(list), false) => match restore(&list) {
             Ok(n) => {
@@ -228,7 +241,14 @@ mod tests {
 
     #[test]
     fn the_newest_list_wins_and_only_disarm_disarms() {
-        let a = RestoreList { pid: 1, start_ticks: 2, slots: vec![(0x10, 1, 2)], enabled_at: 8, code_at: 0 };
+        let a = RestoreList {
+            pid: 1,
+            start_ticks: 2,
+            slots: vec![(0x10, 1, 2)],
+            enabled_at: 8,
+            code_at: 0,
+            held_stopped: false,
+        };
         let b = RestoreList { slots: vec![(0x10, 1, 2), (0x18, 3, 4)], ..a.clone() };
         let mut bytes = frame(&a);
         bytes.extend(frame(&b));
@@ -268,6 +288,7 @@ mod tests {
             slots: vec![(base, 0x1111, 0xaaaa), (base + 8, 0x2222, 0xcccc)],
             enabled_at: base + 24,
             code_at: code as u64,
+            held_stopped: false,
         };
         // Not where the stub is: another image, nothing written.
         let elsewhere = RestoreList { code_at: code as u64 + 0x1000, ..list.clone() };

@@ -63,6 +63,12 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
+    /// `run --in-process`: the started command could not be handed over held.
+    #[error("holding the started command for the install")]
+    Hold {
+        #[source]
+        source: crate::target::launch::LaunchError,
+    },
     /// The guard process could not be started.
     #[error("starting the guard that restores the GOT if leakprobe is killed")]
     Guard {
@@ -99,6 +105,8 @@ pub struct Installed {
     /// (slot, original, our entry) for every slot written.
     patched: Vec<(u64, u64, u64)>,
     guard: Option<Guard>,
+    /// The target sits in a job-control stop of ours (`run --in-process`) until released.
+    held_stopped: bool,
     pub summary: Summary,
     max_pause: Duration,
 }
@@ -161,11 +169,16 @@ pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
 
 impl Installed {
     /// Maps the stub (code + data) into `pid`. Nothing in the target points at it yet.
+    ///
+    /// `held`: a command `run` started and holds at its entry point. It is handed over in a
+    /// job-control stop once the guard runs (which continues it if we die), and stays stopped
+    /// until the caller releases it after patching.
     pub fn map(
         pid: i32,
         plan: &PatchPlan,
         sample_bytes: u64,
         max_pause: Duration,
+        held: Option<&mut crate::target::launch::Held>,
     ) -> Result<Installed, InstallError> {
         let real = choose_real(plan);
         for needed in ["malloc", "free"] {
@@ -177,12 +190,17 @@ impl Installed {
         // The guard first, with nothing to restore yet: its pipe then has a lower descriptor
         // than the probes' perf events, and a dying leakprobe closes descriptors in order, so
         // the guard learns of our death before the kernel's slow uprobe teardown (~0.1 s each).
+        let held_stopped = held.is_some();
         let guard = Guard::spawn(&RestoreList {
             pid,
             start_ticks: guard::start_ticks(pid).unwrap_or(0),
+            held_stopped,
             ..RestoreList::default()
         })
         .map_err(|source| InstallError::Guard { source })?;
+        if let Some(h) = held {
+            h.detach_stopped().map_err(|source| InstallError::Hold { source })?;
+        }
         let opts = StopOptions { max_pause, ..StopOptions::default() };
         let mut world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target"))?;
         let (code, data, memfd) = {
@@ -248,6 +266,7 @@ impl Installed {
             real,
             patched: Vec::new(),
             guard: Some(guard),
+            held_stopped,
             summary: Summary { map_pause, ..Summary::default() },
             max_pause,
         })
@@ -308,6 +327,7 @@ impl Installed {
                 .collect(),
             enabled_at: self.data + stub::off::ENABLED as u64,
             code_at: self.code,
+            held_stopped: self.held_stopped,
         };
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
@@ -369,6 +389,25 @@ impl Installed {
         let mut seen = std::collections::HashSet::new();
         self.summary.skipped.retain(|k| seen.insert(k.clone()));
         Ok((written, pause))
+    }
+
+    /// The held target was continued (`run --in-process`): a guard that restores need not.
+    pub fn held_released(&mut self) -> Result<(), InstallError> {
+        if !std::mem::take(&mut self.held_stopped) {
+            return Ok(());
+        }
+        let list = RestoreList {
+            pid: self.pid,
+            start_ticks: guard::start_ticks(self.pid).unwrap_or(0),
+            slots: self.patched.clone(),
+            enabled_at: self.data + stub::off::ENABLED as u64,
+            code_at: self.code,
+            held_stopped: false,
+        };
+        match self.guard.as_mut() {
+            Some(g) => g.update(&list).map_err(|source| InstallError::Guard { source }),
+            None => Ok(()),
+        }
     }
 
     /// Module paths with at least one slot patched.

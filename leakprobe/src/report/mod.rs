@@ -106,6 +106,9 @@ pub struct InProcess {
     pub late: Vec<LatePatch>,
     /// What stays in the target after detach.
     pub left_in_target: String,
+    /// `run --in-process`: the command was held at its entry point while the stub went in,
+    /// so allocations made before it (the libraries' constructors) were not seen.
+    pub from_entry: bool,
 }
 
 /// Modules patched after the start: their allocations between loading and patching were not

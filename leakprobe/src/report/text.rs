@@ -220,6 +220,13 @@ pub fn render(r: &Report, top: usize) -> String {
                 ip.repatched_slots
             );
         }
+        if ip.from_entry {
+            let _ = writeln!(
+                out,
+                "           installed at the program's entry point: allocations made before it (by the \
+                 libraries' constructors) were not seen"
+            );
+        }
         for s in &ip.skipped {
             let _ = writeln!(out, "           not patched: {} in {} ({})", s.function, s.module, s.reason);
         }
