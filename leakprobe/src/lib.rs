@@ -18,6 +18,7 @@ pub mod model;
 pub mod output;
 pub mod ptrace;
 pub mod report;
+pub mod scan;
 pub mod session;
 pub mod symbolize;
 pub mod target;

@@ -328,6 +328,7 @@ impl Installed {
             enabled_at: self.data + stub::off::ENABLED as u64,
             code_at: self.code,
             held_stopped: self.held_stopped,
+            ..RestoreList::default()
         };
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
@@ -403,6 +404,7 @@ impl Installed {
             enabled_at: self.data + stub::off::ENABLED as u64,
             code_at: self.code,
             held_stopped: false,
+            ..RestoreList::default()
         };
         match self.guard.as_mut() {
             Some(g) => g.update(&list).map_err(|source| InstallError::Guard { source }),

@@ -560,6 +560,26 @@ impl Probes {
         Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None })
     }
 
+    /// Every outstanding block the kernel tracks (address, its record), for the reachability
+    /// scan. Bounded like [`Probes::sample`]'s walk.
+    pub fn live_blocks(&self) -> Result<Vec<(u64, LiveBlock)>, ProbeError> {
+        let name = map_names::LIVE;
+        let live_map: HashMap<&MapData, u64, LiveBlock> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let mut out = Vec::new();
+        for entry in live_map.iter().take(1 << 24) {
+            match entry {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        // A key deleted under the iterator restarts it from the top: keep each address once.
+        out.sort_unstable_by_key(|(a, _)| *a);
+        out.dedup_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
     /// The frames of a stack id, innermost first, and why the walk ended (`stack_end`);
     /// None if the stack was never stored.
     pub fn stack(&self, id: u64) -> Result<Option<(Vec<u64>, u32)>, ProbeError> {

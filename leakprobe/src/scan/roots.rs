@@ -1,0 +1,265 @@
+//! Roots: where a pointer that keeps a block alive can live, named so that a holder can be
+//! reported ("global cache_head in leaky", "the stack of thread 812", "rbx of thread 813").
+//!
+//! Conservative, so the scan never invents a leak: every thread's registers (general and
+//! vector), each stack from its stack pointer (less the red zone) to the end of its mapping,
+//! TLS, the writable segments of every module, and every other readable writable mapping,
+//! including heap memory that is not a tracked block (blocks from before attach may point at
+//! tracked ones). Pure: built from the parsed mappings and the stopped threads.
+
+use super::snapshot::{Reg, Region, ThreadState};
+
+/// What a root is, for the report.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RootKind {
+    /// A thread's registers (general and vector).
+    Registers { tid: i32 },
+    /// A thread's stack, from its stack pointer up.
+    Stack { tid: i32 },
+    /// A thread's TLS and thread control block (just below and at its thread pointer).
+    Tls { tid: i32 },
+    /// A module's writable data (`.data`, `.bss`, the GOT).
+    Module { path: String },
+    /// The brk heap outside the tracked blocks (untracked blocks, allocator metadata).
+    Heap,
+    /// Another anonymous writable mapping (mmap regions, other arenas, thread stacks' unused
+    /// parts are not included).
+    Anonymous { name: String, start: u64 },
+    /// A shared or file-backed writable mapping that is no module's.
+    File { path: String },
+}
+
+impl RootKind {
+    /// The short kind name used in JSON (`roots` by kind).
+    pub fn class(&self) -> &'static str {
+        match self {
+            RootKind::Registers { .. } => "registers",
+            RootKind::Stack { .. } => "stack",
+            RootKind::Tls { .. } => "tls",
+            RootKind::Module { .. } => "module_data",
+            RootKind::Heap => "heap",
+            RootKind::Anonymous { .. } => "anonymous",
+            RootKind::File { .. } => "file",
+        }
+    }
+}
+
+/// The roots of one snapshot: ranges to scan and register values, each tagged with an index
+/// into `kinds`.
+#[derive(Debug, Default)]
+pub struct Roots {
+    pub kinds: Vec<RootKind>,
+    /// (start, end, root): non-overlapping, sorted.
+    pub ranges: Vec<(u64, u64, u32)>,
+    /// (root, the registers and their values), one entry per thread.
+    pub values: Vec<(u32, Vec<(Reg, u64)>)>,
+}
+
+impl Roots {
+    fn id(&mut self, kind: RootKind) -> u32 {
+        if let Some(i) = self.kinds.iter().position(|k| *k == kind) {
+            return i as u32;
+        }
+        self.kinds.push(kind);
+        (self.kinds.len() - 1) as u32
+    }
+
+    /// Bytes of memory roots per kind class.
+    pub fn bytes_by_class(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (s, e, id) in &self.ranges {
+            *out.entry(self.kinds[*id as usize].class()).or_default() += e - s;
+        }
+        out
+    }
+}
+
+/// Bytes below the thread pointer counted as TLS (glibc puts the static TLS blocks there),
+/// and above it (its `struct pthread`).
+#[derive(Clone, Copy, Debug)]
+pub struct TlsSpan {
+    pub below: u64,
+    pub above: u64,
+}
+
+impl Default for TlsSpan {
+    fn default() -> Self {
+        TlsSpan { below: 4096, above: 2304 }
+    }
+}
+
+/// The red zone under the stack pointer that a leaf function may use (System V x86-64).
+const RED_ZONE: u64 = 128;
+
+/// Builds the roots. `exclude`: memory of ours in the target (the in-process stub's data,
+/// whose pointer set would otherwise hold every sampled block).
+pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)], tls: TlsSpan) -> Roots {
+    let mut roots = Roots::default();
+    // (start, end, priority, root or None to skip): higher priority wins where spans overlap.
+    let mut spans: Vec<(u64, u64, u8, Option<u32>)> = Vec::new();
+    let mut prev: Option<&Region> = None;
+    for r in regions {
+        let after = prev.filter(|p| p.end == r.start);
+        prev = Some(r);
+        if !r.scannable() || !r.writable || r.is_empty() {
+            continue;
+        }
+        let kind = match r.name.as_str() {
+            "[heap]" => RootKind::Heap,
+            // The main thread's (the lowest tid); its live part is re-tagged below.
+            "[stack]" => RootKind::Stack { tid: threads.iter().map(|t| t.tid).min().unwrap_or(0) },
+            n if n.starts_with('/') => {
+                if is_module_path(n) {
+                    RootKind::Module { path: n.to_string() }
+                } else {
+                    RootKind::File { path: n.to_string() }
+                }
+            }
+            // .bss past the file's end: the anonymous mapping right after a module's data.
+            "" if after.is_some_and(|p| p.name.starts_with('/') && is_module_path(&p.name)) => {
+                RootKind::Module { path: after.map(|p| p.name.clone()).unwrap_or_default() }
+            }
+            n => RootKind::Anonymous { name: n.to_string(), start: r.start },
+        };
+        let id = roots.id(kind);
+        spans.push((r.start, r.end, 1, Some(id)));
+    }
+    for t in threads {
+        let Some(r) = regions.iter().find(|r| r.start <= t.rsp && t.rsp < r.end) else { continue };
+        // A stack mapping: the main one, or a thread's (its TCB sits at the top). The part
+        // below the stack pointer is dead. A stack elsewhere (a coroutine's, inside a heap
+        // block) is left to its mapping's rules.
+        let is_stack = r.name == "[stack]" || (r.start <= t.fs_base && t.fs_base < r.end);
+        if is_stack && r.writable && r.scannable() {
+            let live = t.rsp.saturating_sub(RED_ZONE).max(r.start);
+            let id = roots.id(RootKind::Stack { tid: t.tid });
+            spans.push((r.start, live, 2, None));
+            spans.push((live, r.end, 2, Some(id)));
+        }
+    }
+    for t in threads.iter().filter(|t| t.fs_base != 0) {
+        let (lo, hi) = (t.fs_base.saturating_sub(tls.below), t.fs_base.saturating_add(tls.above));
+        // Only within readable writable memory.
+        for r in regions.iter().filter(|r| r.writable && r.scannable() && r.start < hi && lo < r.end) {
+            let id = roots.id(RootKind::Tls { tid: t.tid });
+            spans.push((lo.max(r.start), hi.min(r.end), 3, Some(id)));
+        }
+    }
+    for &(s, e) in exclude {
+        spans.push((s, e, 4, None));
+    }
+    roots.ranges = flatten(&spans);
+    for t in threads {
+        let id = roots.id(RootKind::Registers { tid: t.tid });
+        roots.values.push((id, t.values.clone()));
+    }
+    roots
+}
+
+/// A mapped file that is code and data of the program (an ELF module), not a data file.
+fn is_module_path(p: &str) -> bool {
+    let name = p.rsplit('/').next().unwrap_or(p);
+    !p.starts_with("/dev/") && !p.starts_with("/memfd:") && (name.contains(".so") || !name.contains('.'))
+}
+
+/// Non-overlapping pieces of the spans, each taking the highest-priority span over it (later
+/// spans win ties); pieces whose winner is a skip are dropped; neighbours with one root merge.
+fn flatten(spans: &[(u64, u64, u8, Option<u32>)]) -> Vec<(u64, u64, u32)> {
+    let mut cuts: Vec<u64> = spans.iter().flat_map(|s| [s.0, s.1]).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    // Spans sorted by start, to scan only those that can cover a piece.
+    let mut by_start: Vec<&(u64, u64, u8, Option<u32>)> = spans.iter().filter(|s| s.0 < s.1).collect();
+    by_start.sort_by_key(|s| s.0);
+    let mut out: Vec<(u64, u64, u32)> = Vec::new();
+    let mut active: Vec<(usize, &(u64, u64, u8, Option<u32>))> = Vec::new();
+    let mut next = 0;
+    for w in cuts.windows(2) {
+        let (lo, hi) = (w[0], w[1]);
+        while next < by_start.len() && by_start[next].0 <= lo {
+            active.push((next, by_start[next]));
+            next += 1;
+        }
+        active.retain(|(_, s)| s.1 > lo);
+        let winner = active.iter().filter(|(_, s)| s.0 <= lo && hi <= s.1).max_by_key(|(i, s)| (s.2, *i));
+        let Some(id) = winner.and_then(|(_, s)| s.3) else { continue };
+        match out.last_mut() {
+            Some(last) if last.1 == lo && last.2 == id => last.1 = hi,
+            _ => out.push((lo, hi, id)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(start: u64, end: u64, w: bool, name: &str) -> Region {
+        Region {
+            start,
+            end,
+            readable: true,
+            writable: w,
+            shared: false,
+            name: name.into(),
+            dontfork: false,
+            wipeonfork: false,
+            device: false,
+        }
+    }
+
+    #[test]
+    fn kinds_stacks_tls_and_exclusions() {
+        let regions = vec![
+            region(0x1000, 0x2000, false, "/usr/bin/app"),
+            region(0x2000, 0x3000, true, "/usr/bin/app"),
+            region(0x3000, 0x4000, true, ""), // its .bss
+            region(0x10000, 0x20000, true, "[heap]"),
+            region(0x40000, 0x50000, true, ""), // a thread's stack, its TCB at the top
+            region(0x60000, 0x70000, true, "[anon:cache]"),
+            region(0x70000, 0x71000, true, "/var/lib/app/data.db"),
+            region(0x7ff000, 0x800000, true, "[stack]"),
+            region(0x900000, 0x901000, false, "[vvar]"),
+        ];
+        let threads = vec![
+            ThreadState {
+                tid: 10,
+                rsp: 0x7ff800,
+                rip: 0,
+                fs_base: 0x3800,
+                values: vec![(Reg::Gp("rbx"), 0x10010)],
+            },
+            ThreadState { tid: 11, rsp: 0x48000, rip: 0, fs_base: 0x4f000, values: vec![] },
+        ];
+        let tls = TlsSpan { below: 0x100, above: 0x80 };
+        let roots = build(&regions, &threads, &[(0x60800, 0x60900)], tls);
+        let kind_at = |a: u64| {
+            roots
+                .ranges
+                .iter()
+                .find(|(s, e, _)| *s <= a && a < *e)
+                .map(|(_, _, id)| roots.kinds[*id as usize].clone())
+        };
+        let app = RootKind::Module { path: "/usr/bin/app".into() };
+        assert_eq!(kind_at(0x1800), None, "read-only text is no root");
+        assert_eq!(kind_at(0x2800), Some(app.clone()));
+        assert_eq!(kind_at(0x3100), Some(app), ".bss belongs to its module");
+        assert_eq!(kind_at(0x3780), Some(RootKind::Tls { tid: 10 }), "the main thread's TLS, below fs");
+        assert_eq!(kind_at(0x10008), Some(RootKind::Heap));
+        assert_eq!(kind_at(0x44000), None, "below the stack pointer is dead");
+        assert_eq!(kind_at(0x48000 - 64), Some(RootKind::Stack { tid: 11 }), "the red zone counts");
+        assert_eq!(kind_at(0x4f040), Some(RootKind::Tls { tid: 11 }));
+        assert_eq!(kind_at(0x4ff00), Some(RootKind::Stack { tid: 11 }));
+        assert_eq!(kind_at(0x60850), None, "our own memory is excluded");
+        assert!(matches!(kind_at(0x60900), Some(RootKind::Anonymous { .. })));
+        assert_eq!(kind_at(0x70010), Some(RootKind::File { path: "/var/lib/app/data.db".into() }));
+        assert_eq!(kind_at(0x7ff000), None);
+        assert_eq!(kind_at(0x7ffc00), Some(RootKind::Stack { tid: 10 }));
+        assert_eq!(kind_at(0x900000), None);
+        // Sorted and disjoint.
+        assert!(roots.ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{:x?}", roots.ranges);
+        assert_eq!(roots.values.len(), 2);
+        assert_eq!(roots.kinds[roots.values[0].0 as usize], RootKind::Registers { tid: 10 });
+    }
+}
