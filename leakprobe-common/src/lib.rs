@@ -232,7 +232,9 @@ pub mod counter {
     /// Calls into an allocation function that the target's own calls do not bind to (glibc's
     /// malloc shadowed by jemalloc, say): whatever it allocates is not tracked.
     pub const UNTRACKED_ALLOCATOR_CALLS: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// `run --scan`: the target called exit() and was stopped there (SIGSTOP) for the scan.
+    pub const EXIT_STOPS: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.

@@ -760,6 +760,21 @@ pub fn untracked_enter(_ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `run --scan`: at exit(), before any atexit handler or destructor runs, the whole process
+/// is stopped (SIGSTOP) so that leakprobe can scan its memory; leakprobe continues it.
+#[uprobe]
+pub fn exit_stop(_ctx: ProbeContext) -> u32 {
+    if target_tid().is_none() {
+        return 0;
+    }
+    count(counter::EXIT_STOPS);
+    // SAFETY: a helper call with a plain signal number; it signals the current process.
+    unsafe {
+        aya_ebpf::helpers::bpf_send_signal(19 /* SIGSTOP */)
+    };
+    0
+}
+
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };

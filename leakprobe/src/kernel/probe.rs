@@ -464,6 +464,20 @@ impl Probes {
         Ok(out)
     }
 
+    /// `run --scan`: stops the target at `exit` (file offset `offset` in `path`) for the scan.
+    pub fn attach_exit_stop(&mut self, path: &PathBuf, offset: u64) -> Result<ProbeStatus, ProbeError> {
+        self.attach_one("exit_stop", "exit", path, offset)?;
+        Ok(ProbeStatus {
+            function: "exit",
+            module: path.clone(),
+            required: true,
+            error: None,
+            alias_of: None,
+            placement: None,
+            watch_only: true,
+        })
+    }
+
     /// Attaches every hook of the plan, each on the module its name binds to, then the
     /// watchers of shadowed definitions. Fails only if a required one fails.
     pub fn attach(&mut self, plan: &Plan) -> Result<Vec<ProbeStatus>, ProbeError> {

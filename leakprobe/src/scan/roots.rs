@@ -202,6 +202,7 @@ mod tests {
             readable: true,
             writable: w,
             shared: false,
+            offset: 0,
             name: name.into(),
             dontfork: false,
             wipeonfork: false,

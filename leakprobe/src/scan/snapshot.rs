@@ -158,6 +158,8 @@ pub struct Region {
     pub readable: bool,
     pub writable: bool,
     pub shared: bool,
+    /// The file offset the mapping starts at.
+    pub offset: u64,
     /// The path, `[heap]`, `[stack]`, an anonymous name, or empty.
     pub name: String,
     /// `MADV_DONTFORK` ("dc"): not in a forked child.
@@ -193,7 +195,8 @@ pub fn parse_smaps(text: &str) -> Vec<Region> {
         };
         // A header line has five fields before the name; smaps' "Key: value" lines do not
         // parse as an address range.
-        let (_off, _dev, _ino) = (it.next(), it.next(), it.next());
+        let offset = it.next().and_then(|o| u64::from_str_radix(o, 16).ok()).unwrap_or(0);
+        let (_dev, _ino) = (it.next(), it.next());
         let name = it.collect::<Vec<_>>().join(" ");
         let p = perms.as_bytes();
         if p.len() < 4 {
@@ -205,6 +208,7 @@ pub fn parse_smaps(text: &str) -> Vec<Region> {
             readable: p[0] == b'r',
             writable: p[1] == b'w',
             shared: p[3] == b's',
+            offset,
             name,
             dontfork: false,
             wipeonfork: false,

@@ -15,6 +15,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub mod data;
+
 use blazesym::symbolize::{
     self as bz, Input, Symbolized,
     source::{Elf, Source},
