@@ -35,6 +35,13 @@ Examples:
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 
+  # Why is it kept? Classify the growing sites as leaked (unreachable), held (and by what),
+  # or a cycle, with a pause of the target bounded by --max-pause (200 ms)
+  leakprobe attach --pid 4242 --duration 60s --scan
+
+  # A Valgrind-style CI check without a rebuild: fail if anything is definitely lost at exit
+  leakprobe run --scan --fail-on-leak 0 -- ./my-test --case 7
+
   # Compare two JSON reports or snapshots: which call sites grew in between
   leakprobe diff before.json after.json
 
@@ -240,6 +247,21 @@ pub struct TraceOpts {
     /// Allow outputs inside /etc, /usr, /boot, /proc, /sys or /dev (refused even with --force).
     #[arg(long)]
     pub allow_system_path: bool,
+    /// Reachability scan: classify the tracked blocks as definitely, indirectly or possibly
+    /// lost (no pointer reaches them) or still reachable, and name what holds the growing
+    /// sites. attach: once, at the end of the window; run: when the command calls exit(),
+    /// before its atexit handlers and destructors. The target pauses for --max-pause at most
+    /// (a copy-on-write snapshot is forked inside it and read afterwards). With --fail-on-leak
+    /// the gate is on definitely lost bytes.
+    #[arg(long)]
+    pub scan: bool,
+    /// attach: scan this often too (e.g. 1m), feeding the timeline. Implies --scan.
+    #[arg(long, value_name = "I")]
+    pub scan_every: Option<String>,
+    /// The longest the target may stay stopped for a scan (e.g. 200ms): the scan is abandoned
+    /// rather than exceed it.
+    #[arg(long, default_value = "200ms", value_name = "D")]
+    pub max_pause: String,
     #[command(flatten)]
     pub export: ExportOpts,
 }
@@ -323,6 +345,8 @@ pub enum ConfigError {
     PlotFormat(PathBuf),
     #[error("{flag} cannot be combined with --in-process: {why}")]
     InProcess { flag: &'static str, why: &'static str },
+    #[error("{flag} cannot be combined with --scan: {why}")]
+    Scan { flag: &'static str, why: &'static str },
     #[error("{first} and {second} name the same file {path:?}")]
     SamePath { first: &'static str, second: &'static str, path: PathBuf },
 }
@@ -332,6 +356,14 @@ pub enum ConfigError {
 pub enum Mode {
     Attach { pid: i32 },
     Run { command: Vec<String> },
+}
+
+/// When and how to scan.
+#[derive(Clone, Debug)]
+pub struct ScanConfig {
+    /// Periodic scans (attach), rounded up to whole intervals.
+    pub every: Option<Duration>,
+    pub max_pause: Duration,
 }
 
 /// Validated settings.
@@ -366,6 +398,8 @@ pub struct Config {
     pub output_policy: crate::output::Policy,
     /// `--in-process`.
     pub in_process: bool,
+    /// `--scan` / `--scan-every`: scan at the end (or at exit() in run mode), and periodically.
+    pub scan: Option<ScanConfig>,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
 }
@@ -465,6 +499,28 @@ impl TryFrom<Cli> for Config {
                 why: "it measures uprobes at the functions",
             });
         }
+        let scan = if opts.scan || opts.scan_every.is_some() {
+            let max_pause = duration("--max-pause", &opts.max_pause)?;
+            if max_pause.is_zero() {
+                return Err(ConfigError::Zero { flag: "--max-pause" });
+            }
+            let every = opts.scan_every.as_deref().map(|v| duration("--scan-every", v)).transpose()?;
+            if every.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::Zero { flag: "--scan-every" });
+            }
+            if opts.noop {
+                return Err(ConfigError::Scan { flag: "--noop", why: "it tracks no blocks to classify" });
+            }
+            if every.is_some() && matches!(mode, Mode::Run { .. }) {
+                return Err(ConfigError::Scan {
+                    flag: "--scan-every",
+                    why: "run scans once, when the command calls exit(); use attach for periodic scans",
+                });
+            }
+            Some(ScanConfig { every, max_pause })
+        } else {
+            None
+        };
         let exports = opts.export;
         // Two outputs into one file would leave only the last one.
         let outputs: Vec<(&'static str, &PathBuf)> = opts
@@ -502,6 +558,7 @@ impl TryFrom<Cli> for Config {
             exports,
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
             in_process: opts.in_process,
+            scan,
             output_policy: crate::output::Policy {
                 force: opts.force,
                 allow_system_path: opts.allow_system_path,

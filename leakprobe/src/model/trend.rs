@@ -149,6 +149,11 @@ pub enum RunVerdict {
     /// RSS grows while the tracked heap does not explain it: freed memory is not being
     /// returned (fragmentation, allocator caching), or memory comes from outside the hooks.
     Fragmentation,
+    /// After a reachability scan: the growing memory is still referenced (a cache, a global
+    /// list): unbounded accumulation, not a missing free.
+    Accumulation,
+    /// After a reachability scan: the lost memory is mostly blocks pointing at each other.
+    Cycle,
     Stable,
     #[default]
     NotEnoughData,

@@ -7,6 +7,7 @@
 pub mod diff;
 pub mod export;
 pub mod plot;
+pub mod scan;
 
 pub mod text;
 
@@ -74,6 +75,10 @@ pub struct Report {
     /// `--in-process`: what was placed in the target and what it counted; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_process: Option<InProcess>,
+    /// `--scan`: the last reachability scan (pause, what was read, the classes, cycles);
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<scan::Scan>,
 }
 
 /// The in-process sampler: the GOT slots that pointed at the stub, the pauses, the stub's
@@ -341,6 +346,15 @@ pub struct Site {
     /// Innermost first.
     #[serde(default)]
     pub frames: Vec<Frame>,
+    /// `--scan`: its blocks by class at the last scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<scan::Reachability>,
+    /// `--scan`: what holds its reachable blocks, most bytes first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<scan::Holder>,
+    /// `--scan`: LEAK, ACCUMULATION, CYCLE, STABLE or NOT ENOUGH DATA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
 }
 
 /// What the session knows besides the tracker.
@@ -396,6 +410,9 @@ pub fn build(
                     _ => "complete",
                 }),
                 frames,
+                reachability: None,
+                held_by: Vec::new(),
+                verdict: None,
             }
         })
         .collect::<Vec<_>>();
@@ -494,6 +511,7 @@ pub fn build(
         sites,
         modules: ctx.modules.clone(),
         in_process: None,
+        scan: None,
     }
 }
 

@@ -290,6 +290,8 @@ pub fn render(r: &Report, top: usize) -> String {
         match r.verdict.kind {
             crate::model::trend::RunVerdict::Leak => "LEAK / GROWING",
             crate::model::trend::RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
+            crate::model::trend::RunVerdict::Accumulation => "ACCUMULATION / STILL REFERENCED",
+            crate::model::trend::RunVerdict::Cycle => "LEAK / CYCLE",
             crate::model::trend::RunVerdict::Stable => "STABLE",
             crate::model::trend::RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
         },

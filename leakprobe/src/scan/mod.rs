@@ -2,6 +2,226 @@
 //! live process ([`snapshot`], through the ptrace layer), name the places a pointer can live
 //! ([`roots`]), mark from them ([`mark`], pure), and classify each tracked block as
 //! definitely, indirectly or possibly lost, or still reachable, with what holds it.
+//!
+//! capture → roots → mark → name the holders → release. The target is paused only in the
+//! capture; everything after it reads the copy-on-write snapshot.
 
+pub mod mark;
 pub mod roots;
 pub mod snapshot;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+use crate::symbolize::data::DataSymbols;
+use mark::{HeldBy, RootRef, RootSlot};
+use roots::RootKind;
+use snapshot::{Snapshot, SnapshotError};
+
+#[derive(Debug, Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("marking the tracked blocks")]
+    Mark(#[from] mark::MarkError),
+}
+
+/// What to scan.
+pub struct Request {
+    pub pid: i32,
+    /// Tracked blocks; `site` indexes the caller's table of call sites.
+    pub blocks: Vec<mark::Block>,
+    /// Memory of ours in the target, never a root (the in-process stub's data).
+    pub exclude: Vec<(u64, u64)>,
+    pub max_pause: Duration,
+    /// Never inject a clone: copy the memory while stopped (tests; seccomp'd targets).
+    pub no_clone: bool,
+}
+
+/// What a holder is, in the user's words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderName {
+    /// "global", "stack", "register", "tls", "heap", "anonymous", "file" or "site".
+    pub kind: &'static str,
+    /// e.g. `global cache_head (scan_cases)`, `r12 of thread 812 (worker)`.
+    pub name: String,
+}
+
+/// The scan's result and what it cost.
+pub struct Outcome {
+    pub marking: mark::Marking,
+    pub method: snapshot::Method,
+    pub no_clone_why: Option<String>,
+    /// The target's pause for the capture, and for reaping the snapshot child.
+    pub pause: Duration,
+    pub reap_pause: Duration,
+    /// From the capture's start to the end of the release.
+    pub duration: Duration,
+    pub threads: usize,
+    /// Root bytes per kind class ("stack", "module_data"...).
+    pub root_bytes: BTreeMap<&'static str, u64>,
+    /// Memory the snapshot lacked and could not copy (DONTFORK regions over the budget).
+    pub unread_bytes: u64,
+    /// Every root holder named.
+    pub holders: HashMap<RootRef, HolderName>,
+}
+
+/// Reads the snapshot for the marking.
+struct SnapMem<'a>(&'a Snapshot);
+
+impl mark::Memory for SnapMem<'_> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), mark::Unreadable> {
+        if self.0.read(addr, buf) { Ok(()) } else { Err(mark::Unreadable) }
+    }
+}
+
+/// Captures, marks and releases; the target pauses only in the capture (and briefly to reap).
+pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
+    let t0 = Instant::now();
+    let opts = snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
+    let snap = snapshot::capture(req.pid, &opts)?;
+    let roots = roots::build(&snap.regions, &snap.threads, &req.exclude, roots::TlsSpan::default());
+    let mroots = mark::Roots {
+        ranges: roots.ranges.iter().map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root }).collect(),
+        values: roots
+            .values
+            .iter()
+            .map(|(root, v)| mark::RootValues { root: *root, values: v.iter().map(|x| x.1).collect() })
+            .collect(),
+    };
+    let marking = {
+        let mut mem = SnapMem(&snap);
+        let mut vtable = |a: u64| is_vtable(&snap, a);
+        let options = mark::Options { is_vtable: Some(&mut vtable), ..mark::Options::default() };
+        mark::mark(&req.blocks, &mroots, &mut mem, options)?
+    };
+    let holders = name_holders(&marking, &roots, &snap);
+    let root_bytes = roots.bytes_by_class();
+    let (method, no_clone_why, pause, threads) =
+        (snap.method, snap.no_clone_why.clone(), snap.pause, snap.threads.len());
+    let unread_bytes = snap.unread.iter().map(|(s, e)| e - s).sum();
+    let reap_pause = snap.release(req.max_pause)?;
+    Ok(Outcome {
+        marking,
+        method,
+        no_clone_why,
+        pause,
+        reap_pause,
+        duration: t0.elapsed(),
+        threads,
+        root_bytes,
+        unread_bytes,
+        holders,
+    })
+}
+
+/// Valgrind's vtable test (for the multipleinheritance heuristic): in a readable file
+/// mapping, and its first 20 words hold at least two non-null words, every non-null one
+/// pointing into executable file-backed code.
+fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
+    let file_backed = |a: u64| snap.regions.iter().any(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
+    if addr % 8 != 0 || !file_backed(addr) {
+        return false;
+    }
+    let mut buf = [0u8; 160];
+    if !snap.read(addr, &mut buf) {
+        return false;
+    }
+    let words = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+    let mut non_null = 0;
+    for w in words.filter(|w| *w != 0) {
+        if !snap.regions.iter().any(|r| r.start <= w && w < r.end && r.name.starts_with('/') && !r.writable) {
+            return false;
+        }
+        non_null += 1;
+    }
+    non_null >= 2
+}
+
+fn thread_name(pid: i32, tid: i32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+    match comm.trim() {
+        "" => format!("thread {tid}"),
+        c => format!("thread {tid} ({c})"),
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Names every root that holds something: globals by symbol, registers and stacks by thread.
+fn name_holders(marking: &mark::Marking, roots: &roots::Roots, snap: &Snapshot) -> HashMap<RootRef, HolderName> {
+    let mut data = DataSymbols::default();
+    let mut out = HashMap::new();
+    let refs = marking.sites.iter().flat_map(|s| s.holders.iter()).filter_map(|h| match h.by {
+        HeldBy::Root(r) => Some(r),
+        HeldBy::Site(_) => None,
+    });
+    for r in refs {
+        if out.contains_key(&r) {
+            continue;
+        }
+        let Some(kind) = roots.kinds.get(r.root as usize) else { continue };
+        let name = match (kind, r.slot) {
+            (RootKind::Registers { tid }, RootSlot::Value { index }) => {
+                let reg = roots
+                    .values
+                    .iter()
+                    .find(|(id, _)| *id == r.root)
+                    .and_then(|(_, v)| v.get(index as usize))
+                    .map_or_else(|| "a register".to_string(), |(reg, _)| reg.to_string());
+                HolderName { kind: "register", name: format!("{reg} of {}", thread_name(snap.pid, *tid)) }
+            }
+            (RootKind::Stack { tid }, RootSlot::Word { addr }) => {
+                let sp = snap.threads.iter().find(|t| t.tid == *tid).map_or(0, |t| t.rsp);
+                let at = if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
+                HolderName { kind: "stack", name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)) }
+            }
+            (RootKind::Tls { tid }, _) => {
+                HolderName { kind: "tls", name: format!("the TLS of {}", thread_name(snap.pid, *tid)) }
+            }
+            (RootKind::Module { path }, RootSlot::Word { addr }) => {
+                let base = snap
+                    .regions
+                    .iter()
+                    .filter(|x| x.name == *path)
+                    .map(|x| x.start.saturating_sub(x.offset))
+                    .min()
+                    .unwrap_or(0);
+                let file = crate::target::target_path(snap.pid, std::path::Path::new(path));
+                let module = file_name(path);
+                match data.lookup(&file, base, addr) {
+                    Some(v) if v.offset == 0 => HolderName { kind: "global", name: format!("global {} ({module})", v.name) },
+                    Some(v) => {
+                        HolderName { kind: "global", name: format!("global {}+{:#x} ({module})", v.name, v.offset) }
+                    }
+                    None => HolderName {
+                        kind: "global",
+                        name: format!("data of {module} at +{:#x} (no symbol)", addr.saturating_sub(base)),
+                    },
+                }
+            }
+            (RootKind::Heap, RootSlot::Word { addr }) => HolderName {
+                kind: "heap",
+                name: format!("untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"),
+            },
+            (RootKind::Anonymous { name, start }, _) => {
+                let end = snap.regions.iter().find(|x| x.start == *start).map_or(*start, |x| x.end);
+                let label = if name.is_empty() { String::new() } else { format!(" {name}") };
+                HolderName {
+                    kind: "anonymous",
+                    name: format!("anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)", (end - start) / 1024),
+                }
+            }
+            (RootKind::File { path }, _) => HolderName { kind: "file", name: format!("file mapping {path}") },
+            (k, _) => HolderName { kind: k.class(), name: format!("{k:?}") },
+        };
+        out.insert(r, name);
+    }
+    out
+}

@@ -473,12 +473,11 @@ impl Snapshot {
     /// stop), so nothing of ours stays under it. Returns that stop's pause.
     pub fn release(mut self, max_pause: Duration) -> Result<Duration, SnapshotError> {
         let Some(child) = self.child.take() else { return Ok(Duration::ZERO) };
-        let pid = self.pid;
-        reap(pid, child.pid, max_pause)?;
+        let pause = reap(self.pid, child.pid, max_pause)?;
         if let Some(g) = child.guard {
             g.disarm();
         }
-        Ok(Duration::ZERO)
+        Ok(pause)
     }
 }
 
@@ -494,8 +493,9 @@ impl Drop for Snapshot {
 }
 
 /// Kills the snapshot child (ours by ptrace), collects it as its tracer, then reaps the
-/// zombie left under the target by injecting `wait4(child, __WALL|WNOHANG)`.
-pub fn reap(pid: i32, child: i32, max_pause: Duration) -> Result<(), SnapshotError> {
+/// zombie left under the target by injecting `wait4(child, __WALL|WNOHANG)`. Returns the
+/// target's pause.
+pub fn reap(pid: i32, child: i32, max_pause: Duration) -> Result<Duration, SnapshotError> {
     // SAFETY: plain system calls on a process we created.
     unsafe {
         libc::kill(child, libc::SIGKILL);
@@ -504,6 +504,7 @@ pub fn reap(pid: i32, child: i32, max_pause: Duration) -> Result<(), SnapshotErr
         libc::waitpid(child, &mut status, libc::__WALL);
     }
     let deadline = Instant::now() + Duration::from_secs(1);
+    let mut paused = Duration::ZERO;
     loop {
         let opts = StopOptions { max_pause, ..StopOptions::default() };
         let opts = StopOptions { checks: CheckOptions { allow_seccomp_filter: true }, ..opts };
@@ -514,12 +515,12 @@ pub fn reap(pid: i32, child: i32, max_pause: Duration) -> Result<(), SnapshotErr
             rs.finish().map_err(perr(pid, "restoring after the reap"))?;
             r
         };
-        drop(world);
+        paused += world.resume();
         match got {
-            Ok(c) if c == child => return Ok(()),
+            Ok(c) if c == child => return Ok(paused),
             // Not a zombie yet (the kill is still being delivered): try again shortly.
             Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(paused),
             Err(e) => return Err(perr(pid, "wait4 for the snapshot child")(e)),
         }
     }

@@ -96,6 +96,9 @@ pub(crate) mod testing {
             truncated: false,
             stack_end: "complete".into(),
             frames,
+            reachability: None,
+            held_by: Vec::new(),
+            verdict: None,
         }
     }
 
@@ -193,6 +196,7 @@ pub(crate) mod testing {
                 },
             ],
             in_process: None,
+            scan: None,
         }
     }
 }

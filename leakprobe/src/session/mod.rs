@@ -1,6 +1,8 @@
 //! One tracing session: attach, sample every interval, stop, detach, report.
 //! Data flows one way: probe -> model -> report.
 
+mod scan;
+
 use std::{
     collections::HashMap, io::Write as _, os::fd::OwnedFd, path::PathBuf, process::Child, time::SystemTime,
 };
@@ -51,8 +53,86 @@ fn sync_unwind(
 
 /// How a session ended, for the exit status.
 pub struct Outcome {
+    /// What --fail-on-leak judges: outstanding bytes, or with --scan definitely lost bytes.
     pub outstanding_bytes: u64,
     pub fail_on_leak: Option<u64>,
+}
+
+/// The scans of a session (`--scan`, `--scan-every`) and the last result.
+struct Scanner {
+    every: Option<std::time::Duration>,
+    max_pause: std::time::Duration,
+    /// Seconds since attach of the last periodic scan.
+    last_at: f64,
+    history: Vec<report::scan::ScanPoint>,
+    last: Option<scan::Done>,
+    /// `run --scan`: the target is stopped at exit() by our probe.
+    at_exit: bool,
+}
+
+impl Scanner {
+    /// Our own memory in the target: never a root.
+    fn exclude(inproc: &Option<InProcess>) -> Vec<(u64, u64)> {
+        inproc
+            .as_ref()
+            .map(|i| {
+                vec![
+                    (i.installed.data, i.installed.data + crate::inprocess::stub::DATA_SIZE),
+                    i.installed.code_range(),
+                ]
+            })
+            .unwrap_or_default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        &mut self,
+        cfg: &Config,
+        pid: i32,
+        probes: &Probes,
+        inproc: &Option<InProcess>,
+        at_s: f64,
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+    ) {
+        let exclude = Self::exclude(inproc);
+        match scan::run(pid, probes, exclude, self.max_pause, at_s, &mut self.history, stacks, symbolizer) {
+            Ok(done) => {
+                let s = &done.scan;
+                progress(
+                    cfg,
+                    format_args!(
+                        "scan: {} blocks in {:.0} ms (target paused {:.1} ms{}): {} definitely lost, {} indirectly, \
+                         {} possibly, {} reachable",
+                        s.blocks_scanned,
+                        s.duration_ms,
+                        s.pause_ms,
+                        if s.method == "clone" { String::new() } else { format!(", {}", s.method) },
+                        human_bytes(s.totals.definitely_lost.bytes),
+                        human_bytes(s.totals.indirectly_lost.bytes),
+                        human_bytes(s.totals.possibly_lost.bytes),
+                        human_bytes(s.totals.reachable.bytes),
+                    ),
+                );
+                self.last = Some(done);
+            }
+            Err(e) => progress(cfg, format_args!("scan failed, the target runs on untouched: {e:#}")),
+        }
+        self.last_at = at_s;
+    }
+}
+
+/// `run --scan`: where exit() is (the file as we open it, its offset), in libc or a static
+/// executable.
+fn exit_function(pid: i32, exe: &str) -> Option<(PathBuf, u64)> {
+    let maps = target::exec_mappings(pid).ok()?;
+    let m = maps
+        .iter()
+        .find(|m| target::is_libc(&m.file_name()))
+        .or_else(|| maps.iter().find(|m| m.path.as_os_str() == exe))?;
+    let path = target::target_path(pid, &m.path);
+    let (syms, _) = target::elf::functions(&path, &["exit"]).ok()?;
+    Some((path, syms.get("exit")?.offset))
 }
 
 impl Outcome {
@@ -176,6 +256,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
             return Err(refuse(e));
         }
     };
+    // run --scan: the target stops itself at exit() (an eBPF SIGSTOP) so that its memory can
+    // be scanned before atexit handlers and destructors run.
+    let mut scanner = cfg.scan.as_ref().map(|s| Scanner {
+        every: s.every,
+        max_pause: s.max_pause,
+        last_at: 0.0,
+        history: Vec::new(),
+        last: None,
+        at_exit: false,
+    });
+    if let (Some(sc), Mode::Run { .. }) = (scanner.as_mut(), &cfg.mode) {
+        match exit_function(pid, &identity.exe) {
+            Some((path, offset)) => match probes.attach_exit_stop(&path, offset) {
+                Ok(s) => {
+                    statuses.push(s);
+                    sc.at_exit = true;
+                }
+                Err(e) => progress(&cfg, format_args!("--scan: cannot watch exit() ({e}); no scan at exit")),
+            },
+            None => progress(&cfg, format_args!("--scan: exit() not found in libc; no scan at exit")),
+        }
+    }
     // Only now, with every report site watched, do the GOT slots lead into the stub.
     if let Some(i) = inproc.as_mut() {
         i.installed.patch(&i.got).context("patching the GOT")?;
@@ -236,7 +338,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         snapshots_written: 0,
     };
 
-    let (ended_by, exit_status) = watch(
+    let (ended_by, exit_status): (&'static str, Option<i32>) = watch(
         &cfg,
         &identity,
         pidfd,
@@ -250,8 +352,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         &mut unwind,
         &mut reporting,
         &mut inproc,
+        &mut scanner,
     )
     .await?;
+    let (mut ended_by, mut exit_status) = (ended_by, exit_status);
 
     // Final reading, then detach before the (slower) symbolization and output.
     let mut sample =
@@ -259,6 +363,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     sample.memory = crate::target::memory::read(pid);
     tracker.ingest(sample);
     fetch_new_stacks(&probes, &tracker.sites(), &mut stacks)?;
+    // The last scan, with the target as the final sample saw it; in run mode it is stopped at
+    // exit() and continued afterwards.
+    if let Some(sc) = scanner.as_mut() {
+        let exiting = ended_by == "exit-called";
+        if exiting || !matches!(cfg.mode, Mode::Run { .. }) && ended_by != "target-exited" && ended_by != "target-exec" {
+            sc.scan(&cfg, pid, &probes, &inproc, tracker.window_s(), &stacks, &mut symbolizer);
+        } else if matches!(cfg.mode, Mode::Run { .. }) {
+            progress(&cfg, format_args!("--scan: the command ended without calling exit(); nothing was scanned"));
+        }
+        if exiting {
+            // SAFETY: kill with a valid signal on the command we started.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            exit_status = child.as_mut().and_then(|c| c.wait().ok()).map(|s| {
+                use std::os::unix::process::ExitStatusExt as _;
+                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+            });
+            progress(&cfg, format_args!("PID {pid} exited"));
+            ended_by = "target-exited";
+        }
+    }
     // Then the GOT back (after the reading: a free between the two would go unseen and its
     // block look leaked), and only then the probes.
     if let Some(i) = inproc.as_mut() {
@@ -285,6 +409,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         }
         report.in_process = Some(ip);
     }
+    let mut gate_bytes = report.totals.outstanding_bytes;
+    if let Some(done) = scanner.as_mut().and_then(|s| s.last.take()) {
+        gate_bytes = done.definitely_lost_bytes;
+        report::scan::apply(&mut report, done.scan, done.sites);
+    } else if cfg.scan.is_some() && cfg.fail_on_leak.is_some() {
+        // The gate is on definitely lost bytes: without a scan it cannot be judged safely.
+        progress(&cfg, format_args!("--fail-on-leak: no scan was made; judging outstanding bytes instead"));
+    }
     let rendered = match cfg.format {
         Format::Text => report::text::render(&report, cfg.top),
         Format::Json => report::to_json(&report).context("serializing the report")?,
@@ -297,7 +429,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         progress(&cfg, format_args!("timeline chart written to {}", path.display()));
     }
     write_exports(&cfg.exports, &report, cfg.output_policy)?;
-    Ok(Outcome { outstanding_bytes: report.totals.outstanding_bytes, fail_on_leak: cfg.fail_on_leak })
+    Ok(Outcome { outstanding_bytes: gate_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 
 /// The longest the target may stay stopped while the stub is mapped or the GOT restored: past
@@ -628,6 +760,7 @@ async fn watch(
     unwind: &mut unwind::Loaded,
     reporting: &mut Reporting<'_>,
     inproc: &mut Option<InProcess>,
+    scanner: &mut Option<Scanner>,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
     let mut last_look = 0.0;
@@ -648,6 +781,9 @@ async fn watch(
     };
     tokio::pin!(sleep_until_deadline);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    // run --scan: how soon we notice the target stopped itself at exit().
+    let at_exit = scanner.as_ref().is_some_and(|s| s.at_exit);
+    let mut exit_poll = tokio::time::interval(std::time::Duration::from_millis(10));
     let first_exe = target::exe_of(pid);
 
     let mut test_panic = std::env::var_os("LEAKPROBE_TEST_PANIC_AFTER_ATTACH").is_some();
@@ -656,6 +792,12 @@ async fn watch(
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
             _ = sigint.recv() => return Ok(("signal", None)),
             _ = sigterm.recv() => return Ok(("signal", None)),
+            _ = exit_poll.tick(), if at_exit => {
+                if probes.counters().is_ok_and(|c| c.get(leakprobe_common::counter::EXIT_STOPS) > 0) {
+                    progress(cfg, format_args!("PID {pid} called exit(); stopped there for the scan"));
+                    return Ok(("exit-called", None));
+                }
+            }
             _ = exited.readable() => {
                 let status = child.as_mut().and_then(|c| c.wait().ok()).map(|s| {
                     use std::os::unix::process::ExitStatusExt as _;
@@ -728,6 +870,13 @@ async fn watch(
                         ));
                         return Ok(("overhead-budget", None));
                     }
+                }
+                if let Some(sc) = scanner.as_mut()
+                    && let Some(every) = sc.every
+                    && tracker.window_s() + cfg.interval.as_secs_f64() / 2.0 >= sc.last_at + every.as_secs_f64()
+                {
+                    fetch_new_stacks(probes, &tracker.sites(), stacks)?;
+                    sc.scan(cfg, pid, probes, inproc, tracker.window_s(), stacks, symbolizer);
                 }
                 if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses) {
                     tracing::warn!("{e:#}");

@@ -1,0 +1,262 @@
+//! The reachability scan in the report: each call site's blocks by class and what holds them,
+//! the scan's own figures, and the verdicts they refine. Pure.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::Report;
+use crate::model::trend::{RunVerdict, Trend};
+
+/// Bytes and blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClassTally {
+    pub bytes: u64,
+    pub count: u64,
+}
+
+impl ClassTally {
+    pub fn add(&mut self, bytes: u64, count: u64) {
+        self.bytes += bytes;
+        self.count += count;
+    }
+}
+
+/// Blocks by valgrind's leak classes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Reachability {
+    /// No pointer reaches them (the leaders of lost groups).
+    pub definitely_lost: ClassTally,
+    /// Reached only from definitely lost blocks.
+    pub indirectly_lost: ClassTally,
+    /// Reached, but only through pointers into their middle.
+    pub possibly_lost: ClassTally,
+    /// Reached from a root through pointers to their starts.
+    pub reachable: ClassTally,
+}
+
+impl Reachability {
+    pub fn lost_bytes(&self) -> u64 {
+        self.definitely_lost.bytes + self.indirectly_lost.bytes
+    }
+
+    pub fn add(&mut self, other: &Reachability) {
+        self.definitely_lost.add(other.definitely_lost.bytes, other.definitely_lost.count);
+        self.indirectly_lost.add(other.indirectly_lost.bytes, other.indirectly_lost.count);
+        self.possibly_lost.add(other.possibly_lost.bytes, other.possibly_lost.count);
+        self.reachable.add(other.reachable.bytes, other.reachable.count);
+    }
+}
+
+/// What holds some of a site's reachable blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Holder {
+    /// "global", "stack", "register", "tls", "heap", "anonymous", "file" or "site".
+    pub kind: String,
+    /// e.g. `global cache_head (leaky)`, `r12 of thread 812 (worker)`, or for "site" the
+    /// holding site's leaf function and stack id.
+    pub holder: String,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// The longest run of this site's blocks each linked from the previous one, from the
+    /// holder: 1 when it points at them all directly, 1000 for a 1000-node list.
+    pub chain: u64,
+}
+
+/// A group of lost blocks that point at each other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cycle {
+    pub blocks: u64,
+    pub bytes: u64,
+    /// The call sites in it, most blocks first.
+    pub sites: Vec<CycleSite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CycleSite {
+    pub stack_id: String,
+    /// Its allocation function and innermost caller, e.g. `operator new in make_ring`.
+    pub site: String,
+    pub blocks: u64,
+}
+
+/// One scan of the run, for the timeline (--scan-every).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScanPoint {
+    /// Seconds since the probes went live.
+    pub t_s: f64,
+    pub pause_ms: f64,
+    pub definitely_lost_bytes: u64,
+    pub indirectly_lost_bytes: u64,
+    pub possibly_lost_bytes: u64,
+    pub reachable_bytes: u64,
+}
+
+/// The scan: how the picture was taken, what it cost the target, what was read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Scan {
+    /// Seconds since the probes went live.
+    pub at_s: f64,
+    /// "clone" (a copy-on-write snapshot forked inside the target) or "stopped-copy".
+    pub method: String,
+    /// Why there was no clone, for a stopped copy.
+    pub no_clone_why: Option<String>,
+    /// The target's pause for the capture, and for reaping the snapshot child.
+    pub pause_ms: f64,
+    pub reap_pause_ms: f64,
+    /// The whole scan, capture to release.
+    pub duration_ms: f64,
+    pub threads: u64,
+    /// Bytes read from the snapshot (roots and blocks).
+    pub bytes_read: u64,
+    /// Tracked blocks classified (the sampled ones, with --sample-bytes).
+    pub blocks_scanned: u64,
+    /// Root bytes by kind: stack, tls, module_data, heap, anonymous, file; and registers
+    /// (values looked at).
+    pub roots: BTreeMap<String, u64>,
+    /// Memory that could not be read (counted, skipped): a root there could hold a block we
+    /// call lost.
+    pub unreadable_bytes: u64,
+    pub totals: Reachability,
+    /// Groups of lost blocks pointing at each other, most bytes first.
+    pub cycles: Vec<Cycle>,
+    /// Cycles left out of the list.
+    pub cycles_rest: u64,
+    /// False when the edge budget ran out: some cycles may be missing.
+    pub cycles_complete: bool,
+    /// Every scan of the run, oldest first.
+    pub history: Vec<ScanPoint>,
+}
+
+/// One site's scan result, keyed like the report's sites.
+#[derive(Clone, Debug, Default)]
+pub struct SiteResult {
+    pub stack_id: String,
+    pub function: String,
+    pub reachability: Reachability,
+    pub holders: Vec<Holder>,
+    /// Its lost bytes that sit in cycles.
+    pub cycle_bytes: u64,
+}
+
+/// A site's verdict from its classes and its trend.
+pub fn site_verdict(trend: Trend, r: &Reachability, cycle_bytes: u64) -> &'static str {
+    let lost = r.lost_bytes();
+    let held = r.reachable.bytes;
+    if lost > 0 && lost >= held {
+        return if cycle_bytes * 2 >= lost { "CYCLE" } else { "LEAK" };
+    }
+    // Only interior pointers reach them: valgrind's "possibly lost", a leak more often than not.
+    if r.possibly_lost.bytes > 0 && r.possibly_lost.bytes >= held.max(lost) {
+        return "LEAK";
+    }
+    match trend {
+        Trend::Growing => "ACCUMULATION",
+        Trend::Stable => "STABLE",
+        Trend::NotEnoughData if held > 0 => "STABLE",
+        Trend::NotEnoughData => "NOT ENOUGH DATA",
+    }
+}
+
+/// Puts the scan into the report: classes, holders and verdicts per site, and the run verdict
+/// refined (a growing heap still referenced is ACCUMULATION; lost memory mostly in cycles is
+/// CYCLE; definitely lost memory is a LEAK even when nothing grows).
+pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
+    let mut by_key: std::collections::HashMap<(String, String), SiteResult> =
+        results.into_iter().map(|r| ((r.stack_id.clone(), r.function.clone()), r)).collect();
+    let (mut growing_lost, mut growing_held, mut growing_cycle) = (0u64, 0u64, 0u64);
+    let mut top_holder: Option<(u64, String)> = None;
+    for site in report.sites.iter_mut() {
+        let Some(r) = by_key.remove(&(site.stack_id.clone(), site.function.clone())) else { continue };
+        site.verdict = Some(site_verdict(site.trend, &r.reachability, r.cycle_bytes).to_string());
+        if site.trend == Trend::Growing {
+            growing_lost += r.reachability.lost_bytes() + r.reachability.possibly_lost.bytes;
+            growing_held += r.reachability.reachable.bytes;
+            growing_cycle += r.cycle_bytes;
+            if let Some(h) = r.holders.first()
+                && top_holder.as_ref().is_none_or(|(b, _)| h.bytes > *b)
+            {
+                top_holder = Some((h.bytes, h.holder.clone()));
+            }
+        }
+        site.reachability = Some(r.reachability);
+        site.held_by = r.holders;
+    }
+    let t = scan.totals;
+    let v = &mut report.verdict;
+    match v.kind {
+        RunVerdict::Leak if growing_held > growing_lost => {
+            v.kind = RunVerdict::Accumulation;
+            v.summary = format!(
+                "{}; the scan finds the growing memory still referenced ({} reachable vs {} lost){}",
+                v.summary,
+                crate::report::text::human_bytes(growing_held),
+                crate::report::text::human_bytes(growing_lost),
+                top_holder.map(|(_, h)| format!(", held mostly by {h}")).unwrap_or_default()
+            );
+        }
+        RunVerdict::Leak if growing_lost > 0 && growing_cycle * 2 >= growing_lost => {
+            v.kind = RunVerdict::Cycle;
+            v.summary = format!(
+                "{}; the scan finds the growing memory unreachable, {} of it in cycles of blocks \
+                 pointing at each other",
+                v.summary,
+                crate::report::text::human_bytes(growing_cycle)
+            );
+        }
+        RunVerdict::Leak => {
+            v.summary = format!(
+                "{}; the scan finds {} definitely lost (no pointer reaches it)",
+                v.summary,
+                crate::report::text::human_bytes(t.definitely_lost.bytes)
+            );
+        }
+        RunVerdict::Stable | RunVerdict::NotEnoughData if t.definitely_lost.bytes > 0 => {
+            v.kind = RunVerdict::Leak;
+            v.summary = format!(
+                "{} definitely lost in {} blocks at the scan (no pointer reaches them){}",
+                crate::report::text::human_bytes(t.definitely_lost.bytes),
+                t.definitely_lost.count,
+                if t.indirectly_lost.bytes > 0 {
+                    format!(", and {} indirectly lost through them", crate::report::text::human_bytes(t.indirectly_lost.bytes))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        _ => {}
+    }
+    report.scan = Some(scan);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(def: u64, ind: u64, pos: u64, reach: u64) -> Reachability {
+        let t = |b| ClassTally { bytes: b, count: u64::from(b > 0) };
+        Reachability {
+            definitely_lost: t(def),
+            indirectly_lost: t(ind),
+            possibly_lost: t(pos),
+            reachable: t(reach),
+        }
+    }
+
+    #[test]
+    fn verdicts_follow_the_classes() {
+        assert_eq!(site_verdict(Trend::Growing, &r(1000, 0, 0, 0), 0), "LEAK");
+        assert_eq!(site_verdict(Trend::NotEnoughData, &r(720, 1200, 0, 0), 1920), "CYCLE");
+        assert_eq!(site_verdict(Trend::Growing, &r(0, 0, 640, 0), 0), "LEAK");
+        assert_eq!(site_verdict(Trend::Growing, &r(0, 0, 0, 64000), 0), "ACCUMULATION");
+        assert_eq!(site_verdict(Trend::Stable, &r(10, 0, 0, 64000), 0), "STABLE");
+        assert_eq!(site_verdict(Trend::NotEnoughData, &r(0, 0, 0, 0), 0), "NOT ENOUGH DATA");
+    }
+}

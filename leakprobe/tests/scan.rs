@@ -1,0 +1,178 @@
+//! The reachability scan (issue 13) against valgrind: each case of `tests/targets/scan_cases.cpp`
+//! keeps its blocks in one known way; `leakprobe run --scan` must classify them as
+//! `valgrind --leak-check=full` does, with the same counts, and attaching to the running
+//! program must agree too. Privileged: run as root, one at a time.
+
+mod common;
+
+use std::{collections::BTreeMap, process::Command};
+
+use common::*;
+use serde_json::Value;
+
+const CASES: &[(&str, &str)] = &[
+    // (case, the function whose blocks are compared)
+    ("definite", "leak_definite"),
+    ("interior", "leak_interior"),
+    ("list", "grow_list"),
+    ("map", "grow_map"),
+    ("ring", "make_ring"),
+    ("register", "hold_in_register"),
+    ("stack", "hold_on_stack"),
+    ("tls", "hold_in_tls"),
+    ("mmap", "hold_in_mmap"),
+];
+
+const CLASSES: [&str; 4] = ["definitely_lost", "indirectly_lost", "possibly_lost", "reachable"];
+
+fn target() -> std::path::PathBuf {
+    build_target("scan_cases.cpp", "scan_cases", "g++", &["-O2", "-g", "-fomit-frame-pointer", "-pthread"])
+}
+
+/// (class -> (bytes, blocks)) of valgrind's loss records whose stack holds `func`.
+fn valgrind_classes(bin: &std::path::Path, case: &str, func: &str) -> BTreeMap<&'static str, (u64, u64)> {
+    let xml = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new("valgrind")
+        .args(["--leak-check=full", "--show-leak-kinds=all", "--xml=yes"])
+        .arg(format!("--xml-file={}", xml.path().display()))
+        .arg(bin)
+        .arg(case)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("valgrind (installed by cargo xtask setup)");
+    {
+        use std::io::Write as _;
+        writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
+    }
+    assert!(child.wait().unwrap().success(), "valgrind run of {case}");
+    let text = std::fs::read_to_string(xml.path()).unwrap();
+    let tag = |s: &str, t: &str| -> Option<String> {
+        let a = s.find(&format!("<{t}>"))? + t.len() + 2;
+        let b = a + s[a..].find(&format!("</{t}>"))?;
+        Some(s[a..b].to_string())
+    };
+    let mut out = BTreeMap::new();
+    for record in text.split("<error>").skip(1) {
+        let record = &record[..record.find("</error>").unwrap_or(record.len())];
+        let class = match tag(record, "kind").as_deref() {
+            Some("Leak_DefinitelyLost") => "definitely_lost",
+            Some("Leak_IndirectlyLost") => "indirectly_lost",
+            Some("Leak_PossiblyLost") => "possibly_lost",
+            Some("Leak_StillReachable") => "reachable",
+            _ => continue,
+        };
+        if !record.contains(&format!("<fn>{func}")) {
+            continue;
+        }
+        let bytes: u64 = tag(record, "leakedbytes").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let blocks: u64 = tag(record, "leakedblocks").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let e = out.entry(class).or_insert((0, 0));
+        e.0 += bytes;
+        e.1 += blocks;
+    }
+    out
+}
+
+/// The same, from a leakprobe report: the sites whose stack holds `func`.
+fn leakprobe_classes(report: &Value, func: &str) -> BTreeMap<&'static str, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for s in sites(report).iter().filter(|s| has_frame(s, func)) {
+        let r = &s["reachability"];
+        assert!(r.is_object(), "no reachability for a site of {func}: {s}");
+        for class in CLASSES {
+            let (b, c) = (r[class]["bytes"].as_u64().unwrap_or(0), r[class]["count"].as_u64().unwrap_or(0));
+            if c > 0 {
+                let e = out.entry(class).or_insert((0, 0));
+                e.0 += b;
+                e.1 += c;
+            }
+        }
+    }
+    out
+}
+
+/// `leakprobe run --scan` on one case: its JSON report.
+fn run_scan(bin: &std::path::Path, case: &str) -> Value {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let path = out_file.path().to_str().unwrap().to_string();
+    let mut child = Command::new(leakprobe_bin())
+        .args(["run", "--scan", "--format", "json", "--output", &path, "--"])
+        .arg(bin)
+        .arg(case)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn run_scan_classes_agree_with_valgrind_on_every_case() {
+    require_root();
+    let bin = target();
+    let mut table = Vec::new();
+    for (case, func) in CASES {
+        let expected = valgrind_classes(&bin, case, func);
+        assert!(!expected.is_empty(), "valgrind saw no block of {func} in case {case}");
+        let report = run_scan(&bin, case);
+        assert_eq!(report["target"]["exit_status"].as_i64(), Some(0), "{case}");
+        let scan = &report["scan"];
+        assert!(scan["pause_ms"].as_f64().is_some_and(|p| p > 0.0), "{case}: {scan}");
+        let got = leakprobe_classes(&report, func);
+        table.push(format!("{case:>9}: valgrind {expected:?}\n{:>11}leakprobe {got:?}", ""));
+        assert_eq!(got, expected, "{case}: classes of {func}'s blocks (bytes, blocks)");
+    }
+    println!("{}", table.join("\n"));
+}
+
+#[test]
+fn the_global_lists_holder_is_named_and_the_ring_is_a_cycle() {
+    require_root();
+    let bin = target();
+    let report = run_scan(&bin, "list");
+    let list = sites(&report).iter().find(|s| has_frame(s, "grow_list")).expect("grow_list's site");
+    let holder = &list["held_by"][0];
+    assert_eq!(holder["kind"], "global", "{list}");
+    assert!(holder["holder"].as_str().unwrap().contains("cache_head"), "{holder}");
+    assert_eq!(holder["blocks"].as_u64(), Some(10), "{holder}");
+    assert_eq!(holder["chain"].as_u64(), Some(10), "each node linked from the previous one: {holder}");
+
+    let report = run_scan(&bin, "ring");
+    let cycles = report["scan"]["cycles"].as_array().unwrap();
+    assert_eq!(cycles.len(), 10, "one cycle per Session <-> Connection ring: {cycles:?}");
+    assert!(cycles.iter().all(|c| c["blocks"] == 2), "{cycles:?}");
+    let ring = sites(&report).iter().filter(|s| has_frame(s, "make_ring")).collect::<Vec<_>>();
+    assert!(ring.iter().all(|s| s["verdict"] == "CYCLE"), "{ring:?}");
+
+    let report = run_scan(&bin, "definite");
+    assert_eq!(report["verdict"]["kind"], "leak", "{}", report["verdict"]);
+    let leak = sites(&report).iter().find(|s| has_frame(s, "leak_definite")).unwrap();
+    assert_eq!(leak["verdict"], "LEAK");
+}
+
+/// Attached to the running program (blocks tracked from attach on), the classes are the
+/// same as in run mode.
+#[test]
+fn live_attach_scan_agrees_with_run_mode() {
+    require_root();
+    let bin = target();
+    for (case, func) in CASES {
+        let expected = leakprobe_classes(&run_scan(&bin, case), func);
+        let mut t = Target::spawn_with_args(&bin, &[case]);
+        let report = attach_report(&mut t, &["--duration", "2s", "--format", "json", "--scan"], |t| t.leak());
+        let got = leakprobe_classes(&report, func);
+        assert_eq!(got, expected, "{case}: attach --scan vs run --scan");
+        assert!(report["scan"]["method"] == "clone", "{}", report["scan"]);
+        t.send("exit");
+        assert!(t.child.wait().unwrap().success(), "{case}: the target exits 0 after the scan");
+    }
+}
