@@ -8,6 +8,7 @@
 //! - [`ptrace`]: stop the world, run system calls in the target, resume (RAII guards);
 //! - [`inprocess`]: in-process sampling: the GOT plan, the stub, its install and guard;
 //! - [`report`]: the report and its renderings: text, JSON, diff, exports, chart (pure);
+//! - [`scan`]: the reachability scan: snapshot, roots, mark (pure), classes;
 //! - the edges: [`cli`] (flags), [`session`] (the tokio loop that runs it all), [`output`]
 //!   (checked, atomic result files).
 

@@ -4,7 +4,12 @@
 //! definitely, indirectly or possibly lost, or still reachable, with what holds it.
 //!
 //! capture → roots → mark → name the holders → release. The target is paused only in the
-//! capture; everything after it reads the copy-on-write snapshot.
+//! capture; everything after it reads the copy-on-write snapshot. The marking follows
+//! valgrind's `memcheck/mc_leakcheck.c`, so that its counts agree with `valgrind
+//! --leak-check=full`.
+//!
+//! Words are read only to follow pointers: results hold addresses, sizes, indices, symbols
+//! and counts, never memory contents (they may be secrets).
 
 pub mod mark;
 pub mod roots;
