@@ -225,7 +225,10 @@ pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
                 crate::report::text::human_bytes(t.definitely_lost.bytes),
                 t.definitely_lost.count,
                 if t.indirectly_lost.bytes > 0 {
-                    format!(", and {} indirectly lost through them", crate::report::text::human_bytes(t.indirectly_lost.bytes))
+                    format!(
+                        ", and {} indirectly lost through them",
+                        crate::report::text::human_bytes(t.indirectly_lost.bytes)
+                    )
                 } else {
                     String::new()
                 }

@@ -190,6 +190,12 @@ pub struct Options<'a> {
     pub max_holders: usize,
     /// Cycles listed; the rest are summed in [`Cycles::rest`].
     pub max_cycles: usize,
+    /// The one address inside a block of `(start, size)` that the allocator itself points at,
+    /// if any: glibc's next chunk header sits in a block's last bytes (the requested size runs
+    /// into it), and its arena's `top` or a free chunk's links point there. Such a pointer is
+    /// the allocator's, not the program's: valgrind, whose malloc keeps no such pointers,
+    /// never sees it.
+    pub allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
     /// Edges among lost blocks kept for the clique and cycle passes (4 bytes each). Past it the
     /// clique pass reads lost blocks again (same classes, slower) and cycles may be missed
     /// ([`Cycles::complete`] says so).
@@ -201,6 +207,7 @@ impl Default for Options<'_> {
         Options {
             heuristics: Heuristics::ALL,
             is_vtable: None,
+            allocator_tail: None,
             max_holders: 16,
             max_cycles: 1000,
             max_lost_edges: 32 << 20,
@@ -465,7 +472,8 @@ pub fn mark(
     mem: &mut dyn Memory,
     opts: Options<'_>,
 ) -> Result<Marking, MarkError> {
-    let heap = Heap::new(blocks)?;
+    let mut heap = Heap::new(blocks)?;
+    heap.tail = opts.allocator_tail;
     let n = heap.ext.len();
     let mut m = Marker {
         heap: &heap,
@@ -519,6 +527,8 @@ struct Heap {
     /// Per cluster, bucket `k` -> the first block that ends after the bucket's start; one more
     /// entry closes each cluster's table.
     buckets: Vec<u32>,
+    /// See [`Options::allocator_tail`].
+    tail: Option<fn(u64, u64) -> Option<u64>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -557,6 +567,7 @@ impl Heap {
             hi: 0,
             clusters: Vec::new(),
             buckets: Vec::new(),
+            tail: None,
         };
         let mut prev: Option<(usize, u64)> = None;
         for &i in &heap.caller {
@@ -647,7 +658,11 @@ impl Heap {
     fn search(&self, p: u64, first: usize, next: usize, cluster_end: u32) -> Option<u32> {
         let end = (next + 1).min(cluster_end as usize);
         let i = first + self.ext.get(first..end)?.partition_point(|e| e.start <= p).checked_sub(1)?;
-        (p - self.ext[i].start < self.ext[i].size.max(1)).then_some(i as u32)
+        let e = self.ext[i];
+        if self.tail.is_some_and(|t| t(e.start, e.size) == Some(p)) {
+            return None;
+        }
+        (p - e.start < e.size.max(1)).then_some(i as u32)
     }
 
     /// The aligned words wholly inside block `b` (valgrind rounds the start up, the end down).

@@ -45,6 +45,19 @@ pub struct Request {
     pub max_pause: Duration,
     /// Never inject a clone: copy the memory while stopped (tests; seccomp'd targets).
     pub no_clone: bool,
+    /// The allocator's own pointer into a block's tail (see [`mark::Options::allocator_tail`]):
+    /// [`glibc_next_chunk`] for glibc.
+    pub allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
+}
+
+/// glibc: where the chunk after a block of `size` bytes at `start` begins, if that lies
+/// inside the block's requested size (the next chunk's `prev_size` field is the last word a
+/// block may use). Chunks are `size + 8` rounded up to 16, at least 32, and start 16 bytes
+/// before the block.
+pub fn glibc_next_chunk(start: u64, size: u64) -> Option<u64> {
+    let chunk = size.checked_add(8 + 15)? & !15;
+    let next = (start - 16).checked_add(chunk.max(32))?;
+    (next > start && next < start + size).then_some(next)
 }
 
 /// What a holder is, in the user's words.
@@ -87,11 +100,16 @@ impl mark::Memory for SnapMem<'_> {
 /// Captures, marks and releases; the target pauses only in the capture (and briefly to reap).
 pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     let t0 = Instant::now();
-    let opts = snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
+    let opts =
+        snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
     let snap = snapshot::capture(req.pid, &opts)?;
     let roots = roots::build(&snap.regions, &snap.threads, &req.exclude, roots::TlsSpan::default());
     let mroots = mark::Roots {
-        ranges: roots.ranges.iter().map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root }).collect(),
+        ranges: roots
+            .ranges
+            .iter()
+            .map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root })
+            .collect(),
         values: roots
             .values
             .iter()
@@ -101,7 +119,11 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     let marking = {
         let mut mem = SnapMem(&snap);
         let mut vtable = |a: u64| is_vtable(&snap, a);
-        let options = mark::Options { is_vtable: Some(&mut vtable), ..mark::Options::default() };
+        let options = mark::Options {
+            is_vtable: Some(&mut vtable),
+            allocator_tail: req.allocator_tail,
+            ..mark::Options::default()
+        };
         mark::mark(&req.blocks, &mroots, &mut mem, options)?
     };
     let holders = name_holders(&marking, &roots, &snap);
@@ -128,7 +150,8 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
 /// mapping, and its first 20 words hold at least two non-null words, every non-null one
 /// pointing into executable file-backed code.
 fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
-    let file_backed = |a: u64| snap.regions.iter().any(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
+    let file_backed =
+        |a: u64| snap.regions.iter().any(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
     if addr % 8 != 0 || !file_backed(addr) {
         return false;
     }
@@ -147,6 +170,48 @@ fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
     non_null >= 2
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glibc_next_chunk_lies_in_the_last_word_only() {
+        // 100 bytes: a 112-byte chunk at start-16, the next at start+96, inside the block.
+        assert_eq!(glibc_next_chunk(0x1010, 100), Some(0x1010 + 96));
+        // 24 bytes: a 32-byte chunk, the next at start+16, inside.
+        assert_eq!(glibc_next_chunk(0x1010, 24), Some(0x1010 + 16));
+        // 16 and 96 bytes: the next chunk starts at or past the block's end.
+        assert_eq!(glibc_next_chunk(0x1010, 16), None);
+        assert_eq!(glibc_next_chunk(0x1010, 96), None);
+    }
+
+    #[test]
+    fn the_allocators_tail_pointer_does_not_hold_a_block() {
+        // A lost 100-byte block whose only "pointer" is glibc's arena top at its tail.
+        struct Mem(Vec<u8>, u64);
+        impl mark::Memory for Mem {
+            fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), mark::Unreadable> {
+                let off = addr.checked_sub(self.1).ok_or(mark::Unreadable)? as usize;
+                buf.copy_from_slice(self.0.get(off..off + buf.len()).ok_or(mark::Unreadable)?);
+                Ok(())
+            }
+        }
+        let blocks = [mark::Block { start: 0x10010, size: 100, site: 0 }];
+        let mut bytes = vec![0u8; 0x200];
+        bytes[..8].copy_from_slice(&(0x10010u64 + 96).to_le_bytes());
+        let roots = mark::Roots {
+            ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
+            values: vec![],
+        };
+        let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
+            let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };
+            mark::mark(&blocks, &roots, &mut Mem(bytes.clone(), 0x20000), opts).unwrap().blocks[0].class
+        };
+        assert_eq!(class(None), mark::Class::PossiblyLost);
+        assert_eq!(class(Some(glibc_next_chunk)), mark::Class::DefinitelyLost);
+    }
+}
+
 fn thread_name(pid: i32, tid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
     match comm.trim() {
@@ -160,7 +225,11 @@ fn file_name(path: &str) -> &str {
 }
 
 /// Names every root that holds something: globals by symbol, registers and stacks by thread.
-fn name_holders(marking: &mark::Marking, roots: &roots::Roots, snap: &Snapshot) -> HashMap<RootRef, HolderName> {
+fn name_holders(
+    marking: &mark::Marking,
+    roots: &roots::Roots,
+    snap: &Snapshot,
+) -> HashMap<RootRef, HolderName> {
     let mut data = DataSymbols::default();
     let mut out = HashMap::new();
     let refs = marking.sites.iter().flat_map(|s| s.holders.iter()).filter_map(|h| match h.by {
@@ -184,8 +253,12 @@ fn name_holders(marking: &mark::Marking, roots: &roots::Roots, snap: &Snapshot) 
             }
             (RootKind::Stack { tid }, RootSlot::Word { addr }) => {
                 let sp = snap.threads.iter().find(|t| t.tid == *tid).map_or(0, |t| t.rsp);
-                let at = if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
-                HolderName { kind: "stack", name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)) }
+                let at =
+                    if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
+                HolderName {
+                    kind: "stack",
+                    name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)),
+                }
             }
             (RootKind::Tls { tid }, _) => {
                 HolderName { kind: "tls", name: format!("the TLS of {}", thread_name(snap.pid, *tid)) }
@@ -201,10 +274,13 @@ fn name_holders(marking: &mark::Marking, roots: &roots::Roots, snap: &Snapshot) 
                 let file = crate::target::target_path(snap.pid, std::path::Path::new(path));
                 let module = file_name(path);
                 match data.lookup(&file, base, addr) {
-                    Some(v) if v.offset == 0 => HolderName { kind: "global", name: format!("global {} ({module})", v.name) },
-                    Some(v) => {
-                        HolderName { kind: "global", name: format!("global {}+{:#x} ({module})", v.name, v.offset) }
+                    Some(v) if v.offset == 0 => {
+                        HolderName { kind: "global", name: format!("global {} ({module})", v.name) }
                     }
+                    Some(v) => HolderName {
+                        kind: "global",
+                        name: format!("global {}+{:#x} ({module})", v.name, v.offset),
+                    },
                     None => HolderName {
                         kind: "global",
                         name: format!("data of {module} at +{:#x} (no symbol)", addr.saturating_sub(base)),
@@ -213,14 +289,19 @@ fn name_holders(marking: &mark::Marking, roots: &roots::Roots, snap: &Snapshot) 
             }
             (RootKind::Heap, RootSlot::Word { addr }) => HolderName {
                 kind: "heap",
-                name: format!("untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"),
+                name: format!(
+                    "untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"
+                ),
             },
             (RootKind::Anonymous { name, start }, _) => {
                 let end = snap.regions.iter().find(|x| x.start == *start).map_or(*start, |x| x.end);
                 let label = if name.is_empty() { String::new() } else { format!(" {name}") };
                 HolderName {
                     kind: "anonymous",
-                    name: format!("anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)", (end - start) / 1024),
+                    name: format!(
+                        "anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)",
+                        (end - start) / 1024
+                    ),
                 }
             }
             (RootKind::File { path }, _) => HolderName { kind: "file", name: format!("file mapping {path}") },

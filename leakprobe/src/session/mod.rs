@@ -68,6 +68,8 @@ struct Scanner {
     last: Option<scan::Done>,
     /// `run --scan`: the target is stopped at exit() by our probe.
     at_exit: bool,
+    /// The target's malloc is glibc's (its chunk headers sit in blocks' tails).
+    glibc: bool,
 }
 
 impl Scanner {
@@ -96,7 +98,17 @@ impl Scanner {
         symbolizer: &mut Symbolizer,
     ) {
         let exclude = Self::exclude(inproc);
-        match scan::run(pid, probes, exclude, self.max_pause, at_s, &mut self.history, stacks, symbolizer) {
+        match scan::run(
+            pid,
+            probes,
+            exclude,
+            self.max_pause,
+            self.glibc,
+            at_s,
+            &mut self.history,
+            stacks,
+            symbolizer,
+        ) {
             Ok(done) => {
                 let s = &done.scan;
                 progress(
@@ -265,6 +277,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         history: Vec::new(),
         last: None,
         at_exit: false,
+        glibc: plan.allocator == allocator::AllocatorKind::Glibc,
     });
     if let (Some(sc), Mode::Run { .. }) = (scanner.as_mut(), &cfg.mode) {
         match exit_function(pid, &identity.exe) {
@@ -367,10 +380,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     // exit() and continued afterwards.
     if let Some(sc) = scanner.as_mut() {
         let exiting = ended_by == "exit-called";
-        if exiting || !matches!(cfg.mode, Mode::Run { .. }) && ended_by != "target-exited" && ended_by != "target-exec" {
+        if exiting
+            || !matches!(cfg.mode, Mode::Run { .. })
+                && ended_by != "target-exited"
+                && ended_by != "target-exec"
+        {
             sc.scan(&cfg, pid, &probes, &inproc, tracker.window_s(), &stacks, &mut symbolizer);
         } else if matches!(cfg.mode, Mode::Run { .. }) {
-            progress(&cfg, format_args!("--scan: the command ended without calling exit(); nothing was scanned"));
+            progress(
+                &cfg,
+                format_args!("--scan: the command ended without calling exit(); nothing was scanned"),
+            );
         }
         if exiting {
             // SAFETY: kill with a valid signal on the command we started.

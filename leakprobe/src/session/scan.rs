@@ -88,6 +88,7 @@ pub fn run(
     probes: &Probes,
     exclude: Vec<(u64, u64)>,
     max_pause: std::time::Duration,
+    glibc: bool,
     at_s: f64,
     history: &mut Vec<ScanPoint>,
     stacks: &StackCache,
@@ -98,7 +99,14 @@ pub fn run(
     if stale > 0 {
         tracing::info!("{stale} stale tracked blocks overlapped newer ones and were left out of the scan");
     }
-    let req = scan::Request { pid, blocks, exclude, max_pause, no_clone: false };
+    let req = scan::Request {
+        pid,
+        blocks,
+        exclude,
+        max_pause,
+        no_clone: false,
+        allocator_tail: glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
+    };
     let out = scan::scan(&req).with_context(|| format!("scanning PID {pid}"))?;
     let m = &out.marking;
     if std::env::var_os("LEAKPROBE_DEBUG_SCAN").is_some() {
@@ -138,7 +146,11 @@ pub fn run(
             let r = &per_site[site];
             r.lost_bytes() + r.possibly_lost.bytes + r.reachable.bytes
         };
-        if raw_bytes[site] == 0 { raw } else { (raw as f64 * est as f64 / raw_bytes[site] as f64).round() as u64 }
+        if raw_bytes[site] == 0 {
+            raw
+        } else {
+            (raw as f64 * est as f64 / raw_bytes[site] as f64).round() as u64
+        }
     };
 
     let mut labels: HashMap<u32, String> = HashMap::new();
@@ -190,7 +202,8 @@ pub fn run(
             .collect();
         results.push(SiteResult {
             stack_id: format!("{:016x}", key.stack_id),
-            function: AllocKind::from_u32(key.kind).map_or_else(|| format!("kind {}", key.kind), |k| k.name().into()),
+            function: AllocKind::from_u32(key.kind)
+                .map_or_else(|| format!("kind {}", key.kind), |k| k.name().into()),
             reachability: per_site[i],
             holders,
             cycle_bytes: cycle_bytes[i],
