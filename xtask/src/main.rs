@@ -88,7 +88,8 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 /// used), setpriv for the privilege test, a TrueType font for --plot's labels, the tools
 /// that open the exports in the tests (`go tool pprof` from golang-go, headless chromium for
 /// the flame graph), and the other allocators the tests trace (jemalloc, tcmalloc, mimalloc,
-/// musl, Debian's redis-server on jemalloc).
+/// musl, Debian's redis-server on jemalloc), and valgrind, whose leak classes the scan's
+/// tests compare with.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -110,6 +111,7 @@ const PACKAGES: &[&str] = &[
     "musl-tools",
     "redis-server",
     "redis-tools",
+    "valgrind",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator.
@@ -243,6 +245,8 @@ fn demo(duration: &str) -> anyhow::Result<()> {
                 "1s",
                 "--top",
                 "5",
+                // Why each site keeps its memory: a true leak, or held (and by what).
+                "--scan",
                 "--plot",
             ])
             .arg(out_dir.join("timeline.png"))
@@ -309,8 +313,9 @@ fn demo(duration: &str) -> anyhow::Result<()> {
     let _ = srv.wait();
     let report = result?;
     println!("{report}");
-    // The demo doubles as a smoke test: the two bugs must be on top.
-    for needle in ["parse_upload", "session_create"] {
+    // The demo doubles as a smoke test: the two bugs must be on top, the upload copy a true
+    // leak and the sessions held by their global list.
+    for needle in ["parse_upload", "session_create", "LEAK: ", "held by global sessions"] {
         if !report.contains(needle) {
             bail!("demo report does not name {needle}");
         }

@@ -213,9 +213,18 @@ pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
         }
         RunVerdict::Leak => {
             v.summary = format!(
-                "{}; the scan finds {} definitely lost (no pointer reaches it)",
+                "{}; the scan finds {} definitely lost (no pointer reaches it){}",
                 v.summary,
-                crate::report::text::human_bytes(t.definitely_lost.bytes)
+                crate::report::text::human_bytes(t.definitely_lost.bytes),
+                if growing_held > 0 {
+                    format!(
+                        ", and {} of the growth still referenced{}",
+                        crate::report::text::human_bytes(growing_held),
+                        top_holder.map(|(_, h)| format!(" (mostly by {h})")).unwrap_or_default()
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
         RunVerdict::Stable | RunVerdict::NotEnoughData if t.definitely_lost.bytes > 0 => {

@@ -85,7 +85,55 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
         s.interval_allocs,
         s.interval_frees,
     );
+    if let Some(r) = &s.reachability {
+        reachability_lines(out, s, r);
+    }
     out.push('\n');
+}
+
+/// `--scan`: a site's classes, its verdict, and what holds it.
+fn reachability_lines(out: &mut String, s: &Site, r: &crate::report::scan::Reachability) {
+    let classes: Vec<String> = [
+        ("definitely lost", r.definitely_lost),
+        ("indirectly lost", r.indirectly_lost),
+        ("possibly lost", r.possibly_lost),
+        ("reachable", r.reachable),
+    ]
+    .iter()
+    .filter(|(_, t)| t.count > 0)
+    .map(|(name, t)| format!("{} {name} in {}", human_bytes(t.bytes), plural(t.count, "block", "blocks")))
+    .collect();
+    let why = match s.verdict.as_deref() {
+        Some("LEAK") if r.definitely_lost.count + r.indirectly_lost.count > 0 => {
+            " (no pointer reaches them: a missing free or delete)"
+        }
+        Some("LEAK") => " (only pointers into their middle reach them)",
+        Some("CYCLE") => " (they only point at each other: break the cycle, e.g. a weak_ptr)",
+        Some("ACCUMULATION") => " (still referenced: bound or evict what holds them)",
+        _ => "",
+    };
+    let _ = writeln!(
+        out,
+        "  {}: {}{why}",
+        s.verdict.as_deref().unwrap_or("scan"),
+        if classes.is_empty() { "no blocks at the scan".to_string() } else { classes.join(", ") }
+    );
+    for h in s.held_by.iter().take(3) {
+        let chain = match h.chain {
+            0 | 1 => format!("{} of this site", plural(h.blocks, "block", "blocks")),
+            n if n >= h.blocks => {
+                format!(
+                    "{} of this site, each linked from the previous one",
+                    plural(h.blocks, "block", "blocks")
+                )
+            }
+            n => format!("{} of this site, in chains up to {n} long", plural(h.blocks, "block", "blocks")),
+        };
+        let _ = writeln!(out, "  held by {} -> {chain} ({})", h.holder, human_bytes(h.bytes));
+    }
+    if s.held_by.len() > 3 {
+        let _ = writeln!(out, "  ... and {} more holders (see --format json)", s.held_by.len() - 3);
+    }
 }
 
 /// Renders the report. `top` limits how many growing call sites are printed in full.
@@ -284,6 +332,48 @@ pub fn render(r: &Report, top: usize) -> String {
     }
     let _ = writeln!(out);
 
+    if let Some(sc) = &r.scan {
+        let t = &sc.totals;
+        let _ = writeln!(
+            out,
+            "  scan:    at +{:.1} s, {} ({}): target paused {:.1} ms (+{:.1} ms to reap), {} threads, {} read, \
+             {} blocks in {:.0} ms",
+            sc.at_s,
+            if sc.method == "clone" { "a copy-on-write snapshot" } else { "copied while stopped" },
+            sc.no_clone_why.as_deref().unwrap_or("forked inside the target, never run"),
+            sc.pause_ms,
+            sc.reap_pause_ms,
+            sc.threads,
+            human_bytes(sc.bytes_read),
+            sc.blocks_scanned,
+            sc.duration_ms,
+        );
+        let _ = writeln!(
+            out,
+            "           definitely lost {} in {}, indirectly {} in {}, possibly {} in {}, reachable {} in {}{}",
+            human_bytes(t.definitely_lost.bytes),
+            t.definitely_lost.count,
+            human_bytes(t.indirectly_lost.bytes),
+            t.indirectly_lost.count,
+            human_bytes(t.possibly_lost.bytes),
+            t.possibly_lost.count,
+            human_bytes(t.reachable.bytes),
+            t.reachable.count,
+            if sc.cycles.is_empty() {
+                String::new()
+            } else {
+                format!("; {} cycles of lost blocks", sc.cycles.len() as u64 + sc.cycles_rest)
+            }
+        );
+        if sc.unreadable_bytes > 0 {
+            let _ = writeln!(
+                out,
+                "           {} of memory could not be read: a pointer there could hold a block called lost",
+                human_bytes(sc.unreadable_bytes)
+            );
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(
         out,
         "VERDICT: {}: {}",

@@ -210,6 +210,25 @@ pub fn run(
         });
     }
 
+    // A site held by another site's blocks: show the chain to that site's own root holder,
+    // e.g. "global sessions (leaky) -> 471 blocks of calloc in session_create".
+    let root_of: HashMap<String, String> = results
+        .iter()
+        .filter_map(|r| {
+            let h = r.holders.first().filter(|h| h.kind != "site")?;
+            Some((r.stack_id.clone(), h.holder.clone()))
+        })
+        .collect();
+    for r in results.iter_mut() {
+        for h in r.holders.iter_mut().filter(|h| h.kind == "site") {
+            if let Some((_, id)) = h.holder.rsplit_once("(stack ")
+                && let Some(root) = root_of.get(id.trim_end_matches(')'))
+            {
+                h.holder = format!("{root} -> {}", h.holder);
+            }
+        }
+    }
+
     let mut roots: std::collections::BTreeMap<String, u64> =
         out.root_bytes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     roots.insert("registers".into(), m.stats.root_values);
