@@ -186,11 +186,13 @@ fn to_reap(list: &RestoreList) -> Vec<i32> {
     out
 }
 
-/// Waits (up to 2 s) for each child to exit, then reaps it by injecting `wait4` into the
-/// target. Returns how many were reaped.
+/// Waits for each child to exit, then reaps it by injecting `wait4` into the target. Returns
+/// how many were reaped. A SIGKILLed leakprobe lets go of its tracees only after closing its
+/// files, and closing each uprobe takes ~0.1 s: the child exits (and the target can be
+/// stopped again) only then, so this waits up to 10 s.
 fn reap_children(list: &RestoreList, children: &[i32]) -> usize {
     use crate::ptrace::{CheckOptions, RemoteSyscalls, StopOptions, StoppedWorld};
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut reaped = 0;
     for &c in children {
         // Let go by our death, it runs its exit_group path at once.

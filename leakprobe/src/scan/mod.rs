@@ -103,6 +103,10 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     let opts =
         snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
     let snap = snapshot::capture(req.pid, &opts)?;
+    // Tests only: widen the window in which the snapshot child exists (SIGKILL tests).
+    if let Some(ms) = std::env::var("LEAKPROBE_TEST_SCAN_HOLD_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let roots = roots::build(&snap.regions, &snap.threads, &req.exclude, roots::TlsSpan::default());
     let mroots = mark::Roots {
         ranges: roots
