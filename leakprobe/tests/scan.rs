@@ -276,3 +276,37 @@ fn twenty_sigkills_during_scans_leave_no_stopped_thread_and_no_child() {
     target.send("exit");
     assert_eq!(target.child.wait().unwrap().code(), Some(0));
 }
+
+/// A target whose seccomp filter denies clone: no snapshot can be forked in it, so its
+/// memory is copied while it is stopped, within --max-pause; with a bound too small for that
+/// the scan is refused, saying why, and the target runs on.
+#[test]
+fn a_target_that_may_not_clone_is_copied_within_the_pause_or_refused() {
+    require_root();
+    let bin = build_target("seccomp_leak.c", "seccomp_leak", "gcc", NOFP_C);
+    let mut t = Target::spawn(&bin);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", t.pid())).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "the filter is on");
+    let report = attach_report(&mut t, &["--duration", "2s", "--format", "json", "--scan"], |t| t.leak());
+    let scan = &report["scan"];
+    assert_eq!(scan["method"], "stopped-copy", "{scan}");
+    assert!(scan["no_clone_why"].as_str().unwrap().contains("seccomp"), "{scan}");
+    let pause = scan["pause_ms"].as_f64().unwrap();
+    assert!(pause <= 200.0, "paused {pause} ms, over the default --max-pause");
+    let dropped = leakprobe_classes(&report, "drop_blocks");
+    assert_eq!(dropped.get("definitely_lost"), Some(&(1000, 10)), "{dropped:?}");
+    let kept = leakprobe_classes(&report, "keep_blocks");
+    assert_eq!(kept.get("reachable"), Some(&(2000, 10)), "{kept:?}");
+
+    // 1 ms cannot hold a copy of its memory: refused, the target untouched.
+    let (code, out, err) =
+        attach_with(&mut t, &["--duration", "1s", "--format", "json", "--scan", "--max-pause", "1ms"], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("scan failed") && err.contains("--max-pause"), "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["scan"].is_null());
+    assert_eq!(stopped_threads(t.pid()), (0, "0".to_string()));
+    t.leak();
+    t.send("exit");
+    assert_eq!(t.child.wait().unwrap().code(), Some(0));
+}
