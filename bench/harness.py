@@ -12,7 +12,10 @@ every configuration, ...; medians reported):
   * time from launching `leakprobe attach` to probes live and to the first report, and
     detach time;
   * the target's pauses when the in-process stub is installed and removed, at 4 and 64
-    threads.
+    threads;
+  * the reachability scan: the target's pause (seen by a thread of its own spinning on the
+    clock) and the whole scan's time, for heaps of 64 MiB and 1 GiB at 4 and 64 threads.
+BENCH_ONLY=scan runs only the last one (and updates only its block of docs/benchmarks.md).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -285,6 +288,82 @@ def pause_table():
             "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
+SCAN_TARGET = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+/* scan_heap MIB THREADS: THREADS-1 idle threads (server-like, blocked), one thread spinning on
+ * the clock that records the longest gap it sees (the pause it suffered). "alloc" builds a
+ * heap of MIB MiB of 64 B-4 KiB blocks: nine in ten kept in a global list, one in ten dropped.
+ * "reset" clears the longest gap; "gap" prints it in microseconds. */
+struct node { struct node *next; };
+struct node *kept;
+static volatile long long longest;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static long long now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+static void *idle(void *a) { (void)a; pthread_mutex_lock(&mu); for (;;) pthread_cond_wait(&cv, &mu); return 0; }
+static void *clockwatch(void *a) { (void)a; long long last = now_ns(); for (;;) { long long t = now_ns();
+  if (t - last > longest) longest = t - last; last = t; } return 0; }
+int main(int argc, char **argv) { long mib = atol(argv[1]); int n = atoi(argv[2]); pthread_t t;
+  for (int i = 0; i < n - 1; i++) pthread_create(&t, 0, idle, 0);
+  pthread_create(&t, 0, clockwatch, 0);
+  setvbuf(stdout, NULL, _IONBF, 0); printf("ready\n"); char line[32]; unsigned r = 12345;
+  while (fgets(line, sizeof line, stdin)) {
+    if (!strncmp(line, "alloc", 5)) { long long left = mib << 20; long blocks = 0;
+      while (left > 0) { r = r * 1103515245 + 12345; size_t sz = 64 + (r >> 8) % 4032;
+        struct node *b = malloc(sz); memset(b, 0, sz); left -= sz; blocks++;
+        if (blocks % 10) { b->next = kept; kept = b; } }
+      printf("allocated %ld\n", blocks); }
+    else if (!strncmp(line, "reset", 5)) { longest = 0; printf("ok\n"); }
+    else if (!strncmp(line, "gap", 3)) printf("%lld\n", longest / 1000);
+    else if (!strncmp(line, "exit", 4)) return 0; }
+  return 0; }
+"""
+
+
+def scan_table():
+    """The reachability scan: the pause a thread of the target sees while leakprobe scans it
+    (capture and reap), and the scan's own time, per heap size and thread count."""
+    import json
+    src = os.path.join(WORK, "scan_heap.c")
+    with open(src, "w") as f:
+        f.write(SCAN_TARGET)
+    exe = os.path.join(WORK, "scan_heap")
+    sh("gcc", "-O2", "-pthread", "-o", exe, src)
+    rows = []
+    for mib, threads in ((64, 4), (64, 64), (1024, 4), (1024, 64)):
+        seen, pauses, reaps, totals, blocks = [], [], [], [], []
+        for _ in range(ROUNDS):
+            p = subprocess.Popen([exe, str(mib), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+            p.stdout.readline()
+            out = os.path.join(WORK, "scan.json")
+            lp = subprocess.Popen([LP, "attach", "--pid", str(p.pid), "--scan", "--interval", "1s", "--format", "json",
+                                   "--output", out, "--force"], stderr=subprocess.PIPE, text=True)
+            for line in lp.stderr:
+                if "attached" in line:
+                    break
+            p.stdin.write("alloc\n"); p.stdin.flush(); p.stdout.readline()
+            p.stdin.write("reset\n"); p.stdin.flush(); p.stdout.readline()
+            lp.send_signal(signal.SIGINT)
+            lp.stderr.read()
+            lp.wait()
+            p.stdin.write("gap\n"); p.stdin.flush()
+            seen.append(int(p.stdout.readline()) / 1000)
+            sc = json.load(open(out))["scan"]
+            pauses.append(sc["pause_ms"]); reaps.append(sc["reap_pause_ms"]); totals.append(sc["duration_ms"] / 1000)
+            blocks.append(sc["blocks_scanned"])
+            p.stdin.write("exit\n"); p.stdin.flush(); p.wait()
+        med = statistics.median
+        rows.append(f"| {mib} MiB, {med(blocks):,.0f} blocks | {threads} | {med(pauses):.1f} | {med(reaps):.1f} | "
+                    f"{med(seen):.1f} (max {max(seen):.1f}) | {med(totals):.2f} s ({med(totals) * 1024 / mib:.1f} s/GiB) |")
+    return ("| heap | threads | pause: capture (stop, registers, clone), ms | pause: reap, ms | longest gap a "
+            "spinning thread of the target saw, ms | whole scan |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def timing_table():
     loop = os.path.join(WORK, "alloc_loop")
     attach, first, detach, gone = [], [], [], []
@@ -312,8 +391,26 @@ def timing_table():
             f"| {med(attach):.1f} s | {med(first):.1f} s | {med(detach):.2f} s | {med(gone):.1f} s |")
 
 
+def update_doc(begin, end, text):
+    path = os.path.join(ROOT, "docs/benchmarks.md")
+    doc = open(path).read()
+    block = f"{begin}\n{text}\n{end}"
+    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S) \
+        if begin in doc else doc.rstrip("\n") + f"\n\n{block}\n"
+    open(path, "w").write(doc)
+
+
 def main():
     sh("cargo", "build", "--quiet", "--release", "-p", "leakprobe", cwd=ROOT)
+    if os.environ.get("BENCH_ONLY") in (None, "", "scan"):
+        text = (f"Command: `cargo xtask bench` (bench/harness.py `scan_table`, {ROUNDS} rounds, medians). "
+                f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} CPUs.\n\n"
+                + scan_table())
+        print(text)
+        update_doc("<!-- harness-scan:begin -->", "<!-- harness-scan:end -->", text)
+        if os.environ.get("BENCH_ONLY") == "scan":
+            shutil.rmtree(WORK, ignore_errors=True)
+            return 0
     cpu = open("/proc/cpuinfo").read()
     model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
     header = (f"Command: `cargo xtask bench` (bench/harness.py, {ROUNDS} interleaved rounds, medians). "

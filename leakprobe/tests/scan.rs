@@ -72,10 +72,9 @@ fn valgrind_classes(bin: &std::path::Path, case: &str, func: &str) -> BTreeMap<&
         if let Some(text) = tag(record, "text")
             && let Some(open) = text.find('(')
             && let Some(direct) = text[open + 1..].split(" direct").next()
+            && let Ok(d) = direct.replace(',', "").parse()
         {
-            if let Ok(d) = direct.replace(',', "").parse() {
-                bytes = d;
-            }
+            bytes = d;
         }
         let blocks: u64 = tag(record, "leakedblocks").and_then(|v| v.parse().ok()).unwrap_or(0);
         let e = out.entry(class).or_insert((0, 0));
@@ -299,8 +298,11 @@ fn a_target_that_may_not_clone_is_copied_within_the_pause_or_refused() {
     assert_eq!(kept.get("reachable"), Some(&(2000, 10)), "{kept:?}");
 
     // 1 ms cannot hold a copy of its memory: refused, the target untouched.
-    let (code, out, err) =
-        attach_with(&mut t, &["--duration", "1s", "--format", "json", "--scan", "--max-pause", "1ms"], |_| {});
+    let (code, out, err) = attach_with(
+        &mut t,
+        &["--duration", "1s", "--format", "json", "--scan", "--max-pause", "1ms"],
+        |_| {},
+    );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("scan failed") && err.contains("--max-pause"), "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -309,4 +311,65 @@ fn a_target_that_may_not_clone_is_copied_within_the_pause_or_refused() {
     t.leak();
     t.send("exit");
     assert_eq!(t.child.wait().unwrap().code(), Some(0));
+}
+
+/// `--scan-every`: a scan per second feeds the timeline; the chart marks them; snapshots carry
+/// the latest classes, and `diff` compares them; pprof samples carry a `reachability` label.
+#[test]
+fn periodic_scans_reach_the_chart_the_snapshots_diff_and_pprof() {
+    require_root();
+    let bin = target();
+    let dir = tempfile::tempdir().unwrap();
+    let (svg, snaps, pprof) =
+        (dir.path().join("t.svg"), dir.path().join("snaps"), dir.path().join("p.pb.gz"));
+    let mut t = Target::spawn_with_args(&bin, &["definite"]);
+    let args = [
+        "--duration",
+        "4s",
+        "--format",
+        "json",
+        "--scan-every",
+        "1s",
+        "--snapshot-every",
+        "1s",
+        "--snapshot-dir",
+        snaps.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+        "--pprof",
+        pprof.to_str().unwrap(),
+    ];
+    let report = attach_report(&mut t, &args, |t| {
+        t.leak();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        t.leak();
+    });
+    let history = report["scan"]["history"].as_array().unwrap();
+    assert!(history.len() >= 3, "one scan per second and one at the end: {history:?}");
+    let lost: Vec<u64> = history.iter().map(|p| p["definitely_lost_bytes"].as_u64().unwrap()).collect();
+    assert!(lost.first() < lost.last(), "the leak grows between scans: {lost:?}");
+    assert_eq!(*lost.last().unwrap(), 2000, "20 blocks of 100 B lost at the end");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.contains("scan: definitely lost"), "the chart marks the scans");
+
+    // The first snapshot with a scan against the last: the classes grew.
+    let mut files: Vec<_> = std::fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let first = files
+        .iter()
+        .find(|f| std::fs::read_to_string(f).unwrap().contains("\"reachability\""))
+        .expect("a snapshot with a scan");
+    let last = files.last().unwrap();
+    assert_ne!(first, last, "{files:?}");
+    let out = run_leakprobe(&["diff", first.to_str().unwrap(), last.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("scan classes, A -> B: definitely lost 1000 B -> 1.95 KiB"), "{text}");
+
+    // pprof: go tool pprof sees the label.
+    let tags = Command::new("go").args(["tool", "pprof", "-tags"]).arg(&pprof).output().unwrap();
+    let tags = String::from_utf8_lossy(&tags.stdout);
+    assert!(tags.contains("reachability") && tags.contains("definitely_lost"), "{tags}");
+    t.send("exit");
+    assert!(t.child.wait().unwrap().success());
 }

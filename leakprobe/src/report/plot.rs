@@ -64,6 +64,7 @@ fn panel<DB: DrawingBackend>(
     y_max: f64,
     y_desc: &str,
     lines: Vec<Series>,
+    marks: Option<Series>,
 ) -> Result<(), String>
 where
     DB::ErrorType: 'static,
@@ -92,6 +93,14 @@ where
             .map_err(e)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    // Each reachability scan: a marker at its time, at the bytes it found definitely lost.
+    if let Some((label, color, pts)) = marks.filter(|m| !m.2.is_empty()) {
+        chart
+            .draw_series(pts.into_iter().map(|p| TriangleMarker::new(p, 9, color.filled())))
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 7, color.filled()));
     }
     chart
         .configure_series_labels()
@@ -206,7 +215,14 @@ where
         let points = site.points.iter().map(|p| (p.0, p.1 / MIB)).collect();
         upper_lines.push((site.label.clone(), palette[i % palette.len()], points));
     }
-    panel(&upper, Some(title), t_max, y_max, "MiB", upper_lines)?;
+    let scans = r.scan.as_ref().map(|sc| {
+        (
+            "scan: definitely lost".to_string(),
+            RGBColor(120, 0, 0),
+            sc.history.iter().map(|p| (p.t_s.min(t_max), p.definitely_lost_bytes as f64 / MIB)).collect(),
+        )
+    });
+    panel(&upper, Some(title), t_max, y_max, "MiB", upper_lines, scans)?;
 
     let rate_max = tl.iter().map(|p| p.allocs_per_s.max(p.frees_per_s)).fold(0.0f64, f64::max).max(1.0) * 1.1;
     let rates = vec![
@@ -217,6 +233,6 @@ where
         ),
         ("frees/s".to_string(), RGBColor(30, 90, 220), tl.iter().map(|p| (p.t_s, p.frees_per_s)).collect()),
     ];
-    panel(&lower, None, t_max, rate_max, "calls/s", rates)?;
+    panel(&lower, None, t_max, rate_max, "calls/s", rates, None)?;
     Ok(())
 }

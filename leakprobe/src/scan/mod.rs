@@ -156,7 +156,7 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
 fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
     let file_backed =
         |a: u64| snap.regions.iter().any(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
-    if addr % 8 != 0 || !file_backed(addr) {
+    if !addr.is_multiple_of(8) || !file_backed(addr) {
         return false;
     }
     let mut buf = [0u8; 160];
@@ -172,48 +172,6 @@ fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
         non_null += 1;
     }
     non_null >= 2
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glibc_next_chunk_lies_in_the_last_word_only() {
-        // 100 bytes: a 112-byte chunk at start-16, the next at start+96, inside the block.
-        assert_eq!(glibc_next_chunk(0x1010, 100), Some(0x1010 + 96));
-        // 24 bytes: a 32-byte chunk, the next at start+16, inside.
-        assert_eq!(glibc_next_chunk(0x1010, 24), Some(0x1010 + 16));
-        // 16 and 96 bytes: the next chunk starts at or past the block's end.
-        assert_eq!(glibc_next_chunk(0x1010, 16), None);
-        assert_eq!(glibc_next_chunk(0x1010, 96), None);
-    }
-
-    #[test]
-    fn the_allocators_tail_pointer_does_not_hold_a_block() {
-        // A lost 100-byte block whose only "pointer" is glibc's arena top at its tail.
-        struct Mem(Vec<u8>, u64);
-        impl mark::Memory for Mem {
-            fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), mark::Unreadable> {
-                let off = addr.checked_sub(self.1).ok_or(mark::Unreadable)? as usize;
-                buf.copy_from_slice(self.0.get(off..off + buf.len()).ok_or(mark::Unreadable)?);
-                Ok(())
-            }
-        }
-        let blocks = [mark::Block { start: 0x10010, size: 100, site: 0 }];
-        let mut bytes = vec![0u8; 0x200];
-        bytes[..8].copy_from_slice(&(0x10010u64 + 96).to_le_bytes());
-        let roots = mark::Roots {
-            ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
-            values: vec![],
-        };
-        let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
-            let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };
-            mark::mark(&blocks, &roots, &mut Mem(bytes.clone(), 0x20000), opts).unwrap().blocks[0].class
-        };
-        assert_eq!(class(None), mark::Class::PossiblyLost);
-        assert_eq!(class(Some(glibc_next_chunk)), mark::Class::DefinitelyLost);
-    }
 }
 
 fn thread_name(pid: i32, tid: i32) -> String {
@@ -314,4 +272,46 @@ fn name_holders(
         out.insert(r, name);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glibc_next_chunk_lies_in_the_last_word_only() {
+        // 100 bytes: a 112-byte chunk at start-16, the next at start+96, inside the block.
+        assert_eq!(glibc_next_chunk(0x1010, 100), Some(0x1010 + 96));
+        // 24 bytes: a 32-byte chunk, the next at start+16, inside.
+        assert_eq!(glibc_next_chunk(0x1010, 24), Some(0x1010 + 16));
+        // 16 and 96 bytes: the next chunk starts at or past the block's end.
+        assert_eq!(glibc_next_chunk(0x1010, 16), None);
+        assert_eq!(glibc_next_chunk(0x1010, 96), None);
+    }
+
+    #[test]
+    fn the_allocators_tail_pointer_does_not_hold_a_block() {
+        // A lost 100-byte block whose only "pointer" is glibc's arena top at its tail.
+        struct Mem(Vec<u8>, u64);
+        impl mark::Memory for Mem {
+            fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), mark::Unreadable> {
+                let off = addr.checked_sub(self.1).ok_or(mark::Unreadable)? as usize;
+                buf.copy_from_slice(self.0.get(off..off + buf.len()).ok_or(mark::Unreadable)?);
+                Ok(())
+            }
+        }
+        let blocks = [mark::Block { start: 0x10010, size: 100, site: 0 }];
+        let mut bytes = vec![0u8; 0x200];
+        bytes[..8].copy_from_slice(&(0x10010u64 + 96).to_le_bytes());
+        let roots = mark::Roots {
+            ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
+            values: vec![],
+        };
+        let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
+            let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };
+            mark::mark(&blocks, &roots, &mut Mem(bytes.clone(), 0x20000), opts).unwrap().blocks[0].class
+        };
+        assert_eq!(class(None), mark::Class::PossiblyLost);
+        assert_eq!(class(Some(glibc_next_chunk)), mark::Class::DefinitelyLost);
+    }
 }

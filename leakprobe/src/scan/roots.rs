@@ -96,7 +96,7 @@ const RED_ZONE: u64 = 128;
 pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)], tls: TlsSpan) -> Roots {
     let mut roots = Roots::default();
     // (start, end, priority, root or None to skip): higher priority wins where spans overlap.
-    let mut spans: Vec<(u64, u64, u8, Option<u32>)> = Vec::new();
+    let mut spans: Vec<Span> = Vec::new();
     let mut prev: Option<&Region> = None;
     for r in regions {
         let after = prev.filter(|p| p.end == r.start);
@@ -162,17 +162,20 @@ fn is_module_path(p: &str) -> bool {
     !p.starts_with("/dev/") && !p.starts_with("/memfd:") && (name.contains(".so") || !name.contains('.'))
 }
 
+/// (start, end, priority, root or None to skip).
+type Span = (u64, u64, u8, Option<u32>);
+
 /// Non-overlapping pieces of the spans, each taking the highest-priority span over it (later
 /// spans win ties); pieces whose winner is a skip are dropped; neighbours with one root merge.
-fn flatten(spans: &[(u64, u64, u8, Option<u32>)]) -> Vec<(u64, u64, u32)> {
+fn flatten(spans: &[Span]) -> Vec<(u64, u64, u32)> {
     let mut cuts: Vec<u64> = spans.iter().flat_map(|s| [s.0, s.1]).collect();
     cuts.sort_unstable();
     cuts.dedup();
     // Spans sorted by start, to scan only those that can cover a piece.
-    let mut by_start: Vec<&(u64, u64, u8, Option<u32>)> = spans.iter().filter(|s| s.0 < s.1).collect();
+    let mut by_start: Vec<&Span> = spans.iter().filter(|s| s.0 < s.1).collect();
     by_start.sort_by_key(|s| s.0);
     let mut out: Vec<(u64, u64, u32)> = Vec::new();
-    let mut active: Vec<(usize, &(u64, u64, u8, Option<u32>))> = Vec::new();
+    let mut active: Vec<(usize, &Span)> = Vec::new();
     let mut next = 0;
     for w in cuts.windows(2) {
         let (lo, hi) = (w[0], w[1]);

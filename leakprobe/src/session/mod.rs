@@ -683,6 +683,7 @@ impl Reporting<'_> {
         stacks: &StackCache,
         symbolizer: &mut Symbolizer,
         statuses: &[ProbeStatus],
+        scan: Option<&scan::Done>,
     ) -> anyhow::Result<()> {
         let Some((every, dir)) = &self.cfg.snapshots else { return Ok(()) };
         let due = every.as_secs_f64() * f64::from(self.snapshots_written + 1);
@@ -690,7 +691,11 @@ impl Reporting<'_> {
         if tracker.window_s() + self.cfg.interval.as_secs_f64() / 2.0 < due {
             return Ok(());
         }
-        let report = self.build(tracker, stacks, symbolizer, statuses, "running", None);
+        let mut report = self.build(tracker, stacks, symbolizer, statuses, "running", None);
+        // The latest scan (--scan-every), so that `diff` can compare classes between snapshots.
+        if let Some(done) = scan {
+            report::scan::apply(&mut report, done.scan.clone(), done.sites.clone());
+        }
         let json = report::to_json(&report).context("serializing a snapshot")?;
         self.snapshots_written += 1;
         let path = dir.join(format!("snapshot-{}-{:04}.json", self.identity.pid, self.snapshots_written));
@@ -898,7 +903,8 @@ async fn watch(
                     fetch_new_stacks(probes, &tracker.sites(), stacks)?;
                     sc.scan(cfg, pid, probes, inproc, tracker.window_s(), stacks, symbolizer);
                 }
-                if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses) {
+                let last_scan = scanner.as_ref().and_then(|s| s.last.as_ref());
+                if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses, last_scan) {
                     tracing::warn!("{e:#}");
                     progress(cfg, format_args!("snapshot failed: {e:#}"));
                 }

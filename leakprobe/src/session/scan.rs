@@ -15,6 +15,7 @@ use crate::{
 };
 
 /// One scan's results, ready for the report.
+#[derive(Clone)]
 pub struct Done {
     pub scan: Scan,
     pub sites: Vec<SiteResult>,
@@ -107,7 +108,7 @@ pub fn run(
         no_clone: false,
         allocator_tail: glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
     };
-    let out = scan::scan(&req).with_context(|| format!("scanning PID {pid}"))?;
+    let out = scan::scan(&req)?;
     let m = &out.marking;
     if std::env::var_os("LEAKPROBE_DEBUG_SCAN").is_some() {
         for (o, b) in m.blocks.iter().zip(&req.blocks) {

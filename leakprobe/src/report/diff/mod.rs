@@ -123,6 +123,9 @@ pub struct Side {
     pub growth_bytes_per_s: f64,
     /// The file's stack ids merged into this call site.
     pub stack_ids: Vec<String>,
+    /// `--scan` reports: the blocks by reachability class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<crate::report::scan::Reachability>,
 }
 
 impl Side {
@@ -135,6 +138,9 @@ impl Side {
         self.freed_count = self.freed_count.saturating_add(s.freed_count);
         self.growth_bytes_per_s += s.growth_bytes_per_s;
         self.stack_ids.push(s.stack_id.clone());
+        if let Some(r) = &s.reachability {
+            self.reachability.get_or_insert_with(Default::default).add(r);
+        }
     }
 }
 

@@ -147,6 +147,28 @@ pub fn render(d: &Diff, top: usize) -> String {
                     _ => "",
                 }
             );
+            let (ra, rb) =
+                (s.a.as_ref().and_then(|x| x.reachability), s.b.as_ref().and_then(|x| x.reachability));
+            if ra.is_some() || rb.is_some() {
+                let (ra, rb) = (ra.unwrap_or_default(), rb.unwrap_or_default());
+                let classes: Vec<String> = [
+                    ("definitely lost", ra.definitely_lost, rb.definitely_lost),
+                    ("indirectly lost", ra.indirectly_lost, rb.indirectly_lost),
+                    ("possibly lost", ra.possibly_lost, rb.possibly_lost),
+                    ("reachable", ra.reachable, rb.reachable),
+                ]
+                .iter()
+                .filter(|(_, a, b)| a.count + b.count > 0)
+                .map(|(name, a, b)| {
+                    format!(
+                        "{name} {} -> {}",
+                        crate::report::text::human_bytes(a.bytes),
+                        crate::report::text::human_bytes(b.bytes)
+                    )
+                })
+                .collect();
+                let _ = writeln!(out, "  scan classes, A -> B: {}", classes.join(", "));
+            }
             for (j, f) in s.frames.iter().take(TEXT_FRAMES).enumerate() {
                 let _ = writeln!(out, "    #{j} {}", frame_text(f));
             }

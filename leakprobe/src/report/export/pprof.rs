@@ -183,6 +183,21 @@ struct Resolution {
     inline: bool,
 }
 
+/// The class with the most bytes (ties: the more serious one), if any block was scanned.
+fn dominant_class(r: &crate::report::scan::Reachability) -> Option<&'static str> {
+    [
+        ("definitely_lost", r.definitely_lost),
+        ("indirectly_lost", r.indirectly_lost),
+        ("possibly_lost", r.possibly_lost),
+        ("reachable", r.reachable),
+    ]
+    .into_iter()
+    .filter(|(_, t)| t.count > 0)
+    .rev()
+    .max_by_key(|(_, t)| t.bytes)
+    .map(|(name, _)| name)
+}
+
 /// The profile of a report (not yet encoded).
 pub fn profile(report: &Report) -> Profile {
     let mut strings = Strings::new();
@@ -260,7 +275,20 @@ pub fn profile(report: &Report) -> Profile {
                 signed(site.allocated_bytes),
                 signed(site.allocated_count),
             ],
-            label: vec![Label { key: allocator_key, str: strings.get(&site.function), num: 0, num_unit: 0 }],
+            label: {
+                let mut l =
+                    vec![Label { key: allocator_key, str: strings.get(&site.function), num: 0, num_unit: 0 }];
+                // --scan: the class holding most of the site's bytes, and its verdict.
+                if let Some(class) = site.reachability.as_ref().and_then(dominant_class) {
+                    let key = strings.get("reachability");
+                    l.push(Label { key, str: strings.get(class), num: 0, num_unit: 0 });
+                }
+                if let Some(v) = &site.verdict {
+                    let key = strings.get("verdict");
+                    l.push(Label { key, str: strings.get(v), num: 0, num_unit: 0 });
+                }
+                l
+            },
         });
     }
 
@@ -393,6 +421,7 @@ mod tests {
         assert_eq!(p.location.iter().find(|l| l.address == 0x1100).unwrap().line.len(), 2);
         assert_eq!(p.sample[1].value, [300, 1, 600, 2]);
         assert_eq!(s(&p, p.sample[1].label[0].str), "calloc");
+        assert_eq!(first.label.len(), 1, "no scan, no reachability label");
         // No symbol: an address in libc's mapping, and no function.
         assert_eq!(stack(&p, &p.sample[1]), ["cache_put;v2\nx:12", "0x7f0000001010", "main:90"]);
         assert_eq!(p.sample[2].value, [0, 0, 500, 6]);
@@ -401,6 +430,26 @@ mod tests {
         assert_eq!(p.function.iter().filter(|f| s(&p, f.name) == "main").count(), 1);
         let main = p.function.iter().find(|f| s(&p, f.name) == "main").unwrap();
         assert_eq!(s(&p, main.filename), "/src/app.c");
+    }
+
+    #[test]
+    fn a_scanned_site_carries_its_reachability_and_verdict() {
+        use crate::report::scan::{ClassTally, Reachability};
+        let mut r = report();
+        r.sites[0].reachability = Some(Reachability {
+            definitely_lost: ClassTally { bytes: 3000, count: 3 },
+            reachable: ClassTally { bytes: 1000, count: 1 },
+            ..Reachability::default()
+        });
+        r.sites[0].verdict = Some("LEAK".into());
+        let p = profile(&r);
+        let labels: Vec<(&str, &str)> =
+            p.sample[0].label.iter().map(|l| (s(&p, l.key), s(&p, l.str))).collect();
+        assert_eq!(
+            labels,
+            [("allocator", "malloc"), ("reachability", "definitely_lost"), ("verdict", "LEAK")]
+        );
+        assert_eq!(p.sample[1].label.len(), 1);
     }
 
     #[test]
