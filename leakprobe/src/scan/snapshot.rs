@@ -337,7 +337,15 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
         max_pause: opts.max_pause,
         checks: CheckOptions { allow_seccomp_filter: true },
     };
-    let mut world = StoppedWorld::stop(pid, options).map_err(perr(pid, "stopping the target"))?;
+    let mut world = match StoppedWorld::stop(pid, options) {
+        Ok(w) => w,
+        Err(e) => {
+            if let Some(g) = guard.take() {
+                g.disarm();
+            }
+            return Err(perr(pid, "stopping the target")(e));
+        }
+    };
     let threads: Vec<ThreadState> = world.threads().iter().map(thread_state).collect();
 
     // What a fork does not carry over, read now (bounded).
@@ -374,7 +382,16 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
     }
     if let Some(c) = child {
         let pause = world.resume();
-        let mem = Mem::open(c).map_err(perr(pid, "opening the snapshot's memory"))?;
+        let mem = match Mem::open(c) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = reap(pid, c, opts.max_pause);
+                if let Some(g) = guard.take() {
+                    g.disarm();
+                }
+                return Err(perr(pid, "opening the snapshot's memory")(e));
+            }
+        };
         if let Some(g) = guard.as_mut() {
             let _ = g.update(&RestoreList {
                 pid,
@@ -406,25 +423,20 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
     let bytes: u64 = wanted.iter().map(|r| r.len()).sum();
     let left = opts.max_pause.saturating_sub(world.stopped_for());
     let estimate = Duration::from_secs_f64(bytes as f64 / opts.copy_rate.max(1) as f64);
+    let too_big = || SnapshotError::TooBigToStop {
+        pid,
+        why: why.clone(),
+        mib: bytes >> 20,
+        estimate_ms: estimate.as_millis() as u64,
+        max_ms: opts.max_pause.as_millis() as u64,
+    };
     if estimate > left {
-        drop(world);
-        return Err(SnapshotError::TooBigToStop {
-            pid,
-            why,
-            mib: bytes >> 20,
-            estimate_ms: estimate.as_millis() as u64,
-            max_ms: opts.max_pause.as_millis() as u64,
-        });
+        return Err(too_big());
     }
     for r in wanted {
+        // Past the bound the world has resumed the target already.
         if world.check_pause("copying the target's memory").is_err() {
-            return Err(SnapshotError::TooBigToStop {
-                pid,
-                why,
-                mib: bytes >> 20,
-                estimate_ms: estimate.as_millis() as u64,
-                max_ms: opts.max_pause.as_millis() as u64,
-            });
+            return Err(too_big());
         }
         let mut buf = vec![0u8; r.len() as usize];
         match world.mem().and_then(|m| m.read_exact_at(r.start, &mut buf)) {
@@ -483,11 +495,16 @@ impl Snapshot {
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        if let Some(c) = self.child.take()
-            && let Err(e) = reap(self.pid, c.pid, Duration::from_millis(200))
-        {
-            // The guard (dropped undisarmed with `c`) tries again from outside.
-            tracing::warn!("releasing the scan's snapshot: {e}");
+        if let Some(c) = self.child.take() {
+            match reap(self.pid, c.pid, Duration::from_millis(200)) {
+                Ok(_) => {
+                    if let Some(g) = c.guard {
+                        g.disarm();
+                    }
+                }
+                // The guard (dropped undisarmed with `c`) tries again from outside.
+                Err(e) => tracing::warn!("releasing the scan's snapshot: {e}"),
+            }
         }
     }
 }
