@@ -21,6 +21,8 @@ const CASES: &[(&str, &str)] = &[
     ("stack", "hold_on_stack"),
     ("tls", "hold_in_tls"),
     ("mmap", "hold_in_mmap"),
+    ("dontfork", "hold_in_special_mmap"),
+    ("wipeonfork", "hold_in_special_mmap"),
 ];
 
 const CLASSES: [&str; 4] = ["definitely_lost", "indirectly_lost", "possibly_lost", "reachable"];
@@ -372,4 +374,29 @@ fn periodic_scans_reach_the_chart_the_snapshots_diff_and_pprof() {
     assert!(tags.contains("reachability") && tags.contains("definitely_lost"), "{tags}");
     t.send("exit");
     assert!(t.child.wait().unwrap().success());
+}
+
+/// `run --scan --fail-on-leak N` gates on definitely lost bytes: a program that leaks fails
+/// (exit 1), one whose memory is all still referenced passes.
+#[test]
+fn fail_on_leak_with_a_scan_judges_definitely_lost_bytes() {
+    require_root();
+    let bin = target();
+    for (case, code) in [("definite", 1), ("list", 0)] {
+        let mut child = Command::new(leakprobe_bin())
+            .args(["run", "--scan", "--fail-on-leak", "0", "--"])
+            .arg(&bin)
+            .arg(case)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write as _;
+            writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

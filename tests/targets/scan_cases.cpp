@@ -16,6 +16,8 @@
  *   stack      a block whose only pointer is on a blocked thread's stack             reachable
  *   tls        a block whose only pointer is a blocked thread's __thread variable    reachable
  *   mmap       a block whose only pointer is in an anonymous mmap region             reachable
+ *   dontfork   the same, in a region marked MADV_DONTFORK (a fork lacks it)            reachable
+ *   wipeonfork the same, in a region marked MADV_WIPEONFORK (zeros in a fork)          reachable
  */
 #include <pthread.h>
 #include <sys/mman.h>
@@ -142,6 +144,17 @@ NOINLINE void hold_in_mmap() {
     /* `region` itself is forgotten: only the mapping holds the pointers. */
 }
 
+/* ---- dontfork / wipeonfork: the region a copy-on-write snapshot would not carry ---- */
+NOINLINE void hold_in_special_mmap(int advice) {
+    void **region = static_cast<void **>(
+        mmap(nullptr, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (region == MAP_FAILED || madvise(region, 1 << 16, advice) != 0) {
+        perror("madvise");
+        exit(3);
+    }
+    for (int i = 0; i < ROUND; i++) region[i * 8] = new_block(700);
+}
+
 int main(int argc, char **argv) {
     const std::string which = argc > 1 ? argv[1] : "";
     setvbuf(stdout, nullptr, _IOLBF, 0);
@@ -159,6 +172,8 @@ int main(int argc, char **argv) {
         else if (which == "stack") spawn_holders(hold_on_stack);
         else if (which == "tls") spawn_holders(hold_in_tls);
         else if (which == "mmap") hold_in_mmap();
+        else if (which == "dontfork") hold_in_special_mmap(MADV_DONTFORK);
+        else if (which == "wipeonfork") hold_in_special_mmap(MADV_WIPEONFORK);
         else {
             fprintf(stderr, "unknown case %s\n", which.c_str());
             return 2;

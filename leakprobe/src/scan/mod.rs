@@ -67,6 +67,9 @@ pub struct HolderName {
     pub kind: &'static str,
     /// e.g. `global cache_head (scan_cases)`, `r12 of thread 812 (worker)`.
     pub name: String,
+    /// A stack slot: a code address of the frame that holds it (a return address into that
+    /// function, or the thread's instruction pointer for the innermost frame), to symbolize.
+    pub frame_ip: Option<u64>,
 }
 
 /// The scan's result and what it cost.
@@ -107,7 +110,11 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     if let Some(ms) = std::env::var("LEAKPROBE_TEST_SCAN_HOLD_MS").ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(Duration::from_millis(ms));
     }
-    let roots = roots::build(&snap.regions, &snap.threads, &req.exclude, roots::TlsSpan::default());
+    let mut threads = snap.threads.clone();
+    for t in threads.iter_mut() {
+        t.tls = tls_range(&snap, t.fs_base);
+    }
+    let roots = roots::build(&snap.regions, &threads, &req.exclude, roots::TlsSpan::default());
     let mroots = mark::Roots {
         ranges: roots
             .ranges
@@ -174,6 +181,44 @@ fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
     non_null >= 2
 }
 
+/// A thread's static TLS and thread control block, from its DTV (glibc and musl keep the DTV
+/// pointer in the second word of the TCB; each entry is 16 bytes, the count sits just before
+/// the first): from the lowest TLS block below the thread pointer to the end of the TCB. None
+/// if the words do not look like a DTV.
+fn tls_range(snap: &Snapshot, fs_base: u64) -> Option<(u64, u64)> {
+    let word = |a: u64| {
+        let mut b = [0u8; 8];
+        snap.read(a, &mut b).then(|| u64::from_le_bytes(b))
+    };
+    if fs_base == 0 || word(fs_base)? != fs_base {
+        return None; // the TCB's first word points at itself on x86-64
+    }
+    let dtv = word(fs_base + 8)?;
+    let entries = word(dtv.checked_sub(16)?)?.min(64);
+    let lowest = (1..=entries)
+        .filter_map(|i| word(dtv + 16 * i))
+        .filter(|p| *p < fs_base && fs_base - p < 1 << 20)
+        .min()?;
+    // struct pthread (glibc ~2.3 KiB) or musl's, above the thread pointer.
+    Some((lowest & !63, fs_base + 2304))
+}
+
+/// The frame that owns stack slot `addr`: the nearest return address below it (pushed when
+/// that frame called the next one), found as a word pointing into executable file-backed code.
+/// None when the slot is in the innermost frame. A heuristic: a stale code pointer can mislead
+/// it, so the report says "in" a function, not which local.
+fn frame_of(snap: &Snapshot, sp: u64, addr: u64) -> Option<u64> {
+    let lo = sp.max(addr.saturating_sub(64 << 10)) & !7;
+    let len = addr.checked_sub(lo)? as usize;
+    let mut buf = vec![0u8; len];
+    if len == 0 || !snap.read(lo, &mut buf) {
+        return None;
+    }
+    buf.chunks_exact(8).rev().map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).find(|w| {
+        snap.regions.iter().any(|r| r.executable && r.name.starts_with('/') && r.start <= *w && *w < r.end)
+    })
+}
+
 fn thread_name(pid: i32, tid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
     match comm.trim() {
@@ -211,20 +256,33 @@ fn name_holders(
                     .find(|(id, _)| *id == r.root)
                     .and_then(|(_, v)| v.get(index as usize))
                     .map_or_else(|| "a register".to_string(), |(reg, _)| reg.to_string());
-                HolderName { kind: "register", name: format!("{reg} of {}", thread_name(snap.pid, *tid)) }
+                HolderName {
+                    kind: "register",
+                    name: format!("{reg} of {}", thread_name(snap.pid, *tid)),
+                    frame_ip: None,
+                }
             }
             (RootKind::Stack { tid }, RootSlot::Word { addr }) => {
-                let sp = snap.threads.iter().find(|t| t.tid == *tid).map_or(0, |t| t.rsp);
+                let thread = snap.threads.iter().find(|t| t.tid == *tid);
+                let sp = thread.map_or(0, |t| t.rsp);
                 let at =
                     if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
                 HolderName {
                     kind: "stack",
                     name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)),
+                    frame_ip: frame_of(snap, sp, addr).or(thread.map(|t| t.rip)),
                 }
             }
-            (RootKind::Tls { tid }, _) => {
-                HolderName { kind: "tls", name: format!("the TLS of {}", thread_name(snap.pid, *tid)) }
-            }
+            (RootKind::RedZone { tid }, _) => HolderName {
+                kind: "stack",
+                name: format!("the red zone below the stack pointer of {}", thread_name(snap.pid, *tid)),
+                frame_ip: None,
+            },
+            (RootKind::Tls { tid }, _) => HolderName {
+                kind: "tls",
+                name: format!("the TLS of {}", thread_name(snap.pid, *tid)),
+                frame_ip: None,
+            },
             (RootKind::Module { path }, RootSlot::Word { addr }) => {
                 let base = snap
                     .regions
@@ -236,16 +294,20 @@ fn name_holders(
                 let file = crate::target::target_path(snap.pid, std::path::Path::new(path));
                 let module = file_name(path);
                 match data.lookup(&file, base, addr) {
-                    Some(v) if v.offset == 0 => {
-                        HolderName { kind: "global", name: format!("global {} ({module})", v.name) }
-                    }
+                    Some(v) if v.offset == 0 => HolderName {
+                        kind: "global",
+                        name: format!("global {} ({module})", v.name),
+                        frame_ip: None,
+                    },
                     Some(v) => HolderName {
                         kind: "global",
                         name: format!("global {}+{:#x} ({module})", v.name, v.offset),
+                        frame_ip: None,
                     },
                     None => HolderName {
                         kind: "global",
                         name: format!("data of {module} at +{:#x} (no symbol)", addr.saturating_sub(base)),
+                        frame_ip: None,
                     },
                 }
             }
@@ -254,6 +316,7 @@ fn name_holders(
                 name: format!(
                     "untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"
                 ),
+                frame_ip: None,
             },
             (RootKind::Anonymous { name, start }, _) => {
                 let end = snap.regions.iter().find(|x| x.start == *start).map_or(*start, |x| x.end);
@@ -264,10 +327,13 @@ fn name_holders(
                         "anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)",
                         (end - start) / 1024
                     ),
+                    frame_ip: None,
                 }
             }
-            (RootKind::File { path }, _) => HolderName { kind: "file", name: format!("file mapping {path}") },
-            (k, _) => HolderName { kind: k.class(), name: format!("{k:?}") },
+            (RootKind::File { path }, _) => {
+                HolderName { kind: "file", name: format!("file mapping {path}"), frame_ip: None }
+            }
+            (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
         };
         out.insert(r, name);
     }

@@ -16,6 +16,9 @@ pub enum RootKind {
     Registers { tid: i32 },
     /// A thread's stack, from its stack pointer up.
     Stack { tid: i32 },
+    /// The red zone just below a thread's stack pointer (a leaf function may keep data
+    /// there, so it is scanned; stale copies are common, so it is scanned last).
+    RedZone { tid: i32 },
     /// A thread's TLS and thread control block (just below and at its thread pointer).
     Tls { tid: i32 },
     /// A module's writable data (`.data`, `.bss`, the GOT).
@@ -34,7 +37,7 @@ impl RootKind {
     pub fn class(&self) -> &'static str {
         match self {
             RootKind::Registers { .. } => "registers",
-            RootKind::Stack { .. } => "stack",
+            RootKind::Stack { .. } | RootKind::RedZone { .. } => "stack",
             RootKind::Tls { .. } => "tls",
             RootKind::Module { .. } => "module_data",
             RootKind::Heap => "heap",
@@ -49,7 +52,7 @@ impl RootKind {
 #[derive(Debug, Default)]
 pub struct Roots {
     pub kinds: Vec<RootKind>,
-    /// (start, end, root): non-overlapping, sorted.
+    /// (start, end, root): non-overlapping, in scanning order (see [`build`]).
     pub ranges: Vec<(u64, u64, u32)>,
     /// (root, the registers and their values), one entry per thread.
     pub values: Vec<(u32, Vec<(Reg, u64)>)>,
@@ -83,8 +86,9 @@ pub struct TlsSpan {
 }
 
 impl Default for TlsSpan {
+    /// Used only when a thread's DTV cannot be read.
     fn default() -> Self {
-        TlsSpan { below: 4096, above: 2304 }
+        TlsSpan { below: 512, above: 2304 }
     }
 }
 
@@ -132,13 +136,17 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
         let is_stack = r.name == "[stack]" || (r.start <= t.fs_base && t.fs_base < r.end);
         if is_stack && r.writable && r.scannable() {
             let live = t.rsp.saturating_sub(RED_ZONE).max(r.start);
+            let sp = t.rsp.clamp(live, r.end);
             let id = roots.id(RootKind::Stack { tid: t.tid });
+            let red = roots.id(RootKind::RedZone { tid: t.tid });
             spans.push((r.start, live, 2, None));
-            spans.push((live, r.end, 2, Some(id)));
+            spans.push((live, sp, 2, Some(red)));
+            spans.push((sp, r.end, 2, Some(id)));
         }
     }
     for t in threads.iter().filter(|t| t.fs_base != 0) {
-        let (lo, hi) = (t.fs_base.saturating_sub(tls.below), t.fs_base.saturating_add(tls.above));
+        let (lo, hi) =
+            t.tls.unwrap_or((t.fs_base.saturating_sub(tls.below), t.fs_base.saturating_add(tls.above)));
         // Only within readable writable memory.
         for r in regions.iter().filter(|r| r.writable && r.scannable() && r.start < hi && lo < r.end) {
             let id = roots.id(RootKind::Tls { tid: t.tid });
@@ -148,7 +156,18 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
     for &(s, e) in exclude {
         spans.push((s, e, 4, None));
     }
-    roots.ranges = flatten(&spans);
+    // The order of scanning decides which holder is named when several hold a block: the most
+    // telling first (a global, TLS, a live stack slot), stale-prone places last.
+    let mut ranges = flatten(&spans);
+    let rank = |k: &RootKind| match k {
+        RootKind::Module { .. } => 0,
+        RootKind::Tls { .. } => 1,
+        RootKind::Stack { .. } => 2,
+        RootKind::Heap | RootKind::Anonymous { .. } | RootKind::File { .. } => 3,
+        RootKind::RedZone { .. } | RootKind::Registers { .. } => 4,
+    };
+    ranges.sort_by_key(|r| (rank(&roots.kinds[r.2 as usize]), r.0));
+    roots.ranges = ranges;
     for t in threads {
         let id = roots.id(RootKind::Registers { tid: t.tid });
         roots.values.push((id, t.values.clone()));
@@ -204,6 +223,7 @@ mod tests {
             end,
             readable: true,
             writable: w,
+            executable: false,
             shared: false,
             offset: 0,
             name: name.into(),
@@ -233,8 +253,16 @@ mod tests {
                 rip: 0,
                 fs_base: 0x3800,
                 values: vec![(Reg::Gp("rbx"), 0x10010)],
+                tls: None,
             },
-            ThreadState { tid: 11, rsp: 0x48000, rip: 0, fs_base: 0x4f000, values: vec![] },
+            ThreadState {
+                tid: 11,
+                rsp: 0x48000,
+                rip: 0,
+                fs_base: 0x4f000,
+                values: vec![],
+                tls: Some((0x4ef00, 0x4f080)),
+            },
         ];
         let tls = TlsSpan { below: 0x100, above: 0x80 };
         let roots = build(&regions, &threads, &[(0x60800, 0x60900)], tls);
@@ -252,8 +280,10 @@ mod tests {
         assert_eq!(kind_at(0x3780), Some(RootKind::Tls { tid: 10 }), "the main thread's TLS, below fs");
         assert_eq!(kind_at(0x10008), Some(RootKind::Heap));
         assert_eq!(kind_at(0x44000), None, "below the stack pointer is dead");
-        assert_eq!(kind_at(0x48000 - 64), Some(RootKind::Stack { tid: 11 }), "the red zone counts");
+        assert_eq!(kind_at(0x48000 - 64), Some(RootKind::RedZone { tid: 11 }), "the red zone counts");
         assert_eq!(kind_at(0x4f040), Some(RootKind::Tls { tid: 11 }));
+        assert_eq!(kind_at(0x4ef00), Some(RootKind::Tls { tid: 11 }), "from the DTV's lowest block");
+        assert_eq!(kind_at(0x4eef8), Some(RootKind::Stack { tid: 11 }));
         assert_eq!(kind_at(0x4ff00), Some(RootKind::Stack { tid: 11 }));
         assert_eq!(kind_at(0x60850), None, "our own memory is excluded");
         assert!(matches!(kind_at(0x60900), Some(RootKind::Anonymous { .. })));
@@ -261,8 +291,13 @@ mod tests {
         assert_eq!(kind_at(0x7ff000), None);
         assert_eq!(kind_at(0x7ffc00), Some(RootKind::Stack { tid: 10 }));
         assert_eq!(kind_at(0x900000), None);
-        // Sorted and disjoint.
-        assert!(roots.ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{:x?}", roots.ranges);
+        assert_eq!(kind_at(0x7ff800 - 8), Some(RootKind::RedZone { tid: 10 }));
+        // Disjoint; globals scanned first, red zones last.
+        let mut sorted = roots.ranges.clone();
+        sorted.sort_unstable();
+        assert!(sorted.windows(2).all(|w| w[0].1 <= w[1].0), "{:x?}", roots.ranges);
+        assert!(matches!(roots.kinds[roots.ranges[0].2 as usize], RootKind::Module { .. }));
+        assert!(matches!(roots.kinds[roots.ranges.last().unwrap().2 as usize], RootKind::RedZone { .. }));
         assert_eq!(roots.values.len(), 2);
         assert_eq!(roots.kinds[roots.values[0].0 as usize], RootKind::Registers { tid: 10 });
     }

@@ -93,6 +93,8 @@ pub struct ThreadState {
     pub fs_base: u64,
     /// Every register value that may be a pointer (zero lanes left out).
     pub values: Vec<(Reg, u64)>,
+    /// Its static TLS and TCB, when known (read from its DTV).
+    pub tls: Option<(u64, u64)>,
 }
 
 const GP: [&str; 16] = [
@@ -115,7 +117,7 @@ fn thread_state(t: &Thread) -> ThreadState {
     if let Ok(x) = t.xstate() {
         values.extend(vector_lanes(&x));
     }
-    ThreadState { tid: t.tid(), rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values }
+    ThreadState { tid: t.tid(), rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values, tls: None }
 }
 
 /// The non-zero 8-byte lanes of the vector registers in an XSAVE area, in the standard
@@ -157,6 +159,7 @@ pub struct Region {
     pub end: u64,
     pub readable: bool,
     pub writable: bool,
+    pub executable: bool,
     pub shared: bool,
     /// The file offset the mapping starts at.
     pub offset: u64,
@@ -207,6 +210,7 @@ pub fn parse_smaps(text: &str) -> Vec<Region> {
             end,
             readable: p[0] == b'r',
             writable: p[1] == b'w',
+            executable: p[2] == b'x',
             shared: p[3] == b's',
             offset,
             name,

@@ -186,7 +186,17 @@ pub fn run(
             .map(|h| {
                 let (kind, holder) = match h.by {
                     mark::HeldBy::Root(r) => match out.holders.get(&r) {
-                        Some(n) => (n.kind.to_string(), n.name.clone()),
+                        Some(n) => {
+                            // A stack slot: the function whose frame holds it.
+                            let func = n.frame_ip.and_then(|ip| {
+                                symbolizer.symbolize(&[ip]).into_iter().find_map(|f| f.function)
+                            });
+                            let name = match func {
+                                Some(f) => format!("{}, in {f}", n.name),
+                                None => n.name.clone(),
+                            };
+                            (n.kind.to_string(), name)
+                        }
                         None => ("root".to_string(), format!("root {}", r.root)),
                     },
                     mark::HeldBy::Site(other) => (
