@@ -11,6 +11,7 @@
 //! Words are read only to follow pointers: results hold addresses, sizes, indices, symbols
 //! and counts, never memory contents (they may be secrets).
 
+pub mod census;
 pub mod mark;
 pub mod roots;
 pub mod snapshot;
