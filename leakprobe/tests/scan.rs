@@ -233,6 +233,8 @@ fn twenty_sigkills_during_scans_leave_no_stopped_thread_and_no_child() {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut during_snapshot = 0;
     let mut slowest = std::time::Duration::ZERO;
+    // How long threads stayed stopped (or traced) after a kill, apart from the child's reaping.
+    let mut slowest_resume = std::time::Duration::ZERO;
     for i in 0..20 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -261,9 +263,14 @@ fn twenty_sigkills_during_scans_leave_no_stopped_thread_and_no_child() {
         }
         lp.child.kill().unwrap();
         let killed = std::time::Instant::now();
+        let mut resumed = false;
         loop {
             let (stopped, tracer) = stopped_threads(pid);
             let kids = children_of(pid);
+            if !resumed && stopped == 0 && tracer == "0" {
+                resumed = true;
+                slowest_resume = slowest_resume.max(killed.elapsed());
+            }
             if stopped == 0 && tracer == "0" && kids.is_empty() {
                 slowest = slowest.max(killed.elapsed());
                 break;
