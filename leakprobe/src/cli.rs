@@ -258,6 +258,11 @@ pub struct TraceOpts {
     /// attach: scan this often too (e.g. 1m), feeding the timeline. Implies --scan.
     #[arg(long, value_name = "I")]
     pub scan_every: Option<String>,
+    /// With --scan: walk the whole glibc heap too, every chunk, so that blocks allocated
+    /// before attach are classified as well (grouped by C++ type or by size), with the heap's
+    /// in-use and free bytes. glibc only.
+    #[arg(long)]
+    pub census: bool,
     /// The longest the target may stay stopped for a scan (e.g. 200ms): the scan is abandoned
     /// rather than exceed it.
     #[arg(long, default_value = "200ms", value_name = "D")]
@@ -364,6 +369,8 @@ pub struct ScanConfig {
     /// Periodic scans (attach), rounded up to whole intervals.
     pub every: Option<Duration>,
     pub max_pause: Duration,
+    /// `--census`: the whole glibc heap too.
+    pub census: bool,
 }
 
 /// Validated settings.
@@ -499,7 +506,7 @@ impl TryFrom<Cli> for Config {
                 why: "it measures uprobes at the functions",
             });
         }
-        let scan = if opts.scan || opts.scan_every.is_some() {
+        let scan = if opts.scan || opts.scan_every.is_some() || opts.census {
             let max_pause = duration("--max-pause", &opts.max_pause)?;
             if max_pause.is_zero() {
                 return Err(ConfigError::Zero { flag: "--max-pause" });
@@ -517,7 +524,7 @@ impl TryFrom<Cli> for Config {
                     why: "run scans once, when the command calls exit(); use attach for periodic scans",
                 });
             }
-            Some(ScanConfig { every, max_pause })
+            Some(ScanConfig { every, max_pause, census: opts.census })
         } else {
             None
         };

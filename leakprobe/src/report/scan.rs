@@ -133,6 +133,53 @@ pub struct Scan {
     pub cycles_complete: bool,
     /// Every scan of the run, oldest first.
     pub history: Vec<ScanPoint>,
+    /// `--census`: the whole heap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub census: Option<Census>,
+}
+
+/// `--census`: the whole glibc heap, every chunk, and what the untracked blocks (from before
+/// attach) are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Census {
+    pub arenas: u64,
+    /// Memory the arenas hold from the system (`system_mem`; the brk heap's extent when its
+    /// arena could not be read).
+    pub arena_bytes: u64,
+    /// Chunks held by the program (mmapped ones included), whole chunk sizes.
+    pub in_use: ClassTally,
+    /// Free chunks: in bins, in the threads' caches and the fastbins (fragmentation inside the
+    /// heap), and the top chunks.
+    pub free: ClassTally,
+    pub cached_free: ClassTally,
+    pub top_bytes: u64,
+    pub mmapped: ClassTally,
+    /// The untracked blocks by class (the tracked ones are in the sites).
+    pub untracked: Reachability,
+    /// Untracked blocks grouped by type (C++ vtable) or usable size, most lost bytes first,
+    /// then most reachable.
+    pub groups: Vec<CensusGroup>,
+    pub groups_rest: u64,
+    /// Walks or lists that stopped on bad metadata: their heaps' figures are incomplete.
+    pub walk_errors: Vec<String>,
+    pub notes: Vec<String>,
+    pub main_arena_found: bool,
+}
+
+/// Untracked blocks of one type or size.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CensusGroup {
+    /// `Session`, `shared_ptr control block of Session`, or `104-byte blocks`.
+    pub group: String,
+    /// "type" or "size".
+    pub kind: String,
+    pub reachability: Reachability,
+    pub held_by: Vec<Holder>,
+    /// A call site tracked since attach that allocates blocks of this type or size: where
+    /// these probably came from.
+    pub likely_origin: Option<String>,
 }
 
 /// One site's scan result, keyed like the report's sites.

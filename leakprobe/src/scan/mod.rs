@@ -49,6 +49,45 @@ pub struct Request {
     /// The allocator's own pointer into a block's tail (see [`mark::Options::allocator_tail`]):
     /// [`glibc_next_chunk`] for glibc.
     pub allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
+    /// Also walk the whole glibc heap ([`census`]) and classify its untracked blocks (from
+    /// before attach), grouped by type or size; their site ids start at `first_group`.
+    pub census: Option<census::GlibcVersion>,
+    /// The first site id free for census groups (the caller's sites are below it).
+    pub first_group: u32,
+}
+
+/// What an untracked block is, as far as can be told without its stack.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GroupKey {
+    /// A C++ object, by the vtable its first word points at (demangled class name).
+    Type(String),
+    /// Anything else, by its usable size.
+    Size(u64),
+}
+
+impl std::fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupKey::Type(t) => f.write_str(t),
+            GroupKey::Size(n) => write!(f, "{n}-byte blocks"),
+        }
+    }
+}
+
+/// The census's part of a scan.
+pub struct CensusResult {
+    /// What was walked (chunks dropped after use: they can be millions).
+    pub arenas: Vec<census::Arena>,
+    pub totals: census::Totals,
+    pub errors: Vec<census::WalkError>,
+    pub notes: Vec<&'static str>,
+    pub main_arena_found: bool,
+    /// Group `i` is site `first_group + i`.
+    pub groups: Vec<GroupKey>,
+    /// Heap bytes no longer scanned as roots (every chunk in them is known).
+    pub heaps_excluded: u64,
+    /// The type of tracked sites' blocks (by site id), for naming a group's likely origin.
+    pub tracked_types: HashMap<u32, String>,
 }
 
 /// glibc: where the chunk after a block of `size` bytes at `start` begins, if that lies
@@ -90,6 +129,9 @@ pub struct Outcome {
     pub unread_bytes: u64,
     /// Every root holder named.
     pub holders: HashMap<RootRef, HolderName>,
+    /// The blocks marked: the request's, then the census's untracked ones.
+    pub blocks: Vec<mark::Block>,
+    pub census: Option<CensusResult>,
 }
 
 /// Reads the snapshot for the marking.
@@ -115,7 +157,10 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     for t in threads.iter_mut() {
         t.tls = tls_range(&snap, t.fs_base);
     }
-    let roots = roots::build(&snap.regions, &threads, &req.exclude, roots::TlsSpan::default());
+    let mut blocks = req.blocks.clone();
+    let mut exclude = req.exclude.clone();
+    let census = req.census.map(|v| take_census(&snap, v, req.first_group, &mut blocks, &mut exclude));
+    let roots = roots::build(&snap.regions, &threads, &exclude, roots::TlsSpan::default());
     let mroots = mark::Roots {
         ranges: roots
             .ranges
@@ -136,7 +181,7 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
             allocator_tail: req.allocator_tail,
             ..mark::Options::default()
         };
-        mark::mark(&req.blocks, &mroots, &mut mem, options)?
+        mark::mark(&blocks, &mroots, &mut mem, options)?
     };
     let holders = name_holders(&marking, &roots, &snap);
     let root_bytes = roots.bytes_by_class();
@@ -155,7 +200,139 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
         root_bytes,
         unread_bytes,
         holders,
+        blocks,
+        census,
     })
+}
+
+/// Walks the glibc heap of the snapshot; adds every in-use chunk that is not a tracked block
+/// to `blocks` (grouped by type or size), and the heaps walked whole to `exclude` (their free
+/// chunks' stale pointers are no references, and every block in them is known).
+fn take_census(
+    snap: &Snapshot,
+    v: census::GlibcVersion,
+    first_group: u32,
+    blocks: &mut Vec<mark::Block>,
+    exclude: &mut Vec<(u64, u64)>,
+) -> CensusResult {
+    let c = census::census(&mut SnapMem(snap), &snap.regions, v);
+    let mut tracked: Vec<(u64, u64)> = blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
+    tracked.sort_unstable();
+    let overlaps_tracked = |s: u64, e: u64| {
+        let i = tracked.partition_point(|t| t.0 < e);
+        i > 0 && tracked[i - 1].1 > s
+    };
+    let mut types = Typer::new(snap);
+    // Tracked blocks typed too (a bounded number), so that a group of untracked `Session`s
+    // can be joined to the call site that allocates `Session`s now.
+    let mut tracked_types: HashMap<u32, String> = HashMap::new();
+    for b in blocks.iter().take(1 << 17) {
+        if !tracked_types.contains_key(&b.site)
+            && let Some(t) = types.of(b.start)
+        {
+            tracked_types.insert(b.site, t);
+        }
+    }
+    let mut groups: Vec<GroupKey> = Vec::new();
+    let mut index: HashMap<GroupKey, u32> = HashMap::new();
+    for ch in c.chunks.iter().filter(|ch| {
+        matches!(ch.state(), census::ChunkState::InUse | census::ChunkState::Mmapped)
+    }) {
+        let (start, size) = (ch.user(), ch.usable());
+        if overlaps_tracked(start, start + size.max(1)) {
+            continue;
+        }
+        let key = types.of(start).map_or(GroupKey::Size(size), GroupKey::Type);
+        let site = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push(key);
+            first_group + groups.len() as u32 - 1
+        });
+        blocks.push(mark::Block { start, size, site });
+    }
+    let mut heaps_excluded = 0;
+    let incomplete: Vec<u64> = c.incomplete_heaps().collect();
+    for a in &c.arenas {
+        for h in a.heaps.iter().filter(|h| h.complete && !incomplete.contains(&h.start)) {
+            exclude.push((h.start, h.end));
+            heaps_excluded += h.end - h.start;
+        }
+    }
+    CensusResult {
+        arenas: c.arenas.clone(),
+        totals: c.totals,
+        errors: c.errors.clone(),
+        notes: c.notes.clone(),
+        main_arena_found: c.main_arena.is_some(),
+        groups,
+        heaps_excluded,
+        tracked_types,
+    }
+}
+
+/// Names C++ objects by the vtable their first word points at.
+struct Typer<'a> {
+    snap: &'a Snapshot,
+    data: DataSymbols,
+    /// Per module file: where its file offset 0 is mapped.
+    bases: HashMap<String, u64>,
+    /// A first word seen before, and what it named.
+    memo: HashMap<u64, Option<String>>,
+}
+
+impl<'a> Typer<'a> {
+    fn new(snap: &'a Snapshot) -> Self {
+        let mut bases: HashMap<String, u64> = HashMap::new();
+        for r in snap.regions.iter().filter(|r| r.name.starts_with('/')) {
+            let b = r.start.saturating_sub(r.offset);
+            bases.entry(r.name.clone()).and_modify(|x| *x = (*x).min(b)).or_insert(b);
+        }
+        Typer { snap, data: DataSymbols::default(), bases, memo: HashMap::new() }
+    }
+
+    fn of(&mut self, block: u64) -> Option<String> {
+        let mut w = [0u8; 8];
+        if !self.snap.read(block, &mut w) {
+            return None;
+        }
+        let word = u64::from_le_bytes(w);
+        if word < 4096 || !word.is_multiple_of(8) {
+            return None;
+        }
+        if let Some(t) = self.memo.get(&word) {
+            return t.clone();
+        }
+        let t = self.lookup(word);
+        self.memo.insert(word, t.clone());
+        t
+    }
+
+    fn lookup(&mut self, word: u64) -> Option<String> {
+        let r = self.snap.regions.iter().find(|r| r.start <= word && word < r.end && r.name.starts_with('/'))?;
+        let base = *self.bases.get(&r.name)?;
+        let file = crate::target::target_path(self.snap.pid, std::path::Path::new(&r.name));
+        let v = self.data.lookup(&file, base, word)?;
+        let class = v.name.strip_prefix("vtable for ")?;
+        // make_shared's control block holds the object: name the object.
+        Some(match class.strip_prefix("std::_Sp_counted_ptr_inplace<") {
+            Some(rest) => format!("shared_ptr control block of {}", first_template_arg(rest)),
+            None => class.to_string(),
+        })
+    }
+}
+
+/// `Session, std::allocator<void>, ...>` -> `Session` (nested angle brackets respected).
+fn first_template_arg(s: &str) -> &str {
+    let mut depth = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' if depth == 0 => return &s[..i],
+            '>' => depth -= 1,
+            ',' if depth == 0 => return &s[..i],
+            _ => {}
+        }
+    }
+    s
 }
 
 /// Valgrind's vtable test (for the multipleinheritance heuristic): in a readable file
@@ -344,6 +521,12 @@ fn name_holders(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn template_args() {
+        assert_eq!(first_template_arg("Session, std::allocator<void>, (__gnu_cxx::_Lock_policy)2>"), "Session");
+        assert_eq!(first_template_arg("std::vector<int, std::allocator<int> >, A>"), "std::vector<int, std::allocator<int> >");
+    }
 
     #[test]
     fn glibc_next_chunk_lies_in_the_last_word_only() {

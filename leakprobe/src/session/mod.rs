@@ -70,6 +70,8 @@ struct Scanner {
     at_exit: bool,
     /// The target's malloc is glibc's (its chunk headers sit in blocks' tails).
     glibc: bool,
+    /// `--census`: walk the whole glibc heap too (its version decides the layouts).
+    census: Option<crate::scan::census::GlibcVersion>,
 }
 
 impl Scanner {
@@ -104,6 +106,7 @@ impl Scanner {
             exclude,
             self.max_pause,
             self.glibc,
+            self.census,
             at_s,
             &mut self.history,
             stacks,
@@ -132,6 +135,22 @@ impl Scanner {
         }
         self.last_at = at_s;
     }
+}
+
+/// `--census`: the target's glibc version, or why there is no census.
+fn census_version(plan: &allocator::Plan) -> Result<crate::scan::census::GlibcVersion, Refused> {
+    if plan.allocator != allocator::AllocatorKind::Glibc {
+        return Err(Refused(format!(
+            "--census walks glibc's heap; this target's malloc is {}'s: census not supported for \
+             jemalloc/tcmalloc/mimalloc/musl (leave out --census; --scan still classifies the tracked blocks)",
+            plan.allocator.name()
+        )));
+    }
+    crate::target::elf::glibc_version(&plan.module.path)
+        .and_then(|v| crate::scan::census::GlibcVersion::parse(&v))
+        .ok_or_else(|| {
+            Refused(format!("--census: cannot tell the glibc version of {}", plan.module.path.display()))
+        })
 }
 
 /// `run --scan`: where exit() is (the file as we open it, its offset), in libc or a static
@@ -278,7 +297,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         last: None,
         at_exit: false,
         glibc: plan.allocator == allocator::AllocatorKind::Glibc,
+        census: None,
     });
+    if let Some(sc) = scanner.as_mut()
+        && cfg.scan.as_ref().is_some_and(|s| s.census)
+    {
+        sc.census = census_version(&plan).map_err(refuse)?.into();
+    }
     if let (Some(sc), Mode::Run { .. }) = (scanner.as_mut(), &cfg.mode) {
         match exit_function(pid, &identity.exe) {
             Some((path, offset)) => match probes.attach_exit_stop(&path, offset) {

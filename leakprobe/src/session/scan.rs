@@ -9,7 +9,7 @@ use leakprobe_common::{AllocKind, COUNT_SCALE, LiveBlock, SiteKey};
 use super::{StackCache, site_frames};
 use crate::{
     kernel::probe::Probes,
-    report::scan::{Cycle, CycleSite, Holder, Reachability, Scan, ScanPoint, SiteResult},
+    report::scan::{Census, CensusGroup, ClassTally, Cycle, CycleSite, Holder, Reachability, Scan, ScanPoint, SiteResult},
     scan::{self, mark},
     symbolize::Symbolizer,
 };
@@ -90,6 +90,7 @@ pub fn run(
     exclude: Vec<(u64, u64)>,
     max_pause: std::time::Duration,
     glibc: bool,
+    census: Option<scan::census::GlibcVersion>,
     at_s: f64,
     history: &mut Vec<ScanPoint>,
     stacks: &StackCache,
@@ -107,6 +108,8 @@ pub fn run(
         max_pause,
         no_clone: false,
         allocator_tail: glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
+        census,
+        first_group: keys.len() as u32,
     };
     let out = scan::scan(&req)?;
     let m = &out.marking;
@@ -154,32 +157,41 @@ pub fn run(
         }
     };
 
+    // Site ids at and past keys.len() are the census's groups of untracked blocks.
+    let groups: &[scan::GroupKey] = out.census.as_ref().map_or(&[], |c| &c.groups);
+    let group_of = |site: u32| site.checked_sub(keys.len() as u32).and_then(|g| groups.get(g as usize));
     let mut labels: HashMap<u32, String> = HashMap::new();
     let mut label = |site: u32, symbolizer: &mut Symbolizer| -> String {
-        labels.entry(site).or_insert_with(|| site_label(&keys[site as usize], stacks, symbolizer)).clone()
+        labels
+            .entry(site)
+            .or_insert_with(|| match keys.get(site as usize) {
+                Some(key) => site_label(key, stacks, symbolizer),
+                None => group_of(site).map_or_else(|| "?".into(), |g| format!("{g} from before attach")),
+            })
+            .clone()
     };
+    let stack_of = |site: u32| keys.get(site as usize).map_or_else(String::new, |k| format!("{:016x}", k.stack_id));
+    let weighted = |site: u32, raw: u64| if (site as usize) < keys.len() { scale(site as usize, raw) } else { raw };
     let mut cycle_bytes = vec![0u64; keys.len()];
     let mut cycles = Vec::new();
     for c in &m.cycles.list {
         let mut sites = Vec::new();
         let mut bytes = 0;
         for s in &c.sites {
-            let est = scale(s.site as usize, s.bytes);
-            cycle_bytes[s.site as usize] += est;
+            let est = weighted(s.site, s.bytes);
+            if let Some(b) = cycle_bytes.get_mut(s.site as usize) {
+                *b += est;
+            }
             bytes += est;
-            sites.push(CycleSite {
-                stack_id: format!("{:016x}", keys[s.site as usize].stack_id),
-                site: label(s.site, symbolizer),
-                blocks: s.blocks,
-            });
+            sites.push(CycleSite { stack_id: stack_of(s.site), site: label(s.site, symbolizer), blocks: s.blocks });
         }
         cycles.push(Cycle { blocks: c.blocks, bytes, sites });
     }
 
     let mut results = Vec::new();
+    let mut census_groups = Vec::new();
     for s in &m.sites {
         let i = s.site as usize;
-        let key = keys[i];
         let holders = s
             .holders
             .iter()
@@ -201,16 +213,32 @@ pub fn run(
                     },
                     mark::HeldBy::Site(other) => (
                         "site".to_string(),
-                        format!(
-                            "blocks of {} (stack {:016x})",
-                            label(other, symbolizer),
-                            keys[other as usize].stack_id
-                        ),
+                        format!("blocks of {} (stack {})", label(other, symbolizer), stack_of(other)),
                     ),
                 };
-                Holder { kind, holder, blocks: h.blocks, bytes: scale(i, h.bytes), chain: h.longest_chain }
+                Holder { kind, holder, blocks: h.blocks, bytes: weighted(s.site, h.bytes), chain: h.longest_chain }
             })
             .collect();
+        let Some(key) = keys.get(i).copied() else {
+            // A census group: untracked blocks, classed from the marking's own tallies.
+            let t = &s.tallies;
+            let tally = |x: mark::Tally| ClassTally { bytes: x.bytes, count: x.blocks };
+            if let Some(g) = group_of(s.site) {
+                census_groups.push(CensusGroup {
+                    group: g.to_string(),
+                    kind: if matches!(g, scan::GroupKey::Type(_)) { "type" } else { "size" }.into(),
+                    reachability: Reachability {
+                        definitely_lost: tally(t.definitely_lost),
+                        indirectly_lost: tally(t.indirectly_lost),
+                        possibly_lost: tally(t.possibly_lost),
+                        reachable: tally(t.reachable),
+                    },
+                    held_by: holders,
+                    likely_origin: None,
+                });
+            }
+            continue;
+        };
         results.push(SiteResult {
             stack_id: format!("{:016x}", key.stack_id),
             function: AllocKind::from_u32(key.kind)
@@ -268,6 +296,75 @@ pub fn run(
         cycles_rest: m.cycles.rest.count,
         cycles_complete: m.cycles.complete,
         history: history.clone(),
+        census: out.census.as_ref().map(|c| {
+            let mut origin_label = |site: u32| label(site, symbolizer);
+            census_summary(c, census_groups, &req.blocks, &mut origin_label)
+        }),
     };
     Ok(Done { definitely_lost_bytes: totals.definitely_lost.bytes, scan, sites: results })
+}
+
+/// The census in the report: the heap's totals, the untracked blocks by class, and the
+/// groups, each joined to a tracked call site that allocates the same type or size now.
+fn census_summary(
+    c: &scan::CensusResult,
+    mut groups: Vec<CensusGroup>,
+    tracked: &[mark::Block],
+    label: &mut dyn FnMut(u32) -> String,
+) -> Census {
+    let t = &c.totals;
+    let tally = |x: scan::census::Tally| ClassTally { bytes: x.bytes, count: x.count };
+    let mut untracked = Reachability::default();
+    for g in &groups {
+        untracked.add(&g.reachability);
+    }
+    // Usable size of a glibc chunk for a request of `n` bytes.
+    let usable = |n: u64| ((n + 8 + 15) & !15).max(32) - 8;
+    let mut by_size: HashMap<u64, HashMap<u32, u64>> = HashMap::new();
+    for b in tracked {
+        *by_size.entry(usable(b.size)).or_default().entry(b.site).or_default() += 1;
+    }
+    let most = |m: &HashMap<u32, u64>| m.iter().max_by_key(|(site, n)| (**n, std::cmp::Reverse(**site))).map(|(s, _)| *s);
+    for g in groups.iter_mut() {
+        let origin = if g.kind == "type" {
+            c.tracked_types.iter().filter(|(_, t)| **t == g.group).map(|(s, _)| *s).min()
+        } else {
+            g.group.split('-').next().and_then(|n| n.parse::<u64>().ok()).and_then(|n| by_size.get(&n)).and_then(most)
+        };
+        g.likely_origin = origin.map(&mut *label);
+    }
+    groups.sort_by_key(|g| {
+        let r = &g.reachability;
+        (std::cmp::Reverse(r.lost_bytes() + r.possibly_lost.bytes), std::cmp::Reverse(r.reachable.bytes))
+    });
+    const LISTED: usize = 50;
+    let groups_rest = groups.len().saturating_sub(LISTED) as u64;
+    groups.truncate(LISTED);
+    Census {
+        arenas: c.arenas.len() as u64,
+        arena_bytes: c
+            .arenas
+            .iter()
+            .map(|a| a.system_bytes.unwrap_or_else(|| a.heaps.iter().map(|h| h.end - h.start).sum()))
+            .sum(),
+        in_use: {
+            let mut x = tally(t.in_use);
+            x.add(t.mmapped.bytes, t.mmapped.count);
+            x
+        },
+        free: tally(t.free),
+        cached_free: {
+            let mut x = tally(t.tcache_free);
+            x.add(t.fastbin_free.bytes, t.fastbin_free.count);
+            x
+        },
+        top_bytes: t.top.bytes,
+        mmapped: tally(t.mmapped),
+        untracked,
+        groups,
+        groups_rest,
+        walk_errors: c.errors.iter().map(|e| e.to_string()).collect(),
+        notes: c.notes.iter().map(|n| n.to_string()).collect(),
+        main_arena_found: c.main_arena_found,
+    }
 }
