@@ -88,10 +88,32 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// What is in a process's glibc heap now, and what of it is garbage: every chunk, blocks
+    /// from before any attach grouped by C++ type or size and classified as definitely,
+    /// indirectly or possibly lost, or reachable (and by what). Short for `attach --scan
+    /// --census --duration 200ms`: the target pauses once, for --max-pause at most.
+    #[command(after_help = CENSUS_EXAMPLES)]
+    Census {
+        /// The process to take the census of.
+        #[arg(short, long)]
+        pid: i32,
+        #[command(flatten)]
+        opts: TraceOpts,
+    },
     /// Compare two JSON reports or snapshots per call site: what grew between them.
     #[command(after_help = DIFF_EXAMPLES)]
     Diff(DiffArgs),
 }
+
+const CENSUS_EXAMPLES: &str = "\
+Examples:
+  # The server has leaked for days: what is in its heap, and what of it is unreachable?
+  leakprobe census --pid 4242
+
+  # As JSON, and as a pprof profile whose stacks are the types and sizes
+  leakprobe census --pid 4242 --format json --output census.json --pprof census.pb.gz
+
+glibc only (jemalloc, tcmalloc, mimalloc and musl keep their heaps differently).";
 
 const DIFF_EXAMPLES: &str = "\
 Call sites are matched by allocation function and symbolized frames; two snapshots of one
@@ -430,6 +452,12 @@ impl TryFrom<Cli> for Config {
         let (mode, opts) = match cli.command {
             Command::Attach { pid, opts } => (Mode::Attach { pid }, opts),
             Command::Run { opts, command } => (Mode::Run { command }, opts),
+            Command::Census { pid, mut opts } => {
+                opts.scan = true;
+                opts.census = true;
+                opts.duration.get_or_insert_with(|| "200ms".into());
+                (Mode::Attach { pid }, opts)
+            }
             Command::Diff(_) => return Err(ConfigError::NotATrace),
         };
         let interval = duration("--interval", &opts.interval)?;

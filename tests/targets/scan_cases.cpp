@@ -18,11 +18,18 @@
  *   mmap       a block whose only pointer is in an anonymous mmap region             reachable
  *   dontfork   the same, in a region marked MADV_DONTFORK (a fork lacks it)            reachable
  *   wipeonfork the same, in a region marked MADV_WIPEONFORK (zeros in a fork)          reachable
+ *   objects    polymorphic Widget objects (new, never deleted, pointers dropped)     definitely lost
+ *   churn      2000 small blocks allocated and all freed: tcache and fastbins full   (nothing)
+ *   info       prints glibc's own malloc_info(0, stdout) XML before "done"
+ *   corrupt    overwrites the size field of a chunk's header (the heap is broken from then on:
+ *              send nothing but "exit", which may crash)
  */
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <malloc.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -155,6 +162,34 @@ NOINLINE void hold_in_special_mmap(int advice) {
     for (int i = 0; i < ROUND; i++) region[i * 8] = new_block(700);
 }
 
+/* ---- objects: leaked polymorphic objects, named by their vtable ---- */
+struct Widget {
+    virtual ~Widget() = default;
+    virtual int area() const { return w * h; }
+    int w = 3, h = 4;
+    char name[40] = {};
+};
+Widget *volatile last_widget;
+NOINLINE void leak_widgets() {
+    for (int i = 0; i < ROUND; i++) last_widget = new Widget();
+    last_widget = nullptr;
+}
+
+/* ---- churn: small blocks freed just before a census ---- */
+NOINLINE void churn_small() {
+    static void *tmp[2000];
+    for (int i = 0; i < 2000; i++) tmp[i] = malloc(16 + (i % 8) * 16);
+    for (int i = 0; i < 2000; i++) free(tmp[i]);
+}
+
+/* ---- corrupt: a chunk whose size field is garbage ---- */
+void *volatile corrupted;
+NOINLINE void corrupt_heap() {
+    size_t *p = static_cast<size_t *>(malloc(64));
+    p[-1] = 0x7ffffff1; /* not a multiple of 16, far past the heap's end */
+    corrupted = p;
+}
+
 int main(int argc, char **argv) {
     const std::string which = argc > 1 ? argv[1] : "";
     setvbuf(stdout, nullptr, _IOLBF, 0);
@@ -172,6 +207,14 @@ int main(int argc, char **argv) {
         else if (which == "stack") spawn_holders(hold_on_stack);
         else if (which == "tls") spawn_holders(hold_in_tls);
         else if (which == "mmap") hold_in_mmap();
+        else if (which == "objects") leak_widgets();
+        else if (which == "churn") churn_small();
+        else if (which == "info") {
+            grow_list();
+            leak_definite();
+            malloc_info(0, stdout);
+            fflush(stdout);
+        } else if (which == "corrupt") corrupt_heap();
         else if (which == "dontfork") hold_in_special_mmap(MADV_DONTFORK);
         else if (which == "wipeonfork") hold_in_special_mmap(MADV_WIPEONFORK);
         else {

@@ -155,6 +155,10 @@ pub struct Census {
     pub cached_free: ClassTally,
     pub top_bytes: u64,
     pub mmapped: ClassTally,
+    /// What glibc's own `malloc_info` calls in use (its `system` less `fast` and `rest`): the
+    /// program's chunks, the thread caches' chunks and the caches themselves, and heap bytes
+    /// in no chunk (arena headers). For comparing with glibc's figures.
+    pub malloc_info_in_use_bytes: u64,
     /// The untracked blocks by class (the tracked ones are in the sites).
     pub untracked: Reachability,
     /// Untracked blocks grouped by type (C++ vtable) or usable size, most lost bytes first,
@@ -236,7 +240,11 @@ pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
         site.reachability = Some(r.reachability);
         site.held_by = r.holders;
     }
-    let t = scan.totals;
+    // With a census, blocks from before attach count too.
+    let mut t = scan.totals;
+    if let Some(c) = &scan.census {
+        t.add(&c.untracked);
+    }
     let v = &mut report.verdict;
     match v.kind {
         RunVerdict::Leak if growing_held > growing_lost => {

@@ -91,6 +91,92 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
     out.push('\n');
 }
 
+/// `--census`: the whole heap, and the groups of blocks from before attach.
+fn census_lines(out: &mut String, c: &crate::report::scan::Census) {
+    let _ = writeln!(
+        out,
+        "  census:  {} arena{}, {} from the system: {} in use in {} chunks, {} free ({} in bins, {} in the \
+         thread caches and fastbins), {} at the top{}",
+        c.arenas,
+        if c.arenas == 1 { "" } else { "s" },
+        human_bytes(c.arena_bytes),
+        human_bytes(c.in_use.bytes),
+        c.in_use.count,
+        human_bytes(c.free.bytes + c.cached_free.bytes),
+        human_bytes(c.free.bytes),
+        human_bytes(c.cached_free.bytes),
+        human_bytes(c.top_bytes),
+        if c.mmapped.count > 0 {
+            format!("; {} in {} mmapped chunks", human_bytes(c.mmapped.bytes), c.mmapped.count)
+        } else {
+            String::new()
+        }
+    );
+    let u = &c.untracked;
+    let _ = writeln!(
+        out,
+        "           blocks not tracked (from before attach): {} definitely lost in {}, {} indirectly in {}, \
+         {} possibly in {}, {} reachable in {}",
+        human_bytes(u.definitely_lost.bytes),
+        u.definitely_lost.count,
+        human_bytes(u.indirectly_lost.bytes),
+        u.indirectly_lost.count,
+        human_bytes(u.possibly_lost.bytes),
+        u.possibly_lost.count,
+        human_bytes(u.reachable.bytes),
+        u.reachable.count,
+    );
+    for e in &c.walk_errors {
+        let _ = writeln!(out, "           WALK STOPPED (figures of that heap incomplete): {e}");
+    }
+    for n in &c.notes {
+        let _ = writeln!(out, "           note: {n}");
+    }
+    let lost: Vec<_> = c
+        .groups
+        .iter()
+        .filter(|g| g.reachability.lost_bytes() + g.reachability.possibly_lost.bytes > 0)
+        .take(5)
+        .collect();
+    if !lost.is_empty() {
+        let _ = writeln!(out, "           largest unreachable groups from before attach:");
+    }
+    for g in lost {
+        let r = &g.reachability;
+        let _ = writeln!(
+            out,
+            "             {} lost in {} {}{}{}",
+            human_bytes(r.lost_bytes() + r.possibly_lost.bytes),
+            r.definitely_lost.count + r.indirectly_lost.count + r.possibly_lost.count,
+            g.group,
+            if r.possibly_lost.count > 0 {
+                format!(" ({} only possibly)", r.possibly_lost.count)
+            } else {
+                String::new()
+            },
+            g.likely_origin
+                .as_ref()
+                .map(|o| format!("; since attach, such blocks come from {o}"))
+                .unwrap_or_default()
+        );
+    }
+    let mut held: Vec<_> = c.groups.iter().filter(|g| g.reachability.reachable.bytes > 0).collect();
+    held.sort_by_key(|g| std::cmp::Reverse(g.reachability.reachable.bytes));
+    if !held.is_empty() {
+        let _ = writeln!(out, "           largest reachable groups from before attach:");
+    }
+    for g in held.iter().take(5) {
+        let _ = writeln!(
+            out,
+            "             {} in {} {}{}",
+            human_bytes(g.reachability.reachable.bytes),
+            g.reachability.reachable.count,
+            g.group,
+            g.held_by.first().map(|h| format!(", held by {}", h.holder)).unwrap_or_default()
+        );
+    }
+}
+
 /// `--scan`: a site's classes, its verdict, and what holds it.
 fn reachability_lines(out: &mut String, s: &Site, r: &crate::report::scan::Reachability) {
     let classes: Vec<String> = [
@@ -365,6 +451,9 @@ pub fn render(r: &Report, top: usize) -> String {
                 format!("; {} cycles of lost blocks", sc.cycles.len() as u64 + sc.cycles_rest)
             }
         );
+        if let Some(c) = &sc.census {
+            census_lines(&mut out, c);
+        }
         if sc.unreadable_bytes > 0 {
             let _ = writeln!(
                 out,

@@ -235,9 +235,11 @@ fn take_census(
     }
     let mut groups: Vec<GroupKey> = Vec::new();
     let mut index: HashMap<GroupKey, u32> = HashMap::new();
-    for ch in c.chunks.iter().filter(|ch| {
-        matches!(ch.state(), census::ChunkState::InUse | census::ChunkState::Mmapped)
-    }) {
+    for ch in c
+        .chunks
+        .iter()
+        .filter(|ch| matches!(ch.state(), census::ChunkState::InUse | census::ChunkState::Mmapped))
+    {
         let (start, size) = (ch.user(), ch.usable());
         if overlaps_tracked(start, start + size.max(1)) {
             continue;
@@ -307,7 +309,8 @@ impl<'a> Typer<'a> {
     }
 
     fn lookup(&mut self, word: u64) -> Option<String> {
-        let r = self.snap.regions.iter().find(|r| r.start <= word && word < r.end && r.name.starts_with('/'))?;
+        let r =
+            self.snap.regions.iter().find(|r| r.start <= word && word < r.end && r.name.starts_with('/'))?;
         let base = *self.bases.get(&r.name)?;
         let file = crate::target::target_path(self.snap.pid, std::path::Path::new(&r.name));
         let v = self.data.lookup(&file, base, word)?;
@@ -524,8 +527,14 @@ mod tests {
 
     #[test]
     fn template_args() {
-        assert_eq!(first_template_arg("Session, std::allocator<void>, (__gnu_cxx::_Lock_policy)2>"), "Session");
-        assert_eq!(first_template_arg("std::vector<int, std::allocator<int> >, A>"), "std::vector<int, std::allocator<int> >");
+        assert_eq!(
+            first_template_arg("Session, std::allocator<void>, (__gnu_cxx::_Lock_policy)2>"),
+            "Session"
+        );
+        assert_eq!(
+            first_template_arg("std::vector<int, std::allocator<int> >, A>"),
+            "std::vector<int, std::allocator<int> >"
+        );
     }
 
     #[test]

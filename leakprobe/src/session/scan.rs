@@ -9,7 +9,9 @@ use leakprobe_common::{AllocKind, COUNT_SCALE, LiveBlock, SiteKey};
 use super::{StackCache, site_frames};
 use crate::{
     kernel::probe::Probes,
-    report::scan::{Census, CensusGroup, ClassTally, Cycle, CycleSite, Holder, Reachability, Scan, ScanPoint, SiteResult},
+    report::scan::{
+        Census, CensusGroup, ClassTally, Cycle, CycleSite, Holder, Reachability, Scan, ScanPoint, SiteResult,
+    },
     scan::{self, mark},
     symbolize::Symbolizer,
 };
@@ -170,8 +172,10 @@ pub fn run(
             })
             .clone()
     };
-    let stack_of = |site: u32| keys.get(site as usize).map_or_else(String::new, |k| format!("{:016x}", k.stack_id));
-    let weighted = |site: u32, raw: u64| if (site as usize) < keys.len() { scale(site as usize, raw) } else { raw };
+    let stack_of =
+        |site: u32| keys.get(site as usize).map_or_else(String::new, |k| format!("{:016x}", k.stack_id));
+    let weighted =
+        |site: u32, raw: u64| if (site as usize) < keys.len() { scale(site as usize, raw) } else { raw };
     let mut cycle_bytes = vec![0u64; keys.len()];
     let mut cycles = Vec::new();
     for c in &m.cycles.list {
@@ -183,7 +187,11 @@ pub fn run(
                 *b += est;
             }
             bytes += est;
-            sites.push(CycleSite { stack_id: stack_of(s.site), site: label(s.site, symbolizer), blocks: s.blocks });
+            sites.push(CycleSite {
+                stack_id: stack_of(s.site),
+                site: label(s.site, symbolizer),
+                blocks: s.blocks,
+            });
         }
         cycles.push(Cycle { blocks: c.blocks, bytes, sites });
     }
@@ -216,7 +224,13 @@ pub fn run(
                         format!("blocks of {} (stack {})", label(other, symbolizer), stack_of(other)),
                     ),
                 };
-                Holder { kind, holder, blocks: h.blocks, bytes: weighted(s.site, h.bytes), chain: h.longest_chain }
+                Holder {
+                    kind,
+                    holder,
+                    blocks: h.blocks,
+                    bytes: weighted(s.site, h.bytes),
+                    chain: h.longest_chain,
+                }
             })
             .collect();
         let Some(key) = keys.get(i).copied() else {
@@ -324,12 +338,19 @@ fn census_summary(
     for b in tracked {
         *by_size.entry(usable(b.size)).or_default().entry(b.site).or_default() += 1;
     }
-    let most = |m: &HashMap<u32, u64>| m.iter().max_by_key(|(site, n)| (**n, std::cmp::Reverse(**site))).map(|(s, _)| *s);
+    let most = |m: &HashMap<u32, u64>| {
+        m.iter().max_by_key(|(site, n)| (**n, std::cmp::Reverse(**site))).map(|(s, _)| *s)
+    };
     for g in groups.iter_mut() {
         let origin = if g.kind == "type" {
             c.tracked_types.iter().filter(|(_, t)| **t == g.group).map(|(s, _)| *s).min()
         } else {
-            g.group.split('-').next().and_then(|n| n.parse::<u64>().ok()).and_then(|n| by_size.get(&n)).and_then(most)
+            g.group
+                .split('-')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .and_then(|n| by_size.get(&n))
+                .and_then(most)
         };
         g.likely_origin = origin.map(&mut *label);
     }
@@ -360,6 +381,10 @@ fn census_summary(
         },
         top_bytes: t.top.bytes,
         mmapped: tally(t.mmapped),
+        malloc_info_in_use_bytes: t.in_use.bytes
+            + t.tcache_free.bytes
+            + t.tcache_structs.bytes
+            + t.overhead_bytes,
         untracked,
         groups,
         groups_rest,

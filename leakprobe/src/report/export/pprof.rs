@@ -292,6 +292,44 @@ pub fn profile(report: &Report) -> Profile {
         });
     }
 
+    // --census: blocks from before attach have no stack; their "stack" is their type or size,
+    // under one root frame, so that flame graphs group them.
+    if let Some(census) = report.scan.as_ref().and_then(|s| s.census.as_ref()) {
+        let frame = |n: i64, functions: &mut Vec<Function>, locations: &mut Vec<Location>| {
+            let id = functions.len() as u64 + 1;
+            functions.push(Function { id, name: n, system_name: n, filename: 0, start_line: 0 });
+            let loc = locations.len() as u64 + 1;
+            locations.push(Location {
+                id: loc,
+                mapping_id: 0,
+                address: 0,
+                line: vec![Line { function_id: id, line: 0 }],
+                is_folded: false,
+            });
+            loc
+        };
+        let root = frame(strings.get("[heap from before attach]"), &mut functions, &mut locations);
+        let origin_key = strings.get("origin");
+        let before = strings.get("before-attach");
+        for g in &census.groups {
+            let r = &g.reachability;
+            let bytes = r.lost_bytes() + r.possibly_lost.bytes + r.reachable.bytes;
+            let count =
+                r.definitely_lost.count + r.indirectly_lost.count + r.possibly_lost.count + r.reachable.count;
+            let leaf = frame(strings.get(&g.group), &mut functions, &mut locations);
+            let mut label = vec![Label { key: origin_key, str: before, num: 0, num_unit: 0 }];
+            if let Some(class) = dominant_class(r) {
+                let key = strings.get("reachability");
+                label.push(Label { key, str: strings.get(class), num: 0, num_unit: 0 });
+            }
+            samples.push(Sample {
+                location_id: vec![leaf, root],
+                value: vec![signed(bytes), signed(count), 0, 0],
+                label,
+            });
+        }
+    }
+
     let mapping = modules
         .iter()
         .zip(&resolution)
