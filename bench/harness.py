@@ -333,9 +333,10 @@ def scan_table():
         f.write(SCAN_TARGET)
     exe = os.path.join(WORK, "scan_heap")
     sh("gcc", "-O2", "-pthread", "-o", exe, src)
-    rows = []
+    rows, census_rows = [], []
     for mib, threads in ((64, 4), (64, 64), (1024, 4), (1024, 64)):
         seen, pauses, reaps, totals, blocks = [], [], [], [], []
+        c_pause, c_total, c_seen, c_chunks = [], [], [], []
         for _ in range(ROUNDS):
             p = subprocess.Popen([exe, str(mib), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True)
@@ -356,12 +357,25 @@ def scan_table():
             sc = json.load(open(out))["scan"]
             pauses.append(sc["pause_ms"]); reaps.append(sc["reap_pause_ms"]); totals.append(sc["duration_ms"] / 1000)
             blocks.append(sc["blocks_scanned"])
+            # The census of the same heap, nothing tracked: every chunk walked and classified.
+            p.stdin.write("reset\n"); p.stdin.flush(); p.stdout.readline()
+            cen = subprocess.run([LP, "census", "--pid", str(p.pid), "--format", "json"], capture_output=True, text=True)
+            cs = json.loads(cen.stdout)["scan"]
+            p.stdin.write("gap\n"); p.stdin.flush()
+            c_seen.append(int(p.stdout.readline()) / 1000)
+            c_pause.append(cs["pause_ms"]); c_total.append(cs["duration_ms"] / 1000)
+            c_chunks.append(cs["census"]["in_use"]["count"])
             p.stdin.write("exit\n"); p.stdin.flush(); p.wait()
         med = statistics.median
         rows.append(f"| {mib} MiB, {med(blocks):,.0f} blocks | {threads} | {med(pauses):.1f} | {med(reaps):.1f} | "
                     f"{med(seen):.1f} (max {max(seen):.1f}) | {med(totals):.2f} s ({med(totals) * 1024 / mib:.1f} s/GiB) |")
+        census_rows.append(f"| {mib} MiB, {med(c_chunks):,.0f} chunks in use | {threads} | {med(c_pause):.1f} | "
+                           f"{med(c_seen):.1f} (max {max(c_seen):.1f}) | {med(c_total):.2f} s |")
     return ("| heap | threads | pause: capture (stop, registers, clone), ms | pause: reap, ms | longest gap a "
-            "spinning thread of the target saw, ms | whole scan |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+            "spinning thread of the target saw, ms | whole scan |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+            + "\n\n`leakprobe census --pid` of the same heaps (every chunk walked and classified) "
+            ":\n\n| heap | threads | pause: capture, ms | longest gap the target "
+            "saw, ms | census (capture to release) |\n|---|---|---|---|---|\n" + "\n".join(census_rows))
 
 
 def timing_table():
