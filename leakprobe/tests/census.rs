@@ -188,3 +188,33 @@ fn census_of_another_allocator_is_refused_plainly() {
     let _ = t.child.kill();
     let _ = t.child.wait();
 }
+
+/// `attach --scan --census`: blocks leaked before attach are joined to the call site that
+/// allocates the same type (or size) since attach, named as their likely origin.
+#[test]
+fn a_group_from_before_attach_is_joined_to_the_site_that_allocates_it_now() {
+    require_root();
+    let bin = target();
+    for (case, name, site) in
+        [("objects", "Widget", "leak_widgets"), ("definite", "104-byte", "leak_definite")]
+    {
+        let mut t = Target::spawn_with_args(&bin, &[case]);
+        t.leak(); // before attach: untracked
+        let report =
+            attach_report(&mut t, &["--duration", "2s", "--format", "json", "--scan", "--census"], |t| {
+                t.leak()
+            });
+        let g = group(census(&report), name);
+        assert_eq!(
+            class(g, "definitely_lost").1,
+            10,
+            "only the blocks from before attach are untracked: {g}"
+        );
+        let origin = g["likely_origin"].as_str().unwrap_or_default();
+        assert!(origin.contains(site), "{case}: likely origin {origin:?}");
+        // The tracked ones are the site's own, lost too.
+        let tracked = sites(&report).iter().find(|s| has_frame(s, site)).expect("the tracked site");
+        assert_eq!(tracked["reachability"]["definitely_lost"]["count"].as_u64(), Some(10), "{tracked}");
+        t.send("exit");
+    }
+}

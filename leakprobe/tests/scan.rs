@@ -105,16 +105,16 @@ fn leakprobe_classes(report: &Value, func: &str) -> BTreeMap<&'static str, (u64,
     out
 }
 
-/// `leakprobe run --scan` on one case: its JSON report.
-fn run_scan(bin: &std::path::Path, case: &str) -> Value {
-    let out_file = tempfile::NamedTempFile::new().unwrap();
-    let path = out_file.path().to_str().unwrap().to_string();
+/// `leakprobe run --scan ARGS -- scan_cases CASE`, fed "leak" then "exit".
+fn run_case(bin: &std::path::Path, case: &str, args: &[&str]) -> std::process::Output {
     let mut child = Command::new(leakprobe_bin())
-        .args(["run", "--scan", "--format", "json", "--output", &path, "--"])
+        .args(["run", "--scan"])
+        .args(args)
+        .arg("--")
         .arg(bin)
         .arg(case)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -122,7 +122,14 @@ fn run_scan(bin: &std::path::Path, case: &str) -> Value {
         use std::io::Write as _;
         writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
     }
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `leakprobe run --scan` on one case: its JSON report.
+fn run_scan(bin: &std::path::Path, case: &str) -> Value {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let path = out_file.path().to_str().unwrap().to_string();
+    let out = run_case(bin, case, &["--format", "json", "--output", &path]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
@@ -401,20 +408,7 @@ fn fail_on_leak_with_a_scan_judges_definitely_lost_bytes() {
     require_root();
     let bin = target();
     for (case, code) in [("definite", 1), ("list", 0)] {
-        let mut child = Command::new(leakprobe_bin())
-            .args(["run", "--scan", "--fail-on-leak", "0", "--"])
-            .arg(&bin)
-            .arg(case)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write as _;
-            writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = run_case(&bin, case, &["--fail-on-leak", "0"]);
         assert_eq!(out.status.code(), Some(code), "{case}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -91,6 +91,21 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
     out.push('\n');
 }
 
+/// "definitely lost 1000 B in 10, indirectly 0 B in 0, possibly ..., reachable ...".
+fn four_classes(r: &crate::report::scan::Reachability) -> String {
+    format!(
+        "definitely lost {} in {}, indirectly {} in {}, possibly {} in {}, reachable {} in {}",
+        human_bytes(r.definitely_lost.bytes),
+        r.definitely_lost.count,
+        human_bytes(r.indirectly_lost.bytes),
+        r.indirectly_lost.count,
+        human_bytes(r.possibly_lost.bytes),
+        r.possibly_lost.count,
+        human_bytes(r.reachable.bytes),
+        r.reachable.count,
+    )
+}
+
 /// `--census`: the whole heap, and the groups of blocks from before attach.
 fn census_lines(out: &mut String, c: &crate::report::scan::Census) {
     let _ = writeln!(
@@ -112,20 +127,8 @@ fn census_lines(out: &mut String, c: &crate::report::scan::Census) {
             String::new()
         }
     );
-    let u = &c.untracked;
-    let _ = writeln!(
-        out,
-        "           blocks not tracked (from before attach): {} definitely lost in {}, {} indirectly in {}, \
-         {} possibly in {}, {} reachable in {}",
-        human_bytes(u.definitely_lost.bytes),
-        u.definitely_lost.count,
-        human_bytes(u.indirectly_lost.bytes),
-        u.indirectly_lost.count,
-        human_bytes(u.possibly_lost.bytes),
-        u.possibly_lost.count,
-        human_bytes(u.reachable.bytes),
-        u.reachable.count,
-    );
+    let _ =
+        writeln!(out, "           blocks not tracked (from before attach): {}", four_classes(&c.untracked));
     for e in &c.walk_errors {
         let _ = writeln!(out, "           WALK STOPPED (figures of that heap incomplete): {e}");
     }
@@ -436,15 +439,8 @@ pub fn render(r: &Report, top: usize) -> String {
         );
         let _ = writeln!(
             out,
-            "           definitely lost {} in {}, indirectly {} in {}, possibly {} in {}, reachable {} in {}{}",
-            human_bytes(t.definitely_lost.bytes),
-            t.definitely_lost.count,
-            human_bytes(t.indirectly_lost.bytes),
-            t.indirectly_lost.count,
-            human_bytes(t.possibly_lost.bytes),
-            t.possibly_lost.count,
-            human_bytes(t.reachable.bytes),
-            t.reachable.count,
+            "           {}{}",
+            four_classes(t),
             if sc.cycles.is_empty() {
                 String::new()
             } else {

@@ -115,9 +115,9 @@ pub fn run(
     };
     let out = scan::scan(&req)?;
     let m = &out.marking;
-    if std::env::var_os("LEAKPROBE_DEBUG_SCAN").is_some() {
-        for (o, b) in m.blocks.iter().zip(&req.blocks) {
-            eprintln!("scan-debug {:#x}+{} {:?} {:?}", b.start, b.size, o.class, o.retainer);
+    if tracing::enabled!(tracing::Level::TRACE) {
+        for (o, b) in m.blocks.iter().zip(&out.blocks) {
+            tracing::trace!("scan: block {:#x}+{} {:?} retained by {:?}", b.start, b.size, o.class, o.retainer);
         }
     }
 
