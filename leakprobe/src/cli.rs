@@ -88,10 +88,12 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// What is in a process's glibc heap now, and what of it is garbage: every chunk, blocks
-    /// from before any attach grouped by C++ type or size and classified as definitely,
-    /// indirectly or possibly lost, or reachable (and by what). Short for `attach --scan
-    /// --census --duration 200ms`: the target pauses once, for --max-pause at most.
+    /// What is in a process's glibc heap now, and what of it is garbage (blocks from before attach).
+    ///
+    /// Every chunk is walked; blocks from before any attach are grouped by C++ type or size
+    /// and classified as definitely, indirectly or possibly lost, or reachable (and by what).
+    /// Short for `attach --scan --census --duration 200ms`: the target pauses once, for
+    /// --max-pause at most.
     #[command(after_help = CENSUS_EXAMPLES)]
     Census {
         /// The process to take the census of.
