@@ -412,3 +412,41 @@ fn fail_on_leak_with_a_scan_judges_definitely_lost_bytes() {
         assert_eq!(out.status.code(), Some(code), "{case}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `run --scan` stops the command at exit() (SIGSTOP from eBPF). If leakprobe is SIGKILLed
+/// then, in the middle of the scan, the command must not stay stopped: the guard continues
+/// it (and keeps doing so while the kernel removes the dead leakprobe's probe), and it ends.
+#[test]
+fn sigkill_while_the_command_is_stopped_at_exit_lets_it_finish() {
+    require_root();
+    let bin = target();
+    let mut lp = Leakprobe::start_env(
+        &["run", "--scan", "--", bin.to_str().unwrap(), "definite"],
+        &[("LEAKPROBE_TEST_SCAN_HOLD_MS", "3000")],
+    );
+    // Its stdin is null: the command reads EOF at once and calls exit().
+    lp.wait_for("called exit()");
+    let pid = loop {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", lp.child.id())).unwrap();
+        if let Some(p) = kids.split_whitespace().filter_map(|c| c.parse::<i32>().ok()).find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "scan_cases")
+        }) {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500)); // inside the scan's hold
+    assert_eq!(stopped_threads(pid).0, 1, "stopped at exit() for the scan");
+    lp.child.kill().unwrap();
+    let killed = std::time::Instant::now();
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z") {
+            break; // exited; init reaps it
+        }
+        assert!(killed.elapsed() < std::time::Duration::from_secs(10), "still there: {stat}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!("the command ended {:?} after the SIGKILL", killed.elapsed());
+    let _ = lp.finish();
+}

@@ -50,6 +50,10 @@ pub struct RestoreList {
     /// patched. A guard that restores also continues it (`SIGCONT`), or it would stay stopped.
     #[serde(default)]
     pub held_stopped: bool,
+    /// `run --scan`: our eBPF program may stop the target at exit() until it is removed; the
+    /// guard keeps continuing it for a while.
+    #[serde(default)]
+    pub stop_at_exit: bool,
     /// Snapshot children of the scan to reap under the target.
     #[serde(default)]
     pub reap: Vec<i32>,
@@ -300,6 +304,21 @@ pub fn run() -> std::process::ExitCode {
         if list.held_stopped && start_ticks(list.pid) == Some(list.start_ticks) {
             // SAFETY: kill with a valid signal; the PID was just checked to name our target.
             unsafe { libc::kill(list.pid, libc::SIGCONT) };
+            // `run --scan`: our eBPF program stops the target at exit() until the kernel has
+            // removed it (it closes a dead leakprobe's uprobes one by one, ~0.1 s each, after
+            // this pipe): continue it again whenever it stops, for long enough.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while list.stop_at_exit && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                match stat_of(list.pid) {
+                    Some(('T', start, _)) if start == list.start_ticks => {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(list.pid, libc::SIGCONT) };
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
         }
     }
     if let (Some(list), false) = (&list, disarmed) {
@@ -353,6 +372,7 @@ mod tests {
             enabled_at: 8,
             code_at: 0,
             held_stopped: false,
+            stop_at_exit: false,
             reap: vec![],
             reap_clones_since: None,
         };
@@ -396,6 +416,7 @@ mod tests {
             enabled_at: base + 24,
             code_at: code as u64,
             held_stopped: false,
+            stop_at_exit: false,
             reap: vec![],
             reap_clones_since: None,
         };

@@ -72,6 +72,8 @@ struct Scanner {
     glibc: bool,
     /// `--census`: walk the whole glibc heap too (its version decides the layouts).
     census: Option<crate::scan::census::GlibcVersion>,
+    /// `run --scan`: continues the target if leakprobe dies while it is stopped at exit().
+    exit_guard: Option<crate::inprocess::guard::Guard>,
 }
 
 impl Scanner {
@@ -298,6 +300,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         at_exit: false,
         glibc: plan.allocator == allocator::AllocatorKind::Glibc,
         census: None,
+        exit_guard: None,
     });
     if let Some(sc) = scanner.as_mut()
         && cfg.scan.as_ref().is_some_and(|s| s.census)
@@ -310,6 +313,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
                 Ok(s) => {
                     statuses.push(s);
                     sc.at_exit = true;
+                    // Before the first exit() can stop it: whatever happens to us, the command
+                    // is continued.
+                    use crate::inprocess::guard::{self, Guard, RestoreList};
+                    let list = RestoreList {
+                        pid,
+                        start_ticks: guard::start_ticks(pid).unwrap_or(0),
+                        held_stopped: true,
+                        stop_at_exit: true,
+                        ..RestoreList::default()
+                    };
+                    sc.exit_guard = Some(Guard::spawn(&list).context("starting the guard of the exit stop")?);
                 }
                 Err(e) => progress(&cfg, format_args!("--scan: cannot watch exit() ({e}); no scan at exit")),
             },
@@ -417,9 +431,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
                 format_args!("--scan: the command ended without calling exit(); nothing was scanned"),
             );
         }
-        if exiting {
+        if exiting || probes.counters().is_ok_and(|c| c.get(leakprobe_common::counter::EXIT_STOPS) > 0) {
             // SAFETY: kill with a valid signal on the command we started.
             unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        if exiting {
             exit_status = child.as_mut().and_then(|c| c.wait().ok()).map(|s| {
                 use std::os::unix::process::ExitStatusExt as _;
                 s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))

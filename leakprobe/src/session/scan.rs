@@ -117,7 +117,13 @@ pub fn run(
     let m = &out.marking;
     if tracing::enabled!(tracing::Level::TRACE) {
         for (o, b) in m.blocks.iter().zip(&out.blocks) {
-            tracing::trace!("scan: block {:#x}+{} {:?} retained by {:?}", b.start, b.size, o.class, o.retainer);
+            tracing::trace!(
+                "scan: block {:#x}+{} {:?} retained by {:?}",
+                b.start,
+                b.size,
+                o.class,
+                o.retainer
+            );
         }
     }
 
