@@ -49,6 +49,24 @@ fn wait_restored(pid: i32, before: &[(u64, &'static str, u64)], killed: Instant,
     }
 }
 
+/// `leakprobe attach --pid PID --in-process --interval 1s --format json`, once attached: its
+/// "attached" line comes after the slots are patched.
+fn attach_in_process(pid: &str) -> Leakprobe {
+    let mut lp =
+        Leakprobe::start(&["attach", "--pid", pid, "--in-process", "--interval", "1s", "--format", "json"]);
+    lp.wait_attached();
+    lp
+}
+
+/// SIGINT, as Ctrl-C: leakprobe detaches and reports.
+fn interrupt(lp: &Leakprobe) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lp.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+}
+
 #[test]
 fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
     require_root();
@@ -58,18 +76,7 @@ fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
     let before = slot_values(pid);
     assert!(before.iter().any(|s| s.1 == "malloc") && before.iter().any(|s| s.1 == "free"), "{before:?}");
     let pid_s = pid.to_string();
-    let mut lp = Leakprobe::start(&[
-        "attach",
-        "--pid",
-        &pid_s,
-        "--in-process",
-        "--interval",
-        "1s",
-        "--format",
-        "json",
-    ]);
-    // "attached" comes after the slots are patched.
-    lp.wait_attached();
+    let lp = attach_in_process(&pid_s);
     let range = stub_range(pid);
     assert!(range.is_some(), "no stub mapping in the target");
     let during = slot_values(pid);
@@ -77,11 +84,7 @@ fn slots_point_at_the_stub_while_attached_and_are_put_back_at_detach() {
         assert!(in_stub(*v, range), "{f} slot {addr:#x} holds {v:#x}, not the stub (was {old:#x})");
     }
     target.leak();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lp.child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    interrupt(&lp);
     let (code, out, err) = lp.finish();
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -183,9 +186,7 @@ fn a_target_that_forks_or_execs_while_patched_keeps_working() {
 
     // exec while patched: the trace ends; nothing is written into the new image.
     let pid = target.pid().to_string();
-    let mut lp =
-        Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--format", "json", "--in-process"]);
-    lp.wait_attached();
+    let lp = attach_in_process(&pid);
     target.send("exec");
     target.expect("ready");
     target.leak();
@@ -300,17 +301,7 @@ fn a_slot_that_loses_the_stub_is_put_back_at_the_next_interval() {
     let pid = target.pid();
     let before = slot_values(pid);
     let pid_s = pid.to_string();
-    let mut lp = Leakprobe::start(&[
-        "attach",
-        "--pid",
-        &pid_s,
-        "--in-process",
-        "--interval",
-        "1s",
-        "--format",
-        "json",
-    ]);
-    lp.wait_attached();
+    let lp = attach_in_process(&pid_s);
     let range = stub_range(pid);
     let (addr, function, original) = before[0];
     let mem = leakprobe::ptrace::Mem::open(pid).unwrap();
@@ -323,11 +314,7 @@ fn a_slot_that_loses_the_stub_is_put_back_at_the_next_interval() {
         std::thread::sleep(Duration::from_millis(50));
     }
     target.leak();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lp.child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    interrupt(&lp);
     let (code, out, err) = lp.finish();
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -357,21 +344,6 @@ fn a_static_executable_is_refused_in_process() {
     target.leak();
 }
 
-/// The children of `pid` whose command name is `comm`.
-fn children_named(pid: u32, comm: &str) -> Vec<i32> {
-    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    list.split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .filter(|c: &i32| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm))
-        .collect()
-}
-
-/// The state letter of `pid` (`/proc/PID/stat` field 3), if it exists.
-fn state_of(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
-
 /// `run --in-process` holds the command in a job-control stop while the probes load. A
 /// SIGKILL of leakprobe then must not leave it stopped: the guard continues it within a
 /// second, and it runs to its normal end.
@@ -386,7 +358,7 @@ fn sigkill_while_a_run_command_is_held_leaves_it_running() {
     let lp_pid = lp.child.id();
     let deadline = Instant::now() + Duration::from_secs(30);
     let pid = loop {
-        if let Some(&c) = children_named(lp_pid, "alloc_funcs_nof").first()
+        if let Some(&c) = children_named(lp_pid as i32, "alloc_funcs_nof").first()
             && state_of(c) == Some('T')
             && stub_range(c).is_some()
         {

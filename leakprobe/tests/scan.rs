@@ -34,21 +34,12 @@ fn target() -> std::path::PathBuf {
 /// (class -> (bytes, blocks)) of valgrind's loss records whose stack holds `func`.
 fn valgrind_classes(bin: &std::path::Path, case: &str, func: &str) -> BTreeMap<&'static str, (u64, u64)> {
     let xml = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new("valgrind")
+    let out = fed(Command::new("valgrind")
         .args(["--leak-check=full", "--show-leak-kinds=all", "--xml=yes"])
         .arg(format!("--xml-file={}", xml.path().display()))
         .arg(bin)
-        .arg(case)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("valgrind (installed by cargo xtask setup)");
-    {
-        use std::io::Write as _;
-        writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
-    }
-    assert!(child.wait().unwrap().success(), "valgrind run of {case}");
+        .arg(case));
+    assert!(out.status.success(), "valgrind run of {case}: {}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(xml.path()).unwrap();
     let tag = |s: &str, t: &str| -> Option<String> {
         let a = s.find(&format!("<{t}>"))? + t.len() + 2;
@@ -105,24 +96,24 @@ fn leakprobe_classes(report: &Value, func: &str) -> BTreeMap<&'static str, (u64,
     out
 }
 
-/// `leakprobe run --scan ARGS -- scan_cases CASE`, fed "leak" then "exit".
-fn run_case(bin: &std::path::Path, case: &str, args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(leakprobe_bin())
-        .args(["run", "--scan"])
-        .args(args)
-        .arg("--")
-        .arg(bin)
-        .arg(case)
+/// Runs `cmd` (a scan case, directly or under a tool) fed "leak" then "exit" on stdin.
+fn fed(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (installed by cargo xtask setup?)"));
     {
         use std::io::Write as _;
         writeln!(child.stdin.as_mut().unwrap(), "leak\nexit").unwrap();
     }
     child.wait_with_output().unwrap()
+}
+
+/// `leakprobe run --scan ARGS -- scan_cases CASE`, fed "leak" then "exit".
+fn run_case(bin: &std::path::Path, case: &str, args: &[&str]) -> std::process::Output {
+    fed(Command::new(leakprobe_bin()).args(["run", "--scan"]).args(args).arg("--").arg(bin).arg(case))
 }
 
 /// `leakprobe run --scan` on one case: its JSON report.
@@ -194,16 +185,6 @@ fn live_attach_scan_agrees_with_run_mode() {
         t.send("exit");
         assert!(t.child.wait().unwrap().success(), "{case}: the target exits 0 after the scan");
     }
-}
-
-/// The children of `pid` (all its threads'), from /proc.
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(list.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
-    }
-    out
 }
 
 /// Threads of `pid` in a stop (ptrace 't' or job control 'T'), and its TracerPid.
@@ -427,10 +408,7 @@ fn sigkill_while_the_command_is_stopped_at_exit_lets_it_finish() {
     // Its stdin is null: the command reads EOF at once and calls exit().
     lp.wait_for("called exit()");
     let pid = loop {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", lp.child.id())).unwrap();
-        if let Some(p) = kids.split_whitespace().filter_map(|c| c.parse::<i32>().ok()).find(|c| {
-            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "scan_cases")
-        }) {
+        if let Some(&p) = children_named(lp.child.id() as i32, "scan_cases").first() {
             break p;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -439,12 +417,9 @@ fn sigkill_while_the_command_is_stopped_at_exit_lets_it_finish() {
     assert_eq!(stopped_threads(pid).0, 1, "stopped at exit() for the scan");
     lp.child.kill().unwrap();
     let killed = std::time::Instant::now();
-    while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.contains(") Z") {
-            break; // exited; init reaps it
-        }
-        assert!(killed.elapsed() < std::time::Duration::from_secs(10), "still there: {stat}");
+    // Until it has exited (a zombie until init reaps it, then gone).
+    while state_of(pid).is_some_and(|s| s != 'Z') {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(10), "still there: {:?}", state_of(pid));
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     println!("the command ended {:?} after the SIGKILL", killed.elapsed());

@@ -54,6 +54,8 @@ pub struct Request {
     pub census: Option<census::GlibcVersion>,
     /// The first site id free for census groups (the caller's sites are below it).
     pub first_group: u32,
+    /// Tests only: how long the snapshot child lives before the marking (SIGKILL tests).
+    pub hold_after_capture: Duration,
 }
 
 /// What an untracked block is, as far as can be told without its stack.
@@ -149,10 +151,7 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
     let opts =
         snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
     let snap = snapshot::capture(req.pid, &opts)?;
-    // Tests only: widen the window in which the snapshot child exists (SIGKILL tests).
-    if let Some(ms) = std::env::var("LEAKPROBE_TEST_SCAN_HOLD_MS").ok().and_then(|v| v.parse().ok()) {
-        std::thread::sleep(Duration::from_millis(ms));
-    }
+    std::thread::sleep(req.hold_after_capture);
     let mut threads = snap.threads.clone();
     for t in threads.iter_mut() {
         t.tls = tls_range(&snap, t.fs_base);
@@ -271,24 +270,48 @@ fn take_census(
     }
 }
 
-/// Names C++ objects by the vtable their first word points at.
-struct Typer<'a> {
-    snap: &'a Snapshot,
+/// The variables of the target's modules by run-time address: a global that holds a block,
+/// a vtable that types one.
+struct Globals {
+    pid: i32,
     data: DataSymbols,
     /// Per module file: where its file offset 0 is mapped.
     bases: HashMap<String, u64>,
+}
+
+impl Globals {
+    fn new(snap: &Snapshot) -> Self {
+        let mut bases: HashMap<String, u64> = HashMap::new();
+        for r in snap.regions.iter().filter(|r| r.name.starts_with('/')) {
+            let b = r.start.saturating_sub(r.offset);
+            bases.entry(r.name.clone()).and_modify(|x| *x = (*x).min(b)).or_insert(b);
+        }
+        Globals { pid: snap.pid, data: DataSymbols::default(), bases }
+    }
+
+    fn base(&self, module: &str) -> Option<u64> {
+        self.bases.get(module).copied()
+    }
+
+    /// The variable at `addr` in `module` (its path as the target maps it).
+    fn variable(&mut self, module: &str, addr: u64) -> Option<crate::symbolize::data::Variable> {
+        let base = self.base(module)?;
+        let file = crate::target::target_path(self.pid, std::path::Path::new(module));
+        self.data.lookup(&file, base, addr)
+    }
+}
+
+/// Names C++ objects by the vtable their first word points at.
+struct Typer<'a> {
+    snap: &'a Snapshot,
+    globals: Globals,
     /// A first word seen before, and what it named.
     memo: HashMap<u64, Option<String>>,
 }
 
 impl<'a> Typer<'a> {
     fn new(snap: &'a Snapshot) -> Self {
-        let mut bases: HashMap<String, u64> = HashMap::new();
-        for r in snap.regions.iter().filter(|r| r.name.starts_with('/')) {
-            let b = r.start.saturating_sub(r.offset);
-            bases.entry(r.name.clone()).and_modify(|x| *x = (*x).min(b)).or_insert(b);
-        }
-        Typer { snap, data: DataSymbols::default(), bases, memo: HashMap::new() }
+        Typer { snap, globals: Globals::new(snap), memo: HashMap::new() }
     }
 
     fn of(&mut self, block: u64) -> Option<String> {
@@ -311,9 +334,7 @@ impl<'a> Typer<'a> {
     fn lookup(&mut self, word: u64) -> Option<String> {
         let r =
             self.snap.regions.iter().find(|r| r.start <= word && word < r.end && r.name.starts_with('/'))?;
-        let base = *self.bases.get(&r.name)?;
-        let file = crate::target::target_path(self.snap.pid, std::path::Path::new(&r.name));
-        let v = self.data.lookup(&file, base, word)?;
+        let v = self.globals.variable(&r.name, word)?;
         let class = v.name.strip_prefix("vtable for ")?;
         // make_shared's control block holds the object: name the object.
         Some(match class.strip_prefix("std::_Sp_counted_ptr_inplace<") {
@@ -418,7 +439,7 @@ fn name_holders(
     roots: &roots::Roots,
     snap: &Snapshot,
 ) -> HashMap<RootRef, HolderName> {
-    let mut data = DataSymbols::default();
+    let mut globals = Globals::new(snap);
     let mut out = HashMap::new();
     let refs = marking.sites.iter().flat_map(|s| s.holders.iter()).filter_map(|h| match h.by {
         HeldBy::Root(r) => Some(r),
@@ -465,16 +486,9 @@ fn name_holders(
                 frame_ip: None,
             },
             (RootKind::Module { path }, RootSlot::Word { addr }) => {
-                let base = snap
-                    .regions
-                    .iter()
-                    .filter(|x| x.name == *path)
-                    .map(|x| x.start.saturating_sub(x.offset))
-                    .min()
-                    .unwrap_or(0);
-                let file = crate::target::target_path(snap.pid, std::path::Path::new(path));
+                let base = globals.base(path).unwrap_or(0);
                 let module = file_name(path);
-                match data.lookup(&file, base, addr) {
+                match globals.variable(path, addr) {
                     Some(v) if v.offset == 0 => HolderName {
                         kind: "global",
                         name: format!("global {} ({module})", v.name),

@@ -472,7 +472,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     }
     let mut gate_bytes = report.totals.outstanding_bytes;
     if let Some(done) = scanner.as_mut().and_then(|s| s.last.take()) {
-        gate_bytes = done.definitely_lost_bytes;
+        gate_bytes = done.scan.totals.definitely_lost.bytes;
         report::scan::apply(&mut report, done.scan, done.sites);
     } else if cfg.scan.is_some() && cfg.fail_on_leak.is_some() {
         // The gate is on definitely lost bytes: without a scan it cannot be judged safely.
@@ -966,10 +966,17 @@ async fn watch(
 
 /// Tests only: sleep where a race is to be provoked (the named variable holds milliseconds).
 fn test_hook_pause(var: &str) {
-    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
-        eprintln!("leakprobe: {var}: pausing {ms} ms");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+    let pause = test_hook(var);
+    if !pause.is_zero() {
+        eprintln!("leakprobe: {var}: pausing {pause:?}");
+        std::thread::sleep(pause);
     }
+}
+
+/// Tests only: the milliseconds the named variable holds (zero if unset).
+fn test_hook(var: &str) -> std::time::Duration {
+    let ms = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    std::time::Duration::from_millis(ms)
 }
 
 /// Refuses output paths that are symlinks or not regular files (FIFOs, devices).

@@ -21,7 +21,6 @@ use crate::{
 pub struct Done {
     pub scan: Scan,
     pub sites: Vec<SiteResult>,
-    pub definitely_lost_bytes: u64,
 }
 
 /// The blocks to classify: every tracked heap block (mmap regions are roots, not blocks, as in
@@ -112,6 +111,7 @@ pub fn run(
         allocator_tail: glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
         census,
         first_group: keys.len() as u32,
+        hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
     };
     let out = scan::scan(&req)?;
     let m = &out.marking;
@@ -321,7 +321,7 @@ pub fn run(
             census_summary(c, census_groups, &req.blocks, &mut origin_label)
         }),
     };
-    Ok(Done { definitely_lost_bytes: totals.definitely_lost.bytes, scan, sites: results })
+    Ok(Done { scan, sites: results })
 }
 
 /// The census in the report: the heap's totals, the untracked blocks by class, and the

@@ -430,3 +430,27 @@ pub fn check_64_mib_estimate(report: &Value) {
     let churn = sum(sites(report).iter().filter(|s| has_frame(s, "churn")));
     assert_eq!((churn.0, churn.1), (0, 0), "the churn is freed");
 }
+
+/// The children of every thread of `pid`, from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(list.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
+}
+
+/// The children of `pid` whose command name (`comm`, 15 characters at most) is `comm`.
+pub fn children_named(pid: i32, comm: &str) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm))
+        .collect()
+}
+
+/// The state letter of `pid` (`/proc/PID/stat` field 3), if it exists.
+pub fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
