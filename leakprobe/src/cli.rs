@@ -105,7 +105,34 @@ pub enum Command {
     /// Compare two JSON reports or snapshots per call site: what grew between them.
     #[command(after_help = DIFF_EXAMPLES)]
     Diff(DiffArgs),
+    /// A live terminal view of a running process: call sites sorted by growth, RSS against
+    /// the tracked heap, the verdict.
+    ///
+    /// Keys: s sort (growth, outstanding, allocations), / filter by function or module,
+    /// f freeze, w write a snapshot, q quit (detaches; the target runs on).
+    #[command(after_help = TOP_EXAMPLES)]
+    Top {
+        /// The process to watch.
+        #[arg(short, long)]
+        pid: i32,
+        #[command(flatten)]
+        opts: TraceOpts,
+    },
 }
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  # Watch a server live, refreshed every second
+  leakprobe top --pid 4242
+
+  # A hot server: sample inside it, and serve Prometheus metrics at the same time
+  leakprobe top --pid 4242 --in-process --sample-bytes 512KiB --metrics 9464
+
+  # Snapshots on `w` go to /tmp/snaps (default: ./leakprobe-top-PID)
+  leakprobe top --pid 4242 --snapshot-dir /tmp/snaps
+
+The terminal is restored on every exit, a crash included. With --output, the final report is
+written there when you quit.";
 
 const CENSUS_EXAMPLES: &str = "\
 Examples:
@@ -190,9 +217,9 @@ pub struct TraceOpts {
     /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C, SIGTERM or the target exits.
     #[arg(short, long, value_name = "D")]
     pub duration: Option<String>,
-    /// How often to read the maps and print progress.
-    #[arg(short, long, default_value = "5s", value_name = "I")]
-    pub interval: String,
+    /// How often to read the maps and print progress [default: 5s; top: 1s].
+    #[arg(short, long, value_name = "I")]
+    pub interval: Option<String>,
     /// Call sites shown in full in the text report.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
@@ -248,9 +275,26 @@ pub struct TraceOpts {
     pub snapshot_every: Option<String>,
     /// Directory for snapshots, named snapshot-PID-NNNN.json, each written atomically
     /// (complete or absent). Created if missing; an existing one must be empty or hold only
-    /// leakprobe's snapshots (or pass --force).
-    #[arg(long, value_name = "DIR", requires = "snapshot_every")]
+    /// leakprobe's snapshots (or pass --force). `top` writes one there on `w`.
+    #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Keep only the newest N snapshots this session wrote, deleting older ones (for
+    /// attaches that last days).
+    #[arg(long, value_name = "N", requires = "snapshot_dir")]
+    pub snapshot_keep: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics while tracing: per call site
+    /// (the top --metrics-top by growth) and for the process. A bare PORT binds to loopback.
+    #[arg(long, value_name = "[ADDR:]PORT", help_heading = "Live")]
+    pub metrics: Option<String>,
+    /// Call sites given their own series in --metrics, the fastest growing first (bounds
+    /// the series' cardinality).
+    #[arg(long, default_value_t = 20, value_name = "N", help_heading = "Live")]
+    pub metrics_top: usize,
+    /// Forget call sites with nothing outstanding and no call for this long: their stacks
+    /// leave the kernel's map (room for new ones) and leakprobe's memory; counted in the
+    /// report as evicted. Keeps long attaches bounded.
+    #[arg(long, default_value = "10m", value_name = "D", help_heading = "Live")]
+    pub evict_after: String,
     /// Draw the timeline at the end (RSS, anonymous and file RSS, tracked heap, mmap'd bytes,
     /// and the top growing call sites) as a chart: FILE.svg or FILE.png.
     #[arg(long, value_name = "FILE")]
@@ -378,6 +422,10 @@ pub enum ConfigError {
     Scan { flag: &'static str, why: &'static str },
     #[error("{first} and {second} name the same file {path:?}")]
     SamePath { first: &'static str, second: &'static str, path: PathBuf },
+    #[error("{flag} needs {needs}")]
+    Needs { flag: &'static str, needs: &'static str },
+    #[error("invalid --metrics value {value:?}: {reason}")]
+    Metrics { value: String, reason: String },
 }
 
 /// What to trace.
@@ -417,8 +465,8 @@ pub struct Config {
     pub sample_bytes: u64,
     pub max_overhead: Option<u64>,
     pub noop: bool,
-    /// Snapshot period (a whole number of intervals) and directory.
-    pub snapshots: Option<(Duration, PathBuf)>,
+    /// Snapshots: when, where, how many to keep.
+    pub snapshots: Option<Snapshots>,
     pub plot: Option<PathBuf>,
     pub quiet: bool,
     /// --pprof, --flamegraph, --folded.
@@ -431,8 +479,25 @@ pub struct Config {
     pub in_process: bool,
     /// `--scan` / `--scan-every`: scan at the end (or at exit() in run mode), and periodically.
     pub scan: Option<ScanConfig>,
+    /// `--metrics`: where to serve Prometheus metrics, and how many sites get series.
+    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics_top: usize,
+    /// `--evict-after`: how long a site with nothing outstanding may stay idle.
+    pub evict_after: Duration,
+    /// `top`: a terminal view draws the session (no progress lines on stderr).
+    pub live_view: bool,
     /// The command line, recorded in the report.
     pub args: Vec<String>,
+}
+
+/// `--snapshot-every`, `--snapshot-dir`, `--snapshot-keep`.
+#[derive(Clone, Debug)]
+pub struct Snapshots {
+    /// A whole number of intervals; none: only on request (`top`'s `w`).
+    pub every: Option<Duration>,
+    pub dir: PathBuf,
+    /// Keep the newest N this session wrote.
+    pub keep: Option<usize>,
 }
 
 fn duration(flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
@@ -451,6 +516,7 @@ impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
+        let live_view = matches!(cli.command, Command::Top { .. });
         let (mode, opts) = match cli.command {
             Command::Attach { pid, opts } => (Mode::Attach { pid }, opts),
             Command::Run { opts, command } => (Mode::Run { command }, opts),
@@ -460,9 +526,11 @@ impl TryFrom<Cli> for Config {
                 opts.duration.get_or_insert_with(|| "200ms".into());
                 (Mode::Attach { pid }, opts)
             }
+            Command::Top { pid, opts } => (Mode::Attach { pid }, opts),
             Command::Diff(_) => return Err(ConfigError::NotATrace),
         };
-        let interval = duration("--interval", &opts.interval)?;
+        let default_interval = if live_view { "1s" } else { "5s" };
+        let interval = duration("--interval", opts.interval.as_deref().unwrap_or(default_interval))?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { flag: "--interval" });
         }
@@ -520,10 +588,31 @@ impl TryFrom<Cli> for Config {
                 if every.is_zero() {
                     return Err(ConfigError::Zero { flag: "--snapshot-every" });
                 }
-                Some((every, dir))
+                Some(Snapshots { every: Some(every), dir, keep: opts.snapshot_keep })
             }
-            _ => None, // clap requires both together
+            // top writes one on `w`.
+            (None, Some(dir)) if live_view => Some(Snapshots { every: None, dir, keep: opts.snapshot_keep }),
+            (None, Some(_)) => return Err(ConfigError::Needs { flag: "--snapshot-dir", needs: "--snapshot-every" }),
+            _ => None, // clap requires the directory with --snapshot-every
         };
+        if opts.snapshot_keep == Some(0) {
+            return Err(ConfigError::Zero { flag: "--snapshot-keep" });
+        }
+        let metrics = opts
+            .metrics
+            .as_deref()
+            .map(|v| {
+                crate::live::metrics::parse_addr(v)
+                    .map_err(|reason| ConfigError::Metrics { value: v.to_string(), reason })
+            })
+            .transpose()?;
+        if opts.metrics_top == 0 {
+            return Err(ConfigError::Zero { flag: "--metrics-top" });
+        }
+        let evict_after = duration("--evict-after", &opts.evict_after)?;
+        if evict_after.is_zero() {
+            return Err(ConfigError::Zero { flag: "--evict-after" });
+        }
         if let Some(plot) = &opts.plot {
             let ext = plot.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
             if !matches!(ext.as_deref(), Some("svg" | "png")) {
@@ -596,6 +685,10 @@ impl TryFrom<Cli> for Config {
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
             in_process: opts.in_process,
             scan,
+            metrics,
+            metrics_top: opts.metrics_top,
+            evict_after,
+            live_view,
             output_policy: crate::output::Policy {
                 force: opts.force,
                 allow_system_path: opts.allow_system_path,

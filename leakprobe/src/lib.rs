@@ -14,9 +14,11 @@
 
 pub mod cli;
 pub mod inprocess;
+pub mod live;
 pub mod kernel;
 pub mod model;
 pub mod output;
+pub mod progress;
 pub mod ptrace;
 pub mod report;
 pub mod scan;

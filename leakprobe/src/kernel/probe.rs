@@ -530,7 +530,7 @@ impl Probes {
         for entry in sites_map.iter() {
             match entry {
                 Ok((key, c)) => sites.push((key, unscale(c))),
-                // Sites are never deleted, so a vanished key is a read race: skip it.
+                // Deleted under the iterator (an eviction): skip it.
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => return Err(ProbeError::Map { name, source }),
             }
@@ -592,6 +592,47 @@ impl Probes {
         out.sort_unstable_by_key(|(a, _)| *a);
         out.dedup_by_key(|(a, _)| *a);
         Ok(out)
+    }
+
+    /// Forgets sites that have ended: each one's entry in the site map, only if its counters
+    /// are still `expected` (a call since they were read keeps the site). Returns the sites
+    /// whose entries were deleted. A call that lands between the check and the delete loses its
+    /// own counts (its free is then not counted either, so outstanding figures stay right);
+    /// the window is one syscall.
+    pub fn evict_sites(&mut self, sites: &[(SiteKey, SiteCounters)]) -> Result<Vec<SiteKey>, ProbeError> {
+        let name = map_names::SITES;
+        let mut map: HashMap<&mut MapData, SiteKey, SiteCounters> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        let mut gone = Vec::new();
+        for (key, expected) in sites {
+            match map.get(key, 0) {
+                Ok(now) if unscale(now) == *expected => {}
+                Ok(_) | Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+            match map.remove(key) {
+                Ok(()) => gone.push(*key),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Deletes stacks no site uses any more (a later call on one stores it again).
+    pub fn evict_stacks(&mut self, ids: &[u64]) -> Result<(), ProbeError> {
+        let name = map_names::STACKS;
+        let mut stacks: HashMap<&mut MapData, u64, Stack> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        for id in ids {
+            match stacks.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        Ok(())
     }
 
     /// The frames of a stack id, innermost first, and why the walk ended (`stack_end`);

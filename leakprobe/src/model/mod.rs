@@ -76,6 +76,18 @@ struct SiteState {
     live: Option<LiveSummary>,
     /// Outstanding bytes at each sample.
     history: Series,
+    /// When its counters last changed (CLOCK_MONOTONIC ns).
+    changed_ns: u64,
+}
+
+/// What evicted sites had done before they were forgotten: the totals stay whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub sites: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
 }
 
 /// A call site's figures at the latest sample.
@@ -117,6 +129,7 @@ pub struct Tracker {
     /// When and at what counts the last timeline point was recorded, and its spacing.
     rate_base: (u64, Counters),
     last_dt: f64,
+    evicted: Evicted,
 }
 
 impl Tracker {
@@ -135,6 +148,7 @@ impl Tracker {
             timeline: Timeline::default(),
             rate_base: (start_ns, Counters::default()),
             last_dt: 0.0,
+            evicted: Evicted::default(),
         }
     }
 
@@ -149,7 +163,11 @@ impl Tracker {
                 prev: SiteCounters::default(),
                 live: None,
                 history: Series::default(),
+                changed_ns: sample.at_ns,
             });
+            if state.now != counters {
+                state.changed_ns = sample.at_ns;
+            }
             state.now = counters;
         }
         let t = sample.at_ns.saturating_sub(self.start_ns) as f64 / 1e9;
@@ -305,6 +323,44 @@ impl Tracker {
 
     pub fn totals(&self) -> Totals {
         Totals::of(&self.sites())
+    }
+
+    /// Sites that have ended: nothing outstanding, and no call for `idle_ns` (their counters
+    /// unchanged since), with the counters they were last seen at.
+    pub fn ended_sites(&self, idle_ns: u64) -> Vec<(SiteKey, SiteCounters)> {
+        self.sites
+            .iter()
+            .filter(|(_, s)| {
+                s.now.alloc_count <= s.now.free_count
+                    && s.now.alloc_bytes <= s.now.free_bytes
+                    && self.last_ns.saturating_sub(s.changed_ns) >= idle_ns
+            })
+            .map(|(k, s)| (*k, s.now))
+            .collect()
+    }
+
+    /// Forgets these sites (their kernel entries are gone): their history goes, their totals
+    /// move to [`Tracker::evicted`]. A site seen again later starts afresh.
+    pub fn evict(&mut self, keys: &[SiteKey]) {
+        for key in keys {
+            if let Some(s) = self.sites.remove(key) {
+                let e = &mut self.evicted;
+                e.sites += 1;
+                e.allocated_bytes += s.now.alloc_bytes;
+                e.allocated_count += s.now.alloc_count;
+                e.freed_bytes += s.now.free_bytes;
+                e.freed_count += s.now.free_count;
+            }
+        }
+    }
+
+    pub fn evicted(&self) -> Evicted {
+        self.evicted
+    }
+
+    /// Whether any site still tracked has this stack.
+    pub fn stack_in_use(&self, stack_id: u64) -> bool {
+        self.sites.keys().any(|k| k.stack_id == stack_id)
     }
 }
 
@@ -502,6 +558,33 @@ mod tests {
         assert_eq!(site.trend, Trend::Growing);
         assert!((site.fit.unwrap().slope_per_s - 10_000.0).abs() < 1e-6);
         assert_eq!(t.verdict().0, RunVerdict::Leak);
+    }
+
+    #[test]
+    fn ended_sites_are_idle_and_empty_and_eviction_keeps_totals() {
+        let mut t = Tracker::new(0, 0);
+        let s = |at_s: u64, sites: Vec<(SiteKey, SiteCounters)>| Sample {
+            at_ns: at_s * 1_000_000_000,
+            sites,
+            ..Default::default()
+        };
+        // Site 1: allocated and freed at 1 s, then idle. Site 2: still holds a block.
+        // Site 3: empty but still busy.
+        for at in 1..=10 {
+            let busy = counters(at, at * 10, at, at * 10);
+            t.ingest(s(at, vec![(key(1), counters(5, 50, 5, 50)), (key(2), counters(2, 20, 1, 10)), (key(3), busy)]));
+        }
+        let ended = t.ended_sites(5_000_000_000);
+        assert_eq!(ended, vec![(key(1), counters(5, 50, 5, 50))]);
+        assert!(t.ended_sites(60_000_000_000).is_empty(), "not idle for a minute yet");
+        t.evict(&[key(1)]);
+        assert_eq!(t.sites().len(), 2);
+        assert!(!t.stack_in_use(1) && t.stack_in_use(2));
+        assert_eq!(t.evicted(), Evicted { sites: 1, allocated_bytes: 50, allocated_count: 5, freed_bytes: 50, freed_count: 5 });
+        // Seen again (its kernel entry recreated from zero): a new site.
+        t.ingest(s(11, vec![(key(1), counters(1, 8, 0, 0)), (key(2), counters(2, 20, 1, 10))]));
+        let again = t.sites().into_iter().find(|x| x.key == key(1)).unwrap();
+        assert_eq!((again.outstanding_bytes, again.allocated_count), (8, 1));
     }
 
     #[test]

@@ -98,6 +98,17 @@ pub enum Trend {
     NotEnoughData,
 }
 
+impl Trend {
+    /// How the text and live views print it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Trend::Growing => "GROWING",
+            Trend::Stable => "STABLE",
+            Trend::NotEnoughData => "NOT ENOUGH DATA",
+        }
+    }
+}
+
 /// Thresholds for calling a series "growing".
 #[derive(Clone, Copy, Debug)]
 pub struct Thresholds {
@@ -157,6 +168,20 @@ pub enum RunVerdict {
     Stable,
     #[default]
     NotEnoughData,
+}
+
+impl RunVerdict {
+    /// How the text and live views print it.
+    pub fn label(self) -> &'static str {
+        match self {
+            RunVerdict::Leak => "LEAK / GROWING",
+            RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
+            RunVerdict::Accumulation => "ACCUMULATION / STILL REFERENCED",
+            RunVerdict::Cycle => "LEAK / CYCLE",
+            RunVerdict::Stable => "STABLE",
+            RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
+        }
+    }
 }
 
 /// Heap growth must explain at least this share of RSS growth for RSS growth to be called a

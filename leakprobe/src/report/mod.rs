@@ -310,6 +310,9 @@ pub struct Totals {
     pub freed_count: u64,
     pub sites: usize,
     pub growing_sites: usize,
+    /// Call sites forgotten after they ended (`--evict-after`); their allocations and frees
+    /// are still in `allocated_count` and `freed_count`.
+    pub evicted_sites: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -487,10 +490,11 @@ pub fn build(
         totals: Totals {
             outstanding_bytes: t.outstanding_bytes,
             outstanding_count: t.outstanding_count,
-            allocated_count: t.allocated_count,
-            freed_count: t.freed_count,
+            allocated_count: t.allocated_count + tracker.evicted().allocated_count,
+            freed_count: t.freed_count + tracker.evicted().freed_count,
             sites: t.sites,
             growing_sites: t.growing_sites,
+            evicted_sites: tracker.evicted().sites,
         },
         drops: DROP_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),
         activity: INFO_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),

@@ -462,14 +462,7 @@ pub fn render(r: &Report, top: usize) -> String {
     let _ = writeln!(
         out,
         "VERDICT: {}: {}",
-        match r.verdict.kind {
-            crate::model::trend::RunVerdict::Leak => "LEAK / GROWING",
-            crate::model::trend::RunVerdict::Fragmentation => "FRAGMENTATION / ALLOCATOR RETENTION",
-            crate::model::trend::RunVerdict::Accumulation => "ACCUMULATION / STILL REFERENCED",
-            crate::model::trend::RunVerdict::Cycle => "LEAK / CYCLE",
-            crate::model::trend::RunVerdict::Stable => "STABLE",
-            crate::model::trend::RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
-        },
+        r.verdict.kind.label(),
         r.verdict.summary
     );
     let _ = writeln!(out);
@@ -502,6 +495,14 @@ pub fn render(r: &Report, top: usize) -> String {
             String::new()
         },
     );
+    if r.totals.evicted_sites > 0 {
+        let _ = writeln!(
+            out,
+            "         {} ended long ago (nothing outstanding, idle past --evict-after) and were \
+             evicted to keep memory bounded; their calls are in the totals.",
+            plural(r.totals.evicted_sites, "call site", "call sites"),
+        );
+    }
     out
 }
 

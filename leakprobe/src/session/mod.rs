@@ -1,6 +1,7 @@
 //! One tracing session: attach, sample every interval, stop, detach, report.
 //! Data flows one way: probe -> model -> report.
 
+mod live;
 mod scan;
 
 use std::{
@@ -102,7 +103,11 @@ impl Scanner {
         symbolizer: &mut Symbolizer,
     ) {
         let exclude = Self::exclude(inproc);
-        match scan::run(
+        crate::progress::spinner(format!(
+            "scanning PID {pid}'s memory for pointers{}",
+            if self.census.is_some() { " and walking its heap" } else { "" }
+        ));
+        let result = scan::run(
             pid,
             probes,
             exclude,
@@ -113,7 +118,9 @@ impl Scanner {
             &mut self.history,
             stacks,
             symbolizer,
-        ) {
+        );
+        crate::progress::done();
+        match result {
             Ok(done) => {
                 let s = &done.scan;
                 progress(
@@ -181,7 +188,7 @@ pub struct Refused(pub String);
 
 fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
     if !cfg.quiet {
-        eprintln!("leakprobe: {msg}");
+        crate::progress::line(msg);
     }
 }
 
@@ -203,6 +210,12 @@ fn refuse(e: impl std::error::Error) -> anyhow::Error {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
+    run_with(cfg, None).await
+}
+
+/// [`run`], with a live view (`top`) fed each interval through `tap`.
+pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Result<Outcome> {
+    crate::progress::init(cfg.quiet, cfg.live_view);
     preflight::check().map_err(refuse)?;
     // Every output path is judged before anything is attached.
     let policy = cfg.output_policy;
@@ -215,9 +228,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     for (flag, out) in outputs {
         check_output_path(flag, out, policy).map_err(refuse)?;
     }
-    if let Some((_, dir)) = &cfg.snapshots {
-        crate::output::prepare_dir(dir, policy).map_err(|e| refuse_flag("--snapshot-dir", &e))?;
+    if let Some(snap) = &cfg.snapshots {
+        crate::output::prepare_dir(&snap.dir, policy).map_err(|e| refuse_flag("--snapshot-dir", &e))?;
     }
+    // The exporter's port is taken now, before anything is attached.
+    let mut live = live::Live::start(&cfg, tap).map_err(|e| anyhow::Error::new(Refused(format!("{e:#}"))))?;
 
     // Who we trace.
     let (pid, mut held) = match &cfg.mode {
@@ -271,7 +286,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     // Unwind tables first, so the first allocation seen already gets a whole stack.
     let t_unwind = std::time::Instant::now();
     let mut unwind = unwind::Loaded::default();
-    sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables")?;
+    crate::progress::spinner(format!("loading the unwind tables of PID {pid}'s modules"));
+    let synced = sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables");
+    crate::progress::done();
+    synced?;
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
     test_hook_pause("LEAKPROBE_TEST_PAUSE_BEFORE_ATTACH_MS");
     let t_attach = std::time::Instant::now();
@@ -388,7 +406,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         build_ids: BuildIds::new(),
         host: None,
         snapshots_written: 0,
+        snapshot_paths: std::collections::VecDeque::new(),
     };
+    crate::progress::window(cfg.duration);
 
     let (ended_by, exit_status): (&'static str, Option<i32>) = watch(
         &cfg,
@@ -405,8 +425,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
         &mut reporting,
         &mut inproc,
         &mut scanner,
+        &mut live,
     )
     .await?;
+    crate::progress::window_done();
     let (mut ended_by, mut exit_status) = (ended_by, exit_status);
 
     // Final reading, then detach before the (slower) symbolization and output.
@@ -461,6 +483,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Outcome> {
     );
     let _ = symbolizer.modules.refresh(&identity);
 
+    if let Some(l) = live.as_mut() {
+        let sites = tracker.sites();
+        let last = scanner.as_ref().and_then(|s| s.last.as_ref());
+        l.publish(&cfg, pid, &identity.exe, &tracker, &sites, &stacks, &mut symbolizer, last);
+        l.finish(ended_by);
+    }
     let mut report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
     if let Some(i) = &inproc {
         let ip = i.report();
@@ -686,6 +714,8 @@ struct Reporting<'a> {
     /// Kernel and libc do not change during a run: read once, at the first report.
     host: Option<report::Host>,
     snapshots_written: u32,
+    /// The snapshots this session wrote, oldest first (for --snapshot-keep).
+    snapshot_paths: std::collections::VecDeque<PathBuf>,
 }
 
 impl Reporting<'_> {
@@ -714,10 +744,18 @@ impl Reporting<'_> {
             modules,
             allocator: self.plan,
         };
-        report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer))
+        let many = tracker.totals().sites >= 1000;
+        if many {
+            crate::progress::spinner(format!("symbolizing the stacks of {} call sites", tracker.totals().sites));
+        }
+        let report = report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer));
+        if many {
+            crate::progress::done();
+        }
+        report
     }
 
-    /// Writes a snapshot when one is due: the report so far, as leakprobe/v1 JSON.
+    /// Writes a snapshot when one is due.
     fn snapshot_if_due(
         &mut self,
         tracker: &Tracker,
@@ -726,12 +764,35 @@ impl Reporting<'_> {
         statuses: &[ProbeStatus],
         scan: Option<&scan::Done>,
     ) -> anyhow::Result<()> {
-        let Some((every, dir)) = &self.cfg.snapshots else { return Ok(()) };
+        let Some(every) = self.cfg.snapshots.as_ref().and_then(|s| s.every) else { return Ok(()) };
         let due = every.as_secs_f64() * f64::from(self.snapshots_written + 1);
         // Half an interval of slack: ticks land a little after each whole interval.
         if tracker.window_s() + self.cfg.interval.as_secs_f64() / 2.0 < due {
             return Ok(());
         }
+        self.snapshot(tracker, stacks, symbolizer, statuses, scan).map(|_| ())
+    }
+
+    /// Writes the report so far as leakprobe/v1 JSON into the snapshot directory (for `top`
+    /// without --snapshot-dir: ./leakprobe-top-PID, made on the first `w`), then deletes this
+    /// session's oldest beyond --snapshot-keep. Returns the path written.
+    fn snapshot(
+        &mut self,
+        tracker: &Tracker,
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+        statuses: &[ProbeStatus],
+        scan: Option<&scan::Done>,
+    ) -> anyhow::Result<PathBuf> {
+        let dir = match &self.cfg.snapshots {
+            Some(s) => s.dir.clone(),
+            None => {
+                let dir = PathBuf::from(format!("leakprobe-top-{}", self.identity.pid));
+                crate::output::prepare_dir(&dir, self.cfg.output_policy)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+                dir
+            }
+        };
         let mut report = self.build(tracker, stacks, symbolizer, statuses, "running", None);
         // The latest scan (--scan-every), so that `diff` can compare classes between snapshots.
         if let Some(done) = scan {
@@ -743,7 +804,17 @@ impl Reporting<'_> {
         crate::output::write_atomic(&path, json.as_bytes(), self.cfg.output_policy)
             .context("writing a snapshot")?;
         progress(self.cfg, format_args!("snapshot written to {}", path.display()));
-        Ok(())
+        self.snapshot_paths.push_back(path.clone());
+        let keep = self.cfg.snapshots.as_ref().and_then(|s| s.keep).unwrap_or(usize::MAX);
+        while self.snapshot_paths.len() > keep {
+            if let Some(old) = self.snapshot_paths.pop_front()
+                && let Err(e) = std::fs::remove_file(&old)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                progress(self.cfg, format_args!("--snapshot-keep: cannot delete {}: {e}", old.display()));
+            }
+        }
+        Ok(path)
     }
 }
 
@@ -827,6 +898,7 @@ async fn watch(
     reporting: &mut Reporting<'_>,
     inproc: &mut Option<InProcess>,
     scanner: &mut Option<Scanner>,
+    live: &mut Option<live::Live>,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
     let mut last_look = 0.0;
@@ -858,6 +930,21 @@ async fn watch(
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
             _ = sigint.recv() => return Ok(("signal", None)),
             _ = sigterm.recv() => return Ok(("signal", None)),
+            req = async { match live.as_mut() { Some(l) => l.request().await, None => std::future::pending().await } } => {
+                match req {
+                    crate::live::Request::Quit => return Ok(("quit", None)),
+                    crate::live::Request::Snapshot => {
+                        let last_scan = scanner.as_ref().and_then(|s| s.last.as_ref());
+                        if let Err(e) = reporting.snapshot(tracker, stacks, symbolizer, statuses, last_scan) {
+                            progress(cfg, format_args!("snapshot failed: {e:#}"));
+                        }
+                        if let Some(l) = live.as_mut() {
+                            let sites = tracker.sites();
+                            l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
+                        }
+                    }
+                }
+            }
             _ = exit_poll.tick(), if at_exit => {
                 if probes.counters().is_ok_and(|c| c.get(leakprobe_common::counter::EXIT_STOPS) > 0) {
                     progress(cfg, format_args!("PID {pid} called exit(); stopped there for the scan"));
@@ -949,16 +1036,29 @@ async fn watch(
                     tracing::warn!("{e:#}");
                     progress(cfg, format_args!("snapshot failed: {e:#}"));
                 }
+                // Long attaches: sites that ended long ago leave the maps and our memory.
+                match live::evict_ended(cfg, probes, tracker, stacks, live.as_mut()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("{n} ended call sites evicted"),
+                    Err(e) => tracing::warn!("{e:#}"),
+                }
+                let sites = tracker.sites();
+                if let Some(l) = live.as_mut() {
+                    l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
+                }
                 let t = Totals::of(&sites);
                 let drops = total_drops(tracker.counters());
-                progress(cfg, format_args!(
-                    "[{:>6.1}s] outstanding {} in {} objects at {} growing call sites{}",
-                    tracker.window_s(),
+                let window = tracker.window_s();
+                let msg = format!(
+                    "outstanding {} in {} objects at {} growing call sites{}",
                     human_bytes(t.outstanding_bytes),
                     t.outstanding_count,
                     t.growing_sites,
                     if drops > 0 { format!(" (DEGRADED: {drops} dropped)") } else { String::new() },
-                ));
+                );
+                if cfg.quiet || !crate::progress::update(std::time::Duration::from_secs_f64(window), format_args!("{msg}")) {
+                    progress(cfg, format_args!("[{window:>6.1}s] {msg}"));
+                }
             }
         }
     }

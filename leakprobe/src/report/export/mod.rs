@@ -143,6 +143,7 @@ pub(crate) mod testing {
                 freed_count: 7,
                 sites: 3,
                 growing_sites: 2,
+                evicted_sites: 0,
             },
             drops: Default::default(),
             activity: Default::default(),

@@ -1,0 +1,1 @@
+//! `leakprobe top`: the live terminal view.

@@ -1,0 +1,155 @@
+//! The session's side of live monitoring: each interval, a [`View`] of the tracker goes to the
+//! Prometheus exporter and the terminal view; ended sites are evicted so that long attaches
+//! stay bounded.
+
+use std::{collections::HashMap, sync::Arc};
+
+use anyhow::Context as _;
+use leakprobe_common::SiteKey;
+
+use crate::{
+    cli::Config,
+    kernel::probe::Probes,
+    live::{self, Classes, Label, Request, Tap, metrics},
+    model::{SiteStats, Tracker},
+    report::scan::Reachability,
+    symbolize::Symbolizer,
+};
+
+use super::{StackCache, scan::Done, site_frames};
+
+/// Sites shown by the terminal view (it filters and sorts them itself).
+const VIEW_SITES: usize = 200;
+
+pub(super) struct Live {
+    tap: Tap,
+    _server: Option<metrics::Server>,
+    /// Labels by site: symbolized once.
+    labels: HashMap<SiteKey, Label>,
+    top: usize,
+    /// The requests' sender is gone (no terminal view): stop polling.
+    closed: bool,
+}
+
+impl Live {
+    /// Starts the exporter (binding its port now, so a taken port is refused before anything
+    /// is attached) and connects the terminal view, if any.
+    pub(super) fn start(cfg: &Config, tap: Option<Tap>) -> anyhow::Result<Option<Live>> {
+        if cfg.metrics.is_none() && tap.is_none() {
+            return Ok(None);
+        }
+        let (tap, closed) = match tap {
+            Some(t) => (t, false),
+            None => (live::channel().0, true),
+        };
+        let server = match cfg.metrics {
+            Some(addr) => {
+                let s = metrics::serve(addr, tap.views.subscribe(), cfg.metrics_top)?;
+                super::progress(cfg, format_args!("serving Prometheus metrics at http://{}/metrics", s.addr));
+                Some(s)
+            }
+            None => None,
+        };
+        let top = if cfg.live_view { cfg.metrics_top.max(VIEW_SITES) } else { cfg.metrics_top };
+        Ok(Some(Live { tap, _server: server, labels: HashMap::new(), top, closed }))
+    }
+
+    /// The next request of the terminal view (pending forever without one).
+    pub(super) async fn request(&mut self) -> Request {
+        if !self.closed {
+            match self.tap.requests.recv().await {
+                Some(r) => return r,
+                // The view is gone (its thread ended): detach as on `q`.
+                None => {
+                    self.closed = true;
+                    return Request::Quit;
+                }
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// Publishes the view of this interval.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn publish(
+        &mut self,
+        cfg: &Config,
+        pid: i32,
+        exe: &str,
+        tracker: &Tracker,
+        sites: &[SiteStats],
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+        scan: Option<&Done>,
+    ) {
+        let by_stack: HashMap<String, (Reachability, u64)> = scan
+            .map(|d| d.sites.iter().map(|s| (s.stack_id.clone(), (s.reachability.clone(), s.cycle_bytes))).collect())
+            .unwrap_or_default();
+        let scanned = |key: &SiteKey| by_stack.get(&format!("{:016x}", key.stack_id)).cloned();
+        let totals = scan.map(|d| Classes::of(&d.scan.totals));
+        let inputs = live::Inputs {
+            pid,
+            exe,
+            sample_bytes: cfg.sample_bytes,
+            top: self.top,
+            sites_evicted: tracker.evicted().sites,
+            scanned: &scanned,
+            scan_at_s: scan.map(|d| d.scan.at_s),
+            scan_totals: totals,
+        };
+        let labels = &mut self.labels;
+        let mut view = live::compose(tracker, sites, &inputs, |s| {
+            labels
+                .entry(s.key)
+                .or_insert_with(|| {
+                    let (frames, _) = site_frames(&s.key, stacks, symbolizer);
+                    live::label(s.kind.map_or("unknown", |k| k.name()), &frames)
+                })
+                .clone()
+        });
+        view.status = crate::progress::last();
+        let _ = self.tap.views.send(Arc::new(view));
+    }
+
+    /// The last view says the session is over, and why.
+    pub(super) fn finish(&mut self, ended_by: &str) {
+        let mut view = (**self.tap.views.borrow()).clone();
+        view.ended = Some(ended_by.to_string());
+        view.status = crate::progress::last();
+        let _ = self.tap.views.send(Arc::new(view));
+    }
+
+    pub(super) fn forget(&mut self, keys: &[SiteKey]) {
+        for k in keys {
+            self.labels.remove(k);
+        }
+    }
+}
+
+/// Evicts the sites that ended `--evict-after` ago: from the kernel's maps (room for new
+/// stacks), the tracker, the stack cache and the labels. Returns how many went.
+pub(super) fn evict_ended(
+    cfg: &Config,
+    probes: &mut Probes,
+    tracker: &mut Tracker,
+    stacks: &mut StackCache,
+    live: Option<&mut Live>,
+) -> anyhow::Result<usize> {
+    let ended = tracker.ended_sites(cfg.evict_after.as_nanos() as u64);
+    if ended.is_empty() {
+        return Ok(0);
+    }
+    let gone = probes.evict_sites(&ended).context("evicting ended call sites")?;
+    tracker.evict(&gone);
+    let mut unused: Vec<u64> = gone.iter().map(|k| k.stack_id).filter(|id| !tracker.stack_in_use(*id)).collect();
+    unused.sort_unstable();
+    unused.dedup();
+    probes.evict_stacks(&unused).context("evicting the stacks of ended call sites")?;
+    for id in &unused {
+        stacks.remove(id);
+    }
+    if let Some(l) = live {
+        l.forget(&gone);
+    }
+    Ok(gone.len())
+}
