@@ -52,6 +52,9 @@ fn run() -> anyhow::Result<ExitCode> {
     let config = Config::try_from(cli).map_err(|e| anyhow::Error::new(Refused(e.to_string())))?;
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
+    if config.live_view {
+        return top(&runtime, config);
+    }
     let outcome = runtime.block_on(session::run(config))?;
     if outcome.leak_gate_failed() {
         eprintln!(
@@ -61,5 +64,28 @@ fn run() -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `leakprobe top`: the terminal view on a thread of its own, the session on this one.
+fn top(runtime: &tokio::runtime::Runtime, config: Config) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        anyhow::bail!(Refused(
+            "leakprobe top draws on a terminal and stdout is not one: use `leakprobe attach` (or run top in a terminal, tmux or screen)"
+                .into()
+        ));
+    }
+    let pid = match config.mode {
+        leakprobe::cli::Mode::Attach { pid } => pid,
+        leakprobe::cli::Mode::Run { .. } => 0,
+    };
+    let (tap, viewer) = leakprobe::live::channel();
+    let ui = std::thread::Builder::new().name("top".into()).spawn(move || leakprobe::live::top::run(viewer))?;
+    let outcome = runtime.block_on(session::run_with(config, Some(tap)));
+    let drawn = ui.join().map_err(|_| anyhow::anyhow!("the terminal view panicked"))?;
+    drawn.map_err(|e| anyhow::anyhow!("drawing on the terminal: {e}"))?;
+    outcome?;
+    eprintln!("leakprobe: top ended; detached from PID {pid}, which runs on");
     Ok(ExitCode::SUCCESS)
 }

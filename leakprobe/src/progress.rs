@@ -134,7 +134,6 @@ pub fn window(duration: Option<Duration>) {
 /// caller then prints `msg` as a line).
 pub fn update(elapsed: Duration, msg: std::fmt::Arguments<'_>) -> bool {
     with(|s| {
-        s.last = msg.to_string();
         match &s.window {
             Some(bar) if !s.quiet => {
                 bar.set_position(elapsed.as_millis() as u64);

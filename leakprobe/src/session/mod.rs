@@ -510,7 +510,10 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         Format::Text => report::text::render(&report, cfg.top),
         Format::Json => report::to_json(&report).context("serializing the report")?,
     };
-    write_output(cfg.output.as_ref(), &rendered, cfg.output_policy)?;
+    // top draws on stdout: its report goes only to --output.
+    if !(cfg.live_view && cfg.output.is_none()) {
+        write_output(cfg.output.as_ref(), &rendered, cfg.output_policy)?;
+    }
     if let Some(path) = &cfg.plot {
         let lines = top_growing_lines(&report, &tracker, 4);
         let chart = crate::report::plot::draw(path, &report, &lines).context("drawing --plot")?;
@@ -1056,7 +1059,10 @@ async fn watch(
                     t.growing_sites,
                     if drops > 0 { format!(" (DEGRADED: {drops} dropped)") } else { String::new() },
                 );
-                if cfg.quiet || !crate::progress::update(std::time::Duration::from_secs_f64(window), format_args!("{msg}")) {
+                // top shows these figures itself: its status line keeps the last event.
+                if !cfg.live_view
+                    && (cfg.quiet || !crate::progress::update(std::time::Duration::from_secs_f64(window), format_args!("{msg}")))
+                {
                     progress(cfg, format_args!("[{window:>6.1}s] {msg}"));
                 }
             }
