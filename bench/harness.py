@@ -15,7 +15,10 @@ every configuration, ...; medians reported):
     threads;
   * the reachability scan: the target's pause (seen by a thread of its own spinning on the
     clock) and the whole scan's time, for heaps of 64 MiB and 1 GiB at 4 and 64 threads.
-BENCH_ONLY=scan runs only the last one (and updates only its block of docs/benchmarks.md).
+  * a 10-minute soak (BENCH_ONLY=soak, or SOAK_S seconds): 1M outstanding blocks churning at
+    64 call sites while leakprobe stays attached with --metrics scraped every 10 s; its RSS
+    over time, which must stay flat after the first minute.
+BENCH_ONLY=scan (or soak) runs only that one (and updates only its block of docs/benchmarks.md).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -378,6 +381,88 @@ def scan_table():
             "saw, ms | census (capture to release) |\n|---|---|---|---|---|\n" + "\n".join(census_rows))
 
 
+SOAK_TARGET = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#define SLOTS 1000000
+static void *slot[SLOTS];
+void *volatile sink;
+/* 64 call sites: the same allocation reached through 0..63 frames of recursion. */
+__attribute__((noinline)) void *site(int depth, size_t n) {
+  if (depth > 0) { void *p = site(depth - 1, n); __asm__ volatile("" ::: "memory"); return p; }
+  void *p = malloc(n); memset(p, 1, n < 64 ? n : 64); return p;
+}
+static unsigned long long rng = 88172645463325252ULL;
+static unsigned long long next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+int main(int argc, char **argv) {
+  long rate = argc > 1 ? atol(argv[1]) : 50000; /* churn pairs per second */
+  for (long i = 0; i < SLOTS; i++) slot[i] = site(i % 64, 16 + i % 240);
+  setvbuf(stdout, NULL, _IONBF, 0); printf("ready\n");
+  struct timespec nap = {0, 1000000}; /* 1 ms */
+  long per_ms = rate / 1000;
+  unsigned long long ops = 0;
+  for (;;) {
+    for (long k = 0; k < per_ms; k++) {
+      unsigned long long r = next();
+      long i = r % SLOTS;
+      free(slot[i]);
+      slot[i] = site((r >> 20) % 64, 16 + (r >> 32) % 496);
+      ops++;
+    }
+    nanosleep(&nap, NULL);
+  }
+}
+"""
+
+
+def soak_table():
+    """leakprobe's RSS while it stays attached to a churning heap of 1M outstanding blocks."""
+    import urllib.request
+    duration = int(os.environ.get("SOAK_S", "600"))
+    src = os.path.join(WORK, "soak.c")
+    with open(src, "w") as f:
+        f.write(SOAK_TARGET)
+    exe = os.path.join(WORK, "soak")
+    sh("gcc", "-O2", "-o", exe, src)
+    p = subprocess.Popen([exe, "50000"], stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    port = 19000 + os.getpid() % 1000
+    lp = subprocess.Popen([LP, "attach", "--pid", str(p.pid), "--interval", "5s", "--metrics", str(port),
+                           "--evict-after", "1m"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in lp.stderr:
+        if "attached" in line:
+            break
+    t0 = time.monotonic()
+    points = []  # (seconds, leakprobe RSS KiB, target allocation calls)
+    while (t := time.monotonic() - t0) < duration:
+        time.sleep(10)
+        rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{lp.pid}/status").read()).group(1))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        calls = int(float(re.search(r"^leakprobe_allocations_total (\S+)", body, re.M).group(1)))
+        points.append((time.monotonic() - t0, rss, calls))
+    stat = open(f"/proc/{lp.pid}/stat").read().rsplit(")", 1)[1].split()
+    cpu_s = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    lp.send_signal(signal.SIGINT)
+    lp.communicate(timeout=120)
+    p.kill(); p.wait()
+    settle = min(60, duration / 2)  # the first minute (shorter trial runs: the first half)
+    base = next(r for s, r, _ in points if s >= settle)
+    after = [r for s, r, _ in points if s >= settle]
+    dev = max(abs(r - base) for r in after) / base * 100
+    calls_s = (points[-1][2] - points[0][2]) / (points[-1][0] - points[0][0])
+    rows = "\n".join(f"| {s:.0f} | {r / 1024:.1f} | {c:,} |" for s, r, c in points[::6] + [points[-1]])
+    return (f"Target: 1 000 000 outstanding blocks (16-512 B) from 64 call sites, churned at ~50 000 "
+            f"free+malloc pairs/s (measured {calls_s:,.0f} allocations/s through the probes), for "
+            f"{duration / 60:.0f} min; leakprobe attached with `--interval 5s --metrics PORT --evict-after 1m`, "
+            f"scraped every 10 s.\n\n"
+            f"**leakprobe's RSS after the first minute stayed within {dev:.1f}% of its value at 1 minute "
+            f"({base / 1024:.1f} MiB): min {min(after) / 1024:.1f} MiB, max {max(after) / 1024:.1f} MiB.** "
+            f"leakprobe's own CPU: {cpu_s:.0f} s over {points[-1][0]:.0f} s ({cpu_s / points[-1][0] * 100:.1f}% of a core).\n\n"
+            "| time, s | leakprobe RSS, MiB | allocation calls seen |\n|---|---|---|\n" + rows)
+
+
 def timing_table():
     loop = os.path.join(WORK, "alloc_loop")
     attach, first, detach, gone = [], [], [], []
@@ -416,6 +501,15 @@ def update_doc(begin, end, text):
 
 def main():
     sh("cargo", "build", "--quiet", "--release", "-p", "leakprobe", cwd=ROOT)
+    if os.environ.get("BENCH_ONLY") in (None, "", "soak"):
+        text = (f"Command: `BENCH_ONLY=soak cargo xtask bench` (bench/harness.py `soak_table`). "
+                f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} CPUs.\n\n"
+                + soak_table())
+        print(text)
+        update_doc("<!-- harness-soak:begin -->", "<!-- harness-soak:end -->", text)
+        if os.environ.get("BENCH_ONLY") == "soak":
+            shutil.rmtree(WORK, ignore_errors=True)
+            return 0
     if os.environ.get("BENCH_ONLY") in (None, "", "scan"):
         text = (f"Command: `cargo xtask bench` (bench/harness.py `scan_table`, {ROUNDS} rounds, medians). "
                 f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} CPUs.\n\n"
