@@ -592,7 +592,9 @@ impl TryFrom<Cli> for Config {
             }
             // top writes one on `w`.
             (None, Some(dir)) if live_view => Some(Snapshots { every: None, dir, keep: opts.snapshot_keep }),
-            (None, Some(_)) => return Err(ConfigError::Needs { flag: "--snapshot-dir", needs: "--snapshot-every" }),
+            (None, Some(_)) => {
+                return Err(ConfigError::Needs { flag: "--snapshot-dir", needs: "--snapshot-every" });
+            }
             _ => None, // clap requires the directory with --snapshot-every
         };
         if opts.snapshot_keep == Some(0) {

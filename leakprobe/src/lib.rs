@@ -14,8 +14,8 @@
 
 pub mod cli;
 pub mod inprocess;
-pub mod live;
 pub mod kernel;
+pub mod live;
 pub mod model;
 pub mod output;
 pub mod progress;

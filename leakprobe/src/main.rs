@@ -81,7 +81,8 @@ fn top(runtime: &tokio::runtime::Runtime, config: Config) -> anyhow::Result<Exit
         leakprobe::cli::Mode::Run { .. } => 0,
     };
     let (tap, viewer) = leakprobe::live::channel();
-    let ui = std::thread::Builder::new().name("top".into()).spawn(move || leakprobe::live::top::run(viewer))?;
+    let ui =
+        std::thread::Builder::new().name("top".into()).spawn(move || leakprobe::live::top::run(viewer))?;
     let outcome = runtime.block_on(session::run_with(config, Some(tap)));
     let drawn = ui.join().map_err(|_| anyhow::anyhow!("the terminal view panicked"))?;
     drawn.map_err(|e| anyhow::anyhow!("drawing on the terminal: {e}"))?;

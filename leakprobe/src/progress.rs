@@ -120,8 +120,10 @@ pub fn window(duration: Option<Duration>) {
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             ),
             None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} leakprobe: [{elapsed_precise}] {msg} (Ctrl-C to stop)")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ProgressStyle::with_template(
+                    "{spinner} leakprobe: [{elapsed_precise}] {msg} (Ctrl-C to stop)",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             ),
         };
         if let Some(old) = s.window.replace(styled(bar)) {
@@ -133,15 +135,13 @@ pub fn window(duration: Option<Duration>) {
 /// Moves the window bar to `elapsed` with `msg`. Returns false when there is no bar (the
 /// caller then prints `msg` as a line).
 pub fn update(elapsed: Duration, msg: std::fmt::Arguments<'_>) -> bool {
-    with(|s| {
-        match &s.window {
-            Some(bar) if !s.quiet => {
-                bar.set_position(elapsed.as_millis() as u64);
-                bar.set_message(msg.to_string());
-                true
-            }
-            _ => false,
+    with(|s| match &s.window {
+        Some(bar) if !s.quiet => {
+            bar.set_position(elapsed.as_millis() as u64);
+            bar.set_message(msg.to_string());
+            true
         }
+        _ => false,
     })
 }
 

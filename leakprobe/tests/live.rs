@@ -83,7 +83,9 @@ impl Drop for Demo {
 fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -201,7 +203,8 @@ fn listens_on_loopback_only(port: u16) -> bool {
             f.len() > 3 && f[3] == "0A" && f[1].ends_with(&format!(":{port:04X}"))
         })
         .collect();
-    !mine.is_empty() && mine.iter().all(|l| l.split_whitespace().nth(1).is_some_and(|a| a.starts_with("0100007F:")))
+    !mine.is_empty()
+        && mine.iter().all(|l| l.split_whitespace().nth(1).is_some_and(|a| a.starts_with("0100007F:")))
 }
 
 #[test]
@@ -211,7 +214,17 @@ fn a_real_prometheus_sees_the_leaking_site_rise_and_promtool_accepts_the_scrape(
     let mport = free_port();
     let pid = demo.pid().to_string();
     let addr = mport.to_string();
-    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--interval", "1s", "--metrics", &addr, "--scan-every", "3s"]);
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--interval",
+        "1s",
+        "--metrics",
+        &addr,
+        "--scan-every",
+        "3s",
+    ]);
     lp.wait_attached();
     demo.drive();
     assert!(listens_on_loopback_only(mport), "--metrics PORT must bind to 127.0.0.1 only");
@@ -249,7 +262,9 @@ fn a_real_prometheus_sees_the_leaking_site_rise_and_promtool_accepts_the_scrape(
     assert!(values.windows(2).all(|w| w[1] >= w[0]), "a leak never shrinks: {values:?}");
 
     // Every query of the dashboard runs on this Prometheus, and the growth panel names the site.
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(monitoring("leakprobe-dashboard.json")).unwrap()).unwrap();
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(monitoring("leakprobe-dashboard.json")).unwrap())
+            .unwrap();
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
             prom.query(&t["expr"].as_str().unwrap().replace("$instance", ".*"));
@@ -273,7 +288,9 @@ fn a_real_prometheus_sees_the_leaking_site_rise_and_promtool_accepts_the_scrape(
     // After a scan, the leaked site's bytes are classed as definitely lost.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = prom.query(r#"leakprobe_site_reachability_bytes{function="parse_upload",class="definitely_lost"} > 0"#);
+        let v = prom.query(
+            r#"leakprobe_site_reachability_bytes{function="parse_upload",class="definitely_lost"} > 0"#,
+        );
         if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
             break;
         }
@@ -305,7 +322,8 @@ fn promtool_checks_the_rules_and_their_unit_tests() {
 #[test]
 fn the_dashboard_is_valid_json_with_the_panels_the_readme_names() {
     let dash: Value =
-        serde_json::from_str(&std::fs::read_to_string(monitoring("leakprobe-dashboard.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(monitoring("leakprobe-dashboard.json")).unwrap())
+            .unwrap();
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let panels = dash["panels"].as_array().unwrap();
     assert!(panels.len() >= 4);
@@ -314,8 +332,11 @@ fn the_dashboard_is_valid_json_with_the_panels_the_readme_names() {
         assert!(readme.contains(title), "README does not name the panel {title:?}");
         assert!(p["targets"].as_array().is_some_and(|t| t.iter().all(|t| t["expr"].is_string())));
     }
-    let exprs: Vec<&str> =
-        panels.iter().flat_map(|p| p["targets"].as_array().unwrap()).filter_map(|t| t["expr"].as_str()).collect();
+    let exprs: Vec<&str> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
     assert!(exprs.iter().any(|e| e.contains("[1h]") && e.contains("rate(")), "the growth rate over 1 h");
     assert!(exprs.iter().any(|e| e.contains("topk(")), "the top growing sites");
 }
@@ -343,12 +364,15 @@ impl Tmux {
     }
 
     fn display(&self, format: &str) -> String {
-        let out = Command::new("tmux").args(["display-message", "-p", "-t", &self.name, format]).output().unwrap();
+        let out =
+            Command::new("tmux").args(["display-message", "-p", "-t", &self.name, format]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn keys(&self, keys: &[&str]) {
-        assert!(Command::new("tmux").args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success());
+        assert!(
+            Command::new("tmux").args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success()
+        );
     }
 
     /// Waits until the screen satisfies `pred`; returns it.
@@ -513,8 +537,10 @@ fn snapshot_keep_leaves_only_the_newest_snapshots() {
         |t| t.send("go"),
     );
     assert_eq!(code, 0, "{err}");
-    let names: Vec<String> =
-        std::fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.contains(&"notes.txt".to_string()), "{names:?}");
     let pid = target.pid();
     let mut kept: Vec<u32> = names

@@ -88,8 +88,9 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 /// used), setpriv for the privilege test, a TrueType font for --plot's labels, the tools
 /// that open the exports in the tests (`go tool pprof` from golang-go, headless chromium for
 /// the flame graph), and the other allocators the tests trace (jemalloc, tcmalloc, mimalloc,
-/// musl, Debian's redis-server on jemalloc), and valgrind, whose leak classes the scan's
-/// tests compare with.
+/// musl, Debian's redis-server on jemalloc), valgrind, whose leak classes the scan's
+/// tests compare with, and for the live-monitoring tests a real Prometheus (with promtool)
+/// and tmux (to drive `leakprobe top`).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -112,6 +113,8 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "valgrind",
+    "prometheus",
+    "tmux",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator.

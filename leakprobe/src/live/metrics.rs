@@ -19,7 +19,9 @@ use super::View;
 /// What can go wrong starting the exporter.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("--metrics {addr}: cannot listen there: {source} (is another exporter on that port? pick another)")]
+    #[error(
+        "--metrics {addr}: cannot listen there: {source} (is another exporter on that port? pick another)"
+    )]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("--metrics: cannot start the exporter's thread: {0}")]
     Thread(std::io::Error),
@@ -99,20 +101,56 @@ pub fn encode(v: &View, top: usize) -> String {
     reg.register("target_info", "The traced process and the run's verdict (always 1)", info);
     gauge(&mut reg, "window", "Time since the probes went live", Some(Unit::Seconds), v.window_s);
     if let Some(rss) = v.rss {
-        gauge(&mut reg, "process_resident", "The target's resident set (VmRSS)", Some(Unit::Bytes), rss as f64);
+        gauge(
+            &mut reg,
+            "process_resident",
+            "The target's resident set (VmRSS)",
+            Some(Unit::Bytes),
+            rss as f64,
+        );
     }
     if let Some(anon) = v.anon_rss {
-        gauge(&mut reg, "process_anon_resident", "The target's anonymous resident memory", Some(Unit::Bytes), anon as f64);
+        gauge(
+            &mut reg,
+            "process_anon_resident",
+            "The target's anonymous resident memory",
+            Some(Unit::Bytes),
+            anon as f64,
+        );
     }
-    gauge(&mut reg, "tracked_heap", "Bytes allocated since attach and not freed (estimate when sampling)", Some(Unit::Bytes), v.heap as f64);
-    gauge(&mut reg, "tracked_mmap", "Of the tracked heap, anonymous mmap regions", Some(Unit::Bytes), v.mmap as f64);
+    gauge(
+        &mut reg,
+        "tracked_heap",
+        "Bytes allocated since attach and not freed (estimate when sampling)",
+        Some(Unit::Bytes),
+        v.heap as f64,
+    );
+    gauge(
+        &mut reg,
+        "tracked_mmap",
+        "Of the tracked heap, anonymous mmap regions",
+        Some(Unit::Bytes),
+        v.mmap as f64,
+    );
 
     // Activity and cost.
     counter(&mut reg, "allocations", "Allocation calls seen since attach", None, v.alloc_calls);
     counter(&mut reg, "frees", "Free calls seen since attach", None, v.free_calls);
-    gauge(&mut reg, "allocation_rate", "Allocation calls per second over the last interval", None, v.alloc_rate);
+    gauge(
+        &mut reg,
+        "allocation_rate",
+        "Allocation calls per second over the last interval",
+        None,
+        v.alloc_rate,
+    );
     gauge(&mut reg, "free_rate", "Free calls per second over the last interval", None, v.free_rate);
-    gauge(&mut reg, "probe_hit_rate", "Probe hits (allocations and frees) per second over the last interval", None, v.hit_rate);
+    gauge(
+        &mut reg,
+        "probe_hit_rate",
+        "Probe hits (allocations and frees) per second over the last interval",
+        None,
+        v.hit_rate,
+    );
     gauge(
         &mut reg,
         "estimated_overhead",
@@ -120,7 +158,13 @@ pub fn encode(v: &View, top: usize) -> String {
         Some(Unit::Other("ratio".into())),
         v.overhead,
     );
-    gauge(&mut reg, "sample_interval", "Mean bytes between sampled allocations (0: every allocation tracked)", Some(Unit::Bytes), v.sample_bytes as f64);
+    gauge(
+        &mut reg,
+        "sample_interval",
+        "Mean bytes between sampled allocations (0: every allocation tracked)",
+        Some(Unit::Bytes),
+        v.sample_bytes as f64,
+    );
     let drops = Family::<Reason, Counter>::default();
     for d in &v.drops {
         drops.get_or_create(&Reason { reason: d.name }).inc_by(d.value);
@@ -132,9 +176,21 @@ pub fn encode(v: &View, top: usize) -> String {
     }
     reg.register("events", "Counters expected in normal operation, for context", events);
     gauge(&mut reg, "sites_tracked", "Call sites tracked now", None, v.sites_tracked as f64);
-    counter(&mut reg, "sites_evicted", "Call sites evicted (nothing outstanding, idle) since attach", None, v.sites_evicted);
+    counter(
+        &mut reg,
+        "sites_evicted",
+        "Call sites evicted (nothing outstanding, idle) since attach",
+        None,
+        v.sites_evicted,
+    );
     let sites = &v.sites[..v.sites.len().min(top)];
-    gauge(&mut reg, "sites_exported", "Call sites with per-site series (the top by growth, --metrics-top)", None, sites.len() as f64);
+    gauge(
+        &mut reg,
+        "sites_exported",
+        "Call sites with per-site series (the top by growth, --metrics-top)",
+        None,
+        sites.len() as f64,
+    );
 
     // Per site, the top N by growth.
     let out_b = Family::<SiteLabels, F64Gauge>::default();
@@ -174,13 +230,31 @@ pub fn encode(v: &View, top: usize) -> String {
             }
         }
     }
-    reg.register_with_unit("site_outstanding", "Bytes allocated at this call site since attach and not freed", Unit::Bytes, out_b);
-    reg.register("site_outstanding_objects", "Blocks allocated at this call site since attach and not freed", out_n);
-    reg.register_with_unit("site_allocated", "Bytes allocated at this call site since attach", Unit::Bytes, alloc_b);
+    reg.register_with_unit(
+        "site_outstanding",
+        "Bytes allocated at this call site since attach and not freed",
+        Unit::Bytes,
+        out_b,
+    );
+    reg.register(
+        "site_outstanding_objects",
+        "Blocks allocated at this call site since attach and not freed",
+        out_n,
+    );
+    reg.register_with_unit(
+        "site_allocated",
+        "Bytes allocated at this call site since attach",
+        Unit::Bytes,
+        alloc_b,
+    );
     reg.register("site_allocated_objects", "Blocks allocated at this call site since attach", alloc_n);
     reg.register_with_unit("site_freed", "Bytes of this call site freed since attach", Unit::Bytes, freed_b);
     reg.register("site_freed_objects", "Blocks of this call site freed since attach", freed_n);
-    reg.register("site_growth_bytes_per_second", "Net growth of the site's outstanding bytes (trailing fit)", growth);
+    reg.register(
+        "site_growth_bytes_per_second",
+        "Net growth of the site's outstanding bytes (trailing fit)",
+        growth,
+    );
     reg.register_with_unit(
         "site_reachability",
         "Outstanding bytes of this call site by class at the latest scan (definitely_lost, indirectly_lost, possibly_lost, reachable)",
@@ -193,7 +267,12 @@ pub fn encode(v: &View, top: usize) -> String {
         for (class, bytes) in class_pairs(&t) {
             totals.get_or_create(&Class { class }).set(bytes as f64);
         }
-        reg.register_with_unit("scan_class", "Tracked bytes by class at the latest scan", Unit::Bytes, totals);
+        reg.register_with_unit(
+            "scan_class",
+            "Tracked bytes by class at the latest scan",
+            Unit::Bytes,
+            totals,
+        );
     }
 
     let mut out = String::new();
@@ -216,7 +295,8 @@ pub fn parse_addr(v: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = v.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    v.parse::<SocketAddr>().map_err(|_| format!("expected PORT or ADDR:PORT (e.g. 9464 or 127.0.0.1:9464), got {v:?}"))
+    v.parse::<SocketAddr>()
+        .map_err(|_| format!("expected PORT or ADDR:PORT (e.g. 9464 or 127.0.0.1:9464), got {v:?}"))
 }
 
 const INDEX: &str = "<!doctype html><html><head><title>leakprobe</title></head><body>\
@@ -268,12 +348,19 @@ pub fn serve(
                     let views = views.clone();
                     async move {
                         let view = views.borrow().clone();
-                        ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], encode(&view, top))
+                        (
+                            [(
+                                header::CONTENT_TYPE,
+                                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                            )],
+                            encode(&view, top),
+                        )
                     }
                 };
-                let app = Router::new()
-                    .route("/metrics", get(metrics))
-                    .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX) }));
+                let app = Router::new().route("/metrics", get(metrics)).route(
+                    "/",
+                    get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX) }),
+                );
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -343,7 +430,12 @@ mod tests {
         let site = r#"site="0123456789ab",function="parse_upload",location="leaky_server.c:40",module="leaky_server",allocator="malloc""#;
         assert!(text.contains(&format!("leakprobe_site_outstanding_bytes{{{site}}} 4096")), "{text}");
         assert!(text.contains(&format!("leakprobe_site_allocated_bytes_total{{{site}}} 8192")), "{text}");
-        assert!(text.contains(&format!("leakprobe_site_reachability_bytes{{{site},class=\"definitely_lost\"}} 4096")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "leakprobe_site_reachability_bytes{{{site},class=\"definitely_lost\"}} 4096"
+            )),
+            "{text}"
+        );
         assert!(text.contains("leakprobe_dropped_total{reason=\"live_map_full\"} 3"), "{text}");
         assert!(text.contains("leakprobe_process_resident_bytes 10485760"), "{text}");
         assert!(text.contains("# TYPE leakprobe_site_outstanding_bytes gauge"), "{text}");

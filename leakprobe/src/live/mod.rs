@@ -208,7 +208,10 @@ pub fn compose(
     let counters: &Counters = tracker.counters();
     let mut ranked: Vec<&SiteStats> = sites.iter().collect();
     ranked.sort_by(|a, b| {
-        growth(b).total_cmp(&growth(a)).then(b.outstanding_bytes.cmp(&a.outstanding_bytes)).then(a.key.cmp(&b.key))
+        growth(b)
+            .total_cmp(&growth(a))
+            .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
+            .then(a.key.cmp(&b.key))
     });
     let view_sites = ranked
         .into_iter()
@@ -360,7 +363,8 @@ mod tests {
         let mut t = Tracker::new(0, 0);
         for i in 0..100u64 {
             let grow = SiteCounters { alloc_count: i, alloc_bytes: 1000 * i, free_count: 0, free_bytes: 0 };
-            let big_flat = SiteCounters { alloc_count: 1, alloc_bytes: 1 << 20, free_count: 0, free_bytes: 0 };
+            let big_flat =
+                SiteCounters { alloc_count: 1, alloc_bytes: 1 << 20, free_count: 0, free_bytes: 0 };
             let small = SiteCounters { alloc_count: i, alloc_bytes: 10 * i, free_count: 0, free_bytes: 0 };
             t.ingest(crate::model::Sample {
                 at_ns: (i + 1) * 1_000_000_000,
@@ -380,7 +384,8 @@ mod tests {
             scan_at_s: None,
             scan_totals: None,
         };
-        let v = compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });
+        let v =
+            compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });
         assert_eq!(v.sites.len(), 2);
         // The steady 1000 B/s grower first, though the flat site holds more.
         assert_eq!(v.sites[0].key, key(1));

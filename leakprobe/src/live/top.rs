@@ -137,8 +137,8 @@ impl App {
         match self.sort {
             // The view comes ranked by growth.
             Sort::Growth => {}
-            Sort::Outstanding => rows.sort_by(|a, b| b.outstanding_bytes.cmp(&a.outstanding_bytes)),
-            Sort::Allocations => rows.sort_by(|a, b| b.allocated_count.cmp(&a.allocated_count)),
+            Sort::Outstanding => rows.sort_by_key(|s| std::cmp::Reverse(s.outstanding_bytes)),
+            Sort::Allocations => rows.sort_by_key(|s| std::cmp::Reverse(s.allocated_count)),
         }
         rows
     }
@@ -174,9 +174,13 @@ fn signed_bytes(v: f64) -> String {
 
 /// Draws the view.
 pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
-    let [head, gauge, table, foot] =
-        Layout::vertical([Constraint::Length(3), Constraint::Length(1), Constraint::Min(3), Constraint::Length(1)])
-            .areas(frame.area());
+    let [head, gauge, table, foot] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
 
     let verdict_style = match view.verdict.as_str() {
         v if v.starts_with("LEAK") || v.starts_with("ACCUMULATION") || v.starts_with("FRAGMENTATION") => {
@@ -212,7 +216,11 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
                 rate(view.free_rate),
                 rate(view.hit_rate),
                 view.overhead * 100.0,
-                if view.sample_bytes > 0 { format!(" sampling 1/{}", human_bytes(view.sample_bytes)) } else { String::new() },
+                if view.sample_bytes > 0 {
+                    format!(" sampling 1/{}", human_bytes(view.sample_bytes))
+                } else {
+                    String::new()
+                },
                 view.sites_tracked,
                 view.sites_evicted,
             )),
@@ -234,10 +242,21 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
     );
 
     let rows = app.rows(view);
-    let spark_width = 24usize;
+    let spark_width = 20usize;
     let header = Row::new(
-        ["SITE", "GROWTH", "OUTSTANDING", "OBJECTS", "ALLOCS", "VERDICT", "TREND", "FUNCTION", "LOCATION", "MODULE"]
-            .map(|h| Cell::from(h).style(Style::new().add_modifier(Modifier::BOLD))),
+        [
+            "SITE",
+            "GROWTH",
+            "OUTSTANDING",
+            "OBJECTS",
+            "ALLOCS",
+            "VERDICT",
+            "TREND",
+            "FUNCTION",
+            "LOCATION",
+            "MODULE",
+        ]
+        .map(|h| Cell::from(h).style(Style::new().add_modifier(Modifier::BOLD))),
     );
     let body = rows.iter().map(|s| {
         let verdict_style = match s.verdict {
@@ -268,13 +287,13 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
         Constraint::Length(12),
         Constraint::Length(13),
         Constraint::Length(11),
+        Constraint::Length(8),
         Constraint::Length(9),
-        Constraint::Length(10),
         Constraint::Length(15),
         Constraint::Length(spark_width as u16),
-        Constraint::Min(24),
-        Constraint::Length(22),
-        Constraint::Length(16),
+        Constraint::Min(20),
+        Constraint::Length(20),
+        Constraint::Length(14),
     ];
     frame.render_widget(
         Table::new(body, widths).header(header).block(Block::new().borders(Borders::TOP).title(title)),
@@ -282,7 +301,11 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
     );
 
     let footer = if app.editing {
-        Line::from(vec![Span::raw("filter (function or module): "), Span::raw(app.filter.clone()), Span::raw("_")])
+        Line::from(vec![
+            Span::raw("filter (function or module): "),
+            Span::raw(app.filter.clone()),
+            Span::raw("_"),
+        ])
     } else {
         Line::from(vec![
             Span::styled(

@@ -572,7 +572,10 @@ mod tests {
         // Site 3: empty but still busy.
         for at in 1..=10 {
             let busy = counters(at, at * 10, at, at * 10);
-            t.ingest(s(at, vec![(key(1), counters(5, 50, 5, 50)), (key(2), counters(2, 20, 1, 10)), (key(3), busy)]));
+            t.ingest(s(
+                at,
+                vec![(key(1), counters(5, 50, 5, 50)), (key(2), counters(2, 20, 1, 10)), (key(3), busy)],
+            ));
         }
         let ended = t.ended_sites(5_000_000_000);
         assert_eq!(ended, vec![(key(1), counters(5, 50, 5, 50))]);
@@ -580,7 +583,10 @@ mod tests {
         t.evict(&[key(1)]);
         assert_eq!(t.sites().len(), 2);
         assert!(!t.stack_in_use(1) && t.stack_in_use(2));
-        assert_eq!(t.evicted(), Evicted { sites: 1, allocated_bytes: 50, allocated_count: 5, freed_bytes: 50, freed_count: 5 });
+        assert_eq!(
+            t.evicted(),
+            Evicted { sites: 1, allocated_bytes: 50, allocated_count: 5, freed_bytes: 50, freed_count: 5 }
+        );
         // Seen again (its kernel entry recreated from zero): a new site.
         t.ingest(s(11, vec![(key(1), counters(1, 8, 0, 0)), (key(2), counters(2, 20, 1, 10))]));
         let again = t.sites().into_iter().find(|x| x.key == key(1)).unwrap();

@@ -459,12 +459,7 @@ pub fn render(r: &Report, top: usize) -> String {
         }
         let _ = writeln!(out);
     }
-    let _ = writeln!(
-        out,
-        "VERDICT: {}: {}",
-        r.verdict.kind.label(),
-        r.verdict.summary
-    );
+    let _ = writeln!(out, "VERDICT: {}: {}", r.verdict.kind.label(), r.verdict.summary);
     let _ = writeln!(out);
 
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();

@@ -83,7 +83,7 @@ impl Live {
         scan: Option<&Done>,
     ) {
         let by_stack: HashMap<String, (Reachability, u64)> = scan
-            .map(|d| d.sites.iter().map(|s| (s.stack_id.clone(), (s.reachability.clone(), s.cycle_bytes))).collect())
+            .map(|d| d.sites.iter().map(|s| (s.stack_id.clone(), (s.reachability, s.cycle_bytes))).collect())
             .unwrap_or_default();
         let scanned = |key: &SiteKey| by_stack.get(&format!("{:016x}", key.stack_id)).cloned();
         let totals = scan.map(|d| Classes::of(&d.scan.totals));
@@ -141,7 +141,8 @@ pub(super) fn evict_ended(
     }
     let gone = probes.evict_sites(&ended).context("evicting ended call sites")?;
     tracker.evict(&gone);
-    let mut unused: Vec<u64> = gone.iter().map(|k| k.stack_id).filter(|id| !tracker.stack_in_use(*id)).collect();
+    let mut unused: Vec<u64> =
+        gone.iter().map(|k| k.stack_id).filter(|id| !tracker.stack_in_use(*id)).collect();
     unused.sort_unstable();
     unused.dedup();
     probes.evict_stacks(&unused).context("evicting the stacks of ended call sites")?;

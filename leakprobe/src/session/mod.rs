@@ -749,7 +749,10 @@ impl Reporting<'_> {
         };
         let many = tracker.totals().sites >= 1000;
         if many {
-            crate::progress::spinner(format!("symbolizing the stacks of {} call sites", tracker.totals().sites));
+            crate::progress::spinner(format!(
+                "symbolizing the stacks of {} call sites",
+                tracker.totals().sites
+            ));
         }
         let report = report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer));
         if many {
