@@ -42,6 +42,14 @@ Examples:
   # A Valgrind-style CI check without a rebuild: fail if anything is definitely lost at exit
   leakprobe run --scan --fail-on-leak 0 -- ./my-test --case 7
 
+  # Watch for days: per-site series for Prometheus at http://127.0.0.1:9464/metrics
+  # (Grafana dashboard and alert rules in docs/monitoring/), one snapshot an hour, 48 kept
+  leakprobe attach --pid 4242 --sample-bytes 512KiB --metrics 9464 \\
+      --snapshot-every 1h --snapshot-dir /var/tmp/snaps --snapshot-keep 48
+
+  # Live in the terminal: sites by growth, sparklines, the verdict (q to detach)
+  leakprobe top --pid 4242
+
   # Compare two JSON reports or snapshots: which call sites grew in between
   leakprobe diff before.json after.json
 
@@ -717,6 +725,52 @@ mod tests {
         assert_eq!(c.duration, None);
         assert_eq!(c.top, 10);
         assert_eq!(c.format, Format::Text);
+    }
+
+    #[test]
+    fn live_flags() {
+        let c = parse(&["leakprobe", "attach", "--pid", "12"]).unwrap();
+        assert_eq!((c.metrics, c.metrics_top, c.live_view), (None, 20, false));
+        assert_eq!(c.evict_after, Duration::from_secs(600));
+        let c = parse(&["leakprobe", "attach", "--pid", "12", "--metrics", "9464", "--metrics-top", "5"])
+            .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()), "a bare port is loopback");
+        assert_eq!(c.metrics_top, 5);
+        let c = parse(&["leakprobe", "run", "--metrics", "0.0.0.0:9464", "--", "true"]).unwrap();
+        assert_eq!(c.metrics, Some("0.0.0.0:9464".parse().unwrap()));
+        let e = parse(&["leakprobe", "attach", "--pid", "1", "--metrics", "localhost"]).unwrap_err();
+        assert!(e.contains("--metrics") && e.contains("9464"), "{e}");
+        assert!(
+            parse(&["leakprobe", "attach", "--pid", "1", "--metrics-top", "0"])
+                .unwrap_err()
+                .contains("--metrics-top")
+        );
+        // top: a live view, refreshed every second; snapshots on `w` need only the directory.
+        let c = parse(&["leakprobe", "top", "--pid", "7", "--snapshot-dir", "/tmp/s"]).unwrap();
+        assert!(c.live_view && matches!(c.mode, Mode::Attach { pid: 7 }));
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert!(c.snapshots.as_ref().is_some_and(|s| s.every.is_none()));
+        let e = parse(&["leakprobe", "attach", "--pid", "7", "--snapshot-dir", "/tmp/s"]).unwrap_err();
+        assert!(e.contains("--snapshot-every"), "{e}");
+        let e = parse(&[
+            "leakprobe",
+            "attach",
+            "--pid",
+            "7",
+            "--snapshot-every",
+            "1m",
+            "--snapshot-dir",
+            "/tmp/s",
+            "--snapshot-keep",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--snapshot-keep"), "{e}");
+        assert!(
+            parse(&["leakprobe", "attach", "--pid", "7", "--evict-after", "0"])
+                .unwrap_err()
+                .contains("--evict-after")
+        );
     }
 
     #[test]

@@ -40,7 +40,13 @@ fn sync_unwind(
     if maps.is_empty() {
         return Ok(()); // gone: keep the last table
     }
-    let modules = loaded.sync(pid, &maps, capacity, |at, rows| probes.write_unwind_rows(at, rows))?;
+    let (mut tables, mut rows_written) = (0usize, 0usize);
+    let modules = loaded.sync(pid, &maps, capacity, |at, rows| {
+        tables += 1;
+        rows_written += rows.len();
+        crate::progress::message(format!("loading unwind tables: {tables} modules, {rows_written} rows"));
+        probes.write_unwind_rows(at, rows)
+    })?;
     if modules.len() > leakprobe_common::MAX_UNWIND_MODULES as usize {
         tracing::warn!(
             "{} executable mappings; only the first {} are unwound",
