@@ -291,6 +291,15 @@ pub fn run(
     let mut roots: std::collections::BTreeMap<String, u64> =
         out.root_bytes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     roots.insert("registers".into(), m.stats.root_values);
+    // Scans every minute for days: keep the history bounded like every other series (the
+    // newest point and every other older one).
+    if history.len() >= crate::model::trend::MAX_POINTS {
+        let mut i = 0;
+        history.retain(|_| {
+            i += 1;
+            i % 2 == 1
+        });
+    }
     history.push(ScanPoint {
         t_s: at_s,
         pause_ms: out.pause.as_secs_f64() * 1e3,
