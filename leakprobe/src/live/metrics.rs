@@ -209,12 +209,12 @@ pub fn encode(v: &View, top: usize) -> String {
             module: s.label.module.clone(),
             allocator: s.allocator.to_string(),
         };
-        out_b.get_or_create(&l).set(s.outstanding_bytes as f64);
-        out_n.get_or_create(&l).set(s.outstanding_count as f64);
-        alloc_b.get_or_create(&l).inc_by(s.allocated_bytes);
-        alloc_n.get_or_create(&l).inc_by(s.allocated_count);
-        freed_b.get_or_create(&l).inc_by(s.freed_bytes);
-        freed_n.get_or_create(&l).inc_by(s.freed_count);
+        out_b.get_or_create(&l).set(s.stats.outstanding_bytes as f64);
+        out_n.get_or_create(&l).set(s.stats.outstanding_count as f64);
+        alloc_b.get_or_create(&l).inc_by(s.stats.allocated_bytes);
+        alloc_n.get_or_create(&l).inc_by(s.stats.allocated_count);
+        freed_b.get_or_create(&l).inc_by(s.stats.freed_bytes);
+        freed_n.get_or_create(&l).inc_by(s.stats.freed_count);
         growth.get_or_create(&l).set(s.growth_bytes_per_s);
         if let Some(c) = s.classes {
             for (class, bytes) in class_pairs(&c) {
@@ -400,7 +400,22 @@ mod tests {
             events: vec![Count { name: "unknown_frees", value: 9 }],
             verdict: "LEAK / GROWING".into(),
             sites: vec![Site {
-                key: SiteKey { stack_id: 1, kind: 0, _pad: 0 },
+                stats: crate::model::SiteStats {
+                    key: SiteKey { stack_id: 1, kind: 0, _pad: 0 },
+                    kind: None,
+                    outstanding_bytes: 4096,
+                    outstanding_count: 4,
+                    allocated_bytes: 8192,
+                    allocated_count: 8,
+                    freed_bytes: 4096,
+                    freed_count: 4,
+                    interval_allocs: 0,
+                    interval_frees: 0,
+                    growth_bytes_per_s: 100.0,
+                    oldest_age_s: None,
+                    trend: Default::default(),
+                    fit: None,
+                },
                 label: Label {
                     id: "0123456789ab".into(),
                     function: "parse_upload".into(),
@@ -408,12 +423,6 @@ mod tests {
                     module: "leaky_server".into(),
                 },
                 allocator: "malloc",
-                outstanding_bytes: 4096,
-                outstanding_count: 4,
-                allocated_bytes: 8192,
-                allocated_count: 8,
-                freed_bytes: 4096,
-                freed_count: 4,
                 growth_bytes_per_s: 100.0,
                 history: vec![],
                 classes: Some(Classes { definitely_lost: 4096, ..Classes::default() }),

@@ -108,18 +108,13 @@ impl Classes {
 /// One call site as the live views show it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Site {
-    pub key: SiteKey,
+    /// Its figures, as the model has them.
+    pub stats: SiteStats,
     pub label: Label,
     /// The allocation function (malloc, operator new, mmap...).
     pub allocator: &'static str,
-    pub outstanding_bytes: u64,
-    pub outstanding_count: u64,
-    pub allocated_bytes: u64,
-    pub allocated_count: u64,
-    pub freed_bytes: u64,
-    pub freed_count: u64,
-    /// Net growth per second: the slope of the trailing fit when there is one, else the
-    /// outstanding bytes over the whole window.
+    /// Net growth per second, what sites are ranked by: the slope of the trailing fit when
+    /// there is one, else the outstanding bytes over the whole window.
     pub growth_bytes_per_s: f64,
     /// Outstanding bytes, oldest first, at most [`SPARK_POINTS`].
     pub history: Vec<u64>,
@@ -227,15 +222,9 @@ pub fn compose(
                 None => s.trend.label(),
             };
             Site {
-                key: s.key,
+                stats: s.clone(),
                 label: label(s),
                 allocator: s.kind.map_or("unknown", |k| k.name()),
-                outstanding_bytes: s.outstanding_bytes,
-                outstanding_count: s.outstanding_count,
-                allocated_bytes: s.allocated_bytes,
-                allocated_count: s.allocated_count,
-                freed_bytes: s.freed_bytes,
-                freed_count: s.freed_count,
                 growth_bytes_per_s: growth(s),
                 history,
                 classes: scanned.map(|(r, _)| Classes::of(&r)),
@@ -388,8 +377,8 @@ mod tests {
             compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });
         assert_eq!(v.sites.len(), 2);
         // The steady 1000 B/s grower first, though the flat site holds more.
-        assert_eq!(v.sites[0].key, key(1));
-        assert_eq!(v.sites[1].key, key(3));
+        assert_eq!(v.sites[0].stats.key, key(1));
+        assert_eq!(v.sites[1].stats.key, key(3));
         assert!(v.sites[0].growth_bytes_per_s > 900.0);
         assert_eq!(v.sites[0].history.len(), SPARK_POINTS);
         assert_eq!(*v.sites[0].history.last().unwrap(), 99_000);

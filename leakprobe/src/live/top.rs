@@ -137,8 +137,8 @@ impl App {
         match self.sort {
             // The view comes ranked by growth.
             Sort::Growth => {}
-            Sort::Outstanding => rows.sort_by_key(|s| std::cmp::Reverse(s.outstanding_bytes)),
-            Sort::Allocations => rows.sort_by_key(|s| std::cmp::Reverse(s.allocated_count)),
+            Sort::Outstanding => rows.sort_by_key(|s| std::cmp::Reverse(s.stats.outstanding_bytes)),
+            Sort::Allocations => rows.sort_by_key(|s| std::cmp::Reverse(s.stats.allocated_count)),
         }
         rows
     }
@@ -266,9 +266,9 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
         Row::new(vec![
             Cell::from(s.label.id.clone()),
             Cell::from(signed_bytes(s.growth_bytes_per_s)),
-            Cell::from(human_bytes(s.outstanding_bytes)),
-            Cell::from(s.outstanding_count.to_string()),
-            Cell::from(s.allocated_count.to_string()),
+            Cell::from(human_bytes(s.stats.outstanding_bytes)),
+            Cell::from(s.stats.outstanding_count.to_string()),
+            Cell::from(s.stats.allocated_count.to_string()),
             Cell::from(s.verdict).style(verdict_style),
             Cell::from(sparkline(&s.history, spark_width)).style(Style::new().fg(Color::Cyan)),
             Cell::from(format!("{} <- {}", s.allocator, s.label.function)),
@@ -388,7 +388,22 @@ mod tests {
 
     fn site(id: u64, function: &str, module: &str, outstanding: u64, allocs: u64, growth: f64) -> Site {
         Site {
-            key: SiteKey { stack_id: id, kind: 0, _pad: 0 },
+            stats: crate::model::SiteStats {
+                key: SiteKey { stack_id: id, kind: 0, _pad: 0 },
+                kind: None,
+                outstanding_bytes: outstanding,
+                outstanding_count: 1,
+                allocated_bytes: outstanding,
+                allocated_count: allocs,
+                freed_bytes: 0,
+                freed_count: 0,
+                interval_allocs: 0,
+                interval_frees: 0,
+                growth_bytes_per_s: growth,
+                oldest_age_s: None,
+                trend: Default::default(),
+                fit: None,
+            },
             label: Label {
                 id: format!("{id:012x}"),
                 function: function.into(),
@@ -396,12 +411,6 @@ mod tests {
                 module: module.into(),
             },
             allocator: "malloc",
-            outstanding_bytes: outstanding,
-            outstanding_count: 1,
-            allocated_bytes: outstanding,
-            allocated_count: allocs,
-            freed_bytes: 0,
-            freed_count: 0,
             growth_bytes_per_s: growth,
             history: vec![1, 2, 3, 4],
             classes: None,
@@ -434,7 +443,7 @@ mod tests {
     fn keys_sort_filter_and_freeze() {
         let v = view();
         let mut app = App::default();
-        let order = |app: &App| app.rows(&v).iter().map(|s| s.key.stack_id).collect::<Vec<_>>();
+        let order = |app: &App| app.rows(&v).iter().map(|s| s.stats.key.stack_id).collect::<Vec<_>>();
         assert_eq!(order(&app), [1, 2, 3], "by growth, as ranked");
         app.key(key(KeyCode::Char('s')), &v);
         assert_eq!(order(&app), [2, 1, 3], "by outstanding");
