@@ -452,6 +452,14 @@ mod tests {
     }
 
     #[test]
+    fn symbol_names_are_escaped_in_labels() {
+        let mut v = view();
+        v.sites[0].label.function = r#"std::map<int, "x">::insert\n"#.into();
+        let text = encode(&v, 20);
+        assert!(text.contains(r#"function="std::map<int, \"x\">::insert\\n""#), "{text}");
+    }
+
+    #[test]
     fn addresses_default_to_loopback() {
         assert_eq!(parse_addr("9464").unwrap(), SocketAddr::from(([127, 0, 0, 1], 9464)));
         assert_eq!(parse_addr("0.0.0.0:9464").unwrap(), SocketAddr::from(([0, 0, 0, 0], 9464)));
