@@ -19,8 +19,10 @@ use super::{
 };
 
 /// The oldest kernel whose features cover everything in the eBPF object (see README
-/// "Minimum kernel"): `bpf_probe_read_user` (5.5) is the newest helper a required program calls.
-pub const MIN_KERNEL: (u32, u32) = (5, 5);
+/// "Minimum kernel"): the entry programs tail-call the stack walker from a BPF subprogram,
+/// which the x86-64 JIT allows since 5.10 (before, tail calls and bpf-to-bpf calls could not
+/// be mixed). The newest helper used, `bpf_probe_read_user`, is from 5.5.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -460,6 +462,7 @@ mod tests {
     fn kernel_version_is_compared_numerically() {
         assert_eq!(kernel_version("6.18.44-fc-v657").status, Status::Ok);
         assert_eq!(kernel_version("5.10.0-28-amd64").status, Status::Ok);
+        assert_eq!(kernel_version("5.9.16").status, Status::Warn);
         assert_eq!(kernel_version("5.4.0-150-generic").status, Status::Warn);
         assert_eq!(kernel_version("4.19.0").status, Status::Warn);
     }
