@@ -90,7 +90,7 @@ const CHECKS: &[&str] = &[
 /// The line of check `name` in doctor's text output.
 fn check_line<'a>(out: &'a str, name: &str) -> &'a str {
     out.lines()
-        .find(|l| l.split_whitespace().nth(1) == Some(&format!("{name}:")))
+        .find(|l| l.split_whitespace().nth(1) == Some(format!("{name}:").as_str()))
         .unwrap_or_else(|| panic!("no `{name}` line in:\n{out}"))
 }
 
