@@ -211,7 +211,7 @@ fn static_binary_runs_alone_from_an_empty_directory() {
         std::thread::spawn(move || {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                let path = if i % 2 == 0 { "/upload".to_string() } else { format!("/login?user=u{i}") };
+                let path = if i.is_multiple_of(2) { "/upload".to_string() } else { format!("/login?user=u{i}") };
                 request(port, &path);
                 i += 1;
                 std::thread::sleep(Duration::from_millis(5));
