@@ -126,6 +126,66 @@ pub enum Command {
         #[command(flatten)]
         opts: TraceOpts,
     },
+    /// Check this kernel and these privileges for every feature leakprobe uses.
+    ///
+    /// One line per feature: ok, warn (an optional feature is missing: what degrades is named)
+    /// or FAIL (a required one is missing: tracing would be refused). Exit status 0 when every
+    /// required check passes, 1 otherwise.
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Write the man pages (roff) generated from these flags: leakprobe.1 to stdout, or every
+    /// page (one per subcommand) into --out-dir. Used by `cargo xtask dist`.
+    #[command(hide = true)]
+    Manpage(ManpageArgs),
+}
+
+const DOCTOR_EXAMPLES: &str = "\
+Examples:
+  # Can leakprobe run here, and what would be missing?
+  sudo leakprobe doctor
+
+  # For a fleet inventory
+  sudo leakprobe doctor --format json | jq '.checks[] | select(.status != \"ok\")'";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  # bash, for the current user
+  leakprobe completions bash > ~/.local/share/bash-completion/completions/leakprobe
+  # zsh (a directory in $fpath)
+  leakprobe completions zsh > ~/.zfunc/_leakprobe
+  # fish
+  leakprobe completions fish > ~/.config/fish/completions/leakprobe.fish
+
+The Debian package installs all three system-wide.";
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = DoctorFormat::Text)]
+    pub format: DoctorFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DoctorFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to write the script for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManpageArgs {
+    /// Write leakprobe.1 and one page per subcommand (leakprobe-attach.1, ...) here.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
 }
 
 const TOP_EXAMPLES: &str = "\
@@ -535,7 +595,9 @@ impl TryFrom<Cli> for Config {
                 (Mode::Attach { pid }, opts)
             }
             Command::Top { pid, opts } => (Mode::Attach { pid }, opts),
-            Command::Diff(_) => return Err(ConfigError::NotATrace),
+            Command::Diff(_) | Command::Doctor(_) | Command::Completions(_) | Command::Manpage(_) => {
+                return Err(ConfigError::NotATrace);
+            }
         };
         let default_interval = if live_view { "1s" } else { "5s" };
         let interval = duration("--interval", opts.interval.as_deref().unwrap_or(default_interval))?;

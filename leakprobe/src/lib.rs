@@ -10,12 +10,13 @@
 //! - [`report`]: the report and its renderings: text, JSON, diff, exports, chart (pure);
 //! - [`scan`]: the reachability scan: snapshot, roots, mark (pure), classes;
 //! - the edges: [`cli`] (flags), [`session`] (the tokio loop that runs it all), [`output`]
-//!   (checked, atomic result files).
+//!   (checked, atomic result files); [`manual`] (man pages and completions from the flags).
 
 pub mod cli;
 pub mod inprocess;
 pub mod kernel;
 pub mod live;
+pub mod manual;
 pub mod model;
 pub mod output;
 pub mod progress;

@@ -45,6 +45,25 @@ fn run() -> anyhow::Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
+    match &cli.command {
+        Command::Doctor(args) => {
+            let json = args.format == leakprobe::cli::DoctorFormat::Json;
+            let passed = leakprobe::kernel::doctor::main(json, &mut std::io::stdout().lock())?;
+            return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Command::Completions(args) => {
+            leakprobe::manual::completions(args.shell, &mut std::io::stdout().lock());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Manpage(args) => {
+            match &args.out_dir {
+                Some(dir) => leakprobe::manual::manpages(dir)?,
+                None => leakprobe::manual::manpage(&mut std::io::stdout().lock())?,
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if let Command::Diff(args) = &cli.command {
         session::diff(args, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);

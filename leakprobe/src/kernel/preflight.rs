@@ -29,7 +29,7 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Parses the effective capability mask from /proc/self/status text.
-fn effective_caps(status: &str) -> u64 {
+pub fn effective_caps(status: &str) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -56,10 +56,21 @@ pub fn check_caps(cap_eff: u64) -> Result<(), PreflightError> {
 
 /// Kernel features, looked up under `sys_root` (normally `/sys`).
 pub fn check_kernel(sys_root: &Path) -> Result<(), PreflightError> {
+    check_btf(sys_root)?;
+    check_uprobes(sys_root)
+}
+
+/// The kernel's own BTF.
+pub fn check_btf(sys_root: &Path) -> Result<(), PreflightError> {
     let btf = sys_root.join("kernel/btf/vmlinux");
     if !btf.exists() {
         return Err(PreflightError::NoBtf { path: btf.display().to_string() });
     }
+    Ok(())
+}
+
+/// The uprobe PMU (perf_event_open uprobes, no tracefs).
+pub fn check_uprobes(sys_root: &Path) -> Result<(), PreflightError> {
     let uprobe = sys_root.join("bus/event_source/devices/uprobe/type");
     if !uprobe.exists() {
         return Err(PreflightError::NoUprobes { path: uprobe.display().to_string() });

@@ -154,12 +154,21 @@ impl Boost {
     }
 }
 
+/// The kernel's `struct sched_param`. The system calls are made directly: musl's
+/// `sched_setscheduler` and friends return ENOSYS by design (POSIX wants them per process,
+/// Linux applies them per thread), which would silently lose the boost in the static build.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct SchedParam {
+    sched_priority: libc::c_int,
+}
+
 /// Runs the calling thread SCHED_FIFO while it detaches a world, and puts the old policy
 /// back: a loop of `PTRACE_DETACH` calls that never waits, so it cannot starve anything for
 /// long, while the resumed CPU-bound threads would otherwise preempt it for whole slices.
 /// Without CAP_SYS_NICE it falls back to [`Boost`].
 pub(crate) struct Realtime {
-    old: Option<(i32, libc::sched_param)>,
+    old: Option<(i32, SchedParam)>,
     _nice: Option<Boost>,
 }
 
@@ -167,13 +176,15 @@ impl Realtime {
     pub(crate) fn new() -> Realtime {
         // SAFETY: plain syscalls on our own thread (pid 0 = the calling thread).
         unsafe {
-            let policy = libc::sched_getscheduler(0);
-            let mut old = libc::sched_param { sched_priority: 0 };
-            if policy < 0 || libc::sched_getparam(0, &mut old) != 0 {
+            let policy = libc::syscall(libc::SYS_sched_getscheduler, 0) as i32;
+            let mut old = SchedParam { sched_priority: 0 };
+            if policy < 0 || libc::syscall(libc::SYS_sched_getparam, 0, &mut old) != 0 {
                 return Realtime { old: None, _nice: Some(Boost::new()) };
             }
-            let rt = libc::sched_param { sched_priority: 1 };
-            if policy == libc::SCHED_OTHER && libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) == 0 {
+            let rt = SchedParam { sched_priority: 1 };
+            if policy == libc::SCHED_OTHER
+                && libc::syscall(libc::SYS_sched_setscheduler, 0, libc::SCHED_FIFO, &rt) == 0
+            {
                 return Realtime { old: Some((policy, old)), _nice: None };
             }
             Realtime { old: None, _nice: Some(Boost::new()) }
@@ -185,7 +196,7 @@ impl Drop for Realtime {
     fn drop(&mut self) {
         if let Some((policy, param)) = self.old {
             // SAFETY: plain syscall on our own thread.
-            unsafe { libc::sched_setscheduler(0, policy, &param) };
+            unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &param) };
         }
     }
 }
