@@ -233,9 +233,12 @@ fn static_binary_runs_alone_from_an_empty_directory() {
     for d in [".cargo", ".rustup"] {
         hide.push(Path::new(&home).join(d));
     }
+    // A directory inside another hidden one (target/ inside the clone) is hidden with it; once
+    // its parent is covered it no longer exists as a mount point.
+    let inside_another = |d: &PathBuf| hide.iter().any(|h| h != d && d.starts_with(h));
     let mounts: String = hide
         .iter()
-        .filter(|d| d.is_dir())
+        .filter(|d| d.is_dir() && !inside_another(d))
         .map(|d| format!("mount -t tmpfs -o size=1m leakprobe-test-hide '{}' && ", d.display()))
         .collect();
     let script = format!(
