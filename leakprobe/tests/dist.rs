@@ -8,15 +8,8 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+    process::{Command, Output},
 };
 
 use common::*;
@@ -168,36 +161,6 @@ fn doctor_as_an_unprivileged_user() {
     assert!(out.contains("required check(s) failed"), "{out}");
 }
 
-/// The demo server, started from a copy in `dir`; returns it and its port.
-fn start_demo_server(dir: &Path) -> (std::process::Child, u16) {
-    let server = dir.join("leaky_server");
-    let o = run(Command::new("gcc")
-        .args(["-O2", "-g", "-o"])
-        .arg(&server)
-        .arg(repo_root().join("demo/leaky_server.c")));
-    assert!(o.status.success(), "{}", text(&o));
-    let mut child = Command::new(&server).stdout(Stdio::piped()).spawn().unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    // "listening on 127.0.0.1:PORT pid PID"
-    let port = first
-        .split_whitespace()
-        .nth(2)
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected banner {first:?}"));
-    (child, port)
-}
-
-fn request(port: u16, path: &str) {
-    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-    }
-}
-
 #[test]
 fn static_binary_runs_alone_from_an_empty_directory() {
     require_root();
@@ -206,25 +169,10 @@ fn static_binary_runs_alone_from_an_empty_directory() {
     assert!(text(&ldd).contains("not a dynamic executable"), "ldd says: {}", text(&ldd));
 
     let work = tempfile::tempdir().unwrap();
-    let server_dir = tempfile::tempdir().unwrap();
     let bin = work.path().join("leakprobe");
     std::fs::copy(&src, &bin).unwrap();
-    let (mut server, port) = start_demo_server(server_dir.path());
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut i = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let path =
-                    if i.is_multiple_of(2) { "/upload".to_string() } else { format!("/login?user=u{i}") };
-                request(port, &path);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let mut demo = Demo::start();
+    demo.drive();
     // In a mount namespace of its own, the build tree, the target directory and the Rust
     // toolchains are hidden under empty tmpfs mounts, gone when the namespace ends: the binary
     // must need none of them. PATH holds no cargo, rustc or bpf-linker either.
@@ -245,17 +193,14 @@ fn static_binary_runs_alone_from_an_empty_directory() {
         "{mounts}test -z \"$(ls -A '{}')\" && ! command -v cargo && ! command -v rustc && ! command -v bpf-linker \
          && exec ./leakprobe attach --pid {} --duration 4s --interval 1s --top 5",
         repo_root().display(),
-        server.id()
+        demo.pid()
     );
     let o = run(Command::new("unshare")
         .args(["--mount", "--propagation", "private", "/bin/sh", "-c", &script])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .current_dir(work.path()));
-    stop.store(true, Ordering::Relaxed);
-    traffic.join().unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(demo);
     let out = text(&o);
     assert!(o.status.success(), "the static binary failed:\n{out}");
     assert!(out.contains("parse_upload"), "the report does not name parse_upload:\n{out}");

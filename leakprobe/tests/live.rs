@@ -6,92 +6,15 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    io::Write as _,
+    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::Value;
-
-/// The bundled leaky server, built like the demo's, with traffic until dropped.
-struct Demo {
-    server: Child,
-    port: u16,
-    stop: Arc<AtomicBool>,
-    traffic: Option<std::thread::JoinHandle<u32>>,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let bin = build_target("../../demo/leaky_server.c", "leaky_server", "gcc", &["-O2", "-g"]);
-        let mut server = Command::new(bin).stdout(Stdio::piped()).spawn().expect("start the demo server");
-        let mut banner = String::new();
-        BufReader::new(server.stdout.take().unwrap()).read_line(&mut banner).unwrap();
-        // "listening on 127.0.0.1:PORT pid PID"
-        let port = banner
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected banner {banner:?}"));
-        Demo { server, port, stop: Arc::new(AtomicBool::new(false)), traffic: None }
-    }
-
-    fn pid(&self) -> i32 {
-        self.server.id() as i32
-    }
-
-    /// Logins (accumulate), uploads (leak) and health checks, every 5 ms, until dropped.
-    fn drive(&mut self) {
-        let (port, stop) = (self.port, self.stop.clone());
-        self.traffic = Some(std::thread::spawn(move || {
-            let mut i = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let path = match i % 4 {
-                    0 => format!("/login?user=user{i}"),
-                    1 => "/upload".into(),
-                    _ => "/health".into(),
-                };
-                let _ = http(port, "GET", &path);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            i
-        }));
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.traffic.take() {
-            let _ = t.join();
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
-
-/// One HTTP/1.1 request on loopback: (status, body).
-fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
