@@ -26,7 +26,8 @@ pub const SPARK_POINTS: usize = 60;
 pub struct Label {
     /// 12 hex digits: see [`site_id`].
     pub id: String,
-    /// The function that called the allocator (the first frame), or `module+0xoffset`.
+    /// The function that called the allocator (the first frame), or `[unknown] module+0xoffset`
+    /// (the offset in the module's file).
     pub function: String,
     /// `file:line` of that call, when known.
     pub location: String,
@@ -35,9 +36,10 @@ pub struct Label {
 }
 
 /// The id of a call site: FNV-1a over its allocation function and its symbolized frames
-/// (module file name, function, file, line; the address only for frames with no symbol). It
-/// depends on neither the kernel's stack id nor where the modules were mapped, so it is the
-/// same at every scrape, after a re-attach and on every replica running the same build.
+/// (module file name, function, file, line; for a frame with no symbol, its address, which the
+/// caller turns into the offset in its file). It depends on neither the kernel's stack id nor
+/// where the modules were mapped, so it is the same at every scrape, after a re-attach and on
+/// every replica running the same build.
 pub fn site_id(allocator: &str, frames: &[Frame]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -72,7 +74,7 @@ pub fn label(allocator: &str, frames: &[Frame]) -> Label {
     let module = first.and_then(|f| f.module.as_deref()).map(file_name).unwrap_or("").to_string();
     let function = match first {
         Some(Frame { function: Some(f), .. }) => f.clone(),
-        Some(f) if !module.is_empty() => format!("{module}+{:#x}", f.address),
+        Some(f) if !module.is_empty() => format!("[unknown] {module}+{:#x}", f.address),
         Some(f) => format!("{:#x}", f.address),
         None => "[no stack]".into(),
     };
@@ -341,7 +343,7 @@ mod tests {
         assert_eq!(l.location, "server.c:40");
         assert_eq!(l.module, "server");
         let l = label("malloc", &[frame(None, 0x1000, 0)]);
-        assert_eq!(l.function, "server+0x1000");
+        assert_eq!(l.function, "[unknown] server+0x1000");
         assert_eq!(label("malloc", &[]).function, "[no stack]");
     }
 

@@ -102,7 +102,16 @@ impl Live {
             labels
                 .entry(s.key)
                 .or_insert_with(|| {
-                    let (frames, _) = site_frames(&s.key, stacks, symbolizer);
+                    let (mut frames, _) = site_frames(&s.key, stacks, symbolizer);
+                    // A frame without a symbol is named by its offset in its file, as pprof
+                    // does: where the module was mapped must not change the site's id.
+                    for f in frames.iter_mut().filter(|f| f.function.is_none()) {
+                        if let Some((m, _)) =
+                            symbolizer.modules.iter().find(|(m, _)| (m.start..m.end).contains(&f.address))
+                        {
+                            f.address = f.address - m.start + m.file_offset;
+                        }
+                    }
                     live::label(s.kind.map_or("unknown", |k| k.name()), &frames)
                 })
                 .clone()
