@@ -501,24 +501,19 @@ def update_doc(begin, end, text):
 
 def main():
     sh("cargo", "build", "--quiet", "--release", "-p", "leakprobe", cwd=ROOT)
-    if os.environ.get("BENCH_ONLY") in (None, "", "soak"):
-        text = (f"Command: `BENCH_ONLY=soak cargo xtask bench` (bench/harness.py `soak_table`). "
+    # Sections with a block of their own in docs/benchmarks.md, runnable alone (BENCH_ONLY=name).
+    only = os.environ.get("BENCH_ONLY") or None
+    for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians")):
+        if only not in (None, name):
+            continue
+        text = (f"Command: `BENCH_ONLY={name} cargo xtask bench` (bench/harness.py `{table.__name__}`, {how}). "
                 f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} CPUs.\n\n"
-                + soak_table())
+                + table())
         print(text)
-        update_doc("<!-- harness-soak:begin -->", "<!-- harness-soak:end -->", text)
-        if os.environ.get("BENCH_ONLY") == "soak":
-            shutil.rmtree(WORK, ignore_errors=True)
-            return 0
-    if os.environ.get("BENCH_ONLY") in (None, "", "scan"):
-        text = (f"Command: `cargo xtask bench` (bench/harness.py `scan_table`, {ROUNDS} rounds, medians). "
-                f"Date {time.strftime('%Y-%m-%d')}, kernel {os.uname().release}, {os.cpu_count()} CPUs.\n\n"
-                + scan_table())
-        print(text)
-        update_doc("<!-- harness-scan:begin -->", "<!-- harness-scan:end -->", text)
-        if os.environ.get("BENCH_ONLY") == "scan":
-            shutil.rmtree(WORK, ignore_errors=True)
-            return 0
+        update_doc(f"<!-- harness-{name}:begin -->", f"<!-- harness-{name}:end -->", text)
+    if only is not None:
+        shutil.rmtree(WORK, ignore_errors=True)
+        return 0
     cpu = open("/proc/cpuinfo").read()
     model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
     header = (f"Command: `cargo xtask bench` (bench/harness.py, {ROUNDS} interleaved rounds, medians). "
