@@ -136,7 +136,7 @@ pub fn window(duration: Option<Duration>) {
 /// caller then prints `msg` as a line).
 pub fn update(elapsed: Duration, msg: std::fmt::Arguments<'_>) -> bool {
     with(|s| match &s.window {
-        Some(bar) if !s.quiet => {
+        Some(bar) => {
             bar.set_position(elapsed.as_millis() as u64);
             bar.set_message(msg.to_string());
             true
@@ -170,9 +170,4 @@ pub fn window_done() {
             bar.finish_and_clear();
         }
     });
-}
-
-/// Whether spinners are drawn (a terminal, not quiet): callers skip work only a spinner needs.
-pub fn drawing() -> bool {
-    with(|s| s.tty && !s.quiet)
 }

@@ -324,9 +324,9 @@ fn first_row(screen: &str) -> String {
     lines.nth(1).unwrap_or("").to_string()
 }
 
-fn top_command(pid: i32, env: &str) -> String {
+fn top_command(pid: i32, env: &str, args: &str) -> String {
     format!(
-        "{env} {} top --pid {pid} --interval 1s; echo TOP-DONE rc=$?; sleep 600",
+        "{env} {} top --pid {pid} --interval 1s {args}; echo TOP-DONE rc=$?; sleep 600",
         leakprobe_bin().display()
     )
 }
@@ -336,7 +336,9 @@ fn top_shows_the_leaking_site_first_sorts_on_a_key_and_leaves_a_clean_terminal()
     require_root();
     let mut demo = Demo::start();
     demo.drive();
-    let tmux = Tmux::start(&top_command(demo.pid(), ""));
+    let snaps = tempfile::tempdir().unwrap();
+    let tmux =
+        Tmux::start(&top_command(demo.pid(), "", &format!("--snapshot-dir {}", snaps.path().display())));
     // The upload copy (1 KiB per upload) outgrows everything else.
     let s = tmux.wait("parse_upload at the top", |s| {
         first_row(s).contains("parse_upload") && s.contains("call sites by growth") && s.contains("VERDICT")
@@ -351,6 +353,14 @@ fn top_shows_the_leaking_site_first_sorts_on_a_key_and_leaves_a_clean_terminal()
     tmux.keys(&["/", "s", "e", "s", "s", "i", "o", "n", "Enter"]);
     let s = tmux.wait("the filter", |s| s.contains("matching \"session\""));
     assert!(!first_row(&s).contains("parse_upload"), "{s}");
+    // `w`: the report so far, as a snapshot in --snapshot-dir, named on the status line.
+    tmux.keys(&["w"]);
+    tmux.wait("the snapshot's status line", |s| s.contains("snapshot written to"));
+    let written = std::fs::read_dir(snaps.path()).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let snap: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&written[0]).unwrap()).unwrap();
+    assert!(snap["sites"].as_array().unwrap().iter().any(|s| frame0(s) == "parse_upload"), "{snap}");
     tmux.keys(&["q"]);
     let s = tmux.wait("top's exit", |s| s.contains("TOP-DONE"));
     assert!(s.contains("TOP-DONE rc=0"), "{s}");
@@ -368,7 +378,8 @@ fn top_restores_the_terminal_when_leakprobe_panics() {
     require_root();
     let mut demo = Demo::start();
     demo.drive();
-    let tmux = Tmux::start(&top_command(demo.pid(), "RUST_BACKTRACE=0 LEAKPROBE_TEST_PANIC_AFTER_ATTACH=1"));
+    let tmux =
+        Tmux::start(&top_command(demo.pid(), "RUST_BACKTRACE=0 LEAKPROBE_TEST_PANIC_AFTER_ATTACH=1", ""));
     let s = tmux.wait("top's exit", |s| s.contains("TOP-DONE"));
     assert!(s.contains("TOP-DONE rc=101"), "a panic's exit status: {s}");
     assert!(s.contains("LEAKPROBE_TEST_PANIC_AFTER_ATTACH"), "the panic message is readable: {s}");

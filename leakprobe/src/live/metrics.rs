@@ -38,13 +38,11 @@ struct SiteLabels {
     allocator: String,
 }
 
+/// A site's series by reachability class: its labels and the class.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
-    site: String,
-    function: String,
-    location: String,
-    module: String,
-    allocator: String,
+    #[prometheus(flatten)]
+    site: SiteLabels,
     class: &'static str,
 }
 
@@ -218,15 +216,7 @@ pub fn encode(v: &View, top: usize) -> String {
         growth.get_or_create(&l).set(s.growth_bytes_per_s);
         if let Some(c) = s.classes {
             for (class, bytes) in class_pairs(&c) {
-                let cl = ClassLabels {
-                    site: l.site.clone(),
-                    function: l.function.clone(),
-                    location: l.location.clone(),
-                    module: l.module.clone(),
-                    allocator: l.allocator.clone(),
-                    class,
-                };
-                classes.get_or_create(&cl).set(bytes as f64);
+                classes.get_or_create(&ClassLabels { site: l.clone(), class }).set(bytes as f64);
             }
         }
     }

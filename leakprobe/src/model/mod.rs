@@ -358,9 +358,9 @@ impl Tracker {
         self.evicted
     }
 
-    /// Whether any site still tracked has this stack.
-    pub fn stack_in_use(&self, stack_id: u64) -> bool {
-        self.sites.keys().any(|k| k.stack_id == stack_id)
+    /// The stacks of the sites still tracked.
+    pub fn stacks_in_use(&self) -> std::collections::HashSet<u64> {
+        self.sites.keys().map(|k| k.stack_id).collect()
     }
 }
 
@@ -582,7 +582,8 @@ mod tests {
         assert!(t.ended_sites(60_000_000_000).is_empty(), "not idle for a minute yet");
         t.evict(&[key(1)]);
         assert_eq!(t.sites().len(), 2);
-        assert!(!t.stack_in_use(1) && t.stack_in_use(2));
+        let in_use = t.stacks_in_use();
+        assert!(!in_use.contains(&1) && in_use.contains(&2));
         assert_eq!(
             t.evicted(),
             Evicted { sites: 1, allocated_bytes: 50, allocated_count: 5, freed_bytes: 50, freed_count: 5 }

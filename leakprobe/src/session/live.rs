@@ -10,7 +10,7 @@ use leakprobe_common::SiteKey;
 use crate::{
     cli::Config,
     kernel::probe::Probes,
-    live::{self, Classes, Label, Request, Tap, metrics},
+    live::{self, Classes, Label, Request, Tap, View, metrics},
     model::{SiteStats, Tracker},
     report::scan::Reachability,
     symbolize::Symbolizer,
@@ -22,13 +22,13 @@ use super::{StackCache, scan::Done, site_frames};
 const VIEW_SITES: usize = 200;
 
 pub(super) struct Live {
-    tap: Tap,
+    views: tokio::sync::watch::Sender<Arc<View>>,
+    /// The terminal view's requests; none without one (or once it is gone).
+    requests: Option<tokio::sync::mpsc::UnboundedReceiver<Request>>,
     _server: Option<metrics::Server>,
     /// Labels by site: symbolized once.
     labels: HashMap<SiteKey, Label>,
     top: usize,
-    /// The requests' sender is gone (no terminal view): stop polling.
-    closed: bool,
 }
 
 impl Live {
@@ -38,35 +38,31 @@ impl Live {
         if cfg.metrics.is_none() && tap.is_none() {
             return Ok(None);
         }
-        let (tap, closed) = match tap {
-            Some(t) => (t, false),
-            None => (live::channel().0, true),
+        let (views, requests) = match tap {
+            Some(t) => (t.views, Some(t.requests)),
+            None => (tokio::sync::watch::channel(Arc::new(View::default())).0, None),
         };
         let server = match cfg.metrics {
             Some(addr) => {
-                let s = metrics::serve(addr, tap.views.subscribe(), cfg.metrics_top)?;
+                let s = metrics::serve(addr, views.subscribe(), cfg.metrics_top)?;
                 super::progress(cfg, format_args!("serving Prometheus metrics at http://{}/metrics", s.addr));
                 Some(s)
             }
             None => None,
         };
         let top = if cfg.live_view { cfg.metrics_top.max(VIEW_SITES) } else { cfg.metrics_top };
-        Ok(Some(Live { tap, _server: server, labels: HashMap::new(), top, closed }))
+        Ok(Some(Live { views, requests, _server: server, labels: HashMap::new(), top }))
     }
 
-    /// The next request of the terminal view (pending forever without one).
+    /// The next request of the terminal view (pending forever without one). A view that is
+    /// gone (its thread ended) asks to detach, as `q` does.
     pub(super) async fn request(&mut self) -> Request {
-        if !self.closed {
-            match self.tap.requests.recv().await {
-                Some(r) => return r,
-                // The view is gone (its thread ended): detach as on `q`.
-                None => {
-                    self.closed = true;
-                    return Request::Quit;
-                }
-            }
-        }
-        std::future::pending().await
+        let Some(requests) = self.requests.as_mut() else { return std::future::pending().await };
+        let next = requests.recv().await;
+        next.unwrap_or_else(|| {
+            self.requests = None;
+            Request::Quit
+        })
     }
 
     /// Publishes the view of this interval.
@@ -117,15 +113,15 @@ impl Live {
                 .clone()
         });
         view.status = crate::progress::last();
-        let _ = self.tap.views.send(Arc::new(view));
+        let _ = self.views.send(Arc::new(view));
     }
 
     /// The last view says the session is over, and why.
     pub(super) fn finish(&mut self, ended_by: &str) {
-        let mut view = (**self.tap.views.borrow()).clone();
+        let mut view = (**self.views.borrow()).clone();
         view.ended = Some(ended_by.to_string());
         view.status = crate::progress::last();
-        let _ = self.tap.views.send(Arc::new(view));
+        let _ = self.views.send(Arc::new(view));
     }
 
     pub(super) fn forget(&mut self, keys: &[SiteKey]) {
@@ -150,8 +146,8 @@ pub(super) fn evict_ended(
     }
     let gone = probes.evict_sites(&ended).context("evicting ended call sites")?;
     tracker.evict(&gone);
-    let mut unused: Vec<u64> =
-        gone.iter().map(|k| k.stack_id).filter(|id| !tracker.stack_in_use(*id)).collect();
+    let in_use = tracker.stacks_in_use();
+    let mut unused: Vec<u64> = gone.iter().map(|k| k.stack_id).filter(|id| !in_use.contains(id)).collect();
     unused.sort_unstable();
     unused.dedup();
     probes.evict_stacks(&unused).context("evicting the stacks of ended call sites")?;

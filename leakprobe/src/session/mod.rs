@@ -1049,12 +1049,17 @@ async fn watch(
                     progress(cfg, format_args!("snapshot failed: {e:#}"));
                 }
                 // Long attaches: sites that ended long ago leave the maps and our memory.
-                match live::evict_ended(cfg, probes, tracker, stacks, live.as_mut()) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!("{n} ended call sites evicted"),
-                    Err(e) => tracing::warn!("{e:#}"),
-                }
-                let sites = tracker.sites();
+                let sites = match live::evict_ended(cfg, probes, tracker, stacks, live.as_mut()) {
+                    Ok(0) => sites,
+                    // Some went (perhaps only some, on an error): read the rest again.
+                    evicted => {
+                        match evicted {
+                            Ok(n) => tracing::info!("{n} ended call sites evicted"),
+                            Err(e) => tracing::warn!("{e:#}"),
+                        }
+                        tracker.sites()
+                    }
+                };
                 if let Some(l) = live.as_mut() {
                     l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
                 }
@@ -1068,10 +1073,10 @@ async fn watch(
                     t.growing_sites,
                     if drops > 0 { format!(" (DEGRADED: {drops} dropped)") } else { String::new() },
                 );
-                // top shows these figures itself: its status line keeps the last event.
-                if !cfg.live_view
-                    && (cfg.quiet || !crate::progress::update(std::time::Duration::from_secs_f64(window), format_args!("{msg}")))
-                {
+                // On a terminal the window's bar shows them; top shows them itself (its status
+                // line keeps the last event).
+                let shown = crate::progress::update(std::time::Duration::from_secs_f64(window), format_args!("{msg}"));
+                if !cfg.live_view && !shown {
                     progress(cfg, format_args!("[{window:>6.1}s] {msg}"));
                 }
             }
