@@ -24,6 +24,8 @@ pub mod maps {
     pub const EXP_TABLE: &str = "EXP_TABLE";
     pub const WEIGHT_TABLE: &str = "WEIGHT_TABLE";
     pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
+    pub const SCAN_FROM: &str = "SCAN_FROM";
+    pub const FREED_SINCE: &str = "FREED_SINCE";
 }
 
 /// Globals the daemon sets before load.
@@ -234,7 +236,10 @@ pub mod counter {
     pub const UNTRACKED_ALLOCATOR_CALLS: u32 = 15;
     /// `run --scan`: the target called exit() and was stopped there (SIGSTOP) for the scan.
     pub const EXIT_STOPS: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// A scan's window was open and a block live at its start was freed, but the map that
+    /// keeps such blocks for the scan was full: that block is missing from the scan.
+    pub const SCAN_FREES_LOST: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.
@@ -289,6 +294,26 @@ pub struct LiveBlock {
     pub _pad: u32,
 }
 
+/// A block taken out of `LIVE` while a scan's window was open (`SCAN_FROM` non-zero), keyed
+/// by its address and allocation time (an address can be freed, reused and freed again in
+/// one window): the scan's snapshot may still hold it, so the scan puts it back into its
+/// picture of what was live at the instant the target stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FreedKey {
+    pub addr: u64,
+    pub timestamp_ns: u64,
+}
+
+/// See [`FreedKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FreedBlock {
+    pub block: LiveBlock,
+    /// `bpf_ktime_get_ns()` when it left `LIVE`.
+    pub freed_ns: u64,
+}
+
 /// Why a stack walk ended early (`Stack::truncated`).
 pub mod stack_end {
     /// Complete: reached the outermost frame, or the walk found nothing more.
@@ -338,6 +363,8 @@ mod pod {
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for WrapperStash {}
     unsafe impl aya::Pod for LiveBlock {}
+    unsafe impl aya::Pod for FreedBlock {}
+    unsafe impl aya::Pod for FreedKey {}
     unsafe impl aya::Pod for SiteCounters {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for SiteKey {}

@@ -23,8 +23,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, COUNT_SCALE, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, SiteCounters, SiteKey,
-    Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, sampling, stack_end,
+    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES,
+    SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, sampling,
+    stack_end,
 };
 
 /// Set by the daemon before load.
@@ -48,6 +49,14 @@ static WRAPPER_STASH: HashMap<u32, WrapperStash> = HashMap::with_max_entries(163
 static SITE_OLD: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 #[map]
 static LIVE: HashMap<u64, LiveBlock> = HashMap::with_max_entries(1 << 20, 0);
+/// A scan's window: while entry 0 is non-zero, every block allocated at or before that time
+/// that leaves `LIVE` is kept in `FREED_SINCE`, so that the scan can tell what was live at the
+/// instant it stopped the target, however late it reads `LIVE`. The daemon opens the window
+/// (u64::MAX) before the stop and narrows it to the stop's instant once it knows it.
+#[map]
+static SCAN_FROM: Array<u64> = Array::with_max_entries(1, 0);
+#[map]
+static FREED_SINCE: HashMap<FreedKey, FreedBlock> = HashMap::with_max_entries(1 << 16, 0);
 #[map]
 static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 15, 0);
 #[map]
@@ -456,6 +465,7 @@ fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
             if let Some(old) = unsafe { LIVE.get(&addr) } {
                 let old = *old;
                 account_free(&old);
+                keep_for_scan(addr, &old);
             }
             count(counter::MISSED_FREE);
             if LIVE.insert(&addr, &block, BPF_ANY as u64).is_err() {
@@ -478,7 +488,25 @@ fn take_live(addr: u64) -> Option<LiveBlock> {
     let block = unsafe { LIVE.get(&addr) }.copied()?;
     // Only the thread whose remove succeeds owns the block.
     LIVE.remove(&addr).ok()?;
+    keep_for_scan(addr, &block);
     Some(block)
+}
+
+/// A scan's window is open: keep a block that leaves `LIVE`.
+#[inline(always)]
+fn keep_for_scan(addr: u64, block: &LiveBlock) {
+    let upto = match SCAN_FROM.get(0) {
+        Some(v) => *v,
+        None => return,
+    };
+    if upto == 0 || block.timestamp_ns > upto {
+        return;
+    }
+    let key = FreedKey { addr, timestamp_ns: block.timestamp_ns };
+    let freed = FreedBlock { block: *block, freed_ns: unsafe { bpf_ktime_get_ns() } };
+    if FREED_SINCE.insert(&key, &freed, BPF_ANY as u64).is_err() {
+        count(counter::SCAN_FREES_LOST);
+    }
 }
 
 /// The outer-call record for this thread, if this call is nested inside it. A record that

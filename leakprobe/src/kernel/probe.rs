@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use leakprobe_common::{
-    LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, counter, globals,
-    maps as map_names,
+    FreedBlock, FreedKey, LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule,
+    UnwindRow, counter, globals, maps as map_names,
 };
 use thiserror::Error;
 
@@ -592,6 +592,82 @@ impl Probes {
         out.sort_unstable_by_key(|(a, _)| *a);
         out.dedup_by_key(|(a, _)| *a);
         Ok(out)
+    }
+
+    /// Opens a scan's window: from now on every block that leaves the live map is also kept
+    /// for the scan ([`Probes::live_blocks_at`]). Call it before stopping the target.
+    pub fn open_scan_window(&mut self) -> Result<(), ProbeError> {
+        self.drain_freed()?;
+        self.set_scan_window(u64::MAX)
+    }
+
+    /// Narrows the window to the blocks allocated at or before `at_ns`, the instant the target
+    /// was stopped (later blocks cannot be in its picture).
+    pub fn narrow_scan_window(&mut self, at_ns: u64) -> Result<(), ProbeError> {
+        self.set_scan_window(at_ns.max(1))
+    }
+
+    fn set_scan_window(&mut self, upto: u64) -> Result<(), ProbeError> {
+        let name = map_names::SCAN_FROM;
+        let mut arr: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        arr.set(0, upto, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Every block that was live at `at_ns`, the instant the target stopped for a scan: those
+    /// still in the live map that were allocated by then, and those that left it since (kept
+    /// while the window was open), so that the scan's picture and the tracker agree however
+    /// long after the stop this runs. Closes the window and empties what it kept. The second
+    /// value counts the blocks taken from what the window kept.
+    pub fn live_blocks_at(&mut self, at_ns: u64) -> Result<(Vec<(u64, LiveBlock)>, u64), ProbeError> {
+        let mut out: Vec<(u64, LiveBlock)> =
+            self.live_blocks()?.into_iter().filter(|(_, b)| b.timestamp_ns <= at_ns).collect();
+        // Closed only now: a block the walk above missed had left the map before the walk
+        // passed it, so it is kept already.
+        self.set_scan_window(0)?;
+        let mut put_back = 0;
+        for (key, f) in self.drain_freed()? {
+            if f.block.timestamp_ns <= at_ns && at_ns < f.freed_ns {
+                out.push((key.addr, f.block));
+                put_back += 1;
+            }
+        }
+        // A failed realloc puts its old block back into the live map: it is then in both.
+        out.sort_unstable_by_key(|(a, b)| (*a, b.timestamp_ns));
+        out.dedup_by_key(|(a, b)| (*a, b.timestamp_ns));
+        Ok((out, put_back))
+    }
+
+    /// Closes a scan's window without reading it (the scan failed).
+    pub fn close_scan_window(&mut self) -> Result<(), ProbeError> {
+        self.set_scan_window(0)?;
+        self.drain_freed().map(|_| ())
+    }
+
+    /// Takes everything a scan's window kept out of its map.
+    fn drain_freed(&mut self) -> Result<Vec<(FreedKey, FreedBlock)>, ProbeError> {
+        let name = map_names::FREED_SINCE;
+        let mut map: HashMap<&mut MapData, FreedKey, FreedBlock> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        let mut kept = Vec::new();
+        for entry in map.iter().take(1 << 20) {
+            match entry {
+                Ok(kv) => kept.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        for (key, _) in &kept {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        kept.sort_unstable_by_key(|(k, _)| (k.addr, k.timestamp_ns));
+        kept.dedup_by_key(|(k, _)| (k.addr, k.timestamp_ns));
+        Ok(kept)
     }
 
     /// Forgets sites that have ended: each one's entry in the site map, only if its counters

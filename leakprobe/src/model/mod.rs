@@ -406,6 +406,11 @@ pub const DROP_KINDS: &[(u32, &str, &str)] = &[
         "untracked_allocator_calls",
         "calls into an allocator the target's calls do not bind to (shadowed): not tracked",
     ),
+    (
+        counter::SCAN_FREES_LOST,
+        "scan_frees_lost",
+        "blocks freed while a scan read the tracker that it could not keep (scanned as untracked memory)",
+    ),
 ];
 
 /// Counters that are expected in normal operation, reported for context.

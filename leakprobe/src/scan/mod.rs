@@ -39,23 +39,29 @@ pub enum ScanError {
 /// What to scan.
 pub struct Request {
     pub pid: i32,
-    /// Tracked blocks; `site` indexes the caller's table of call sites.
-    pub blocks: Vec<mark::Block>,
     /// Memory of ours in the target, never a root (the in-process stub's data).
     pub exclude: Vec<(u64, u64)>,
     pub max_pause: Duration,
     /// Never inject a clone: copy the memory while stopped (tests; seccomp'd targets).
     pub no_clone: bool,
+    /// Code ranges at the entry of a function the target stopped itself at (exit() in `run
+    /// --scan`): a thread there is at a call boundary (see [`snapshot::StopPlace`]).
+    pub function_entries: Vec<(u64, u64)>,
     /// The allocator's own pointer into a block's tail (see [`mark::Options::allocator_tail`]):
     /// [`glibc_next_chunk`] for glibc.
     pub allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
     /// Also walk the whole glibc heap ([`census`]) and classify its untracked blocks (from
-    /// before attach), grouped by type or size; their site ids start at `first_group`.
+    /// before attach), grouped by type or size.
     pub census: Option<census::GlibcVersion>,
-    /// The first site id free for census groups (the caller's sites are below it).
-    pub first_group: u32,
     /// Tests only: how long the snapshot child lives before the marking (SIGKILL tests).
     pub hold_after_capture: Duration,
+}
+
+/// The tracked blocks as they were at the capture's instant; `site` indexes the caller's
+/// table of call sites, and census groups take the ids from `first_group` on.
+pub struct Tracked {
+    pub blocks: Vec<mark::Block>,
+    pub first_group: u32,
 }
 
 /// What an untracked block is, as far as can be told without its stack.
@@ -145,21 +151,81 @@ impl mark::Memory for SnapMem<'_> {
     }
 }
 
-/// Captures, marks and releases; the target pauses only in the capture (and briefly to reap).
-pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
-    let t0 = Instant::now();
-    let opts =
-        snapshot::CaptureOptions { max_pause: req.max_pause, no_clone: req.no_clone, ..Default::default() };
-    let snap = snapshot::capture(req.pid, &opts)?;
-    std::thread::sleep(req.hold_after_capture);
-    let mut threads = snap.threads.clone();
-    for t in threads.iter_mut() {
-        t.tls = tls_range(&snap, t.fs_base);
+/// A scan in two phases: [`Captured::take`] stops the target for its picture, and
+/// [`Captured::mark`] classifies the blocks that were live at that instant (which the caller
+/// reads from its tracker in between, knowing [`Captured::stopped_at_ns`]).
+pub struct Captured<'a> {
+    req: &'a Request,
+    snap: Snapshot,
+    t0: Instant,
+}
+
+impl<'a> Captured<'a> {
+    /// Stops the target, pictures it and resumes it: the only pause until the release.
+    pub fn take(req: &'a Request) -> Result<Self, ScanError> {
+        let t0 = Instant::now();
+        let opts = snapshot::CaptureOptions {
+            max_pause: req.max_pause,
+            no_clone: req.no_clone,
+            function_entries: req.function_entries.clone(),
+            ..Default::default()
+        };
+        let snap = snapshot::capture(req.pid, &opts)?;
+        std::thread::sleep(req.hold_after_capture);
+        Ok(Captured { req, snap, t0 })
     }
-    let mut blocks = req.blocks.clone();
-    let mut exclude = req.exclude.clone();
-    let census = req.census.map(|v| take_census(&snap, v, req.first_group, &mut blocks, &mut exclude));
-    let roots = roots::build(&snap.regions, &threads, &exclude, roots::TlsSpan::default());
+
+    /// When every thread was stopped (CLOCK_MONOTONIC ns, the kernel side's clock).
+    pub fn stopped_at_ns(&self) -> u64 {
+        self.snap.stopped_at_ns
+    }
+
+    /// Marks `tracked` over the picture, names the holders, and releases the picture.
+    pub fn mark(self, tracked: Tracked) -> Result<Outcome, ScanError> {
+        let Captured { req, snap, t0 } = self;
+        let mut threads = snap.threads.clone();
+        for t in threads.iter_mut() {
+            t.tls = tls_range(&snap, t.fs_base);
+        }
+        let mut blocks = tracked.blocks;
+        let mut exclude = req.exclude.clone();
+        let census =
+            req.census.map(|v| take_census(&snap, v, tracked.first_group, &mut blocks, &mut exclude));
+        let data_ends = module_data_ends(&snap);
+        let layout =
+            roots::Layout { exclude: &exclude, tls: roots::TlsSpan::default(), data_ends: &data_ends };
+        let roots = roots::build(&snap.regions, &threads, &layout);
+        let marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail)?;
+        let holders = name_holders(&marking, &roots, &snap);
+        let root_bytes = roots.bytes_by_class();
+        let (method, no_clone_why, pause, threads) =
+            (snap.method, snap.no_clone_why.clone(), snap.pause, snap.threads.len());
+        let unread_bytes = snap.unread.iter().map(|(s, e)| e - s).sum();
+        let reap_pause = snap.release(req.max_pause)?;
+        Ok(Outcome {
+            marking,
+            method,
+            no_clone_why,
+            pause,
+            reap_pause,
+            duration: t0.elapsed(),
+            threads,
+            root_bytes,
+            unread_bytes,
+            holders,
+            blocks,
+            census,
+        })
+    }
+}
+
+/// The marking itself, over the snapshot.
+fn mark_roots(
+    snap: &Snapshot,
+    blocks: &[mark::Block],
+    roots: &roots::Roots,
+    allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
+) -> Result<mark::Marking, ScanError> {
     let mroots = mark::Roots {
         ranges: roots
             .ranges
@@ -172,36 +238,30 @@ pub fn scan(req: &Request) -> Result<Outcome, ScanError> {
             .map(|(root, v)| mark::RootValues { root: *root, values: v.iter().map(|x| x.1).collect() })
             .collect(),
     };
-    let marking = {
-        let mut mem = SnapMem(&snap);
-        let mut vtable = |a: u64| is_vtable(&snap, a);
-        let options = mark::Options {
-            is_vtable: Some(&mut vtable),
-            allocator_tail: req.allocator_tail,
-            ..mark::Options::default()
-        };
-        mark::mark(&blocks, &mroots, &mut mem, options)?
-    };
-    let holders = name_holders(&marking, &roots, &snap);
-    let root_bytes = roots.bytes_by_class();
-    let (method, no_clone_why, pause, threads) =
-        (snap.method, snap.no_clone_why.clone(), snap.pause, snap.threads.len());
-    let unread_bytes = snap.unread.iter().map(|(s, e)| e - s).sum();
-    let reap_pause = snap.release(req.max_pause)?;
-    Ok(Outcome {
-        marking,
-        method,
-        no_clone_why,
-        pause,
-        reap_pause,
-        duration: t0.elapsed(),
-        threads,
-        root_bytes,
-        unread_bytes,
-        holders,
-        blocks,
-        census,
-    })
+    let mut mem = SnapMem(snap);
+    let mut vtable = |a: u64| is_vtable(snap, a);
+    let options = mark::Options { is_vtable: Some(&mut vtable), allocator_tail, ..mark::Options::default() };
+    Ok(mark::mark(blocks, &mroots, &mut mem, options)?)
+}
+
+/// Where each mapped module's writable data ends in memory, from its program headers (see
+/// [`roots::Layout::data_ends`]).
+fn module_data_ends(snap: &Snapshot) -> HashMap<String, u64> {
+    let mut first: HashMap<&str, (u64, u64)> = HashMap::new();
+    for r in snap.regions.iter().filter(|r| r.name.starts_with('/')) {
+        let e = first.entry(r.name.as_str()).or_insert((r.start, r.offset));
+        if r.offset < e.1 {
+            *e = (r.start, r.offset);
+        }
+    }
+    first
+        .into_iter()
+        .filter_map(|(path, (start, offset))| {
+            let file = crate::target::target_path(snap.pid, std::path::Path::new(path));
+            let loads = crate::target::elf::loads(&file).ok()?;
+            Some((path.to_string(), crate::target::elf::data_end(&loads, start, offset)?))
+        })
+        .collect()
 }
 
 /// Walks the glibc heap of the snapshot; adds every in-use chunk that is not a tracked block
@@ -514,7 +574,11 @@ fn name_holders(
                 frame_ip: None,
             },
             (RootKind::Anonymous { name, start }, _) => {
-                let end = snap.regions.iter().find(|x| x.start == *start).map_or(*start, |x| x.end);
+                let end = snap
+                    .regions
+                    .iter()
+                    .find(|x| x.start <= *start && *start < x.end)
+                    .map_or(*start, |x| x.end);
                 let label = if name.is_empty() { String::new() } else { format!(" {name}") };
                 HolderName {
                     kind: "anonymous",

@@ -7,7 +7,9 @@
 //! including heap memory that is not a tracked block (blocks from before attach may point at
 //! tracked ones). Pure: built from the parsed mappings and the stopped threads.
 
-use super::snapshot::{Reg, Region, ThreadState};
+use std::collections::HashMap;
+
+use super::snapshot::{Reg, Region, StopPlace, ThreadState};
 
 /// What a root is, for the report.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,9 +97,41 @@ impl Default for TlsSpan {
 /// The red zone under the stack pointer that a leaf function may use (System V x86-64).
 const RED_ZONE: u64 = 128;
 
-/// Builds the roots. `exclude`: memory of ours in the target (the in-process stub's data,
-/// whose pointer set would otherwise hold every sampled block).
-pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)], tls: TlsSpan) -> Roots {
+/// The registers a thread stopped at a call boundary may still need: the callee-saved ones
+/// (System V x86-64) and the stack pointer. Everything else was the caller's to save.
+const CALLEE_SAVED: [&str; 7] = ["rbx", "rbp", "rsp", "r12", "r13", "r14", "r15"];
+
+/// The register values of a thread that can hold a live pointer, given where it stopped.
+pub fn live_values(t: &ThreadState) -> Vec<(Reg, u64)> {
+    match t.stop {
+        StopPlace::Anywhere => t.values.clone(),
+        StopPlace::Syscall | StopPlace::FunctionEntry => t
+            .values
+            .iter()
+            .filter(|(r, _)| matches!(r, Reg::Gp(n) if CALLEE_SAVED.contains(n)))
+            .copied()
+            .collect(),
+    }
+}
+
+/// What the roots are built from, besides the mappings and threads.
+#[derive(Clone, Debug)]
+pub struct Layout<'a> {
+    /// Memory of ours in the target (the in-process stub's data, whose pointer set would
+    /// otherwise hold every sampled block).
+    pub exclude: &'a [(u64, u64)],
+    pub tls: TlsSpan,
+    /// Per module path: where its writable data ends in memory (the end of its last writable
+    /// `PT_LOAD`, `.bss` included). The anonymous mapping after a module's file mappings is its
+    /// `.bss` only up to there: the kernel merges whatever anonymous mapping comes next (an
+    /// allocator's arena) into the same line of /proc/PID/maps. A module missing here keeps
+    /// the whole anonymous mapping.
+    pub data_ends: &'a HashMap<String, u64>,
+}
+
+/// Builds the roots.
+pub fn build(regions: &[Region], threads: &[ThreadState], layout: &Layout<'_>) -> Roots {
+    let (exclude, tls) = (layout.exclude, layout.tls);
     let mut roots = Roots::default();
     // (start, end, priority, root or None to skip): higher priority wins where spans overlap.
     let mut spans: Vec<Span> = Vec::new();
@@ -106,6 +140,22 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
         let after = prev.filter(|p| p.end == r.start);
         prev = Some(r);
         if !r.scannable() || !r.writable || r.is_empty() {
+            continue;
+        }
+        // .bss past the file's end: the anonymous mapping right after a module's data, up to
+        // the end its program headers give; past that, plain anonymous memory.
+        if let Some(p) =
+            after.filter(|p| r.name.is_empty() && p.name.starts_with('/') && is_module_path(&p.name))
+        {
+            let end = layout.data_ends.get(&p.name).map_or(r.end, |e| (*e).clamp(r.start, r.end));
+            if end > r.start {
+                let id = roots.id(RootKind::Module { path: p.name.clone() });
+                spans.push((r.start, end, 1, Some(id)));
+            }
+            if end < r.end {
+                let id = roots.id(RootKind::Anonymous { name: String::new(), start: end });
+                spans.push((end, r.end, 1, Some(id)));
+            }
             continue;
         }
         let kind = match r.name.as_str() {
@@ -119,10 +169,6 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
                     RootKind::File { path: n.to_string() }
                 }
             }
-            // .bss past the file's end: the anonymous mapping right after a module's data.
-            "" if after.is_some_and(|p| p.name.starts_with('/') && is_module_path(&p.name)) => {
-                RootKind::Module { path: after.map(|p| p.name.clone()).unwrap_or_default() }
-            }
             n => RootKind::Anonymous { name: n.to_string(), start: r.start },
         };
         let id = roots.id(kind);
@@ -135,7 +181,9 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
         // block) is left to its mapping's rules.
         let is_stack = r.name == "[stack]" || (r.start <= t.fs_base && t.fs_base < r.end);
         if is_stack && r.writable && r.scannable() {
-            let live = t.rsp.saturating_sub(RED_ZONE).max(r.start);
+            // At a call boundary the red zone belongs to callees that have returned: dead.
+            let red_zone = if t.stop == StopPlace::Anywhere { RED_ZONE } else { 0 };
+            let live = t.rsp.saturating_sub(red_zone).max(r.start);
             let sp = t.rsp.clamp(live, r.end);
             let id = roots.id(RootKind::Stack { tid: t.tid });
             let red = roots.id(RootKind::RedZone { tid: t.tid });
@@ -170,7 +218,7 @@ pub fn build(regions: &[Region], threads: &[ThreadState], exclude: &[(u64, u64)]
     roots.ranges = ranges;
     for t in threads {
         let id = roots.id(RootKind::Registers { tid: t.tid });
-        roots.values.push((id, t.values.clone()));
+        roots.values.push((id, live_values(t)));
     }
     roots
 }
@@ -249,6 +297,7 @@ mod tests {
         let threads = vec![
             ThreadState {
                 tid: 10,
+                stop: StopPlace::Anywhere,
                 rsp: 0x7ff800,
                 rip: 0,
                 fs_base: 0x3800,
@@ -257,6 +306,7 @@ mod tests {
             },
             ThreadState {
                 tid: 11,
+                stop: StopPlace::Anywhere,
                 rsp: 0x48000,
                 rip: 0,
                 fs_base: 0x4f000,
@@ -265,7 +315,9 @@ mod tests {
             },
         ];
         let tls = TlsSpan { below: 0x100, above: 0x80 };
-        let roots = build(&regions, &threads, &[(0x60800, 0x60900)], tls);
+        let ends = HashMap::new();
+        let layout = Layout { exclude: &[(0x60800, 0x60900)], tls, data_ends: &ends };
+        let roots = build(&regions, &threads, &layout);
         let kind_at = |a: u64| {
             roots
                 .ranges

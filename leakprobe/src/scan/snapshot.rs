@@ -83,10 +83,26 @@ impl std::fmt::Display for Reg {
     }
 }
 
+/// Where a thread was when it stopped: this decides which of its registers and how much of
+/// its stack can hold live values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopPlace {
+    /// At an arbitrary instruction: every register and the red zone may be live.
+    Anywhere,
+    /// Parked in a system call, inside a libc wrapper: the caller's scratch registers and the
+    /// red zone hold nothing live (the call boundary), only callee-saved registers and the
+    /// stack above the stack pointer do.
+    Syscall,
+    /// At (or a few instructions into) the entry of a function we stopped it at (`exit()` in
+    /// `run --scan`): the same as a call boundary.
+    FunctionEntry,
+}
+
 /// One thread as it was stopped.
 #[derive(Clone, Debug)]
 pub struct ThreadState {
     pub tid: i32,
+    pub stop: StopPlace,
     pub rsp: u64,
     pub rip: u64,
     /// The thread pointer (`fs_base`): glibc's TCB, with static TLS just below it.
@@ -102,8 +118,15 @@ const GP: [&str; 16] = [
     "r15",
 ];
 
-fn thread_state(t: &Thread) -> ThreadState {
+fn thread_state(t: &Thread, entries: &[(u64, u64)]) -> ThreadState {
     let r = t.regs();
+    let stop = if entries.iter().any(|(lo, hi)| *lo <= r.rip && r.rip < *hi) {
+        StopPlace::FunctionEntry
+    } else if r.orig_rax as i64 >= 0 {
+        StopPlace::Syscall
+    } else {
+        StopPlace::Anywhere
+    };
     let gp = [
         r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
         r.r14, r.r15,
@@ -117,7 +140,7 @@ fn thread_state(t: &Thread) -> ThreadState {
     if let Ok(x) = t.xstate() {
         values.extend(vector_lanes(&x));
     }
-    ThreadState { tid: t.tid(), rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values, tls: None }
+    ThreadState { tid: t.tid(), stop, rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values, tls: None }
 }
 
 /// The non-zero 8-byte lanes of the vector registers in an XSAVE area, in the standard
@@ -273,11 +296,19 @@ pub struct CaptureOptions {
     pub no_clone: bool,
     /// Bytes read per second from a stopped target, for judging a stopped copy in advance.
     pub copy_rate: u64,
+    /// Code ranges at the entry of functions the target stops itself at (exit() in `run
+    /// --scan`): a thread stopped there is at a call boundary ([`StopPlace::FunctionEntry`]).
+    pub function_entries: Vec<(u64, u64)>,
 }
 
 impl Default for CaptureOptions {
     fn default() -> Self {
-        CaptureOptions { max_pause: Duration::from_millis(200), no_clone: false, copy_rate: 1 << 30 }
+        CaptureOptions {
+            max_pause: Duration::from_millis(200),
+            no_clone: false,
+            copy_rate: 1 << 30,
+            function_entries: Vec::new(),
+        }
     }
 }
 
@@ -291,6 +322,9 @@ pub struct Snapshot {
     pub regions: Vec<Region>,
     /// The target's pause: from the first interrupt until every thread ran again.
     pub pause: Duration,
+    /// CLOCK_MONOTONIC (the kernel side's clock) while every thread was stopped: the picture
+    /// holds exactly the allocations and frees made before it.
+    pub stopped_at_ns: u64,
     /// Regions read from the stopped target (the fork lacks or zeroes them, or the fallback).
     copies: Vec<(u64, Vec<u8>)>,
     /// Regions neither the child holds nor we copied (over the budget): unknown roots.
@@ -350,7 +384,9 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
             return Err(perr(pid, "stopping the target")(e));
         }
     };
-    let threads: Vec<ThreadState> = world.threads().iter().map(thread_state).collect();
+    let stopped_at_ns = crate::kernel::probe::monotonic_ns();
+    let threads: Vec<ThreadState> =
+        world.threads().iter().map(|t| thread_state(t, &opts.function_entries)).collect();
 
     // What a fork does not carry over, read now (bounded).
     let mut copies = Vec::new();
@@ -411,6 +447,7 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
             threads,
             regions,
             pause,
+            stopped_at_ns,
             copies,
             unread,
             child: Some(Child { pid: c, mem, guard }),
@@ -456,6 +493,7 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
         threads,
         regions,
         pause,
+        stopped_at_ns,
         copies,
         unread,
         child: None,

@@ -68,17 +68,18 @@ pub struct Outcome {
 /// The scans of a session (`--scan`, `--scan-every`) and the last result.
 struct Scanner {
     every: Option<std::time::Duration>,
-    max_pause: std::time::Duration,
     /// Seconds since attach of the last periodic scan.
     last_at: f64,
     history: Vec<report::scan::ScanPoint>,
     last: Option<scan::Done>,
     /// `run --scan`: the target is stopped at exit() by our probe.
     at_exit: bool,
-    /// The target's malloc is glibc's (its chunk headers sit in blocks' tails).
-    glibc: bool,
-    /// `--census`: walk the whole glibc heap too (its version decides the layouts).
-    census: Option<crate::scan::census::GlibcVersion>,
+    /// The pid, our own memory in the target, the pause bound, glibc or not, the heap walk,
+    /// and where exit() is.
+    setup: scan::Setup,
+    /// `--census`: the heap walk's findings go into the report (on glibc the walk always runs:
+    /// untracked chunks are blocks, so holders are followed through them).
+    census_report: bool,
     /// `run --scan`: continues the target if leakprobe dies while it is stopped at exit().
     exit_guard: Option<crate::inprocess::guard::Guard>,
 }
@@ -97,34 +98,26 @@ impl Scanner {
             .unwrap_or_default()
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn scan(
         &mut self,
         cfg: &Config,
-        pid: i32,
-        probes: &Probes,
-        inproc: &Option<InProcess>,
+        probes: &mut Probes,
         at_s: f64,
         stacks: &StackCache,
         symbolizer: &mut Symbolizer,
     ) {
-        let exclude = Self::exclude(inproc);
         crate::progress::spinner(format!(
-            "scanning PID {pid}'s memory for pointers{}",
-            if self.census.is_some() { " and walking its heap" } else { "" }
+            "scanning PID {}'s memory for pointers{}",
+            self.setup.pid,
+            if self.setup.census.is_some() { " and walking its heap" } else { "" }
         ));
-        let result = scan::run(
-            pid,
-            probes,
-            exclude,
-            self.max_pause,
-            self.glibc,
-            self.census,
-            at_s,
-            &mut self.history,
-            stacks,
-            symbolizer,
-        );
+        let result =
+            scan::run(&self.setup, probes, at_s, &mut self.history, stacks, symbolizer).map(|mut done| {
+                if !self.census_report {
+                    done.scan.census = None;
+                }
+                done
+            });
         crate::progress::done();
         match result {
             Ok(done) => {
@@ -168,9 +161,9 @@ fn census_version(plan: &allocator::Plan) -> Result<crate::scan::census::GlibcVe
         })
 }
 
-/// `run --scan`: where exit() is (the file as we open it, its offset), in libc or a static
-/// executable.
-fn exit_function(pid: i32, exe: &str) -> Option<(PathBuf, u64)> {
+/// `run --scan`: where exit() is (the file as we open it, its offset, its address in the
+/// target), in libc or a static executable.
+fn exit_function(pid: i32, exe: &str) -> Option<(PathBuf, u64, u64)> {
     let maps = target::exec_mappings(pid).ok()?;
     let m = maps
         .iter()
@@ -178,7 +171,13 @@ fn exit_function(pid: i32, exe: &str) -> Option<(PathBuf, u64)> {
         .or_else(|| maps.iter().find(|m| m.path.as_os_str() == exe))?;
     let path = target::target_path(pid, &m.path);
     let (syms, _) = target::elf::functions(&path, &["exit"]).ok()?;
-    Some((path, syms.get("exit")?.offset))
+    let offset = syms.get("exit")?.offset;
+    let addr = maps
+        .iter()
+        .filter(|x| x.path == m.path)
+        .find(|x| x.file_offset <= offset && offset < x.file_offset + (x.end - x.start))
+        .map(|x| x.start + (offset - x.file_offset))?;
+    Some((path, offset, addr))
 }
 
 impl Outcome {
@@ -315,28 +314,40 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     };
     // run --scan: the target stops itself at exit() (an eBPF SIGSTOP) so that its memory can
     // be scanned before atexit handlers and destructors run.
-    let mut scanner = cfg.scan.as_ref().map(|s| Scanner {
-        every: s.every,
-        max_pause: s.max_pause,
-        last_at: 0.0,
-        history: Vec::new(),
-        last: None,
-        at_exit: false,
-        glibc: plan.allocator == allocator::AllocatorKind::Glibc,
-        census: None,
-        exit_guard: None,
-    });
-    if let Some(sc) = scanner.as_mut()
-        && cfg.scan.as_ref().is_some_and(|s| s.census)
-    {
-        sc.census = census_version(&plan).map_err(refuse)?.into();
-    }
+    let mut scanner = match &cfg.scan {
+        Some(s) => Some(Scanner {
+            every: s.every,
+            last_at: 0.0,
+            history: Vec::new(),
+            last: None,
+            at_exit: false,
+            setup: scan::Setup {
+                pid,
+                exclude: Scanner::exclude(&inproc),
+                max_pause: s.max_pause,
+                glibc: plan.allocator == allocator::AllocatorKind::Glibc,
+                // On glibc the heap is always walked: what holds the blocks tracked since
+                // attach is mostly memory from before it (a queue's head, a map's buckets).
+                census: match census_version(&plan) {
+                    Ok(v) => Some(v),
+                    Err(e) if s.census => return Err(refuse(e)),
+                    Err(_) => None,
+                },
+                function_entries: Vec::new(),
+            },
+            census_report: s.census,
+            exit_guard: None,
+        }),
+        None => None,
+    };
     if let (Some(sc), Mode::Run { .. }) = (scanner.as_mut(), &cfg.mode) {
         match exit_function(pid, &identity.exe) {
-            Some((path, offset)) => match probes.attach_exit_stop(&path, offset) {
+            Some((path, offset, addr)) => match probes.attach_exit_stop(&path, offset) {
                 Ok(s) => {
                     statuses.push(s);
                     sc.at_exit = true;
+                    // The probe may sit a few instructions in (on an emulated one).
+                    sc.setup.function_entries.push((addr, addr + 32));
                     // Before the first exit() can stop it: whatever happens to us, the command
                     // is continued.
                     use crate::inprocess::guard::{self, Guard, RestoreList};
@@ -452,7 +463,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                 && ended_by != "target-exited"
                 && ended_by != "target-exec"
         {
-            sc.scan(&cfg, pid, &probes, &inproc, tracker.window_s(), &stacks, &mut symbolizer);
+            sc.scan(&cfg, &mut probes, tracker.window_s(), &stacks, &mut symbolizer);
         } else if matches!(cfg.mode, Mode::Run { .. }) {
             progress(
                 &cfg,
@@ -1041,7 +1052,7 @@ async fn watch(
                     && tracker.window_s() + cfg.interval.as_secs_f64() / 2.0 >= sc.last_at + every.as_secs_f64()
                 {
                     fetch_new_stacks(probes, &tracker.sites(), stacks)?;
-                    sc.scan(cfg, pid, probes, inproc, tracker.window_s(), stacks, symbolizer);
+                    sc.scan(cfg, probes, tracker.window_s(), stacks, symbolizer);
                 }
                 let last_scan = scanner.as_ref().and_then(|s| s.last.as_ref());
                 if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses, last_scan) {

@@ -83,37 +83,88 @@ pub fn site_label(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolize
     format!("{func} in {caller}")
 }
 
-/// Scans `pid` now and turns the result into report pieces.
-#[allow(clippy::too_many_arguments)]
+/// What a scan of the session's target needs besides the probes.
+pub struct Setup {
+    pub pid: i32,
+    /// Our own memory in the target (never a root).
+    pub exclude: Vec<(u64, u64)>,
+    pub max_pause: std::time::Duration,
+    /// The target's malloc is glibc's: chunk headers in blocks' tails.
+    pub glibc: bool,
+    /// Walk the glibc heap: untracked chunks (from before attach) become blocks.
+    pub census: Option<scan::census::GlibcVersion>,
+    /// Code ranges of functions the target stops itself at (exit()).
+    pub function_entries: Vec<(u64, u64)>,
+}
+
+/// A root holder in the report's words (kind, name); a stack slot names the function whose
+/// frame holds it.
+fn root_name(out: &scan::Outcome, r: mark::RootRef, symbolizer: &mut Symbolizer) -> (String, String) {
+    match out.holders.get(&r) {
+        Some(n) => {
+            let func =
+                n.frame_ip.and_then(|ip| symbolizer.symbolize(&[ip]).into_iter().find_map(|f| f.function));
+            let name = match func {
+                Some(f) => format!("{}, in {f}", n.name),
+                None => n.name.clone(),
+            };
+            (n.kind.to_string(), name)
+        }
+        None => ("root".to_string(), format!("root {}", r.root)),
+    }
+}
+
+/// Scans the target now and turns the result into report pieces. The tracked blocks are
+/// those live at the instant the target stopped: the kernel keeps what is freed while the
+/// scan's window is open, so a block allocated or freed just before the stop is seen as the
+/// stopped target had it, however long reading the tracker takes.
 pub fn run(
-    pid: i32,
-    probes: &Probes,
-    exclude: Vec<(u64, u64)>,
-    max_pause: std::time::Duration,
-    glibc: bool,
-    census: Option<scan::census::GlibcVersion>,
+    setup: &Setup,
+    probes: &mut Probes,
     at_s: f64,
     history: &mut Vec<ScanPoint>,
     stacks: &StackCache,
     symbolizer: &mut Symbolizer,
 ) -> anyhow::Result<Done> {
-    let live = probes.live_blocks().context("reading the tracked blocks")?;
+    let req = scan::Request {
+        pid: setup.pid,
+        exclude: setup.exclude.clone(),
+        max_pause: setup.max_pause,
+        no_clone: false,
+        function_entries: setup.function_entries.clone(),
+        allocator_tail: setup.glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
+        census: setup.census,
+        hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
+    };
+    probes.open_scan_window().context("opening the scan's window in the tracker")?;
+    let captured = match scan::Captured::take(&req) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = probes.close_scan_window();
+            return Err(e.into());
+        }
+    };
+    let at_ns = captured.stopped_at_ns();
+    let live = probes
+        .narrow_scan_window(at_ns)
+        .and_then(|()| probes.live_blocks_at(at_ns))
+        .context("reading the tracked blocks as they were at the stop");
+    let (live, put_back) = match live {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = probes.close_scan_window();
+            return Err(e);
+        }
+    };
+    if put_back > 0 {
+        tracing::info!("{put_back} blocks freed since the stop were put back into the scan's picture");
+    }
     let (blocks, weights, keys, stale) = blocks(live);
     if stale > 0 {
         tracing::info!("{stale} stale tracked blocks overlapped newer ones and were left out of the scan");
     }
-    let req = scan::Request {
-        pid,
-        blocks,
-        exclude,
-        max_pause,
-        no_clone: false,
-        allocator_tail: glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
-        census,
-        first_group: keys.len() as u32,
-        hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
-    };
-    let out = scan::scan(&req)?;
+    let tracked_blocks = blocks.clone();
+    let out = captured.mark(scan::Tracked { blocks, first_group: keys.len() as u32 })?;
     let m = &out.marking;
     if tracing::enabled!(tracing::Level::TRACE) {
         for (o, b) in m.blocks.iter().zip(&out.blocks) {
@@ -131,7 +182,7 @@ pub fn run(
     let mut per_site: Vec<Reachability> = vec![Reachability::default(); keys.len()];
     let mut raw_bytes = vec![0u64; keys.len()];
     let mut totals = Reachability::default();
-    for ((o, b), w) in m.blocks.iter().zip(&req.blocks).zip(&weights) {
+    for ((o, b), w) in m.blocks.iter().zip(&tracked_blocks).zip(&weights) {
         let r = &mut per_site[b.site as usize];
         raw_bytes[b.site as usize] += b.size;
         let (bytes, count) = (w.weight_bytes, w.weight_count);
@@ -202,6 +253,18 @@ pub fn run(
         cycles.push(Cycle { blocks: c.blocks, bytes, sites });
     }
 
+    // Each site's first holder, so that a site held by another site's blocks is shown through
+    // them to the root: "global queue (app) -> 12000 16-byte blocks from before attach -> ...".
+    let first: HashMap<u32, (mark::HeldBy, u64)> = m
+        .sites
+        .iter()
+        .filter_map(|s| Some((s.site, (s.holders.first()?.by, s.tallies.reachable.blocks))))
+        .collect();
+    let mut describe = |site: u32, blocks: u64, symbolizer: &mut Symbolizer| match group_of(site) {
+        Some(scan::GroupKey::Size(n)) => format!("{blocks} {n}-byte blocks from before attach"),
+        Some(g) => format!("{blocks} blocks of {g} from before attach"),
+        None => format!("{blocks} blocks of {} (stack {})", label(site, symbolizer), stack_of(site)),
+    };
     let mut results = Vec::new();
     let mut census_groups = Vec::new();
     for s in &m.sites {
@@ -211,24 +274,30 @@ pub fn run(
             .iter()
             .map(|h| {
                 let (kind, holder) = match h.by {
-                    mark::HeldBy::Root(r) => match out.holders.get(&r) {
-                        Some(n) => {
-                            // A stack slot: the function whose frame holds it.
-                            let func = n.frame_ip.and_then(|ip| {
-                                symbolizer.symbolize(&[ip]).into_iter().find_map(|f| f.function)
-                            });
-                            let name = match func {
-                                Some(f) => format!("{}, in {f}", n.name),
-                                None => n.name.clone(),
-                            };
-                            (n.kind.to_string(), name)
+                    mark::HeldBy::Root(r) => root_name(&out, r, symbolizer),
+                    mark::HeldBy::Site(other) => {
+                        // Up the other sites' first holders to a root (bounded; a loop stops).
+                        let mut parts = Vec::new();
+                        let mut seen = vec![s.site];
+                        let mut cur = other;
+                        loop {
+                            let (by, n) = first.get(&cur).copied().unwrap_or((mark::HeldBy::Site(cur), 0));
+                            parts.push(describe(cur, n, symbolizer));
+                            seen.push(cur);
+                            match by {
+                                mark::HeldBy::Root(r) => {
+                                    parts.push(root_name(&out, r, symbolizer).1);
+                                    break;
+                                }
+                                mark::HeldBy::Site(next) if !seen.contains(&next) && parts.len() < 8 => {
+                                    cur = next
+                                }
+                                mark::HeldBy::Site(_) => break,
+                            }
                         }
-                        None => ("root".to_string(), format!("root {}", r.root)),
-                    },
-                    mark::HeldBy::Site(other) => (
-                        "site".to_string(),
-                        format!("blocks of {} (stack {})", label(other, symbolizer), stack_of(other)),
-                    ),
+                        parts.reverse();
+                        ("site".to_string(), parts.join(" -> "))
+                    }
                 };
                 Holder {
                     kind,
@@ -267,25 +336,6 @@ pub fn run(
             holders,
             cycle_bytes: cycle_bytes[i],
         });
-    }
-
-    // A site held by another site's blocks: show the chain to that site's own root holder,
-    // e.g. "global sessions (leaky) -> 471 blocks of calloc in session_create".
-    let root_of: HashMap<String, String> = results
-        .iter()
-        .filter_map(|r| {
-            let h = r.holders.first().filter(|h| h.kind != "site")?;
-            Some((r.stack_id.clone(), h.holder.clone()))
-        })
-        .collect();
-    for r in results.iter_mut() {
-        for h in r.holders.iter_mut().filter(|h| h.kind == "site") {
-            if let Some((_, id)) = h.holder.rsplit_once("(stack ")
-                && let Some(root) = root_of.get(id.trim_end_matches(')'))
-            {
-                h.holder = format!("{root} -> {}", h.holder);
-            }
-        }
     }
 
     let mut roots: std::collections::BTreeMap<String, u64> =
@@ -327,7 +377,7 @@ pub fn run(
         history: history.clone(),
         census: out.census.as_ref().map(|c| {
             let mut origin_label = |site: u32| label(site, symbolizer);
-            census_summary(c, census_groups, &req.blocks, &mut origin_label)
+            census_summary(c, census_groups, &tracked_blocks, &mut origin_label)
         }),
     };
     Ok(Done { scan, sites: results })

@@ -42,6 +42,49 @@ pub fn glibc_version(path: &Path) -> Option<String> {
     (!v.is_empty()).then(|| v.to_string())
 }
 
+/// One `PT_LOAD` program header: what the loader maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub offset: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+    pub writable: bool,
+}
+
+/// The `PT_LOAD` headers of the ELF file at `path`.
+pub fn loads(path: &Path) -> Result<Vec<Load>, ElfError> {
+    use object::read::elf::ProgramHeader as _;
+    let shown = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| ElfError::Read { path: shown.clone(), source })?;
+    let file = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data)
+        .map_err(|source| ElfError::Parse { path: shown, source })?;
+    let e = file.endian();
+    Ok(file
+        .elf_program_headers()
+        .iter()
+        .filter(|p| p.p_type(e) == object::elf::PT_LOAD)
+        .map(|p| Load {
+            offset: p.p_offset(e),
+            vaddr: p.p_vaddr(e),
+            filesz: p.p_filesz(e),
+            memsz: p.p_memsz(e),
+            writable: p.p_flags(e) & object::elf::PF_W != 0,
+        })
+        .collect())
+}
+
+/// Where a module's writable data (its last writable `PT_LOAD`, `.bss` included) ends in
+/// memory, given where the mapping of its lowest file offset starts (`start`, `offset`).
+pub fn data_end(loads: &[Load], start: u64, offset: u64) -> Option<u64> {
+    const PAGE: u64 = 4096;
+    let page = |x: u64| x & !(PAGE - 1);
+    // The segment that maps `offset`: the load bias follows from it.
+    let seg = loads.iter().find(|l| page(l.offset) <= offset && offset < l.offset + l.filesz.max(1))?;
+    let bias = start.checked_sub(page(seg.vaddr) + (offset - page(seg.offset)))?;
+    loads.iter().filter(|l| l.writable).map(|l| bias + l.vaddr + l.memsz).max()
+}
+
 /// A function's place in its file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FunctionSym {
@@ -167,6 +210,49 @@ pub fn plt_forward(data: &[u8], offset: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    unsafe extern "C" {
+        /// The linker's end of `.bss`, of the executable this test runs in.
+        static _end: u8;
+    }
+
+    #[test]
+    fn data_end_is_the_end_of_bss_from_the_program_headers() {
+        // This test's own executable: its first mapping and the linker's `_end`.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let (start, offset) = maps
+            .lines()
+            .filter(|l| l.ends_with(exe.to_str().unwrap()))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let start = u64::from_str_radix(it.next()?.split('-').next()?, 16).ok()?;
+                let offset = u64::from_str_radix(it.nth(1)?, 16).ok()?;
+                Some((start, offset))
+            })
+            .min_by_key(|(_, o)| *o)
+            .unwrap();
+        let end = data_end(&loads(&exe).unwrap(), start, offset).unwrap();
+        let linker_end = (&raw const _end) as u64;
+        // `_end` may be aligned past the last byte of .bss, never before it.
+        assert!(end <= linker_end && linker_end - end < 64, "{end:#x} vs _end {linker_end:#x}");
+    }
+
+    #[test]
+    fn data_end_follows_the_load_bias() {
+        let loads = [
+            Load { offset: 0, vaddr: 0, filesz: 0x1000, memsz: 0x1000, writable: false },
+            Load { offset: 0x1000, vaddr: 0x1000, filesz: 0x3000, memsz: 0x3000, writable: false },
+            Load { offset: 0x4dd0, vaddr: 0x5dd0, filesz: 0x300, memsz: 0x1230, writable: true },
+        ];
+        assert_eq!(data_end(&loads, 0x7f00_0000_0000, 0), Some(0x7f00_0000_0000 + 0x5dd0 + 0x1230));
+        // Known by a later mapping only (the first one unmapped).
+        assert_eq!(data_end(&loads, 0x7f00_0000_1000, 0x1000), Some(0x7f00_0000_0000 + 0x5dd0 + 0x1230));
+        // A non-PIE executable: linked at its address, no bias.
+        let fixed = [Load { offset: 0, vaddr: 0x400000, filesz: 0x2000, memsz: 0x2000, writable: true }];
+        assert_eq!(data_end(&fixed, 0x400000, 0), Some(0x402000));
+        assert_eq!(data_end(&[], 0x400000, 0), None);
+    }
 
     #[test]
     fn finds_libc_malloc_and_aliases() {
