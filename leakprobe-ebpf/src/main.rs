@@ -57,6 +57,10 @@ static LIVE: HashMap<u64, LiveBlock> = HashMap::with_max_entries(1 << 20, 0);
 static SCAN_FROM: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static FREED_SINCE: HashMap<FreedKey, FreedBlock> = HashMap::with_max_entries(1 << 16, 0);
+/// The key and value being kept, built here rather than on the BPF stack (the capture
+/// program's frames are near the verifier's limit).
+#[map]
+static FREED_SCRATCH: PerCpuArray<(FreedKey, FreedBlock)> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 15, 0);
 #[map]
@@ -502,9 +506,13 @@ fn keep_for_scan(addr: u64, block: &LiveBlock) {
     if upto == 0 || block.timestamp_ns > upto {
         return;
     }
-    let key = FreedKey { addr, timestamp_ns: block.timestamp_ns };
-    let freed = FreedBlock { block: *block, freed_ns: unsafe { bpf_ktime_get_ns() } };
-    if FREED_SINCE.insert(&key, &freed, BPF_ANY as u64).is_err() {
+    let Some(e) = FREED_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's own scratch entry; programs do not nest on a CPU.
+    let e = unsafe { &mut *e };
+    e.0 = FreedKey { addr, timestamp_ns: block.timestamp_ns };
+    e.1.block = *block;
+    e.1.freed_ns = unsafe { bpf_ktime_get_ns() };
+    if FREED_SINCE.insert(&e.0, &e.1, BPF_ANY as u64).is_err() {
         count(counter::SCAN_FREES_LOST);
     }
 }
