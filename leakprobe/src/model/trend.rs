@@ -11,6 +11,9 @@ pub const MAX_POINTS: usize = 256;
 /// Fewest points a verdict is drawn from (three intervals).
 pub const MIN_POINTS: usize = 4;
 
+/// Samples a run needs before its trailing half holds [`MIN_POINTS`].
+pub const SAMPLES_FOR_VERDICT: usize = 2 * MIN_POINTS - 1;
+
 /// A bounded time series: (seconds since attach, value).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Series {
@@ -200,7 +203,7 @@ pub fn run_verdict(heap: &[(f64, f64)], rss: &[(f64, f64)]) -> (RunVerdict, Stri
                 format!(
                     "{} samples; a verdict needs {} over the trailing half (run longer or use a shorter --interval)",
                     heap.len(),
-                    2 * MIN_POINTS - 1
+                    SAMPLES_FOR_VERDICT
                 ),
             );
         }
