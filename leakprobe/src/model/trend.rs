@@ -154,11 +154,24 @@ pub fn trend(points: &[(f64, f64)], th: &Thresholds) -> (Trend, Option<Fit>) {
     (if growing { Trend::Growing } else { Trend::Stable }, Some(f))
 }
 
+/// What a run's verdict rests on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Basis {
+    /// The fitted trends of the tracked heap and RSS (a scan may have refined the kind).
+    #[default]
+    Trend,
+    /// The reachability scan alone: blocks no pointer reaches, with no growth fitted (a
+    /// one-shot scan, a short run, or a heap that did not grow).
+    Scan,
+}
+
 /// The verdict for the whole run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunVerdict {
-    /// The tracked heap grows steadily: a leak, or unbounded accumulation.
+    /// The tracked heap grows steadily: a leak, or unbounded accumulation. With
+    /// [`Basis::Scan`]: nothing was seen growing, but the scan found definitely lost blocks.
     Leak,
     /// RSS grows while the tracked heap does not explain it: freed memory is not being
     /// returned (fragmentation, allocator caching), or memory comes from outside the hooks.
@@ -183,6 +196,14 @@ impl RunVerdict {
             RunVerdict::Cycle => "LEAK / CYCLE",
             RunVerdict::Stable => "STABLE",
             RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
+        }
+    }
+
+    /// The label with what it rests on: a leak that only the scan found is not GROWING.
+    pub fn label_on(self, basis: Basis) -> &'static str {
+        match (self, basis) {
+            (RunVerdict::Leak, Basis::Scan) => "LEAK / DEFINITELY LOST",
+            (v, _) => v.label(),
         }
     }
 }
