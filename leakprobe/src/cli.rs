@@ -285,7 +285,9 @@ pub struct TraceOpts {
     /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C, SIGTERM or the target exits.
     #[arg(short, long, value_name = "D")]
     pub duration: Option<String>,
-    /// How often to read the maps and print progress [default: 5s; top: 1s].
+    /// How often to read the maps and print progress [default: 5s (top: 1s); with a --duration
+    /// under 50s (top: 10s), a tenth of it, rounded down to 100ms and at least 100ms, so that
+    /// the run has enough samples for a verdict].
     #[arg(short, long, value_name = "I")]
     pub interval: Option<String>,
     /// Call sites shown in full in the text report.
@@ -568,6 +570,26 @@ pub struct Snapshots {
     pub keep: Option<usize>,
 }
 
+/// Samples a bounded run aims for when no --interval is given: the verdict needs
+/// [`SAMPLES_FOR_VERDICT`](crate::model::trend::SAMPLES_FOR_VERDICT), and three more absorb
+/// timer jitter and a final reading that lands on the last tick.
+pub const AUTO_SAMPLES: u32 = crate::model::trend::SAMPLES_FOR_VERDICT as u32 + 3;
+
+/// The shortest interval chosen for the user: each sample walks the site map and reads
+/// /proc (smaps_rollup takes the target's mmap lock).
+pub const MIN_AUTO_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The interval when none is given: 5 s (1 s for `top`), or short enough that `duration`
+/// yields [`AUTO_SAMPLES`] samples, rounded down to 100 ms and no shorter than
+/// [`MIN_AUTO_INTERVAL`].
+pub fn default_interval(duration: Option<Duration>, live_view: bool) -> Duration {
+    let longest = if live_view { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    let Some(d) = duration else { return longest };
+    let step = MIN_AUTO_INTERVAL.as_millis() as u64;
+    let fit = Duration::from_millis((d / AUTO_SAMPLES).as_millis() as u64 / step * step);
+    fit.clamp(MIN_AUTO_INTERVAL, longest)
+}
+
 fn duration(flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
     let err = |reason: String| ConfigError::Duration { flag, value: v.to_string(), reason };
     // A bare number means seconds.
@@ -599,14 +621,16 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::NotATrace);
             }
         };
-        let default_interval = if live_view { "1s" } else { "5s" };
-        let interval = duration("--interval", opts.interval.as_deref().unwrap_or(default_interval))?;
-        if interval.is_zero() {
-            return Err(ConfigError::Zero { flag: "--interval" });
-        }
         let duration_opt = opts.duration.as_deref().map(|d| duration("--duration", d)).transpose()?;
         if duration_opt.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::Zero { flag: "--duration" });
+        }
+        let interval = match opts.interval.as_deref() {
+            Some(v) => duration("--interval", v)?,
+            None => default_interval(duration_opt, live_view),
+        };
+        if interval.is_zero() {
+            return Err(ConfigError::Zero { flag: "--interval" });
         }
         let min_age =
             opts.min_age.as_deref().map(|d| duration("--min-age", d)).transpose()?.unwrap_or_default();
@@ -856,6 +880,37 @@ mod tests {
         assert_eq!(c.interval, Duration::from_millis(250));
         assert_eq!(c.min_age, Duration::from_secs(3));
         assert_eq!(c.fail_on_leak, Some(65536));
+    }
+
+    #[test]
+    fn the_interval_fits_the_duration_unless_given() {
+        let interval = |args: &[&str]| {
+            let mut all = vec!["leakprobe"];
+            all.extend_from_slice(args);
+            parse(&all).unwrap().interval
+        };
+        let ms = Duration::from_millis;
+        // Unbounded: the long-standing defaults.
+        assert_eq!(interval(&["attach", "-p", "1"]), ms(5000));
+        assert_eq!(interval(&["top", "-p", "1"]), ms(1000));
+        // Bounded: enough samples for a verdict, in whole tenths of a second.
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "10s"]), ms(1000));
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "8s"]), ms(800));
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "3.5"]), ms(300));
+        assert_eq!(interval(&["run", "--duration", "2s", "--", "true"]), ms(200));
+        // Long runs keep the default; very short ones stop at the floor.
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "1h"]), ms(5000));
+        assert_eq!(interval(&["top", "-p", "1", "--duration", "1m"]), ms(1000));
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "300ms"]), MIN_AUTO_INTERVAL);
+        assert_eq!(interval(&["census", "-p", "1"]), MIN_AUTO_INTERVAL);
+        // Given: kept as given, even when it leaves too few samples.
+        assert_eq!(interval(&["attach", "-p", "1", "--duration", "10s", "--interval", "5s"]), ms(5000));
+        // A bounded run at the chosen interval has samples to spare.
+        for d in [1.0, 2.0, 8.0, 10.0, 17.3, 30.0, 49.9] {
+            let i = default_interval(Some(Duration::from_secs_f64(d)), false).as_secs_f64();
+            let samples = (d / i).floor() as usize;
+            assert!(samples >= crate::model::trend::SAMPLES_FOR_VERDICT + 2, "{d} s at {i} s: {samples}");
+        }
     }
 
     #[test]

@@ -54,6 +54,10 @@ fn blocks_leaked_before_attach_are_found_exactly_and_the_list_is_held() {
     assert_eq!(class(group(c, "104-byte"), "definitely_lost"), (1040, 10), "{c}");
     assert_eq!(c["untracked"]["definitely_lost"]["count"].as_u64(), Some(10), "nothing else is lost: {c}");
     assert_eq!(report["verdict"]["kind"], "leak", "{}", report["verdict"]);
+    // Nothing was seen growing in 0.2 s: the scan alone found it (the text says DEFINITELY
+    // LOST, not GROWING).
+    assert_eq!(report["verdict"]["basis"], "scan", "{}", report["verdict"]);
+    assert!(report["verdict"]["summary"].as_str().unwrap().contains("found by the scan"));
     t.send("exit");
 
     // The global list (10 x calloc(1, 64): 72 usable bytes), held by `cache_head`.

@@ -149,6 +149,26 @@ fn rss_growth_with_a_flat_heap_is_fragmentation_not_a_leak() {
     assert!(site["allocated_count"].as_u64().unwrap() >= 20);
 }
 
+/// Issue 21: `--duration 10s` with no `--interval` used to sample twice (every 5 s) and say
+/// NOT ENOUGH DATA; the interval now fits the duration.
+#[test]
+fn a_ten_second_run_without_an_interval_gets_a_verdict() {
+    require_root();
+    let mut target = Target::spawn_with_args(&trends_target(), &["leak"]);
+    let pid = target.pid().to_string();
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pid, "--duration", "10s", "--format", "json"]);
+    lp.wait_attached();
+    target.send("go");
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["window"]["interval_s"], 1.0, "{}", report["window"]);
+    assert_ne!(report["verdict"]["kind"], "not-enough-data", "{}", report["verdict"]);
+    assert_eq!(report["verdict"]["kind"], "leak", "{}", report["verdict"]);
+    assert_eq!(report["verdict"]["basis"], "trend", "{}", report["verdict"]);
+    assert_eq!(site_by_frame0(&report, "leak_sessions")["trend"], "growing");
+}
+
 #[test]
 fn a_bounded_cache_is_stable_once_full() {
     require_root();

@@ -11,6 +11,9 @@ pub const MAX_POINTS: usize = 256;
 /// Fewest points a verdict is drawn from (three intervals).
 pub const MIN_POINTS: usize = 4;
 
+/// Samples a run needs before its trailing half holds [`MIN_POINTS`].
+pub const SAMPLES_FOR_VERDICT: usize = 2 * MIN_POINTS - 1;
+
 /// A bounded time series: (seconds since attach, value).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Series {
@@ -151,11 +154,24 @@ pub fn trend(points: &[(f64, f64)], th: &Thresholds) -> (Trend, Option<Fit>) {
     (if growing { Trend::Growing } else { Trend::Stable }, Some(f))
 }
 
+/// What a run's verdict rests on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Basis {
+    /// The fitted trends of the tracked heap and RSS (a scan may have refined the kind).
+    #[default]
+    Trend,
+    /// The reachability scan alone: blocks no pointer reaches, with no growth fitted (a
+    /// one-shot scan, a short run, or a heap that did not grow).
+    Scan,
+}
+
 /// The verdict for the whole run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunVerdict {
-    /// The tracked heap grows steadily: a leak, or unbounded accumulation.
+    /// The tracked heap grows steadily: a leak, or unbounded accumulation. With
+    /// [`Basis::Scan`]: nothing was seen growing, but the scan found definitely lost blocks.
     Leak,
     /// RSS grows while the tracked heap does not explain it: freed memory is not being
     /// returned (fragmentation, allocator caching), or memory comes from outside the hooks.
@@ -182,6 +198,14 @@ impl RunVerdict {
             RunVerdict::NotEnoughData => "NOT ENOUGH DATA",
         }
     }
+
+    /// The label with what it rests on: a leak that only the scan found is not GROWING.
+    pub fn label_on(self, basis: Basis) -> &'static str {
+        match (self, basis) {
+            (RunVerdict::Leak, Basis::Scan) => "LEAK / DEFINITELY LOST",
+            (v, _) => v.label(),
+        }
+    }
 }
 
 /// Heap growth must explain at least this share of RSS growth for RSS growth to be called a
@@ -200,7 +224,7 @@ pub fn run_verdict(heap: &[(f64, f64)], rss: &[(f64, f64)]) -> (RunVerdict, Stri
                 format!(
                     "{} samples; a verdict needs {} over the trailing half (run longer or use a shorter --interval)",
                     heap.len(),
-                    2 * MIN_POINTS - 1
+                    SAMPLES_FOR_VERDICT
                 ),
             );
         }

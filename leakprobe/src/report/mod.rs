@@ -20,7 +20,7 @@ use crate::{
     kernel::probe::ProbeStatus,
     model::{
         DROP_KINDS, INFO_KINDS, SiteStats, Tracker, total_drops,
-        trend::{Fit, RunVerdict, Trend},
+        trend::{Basis, Fit, RunVerdict, Trend},
     },
     symbolize::Frame,
     target::Identity,
@@ -155,6 +155,16 @@ pub struct Verdict {
     /// The fits it was drawn from (trailing half of the window).
     pub heap_fit: Option<Fit>,
     pub rss_fit: Option<Fit>,
+    /// "trend" (the fits), or "scan": a leak the scan found with no growth fitted. Reports
+    /// written before the field read as "trend".
+    pub basis: Basis,
+}
+
+impl Verdict {
+    /// How the text report prints the kind.
+    pub fn label(&self) -> &'static str {
+        self.kind.label_on(self.basis)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
@@ -510,6 +520,7 @@ pub fn build(
             summary,
             heap_fit: crate::model::trend::fit(tl.heap.points(), heap_from),
             rss_fit: crate::model::trend::fit(tl.rss.points(), rss_from),
+            basis: Basis::Trend,
         },
         timeline: timeline(tl),
         sites,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::Report;
-use crate::model::trend::{RunVerdict, Trend};
+use crate::model::trend::{Basis, RunVerdict, Trend};
 
 /// Bytes and blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,17 +208,18 @@ pub fn site_verdict(trend: Trend, r: &Reachability, cycle_bytes: u64) -> &'stati
     if r.possibly_lost.bytes > 0 && r.possibly_lost.bytes >= held.max(lost) {
         return "LEAK";
     }
+    // Reachable memory is stable or accumulating by its trend alone: a site with too few
+    // points is not judged, however much it holds.
     match trend {
         Trend::Growing => "ACCUMULATION",
         Trend::Stable => "STABLE",
-        Trend::NotEnoughData if held > 0 => "STABLE",
         Trend::NotEnoughData => "NOT ENOUGH DATA",
     }
 }
 
 /// Puts the scan into the report: classes, holders and verdicts per site, and the run verdict
 /// refined (a growing heap still referenced is ACCUMULATION; lost memory mostly in cycles is
-/// CYCLE; definitely lost memory is a LEAK even when nothing grows).
+/// CYCLE; definitely lost memory is a LEAK even when nothing grows, with [`Basis::Scan`]).
 pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
     let mut by_key: std::collections::HashMap<(String, String), SiteResult> =
         results.into_iter().map(|r| ((r.stack_id.clone(), r.function.clone()), r)).collect();
@@ -282,12 +283,19 @@ pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
                 }
             );
         }
+        // Nothing was seen growing: a leak all the same, but on the scan's word alone.
         RunVerdict::Stable | RunVerdict::NotEnoughData if t.definitely_lost.bytes > 0 => {
+            let growth = if v.kind == RunVerdict::Stable {
+                format!("no steady growth in {:.1} s", report.window.duration_s)
+            } else {
+                format!("no growth measured in {:.1} s", report.window.duration_s)
+            };
             v.kind = RunVerdict::Leak;
+            v.basis = Basis::Scan;
             v.summary = format!(
-                "{} definitely lost in {} blocks at the scan (no pointer reaches them){}",
+                "{} in {} at the scan, no pointer reaches them{} (found by the scan; {growth})",
                 crate::report::text::human_bytes(t.definitely_lost.bytes),
-                t.definitely_lost.count,
+                crate::report::text::plural(t.definitely_lost.count, "block", "blocks"),
                 if t.indirectly_lost.bytes > 0 {
                     format!(
                         ", and {} indirectly lost through them",
@@ -325,5 +333,66 @@ mod tests {
         assert_eq!(site_verdict(Trend::Growing, &r(0, 0, 0, 64000), 0), "ACCUMULATION");
         assert_eq!(site_verdict(Trend::Stable, &r(10, 0, 0, 64000), 0), "STABLE");
         assert_eq!(site_verdict(Trend::NotEnoughData, &r(0, 0, 0, 0), 0), "NOT ENOUGH DATA");
+    }
+
+    /// Issue 21: an 8 s run at 5 s intervals printed `growth 2.43 MiB/s` and then `STABLE` for
+    /// a site whose trend had too few points.
+    #[test]
+    fn a_site_too_short_to_judge_is_not_stable() {
+        assert_eq!(site_verdict(Trend::NotEnoughData, &r(0, 0, 0, 19 << 20), 0), "NOT ENOUGH DATA");
+        let mut rep = crate::report::export::testing::report();
+        rep.sites[0].growth_bytes_per_s = 2.43 * 1024.0 * 1024.0;
+        let result = SiteResult {
+            stack_id: rep.sites[0].stack_id.clone(),
+            function: rep.sites[0].function.clone(),
+            reachability: r(0, 0, 0, 4000),
+            ..Default::default()
+        };
+        apply(&mut rep, Scan::default(), vec![result]);
+        assert_eq!(rep.sites[0].verdict.as_deref(), Some("NOT ENOUGH DATA"));
+        let text = crate::report::text::render(&rep, 10);
+        assert!(text.contains("  NOT ENOUGH DATA: 3.91 KiB reachable in 1 block (too few samples"), "{text}");
+        assert!(!text.contains("STABLE"), "{text}");
+    }
+
+    /// Issue 21: `census` 0.2 s after attach printed `LEAK / GROWING` for 40 B the scan found.
+    #[test]
+    fn a_leak_only_the_scan_found_is_not_called_growing() {
+        let verdict_line = |rep: &Report| {
+            let text = crate::report::text::render(rep, 10);
+            text.lines().find(|l| l.starts_with("VERDICT")).unwrap().to_string()
+        };
+        let scan = || Scan { totals: r(40, 0, 0, 0), ..Default::default() };
+        // Too few samples for a trend (the test report's window is 2.5 s).
+        let mut rep = crate::report::export::testing::report();
+        assert_eq!(rep.verdict.kind, RunVerdict::NotEnoughData);
+        apply(&mut rep, scan(), Vec::new());
+        assert_eq!((rep.verdict.kind, rep.verdict.basis), (RunVerdict::Leak, Basis::Scan));
+        assert_eq!(
+            verdict_line(&rep),
+            "VERDICT: LEAK / DEFINITELY LOST: 40 B in 1 block at the scan, no pointer reaches them \
+             (found by the scan; no growth measured in 2.5 s)"
+        );
+        // JSON: the kind stays "leak"; the basis is added.
+        let v: serde_json::Value = serde_json::from_str(&crate::report::to_json(&rep).unwrap()).unwrap();
+        assert_eq!((&v["verdict"]["kind"], &v["verdict"]["basis"]), (&"leak".into(), &"scan".into()));
+        // A flat heap: measured, and not growing.
+        let mut rep = crate::report::export::testing::report();
+        rep.verdict.kind = RunVerdict::Stable;
+        apply(&mut rep, scan(), Vec::new());
+        let line = verdict_line(&rep);
+        assert!(line.starts_with("VERDICT: LEAK / DEFINITELY LOST: 40 B"), "{line}");
+        assert!(line.ends_with("(found by the scan; no steady growth in 2.5 s)"), "{line}");
+        // A fitted growth keeps its GROWING, with the scan's finding added.
+        let mut rep = crate::report::export::testing::report();
+        rep.verdict.kind = RunVerdict::Leak;
+        rep.verdict.summary = "tracked heap +300.6 KiB over the last 4 s".into();
+        apply(&mut rep, scan(), Vec::new());
+        assert_eq!((rep.verdict.kind, rep.verdict.basis), (RunVerdict::Leak, Basis::Trend));
+        assert!(verdict_line(&rep).starts_with("VERDICT: LEAK / GROWING: tracked heap +300.6 KiB"));
+        // Reports written before the basis existed read as drawn from the trend.
+        let old: crate::report::Verdict =
+            serde_json::from_str(r#"{"kind": "leak", "summary": "x"}"#).unwrap();
+        assert_eq!(old.label(), "LEAK / GROWING");
     }
 }

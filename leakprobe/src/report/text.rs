@@ -21,7 +21,7 @@ pub fn human_bytes(b: u64) -> String {
     if v < 10.0 { format!("{v:.2} {}", UNITS[unit]) } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
-fn plural(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
@@ -199,6 +199,7 @@ fn reachability_lines(out: &mut String, s: &Site, r: &crate::report::scan::Reach
         Some("LEAK") => " (only pointers into their middle reach them)",
         Some("CYCLE") => " (they only point at each other: break the cycle, e.g. a weak_ptr)",
         Some("ACCUMULATION") => " (still referenced: bound or evict what holds them)",
+        Some("NOT ENOUGH DATA") => " (too few samples of this site to tell whether it grows)",
         _ => "",
     };
     let _ = writeln!(
@@ -459,7 +460,7 @@ pub fn render(r: &Report, top: usize) -> String {
         }
         let _ = writeln!(out);
     }
-    let _ = writeln!(out, "VERDICT: {}: {}", r.verdict.kind.label(), r.verdict.summary);
+    let _ = writeln!(out, "VERDICT: {}: {}", r.verdict.label(), r.verdict.summary);
     let _ = writeln!(out);
 
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();

@@ -927,7 +927,7 @@ mod tests {
     #[test]
     fn a_written_report_round_trips_through_the_parser_without_loss() {
         use crate::{
-            model::trend::{Fit, RunVerdict, Trend},
+            model::trend::{Basis, Fit, RunVerdict, Trend},
             report::{Probe, TimelinePoint, to_json},
         };
         let mut r = crate::report::export::testing::report();
@@ -946,6 +946,7 @@ mod tests {
             summary: "tracked heap +4 KiB".into(),
             heap_fit: Some(fit),
             rss_fit: None,
+            basis: Basis::Scan,
         };
         r.sites[0].trend = Trend::Growing;
         r.sites[0].fit = Some(fit);

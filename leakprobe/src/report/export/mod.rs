@@ -155,6 +155,7 @@ pub(crate) mod testing {
                 summary: String::new(),
                 heap_fit: None,
                 rss_fit: None,
+                ..Default::default()
             },
             timeline: Vec::new(),
             sites: vec![
