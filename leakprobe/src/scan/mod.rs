@@ -11,6 +11,7 @@
 //! Words are read only to follow pointers: results hold addresses, sizes, indices, symbols
 //! and counts, never memory contents (they may be secrets).
 
+pub mod backref;
 pub mod census;
 pub mod mark;
 pub mod roots;
@@ -494,6 +495,10 @@ fn file_name(path: &str) -> &str {
 }
 
 /// Names every root that holds something: globals by symbol, registers and stacks by thread.
+///
+/// Untracked heap memory (a block from before attach that no heap walk knows, or allocator
+/// data) is no answer by itself: it is followed back ([`backref`]) to the real root that
+/// reaches it, and named as the chain from there.
 fn name_holders(
     marking: &mark::Marking,
     roots: &roots::Roots,
@@ -501,15 +506,76 @@ fn name_holders(
 ) -> HashMap<RootRef, HolderName> {
     let mut globals = Globals::new(snap);
     let mut out = HashMap::new();
-    let refs = marking.sites.iter().flat_map(|s| s.holders.iter()).filter_map(|h| match h.by {
-        HeldBy::Root(r) => Some(r),
-        HeldBy::Site(_) => None,
-    });
+    let refs: Vec<RootRef> = marking
+        .sites
+        .iter()
+        .flat_map(|s| s.holders.iter())
+        .filter_map(|h| match h.by {
+            HeldBy::Root(r) => Some(r),
+            HeldBy::Site(_) => None,
+        })
+        .collect();
+    let untracked = |r: &RootRef| {
+        matches!(roots.kinds.get(r.root as usize), Some(RootKind::Heap | RootKind::Anonymous { .. }))
+    };
+    let back = refs.iter().any(untracked).then(|| back_index(roots, snap));
     for r in refs {
         if out.contains_key(&r) {
             continue;
         }
-        let Some(kind) = roots.kinds.get(r.root as usize) else { continue };
+        let Some(name) = name_root(r, roots, snap, &mut globals) else { continue };
+        let name = match (&back, r.slot) {
+            (Some(index), RootSlot::Word { addr }) if untracked(&r) => match index.follow(addr) {
+                Some(found) => match name_root(found.root, roots, snap, &mut globals) {
+                    Some(root) => HolderName {
+                        kind: root.kind,
+                        name: format!(
+                            "{} -> {} untracked heap {} (from before attach, or allocator data)",
+                            root.name,
+                            found.objects,
+                            if found.objects == 1 { "object" } else { "objects" }
+                        ),
+                        frame_ip: root.frame_ip,
+                    },
+                    None => name,
+                },
+                None => HolderName {
+                    name: format!(
+                        "{}{}, which no root reaches",
+                        name.name,
+                        if index.truncated { " (the search was cut short)" } else { "" }
+                    ),
+                    ..name
+                },
+            },
+            _ => name,
+        };
+        out.insert(r, name);
+    }
+    out
+}
+
+/// The pointers into untracked heap memory, to follow holders back through it.
+fn back_index(roots: &roots::Roots, snap: &Snapshot) -> backref::Index {
+    let ranges: Vec<backref::Range> = roots
+        .ranges
+        .iter()
+        .map(|&(start, end, root)| backref::Range {
+            start,
+            end,
+            root,
+            untracked: matches!(roots.kinds[root as usize], RootKind::Heap | RootKind::Anonymous { .. }),
+        })
+        .collect();
+    let values: Vec<(u32, Vec<u64>)> =
+        roots.values.iter().map(|(root, v)| (*root, v.iter().map(|x| x.1).collect())).collect();
+    backref::Index::build(&ranges, &values, &mut SnapMem(snap), backref::Limits::default())
+}
+
+/// One root slot in the user's words: a global by symbol, a register or stack slot by thread.
+fn name_root(r: RootRef, roots: &roots::Roots, snap: &Snapshot, globals: &mut Globals) -> Option<HolderName> {
+    let kind = roots.kinds.get(r.root as usize)?;
+    {
         let name = match (kind, r.slot) {
             (RootKind::Registers { tid }, RootSlot::Value { index }) => {
                 let reg = roots
@@ -594,9 +660,8 @@ fn name_holders(
             }
             (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
         };
-        out.insert(r, name);
+        Some(name)
     }
-    out
 }
 
 #[cfg(test)]
