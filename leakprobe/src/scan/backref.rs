@@ -10,18 +10,31 @@
 //!
 //! Pure: the roots, and a [`Memory`] to read them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use super::mark::{Memory, RootRef, RootSlot};
 
-/// A root range, and whether it is untracked heap memory (to be followed through) or a real
-/// root (where a walk ends).
+/// A root range, and what a walk does there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range {
     pub start: u64,
     pub end: u64,
     pub root: u32,
-    pub untracked: bool,
+    pub role: Role,
+}
+
+/// What a pointer found in a range means for a walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A real root: a walk can end here. Lower ranks are better answers: a walk that finds a
+    /// root of rank 2 (a thread's TLS, where an allocator keeps its caches of free slots)
+    /// goes on looking for one of rank 0 (a program's global).
+    Root(u8),
+    /// Untracked heap memory: the walk goes on through it.
+    Untracked,
+    /// The allocator's own data (its arenas' tables point at every slab): no answer, and no
+    /// way on.
+    DeadEnd,
 }
 
 /// Where a pointer was found.
@@ -34,8 +47,9 @@ enum Place {
 /// The end of a walk back from an untracked word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Found {
-    /// The real root that reaches it.
+    /// The real root that reaches it, and its rank (see [`Role::Root`]).
     pub root: RootRef,
+    pub rank: u8,
     /// How many untracked objects lie between that root and the word (the word's own
     /// object included).
     pub objects: u64,
@@ -55,11 +69,13 @@ pub struct Limits {
     pub max_pointers: usize,
     /// Places visited per walk.
     pub max_visits: usize,
+    /// Places visited by all walks together: past it walks find nothing (and say so).
+    pub max_total_visits: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pointers: 4 << 20, max_visits: 1 << 20 }
+        Limits { max_pointers: 4 << 20, max_visits: 1 << 20, max_total_visits: 32 << 20 }
     }
 }
 
@@ -71,6 +87,10 @@ pub struct Index {
     /// The index stopped at `max_pointers`: walks may miss a path.
     pub truncated: bool,
     limits: Limits,
+    /// The rank of a register as an answer (see [`Role::Root`]).
+    value_rank: u8,
+    /// What is left of [`Limits::max_total_visits`].
+    visits_left: std::cell::Cell<usize>,
 }
 
 impl Index {
@@ -78,13 +98,14 @@ impl Index {
     pub fn build(
         ranges: &[Range],
         values: &[(u32, Vec<u64>)],
+        value_rank: u8,
         mem: &mut dyn Memory,
         limits: Limits,
     ) -> Index {
         let mut ranges = ranges.to_vec();
         ranges.sort_by_key(|r| r.start);
         let mut untracked: Vec<(u64, u64)> =
-            ranges.iter().filter(|r| r.untracked).map(|r| (r.start, r.end)).collect();
+            ranges.iter().filter(|r| r.role == Role::Untracked).map(|r| (r.start, r.end)).collect();
         untracked.sort_unstable();
         let inside = |v: u64| {
             let i = untracked.partition_point(|r| r.0 <= v);
@@ -133,7 +154,8 @@ impl Index {
             }
         }
         pointers.sort_unstable_by_key(|p| p.0);
-        Index { ranges, pointers, truncated, limits }
+        let visits_left = std::cell::Cell::new(limits.max_total_visits);
+        Index { ranges, pointers, truncated, limits, value_rank, visits_left }
     }
 
     fn range_of(&self, addr: u64) -> Option<&Range> {
@@ -160,6 +182,17 @@ impl Index {
             .map(|p| p.1)
     }
 
+    /// The address that stands for the object holding the untracked word at `addr`: the
+    /// nearest address at or below it that something points at (its start, as a rule), or
+    /// `addr` itself.
+    pub fn object_of(&self, addr: u64) -> u64 {
+        let end = self.pointers.partition_point(|p| p.0 <= addr);
+        match end.checked_sub(1).map(|i| self.pointers[i].0) {
+            Some(v) if addr - v < WINDOW => v,
+            _ => addr,
+        }
+    }
+
     /// Walks back from the untracked word at `addr` to the nearest real root: through the
     /// start of each object (the nearest pointed-to address below), and if that finds none,
     /// through a few more candidates per step.
@@ -167,47 +200,55 @@ impl Index {
         self.walk(addr, 1).or_else(|| self.walk(addr, WIDER))
     }
 
+    /// Breadth-first from `addr`: the best-ranked root found, the nearest of its rank.
     fn walk(&self, addr: u64, nearest: usize) -> Option<Found> {
         let mut seen: HashSet<u64> = HashSet::from([addr]);
         let mut level = vec![addr];
         let mut objects = 1;
+        let mut best: Option<(u8, Found)> = None;
         while !level.is_empty() && seen.len() < self.limits.max_visits {
+            let left = self.visits_left.get().saturating_sub(level.len());
+            self.visits_left.set(left);
+            if left == 0 {
+                break;
+            }
             let mut next = Vec::new();
             for &x in &level {
                 for place in self.referrers(x, nearest) {
-                    match place {
+                    let (rank, root) = match place {
                         Place::Value { root, index } => {
-                            return Some(Found {
-                                root: RootRef { root, slot: RootSlot::Value { index } },
-                                objects,
-                            });
+                            (self.value_rank, RootRef { root, slot: RootSlot::Value { index } })
                         }
-                        Place::Word(w) => match self.range_of(w) {
-                            Some(r) if !r.untracked => {
-                                return Some(Found {
-                                    root: RootRef { root: r.root, slot: RootSlot::Word { addr: w } },
-                                    objects,
-                                });
+                        Place::Word(w) => match self.range_of(w).map(|r| (r.role, r.root)) {
+                            Some((Role::Root(rank), root)) => {
+                                (rank, RootRef { root, slot: RootSlot::Word { addr: w } })
                             }
-                            Some(_) if seen.insert(w) => next.push(w),
-                            _ => {}
+                            Some((Role::Untracked, _)) => {
+                                if seen.insert(w) {
+                                    next.push(w);
+                                }
+                                continue;
+                            }
+                            _ => continue,
                         },
+                    };
+                    if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                        best = Some((rank, Found { root, rank, objects }));
+                    }
+                    if rank == 0 {
+                        return best.map(|b| b.1);
                     }
                 }
             }
             level = next;
             objects += 1;
         }
-        None
+        best.map(|b| b.1)
     }
 
-    /// [`Index::follow`] for many words, each walked once.
-    pub fn follow_all(&self, addrs: impl IntoIterator<Item = u64>) -> HashMap<u64, Option<Found>> {
-        let mut out = HashMap::new();
-        for a in addrs {
-            out.entry(a).or_insert_with(|| self.follow(a));
-        }
-        out
+    /// Whether walks were cut short by a limit (the index's size or the visits' budget).
+    pub fn cut_short(&self) -> bool {
+        self.truncated || self.visits_left.get() == 0
     }
 }
 
@@ -236,11 +277,15 @@ mod tests {
 
     const GLOBALS: u64 = 0x1000;
     const HEAP: u64 = 0x10_0000;
+    const ALLOCATOR: u64 = 0x2000;
+    const TLS: u64 = 0x3000;
 
     fn ranges() -> Vec<Range> {
         vec![
-            Range { start: GLOBALS, end: GLOBALS + 0x100, root: 0, untracked: false },
-            Range { start: HEAP, end: HEAP + 0x10_0000, root: 1, untracked: true },
+            Range { start: GLOBALS, end: GLOBALS + 0x100, root: 0, role: Role::Root(0) },
+            Range { start: TLS, end: TLS + 0x100, root: 3, role: Role::Root(2) },
+            Range { start: HEAP, end: HEAP + 0x10_0000, root: 1, role: Role::Untracked },
+            Range { start: ALLOCATOR, end: ALLOCATOR + 0x100, root: 2, role: Role::DeadEnd },
         ]
     }
 
@@ -255,12 +300,16 @@ mod tests {
         }
         let mut globals = vec![0u64; 32];
         globals[3] = HEAP; // head
-        let mut mem = Mem(vec![(GLOBALS, globals), (HEAP, heap)]);
-        let index = Index::build(&ranges(), &[], &mut mem, Limits::default());
+        // The allocator's table points at the last node's slab: no answer. A thread's cache of
+        // free slots points at the last node too: a worse answer than the global.
+        let allocator = vec![HEAP + (n - 1) * 32];
+        let tls = vec![HEAP + (n - 1) * 32];
+        let mut mem = Mem(vec![(GLOBALS, globals), (HEAP, heap), (ALLOCATOR, allocator), (TLS, tls)]);
+        let index = Index::build(&ranges(), &[], 1, &mut mem, Limits::default());
         let holder = HEAP + (n - 1) * 32 + 8;
         let found = index.follow(holder).expect("reaches the head");
         assert_eq!(found.root, RootRef { root: 0, slot: RootSlot::Word { addr: GLOBALS + 24 } });
-        assert_eq!(found.objects, n);
+        assert_eq!((found.objects, found.rank), (n, 0));
     }
 
     #[test]
@@ -269,7 +318,7 @@ mod tests {
         let mut globals = vec![0u64; 32];
         globals[5] = HEAP + 0x2000;
         let mut mem = Mem(vec![(GLOBALS, globals), (HEAP + 0x2000, vec![0u64; 512])]);
-        let index = Index::build(&ranges(), &[], &mut mem, Limits::default());
+        let index = Index::build(&ranges(), &[], 1, &mut mem, Limits::default());
         let found = index.follow(HEAP + 0x2000 + 300 * 8).unwrap();
         assert_eq!(found.root, RootRef { root: 0, slot: RootSlot::Word { addr: GLOBALS + 40 } });
         assert_eq!(found.objects, 1);
@@ -279,7 +328,7 @@ mod tests {
     fn a_register_ends_the_walk_and_nothing_reaching_it_says_none() {
         let mut mem = Mem(vec![(GLOBALS, vec![0u64; 32]), (HEAP, vec![0u64; 64])]);
         let regs = vec![(7u32, vec![0x42, HEAP + 0x40])];
-        let index = Index::build(&ranges(), &regs, &mut mem, Limits::default());
+        let index = Index::build(&ranges(), &regs, 1, &mut mem, Limits::default());
         let found = index.follow(HEAP + 0x48).unwrap();
         assert_eq!(found.root, RootRef { root: 7, slot: RootSlot::Value { index: 1 } });
         // Below the only pointer: nothing points at or below it within the window.
@@ -293,7 +342,7 @@ mod tests {
         let mut heap2 = vec![0u64; 4];
         heap2[1] = HEAP;
         let mut mem = Mem(vec![(GLOBALS, vec![0u64; 32]), (HEAP, heap), (HEAP + 0x100, heap2)]);
-        let index = Index::build(&ranges(), &[], &mut mem, Limits::default());
+        let index = Index::build(&ranges(), &[], 1, &mut mem, Limits::default());
         assert_eq!(index.follow(HEAP + 8), None);
     }
 }

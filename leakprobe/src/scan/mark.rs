@@ -105,6 +105,11 @@ pub struct Roots {
     /// Scanned in this order, then `values`; the first pointer found becomes the retainer.
     pub ranges: Vec<RootRange>,
     pub values: Vec<RootValues>,
+    /// Roots that name a retainer only for what the others do not reach at all (untracked heap
+    /// memory: what holds a block there is better told by the global that reaches it through
+    /// tracked blocks). Scanned after everything the others reach is marked. The classes do
+    /// not depend on it, only the retainers.
+    pub weak: Vec<RootRange>,
 }
 
 /// A read of the snapshot failed (unmapped, or gone): counted and skipped, never fatal.
@@ -200,6 +205,15 @@ pub struct Options<'a> {
     /// clique pass reads lost blocks again (same classes, slower) and cycles may be missed
     /// ([`Cycles::complete`] says so).
     pub max_lost_edges: usize,
+    /// Holders by the object rather than the word: maps a root word's address (with its root)
+    /// to the address that stands for it, so that the 4096 words of one bucket array are one
+    /// holder. None: every word is its own.
+    pub holder_word: Option<&'a mut dyn FnMut(u32, u64) -> u64>,
+    /// Of the pointers in [`Roots::weak`], those to follow first: given a word's root and
+    /// address, true if it is a better retainer (untracked memory that a global reaches, say,
+    /// rather than an allocator's bookkeeping that points at every slab). Only the retainers
+    /// depend on it.
+    pub prefer_weak: Option<&'a mut dyn FnMut(u32, u64) -> bool>,
 }
 
 impl Default for Options<'_> {
@@ -211,6 +225,8 @@ impl Default for Options<'_> {
             max_holders: 16,
             max_cycles: 1000,
             max_lost_edges: 32 << 20,
+            holder_word: None,
+            prefer_weak: None,
         }
     }
 }
@@ -493,7 +509,7 @@ pub fn mark(
         hits: Vec::new(),
     };
 
-    let (order, seeds) = m.mark_reachable(roots);
+    let (order, seeds) = m.mark_reachable(roots, opts.prefer_weak);
     m.mark_possible(&seeds);
     let lost: Vec<u32> = (0..n as u32).filter(|&b| m.st[b as usize] == UNREACHED).collect();
     let graph = m.lost_graph(&lost, opts.max_lost_edges);
@@ -501,7 +517,7 @@ pub fn mark(
 
     let outcomes = m.outcomes(&leader);
     let cycles = cycles(&heap, &lost, &graph, opts.max_cycles);
-    let (totals, sites) = m.summaries(blocks, &outcomes, &order, opts.max_holders);
+    let (totals, sites) = m.summaries(blocks, &outcomes, &order, opts.max_holders, opts.holder_word);
     let mut stats = m.stats;
     stats.unreadable_bytes = m.rd.unreadable_bytes;
     stats.unreadable_ranges = m.rd.unreadable_ranges;
@@ -1134,7 +1150,11 @@ impl Marker<'_, '_, '_> {
     /// Pass 1: breadth-first from the roots along start and heuristic pointers. Returns the
     /// reachable blocks in the order reached, and the blocks that plain interior pointers from
     /// roots or reachable blocks point at (the seeds of pass 2), shallowest first.
-    fn mark_reachable(&mut self, roots: &Roots) -> (Vec<u32>, Vec<u32>) {
+    fn mark_reachable(
+        &mut self,
+        roots: &Roots,
+        mut prefer_weak: Option<&mut dyn FnMut(u32, u64) -> bool>,
+    ) -> (Vec<u32>, Vec<u32>) {
         let mut next = Vec::new();
         let mut seeds = Vec::new();
         let mut on_root = |m: &mut Self, hits: &[Hit]| {
@@ -1160,19 +1180,40 @@ impl Marker<'_, '_, '_> {
         }
 
         let mut order = Vec::new();
+        self.spread(&mut next, &mut seeds, &mut order);
+        // The weak roots' pointers, the preferred ones first.
+        let mut weak_hits: Vec<Hit> = Vec::new();
+        for r in &roots.weak {
+            self.scan_root_range(r, &mut |_: &mut Self, hits: &[Hit]| weak_hits.extend_from_slice(hits));
+        }
+        let (first, later): (Vec<Hit>, Vec<Hit>) =
+            weak_hits.into_iter().partition(|h| match (&mut prefer_weak, h.from) {
+                (Some(f), Src::Word(root)) => f(root, h.at),
+                _ => false,
+            });
+        for hits in [first, later] {
+            for h in &hits {
+                self.definite(h, 1, &mut next, &mut seeds);
+            }
+            self.spread(&mut next, &mut seeds, &mut order);
+        }
+        (order, seeds)
+    }
+
+    /// Breadth-first from the blocks in `next` (reached at depth 1) along start pointers.
+    fn spread(&mut self, next: &mut Vec<u32>, seeds: &mut Vec<u32>, order: &mut Vec<u32>) {
         let mut depth = 1;
         while !next.is_empty() {
-            let mut frontier = std::mem::take(&mut next);
+            let mut frontier = std::mem::take(next);
             frontier.sort_unstable(); // address order: neighbours share reads
             order.extend_from_slice(&frontier);
             depth += 1;
             self.scan_blocks(&frontier, &mut |m, hits| {
                 for h in hits {
-                    m.definite(h, depth, &mut next, &mut seeds);
+                    m.definite(h, depth, next, seeds);
                 }
             });
         }
-        (order, seeds)
     }
 
     /// A pointer from a root or a reachable block (valgrind's `is_prior_definite`).
@@ -1423,6 +1464,7 @@ impl Marker<'_, '_, '_> {
         outcomes: &[BlockOutcome],
         order: &[u32],
         max_holders: usize,
+        mut holder_word: Option<&mut dyn FnMut(u32, u64) -> u64>,
     ) -> (Tallies, Vec<SiteSummary>) {
         let heap = self.heap;
         let site = |b: u32| heap.site[b as usize];
@@ -1463,7 +1505,8 @@ impl Marker<'_, '_, '_> {
                 }
                 P_BLOCK => (intern(HeldBy::Site(site(pref))), 1),
                 P_WORD => {
-                    (intern(HeldBy::Root(RootRef { root: pref, slot: RootSlot::Word { addr: pat } })), 1)
+                    let addr = holder_word.as_mut().map_or(pat, |f| f(pref, pat));
+                    (intern(HeldBy::Root(RootRef { root: pref, slot: RootSlot::Word { addr } })), 1)
                 }
                 P_VALUE => {
                     let index = u32::try_from(pat).unwrap_or(u32::MAX);
@@ -1647,7 +1690,7 @@ mod tests {
             mem.map(GLOBALS, PAGE);
             mem.map(HEAP, 1 << 20);
             let ranges = vec![RootRange { start: GLOBALS, len: PAGE, root: GLOBAL_ROOT }];
-            World { mem, blocks: Vec::new(), roots: Roots { ranges, values: Vec::new() } }
+            World { mem, blocks: Vec::new(), roots: Roots { ranges, values: Vec::new(), weak: Vec::new() } }
         }
 
         /// A block at `HEAP + off`; returns its index.
@@ -2172,8 +2215,11 @@ mod tests {
         mem.put(GLOBALS, BASE);
         let blocks: Vec<Block> =
             (0..2 * N).map(|i| Block { start: BASE + i * 16, size: 16, site: 1 }).collect();
-        let roots =
-            Roots { ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }], values: Vec::new() };
+        let roots = Roots {
+            ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }],
+            values: Vec::new(),
+            weak: Vec::new(),
+        };
         let m = mark(&blocks, &roots, &mut mem, Options::default()).expect("marks");
         let s = site(&m, 1);
         assert_eq!(s.tallies.reachable.blocks, N);

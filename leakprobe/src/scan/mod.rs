@@ -54,6 +54,9 @@ pub struct Request {
     /// Also walk the whole glibc heap ([`census`]) and classify its untracked blocks (from
     /// before attach), grouped by type or size.
     pub census: Option<census::GlibcVersion>,
+    /// The allocator's module (its path as the target maps it): its data points at every
+    /// slab, so a holder is never followed back to it.
+    pub allocator_module: Option<String>,
     /// Tests only: how long the snapshot child lives before the marking (SIGKILL tests).
     pub hold_after_capture: Duration,
 }
@@ -196,8 +199,13 @@ impl<'a> Captured<'a> {
         let layout =
             roots::Layout { exclude: &exclude, tls: roots::TlsSpan::default(), data_ends: &data_ends };
         let roots = roots::build(&snap.regions, &threads, &layout);
-        let marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail)?;
-        let holders = name_holders(&marking, &roots, &snap);
+        let back = roots
+            .ranges
+            .iter()
+            .any(|r| is_untracked(&roots.kinds[r.2 as usize]))
+            .then(|| back_index(&roots, &snap, req.allocator_module.as_deref()));
+        let marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, back.as_ref())?;
+        let holders = name_holders(&marking, &roots, &snap, back.as_ref());
         let root_bytes = roots.bytes_by_class();
         let (method, no_clone_why, pause, threads) =
             (snap.method, snap.no_clone_why.clone(), snap.pause, snap.threads.len());
@@ -226,22 +234,46 @@ fn mark_roots(
     blocks: &[mark::Block],
     roots: &roots::Roots,
     allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
+    back: Option<&backref::Index>,
 ) -> Result<mark::Marking, ScanError> {
+    // Untracked heap memory holds only what no global, stack or register reaches.
+    let (weak, strong): (Vec<_>, Vec<_>) = roots
+        .ranges
+        .iter()
+        .map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root })
+        .partition(|r| is_untracked(&roots.kinds[r.root as usize]));
     let mroots = mark::Roots {
-        ranges: roots
-            .ranges
-            .iter()
-            .map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root })
-            .collect(),
+        ranges: strong,
         values: roots
             .values
             .iter()
             .map(|(root, v)| mark::RootValues { root: *root, values: v.iter().map(|x| x.1).collect() })
             .collect(),
+        weak,
     };
     let mut mem = SnapMem(snap);
     let mut vtable = |a: u64| is_vtable(snap, a);
-    let options = mark::Options { is_vtable: Some(&mut vtable), allocator_tail, ..mark::Options::default() };
+    // A holder in untracked memory is the object there, not each of its words.
+    let mut holder_word = |root: u32, addr: u64| match back {
+        Some(index) if is_untracked(&roots.kinds[root as usize]) => index.object_of(addr),
+        _ => addr,
+    };
+    // Of untracked memory, what a global or a stack reaches through it holds first.
+    let mut memo: HashMap<u64, bool> = HashMap::new();
+    let mut prefer = |root: u32, addr: u64| match back {
+        Some(index) if is_untracked(&roots.kinds[root as usize]) => {
+            let object = index.object_of(addr);
+            *memo.entry(object).or_insert_with(|| index.follow(object).is_some_and(|f| f.rank <= 1))
+        }
+        _ => false,
+    };
+    let options = mark::Options {
+        is_vtable: Some(&mut vtable),
+        allocator_tail,
+        holder_word: Some(&mut holder_word),
+        prefer_weak: Some(&mut prefer),
+        ..mark::Options::default()
+    };
     Ok(mark::mark(blocks, &mroots, &mut mem, options)?)
 }
 
@@ -503,6 +535,7 @@ fn name_holders(
     marking: &mark::Marking,
     roots: &roots::Roots,
     snap: &Snapshot,
+    back: Option<&backref::Index>,
 ) -> HashMap<RootRef, HolderName> {
     let mut globals = Globals::new(snap);
     let mut out = HashMap::new();
@@ -515,16 +548,13 @@ fn name_holders(
             HeldBy::Site(_) => None,
         })
         .collect();
-    let untracked = |r: &RootRef| {
-        matches!(roots.kinds.get(r.root as usize), Some(RootKind::Heap | RootKind::Anonymous { .. }))
-    };
-    let back = refs.iter().any(untracked).then(|| back_index(roots, snap));
+    let untracked = |r: &RootRef| roots.kinds.get(r.root as usize).is_some_and(is_untracked);
     for r in refs {
         if out.contains_key(&r) {
             continue;
         }
         let Some(name) = name_root(r, roots, snap, &mut globals) else { continue };
-        let name = match (&back, r.slot) {
+        let name = match (back, r.slot) {
             (Some(index), RootSlot::Word { addr }) if untracked(&r) => match index.follow(addr) {
                 Some(found) => match name_root(found.root, roots, snap, &mut globals) {
                     Some(root) => HolderName {
@@ -543,7 +573,7 @@ fn name_holders(
                     name: format!(
                         "{}{}, which no root reaches",
                         name.name,
-                        if index.truncated { " (the search was cut short)" } else { "" }
+                        if index.cut_short() { " (the search was cut short)" } else { "" }
                     ),
                     ..name
                 },
@@ -555,8 +585,14 @@ fn name_holders(
     out
 }
 
+/// Heap memory that no tracker knows: a root only for what nothing else reaches, and a holder
+/// that is followed back to the root that reaches it.
+fn is_untracked(kind: &RootKind) -> bool {
+    matches!(kind, RootKind::Heap | RootKind::Anonymous { .. })
+}
+
 /// The pointers into untracked heap memory, to follow holders back through it.
-fn back_index(roots: &roots::Roots, snap: &Snapshot) -> backref::Index {
+fn back_index(roots: &roots::Roots, snap: &Snapshot, allocator: Option<&str>) -> backref::Index {
     let ranges: Vec<backref::Range> = roots
         .ranges
         .iter()
@@ -564,12 +600,20 @@ fn back_index(roots: &roots::Roots, snap: &Snapshot) -> backref::Index {
             start,
             end,
             root,
-            untracked: matches!(roots.kinds[root as usize], RootKind::Heap | RootKind::Anonymous { .. }),
+            role: match &roots.kinds[root as usize] {
+                k if is_untracked(k) => backref::Role::Untracked,
+                RootKind::Module { path } if allocator.is_some_and(|a| a == path) => backref::Role::DeadEnd,
+                // A program's variables first; TLS last (allocators keep caches of free slots
+                // there, which point next to live objects).
+                RootKind::Module { .. } => backref::Role::Root(0),
+                RootKind::Stack { .. } | RootKind::File { .. } => backref::Role::Root(1),
+                _ => backref::Role::Root(2),
+            },
         })
         .collect();
     let values: Vec<(u32, Vec<u64>)> =
         roots.values.iter().map(|(root, v)| (*root, v.iter().map(|x| x.1).collect())).collect();
-    backref::Index::build(&ranges, &values, &mut SnapMem(snap), backref::Limits::default())
+    backref::Index::build(&ranges, &values, 1, &mut SnapMem(snap), backref::Limits::default())
 }
 
 /// One root slot in the user's words: a global by symbol, a register or stack slot by thread.
@@ -708,6 +752,7 @@ mod tests {
         let roots = mark::Roots {
             ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
             values: vec![],
+            weak: vec![],
         };
         let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
             let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };

@@ -334,6 +334,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                     Err(_) => None,
                 },
                 function_entries: Vec::new(),
+                // Not a static executable's own data: that holds the program's globals too.
+                allocator_module: (plan.module.path.as_os_str() != identity.exe.as_str())
+                    .then(|| plan.module.path.to_string_lossy().into_owned()),
             },
             census_report: s.census,
             exit_guard: None,

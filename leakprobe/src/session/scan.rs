@@ -95,6 +95,30 @@ pub struct Setup {
     pub census: Option<scan::census::GlibcVersion>,
     /// Code ranges of functions the target stops itself at (exit()).
     pub function_entries: Vec<(u64, u64)>,
+    /// The allocator's module, as the target maps it.
+    pub allocator_module: Option<String>,
+}
+
+fn blocks_word(n: u64) -> &'static str {
+    if n == 1 { "block" } else { "blocks" }
+}
+
+/// Holders that read the same (several objects from before attach that one global reaches)
+/// are one holder: their blocks and bytes added, most bytes first.
+fn merge_same_holders(holders: Vec<Holder>) -> Vec<Holder> {
+    let mut out: Vec<Holder> = Vec::with_capacity(holders.len());
+    for h in holders {
+        match out.iter_mut().find(|o| o.kind == h.kind && o.holder == h.holder) {
+            Some(o) => {
+                o.blocks += h.blocks;
+                o.bytes += h.bytes;
+                o.chain = o.chain.max(h.chain);
+            }
+            None => out.push(h),
+        }
+    }
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.blocks.cmp(&a.blocks)));
+    out
 }
 
 /// A root holder in the report's words (kind, name); a stack slot names the function whose
@@ -134,6 +158,7 @@ pub fn run(
         function_entries: setup.function_entries.clone(),
         allocator_tail: setup.glibc.then_some(scan::glibc_next_chunk as fn(u64, u64) -> Option<u64>),
         census: setup.census,
+        allocator_module: setup.allocator_module.clone(),
         hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
     };
     probes.open_scan_window().context("opening the scan's window in the tracker")?;
@@ -261,9 +286,18 @@ pub fn run(
         .filter_map(|s| Some((s.site, (s.holders.first()?.by, s.tallies.reachable.blocks))))
         .collect();
     let mut describe = |site: u32, blocks: u64, symbolizer: &mut Symbolizer| match group_of(site) {
-        Some(scan::GroupKey::Size(n)) => format!("{blocks} {n}-byte blocks from before attach"),
-        Some(g) => format!("{blocks} blocks of {g} from before attach"),
-        None => format!("{blocks} blocks of {} (stack {})", label(site, symbolizer), stack_of(site)),
+        Some(scan::GroupKey::Size(n)) => {
+            format!("{blocks} {n}-byte {} from before attach", blocks_word(blocks))
+        }
+        Some(g) => format!("{blocks} {} of {g} from before attach", blocks_word(blocks)),
+        None => {
+            format!(
+                "{blocks} {} of {} (stack {})",
+                blocks_word(blocks),
+                label(site, symbolizer),
+                stack_of(site)
+            )
+        }
     };
     let mut results = Vec::new();
     let mut census_groups = Vec::new();
@@ -308,6 +342,7 @@ pub fn run(
                 }
             })
             .collect();
+        let holders = merge_same_holders(holders);
         let Some(key) = keys.get(i).copied() else {
             // A census group: untracked blocks, classed from the marking's own tallies.
             let t = &s.tallies;
