@@ -96,3 +96,44 @@ fn a_hash_map_with_buckets_from_before_attach_is_held_by_its_global_glibc() {
 fn a_hash_map_with_buckets_from_before_attach_is_held_by_its_global_jemalloc() {
     check(true, "map", "map_insert", "table");
 }
+
+/// The demo's scan, as `cargo xtask demo` makes it: the session list's holder.
+fn demo_holder_lines(before_attach: std::time::Duration) -> (String, Vec<String>) {
+    let mut demo = Demo::start();
+    demo.drive();
+    // Logins served before attach: their sessions are memory from before attach.
+    std::thread::sleep(before_attach);
+    let pid = demo.pid().to_string();
+    let out = run_leakprobe(&["attach", "--pid", &pid, "--duration", "2s", "--scan"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let held: Vec<String> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("held by"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    (text, held)
+}
+
+#[test]
+fn the_demo_names_the_global_session_list_twenty_times_in_a_row() {
+    require_root();
+    for run in 0..20 {
+        let (text, held) = demo_holder_lines(std::time::Duration::ZERO);
+        assert!(text.contains("held by global sessions"), "run {run}: {held:#?}\n{text}");
+        assert!(!text.contains("untracked heap memory"), "run {run}: {held:#?}");
+    }
+}
+
+#[test]
+fn the_demo_after_serving_before_attach_still_names_the_global_session_list() {
+    require_root();
+    for run in 0..3 {
+        let (text, held) = demo_holder_lines(std::time::Duration::from_secs(2));
+        assert!(text.contains("held by global sessions"), "run {run}: {held:#?}\n{text}");
+        assert!(
+            !text.contains("untracked heap memory") && !text.contains("which no root reaches"),
+            "run {run}: {held:#?}"
+        );
+    }
+}
