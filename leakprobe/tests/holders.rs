@@ -58,7 +58,7 @@ fn check(jemalloc: bool, mode: &str, func: &str, global: &str) {
         );
         for h in &holders {
             assert!(
-                !h.contains("which no root reaches") && !h.contains("untracked heap memory at"),
+                !h.contains("which no root was found to reach") && !h.contains("untracked heap memory at"),
                 "run {run}: {h}"
             );
             assert!(!h.contains("libjemalloc") && !h.contains("main_arena"), "run {run}: {h}");
@@ -132,7 +132,7 @@ fn the_demo_after_serving_before_attach_still_names_the_global_session_list() {
         let (text, held) = demo_holder_lines(std::time::Duration::from_secs(2));
         assert!(text.contains("held by global sessions"), "run {run}: {held:#?}\n{text}");
         assert!(
-            !text.contains("untracked heap memory") && !text.contains("which no root reaches"),
+            !text.contains("untracked heap memory") && !text.contains("which no root was found to reach"),
             "run {run}: {held:#?}"
         );
     }

@@ -75,7 +75,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pointers: 4 << 20, max_visits: 1 << 20, max_total_visits: 32 << 20 }
+        Limits { max_pointers: 4 << 20, max_visits: 1 << 20, max_total_visits: 4 << 20 }
     }
 }
 

@@ -199,12 +199,16 @@ impl<'a> Captured<'a> {
         let layout =
             roots::Layout { exclude: &exclude, tls: roots::TlsSpan::default(), data_ends: &data_ends };
         let roots = roots::build(&snap.regions, &threads, &layout);
-        let back = roots
-            .ranges
-            .iter()
-            .any(|r| is_untracked(&roots.kinds[r.2 as usize]))
-            .then(|| back_index(&roots, &snap, req.allocator_module.as_deref()));
-        let marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, back.as_ref())?;
+        // Marked again, following untracked memory back, only if some of it holds blocks.
+        let mut marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, None)?;
+        let weak_held = marking.sites.iter().flat_map(|s| &s.holders).any(|h| match h.by {
+            HeldBy::Root(r) => roots.kinds.get(r.root as usize).is_some_and(is_untracked),
+            HeldBy::Site(_) => false,
+        });
+        let back = weak_held.then(|| back_index(&roots, &snap, req.allocator_module.as_deref(), &blocks));
+        if back.is_some() {
+            marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, back.as_ref())?;
+        }
         let holders = name_holders(&marking, &roots, &snap, back.as_ref());
         let root_bytes = roots.bytes_by_class();
         let (method, no_clone_why, pause, threads) =
@@ -571,7 +575,7 @@ fn name_holders(
                 },
                 None => HolderName {
                     name: format!(
-                        "{}{}, which no root reaches",
+                        "{}, which no root was found to reach{}",
                         name.name,
                         if index.cut_short() { " (the search was cut short)" } else { "" }
                     ),
@@ -592,8 +596,15 @@ fn is_untracked(kind: &RootKind) -> bool {
 }
 
 /// The pointers into untracked heap memory, to follow holders back through it.
-fn back_index(roots: &roots::Roots, snap: &Snapshot, allocator: Option<&str>) -> backref::Index {
-    let ranges: Vec<backref::Range> = roots
+/// Blocks (tracked, or found by the heap walk) are walked through too: a Python object in a
+/// pymalloc arena is held by a dict's table in a malloc'd block.
+fn back_index(
+    roots: &roots::Roots,
+    snap: &Snapshot,
+    allocator: Option<&str>,
+    blocks: &[mark::Block],
+) -> backref::Index {
+    let mut ranges: Vec<backref::Range> = roots
         .ranges
         .iter()
         .map(|&(start, end, root)| backref::Range {
@@ -611,6 +622,20 @@ fn back_index(roots: &roots::Roots, snap: &Snapshot, allocator: Option<&str>) ->
             },
         })
         .collect();
+    // Those not inside untracked root memory already (jemalloc's blocks lie in its arenas).
+    let mut untracked: Vec<(u64, u64)> =
+        ranges.iter().filter(|r| r.role == backref::Role::Untracked).map(|r| (r.start, r.end)).collect();
+    untracked.sort_unstable();
+    let covered = |a: u64| {
+        let i = untracked.partition_point(|r| r.0 <= a);
+        i > 0 && a < untracked[i - 1].1
+    };
+    ranges.extend(blocks.iter().filter(|b| b.size > 0 && !covered(b.start)).map(|b| backref::Range {
+        start: b.start,
+        end: b.start + b.size,
+        root: u32::MAX,
+        role: backref::Role::Untracked,
+    }));
     let values: Vec<(u32, Vec<u64>)> =
         roots.values.iter().map(|(root, v)| (*root, v.iter().map(|x| x.1).collect())).collect();
     backref::Index::build(&ranges, &values, 1, &mut SnapMem(snap), backref::Limits::default())
