@@ -193,6 +193,9 @@ impl<'a> Captured<'a> {
         }
         let mut blocks = tracked.blocks;
         let mut exclude = req.exclude.clone();
+        // The stacks glibc keeps of threads that have exited: dead memory, as below a live
+        // thread's stack pointer.
+        exclude.extend(dead_thread_stacks(&snap));
         let census =
             req.census.map(|v| take_census(&snap, v, tracked.first_group, &mut blocks, &mut exclude));
         let data_ends = module_data_ends(&snap);
@@ -456,28 +459,69 @@ fn first_template_arg(s: &str) -> &str {
     s
 }
 
-/// Valgrind's vtable test (for the multipleinheritance heuristic): in a readable file
-/// mapping, and its first 20 words hold at least two non-null words, every non-null one
-/// pointing into executable file-backed code.
+/// Valgrind's vtable test (for the multipleinheritance heuristic), in its order: the address
+/// lies in a readable file mapping, and walking its first 20 words (within that mapping),
+/// null words skipped, two point into executable file-backed code before any word points
+/// elsewhere. (A vtable is followed by the next one's offset-to-top and type info: the walk
+/// stops at the second function pointer, before those.)
 fn is_vtable(snap: &Snapshot, addr: u64) -> bool {
-    let file_backed =
-        |a: u64| snap.regions.iter().any(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
-    if !addr.is_multiple_of(8) || !file_backed(addr) {
+    let region = |a: u64| snap.regions.iter().find(|r| r.start <= a && a < r.end && r.name.starts_with('/'));
+    let Some(home) = region(addr).filter(|r| r.readable) else { return false };
+    if !addr.is_multiple_of(8) {
         return false;
     }
+    let len = (home.end - addr).min(160) as usize & !7;
     let mut buf = [0u8; 160];
-    if !snap.read(addr, &mut buf) {
+    if len == 0 || !snap.read(addr, &mut buf[..len]) {
         return false;
     }
-    let words = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-    let mut non_null = 0;
-    for w in words.filter(|w| *w != 0) {
-        if !snap.regions.iter().any(|r| r.start <= w && w < r.end && r.name.starts_with('/') && !r.writable) {
+    let mut functions = 0;
+    for w in buf[..len].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))) {
+        if w == 0 {
+            continue;
+        }
+        if !region(w).is_some_and(|r| r.executable) {
             return false;
         }
-        non_null += 1;
+        functions += 1;
+        if functions == 2 {
+            return true;
+        }
     }
-    non_null >= 2
+    false
+}
+
+/// Thread stacks with no thread: glibc caches the stack of a thread that has exited (joined or
+/// detached) for reuse. Such a mapping sits right above its guard page, and near its top is a
+/// thread control block that points at itself (`tcb` and `self`), which no live thread's thread
+/// pointer names.
+fn dead_thread_stacks(snap: &Snapshot) -> Vec<(u64, u64)> {
+    let live: Vec<u64> = snap.threads.iter().map(|t| t.fs_base).collect();
+    let mut out = Vec::new();
+    for w in snap.regions.windows(2) {
+        let (guard, r) = (&w[0], &w[1]);
+        let guarded = guard.end == r.start && !guard.readable && !guard.writable && guard.name.is_empty();
+        if !guarded || !r.name.is_empty() || !r.writable || !r.scannable() || r.len() < 64 << 10 {
+            continue;
+        }
+        let top = 16 << 10;
+        let lo = r.end - top.min(r.len());
+        let mut buf = vec![0u8; (r.end - lo) as usize];
+        if !snap.read(lo, &mut buf) {
+            continue;
+        }
+        let word = |a: u64| {
+            let o = (a - lo) as usize;
+            buf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        };
+        let tcb = (lo..r.end - 24).step_by(64).find(|&t| word(t) == Some(t) && word(t + 16) == Some(t));
+        if let Some(t) = tcb
+            && !live.contains(&t)
+        {
+            out.push((r.start, r.end));
+        }
+    }
+    out
 }
 
 /// A thread's static TLS and thread control block, from its DTV (glibc and musl keep the DTV
