@@ -116,7 +116,7 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// graph), the other allocators the tests trace (jemalloc, tcmalloc, mimalloc, musl, Debian's
 /// redis-server on jemalloc), valgrind, whose leak classes the scan's tests compare with, and
 /// for the live-monitoring tests a real Prometheus (with promtool) and tmux (to drive
-/// `leakprobe top`).
+/// `leakprobe top`), and Debian's CPython 3.11 for the scan's module-data test.
 /// musl-tools is also what the static build links with.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
@@ -139,6 +139,7 @@ const TEST_PACKAGES: &[&str] = &[
     "valgrind",
     "prometheus",
     "tmux",
+    "python3.11",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator.
