@@ -688,93 +688,83 @@ fn back_index(
 /// One root slot in the user's words: a global by symbol, a register or stack slot by thread.
 fn name_root(r: RootRef, roots: &roots::Roots, snap: &Snapshot, globals: &mut Globals) -> Option<HolderName> {
     let kind = roots.kinds.get(r.root as usize)?;
-    {
-        let name = match (kind, r.slot) {
-            (RootKind::Registers { tid }, RootSlot::Value { index }) => {
-                let reg = roots
-                    .values
-                    .iter()
-                    .find(|(id, _)| *id == r.root)
-                    .and_then(|(_, v)| v.get(index as usize))
-                    .map_or_else(|| "a register".to_string(), |(reg, _)| reg.to_string());
-                HolderName {
-                    kind: "register",
-                    name: format!("{reg} of {}", thread_name(snap.pid, *tid)),
-                    frame_ip: None,
-                }
+    Some(match (kind, r.slot) {
+        (RootKind::Registers { tid }, RootSlot::Value { index }) => {
+            let reg = roots
+                .values
+                .iter()
+                .find(|(id, _)| *id == r.root)
+                .and_then(|(_, v)| v.get(index as usize))
+                .map_or_else(|| "a register".to_string(), |(reg, _)| reg.to_string());
+            HolderName {
+                kind: "register",
+                name: format!("{reg} of {}", thread_name(snap.pid, *tid)),
+                frame_ip: None,
             }
-            (RootKind::Stack { tid }, RootSlot::Word { addr }) => {
-                let thread = snap.threads.iter().find(|t| t.tid == *tid);
-                let sp = thread.map_or(0, |t| t.rsp);
-                let at =
-                    if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
-                HolderName {
-                    kind: "stack",
-                    name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)),
-                    frame_ip: frame_of(snap, sp, addr).or(thread.map(|t| t.rip)),
-                }
-            }
-            (RootKind::RedZone { tid }, _) => HolderName {
+        }
+        (RootKind::Stack { tid }, RootSlot::Word { addr }) => {
+            let thread = snap.threads.iter().find(|t| t.tid == *tid);
+            let sp = thread.map_or(0, |t| t.rsp);
+            let at = if addr >= sp { format!("sp+{:#x}", addr - sp) } else { format!("sp-{:#x}", sp - addr) };
+            HolderName {
                 kind: "stack",
-                name: format!("the red zone below the stack pointer of {}", thread_name(snap.pid, *tid)),
-                frame_ip: None,
-            },
-            (RootKind::Tls { tid }, _) => HolderName {
-                kind: "tls",
-                name: format!("the TLS of {}", thread_name(snap.pid, *tid)),
-                frame_ip: None,
-            },
-            (RootKind::Module { path }, RootSlot::Word { addr }) => {
-                let base = globals.base(path).unwrap_or(0);
-                let module = file_name(path);
-                match globals.variable(path, addr) {
-                    Some(v) if v.offset == 0 => HolderName {
-                        kind: "global",
-                        name: format!("global {} ({module})", v.name),
-                        frame_ip: None,
-                    },
-                    Some(v) => HolderName {
-                        kind: "global",
-                        name: format!("global {}+{:#x} ({module})", v.name, v.offset),
-                        frame_ip: None,
-                    },
-                    None => HolderName {
-                        kind: "global",
-                        name: format!("data of {module} at +{:#x} (no symbol)", addr.saturating_sub(base)),
-                        frame_ip: None,
-                    },
-                }
+                name: format!("the stack of {} ({at})", thread_name(snap.pid, *tid)),
+                frame_ip: frame_of(snap, sp, addr).or(thread.map(|t| t.rip)),
             }
-            (RootKind::Heap, RootSlot::Word { addr }) => HolderName {
-                kind: "heap",
-                name: format!(
-                    "untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"
-                ),
-                frame_ip: None,
-            },
-            (RootKind::Anonymous { name, start }, _) => {
-                let end = snap
-                    .regions
-                    .iter()
-                    .find(|x| x.start <= *start && *start < x.end)
-                    .map_or(*start, |x| x.end);
-                let label = if name.is_empty() { String::new() } else { format!(" {name}") };
-                HolderName {
-                    kind: "anonymous",
-                    name: format!(
-                        "anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)",
-                        (end - start) / 1024
-                    ),
+        }
+        (RootKind::RedZone { tid }, _) => HolderName {
+            kind: "stack",
+            name: format!("the red zone below the stack pointer of {}", thread_name(snap.pid, *tid)),
+            frame_ip: None,
+        },
+        (RootKind::Tls { tid }, _) => HolderName {
+            kind: "tls",
+            name: format!("the TLS of {}", thread_name(snap.pid, *tid)),
+            frame_ip: None,
+        },
+        (RootKind::Module { path }, RootSlot::Word { addr }) => {
+            let base = globals.base(path).unwrap_or(0);
+            let module = file_name(path);
+            match globals.variable(path, addr) {
+                Some(v) if v.offset == 0 => HolderName {
+                    kind: "global",
+                    name: format!("global {} ({module})", v.name),
                     frame_ip: None,
-                }
+                },
+                Some(v) => HolderName {
+                    kind: "global",
+                    name: format!("global {}+{:#x} ({module})", v.name, v.offset),
+                    frame_ip: None,
+                },
+                None => HolderName {
+                    kind: "global",
+                    name: format!("data of {module} at +{:#x} (no symbol)", addr.saturating_sub(base)),
+                    frame_ip: None,
+                },
             }
-            (RootKind::File { path }, _) => {
-                HolderName { kind: "file", name: format!("file mapping {path}"), frame_ip: None }
+        }
+        (RootKind::Heap, RootSlot::Word { addr }) => HolderName {
+            kind: "heap",
+            name: format!(
+                "untracked heap memory at {addr:#x} (a block from before attach, or allocator data)"
+            ),
+            frame_ip: None,
+        },
+        (RootKind::Anonymous { name, start }, _) => {
+            let end =
+                snap.regions.iter().find(|x| x.start <= *start && *start < x.end).map_or(*start, |x| x.end);
+            let label = if name.is_empty() { String::new() } else { format!(" {name}") };
+            HolderName {
+                kind: "anonymous",
+                name: format!("anonymous mapping{label} {start:#x}-{end:#x} ({} KiB)", (end - start) / 1024),
+                frame_ip: None,
             }
-            (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
-        };
-        Some(name)
-    }
+        }
+        (RootKind::File { path }, _) => {
+            HolderName { kind: "file", name: format!("file mapping {path}"), frame_ip: None }
+        }
+        (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
+    })
 }
 
 #[cfg(test)]
