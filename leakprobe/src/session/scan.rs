@@ -138,18 +138,17 @@ fn root_name(out: &scan::Outcome, r: mark::RootRef, symbolizer: &mut Symbolizer)
     }
 }
 
-/// Scans the target now and turns the result into report pieces. The tracked blocks are
-/// those live at the instant the target stopped: the kernel keeps what is freed while the
-/// scan's window is open, so a block allocated or freed just before the stop is seen as the
-/// stopped target had it, however long reading the tracker takes.
-pub fn run(
-    setup: &Setup,
-    probes: &mut Probes,
-    at_s: f64,
-    history: &mut Vec<ScanPoint>,
-    stacks: &StackCache,
-    symbolizer: &mut Symbolizer,
-) -> anyhow::Result<Done> {
+/// A scan and the tracked blocks it classified (with their weights and call sites).
+struct Scanned {
+    out: scan::Outcome,
+    tracked_blocks: Vec<mark::Block>,
+    weights: Vec<LiveBlock>,
+    keys: Vec<SiteKey>,
+}
+
+/// Stops the target for its picture, reads the tracker as it was at that instant (the scan's
+/// window in the kernel), and marks.
+fn scan_at_stop(setup: &Setup, probes: &mut Probes) -> anyhow::Result<Scanned> {
     let req = scan::Request {
         pid: setup.pid,
         exclude: setup.exclude.clone(),
@@ -190,6 +189,22 @@ pub fn run(
     }
     let tracked_blocks = blocks.clone();
     let out = captured.mark(scan::Tracked { blocks, first_group: keys.len() as u32 })?;
+    Ok(Scanned { out, tracked_blocks, weights, keys })
+}
+
+/// Scans the target now and turns the result into report pieces. The tracked blocks are
+/// those live at the instant the target stopped: the kernel keeps what is freed while the
+/// scan's window is open, so a block allocated or freed just before the stop is seen as the
+/// stopped target had it, however long reading the tracker takes.
+pub fn run(
+    setup: &Setup,
+    probes: &mut Probes,
+    at_s: f64,
+    history: &mut Vec<ScanPoint>,
+    stacks: &StackCache,
+    symbolizer: &mut Symbolizer,
+) -> anyhow::Result<Done> {
+    let Scanned { out, tracked_blocks, weights, keys } = scan_at_stop(setup, probes)?;
     let m = &out.marking;
     if tracing::enabled!(tracing::Level::TRACE) {
         for (o, b) in m.blocks.iter().zip(&out.blocks) {
