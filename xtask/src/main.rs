@@ -273,8 +273,8 @@ fn demo(duration: &str) -> anyhow::Result<()> {
                 &pid.to_string(),
                 "--duration",
                 duration,
-                "--interval",
-                "1s",
+                // No --interval: it fits the duration (a tenth of it), so even the 6 s demo
+                // in `cargo xtask test` gets enough points for a trend.
                 "--top",
                 "5",
                 // Why each site keeps its memory: a true leak, or held (and by what).
