@@ -2434,4 +2434,41 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn weak_roots_hold_only_what_the_others_do_not_reach_and_preferred_ones_first() {
+        // A list of 3 blocks (site 1) from a global; untracked memory at WEAK also points at
+        // its last block. Two more blocks (site 2) are reached only from untracked memory: one
+        // from an allocator's table (ALLOC_TABLE), one from an object a global reaches
+        // (PREFERRED), whose pointer comes later in memory.
+        const WEAK: u64 = 0x70_0000;
+        let mut w = World::new();
+        w.mem.map(WEAK, PAGE);
+        w.roots.weak.push(RootRange { start: WEAK, len: PAGE, root: 7 });
+        let n: Vec<usize> = (0..3).map(|i| w.block(i * 64, 32, 1)).collect();
+        w.global(0, w.at(n[0]));
+        w.word(n[0], 0, w.at(n[1]));
+        w.word(n[1], 0, w.at(n[2]));
+        w.mem.put(WEAK, w.at(n[2]));
+        let a = w.block(0x1000, 32, 2);
+        let b = w.block(0x1040, 32, 2);
+        w.word(a, 0, w.at(b));
+        w.mem.put(WEAK + 8, w.at(a)); // the allocator's table
+        w.mem.put(WEAK + 0x100, w.at(b)); // the preferred object
+        let without = w.run();
+        let mut prefer = |root: u32, addr: u64| root == 7 && addr == WEAK + 0x100;
+        let with = w.run_with(Options { prefer_weak: Some(&mut prefer), ..Options::default() });
+        for m in [&without, &with] {
+            // The list is held by the global through its own blocks, not by the weak word.
+            assert!(matches!(m.blocks[n[2]].retainer, Retainer::Block { index, .. } if index == n[1]));
+            assert!(m.blocks.iter().all(|o| o.class == Class::Reachable));
+        }
+        let root_of = |m: &Marking, i: usize| match m.blocks[i].retainer {
+            Retainer::Root(RootRef { slot: RootSlot::Word { addr }, .. }) => Some(addr),
+            _ => None,
+        };
+        assert_eq!(root_of(&without, a), Some(WEAK + 8), "in memory order without a preference");
+        assert_eq!(root_of(&with, b), Some(WEAK + 0x100), "the preferred word first");
+        assert!(matches!(with.blocks[a].retainer, Retainer::Root(_)), "a is still reached from its own word");
+    }
 }

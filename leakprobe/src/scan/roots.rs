@@ -353,4 +353,57 @@ mod tests {
         assert_eq!(roots.values.len(), 2);
         assert_eq!(roots.kinds[roots.values[0].0 as usize], RootKind::Registers { tid: 10 });
     }
+
+    #[test]
+    fn bss_ends_where_the_program_headers_say_and_call_boundaries_drop_dead_state() {
+        let regions = vec![
+            region(0x1000, 0x2000, false, "/usr/lib/liblzma.so.5"),
+            region(0x2000, 0x3000, true, "/usr/lib/liblzma.so.5"),
+            // Its .bss (to 0x3400) merged with an allocator's arena after it.
+            region(0x3000, 0x9000, true, ""),
+            region(0x7ff000, 0x800000, true, "[stack]"),
+        ];
+        let thread = |stop| ThreadState {
+            tid: 10,
+            stop,
+            rsp: 0x7ff800,
+            rip: 0,
+            fs_base: 0,
+            values: vec![
+                (Reg::Gp("rbx"), 0x10),
+                (Reg::Gp("rdx"), 0x20),
+                (Reg::Vector { bank: "xmm", index: 0, lane: 0 }, 0x30),
+            ],
+            tls: None,
+        };
+        let ends = HashMap::from([("/usr/lib/liblzma.so.5".to_string(), 0x3400)]);
+        let layout = Layout { exclude: &[], tls: TlsSpan::default(), data_ends: &ends };
+        for stop in [StopPlace::Anywhere, StopPlace::Syscall, StopPlace::FunctionEntry] {
+            let roots = build(&regions, &[thread(stop)], &layout);
+            let kind_at = |a: u64| {
+                roots
+                    .ranges
+                    .iter()
+                    .find(|(s, e, _)| *s <= a && a < *e)
+                    .map(|(_, _, id)| roots.kinds[*id as usize].clone())
+            };
+            assert_eq!(kind_at(0x33f8), Some(RootKind::Module { path: "/usr/lib/liblzma.so.5".into() }));
+            assert_eq!(kind_at(0x3400), Some(RootKind::Anonymous { name: String::new(), start: 0x3400 }));
+            assert_eq!(kind_at(0x8ff8), Some(RootKind::Anonymous { name: String::new(), start: 0x3400 }));
+            let values: Vec<u64> = roots.values[0].1.iter().map(|v| v.1).collect();
+            if stop == StopPlace::Anywhere {
+                assert_eq!(kind_at(0x7ff800 - 8), Some(RootKind::RedZone { tid: 10 }));
+                assert_eq!(values, [0x10, 0x20, 0x30]);
+            } else {
+                assert_eq!(kind_at(0x7ff800 - 8), None, "{stop:?}: the red zone is dead");
+                assert_eq!(values, [0x10], "{stop:?}: only callee-saved registers");
+            }
+        }
+        // Without the program headers the whole anonymous mapping stays the module's.
+        let none = HashMap::new();
+        let roots = build(&regions, &[thread(StopPlace::Anywhere)], &Layout { data_ends: &none, ..layout });
+        assert!(roots.ranges.iter().any(|(s, e, id)| *s <= 0x8ff8
+            && 0x8ff8 < *e
+            && matches!(roots.kinds[*id as usize], RootKind::Module { .. })));
+    }
 }
