@@ -79,6 +79,12 @@ impl Default for Limits {
     }
 }
 
+/// Whether `a` lies in one of the sorted, disjoint `(start, end)` ranges.
+pub fn contains(sorted: &[(u64, u64)], a: u64) -> bool {
+    let i = sorted.partition_point(|r| r.0 <= a);
+    i > 0 && a < sorted[i - 1].1
+}
+
 /// Every pointer into untracked memory, by the address it points at.
 pub struct Index {
     ranges: Vec<Range>,
@@ -107,10 +113,7 @@ impl Index {
         let mut untracked: Vec<(u64, u64)> =
             ranges.iter().filter(|r| r.role == Role::Untracked).map(|r| (r.start, r.end)).collect();
         untracked.sort_unstable();
-        let inside = |v: u64| {
-            let i = untracked.partition_point(|r| r.0 <= v);
-            i > 0 && v < untracked[i - 1].1
-        };
+        let inside = |v: u64| contains(&untracked, v);
         let mut pointers = Vec::new();
         let mut truncated = false;
         for (root, vals) in values {

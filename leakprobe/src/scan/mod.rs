@@ -670,10 +670,7 @@ fn back_index(
     let mut untracked: Vec<(u64, u64)> =
         ranges.iter().filter(|r| r.role == backref::Role::Untracked).map(|r| (r.start, r.end)).collect();
     untracked.sort_unstable();
-    let covered = |a: u64| {
-        let i = untracked.partition_point(|r| r.0 <= a);
-        i > 0 && a < untracked[i - 1].1
-    };
+    let covered = |a: u64| backref::contains(&untracked, a);
     ranges.extend(blocks.iter().filter(|b| b.size > 0 && !covered(b.start)).map(|b| backref::Range {
         start: b.start,
         end: b.start + b.size,
