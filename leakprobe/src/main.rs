@@ -11,6 +11,10 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == leakprobe::inprocess::guard::ARG) {
         return leakprobe::inprocess::guard::run();
     }
+    // The ptrace helper (likewise started by leakprobe itself).
+    if std::env::args_os().nth(1).is_some_and(|a| a == leakprobe::ptrace::server::ARG) {
+        return leakprobe::ptrace::server::run();
+    }
     match run() {
         Ok(code) => code,
         Err(err) => {

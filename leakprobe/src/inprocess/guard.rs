@@ -12,9 +12,8 @@
 //! Even with the guard killed too, the target stays correct: the stub forwards every call,
 //! and it stops sampling once its set is full.
 //!
-//! The reachability scan uses the same guard for its snapshot child: a leakprobe killed
-//! mid-scan leaves that child to exit (its code path is `exit_group`), and the zombie under
-//! the target is reaped by the guard, which injects `wait4` through the ptrace layer.
+//! The stops themselves are not the guard's: the ptrace helper (`ptrace::server`) does them,
+//! and it resumes the target and reaps the scan's snapshot child if leakprobe dies.
 
 use std::{
     io::Write as _,
@@ -54,14 +53,6 @@ pub struct RestoreList {
     /// guard keeps continuing it for a while.
     #[serde(default)]
     pub stop_at_exit: bool,
-    /// Snapshot children of the scan to reap under the target.
-    #[serde(default)]
-    pub reap: Vec<i32>,
-    /// A scan's clone is under way: also reap the target's zombie children with exit signal
-    /// 0 that started at or after this time (clock ticks since boot), whose PID we may not
-    /// have learnt yet.
-    #[serde(default)]
-    pub reap_clones_since: Option<u64>,
 }
 
 /// Whether `pid` still maps our stub's code at `code_at`.
@@ -97,13 +88,15 @@ impl Guard {
     /// Starts the guard with `list`. Call before patching anything.
     pub fn spawn(list: &RestoreList) -> Result<Guard, GuardError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
-        let child = Command::new(&exe)
+        let mut child = Command::new(&exe)
             .arg(ARG)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|source| GuardError::Spawn { exe: exe.display().to_string(), source })?;
+        // Released first when we die, before the probes' slow teardown.
+        child.stdin = child.stdin.take().map(crate::ptrace::server::move_high);
         let mut guard = Guard { child };
         guard.send(list)?;
         Ok(guard)
@@ -152,85 +145,11 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Now, in the clock ticks of `/proc/PID/stat`'s start time (since boot), rounded down.
-pub fn now_ticks() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    (ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000).saturating_sub(1)
-}
-
-/// The state letter, start ticks and exit signal of `pid` (`/proc/PID/stat` fields 3, 22, 38).
-fn stat_of(pid: i32) -> Option<(char, u64, i32)> {
+/// The state letter and start ticks of `pid` (`/proc/PID/stat` fields 3 and 22).
+fn stat_of(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    Some((rest.first()?.chars().next()?, rest.get(19)?.parse().ok()?, rest.get(35)?.parse().ok()?))
-}
-
-/// The scan's snapshot children to reap under `list.pid`: the named ones, and the zombies
-/// with exit signal 0 started since `reap_clones_since`.
-fn to_reap(list: &RestoreList) -> Vec<i32> {
-    let mut out = list.reap.clone();
-    if let Some(since) = list.reap_clones_since {
-        let dir = format!("/proc/{}/task", list.pid);
-        for task in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
-                if let Some((_, start, 0)) = stat_of(c)
-                    && start >= since
-                    && !out.contains(&c)
-                {
-                    out.push(c);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Waits for each child to exit, then reaps it by injecting `wait4` into the target. Returns
-/// how many were reaped. A SIGKILLed leakprobe lets go of its tracees only after closing its
-/// files, and closing each uprobe takes ~0.1 s: the child exits (and the target can be
-/// stopped again) only then, so this waits up to 10 s.
-fn reap_children(list: &RestoreList, children: &[i32]) -> usize {
-    use crate::ptrace::{CheckOptions, RemoteSyscalls, StopOptions, StoppedWorld};
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut reaped = 0;
-    for &c in children {
-        // Let go by our death, it runs its exit_group path at once.
-        while stat_of(c).is_some_and(|(s, _, _)| s != 'Z') && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        // The kernel may still be detaching the target from the dead leakprobe: retry.
-        while std::time::Instant::now() < deadline {
-            if start_ticks(list.pid) != Some(list.start_ticks) || stat_of(c).is_none() {
-                break;
-            }
-            let opts = StopOptions {
-                max_pause: std::time::Duration::from_millis(200),
-                checks: CheckOptions { allow_seccomp_filter: true },
-                ..StopOptions::default()
-            };
-            let Ok(mut world) = StoppedWorld::stop(list.pid, opts) else {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            };
-            let r = RemoteSyscalls::new(&mut world).and_then(|mut rs| {
-                let r = rs.wait4(c, libc::__WALL | libc::WNOHANG);
-                rs.finish()?;
-                r
-            });
-            drop(world);
-            if r.is_ok_and(|v| v == c) {
-                reaped += 1;
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-    reaped
+    Some((rest.first()?.chars().next()?, rest.get(19)?.parse().ok()?))
 }
 
 /// Reads messages until the pipe ends: the newest list, and whether the end was a disarm.
@@ -311,7 +230,7 @@ pub fn run() -> std::process::ExitCode {
             while list.stop_at_exit && std::time::Instant::now() < until {
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 match stat_of(list.pid) {
-                    Some(('T', start, _)) if start == list.start_ticks => {
+                    Some(('T', start)) if start == list.start_ticks => {
                         // SAFETY: as above.
                         unsafe { libc::kill(list.pid, libc::SIGCONT) };
                     }
@@ -319,17 +238,6 @@ pub fn run() -> std::process::ExitCode {
                     None => break,
                 }
             }
-        }
-    }
-    if let (Some(list), false) = (&list, disarmed) {
-        let children = to_reap(list);
-        if !children.is_empty() {
-            let n = reap_children(list, &children);
-            eprintln!(
-                "leakprobe guard: leakprobe ended mid-scan; reaped {n} of {} snapshot children under PID {}",
-                children.len(),
-                list.pid
-            );
         }
     }
     match (list, disarmed) {
@@ -373,8 +281,6 @@ mod tests {
             code_at: 0,
             held_stopped: false,
             stop_at_exit: false,
-            reap: vec![],
-            reap_clones_since: None,
         };
         let b = RestoreList { slots: vec![(0x10, 1, 2), (0x18, 3, 4)], ..a.clone() };
         let mut bytes = frame(&a);
@@ -417,8 +323,6 @@ mod tests {
             code_at: code as u64,
             held_stopped: false,
             stop_at_exit: false,
-            reap: vec![],
-            reap_clones_since: None,
         };
         // Not where the stub is: another image, nothing written.
         let elsewhere = RestoreList { code_at: code as u64 + 0x1000, ..list.clone() };

@@ -28,7 +28,7 @@ use super::{
     guard::{self, Guard, RestoreList},
     stub::{self, Func, Stub},
 };
-use crate::ptrace::{PtraceError, RemoteSyscalls, StopOptions, StoppedWorld};
+use crate::ptrace::{PtraceError, StopOptions, server};
 
 /// Room for the generated code (it is about 3 KiB).
 pub const CODE_LEN: u64 = 1 << 16;
@@ -187,9 +187,9 @@ impl Installed {
             }
         }
         let funcs: Vec<Func> = real.iter().map(|(f, _)| *f).collect();
-        // The guard first, with nothing to restore yet: its pipe then has a lower descriptor
-        // than the probes' perf events, and a dying leakprobe closes descriptors in order, so
-        // the guard learns of our death before the kernel's slow uprobe teardown (~0.1 s each).
+        // The guard first, with nothing to restore yet. Its pipe sits above the probes' perf
+        // events (`ptrace::server::move_high`), so it learns of our death before the kernel's
+        // slow uprobe teardown (~0.1 s each).
         let held_stopped = held.is_some();
         let guard = Guard::spawn(&RestoreList {
             pid,
@@ -202,10 +202,10 @@ impl Installed {
             h.detach_stopped().map_err(|source| InstallError::Hold { source })?;
         }
         let opts = StopOptions { max_pause, ..StopOptions::default() };
-        let mut world = StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target"))?;
+        let mut world =
+            server::World::stop(pid, &opts, false).map_err(ptrace_err(pid, "stopping the target"))?;
         let (code, data, memfd) = {
-            let mut rs =
-                RemoteSyscalls::new(&mut world).map_err(ptrace_err(pid, "preparing remote calls"))?;
+            let mut rs = world.remote().map_err(ptrace_err(pid, "preparing remote calls"))?;
             let fd = rs
                 .memfd_create("leakprobe-stub", libc::MFD_CLOEXEC)
                 .map_err(ptrace_err(pid, "memfd_create"))?;
@@ -473,8 +473,8 @@ impl Installed {
             }
             return Ok((0, Duration::ZERO));
         }
-        let world =
-            StoppedWorld::stop(pid, opts).map_err(ptrace_err(pid, "stopping the target to restore"))?;
+        let world = server::World::stop(pid, &opts, false)
+            .map_err(ptrace_err(pid, "stopping the target to restore"))?;
         let mem = world.mem().map_err(ptrace_err(pid, "opening its memory"))?;
         let mut restored = 0;
         for &(addr, original, entry) in &self.patched {

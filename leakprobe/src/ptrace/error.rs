@@ -115,4 +115,15 @@ pub enum PtraceError {
         #[source]
         source: std::io::Error,
     },
+    /// leakprobe's ptrace helper process (see `ptrace::server`) could not be started or
+    /// stopped answering; the next stop starts a new one.
+    #[error("leakprobe's ptrace helper process {what}")]
+    Helper {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An operation the ptrace helper ran for us failed; its message.
+    #[error("{message}")]
+    InHelper { message: String },
 }

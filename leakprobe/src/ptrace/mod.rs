@@ -7,6 +7,8 @@
 //! - [`RemoteSyscalls`] borrows one stopped thread, runs system calls in it and restores its
 //!   registers when dropped (rr's `AutoRemoteSyscalls`).
 //! - [`Mem`] reads and writes the target's memory through `/proc/PID/mem`.
+//! - [`server`]: the helper process that does all of the above for leakprobe, so that a
+//!   SIGKILLed leakprobe never holds the target stopped while the kernel closes its probes.
 //! - [`check_target`] refuses targets we must not stop (traced, seccomp filter, zombie...).
 //!
 //! If leakprobe dies mid-operation the kernel detaches every tracee and each resumes with the
@@ -29,6 +31,7 @@ mod checks;
 mod error;
 mod mem;
 mod remote;
+pub mod server;
 pub mod stub;
 mod sys;
 mod world;

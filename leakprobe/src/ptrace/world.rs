@@ -20,7 +20,7 @@ use super::{
 };
 
 /// How a thread is stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum StopKind {
     /// Our `PTRACE_INTERRUPT` (`PTRACE_EVENT_STOP` with SIGTRAP).

@@ -11,18 +11,21 @@
 //! 5. [`Snapshot::release`]: kill the child and reap it by injecting `wait4` into the target
 //!    (a second, shorter stop), or it would stay a zombie under the target.
 //!
+//! Steps 1, 3 and 5 are run by the ptrace helper ([`server`]), which holds no probe: a
+//! leakprobe killed at any point leaves the target stopped no longer than the step under way,
+//! and the helper reaps the snapshot child itself.
+//!
 //! Where no clone can be made (a seccomp filter, a memory limit), the fallback copies every
 //! readable writable mapping while the target is stopped, if that fits in the pause bound.
-//! A [`Guard`] of ours reaps the child if leakprobe dies between 3 and 5.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::ptrace::Options;
 use thiserror::Error;
 
-use crate::{
-    inprocess::guard::{self, Guard, RestoreList},
-    ptrace::{CheckOptions, Mem, PtraceError, RemoteSyscalls, StopOptions, StoppedWorld, Thread},
+use crate::ptrace::{
+    CheckOptions, Mem, PtraceError, StopOptions,
+    server::{self, ThreadView},
 };
 
 #[derive(Debug, Error)]
@@ -42,12 +45,6 @@ pub enum SnapshotError {
          raise --max-pause, or scan when the process is smaller"
     )]
     TooBigToStop { pid: i32, why: String, mib: u64, estimate_ms: u64, max_ms: u64 },
-    /// The guard that reaps the snapshot child if we die could not be started.
-    #[error("starting the guard that cleans up after the scan if leakprobe is killed")]
-    Guard {
-        #[source]
-        source: guard::GuardError,
-    },
     /// /proc/PID/maps could not be read.
     #[error("reading the mappings of PID {pid}")]
     Maps {
@@ -118,7 +115,7 @@ const GP: [&str; 16] = [
     "r15",
 ];
 
-fn thread_state(t: &Thread, entries: &[(u64, u64)]) -> ThreadState {
+fn thread_state(t: &ThreadView, entries: &[(u64, u64)]) -> ThreadState {
     let r = t.regs();
     let stop = if entries.iter().any(|(lo, hi)| *lo <= r.rip && r.rip < *hi) {
         StopPlace::FunctionEntry
@@ -137,10 +134,8 @@ fn thread_state(t: &Thread, entries: &[(u64, u64)]) -> ThreadState {
     if r.orig_rax as i64 >= 0 && r.rdi != 0 {
         values.push((Reg::Gp("orig_rdi"), r.rdi));
     }
-    if let Ok(x) = t.xstate() {
-        values.extend(vector_lanes(&x));
-    }
-    ThreadState { tid: t.tid(), stop, rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values, tls: None }
+    values.extend(vector_lanes(&t.xstate));
+    ThreadState { tid: t.tid, stop, rsp: r.rsp, rip: r.rip, fs_base: r.fs_base, values, tls: None }
 }
 
 /// The non-zero 8-byte lanes of the vector registers in an XSAVE area, in the standard
@@ -335,14 +330,14 @@ pub struct Snapshot {
 struct Child {
     pid: i32,
     mem: Mem,
-    guard: Option<Guard>,
 }
 
 /// The most we copy from the stopped target for regions a fork lacks.
 const COPY_BUDGET: u64 = 64 << 20;
 
 /// Stops `pid`, takes its registers, and forks a snapshot of it (or copies its memory), then
-/// resumes it. Must stay on this thread until [`Snapshot::release`] (ptrace is per thread).
+/// resumes it. The stop and the clone are the ptrace helper's ([`server`]): if leakprobe dies,
+/// it resumes the target at once and kills and reaps the snapshot child.
 pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotError> {
     // Read before the stop: smaps is slow on big processes and its flags rarely change.
     let regions = regions(pid)?;
@@ -356,35 +351,13 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
     } else {
         None
     };
-    // The guard comes first, told to reap any snapshot child started from now on, so that a
-    // leakprobe killed mid-scan leaves no zombie behind.
-    let mut guard = match &no_clone_why {
-        None => Some(
-            Guard::spawn(&RestoreList {
-                pid,
-                start_ticks: guard::start_ticks(pid).unwrap_or(0),
-                reap_clones_since: Some(guard::now_ticks()),
-                ..RestoreList::default()
-            })
-            .map_err(|source| SnapshotError::Guard { source })?,
-        ),
-        Some(_) => None,
-    };
     let options = StopOptions {
         ptrace_options: Options::PTRACE_O_TRACECLONE,
         max_pause: opts.max_pause,
         checks: CheckOptions { allow_seccomp_filter: true },
     };
-    let mut world = match StoppedWorld::stop(pid, options) {
-        Ok(w) => w,
-        Err(e) => {
-            if let Some(g) = guard.take() {
-                g.disarm();
-            }
-            return Err(perr(pid, "stopping the target")(e));
-        }
-    };
-    let stopped_at_ns = crate::kernel::probe::monotonic_ns();
+    let mut world = server::World::stop(pid, &options, true).map_err(perr(pid, "stopping the target"))?;
+    let stopped_at_ns = world.stopped_at_ns();
     let threads: Vec<ThreadState> =
         world.threads().iter().map(|t| thread_state(t, &opts.function_entries)).collect();
 
@@ -410,8 +383,8 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
     let mut child = None;
     if no_clone_why.is_none() {
         let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64; // exit signal 0: no SIGCHLD
-        let made = RemoteSyscalls::new(&mut world).and_then(|mut rs| {
-            let c = rs.clone(flags, 0, 0, 0, 0);
+        let made = world.remote().and_then(|mut rs| {
+            let c = rs.clone(flags);
             rs.finish()?;
             c
         });
@@ -425,21 +398,10 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
         let mem = match Mem::open(c) {
             Ok(m) => m,
             Err(e) => {
-                let _ = reap(pid, c, opts.max_pause);
-                if let Some(g) = guard.take() {
-                    g.disarm();
-                }
+                let _ = server::reap(pid, c, opts.max_pause);
                 return Err(perr(pid, "opening the snapshot's memory")(e));
             }
         };
-        if let Some(g) = guard.as_mut() {
-            let _ = g.update(&RestoreList {
-                pid,
-                start_ticks: guard::start_ticks(pid).unwrap_or(0),
-                reap: vec![c],
-                ..RestoreList::default()
-            });
-        }
         return Ok(Snapshot {
             pid,
             method: Method::Clone,
@@ -450,11 +412,8 @@ pub fn capture(pid: i32, opts: &CaptureOptions) -> Result<Snapshot, SnapshotErro
             stopped_at_ns,
             copies,
             unread,
-            child: Some(Child { pid: c, mem, guard }),
+            child: Some(Child { pid: c, mem }),
         });
-    }
-    if let Some(g) = guard.take() {
-        g.disarm();
     }
 
     // The fallback: copy every scannable writable mapping now, if it fits in the pause.
@@ -527,60 +486,17 @@ impl Snapshot {
     /// stop), so nothing of ours stays under it. Returns that stop's pause.
     pub fn release(mut self, max_pause: Duration) -> Result<Duration, SnapshotError> {
         let Some(child) = self.child.take() else { return Ok(Duration::ZERO) };
-        let pause = reap(self.pid, child.pid, max_pause)?;
-        if let Some(g) = child.guard {
-            g.disarm();
-        }
-        Ok(pause)
+        server::reap(self.pid, child.pid, max_pause).map_err(perr(self.pid, "reaping the snapshot child"))
     }
 }
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            match reap(self.pid, c.pid, Duration::from_millis(200)) {
-                Ok(_) => {
-                    if let Some(g) = c.guard {
-                        g.disarm();
-                    }
-                }
-                // The guard (dropped undisarmed with `c`) tries again from outside.
-                Err(e) => tracing::warn!("releasing the scan's snapshot: {e}"),
-            }
-        }
-    }
-}
-
-/// Kills the snapshot child (ours by ptrace), collects it as its tracer, then reaps the
-/// zombie left under the target by injecting `wait4(child, __WALL|WNOHANG)`. Returns the
-/// target's pause.
-pub fn reap(pid: i32, child: i32, max_pause: Duration) -> Result<Duration, SnapshotError> {
-    // SAFETY: plain system calls on a process we created.
-    unsafe {
-        libc::kill(child, libc::SIGKILL);
-        let mut status = 0;
-        // As its tracer we see its death first; the zombie then belongs to the target.
-        libc::waitpid(child, &mut status, libc::__WALL);
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut paused = Duration::ZERO;
-    loop {
-        let opts = StopOptions { max_pause, ..StopOptions::default() };
-        let opts = StopOptions { checks: CheckOptions { allow_seccomp_filter: true }, ..opts };
-        let mut world = StoppedWorld::stop(pid, opts).map_err(perr(pid, "stopping the target to reap"))?;
-        let got = {
-            let mut rs = RemoteSyscalls::new(&mut world).map_err(perr(pid, "preparing to reap"))?;
-            let r = rs.wait4(child, libc::__WALL | libc::WNOHANG);
-            rs.finish().map_err(perr(pid, "restoring after the reap"))?;
-            r
-        };
-        paused += world.resume();
-        match got {
-            Ok(c) if c == child => return Ok(paused),
-            // Not a zombie yet (the kill is still being delivered): try again shortly.
-            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(_) => return Ok(paused),
-            Err(e) => return Err(perr(pid, "wait4 for the snapshot child")(e)),
+        if let Some(c) = self.child.take()
+            && let Err(e) = server::reap(self.pid, c.pid, Duration::from_millis(200))
+        {
+            // The helper tries again when it ends.
+            tracing::warn!("releasing the scan's snapshot: {e}");
         }
     }
 }

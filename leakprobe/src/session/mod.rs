@@ -14,6 +14,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     cli::{Config, Format, Mode, Unwind},
+    inprocess::guard::{self, Guard, RestoreList},
     kernel::{
         preflight,
         probe::{ProbeConfig, ProbeStatus, Probes, monotonic_ns},
@@ -81,7 +82,7 @@ struct Scanner {
     /// untracked chunks are blocks, so holders are followed through them).
     census_report: bool,
     /// `run --scan`: continues the target if leakprobe dies while it is stopped at exit().
-    exit_guard: Option<crate::inprocess::guard::Guard>,
+    exit_guard: Option<Guard>,
 }
 
 impl Scanner {
@@ -265,6 +266,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let modules = allocator::scan(pid).map_err(refuse)?;
     let plan = allocator::plan(pid, &identity.exe, &modules, &allocator::preloads(pid), &cfg.allocator)
         .map_err(refuse)?;
+    // The ptrace helper, which does every stop (see ptrace::server): started before anything
+    // is attached, so that a machine where it cannot run is refused untouched.
+    if cfg.in_process || cfg.scan.is_some() {
+        crate::ptrace::server::start().map_err(refuse)?;
+    }
     // In-process: plan the GOT, map the stub (a first short stop); the uprobes then go on its
     // report sites and on mmap/munmap only.
     let mut inproc = if cfg.in_process { Some(InProcess::map(pid, &cfg, held.as_mut())?) } else { None };
@@ -353,7 +359,6 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                     sc.setup.function_entries.push((addr, addr + 32));
                     // Before the first exit() can stop it: whatever happens to us, the command
                     // is continued.
-                    use crate::inprocess::guard::{self, Guard, RestoreList};
                     let list = RestoreList {
                         pid,
                         start_ticks: guard::start_ticks(pid).unwrap_or(0),
@@ -541,6 +546,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         progress(&cfg, format_args!("timeline chart written to {}", path.display()));
     }
     write_exports(&cfg.exports, &report, cfg.output_policy)?;
+    crate::ptrace::server::shutdown();
     Ok(Outcome { outstanding_bytes: gate_bytes, fail_on_leak: cfg.fail_on_leak })
 }
 

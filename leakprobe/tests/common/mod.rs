@@ -532,3 +532,77 @@ pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// Threads of `pid` in a stop (ptrace 't' or job control 'T'), and its TracerPid.
+pub fn stopped_threads(pid: i32) -> (usize, String) {
+    let mut stopped = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some(i) = stat.rfind(')')
+            && matches!(stat.get(i + 2..).and_then(|s| s.chars().next()), Some('t' | 'T'))
+        {
+            stopped += 1;
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap_or("?").trim().to_string();
+    (stopped, tracer)
+}
+
+/// How long `pid`'s threads stayed stopped after a SIGKILL of leakprobe, watched every
+/// millisecond.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StopsAfterKill {
+    /// From the kill until no thread was stopped.
+    pub first: Duration,
+    /// The longest stop that began after that (the helper's clean-up, the exit stop again).
+    pub later: Duration,
+    /// From the kill until `done` held with no thread stopped.
+    pub clean: Duration,
+}
+
+impl StopsAfterKill {
+    /// The longest time any thread stayed stopped after the kill.
+    pub fn longest(&self) -> Duration {
+        self.first.max(self.later)
+    }
+}
+
+/// Watches `pid` from `killed` until no thread is stopped and `done()` holds; panics with
+/// `what` past `limit`.
+pub fn watch_stops_after_kill(
+    pid: i32,
+    killed: Instant,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> StopsAfterKill {
+    let mut out = StopsAfterKill::default();
+    let mut ran = false;
+    let mut streak: Option<Instant> = None;
+    loop {
+        let (stopped, tracer) = stopped_threads(pid);
+        let now = Instant::now();
+        if stopped == 0 {
+            if !ran {
+                ran = true;
+                out.first = now - killed;
+            }
+            if let Some(s) = streak.take() {
+                out.later = out.later.max(now - s);
+            }
+            if done() {
+                out.clean = now - killed;
+                return out;
+            }
+        } else if ran && streak.is_none() {
+            streak = Some(now);
+        }
+        assert!(
+            killed.elapsed() < limit,
+            "{what}: {stopped} threads still stopped (tracer {tracer}) {:?} after the kill",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
