@@ -115,9 +115,16 @@ fn sigkill_of_leakprobe_leaves_the_guard_to_restore_the_slots_within_a_second() 
     lp.wait_attached();
     let range = stub_range(pid);
     assert!(slot_values(pid).iter().all(|s| in_stub(s.2, range)));
+    let probes = our_links();
     lp.child.kill().unwrap();
-    let took = wait_restored(pid, &before, Instant::now(), "SIGKILL");
-    eprintln!("slots restored {took:?} after the SIGKILL");
+    let killed = Instant::now();
+    let stops = watch_stops_after_kill(pid, killed, Duration::from_secs(10), "SIGKILL", || true);
+    let took = wait_restored(pid, &before, killed, "SIGKILL");
+    println!(
+        "with {probes} probes attached: slots restored {took:?} after the SIGKILL; longest stop after it {:?}",
+        stops.longest()
+    );
+    assert!(stops.longest() <= Duration::from_millis(100), "{stops:?}");
     let _ = lp.child.wait();
     assert_all_gone("after SIGKILL in in-process mode");
     for _ in 0..3 {
@@ -242,18 +249,46 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
     // A cheap xorshift: reproducible kill points from 0 to 1.5 s after launch.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let kills = 100;
+    let (mut worst, mut inside_stop) = (StopsAfterKill::default(), 0);
     for i in 0..kills {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let delay = Duration::from_millis(x % 1500);
-        let mut lp = Leakprobe::start(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"]);
-        std::thread::sleep(delay);
+        // Every fourth kill lands inside the stub's install stop, held 100 ms for it.
+        let in_stop = i % 4 == 3;
+        let env: &[(&str, &str)] = if in_stop { &[("LEAKPROBE_TEST_STOP_HOLD_MS", "100")] } else { &[] };
+        let mut lp =
+            Leakprobe::start_env(&["attach", "--pid", &pid_s, "--in-process", "--interval", "1s"], env);
+        if in_stop {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while stopped_threads(pid).0 == 0 {
+                assert!(Instant::now() < deadline, "kill #{i}: no stop within 10 s");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(Duration::from_millis(x % 40));
+        } else {
+            std::thread::sleep(delay);
+        }
+        inside_stop += (stopped_threads(pid).0 > 0) as usize;
         lp.child.kill().unwrap();
-        wait_restored(pid, &before, Instant::now(), &format!("kill #{i} at {delay:?}"));
+        let killed = Instant::now();
+        let what = format!("kill #{i} at {delay:?}");
+        let stops = watch_stops_after_kill(pid, killed, Duration::from_secs(10), &what, || true);
+        if stops.longest() > worst.longest() {
+            worst = stops;
+        }
+        wait_restored(pid, &before, killed, &what);
         let _ = lp.finish();
         assert!(target.is_running(), "target died after kill #{i} at {delay:?}");
     }
+    println!(
+        "{kills} kills, {inside_stop} inside a stop: the longest any thread stayed stopped after a kill \
+         was {:?} ({worst:?})",
+        worst.longest()
+    );
+    assert!(inside_stop >= kills / 8, "only {inside_stop} kills landed inside a stop");
+    assert!(worst.longest() <= Duration::from_millis(100), "{worst:?}");
     assert_all_gone(&format!("after {kills} SIGKILLs in in-process mode"));
     // Still right: 64 threads leak exactly what they should, with a fresh leakprobe.
     let report =
