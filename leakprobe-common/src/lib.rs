@@ -354,6 +354,104 @@ pub struct Stack {
     pub depth: u32,
     /// Why the walk stopped early, if it did: one of the `stack_end` values.
     pub truncated: u32,
+    /// The allocating thread's Python frames, innermost first, each a [`py_frame`] word.
+    pub py: [u64; MAX_PY_DEPTH],
+    pub py_depth: u32,
+    /// Why the Python walk stopped early: one of the `py_end` values.
+    pub py_end: u32,
+}
+
+/// The most Python frames kept per stack.
+pub const MAX_PY_DEPTH: usize = 32;
+
+/// One Python frame in [`Stack::py`]: the code object's address, the position in its
+/// bytecode, and whether a new C-level evaluation loop (`_PyEval_EvalFrameDefault`) entered
+/// this frame (so the native frames between it and the next one outward belong here).
+pub mod py_frame {
+    /// Set on a frame that a C call of the evaluation loop entered.
+    pub const ENTRY: u64 = 1 << 63;
+    pub const POS_SHIFT: u32 = 47;
+    /// The position, clamped: `f_lasti` (3.9: bytes; 3.10: instructions) or, from 3.11, the
+    /// code unit index of `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13).
+    pub const POS_MASK: u64 = 0xffff;
+    pub const ADDR_MASK: u64 = (1 << 47) - 1;
+
+    pub const fn pack(code: u64, pos: u64, entry: bool) -> u64 {
+        let pos = if pos > POS_MASK { POS_MASK } else { pos };
+        (code & ADDR_MASK) | (pos << POS_SHIFT) | if entry { ENTRY } else { 0 }
+    }
+
+    pub const fn code(w: u64) -> u64 {
+        w & ADDR_MASK
+    }
+
+    pub const fn pos(w: u64) -> u64 {
+        (w >> POS_SHIFT) & POS_MASK
+    }
+
+    pub const fn entry(w: u64) -> bool {
+        w & ENTRY != 0
+    }
+}
+
+/// Why a Python walk ended.
+pub mod py_end {
+    /// At the outermost frame, or no Python runtime.
+    pub const COMPLETE: u32 = 0;
+    /// More frames than [`super::MAX_PY_DEPTH`].
+    pub const MAX_DEPTH: u32 = 1;
+    /// The thread has no Python thread state (not a Python thread, or not found).
+    pub const NO_THREAD: u32 = 2;
+    /// A frame or code object could not be read, or was not a code object.
+    pub const BAD_FRAME: u32 = 3;
+}
+
+/// How the kernel side finds and walks the Python frames of the allocating thread, from the
+/// CPython runtime the daemon recognised. Offsets are in bytes. `flavor` 0 turns it off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyConfig {
+    /// One of the [`py_flavor`] values.
+    pub flavor: u32,
+    /// Python frames to walk at most (up to [`MAX_PY_DEPTH`]).
+    pub max_frames: u32,
+    /// Absolute address of `_PyRuntime.interpreters.head` (a pointer to read).
+    pub interp_head_ptr: u64,
+    /// `&PyCode_Type`: a frame whose code object has another type is not taken.
+    pub code_type: u64,
+    /// `PyInterpreterState.threads.head`.
+    pub interp_threads_head: u64,
+    /// `PyThreadState.next`.
+    pub tstate_next: u64,
+    /// `PyThreadState.native_thread_id` (the kernel tid).
+    pub tstate_native_thread_id: u64,
+    /// `PyThreadState.frame` (3.9, 3.10), `.cframe` (3.11, 3.12) or `.current_frame` (3.13).
+    pub tstate_frame: u64,
+    /// `_PyCFrame.current_frame` (3.11, 3.12).
+    pub cframe_current_frame: u64,
+    /// The frame's code: `f_code` (to 3.12) or `f_executable` (3.13).
+    pub frame_code: u64,
+    /// `f_back` (3.9, 3.10) or `previous`.
+    pub frame_back: u64,
+    /// `f_lasti` (an int, 3.9, 3.10), `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13).
+    pub frame_instr: u64,
+    /// `is_entry` (3.11, a bool) or `owner` (3.12+, a char; 3 = owned by the C stack).
+    pub frame_entry: u64,
+    /// `offsetof(PyCodeObject, co_code_adaptive)` (3.11+): the bytecode's start.
+    pub code_adaptive: u64,
+}
+
+/// How a CPython version keeps its frames.
+pub mod py_flavor {
+    pub const NONE: u32 = 0;
+    /// 3.9 and 3.10: `PyFrameObject`s linked by `f_back`; every frame is an entry.
+    pub const FRAME_OBJECT: u32 = 1;
+    /// 3.11: `_PyInterpreterFrame`s from `tstate->cframe->current_frame`, `is_entry`.
+    pub const CFRAME_311: u32 = 2;
+    /// 3.12: as 3.11, with `owner == 3` shim frames marking the entries.
+    pub const CFRAME_312: u32 = 3;
+    /// 3.13: `tstate->current_frame`, `f_executable`, `instr_ptr`, `owner == 3` shims.
+    pub const CURRENT_313: u32 = 4;
 }
 
 #[cfg(feature = "user")]
@@ -367,6 +465,7 @@ mod pod {
     unsafe impl aya::Pod for FreedKey {}
     unsafe impl aya::Pod for SiteCounters {}
     unsafe impl aya::Pod for Stack {}
+    unsafe impl aya::Pod for PyConfig {}
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindModule {}

@@ -22,6 +22,7 @@ pub mod output;
 pub mod progress;
 pub mod ptrace;
 pub mod report;
+pub mod runtimes;
 pub mod scan;
 pub mod session;
 pub mod symbolize;

@@ -1,0 +1,1 @@
+//! CPython: recognising the runtime in a process, and naming its frames.

@@ -1,0 +1,26 @@
+//! Language runtimes read from outside: where their frames and objects are, per version.
+//! Decoders here do no I/O of their own: they read the target through a [`Memory`].
+
+pub mod cpython;
+
+/// Read access to the target's memory (`/proc/PID/mem`, a snapshot, or a test buffer).
+pub trait Memory {
+    /// Fills `buf` from `addr`; `false` if any of it cannot be read.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b).then(|| u64::from_le_bytes(b))
+    }
+
+    fn read_u32(&self, addr: u64) -> Option<u32> {
+        let mut b = [0u8; 4];
+        self.read(addr, &mut b).then(|| u32::from_le_bytes(b))
+    }
+}
+
+impl Memory for crate::ptrace::Mem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        self.read_exact_at(addr, buf).is_ok()
+    }
+}
