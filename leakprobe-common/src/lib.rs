@@ -26,6 +26,7 @@ pub mod maps {
     pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
     pub const SCAN_FROM: &str = "SCAN_FROM";
     pub const FREED_SINCE: &str = "FREED_SINCE";
+    pub const PY_CONFIG: &str = "PY_CONFIG";
 }
 
 /// Globals the daemon sets before load.

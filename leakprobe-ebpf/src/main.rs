@@ -17,15 +17,15 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_STACK_DEPTH, MAX_UNWIND_MODULES,
-    SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, WrapperStash, cfa, counter, rbp_rule, sampling,
-    stack_end,
+    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_PY_DEPTH, MAX_STACK_DEPTH,
+    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, WrapperStash, cfa,
+    counter, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
 };
 
 /// Set by the daemon before load.
@@ -70,12 +70,21 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 /// Slot 0: the `capture` program. Every entry probe tail-calls it, so the stack walker (the
-/// costly part to verify) is verified once rather than once per probe.
+/// costly part to verify) is verified once rather than once per probe. Slot 1:
+/// `capture_python`, which `capture` tail-calls when the target runs CPython (verified on its
+/// own: both walks in one program exceed the verifier's budget).
 #[map]
-static CAPTURE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static CAPTURE_PROG: ProgramArray = ProgramArray::with_max_entries(2, 0);
 /// What an entry probe hands to `capture` on this CPU.
 #[map]
 static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// The CPython runtime's layout (entry 0; flavor 0 = none), set by the daemon.
+#[map]
+static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
+/// Per thread: its `PyThreadState`, checked against its native thread id at each use.
+#[map]
+static PY_TSTATE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 14, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -88,6 +97,8 @@ struct Pending {
     kind: u32,
     /// What `capture` does with the stack: [`then::CALL`], [`then::STASH`] or [`then::RECORD`].
     wrapper: u32,
+    /// The native frames' hash, handed from `capture` to `capture_python`.
+    hash: u64,
 }
 
 /// What `capture` does once it has the stack.
@@ -251,7 +262,165 @@ fn plausible_fp(bp: u64, sp: u64) -> bool {
     bp >= sp && bp - sp <= MAX_STACK_SPAN && bp & 7 == 0
 }
 
-/// Walks the user stack from an allocation function's entry and stores it in `STACKS`.
+/// Thread states looked at per lookup, at most.
+const MAX_PY_THREADS: u32 = 64;
+/// Frames looked at per walk, at most (shim frames are skipped, not kept).
+const MAX_PY_WALK: u32 = 48;
+/// `_PyInterpreterFrame.owner` of the shim frame a C call into the evaluation loop pushes.
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// State of a `bpf_loop` walk, on the calling program's stack.
+#[repr(C)]
+struct PyWalk {
+    tid: u64,
+    /// The thread state being looked at, then found (thread lookup); the frame (frame walk).
+    cur: u64,
+    found: u64,
+    n: u64,
+    h: u64,
+    end: u64,
+}
+
+/// One thread state of the main interpreter's list: is it this tid's? (`bpf_loop` callback)
+unsafe extern "C" fn py_thread_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut PyWalk) };
+    let Some(cfg) = PY_CONFIG.get(0) else { return 1 };
+    if w.cur == 0 {
+        return 1;
+    }
+    if read_u64(w.cur + cfg.tstate_native_thread_id) == Some(w.tid) {
+        w.found = w.cur;
+        return 1;
+    }
+    match read_u64(w.cur + cfg.tstate_next) {
+        Some(next) => {
+            w.cur = next;
+            0
+        }
+        None => 1,
+    }
+}
+
+/// The allocating thread's `PyThreadState`: cached per tid, and found otherwise by walking the
+/// main interpreter's thread list for the one whose `native_thread_id` is this tid.
+#[inline(always)]
+fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
+    if let Some(ts) = unsafe { PY_TSTATE.get(&tid) }.copied()
+        && read_u64(ts + cfg.tstate_native_thread_id) == Some(tid as u64)
+    {
+        return Some(ts);
+    }
+    let interp = read_u64(cfg.interp_head_ptr)?;
+    let head = read_u64(interp + cfg.interp_threads_head)?;
+    let mut w = PyWalk { tid: tid as u64, cur: head, found: 0, n: 0, h: 0, end: 0 };
+    unsafe {
+        bpf_loop(MAX_PY_THREADS, py_thread_step as *mut core::ffi::c_void, &mut w as *mut PyWalk as *mut _, 0)
+    };
+    if w.found == 0 {
+        return None;
+    }
+    let _ = PY_TSTATE.insert(&tid, &w.found, 0);
+    Some(w.found)
+}
+
+/// One Python frame into `SCRATCH.py` (`bpf_loop` callback): see `PyConfig` and `py_frame`.
+unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut PyWalk) };
+    let (Some(cfg), Some(buf)) = (PY_CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else { return 1 };
+    let buf = unsafe { &mut *buf };
+    let frame = w.cur;
+    if frame == 0 {
+        return 1;
+    }
+    let max = (cfg.max_frames as u64).min(MAX_PY_DEPTH as u64);
+    if w.n >= max {
+        w.end = py_end::MAX_DEPTH as u64;
+        return 1;
+    }
+    let (Some(code), Some(back), Some(instr)) = (
+        read_u64(frame + cfg.frame_code),
+        read_u64(frame + cfg.frame_back),
+        read_u64(frame + cfg.frame_instr),
+    ) else {
+        w.end = py_end::BAD_FRAME as u64;
+        return 1;
+    };
+    w.cur = back;
+    let (pos, entry) = if cfg.flavor == py_flavor::FRAME_OBJECT {
+        // f_lasti is an int; -1 before the first instruction.
+        ((instr as u32 as i32).max(0) as u64, true)
+    } else {
+        let flag: u8 = unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) }.unwrap_or(0);
+        if cfg.flavor != py_flavor::CFRAME_311 && flag == FRAME_OWNED_BY_CSTACK {
+            // A shim: the frame walked just before it is where that C call entered.
+            let last = w.n.wrapping_sub(1) as usize;
+            if last < MAX_PY_DEPTH {
+                buf.py[last] |= py_frame::ENTRY;
+            }
+            return 0;
+        }
+        let start = code + cfg.code_adaptive;
+        let pos = if instr >= start { (instr - start) / 2 } else { 0 };
+        (pos, cfg.flavor == py_flavor::CFRAME_311 && flag != 0)
+    };
+    // Never a frame whose code is not a code object.
+    if read_u64(code + 8) != Some(cfg.code_type) {
+        w.end = py_end::BAD_FRAME as u64;
+        return 1;
+    }
+    let i = w.n as usize;
+    if i < MAX_PY_DEPTH {
+        let word = py_frame::pack(code, pos, entry);
+        buf.py[i] = word;
+        w.h = (w.h ^ word).wrapping_mul(0x0000_0100_0000_01b3);
+        w.n += 1;
+    }
+    0
+}
+
+/// Walks the allocating thread's Python frames into `buf.py` (see `PyConfig` and `py_frame`).
+/// Returns the FNV hash `h` extended with them. Each walk is a `bpf_loop`, verified once.
+#[inline(always)]
+fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
+    buf.py_depth = 0;
+    buf.py_end = py_end::COMPLETE;
+    let Some(cfg) = PY_CONFIG.get(0) else { return h };
+    if cfg.flavor == py_flavor::NONE {
+        return h;
+    }
+    let Some(ts) = py_thread_state(cfg, tid) else {
+        buf.py_end = py_end::NO_THREAD;
+        return h;
+    };
+    let top = read_u64(ts + cfg.tstate_frame);
+    let frame = match cfg.flavor {
+        py_flavor::CFRAME_311 | py_flavor::CFRAME_312 => match top {
+            Some(0) => Some(0),
+            Some(cf) => read_u64(cf + cfg.cframe_current_frame),
+            None => None,
+        },
+        _ => top,
+    }
+    .unwrap_or(0);
+    let mut w = PyWalk { tid: tid as u64, cur: frame, found: 0, n: 0, h, end: py_end::COMPLETE as u64 };
+    unsafe {
+        bpf_loop(MAX_PY_WALK, py_frame_step as *mut core::ffi::c_void, &mut w as *mut PyWalk as *mut _, 0)
+    };
+    if w.end == py_end::COMPLETE as u64 && w.cur != 0 {
+        w.end = py_end::MAX_DEPTH as u64;
+    }
+    buf.py_depth = w.n.min(MAX_PY_DEPTH as u64) as u32;
+    buf.py_end = w.end as u32;
+    w.h
+}
+
+/// Walks the user stack from an allocation function's entry into `SCRATCH`; returns its
+/// hash, not yet final (see [`store_stack`]).
 ///
 /// At entry `[rsp]` holds the return address into the direct caller, so frame 0 is exact
 /// whatever the caller was compiled with. Each frame above is unwound with the module's
@@ -332,11 +501,19 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
     }
     buf.depth = depth as u32;
     buf.truncated = end;
-    h ^= depth as u64;
-    if h == 0 {
-        h = 1;
-    }
-    match STACKS.insert(&h, &*buf, BPF_NOEXIST as u64) {
+    buf.py_depth = 0;
+    buf.py_end = py_end::COMPLETE;
+    h ^ depth as u64
+}
+
+/// Stores the stack in `SCRATCH` under its hash; returns the stack id.
+#[inline(always)]
+fn store_stack(h: u64) -> u64 {
+    let Some(buf) = SCRATCH.get_ptr(0) else {
+        return 0;
+    };
+    let h = if h == 0 { 1 } else { h };
+    match STACKS.insert(&h, unsafe { &*buf }, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(e) if e == -EEXIST => {}
         Err(_) => count(counter::STACK_MAP_FULL),
@@ -566,7 +743,8 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64, old_ptr: u64, out_ptr: 
         // block, if sampled, is retired.)
         return 0;
     }
-    let pending = Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: then::CALL };
+    let pending =
+        Pending { sp, bp: r.rbp, size, old_ptr, out_ptr, kind: kind as u32, wrapper: then::CALL, hash: 0 };
     to_capture(ctx, &pending);
     // Only reached if the tail call failed: record the call without a stack.
     count(counter::STACK_READ_ERROR);
@@ -615,10 +793,34 @@ fn record_call(tid: u32, sp: u64, size: u64, old_ptr: u64, out_ptr: u64, stack_i
 /// Tail-called by every entry probe: walks the stack, then records the call (or, for C++
 /// operator new, stashes the stack for the allocation inside it).
 #[uprobe]
-pub fn capture(_ctx: ProbeContext) -> u32 {
+pub fn capture(ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_tid() else { return 0 };
+    let Some(p) = PENDING.get_ptr_mut(0) else { return 0 };
+    let h = capture_stack(unsafe { (*p).sp }, unsafe { (*p).bp });
+    if PY_CONFIG.get(0).is_some_and(|c| c.flavor != py_flavor::NONE) {
+        unsafe { (*p).hash = h };
+        let _ = unsafe { CAPTURE_PROG.tail_call(&ctx, 1) };
+        // Only reached if the tail call failed: the stack goes without its Python frames.
+    }
+    let p = unsafe { *p };
+    dispatch(tid, &p, store_stack(h));
+    0
+}
+
+/// Tail-called by `capture` in a CPython target: adds the Python frames, then records.
+#[uprobe]
+pub fn capture_python(_ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
     let Some(p) = PENDING.get(0).copied() else { return 0 };
-    let stack_id = capture_stack(p.sp, p.bp);
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    let h = python_frames(unsafe { &mut *buf }, tid, p.hash);
+    dispatch(tid, &p, store_stack(h));
+    0
+}
+
+/// What follows a captured stack: keep the call, stash it, or record the block.
+#[inline(always)]
+fn dispatch(tid: u32, p: &Pending, stack_id: u64) {
     match p.wrapper {
         then::STASH => {
             let stash = WrapperStash { sp: p.sp, stack_id, kind: p.kind, skip: 0 };
@@ -629,7 +831,6 @@ pub fn capture(_ctx: ProbeContext) -> u32 {
         then::RECORD => record_alloc(p.out_ptr, p.size, stack_id, p.kind),
         _ => record_call(tid, p.sp, p.size, p.old_ptr, p.out_ptr, stack_id, p.kind),
     }
-    0
 }
 
 fn finish_free(addr: u64) {
@@ -879,6 +1080,7 @@ fn wrapper_enter(ctx: &ProbeContext, kind: AllocKind) -> u32 {
         out_ptr: 0,
         kind: kind as u32,
         wrapper: then::STASH,
+        hash: 0,
     };
     to_capture(ctx, &pending);
     count(counter::STACK_READ_ERROR);
@@ -954,7 +1156,8 @@ pub fn site_alloc(ctx: ProbeContext) -> u32 {
         }
         return 0;
     }
-    let pending = Pending { sp, bp: r.rbp, size, old_ptr: 0, out_ptr: ptr, kind, wrapper: then::RECORD };
+    let pending =
+        Pending { sp, bp: r.rbp, size, old_ptr: 0, out_ptr: ptr, kind, wrapper: then::RECORD, hash: 0 };
     to_capture(&ctx, &pending);
     count(counter::STACK_READ_ERROR);
     record_alloc(ptr, size, 0, kind);

@@ -128,6 +128,7 @@ impl ProbeStatus {
 
 const EXIT_PROGRAM: &str = "alloc_exit";
 const CAPTURE_PROGRAM: &str = "capture";
+const CAPTURE_PYTHON_PROGRAM: &str = "capture_python";
 const NOOP_ENTER: &str = "noop_enter";
 const EXEC_PROGRAM: &str = "on_exec";
 const NOOP_EXIT: &str = "noop_exit";
@@ -199,17 +200,20 @@ impl Probes {
 
     /// Loads the stack-walking program every entry probe tail-calls.
     fn install_capture(&mut self) -> Result<(), ProbeError> {
-        let fd = self
-            .program(CAPTURE_PROGRAM)?
-            .fd()
-            .map_err(|source| ProbeError::Program { name: CAPTURE_PROGRAM, source })?
-            .try_clone()
-            .map_err(|e| ProbeError::Program { name: CAPTURE_PROGRAM, source: ProgramError::IOError(e) })?;
-        let name = map_names::CAPTURE_PROG;
-        let mut slots: ProgramArray<&mut MapData> =
-            ProgramArray::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
-                .map_err(|source| ProbeError::Map { name, source })?;
-        slots.set(0, &fd, 0).map_err(|source| ProbeError::Map { name, source })
+        for (slot, program) in [(0, CAPTURE_PROGRAM), (1, CAPTURE_PYTHON_PROGRAM)] {
+            let fd = self
+                .program(program)?
+                .fd()
+                .map_err(|source| ProbeError::Program { name: program, source })?
+                .try_clone()
+                .map_err(|e| ProbeError::Program { name: program, source: ProgramError::IOError(e) })?;
+            let name = map_names::CAPTURE_PROG;
+            let mut slots: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                    .map_err(|source| ProbeError::Map { name, source })?;
+            slots.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// Attaches the exec watcher (raw tracepoint sched_process_exec; no tracefs).
@@ -596,6 +600,15 @@ impl Probes {
 
     /// Opens a scan's window: from now on every block that leaves the live map is also kept
     /// for the scan ([`Probes::live_blocks_at`]). Call it before stopping the target.
+    /// Turns the Python frame walk on for the target's CPython (a zero flavor: off).
+    pub fn set_python(&mut self, config: &leakprobe_common::PyConfig) -> Result<(), ProbeError> {
+        let name = map_names::PY_CONFIG;
+        let mut arr: Array<&mut MapData, leakprobe_common::PyConfig> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        arr.set(0, config, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
     pub fn open_scan_window(&mut self) -> Result<(), ProbeError> {
         self.drain_freed()?;
         self.set_scan_window(u64::MAX)
@@ -713,19 +726,38 @@ impl Probes {
 
     /// The frames of a stack id, innermost first, and why the walk ended (`stack_end`);
     /// None if the stack was never stored.
-    pub fn stack(&self, id: u64) -> Result<Option<(Vec<u64>, u32)>, ProbeError> {
+    pub fn stack(&self, id: u64) -> Result<Option<CapturedStack>, ProbeError> {
         let name = map_names::STACKS;
         let stacks: HashMap<&MapData, u64, Stack> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
         match stacks.get(&id, 0) {
             Ok(s) => {
                 let depth = (s.depth as usize).min(s.ips.len());
-                Ok(Some((s.ips[..depth].to_vec(), s.truncated)))
+                let py_depth = (s.py_depth as usize).min(s.py.len());
+                Ok(Some(CapturedStack {
+                    ips: s.ips[..depth].to_vec(),
+                    end: s.truncated,
+                    python: s.py[..py_depth].to_vec(),
+                    python_end: s.py_end,
+                }))
             }
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(ProbeError::Map { name, source }),
         }
     }
+}
+
+/// A stack as the kernel side captured it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CapturedStack {
+    /// Return addresses, innermost first.
+    pub ips: Vec<u64>,
+    /// A `stack_end` value.
+    pub end: u32,
+    /// The allocating thread's Python frames, innermost first (`py_frame` words).
+    pub python: Vec<u64>,
+    /// A `py_end` value.
+    pub python_end: u32,
 }
 
 impl Drop for Probes {

@@ -70,7 +70,8 @@ fn file_name(path: &str) -> &str {
 
 /// The label of a site with these frames (innermost first).
 pub fn label(allocator: &str, frames: &[Frame]) -> Label {
-    let first = frames.first();
+    // The innermost Python frame names a Python site (tracemalloc's grouping by line).
+    let first = Frame::headline(frames);
     let module = first.and_then(|f| f.module.as_deref()).map(file_name).unwrap_or("").to_string();
     let function = match first {
         Some(Frame { function: Some(f), .. }) => f.clone(),
@@ -316,6 +317,7 @@ mod tests {
             line: function.map(|_| line),
             module: Some("/usr/bin/server".into()),
             inlined: false,
+            runtime: None,
         }
     }
 

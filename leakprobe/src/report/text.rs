@@ -35,6 +35,10 @@ fn frame_line(out: &mut String, idx: usize, f: &crate::symbolize::Frame) {
     let module =
         f.module.as_deref().map(|m| format!(" ({})", m.rsplit('/').next().unwrap_or(m))).unwrap_or_default();
     let inl = if f.inlined { " [inlined]" } else { "" };
+    if let Some(rt) = &f.runtime {
+        let _ = writeln!(out, "    #{idx} [{rt}] {func}{loc}");
+        return;
+    }
     let _ = writeln!(out, "    #{idx} {:#014x} in {func}{loc}{module}{inl}", f.address);
 }
 

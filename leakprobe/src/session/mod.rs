@@ -2,6 +2,7 @@
 //! Data flows one way: probe -> model -> report.
 
 mod live;
+mod python;
 mod scan;
 
 use std::{
@@ -198,17 +199,43 @@ fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
-type StackCache = HashMap<u64, Option<(Vec<u64>, u32)>>;
+/// A stack fetched from the kernel map, its Python frames named at once (their code objects
+/// may be freed later).
+struct Fetched {
+    ips: Vec<u64>,
+    end: u32,
+    python: Vec<(Frame, bool)>,
+}
 
-fn fetch_new_stacks(probes: &Probes, sites: &[SiteStats], cache: &mut StackCache) -> anyhow::Result<()> {
-    for site in sites {
-        let id = site.key.stack_id;
-        if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(id) {
-            slot.insert(probes.stack(id).context("reading a stack")?);
+/// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
+#[derive(Default)]
+struct StackCache {
+    stacks: HashMap<u64, Option<Fetched>>,
+    python: Option<python::Names>,
+}
+
+impl StackCache {
+    fn fetch_new(&mut self, probes: &Probes, sites: &[SiteStats]) -> anyhow::Result<()> {
+        for site in sites {
+            let id = site.key.stack_id;
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.stacks.entry(id) {
+                let fetched = probes.stack(id).context("reading a stack")?.map(|s| Fetched {
+                    python: match self.python.as_mut() {
+                        Some(names) if !s.python.is_empty() => names.frames(&s.python),
+                        _ => Vec::new(),
+                    },
+                    ips: s.ips,
+                    end: s.end,
+                });
+                slot.insert(fetched);
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    fn remove(&mut self, id: &u64) {
+        self.stacks.remove(id);
+    }
 }
 
 fn refuse(e: impl std::error::Error) -> anyhow::Error {
@@ -279,6 +306,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         None => plan.clone(),
     };
 
+    // A CPython target: its frames join every stack.
+    let (python_names, python_line) = python::Names::detect(pid);
+    if let Some(line) = python_line {
+        progress(&cfg, format_args!("{line}"));
+    }
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
@@ -294,6 +326,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     })
     .context("loading eBPF programs")?;
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
+    if let Some(names) = &python_names {
+        probes.set_python(&names.config()).context("loading the Python layout")?;
+    }
     // Unwind tables first, so the first allocation seen already gets a whole stack.
     let t_unwind = std::time::Instant::now();
     let mut unwind = unwind::Loaded::default();
@@ -416,7 +451,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
-    let mut stacks: StackCache = HashMap::new();
+    let mut stacks = StackCache { python: python_names, ..StackCache::default() };
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
     // operator new is hooked (it comes first in the search order).
     // In-process: operator new reaches malloc through the C++ runtime's GOT, no uprobe needed.
@@ -461,7 +496,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     sample.memory = crate::target::memory::read(pid);
     tracker.ingest(sample);
-    fetch_new_stacks(&probes, &tracker.sites(), &mut stacks)?;
+    stacks.fetch_new(&probes, &tracker.sites())?;
     // The last scan, with the target as the final sample saw it; in run mode it is stopped at
     // exit() and continued afterwards.
     if let Some(sc) = scanner.as_mut() {
@@ -907,8 +942,11 @@ fn host(symbolizer: &Symbolizer) -> report::Host {
 }
 
 fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, u32) {
-    match stacks.get(&key.stack_id) {
-        Some(Some((ips, end))) => (symbolizer.symbolize(ips), *end),
+    match stacks.stacks.get(&key.stack_id) {
+        Some(Some(f)) => {
+            let native = symbolizer.symbolize(&f.ips);
+            (crate::symbolize::mixed::interleave(native, f.python.clone()), f.end)
+        }
         _ => (Vec::new(), leakprobe_common::stack_end::COMPLETE),
     }
 }
@@ -1029,7 +1067,7 @@ async fn watch(
                     last_look = now;
                 }
                 let sites = tracker.sites();
-                fetch_new_stacks(probes, &sites, stacks)?;
+                stacks.fetch_new(probes, &sites)?;
                 // Warm the symbol cache while the target's files are surely there.
                 for site in sites.iter().filter(|s| s.outstanding_bytes > 0).take(cfg.top * 4) {
                     let _ = site_frames(&site.key, stacks, symbolizer);
@@ -1060,7 +1098,7 @@ async fn watch(
                     && let Some(every) = sc.every
                     && tracker.window_s() + cfg.interval.as_secs_f64() / 2.0 >= sc.last_at + every.as_secs_f64()
                 {
-                    fetch_new_stacks(probes, &tracker.sites(), stacks)?;
+                    stacks.fetch_new(probes, &tracker.sites())?;
                     sc.scan(cfg, probes, tracker.window_s(), stacks, symbolizer);
                 }
                 let last_scan = scanner.as_ref().and_then(|s| s.last.as_ref());

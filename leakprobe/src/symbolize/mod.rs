@@ -16,6 +16,7 @@ use std::{
 };
 
 pub mod data;
+pub mod mixed;
 
 use blazesym::symbolize::{
     self as bz, Input, Symbolized,
@@ -36,13 +37,38 @@ pub struct Frame {
     /// Set on frames that were inlined into the frame after them.
     #[serde(default)]
     pub inlined: bool,
+    /// An interpreter's frame ("python"), not machine code: its address is its code object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 impl Frame {
     fn unknown(address: u64, module: Option<String>) -> Self {
-        Frame { address, function: None, file: None, line: None, module, inlined: false }
+        Frame { address, function: None, file: None, line: None, module, inlined: false, runtime: None }
+    }
+
+    /// A Python frame: `function (file:line)`, its code object at `code`.
+    pub fn python(code: u64, function: String, file: String, line: Option<u32>) -> Self {
+        Frame {
+            address: code,
+            function: Some(function),
+            file: Some(file),
+            line,
+            module: None,
+            inlined: false,
+            runtime: Some(PYTHON.to_string()),
+        }
+    }
+
+    /// The frame that names a site: the innermost interpreter frame if there is one (as
+    /// tracemalloc groups by the Python line), else the innermost frame.
+    pub fn headline(frames: &[Frame]) -> Option<&Frame> {
+        frames.iter().find(|f| f.runtime.is_some()).or(frames.first())
     }
 }
+
+/// [`Frame::runtime`] of CPython's frames.
+pub const PYTHON: &str = "python";
 
 struct Module {
     mapping: Mapping,
@@ -204,6 +230,7 @@ fn frames_of(addr: u64, sym: &bz::Sym<'_>, module: &str) -> Vec<Frame> {
             line,
             module: Some(module.to_string()),
             inlined,
+            runtime: None,
         }
     };
     // blazesym lists inlined calls outermost first; we print innermost first.

@@ -74,6 +74,7 @@ pub(crate) mod testing {
             line,
             module: Some("/usr/bin/app".into()),
             inlined,
+            runtime: None,
         }
     }
 

@@ -1,0 +1,151 @@
+//! Mixed stacks: an interpreter's frames put in place among the native ones.
+//!
+//! Each C call of CPython's evaluation loop (`_PyEval_EvalFrameDefault`) runs one or more
+//! Python frames. The kernel side marks the outermost Python frame of each such call as its
+//! entry (every frame up to 3.10; `is_entry` in 3.11; the frame above each C-stack shim from
+//! 3.12). Walking both stacks innermost first, the k-th evaluation-loop frame of the native
+//! stack is replaced by the k-th group of Python frames, so a C extension called from Python
+//! sits between the right Python frames.
+
+use super::Frame;
+
+/// Native function names of the evaluation loop, where Python frames go.
+pub const PYTHON_EVAL: [&str; 3] = ["_PyEval_EvalFrameDefault", "_PyEval_EvalFrame", "PyEval_EvalFrameEx"];
+
+fn is_eval(f: &Frame) -> bool {
+    f.runtime.is_none()
+        && f.function.as_deref().is_some_and(|n| {
+            // A `.cold` part or a clone of the loop counts as the loop.
+            let base = n.split('.').next().unwrap_or(n);
+            PYTHON_EVAL.contains(&base)
+        })
+}
+
+/// Python frames (innermost first, each with its entry flag) split into the groups each
+/// evaluation-loop call ran: a group ends at an entry frame.
+fn groups(python: Vec<(Frame, bool)>) -> Vec<Vec<Frame>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    for (f, entry) in python {
+        cur.push(f);
+        if entry {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// `native` with each evaluation-loop frame replaced by the Python frames it ran. Python
+/// frames left over (a native stack cut short, or one the unwinder could not follow through
+/// the interpreter) go after the last native frame; an evaluation-loop frame with no group
+/// left stays as it is.
+pub fn interleave(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
+    if python.is_empty() {
+        return native;
+    }
+    let mut groups = groups(python).into_iter();
+    let mut out = Vec::with_capacity(native.len() + 8);
+    let mut last_eval = None;
+    for f in native {
+        if is_eval(&f) {
+            match groups.next() {
+                Some(g) => {
+                    out.extend(g);
+                    last_eval = Some(out.len());
+                    continue;
+                }
+                None => {
+                    out.push(f);
+                    continue;
+                }
+            }
+        }
+        out.push(f);
+    }
+    // Left over: after the last group placed (the interpreter's outer frames come next), or
+    // at the end when none was.
+    let rest: Vec<Frame> = groups.flatten().collect();
+    match last_eval {
+        Some(at) if !rest.is_empty() => {
+            let tail = out.split_off(at);
+            out.extend(rest);
+            out.extend(tail);
+        }
+        _ => out.extend(rest),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(name: &str) -> Frame {
+        Frame {
+            address: 0x1000,
+            function: Some(name.into()),
+            file: None,
+            line: None,
+            module: Some("/usr/bin/python3.11".into()),
+            inlined: false,
+            runtime: None,
+        }
+    }
+
+    fn py(name: &str, entry: bool) -> (Frame, bool) {
+        (Frame::python(0x7000, name.into(), "app.py".into(), Some(1)), entry)
+    }
+
+    fn names(frames: &[Frame]) -> Vec<&str> {
+        frames.iter().map(|f| f.function.as_deref().unwrap_or("?")).collect()
+    }
+
+    #[test]
+    fn a_c_extension_sits_between_the_right_python_frames() {
+        // handler() calls json.loads (C), which calls back into Python (object_hook), which
+        // allocates.
+        let native = vec![
+            native("PyByteArray_Resize"),
+            native("_PyEval_EvalFrameDefault"),
+            native("_PyFunction_Vectorcall"),
+            native("scanner_call"),
+            native("_PyEval_EvalFrameDefault.cold"),
+            native("Py_BytesMain"),
+        ];
+        let python = vec![py("hook", true), py("handler", false), py("serve", false), py("<module>", true)];
+        let got = interleave(native, python);
+        assert_eq!(
+            names(&got),
+            [
+                "PyByteArray_Resize",
+                "hook",
+                "_PyFunction_Vectorcall",
+                "scanner_call",
+                "handler",
+                "serve",
+                "<module>",
+                "Py_BytesMain"
+            ]
+        );
+        assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("hook"));
+    }
+
+    #[test]
+    fn leftover_python_frames_follow_the_last_placed_group() {
+        // The native walk lost the interpreter's outer frames: two entries, one loop frame.
+        let native = vec![native("malloc_caller"), native("_PyEval_EvalFrameDefault"), native("main")];
+        let got = interleave(native, vec![py("inner", true), py("outer", true)]);
+        assert_eq!(names(&got), ["malloc_caller", "inner", "outer", "main"]);
+        // No loop frame at all: Python frames after the native ones.
+        let got = interleave(vec![native("malloc_caller")], vec![py("f", false)]);
+        assert_eq!(names(&got), ["malloc_caller", "f"]);
+        // More loop frames than groups: the extra ones stay.
+        let native = vec![native("_PyEval_EvalFrameDefault"), native("_PyEval_EvalFrameDefault")];
+        let got = interleave(native, vec![py("f", true)]);
+        assert_eq!(names(&got), ["f", "_PyEval_EvalFrameDefault"]);
+        assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("f"));
+    }
+}
