@@ -110,6 +110,10 @@ pub struct Roots {
     /// tracked blocks). Scanned after everything the others reach is marked. The classes do
     /// not depend on it, only the retainers.
     pub weak: Vec<RootRange>,
+    /// Stale-prone places (a thread's red zone), scanned with `values` (registers) after the
+    /// preferred weak roots: a block that a global reaches through untracked memory is named
+    /// by that global, not by a register that happens to hold its address at the stop.
+    pub late: Vec<RootRange>,
 }
 
 /// A read of the snapshot failed (unmapped, or gone): counted and skipped, never fatal.
@@ -1162,26 +1166,8 @@ impl Marker<'_, '_, '_> {
                 m.definite(h, 1, &mut next, &mut seeds);
             }
         };
-        for r in &roots.ranges {
-            self.scan_root_range(r, &mut on_root);
-        }
-        for v in &roots.values {
-            let mut hits = Vec::new();
-            for (i, &value) in v.values.iter().enumerate() {
-                if let Some(target) = self.heap.find(value) {
-                    let at = u64::try_from(i).unwrap_or(u64::MAX);
-                    hits.push(Hit { from: Src::Value(v.root), at, value, target });
-                }
-            }
-            self.stats.root_values += v.values.len() as u64;
-            self.stats.pointers += hits.len() as u64;
-            self.stats.roots.entry(v.root).or_default().values += v.values.len() as u64;
-            on_root(self, &hits);
-        }
-
-        let mut order = Vec::new();
-        self.spread(&mut next, &mut seeds, &mut order);
-        // The weak roots' pointers, the preferred ones first.
+        // The weak roots' pointers, the preferred ones first (read before any marking: they do
+        // not depend on it).
         let mut weak_hits: Vec<Hit> = Vec::new();
         for r in &roots.weak {
             self.scan_root_range(r, &mut |_: &mut Self, hits: &[Hit]| weak_hits.extend_from_slice(hits));
@@ -1191,7 +1177,35 @@ impl Marker<'_, '_, '_> {
                 (Some(f), Src::Word(root)) => f(root, h.at),
                 _ => false,
             });
-        for hits in [first, later] {
+        // Registers and red zones: with preferred weak roots, after them (what a global
+        // reaches through untracked memory is named by the global); else with the others.
+        let mut late_hits: Vec<Hit> = Vec::new();
+        for r in &roots.late {
+            self.scan_root_range(r, &mut |_: &mut Self, hits: &[Hit]| late_hits.extend_from_slice(hits));
+        }
+        for v in &roots.values {
+            for (i, &value) in v.values.iter().enumerate() {
+                if let Some(target) = self.heap.find(value) {
+                    let at = u64::try_from(i).unwrap_or(u64::MAX);
+                    late_hits.push(Hit { from: Src::Value(v.root), at, value, target });
+                    self.stats.pointers += 1;
+                }
+            }
+            self.stats.root_values += v.values.len() as u64;
+            self.stats.roots.entry(v.root).or_default().values += v.values.len() as u64;
+        }
+        for r in &roots.ranges {
+            self.scan_root_range(r, &mut on_root);
+        }
+        let mut order = Vec::new();
+        let phases = if first.is_empty() {
+            on_root(self, &late_hits);
+            [Vec::new(), Vec::new(), later]
+        } else {
+            [first, late_hits, later]
+        };
+        self.spread(&mut next, &mut seeds, &mut order);
+        for hits in phases {
             for h in &hits {
                 self.definite(h, 1, &mut next, &mut seeds);
             }
@@ -1690,7 +1704,11 @@ mod tests {
             mem.map(GLOBALS, PAGE);
             mem.map(HEAP, 1 << 20);
             let ranges = vec![RootRange { start: GLOBALS, len: PAGE, root: GLOBAL_ROOT }];
-            World { mem, blocks: Vec::new(), roots: Roots { ranges, values: Vec::new(), weak: Vec::new() } }
+            World {
+                mem,
+                blocks: Vec::new(),
+                roots: Roots { ranges, values: Vec::new(), weak: Vec::new(), late: Vec::new() },
+            }
         }
 
         /// A block at `HEAP + off`; returns its index.
@@ -2219,6 +2237,7 @@ mod tests {
             ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }],
             values: Vec::new(),
             weak: Vec::new(),
+            late: Vec::new(),
         };
         let m = mark(&blocks, &roots, &mut mem, Options::default()).expect("marks");
         let s = site(&m, 1);
@@ -2470,5 +2489,22 @@ mod tests {
         assert_eq!(root_of(&without, a), Some(WEAK + 8), "in memory order without a preference");
         assert_eq!(root_of(&with, b), Some(WEAK + 0x100), "the preferred word first");
         assert!(matches!(with.blocks[a].retainer, Retainer::Root(_)), "a is still reached from its own word");
+
+        // A register holding b's address at the stop: the preferred weak word still holds b
+        // (a global reaches it through untracked memory); without a preference the register
+        // comes before the other weak words.
+        w.roots.values.push(RootValues { root: 9, values: vec![w.at(b)] });
+        let mut prefer = |root: u32, addr: u64| root == 7 && addr == WEAK + 0x100;
+        let with = w.run_with(Options { prefer_weak: Some(&mut prefer), ..Options::default() });
+        assert_eq!(root_of(&with, b), Some(WEAK + 0x100), "the preferred word before a register");
+        let without = w.run();
+        assert!(
+            matches!(
+                without.blocks[b].retainer,
+                Retainer::Root(RootRef { slot: RootSlot::Value { .. }, .. })
+            ),
+            "{:?}",
+            without.blocks[b].retainer
+        );
     }
 }

@@ -249,8 +249,15 @@ fn mark_roots(
         .iter()
         .map(|&(s, e, root)| mark::RootRange { start: s, len: e - s, root })
         .partition(|r| is_untracked(&roots.kinds[r.root as usize]));
+    let (late, strong): (Vec<_>, Vec<_>) = strong.into_iter().partition(|r| {
+        matches!(
+            roots.kinds[r.root as usize],
+            roots::RootKind::RedZone { .. } | roots::RootKind::Registers { .. }
+        )
+    });
     let mroots = mark::Roots {
         ranges: strong,
+        late,
         values: roots
             .values
             .iter()
@@ -809,6 +816,7 @@ mod tests {
             ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
             values: vec![],
             weak: vec![],
+            late: vec![],
         };
         let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
             let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };

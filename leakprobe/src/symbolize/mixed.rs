@@ -83,7 +83,7 @@ pub fn interleave(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> 
 mod tests {
     use super::*;
 
-    fn native(name: &str) -> Frame {
+    fn nat(name: &str) -> Frame {
         Frame {
             address: 0x1000,
             function: Some(name.into()),
@@ -108,12 +108,12 @@ mod tests {
         // handler() calls json.loads (C), which calls back into Python (object_hook), which
         // allocates.
         let native = vec![
-            native("PyByteArray_Resize"),
-            native("_PyEval_EvalFrameDefault"),
-            native("_PyFunction_Vectorcall"),
-            native("scanner_call"),
-            native("_PyEval_EvalFrameDefault.cold"),
-            native("Py_BytesMain"),
+            nat("PyByteArray_Resize"),
+            nat("_PyEval_EvalFrameDefault"),
+            nat("_PyFunction_Vectorcall"),
+            nat("scanner_call"),
+            nat("_PyEval_EvalFrameDefault.cold"),
+            nat("Py_BytesMain"),
         ];
         let python = vec![py("hook", true), py("handler", false), py("serve", false), py("<module>", true)];
         let got = interleave(native, python);
@@ -136,14 +136,14 @@ mod tests {
     #[test]
     fn leftover_python_frames_follow_the_last_placed_group() {
         // The native walk lost the interpreter's outer frames: two entries, one loop frame.
-        let native = vec![native("malloc_caller"), native("_PyEval_EvalFrameDefault"), native("main")];
+        let native = vec![nat("malloc_caller"), nat("_PyEval_EvalFrameDefault"), nat("main")];
         let got = interleave(native, vec![py("inner", true), py("outer", true)]);
         assert_eq!(names(&got), ["malloc_caller", "inner", "outer", "main"]);
         // No loop frame at all: Python frames after the native ones.
-        let got = interleave(vec![native("malloc_caller")], vec![py("f", false)]);
+        let got = interleave(vec![nat("malloc_caller")], vec![py("f", false)]);
         assert_eq!(names(&got), ["malloc_caller", "f"]);
         // More loop frames than groups: the extra ones stay.
-        let native = vec![native("_PyEval_EvalFrameDefault"), native("_PyEval_EvalFrameDefault")];
+        let native = vec![nat("_PyEval_EvalFrameDefault"), nat("_PyEval_EvalFrameDefault")];
         let got = interleave(native, vec![py("f", true)]);
         assert_eq!(names(&got), ["f", "_PyEval_EvalFrameDefault"]);
         assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("f"));
