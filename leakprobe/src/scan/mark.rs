@@ -110,9 +110,9 @@ pub struct Roots {
     /// tracked blocks). Scanned after everything the others reach is marked. The classes do
     /// not depend on it, only the retainers.
     pub weak: Vec<RootRange>,
-    /// Stale-prone places (a thread's red zone), scanned with `values` (registers) after the
-    /// preferred weak roots: a block that a global reaches through untracked memory is named
-    /// by that global, not by a register that happens to hold its address at the stop.
+    /// Stale-prone places (a thread's red zone), scanned with `values` (registers), after the
+    /// weak roots when there are any: a block that a global reaches through untracked memory
+    /// is named by that chain, not by a register that happens to hold its address at the stop.
     pub late: Vec<RootRange>,
 }
 
@@ -1177,8 +1177,9 @@ impl Marker<'_, '_, '_> {
                 (Some(f), Src::Word(root)) => f(root, h.at),
                 _ => false,
             });
-        // Registers and red zones: with preferred weak roots, after them (what a global
-        // reaches through untracked memory is named by the global); else with the others.
+        // Registers and red zones: with untracked memory among the roots, after it (a block
+        // that a global reaches through untracked memory is named by that chain, not by a
+        // register that held its address at the stop); else with the others.
         let mut late_hits: Vec<Hit> = Vec::new();
         for r in &roots.late {
             self.scan_root_range(r, &mut |_: &mut Self, hits: &[Hit]| late_hits.extend_from_slice(hits));
@@ -1198,11 +1199,11 @@ impl Marker<'_, '_, '_> {
             self.scan_root_range(r, &mut on_root);
         }
         let mut order = Vec::new();
-        let phases = if first.is_empty() {
+        let phases = if roots.weak.is_empty() {
             on_root(self, &late_hits);
-            [Vec::new(), Vec::new(), later]
+            [first, later, Vec::new()]
         } else {
-            [first, late_hits, later]
+            [first, later, late_hits]
         };
         self.spread(&mut next, &mut seeds, &mut order);
         for hits in phases {
@@ -2490,21 +2491,27 @@ mod tests {
         assert_eq!(root_of(&with, b), Some(WEAK + 0x100), "the preferred word first");
         assert!(matches!(with.blocks[a].retainer, Retainer::Root(_)), "a is still reached from its own word");
 
-        // A register holding b's address at the stop: the preferred weak word still holds b
-        // (a global reaches it through untracked memory); without a preference the register
-        // comes before the other weak words.
+        // A register holding b's address at the stop: untracked memory still names b's holder
+        // (a global reaches it through there); with no weak roots, the register does.
         w.roots.values.push(RootValues { root: 9, values: vec![w.at(b)] });
         let mut prefer = |root: u32, addr: u64| root == 7 && addr == WEAK + 0x100;
         let with = w.run_with(Options { prefer_weak: Some(&mut prefer), ..Options::default() });
         assert_eq!(root_of(&with, b), Some(WEAK + 0x100), "the preferred word before a register");
-        let without = w.run();
+        let unpreferred = w.run();
         assert!(
-            matches!(
-                without.blocks[b].retainer,
+            !matches!(
+                unpreferred.blocks[b].retainer,
                 Retainer::Root(RootRef { slot: RootSlot::Value { .. }, .. })
             ),
+            "any weak word before a register: {:?}",
+            unpreferred.blocks[b].retainer
+        );
+        w.roots.weak.clear();
+        let alone = w.run();
+        assert!(
+            matches!(alone.blocks[b].retainer, Retainer::Root(RootRef { slot: RootSlot::Value { .. }, .. })),
             "{:?}",
-            without.blocks[b].retainer
+            alone.blocks[b].retainer
         );
     }
 }
