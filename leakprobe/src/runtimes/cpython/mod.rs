@@ -1,1 +1,3 @@
 //! CPython: recognising the runtime in a process, and naming its frames.
+
+pub mod linetable;
