@@ -174,7 +174,7 @@ impl CodeResolver {
     /// matches.
     fn info(&mut self, mem: &dyn Memory, code: u64) -> Option<&CodeInfo> {
         let l = self.layout;
-        if code == 0 || code % 8 != 0 {
+        if code == 0 || !code.is_multiple_of(8) {
             return None;
         }
         let head = mem.read_vec(code, usize::try_from(l.size).ok()?)?;
