@@ -56,12 +56,12 @@ fn start(python: &str) -> (Python, Value) {
     (Python(child), info)
 }
 
-/// The main thread's FS base, read with ptrace (the world is resumed at once).
-fn fs_base(pid: i32) -> u64 {
+/// The FS bases of threads `tids`, read with ptrace (the world is resumed at once).
+fn fs_bases(pid: i32, tids: &[i32]) -> Vec<u64> {
     let world = StoppedWorld::stop(pid, StopOptions::default()).expect("stop the target");
-    let base = world.thread(pid).expect("main thread").regs().fs_base;
+    let bases = tids.iter().map(|&t| world.thread(t).expect("thread").regs().fs_base).collect();
     world.resume();
-    base
+    bases
 }
 
 fn check(python: &str, minor: u8, flavor: u32, module_has: &str) {
@@ -90,17 +90,24 @@ fn check(python: &str, minor: u8, flavor: u32, module_has: &str) {
     assert_eq!(cfg.code_type, rt.types.code);
     assert!(cfg.interp_head_ptr > rt.py_runtime && cfg.interp_head_ptr < rt.py_runtime + 4096);
 
-    // 2. The main thread's state, found as the kernel side will.
+    // 2. The main thread's state, found as the kernel side will. A worker thread started
+    //    first is at the head of the list: finding main follows `tstate_next`.
     let mem = Mem::open(pid).unwrap();
-    let key = if flavor == py_flavor::FRAME_OBJECT {
-        let base = fs_base(pid);
-        assert_eq!(base, info["pthread"].as_u64().unwrap(), "pthread_self() is the FS base");
-        walk::thread_key(&cfg, pid as u32, base)
+    let worker_tid = info["worker_native_tid"].as_u64().unwrap() as i32;
+    assert_eq!(info["native_tid"].as_u64().unwrap(), pid as u64);
+    let (key, worker_key) = if flavor == py_flavor::FRAME_OBJECT {
+        let bases = fs_bases(pid, &[pid, worker_tid]);
+        assert_eq!(bases[0], info["pthread"].as_u64().unwrap(), "pthread_self() is the FS base");
+        assert_eq!(bases[1], info["worker_pthread"].as_u64().unwrap(), "pthread_self() is the FS base");
+        (walk::thread_key(&cfg, pid as u32, bases[0]), walk::thread_key(&cfg, worker_tid as u32, bases[1]))
     } else {
-        assert_eq!(info["native_tid"].as_u64().unwrap(), pid as u64);
-        walk::thread_key(&cfg, pid as u32, 0)
+        (walk::thread_key(&cfg, pid as u32, 0), walk::thread_key(&cfg, worker_tid as u32, 0))
     };
+    let states = walk::thread_states(&mem, &cfg);
+    assert_eq!(states.len(), 2, "main and worker");
     let tstate = walk::find_thread_state(&mem, &cfg, key).expect("the main thread's state");
+    let worker = walk::find_thread_state(&mem, &cfg, worker_key).expect("the worker's state");
+    assert_eq!((states[0], states[1]), (worker, tstate), "newest first");
     assert_eq!(walk::find_thread_state(&mem, &cfg, key ^ 0x5a5a_0000), None);
 
     // 3. The walk, named, is the interpreter's own stack.
@@ -153,6 +160,14 @@ fn check(python: &str, minor: u8, flavor: u32, module_has: &str) {
         want_in_order.dedup();
         assert_eq!(entries, want_in_order);
     }
+
+    // The worker's walk ends in worker() waiting, under threading's bootstrap frames.
+    let ww = walk::walk_frames(&mem, &cfg, worker);
+    assert_eq!(ww.end, py_end::COMPLETE);
+    let wnamed = resolver.resolve_stack(&mem, &ww.words);
+    let wfuncs: Vec<&str> = wnamed.iter().map(|f| f.as_ref().expect("resolves").function.as_str()).collect();
+    assert!(wfuncs.contains(&"worker"), "{wfuncs:?}");
+    assert!(wfuncs.last().unwrap().ends_with("_bootstrap"), "{wfuncs:?}");
 
     // The cache answers the same the second time.
     assert_eq!(resolver.resolve_stack(&mem, &w.words), named);

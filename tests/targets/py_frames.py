@@ -8,7 +8,7 @@ is, innermost first:
 - "entries": the functions that a C function called (each runs in its own C evaluation
   loop): <module> (run by the C main), the sort key (called by sorted()) and the generator
   (resumed by next());
-- the main thread's ids and the version.
+- the main thread's ids, a worker thread's ids (blocked in worker()), and the version.
 
 The stack: <module> -> main -> Klass.method -> grüße (Latin-1 name) -> 函数 (UCS-2 name)
 -> sorted(key=𠀀 (UCS-4 name)) -> next(gen()) -> block, which prints and blocks on the same
@@ -44,6 +44,8 @@ def report(frame, stack):
             "frames": frames,
             "stack": [{"file": s.filename, "line": s.lineno, "name": s.name} for s in reversed(stack)],
             "entries": ["<module>", "𠀀", "gen"],
+            "worker_native_tid": WORKER["native_tid"],
+            "worker_pthread": WORKER["pthread"],
         }
     )
 
@@ -85,7 +87,23 @@ class Klass:
             a + 1)
 
 
+WORKER = {}
+WORKER_READY = threading.Event()
+WORKER_STOP = threading.Event()
+
+
+def worker():
+    WORKER["native_tid"] = threading.get_native_id()
+    WORKER["pthread"] = threading.get_ident()
+    WORKER_READY.set()
+    WORKER_STOP.wait()
+
+
 def main():
+    # A second thread, started first: the main thread's state is then not the head of the
+    # interpreter's thread list (new states go in front), so finding it follows `next`.
+    threading.Thread(target=worker, daemon=True).start()
+    WORKER_READY.wait()
     k = Klass()
     k.method(
         1)
