@@ -54,10 +54,8 @@ pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
         let Some(runtime_sym) = syms.get("_PyRuntime") else { continue };
         let loads =
             elf::loads_in(&data).map_err(|source| DetectError::Elf { path: m.path.clone(), source })?;
-        let bias = elf::load_bias(&loads, m.start, m.file_offset).ok_or_else(|| DetectError::Layout {
-            version: unknown(),
-            why: "cannot place the module".into(),
-        })?;
+        let bias = elf::load_bias(&loads, m.start, m.file_offset)
+            .ok_or_else(|| DetectError::Placement { path: m.path.clone() })?;
         let addr = |name: &'static str| {
             syms.get(name)
                 .map(|s| s.address + bias)
@@ -140,10 +138,6 @@ pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
         return Ok(Some(rt));
     }
     Ok(None)
-}
-
-fn unknown() -> PyVersion {
-    PyVersion { major: 3, minor: 0, micro: None }
 }
 
 fn read_module(pid: i32, m: &Mapping) -> Result<Vec<u8>, DetectError> {

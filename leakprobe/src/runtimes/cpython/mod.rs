@@ -96,6 +96,8 @@ pub enum DetectError {
         #[source]
         source: object::Error,
     },
+    #[error("{path} defines _PyRuntime, but its mappings do not match its program headers")]
+    Placement { path: PathBuf },
     #[error("CPython in {path}: no {symbol} symbol, so its frames cannot be found")]
     MissingSymbol { path: PathBuf, symbol: &'static str },
     #[error("CPython in {path}: cannot tell its version (no Py_Version, no version in the name)")]
