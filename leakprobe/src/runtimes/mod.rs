@@ -17,6 +17,21 @@ pub trait Memory {
         let mut b = [0u8; 4];
         self.read(addr, &mut b).then(|| u32::from_le_bytes(b))
     }
+
+    fn read_i32(&self, addr: u64) -> Option<i32> {
+        self.read_u32(addr).map(|v| v as i32)
+    }
+
+    fn read_u8(&self, addr: u64) -> Option<u8> {
+        let mut b = [0u8; 1];
+        self.read(addr, &mut b).then_some(b[0])
+    }
+
+    /// `len` bytes from `addr`, all or nothing. The caller bounds `len`: it is allocated.
+    fn read_vec(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.read(addr, &mut v).then_some(v)
+    }
 }
 
 impl Memory for crate::ptrace::Mem {

@@ -54,11 +54,15 @@ pub struct Load {
 
 /// The `PT_LOAD` headers of the ELF file at `path`.
 pub fn loads(path: &Path) -> Result<Vec<Load>, ElfError> {
-    use object::read::elf::ProgramHeader as _;
     let shown = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| ElfError::Read { path: shown.clone(), source })?;
-    let file = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data)
-        .map_err(|source| ElfError::Parse { path: shown, source })?;
+    loads_in(&data).map_err(|source| ElfError::Parse { path: shown, source })
+}
+
+/// The `PT_LOAD` headers of an ELF image.
+pub fn loads_in(data: &[u8]) -> Result<Vec<Load>, object::Error> {
+    use object::read::elf::ProgramHeader as _;
+    let file = object::read::elf::ElfFile64::<object::Endianness>::parse(data)?;
     let e = file.endian();
     Ok(file
         .elf_program_headers()
@@ -74,15 +78,53 @@ pub fn loads(path: &Path) -> Result<Vec<Load>, ElfError> {
         .collect())
 }
 
+/// The load bias (runtime address - ELF virtual address) of a module, given any one of its
+/// mappings (`start`, file `offset`).
+pub fn load_bias(loads: &[Load], start: u64, offset: u64) -> Option<u64> {
+    const PAGE: u64 = 4096;
+    let page = |x: u64| x & !(PAGE - 1);
+    let seg = loads.iter().find(|l| page(l.offset) <= offset && offset < l.offset + l.filesz.max(1))?;
+    start.checked_sub(page(seg.vaddr) + (offset - page(seg.offset)))
+}
+
 /// Where a module's writable data (its last writable `PT_LOAD`, `.bss` included) ends in
 /// memory, given where the mapping of its lowest file offset starts (`start`, `offset`).
 pub fn data_end(loads: &[Load], start: u64, offset: u64) -> Option<u64> {
-    const PAGE: u64 = 4096;
-    let page = |x: u64| x & !(PAGE - 1);
-    // The segment that maps `offset`: the load bias follows from it.
-    let seg = loads.iter().find(|l| page(l.offset) <= offset && offset < l.offset + l.filesz.max(1))?;
-    let bias = start.checked_sub(page(seg.vaddr) + (offset - page(seg.offset)))?;
+    let bias = load_bias(loads, start, offset)?;
     loads.iter().filter(|l| l.writable).map(|l| bias + l.vaddr + l.memsz).max()
+}
+
+/// A defined symbol's ELF virtual address and size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SymbolAddr {
+    pub address: u64,
+    pub size: u64,
+}
+
+/// The defined symbols (any kind: data or code) of an ELF image whose names `wanted`
+/// accepts, from `.dynsym` first, then `.symtab`; the first definition of a name wins.
+pub fn symbols_in(
+    data: &[u8],
+    wanted: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, SymbolAddr>, object::Error> {
+    let file = object::File::parse(data)?;
+    let mut out = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if !sym.is_definition() {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if wanted(name) && !out.contains_key(name) {
+            out.insert(name.to_string(), SymbolAddr { address: sym.address(), size: sym.size() });
+        }
+    }
+    Ok(out)
+}
+
+/// The contents of the section `name` of an ELF image, if it has file data.
+pub fn section_data<'a>(data: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let file = object::File::parse(data).ok()?;
+    file.section_by_name(name)?.data().ok()
 }
 
 /// A function's place in its file.
