@@ -440,6 +440,11 @@ pub struct PyConfig {
     pub frame_entry: u64,
     /// `offsetof(PyCodeObject, co_code_adaptive)` (3.11+): the bytecode's start.
     pub code_adaptive: u64,
+    /// 3.9 and 3.10 have no `native_thread_id`: the field at `tstate_native_thread_id` is
+    /// `thread_id`, `pthread_self()`, which is the thread's FS base. Then this is the offset
+    /// of `thread.fsbase` in the kernel's `task_struct` (from its BTF), and the walk matches
+    /// on it; 0: match the kernel tid.
+    pub task_fsbase: u64,
 }
 
 /// How a CPython version keeps its frames.

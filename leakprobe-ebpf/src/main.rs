@@ -17,7 +17,10 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
@@ -263,9 +266,9 @@ fn plausible_fp(bp: u64, sp: u64) -> bool {
 }
 
 /// Thread states looked at per lookup, at most.
-const MAX_PY_THREADS: u32 = 64;
+const MAX_PY_THREADS: u32 = 256;
 /// Frames looked at per walk, at most (shim frames are skipped, not kept).
-const MAX_PY_WALK: u32 = 48;
+const MAX_PY_WALK: u32 = 2 * MAX_PY_DEPTH as u32 + 1;
 /// `_PyInterpreterFrame.owner` of the shim frame a C call into the evaluation loop pushes.
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
@@ -310,14 +313,23 @@ unsafe extern "C" fn py_thread_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64
 /// main interpreter's thread list for the one whose `native_thread_id` is this tid.
 #[inline(always)]
 fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
+    // The key the thread state holds: the tid, or (3.9, 3.10) pthread_self(), the FS base.
+    let key = if cfg.task_fsbase != 0 {
+        let task = unsafe { bpf_get_current_task() };
+        unsafe { bpf_probe_read_kernel((task + cfg.task_fsbase) as *const u64) }.ok()?
+    } else {
+        tid as u64
+    };
+    // Cached by tid, and checked against the key at each use (a thread state freed and
+    // reused by another thread holds that thread's key).
     if let Some(ts) = unsafe { PY_TSTATE.get(&tid) }.copied()
-        && read_u64(ts + cfg.tstate_native_thread_id) == Some(tid as u64)
+        && read_u64(ts + cfg.tstate_native_thread_id) == Some(key)
     {
         return Some(ts);
     }
     let interp = read_u64(cfg.interp_head_ptr)?;
     let head = read_u64(interp + cfg.interp_threads_head)?;
-    let mut w = PyWalk { tid: tid as u64, cur: head, found: 0, n: 0, h: 0, end: 0 };
+    let mut w = PyWalk { tid: key, cur: head, found: 0, n: 0, h: 0, end: 0 };
     unsafe {
         bpf_loop(MAX_PY_THREADS, py_thread_step as *mut core::ffi::c_void, &mut w as *mut PyWalk as *mut _, 0)
     };
@@ -337,11 +349,6 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
     if frame == 0 {
         return 1;
     }
-    let max = (cfg.max_frames as u64).min(MAX_PY_DEPTH as u64);
-    if w.n >= max {
-        w.end = py_end::MAX_DEPTH as u64;
-        return 1;
-    }
     let (Some(code), Some(back), Some(instr)) = (
         read_u64(frame + cfg.frame_code),
         read_u64(frame + cfg.frame_back),
@@ -350,29 +357,47 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
         w.end = py_end::BAD_FRAME as u64;
         return 1;
     };
-    w.cur = back;
-    let (pos, entry) = if cfg.flavor == py_flavor::FRAME_OBJECT {
-        // f_lasti is an int; -1 before the first instruction.
-        ((instr as u32 as i32).max(0) as u64, true)
+    let flag: u8 = if cfg.flavor == py_flavor::FRAME_OBJECT {
+        0
     } else {
-        let flag: u8 = unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) }.unwrap_or(0);
-        if cfg.flavor != py_flavor::CFRAME_311 && flag == FRAME_OWNED_BY_CSTACK {
-            // A shim: the frame walked just before it is where that C call entered.
-            let last = w.n.wrapping_sub(1) as usize;
-            if last < MAX_PY_DEPTH {
-                buf.py[last] |= py_frame::ENTRY;
+        match unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) } {
+            Ok(f) => f,
+            Err(_) => {
+                w.end = py_end::BAD_FRAME as u64;
+                return 1;
             }
-            return 0;
         }
-        let start = code + cfg.code_adaptive;
-        let pos = if instr >= start { (instr - start) / 2 } else { 0 };
-        (pos, cfg.flavor == py_flavor::CFRAME_311 && flag != 0)
     };
+    if (cfg.flavor == py_flavor::CFRAME_312 || cfg.flavor == py_flavor::CURRENT_313)
+        && flag == FRAME_OWNED_BY_CSTACK
+    {
+        // A shim: the frame taken just before it is where that C call entered.
+        let last = w.n.wrapping_sub(1) as usize;
+        if last < MAX_PY_DEPTH {
+            buf.py[last] |= py_frame::ENTRY;
+        }
+        w.cur = back;
+        return 0;
+    }
+    let max = (cfg.max_frames as u64).min(MAX_PY_DEPTH as u64);
+    if w.n >= max {
+        w.end = py_end::MAX_DEPTH as u64;
+        return 1;
+    }
     // Never a frame whose code is not a code object.
     if read_u64(code + 8) != Some(cfg.code_type) {
         w.end = py_end::BAD_FRAME as u64;
         return 1;
     }
+    let (pos, entry) = if cfg.flavor == py_flavor::FRAME_OBJECT {
+        // f_lasti is an int; negative before the first instruction.
+        let lasti = instr as u32 as i32;
+        (if lasti < 0 { py_frame::POS_MASK } else { lasti as u64 }, true)
+    } else {
+        let start = code + cfg.code_adaptive;
+        let pos = if instr >= start { (instr - start) >> 1 } else { py_frame::POS_MASK };
+        (pos, cfg.flavor == py_flavor::CFRAME_311 && flag != 0)
+    };
     let i = w.n as usize;
     if i < MAX_PY_DEPTH {
         let word = py_frame::pack(code, pos, entry);
@@ -380,6 +405,7 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
         w.h = (w.h ^ word).wrapping_mul(0x0000_0100_0000_01b3);
         w.n += 1;
     }
+    w.cur = back;
     0
 }
 

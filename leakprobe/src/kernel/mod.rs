@@ -2,6 +2,7 @@
 //! feeds them `.eh_frame` unwind rows, attaches them and reads their maps. May use `target` (what
 //! to hook) and `model` types (what the maps mean); the only layer that calls bpf(2).
 
+pub mod btf;
 pub mod doctor;
 pub mod placement;
 pub mod preflight;

@@ -75,6 +75,8 @@ pub fn config(layout: &Layout, py_runtime: u64, code_type: u64) -> PyConfig {
         frame_instr: layout.frame_instr,
         frame_entry: layout.frame_entry,
         code_adaptive: if layout.flavor == py_flavor::FRAME_OBJECT { 0 } else { layout.code.size },
+        // The kernel's own offset: set by the caller for FRAME_OBJECT (see the field).
+        task_fsbase: 0,
     }
 }
 
