@@ -247,9 +247,11 @@ mod tests {
             })
             .unwrap();
         let vaddr = t.vaddr_of_offset(pc - start + off).unwrap();
+        // The row in force at the entry: it may start before it, where the function before
+        // ends with the same rule (equal neighbours are merged).
         let idx = t.rows.partition_point(|r| r.pc <= vaddr) - 1;
         let row = t.rows[idx];
-        assert_eq!(row.pc, vaddr, "a row starts at the function's entry");
+        assert!(row.pc <= vaddr, "a row covers the entry: {row:?} at {vaddr:#x}");
         assert_eq!((row.cfa_reg, row.cfa_offset), (cfa::RSP, 8));
     }
 

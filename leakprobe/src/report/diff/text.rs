@@ -44,7 +44,10 @@ fn frame_text(f: &Frame) -> String {
         (Some(file), None) => format!(" {}", basename(file)),
         _ => String::new(),
     };
-    let module = f.module.as_deref().map(|m| format!(" ({})", basename(m))).unwrap_or_default();
+    let module = match &f.runtime {
+        Some(rt) => format!(" [{rt}]"),
+        None => f.module.as_deref().map(|m| format!(" ({})", basename(m))).unwrap_or_default(),
+    };
     let inl = if f.inlined { " [inlined]" } else { "" };
     format!("{func}{loc}{module}{inl}")
 }
@@ -105,7 +108,8 @@ pub fn render(d: &Diff, top: usize) -> String {
             "", "\u{394} BYTES", "\u{394} COUNT", "NEW", "FREED", "GROWTH"
         );
         for (i, s) in changed.iter().take(top).enumerate() {
-            let site = match s.frames.first() {
+            // A Python site reads as tracemalloc's compare_to: by its innermost Python line.
+            let site = match Frame::headline(&s.frames) {
                 Some(f) => format!("{} in {}", s.function, frame_text(f)),
                 None => format!("{} (stack not available)", s.function),
             };

@@ -29,6 +29,14 @@ pub enum ExportError {
 /// A frame's name for tools that only show names: the function, or where the address is when
 /// it has no symbol (`[unknown] libfoo.so+0x1234`, or the bare address outside any module).
 pub fn frame_label(frame: &Frame, report: &Report) -> String {
+    if let (Some(_), Some(f)) = (&frame.runtime, &frame.function) {
+        // An interpreter's frame: its line matters as much as its function (py-spy's form).
+        let file = frame.file.as_deref().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("?");
+        return match frame.line {
+            Some(l) => format!("{f} ({file}:{l})"),
+            None => format!("{f} ({file})"),
+        };
+    }
     if let Some(f) = &frame.function {
         return f.clone();
     }

@@ -215,7 +215,9 @@ pub fn profile(report: &Report) -> Profile {
     let mut functions: Vec<Function> = Vec::new();
     let mut function_ids: HashMap<(String, Option<String>), u64> = HashMap::new();
     let mut locations: Vec<Location> = Vec::new();
-    let mut location_ids: HashMap<u64, u64> = HashMap::new();
+    // A native location is its address; an interpreter's frame is its code object and line
+    // (one code object runs many lines).
+    let mut location_ids: HashMap<(u64, Option<u32>), u64> = HashMap::new();
     let allocator_key = strings.get("allocator");
     let mut samples = Vec::with_capacity(report.sites.len());
 
@@ -223,11 +225,12 @@ pub fn profile(report: &Report) -> Profile {
         let mut location_id = Vec::new();
         for group in super::by_address(&site.frames) {
             let address = group[0].address;
-            if let Some(&id) = location_ids.get(&address) {
+            let key = (address, group[0].runtime.as_ref().and(group[0].line));
+            if let Some(&id) = location_ids.get(&key) {
                 location_id.push(id);
                 continue;
             }
-            let mapping = mapping_of(address);
+            let mapping = if group[0].runtime.is_some() { None } else { mapping_of(address) };
             let mut line = Vec::new();
             for frame in group {
                 // "[unknown] module+0x..." names say only where the address is, which the
@@ -264,7 +267,7 @@ pub fn profile(report: &Report) -> Profile {
                 line,
                 is_folded: false,
             });
-            location_ids.insert(address, id);
+            location_ids.insert(key, id);
             location_id.push(id);
         }
         samples.push(Sample {
@@ -506,6 +509,41 @@ mod tests {
         let unknown = p.location.iter().find(|l| l.address == 0x7f00_0000_1010).unwrap();
         assert_eq!(unknown.mapping_id, libc.id);
         assert!(unknown.line.is_empty());
+    }
+
+    #[test]
+    fn python_frames_are_a_location_per_line_and_a_function_per_code_object() {
+        use crate::report::export::testing::{frame, site};
+        let py = |line| {
+            crate::symbolize::Frame::python(
+                0x7f55_0000_1000,
+                "cache_user".into(),
+                "/srv/app.py".into(),
+                Some(line),
+            )
+        };
+        let mut r = report();
+        r.sites = vec![
+            site(
+                "malloc",
+                (4000, 4),
+                (4000, 4),
+                vec![frame(0x1100, Some("PyByteArray_Resize"), None, false), py(40)],
+            ),
+            site(
+                "malloc",
+                (2000, 2),
+                (2000, 2),
+                vec![frame(0x1100, Some("PyByteArray_Resize"), None, false), py(41)],
+            ),
+        ];
+        let p = decode(&encode(&r).unwrap());
+        assert_eq!(stack(&p, &p.sample[0]), ["PyByteArray_Resize:0", "cache_user:40"]);
+        assert_eq!(stack(&p, &p.sample[1]), ["PyByteArray_Resize:0", "cache_user:41"]);
+        assert_eq!(p.function.iter().filter(|f| s(&p, f.name) == "cache_user").count(), 1);
+        let py_locs: Vec<&Location> = p.location.iter().filter(|l| l.address == 0x7f55_0000_1000).collect();
+        assert_eq!(py_locs.len(), 2, "one location per line");
+        assert!(py_locs.iter().all(|l| l.mapping_id == 0), "an interpreter's frame is in no mapping");
     }
 
     #[test]

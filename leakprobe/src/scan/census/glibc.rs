@@ -1935,16 +1935,13 @@ mod tests {
         // Where glibc puts them holds for its defaults only (tcache_count, mxfast). Fastbin
         // chunks may have been consolidated into the bins by then (another test thread's large
         // request in the same arena runs malloc_consolidate): free either way.
+        // Per size, the split between the tcache and the bins depends on what this thread's
+        // tcache held before the test (the test harness's own frees on this thread fill it
+        // in some builds): across the sizes, both must be seen.
         let defaults = std::env::var_os("GLIBC_TUNABLES").is_none();
-        for (n, second) in [
-            (24, &[ChunkState::FastbinFree, ChunkState::Free][..]),
-            (100, &[ChunkState::FastbinFree, ChunkState::Free]),
-            (500, &[ChunkState::Free]),
-        ] {
-            let both = seen.contains_key(&(n, ChunkState::TcacheFree))
-                && second.iter().any(|st| seen.contains_key(&(n, *st)));
-            assert!(both || !defaults, "{seen:?}");
-        }
+        let tcache = seen.keys().any(|(_, st)| *st == ChunkState::TcacheFree);
+        let bins = seen.keys().any(|(_, st)| matches!(st, ChunkState::FastbinFree | ChunkState::Free));
+        assert!((tcache && bins) || !defaults, "{seen:?}");
 
         // malloc_info per arena, in the same order (main_arena, then its ring).
         let attr = |h: &str, tag: &str| -> u64 {
