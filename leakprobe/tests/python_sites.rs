@@ -118,9 +118,11 @@ fn case(python: &Path) {
     println!("{}", rows.join("\n"));
 
     // The big leaks: within 10% of tracemalloc, each named by its own line.
-    for (needle, function) in
-        [("cache[user] = bytearray", "cache_user"), ("rows.append([0] * 1000)", "add_row")]
-    {
+    for (needle, function) in [
+        ("cache[user] = bytearray", "cache_user"),
+        ("rows.append([0] * 1000)", "add_row"),
+        ("kept.append(bytearray(16 * 1024))", "keep"),
+    ] {
         let line = line_of(needle);
         let (want, _) = truth.get(&line).copied().unwrap_or_else(|| panic!("tracemalloc has no line {line}"));
         let got = ours.get(&line).copied().unwrap_or(0) as f64;
@@ -130,13 +132,37 @@ fn case(python: &Path) {
             "{version}: {function} (line {line}): leakprobe {got} B, tracemalloc {want} B ({err:+.3})"
         );
         let stack = &stacks[&line];
-        let want_stack = [function, "handle", "burst", "main", "<module>"];
-        assert_eq!(
-            stack.iter().map(String::as_str).collect::<Vec<_>>(),
-            want_stack,
-            "{version}: the stack of line {line} reads from the line up to <module>"
-        );
+        let mut want_stack = vec![function];
+        if function == "keep" {
+            // Called back by the _json scanner, under json.loads.
+            want_stack.extend(["JSONDecoder.raw_decode", "JSONDecoder.decode", "loads", "parse"]);
+        }
+        want_stack.extend(["handle", "burst", "main", "<module>"]);
+        // Qualified names from 3.11, plain ones before.
+        let got: Vec<&str> = stack.iter().map(|f| f.rsplit('.').next().unwrap_or(f)).collect();
+        let want: Vec<&str> = want_stack.iter().map(|f| f.rsplit('.').next().unwrap_or(f)).collect();
+        assert_eq!(got, want, "{version}: the stack of line {line} reads from the line up to <module>");
     }
+    // The C extension between the right Python frames: keep (called back) ... _json's own
+    // native frames ... raw_decode (which called the scanner).
+    let keep_site = sites(&report)
+        .iter()
+        .filter(|s| python_headline(s).is_some_and(|(f, _)| f == "keep"))
+        .max_by_key(|s| s["outstanding_bytes"].as_u64().unwrap_or(0))
+        .unwrap_or_else(|| panic!("{version}: no site for keep"));
+    let frames = keep_site["frames"].as_array().unwrap();
+    let at = |pred: &dyn Fn(&Value) -> bool| frames.iter().position(pred);
+    let keep_at = at(&|f| f["runtime"] == "python" && f["function"] == "keep").unwrap();
+    let decode_at = at(&|f| {
+        f["runtime"] == "python" && f["function"].as_str().is_some_and(|n| n.ends_with("raw_decode"))
+    })
+    .unwrap_or_else(|| panic!("{version}: no raw_decode frame: {frames:#?}"));
+    let json_at = at(&|f| f["module"].as_str().is_some_and(|m| m.contains("/_json.")))
+        .unwrap_or_else(|| panic!("{version}: no frame of the _json extension: {frames:#?}"));
+    assert!(
+        keep_at < json_at && json_at < decode_at,
+        "{version}: keep {keep_at}, _json {json_at}, raw_decode {decode_at}"
+    );
     // The freed temporaries are not reported.
     for needle in ["tmp = bytearray(64 * 1024)", "parts = [str(i)"] {
         let line = line_of(needle);

@@ -6,6 +6,8 @@
   - keeps small tuples and strings in a registry dict    (register)
   - appends a closure to a listeners list                (listen)
   - makes temporaries that are all freed                 (scratch)
+  - parses a JSON body whose object hook keeps a buffer   (parse -> _json -> keep): the C
+    extension's frames sit between two Python frames
 then prints `done N` and, with `--tracemalloc` on the command line, tracemalloc's
 `compare_to(before, 'lineno')` for this file as JSON lines `{"line": L, "size": B, "count": C}`
 before `done`. `threads N` runs the burst in N threads at once (the leaks are shared).
@@ -24,6 +26,8 @@ cache = {}
 rows = []
 registry = {}
 listeners = []
+kept = []
+PAYLOAD = json.dumps([{"user": i} for i in range(4)])
 
 
 def cache_user(user):
@@ -48,12 +52,22 @@ def scratch():
     return len(tmp) + len(parts)
 
 
+def keep(obj):
+    kept.append(bytearray(16 * 1024))
+    return obj
+
+
+def parse(user):
+    return json.loads(PAYLOAD, object_hook=keep)
+
+
 def handle(user):
     cache_user(user)
     add_row()
     register(user)
     listen(user)
     scratch()
+    parse(user)
 
 
 def burst(start, n):

@@ -362,7 +362,7 @@ impl<'w> RemoteSyscalls<'w> {
         fd: i32,
         offset: u64,
     ) -> Result<u64, PtraceError> {
-        self.syscall("mmap", libc::SYS_mmap, [addr, len, prot as u64, flags as u64, fd as i64 as u64, offset])
+        self.syscall("mmap", libc::SYS_mmap, mmap_args(addr, len, prot, flags, fd, offset))
     }
 
     pub fn munmap(&mut self, addr: u64, len: u64) -> Result<(), PtraceError> {
@@ -477,6 +477,11 @@ impl Drop for RemoteSyscalls<'_> {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+/// `mmap(addr, len, prot, flags, fd, offset)` as system call arguments.
+pub fn mmap_args(addr: u64, len: u64, prot: i32, flags: i32, fd: i32, offset: u64) -> [u64; 6] {
+    [addr, len, prot as u64, flags as u64, fd as i64 as u64, offset]
 }
 
 /// An interrupted thread by preference: it holds no signal of its own.

@@ -466,7 +466,6 @@ impl Remote<'_> {
         self.syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]).map(drop)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn mmap(
         &mut self,
         addr: u64,
@@ -476,7 +475,7 @@ impl Remote<'_> {
         fd: i32,
         off: u64,
     ) -> Result<u64, PtraceError> {
-        self.syscall("mmap", libc::SYS_mmap, [addr, len, prot as u64, flags as u64, fd as i64 as u64, off])
+        self.syscall("mmap", libc::SYS_mmap, super::remote::mmap_args(addr, len, prot, flags, fd, off))
     }
 
     /// Restores the thread's registers and unmaps our code page, reporting failures.
