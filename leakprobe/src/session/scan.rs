@@ -66,6 +66,12 @@ fn blocks(live: Vec<(u64, LiveBlock)>) -> (Vec<mark::Block>, Vec<LiveBlock>, Vec
 pub fn site_label(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> String {
     let func = AllocKind::from_u32(key.kind).map_or("alloc", |k| k.name());
     let (frames, _) = site_frames(key, stacks, symbolizer);
+    // A Python site: its innermost Python line.
+    if let Some(f) = frames.iter().find(|f| f.runtime.is_some()) {
+        let file = f.file.as_deref().map_or("?", |p| p.rsplit('/').next().unwrap_or(p));
+        let line = f.line.map_or_else(String::new, |l| format!(":{l}"));
+        return format!("{func} in {} ({file}{line})", f.function.as_deref().unwrap_or("?"));
+    }
     let plumbing = |f: &str| {
         f.starts_with("std::")
             || f.starts_with("__gnu_cxx::")
@@ -217,196 +223,29 @@ pub fn run(
             );
         }
     }
-
-    // Classes per site, weighted (an estimate per block when sampling).
-    let mut per_site: Vec<Reachability> = vec![Reachability::default(); keys.len()];
-    let mut raw_bytes = vec![0u64; keys.len()];
-    let mut totals = Reachability::default();
-    for ((o, b), w) in m.blocks.iter().zip(&tracked_blocks).zip(&weights) {
-        let r = &mut per_site[b.site as usize];
-        raw_bytes[b.site as usize] += b.size;
-        let (bytes, count) = (w.weight_bytes, w.weight_count);
-        let (site_class, total_class) = match o.class {
-            mark::Class::DefinitelyLost => (&mut r.definitely_lost, &mut totals.definitely_lost),
-            mark::Class::IndirectlyLost => (&mut r.indirectly_lost, &mut totals.indirectly_lost),
-            mark::Class::PossiblyLost => (&mut r.possibly_lost, &mut totals.possibly_lost),
-            mark::Class::Reachable => (&mut r.reachable, &mut totals.reachable),
-        };
-        site_class.add(bytes, count);
-        total_class.add(bytes, count);
-    }
-    // Counts were summed in 1/COUNT_SCALE units.
-    let unscale = |r: &mut Reachability| {
-        for c in [&mut r.definitely_lost, &mut r.indirectly_lost, &mut r.possibly_lost, &mut r.reachable] {
-            c.count = c.count.div_ceil(COUNT_SCALE);
-        }
-    };
-    per_site.iter_mut().for_each(unscale);
-    unscale(&mut totals);
-    // A site's raw bytes stand for this many estimated bytes.
-    let scale = |site: usize, raw: u64| -> u64 {
-        let est: u64 = {
-            let r = &per_site[site];
-            r.lost_bytes() + r.possibly_lost.bytes + r.reachable.bytes
-        };
-        if raw_bytes[site] == 0 {
-            raw
-        } else {
-            (raw as f64 * est as f64 / raw_bytes[site] as f64).round() as u64
-        }
-    };
-
-    // Site ids at and past keys.len() are the census's groups of untracked blocks.
-    let groups: &[scan::GroupKey] = out.census.as_ref().map_or(&[], |c| &c.groups);
-    let group_of = |site: u32| site.checked_sub(keys.len() as u32).and_then(|g| groups.get(g as usize));
-    let mut labels: HashMap<u32, String> = HashMap::new();
-    let mut label = |site: u32, symbolizer: &mut Symbolizer| -> String {
-        labels
-            .entry(site)
-            .or_insert_with(|| match keys.get(site as usize) {
-                Some(key) => site_label(key, stacks, symbolizer),
-                None => group_of(site).map_or_else(|| "?".into(), |g| format!("{g} from before attach")),
-            })
-            .clone()
-    };
-    let stack_of =
-        |site: u32| keys.get(site as usize).map_or_else(String::new, |k| format!("{:016x}", k.stack_id));
-    let weighted =
-        |site: u32, raw: u64| if (site as usize) < keys.len() { scale(site as usize, raw) } else { raw };
-    let mut cycle_bytes = vec![0u64; keys.len()];
-    let mut cycles = Vec::new();
-    for c in &m.cycles.list {
-        let mut sites = Vec::new();
-        let mut bytes = 0;
-        for s in &c.sites {
-            let est = weighted(s.site, s.bytes);
-            if let Some(b) = cycle_bytes.get_mut(s.site as usize) {
-                *b += est;
-            }
-            bytes += est;
-            sites.push(CycleSite {
-                stack_id: stack_of(s.site),
-                site: label(s.site, symbolizer),
-                blocks: s.blocks,
-            });
-        }
-        cycles.push(Cycle { blocks: c.blocks, bytes, sites });
-    }
-
-    // Each site's first holder, so that a site held by another site's blocks is shown through
-    // them to the root: "global queue (app) -> 12000 16-byte blocks from before attach -> ...".
-    let first: HashMap<u32, (mark::HeldBy, u64)> = m
-        .sites
-        .iter()
-        .filter_map(|s| Some((s.site, (s.holders.first()?.by, s.tallies.reachable.blocks))))
-        .collect();
-    let mut describe = |site: u32, blocks: u64, symbolizer: &mut Symbolizer| match group_of(site) {
-        Some(scan::GroupKey::Size(n)) => {
-            format!("{blocks} {n}-byte {} from before attach", blocks_word(blocks))
-        }
-        Some(g) => format!("{blocks} {} of {g} from before attach", blocks_word(blocks)),
-        None => {
-            format!(
-                "{blocks} {} of {} (stack {})",
-                blocks_word(blocks),
-                label(site, symbolizer),
-                stack_of(site)
-            )
-        }
-    };
-    let mut results = Vec::new();
-    let mut census_groups = Vec::new();
-    for s in &m.sites {
-        let i = s.site as usize;
-        let holders = s
-            .holders
-            .iter()
-            .map(|h| {
-                let (kind, holder) = match h.by {
-                    mark::HeldBy::Root(r) => root_name(&out, r, symbolizer),
-                    mark::HeldBy::Site(other) => {
-                        // Up the other sites' first holders to a root (bounded; a loop stops).
-                        let mut parts = Vec::new();
-                        let mut seen = vec![s.site];
-                        let mut cur = other;
-                        loop {
-                            let (by, n) = first.get(&cur).copied().unwrap_or((mark::HeldBy::Site(cur), 0));
-                            parts.push(describe(cur, n, symbolizer));
-                            seen.push(cur);
-                            match by {
-                                mark::HeldBy::Root(r) => {
-                                    parts.push(root_name(&out, r, symbolizer).1);
-                                    break;
-                                }
-                                mark::HeldBy::Site(next) if !seen.contains(&next) && parts.len() < 8 => {
-                                    cur = next
-                                }
-                                mark::HeldBy::Site(_) => break,
-                            }
-                        }
-                        parts.reverse();
-                        ("site".to_string(), parts.join(" -> "))
-                    }
-                };
-                Holder {
-                    kind,
-                    holder,
-                    blocks: h.blocks,
-                    bytes: weighted(s.site, h.bytes),
-                    chain: h.longest_chain,
-                }
-            })
-            .collect();
-        let holders = merge_same_holders(holders);
-        let Some(key) = keys.get(i).copied() else {
-            // A census group: untracked blocks, classed from the marking's own tallies.
-            let t = &s.tallies;
-            let tally = |x: mark::Tally| ClassTally { bytes: x.bytes, count: x.blocks };
-            if let Some(g) = group_of(s.site) {
-                census_groups.push(CensusGroup {
-                    group: g.to_string(),
-                    kind: if matches!(g, scan::GroupKey::Type(_)) { "type" } else { "size" }.into(),
-                    reachability: Reachability {
-                        definitely_lost: tally(t.definitely_lost),
-                        indirectly_lost: tally(t.indirectly_lost),
-                        possibly_lost: tally(t.possibly_lost),
-                        reachable: tally(t.reachable),
-                    },
-                    held_by: holders,
-                    likely_origin: None,
-                });
-            }
-            continue;
-        };
-        results.push(SiteResult {
-            stack_id: format!("{:016x}", key.stack_id),
-            function: AllocKind::from_u32(key.kind)
-                .map_or_else(|| format!("kind {}", key.kind), |k| k.name().into()),
-            reachability: per_site[i],
-            holders,
-            cycle_bytes: cycle_bytes[i],
-        });
-    }
+    let tallies = Tallies::of(m, &tracked_blocks, &weights, keys.len());
+    let mut names = Names::new(&out, &keys, stacks, symbolizer);
+    let (cycles, cycle_bytes) = names.cycles(&tallies);
+    let (results, census_groups) = names.sites(&tallies, &cycle_bytes);
 
     let mut roots: std::collections::BTreeMap<String, u64> =
         out.root_bytes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     roots.insert("registers".into(), m.stats.root_values);
-    // Scans every minute for days: keep the history bounded like every other series (the
-    // newest point and every other older one).
-    if history.len() >= crate::model::trend::MAX_POINTS {
-        let mut i = 0;
-        history.retain(|_| {
-            i += 1;
-            i % 2 == 1
-        });
-    }
-    history.push(ScanPoint {
-        t_s: at_s,
-        pause_ms: out.pause.as_secs_f64() * 1e3,
-        definitely_lost_bytes: totals.definitely_lost.bytes,
-        indirectly_lost_bytes: totals.indirectly_lost.bytes,
-        possibly_lost_bytes: totals.possibly_lost.bytes,
-        reachable_bytes: totals.reachable.bytes,
+    let totals = tallies.totals;
+    push_bounded(
+        history,
+        ScanPoint {
+            t_s: at_s,
+            pause_ms: out.pause.as_secs_f64() * 1e3,
+            definitely_lost_bytes: totals.definitely_lost.bytes,
+            indirectly_lost_bytes: totals.indirectly_lost.bytes,
+            possibly_lost_bytes: totals.possibly_lost.bytes,
+            reachable_bytes: totals.reachable.bytes,
+        },
+    );
+    let census = out.census.as_ref().map(|c| {
+        let mut origin_label = |site: u32| names.label(site);
+        census_summary(c, census_groups, &tracked_blocks, &mut origin_label)
     });
     let scan = Scan {
         at_s,
@@ -425,12 +264,259 @@ pub fn run(
         cycles_rest: m.cycles.rest.count,
         cycles_complete: m.cycles.complete,
         history: history.clone(),
-        census: out.census.as_ref().map(|c| {
-            let mut origin_label = |site: u32| label(site, symbolizer);
-            census_summary(c, census_groups, &tracked_blocks, &mut origin_label)
-        }),
+        census,
     };
     Ok(Done { scan, sites: results })
+}
+
+/// Scans every minute for days: the history stays bounded like every other series (the
+/// newest point and every other older one).
+fn push_bounded(history: &mut Vec<ScanPoint>, point: ScanPoint) {
+    if history.len() >= crate::model::trend::MAX_POINTS {
+        let mut i = 0;
+        history.retain(|_| {
+            i += 1;
+            i % 2 == 1
+        });
+    }
+    history.push(point);
+}
+
+/// Classes per tracked site, weighted (an estimate per block when sampling), and in all.
+struct Tallies {
+    per_site: Vec<Reachability>,
+    /// The raw bytes of each site's blocks that the scan classified.
+    raw_bytes: Vec<u64>,
+    totals: Reachability,
+}
+
+impl Tallies {
+    fn of(m: &mark::Marking, blocks: &[mark::Block], weights: &[LiveBlock], sites: usize) -> Tallies {
+        let mut t = Tallies {
+            per_site: vec![Reachability::default(); sites],
+            raw_bytes: vec![0u64; sites],
+            totals: Reachability::default(),
+        };
+        for ((o, b), w) in m.blocks.iter().zip(blocks).zip(weights) {
+            let r = &mut t.per_site[b.site as usize];
+            t.raw_bytes[b.site as usize] += b.size;
+            let (bytes, count) = (w.weight_bytes, w.weight_count);
+            let (site_class, total_class) = match o.class {
+                mark::Class::DefinitelyLost => (&mut r.definitely_lost, &mut t.totals.definitely_lost),
+                mark::Class::IndirectlyLost => (&mut r.indirectly_lost, &mut t.totals.indirectly_lost),
+                mark::Class::PossiblyLost => (&mut r.possibly_lost, &mut t.totals.possibly_lost),
+                mark::Class::Reachable => (&mut r.reachable, &mut t.totals.reachable),
+            };
+            site_class.add(bytes, count);
+            total_class.add(bytes, count);
+        }
+        // Counts were summed in 1/COUNT_SCALE units.
+        let unscale = |r: &mut Reachability| {
+            for c in [&mut r.definitely_lost, &mut r.indirectly_lost, &mut r.possibly_lost, &mut r.reachable]
+            {
+                c.count = c.count.div_ceil(COUNT_SCALE);
+            }
+        };
+        t.per_site.iter_mut().for_each(unscale);
+        unscale(&mut t.totals);
+        t
+    }
+
+    /// What `raw` bytes of `site`'s blocks stand for, estimated; a census group's (a site id
+    /// past the tracked ones) are exact.
+    fn weighted(&self, site: u32, raw: u64) -> u64 {
+        let i = site as usize;
+        let (Some(r), Some(&all)) = (self.per_site.get(i), self.raw_bytes.get(i)) else { return raw };
+        let est = r.lost_bytes() + r.possibly_lost.bytes + r.reachable.bytes;
+        if all == 0 { raw } else { (raw as f64 * est as f64 / all as f64).round() as u64 }
+    }
+}
+
+/// Names for what the marking found: sites (tracked, or the census's groups of untracked
+/// blocks, whose ids come after the tracked ones), roots, and chains between them.
+struct Names<'a> {
+    out: &'a scan::Outcome,
+    keys: &'a [SiteKey],
+    groups: &'a [scan::GroupKey],
+    stacks: &'a StackCache,
+    symbolizer: &'a mut Symbolizer,
+    labels: HashMap<u32, String>,
+    /// Each site's first holder and its reachable blocks: a site held by another site's
+    /// blocks is shown through them to the root.
+    first: HashMap<u32, (mark::HeldBy, u64)>,
+}
+
+impl<'a> Names<'a> {
+    fn new(
+        out: &'a scan::Outcome,
+        keys: &'a [SiteKey],
+        stacks: &'a StackCache,
+        symbolizer: &'a mut Symbolizer,
+    ) -> Self {
+        let first = out
+            .marking
+            .sites
+            .iter()
+            .filter_map(|s| Some((s.site, (s.holders.first()?.by, s.tallies.reachable.blocks))))
+            .collect();
+        Names {
+            out,
+            keys,
+            groups: out.census.as_ref().map_or(&[], |c| &c.groups),
+            stacks,
+            symbolizer,
+            labels: HashMap::new(),
+            first,
+        }
+    }
+
+    fn group_of(&self, site: u32) -> Option<&'a scan::GroupKey> {
+        let groups: &'a [scan::GroupKey] = self.groups;
+        site.checked_sub(self.keys.len() as u32).and_then(|g| groups.get(g as usize))
+    }
+
+    fn label(&mut self, site: u32) -> String {
+        if let Some(l) = self.labels.get(&site) {
+            return l.clone();
+        }
+        let l = match self.keys.get(site as usize) {
+            Some(key) => site_label(key, self.stacks, self.symbolizer),
+            None => self.group_of(site).map_or_else(|| "?".into(), |g| format!("{g} from before attach")),
+        };
+        self.labels.insert(site, l.clone());
+        l
+    }
+
+    fn stack_of(&self, site: u32) -> String {
+        self.keys.get(site as usize).map_or_else(String::new, |k| format!("{:016x}", k.stack_id))
+    }
+
+    fn describe(&mut self, site: u32, blocks: u64) -> String {
+        match self.group_of(site) {
+            Some(scan::GroupKey::Size(n)) => {
+                format!("{blocks} {n}-byte {} from before attach", blocks_word(blocks))
+            }
+            Some(g) => format!("{blocks} {} of {g} from before attach", blocks_word(blocks)),
+            None => {
+                let (label, stack) = (self.label(site), self.stack_of(site));
+                format!("{blocks} {} of {label} (stack {stack})", blocks_word(blocks))
+            }
+        }
+    }
+
+    fn root(&mut self, r: mark::RootRef) -> (String, String) {
+        root_name(self.out, r, self.symbolizer)
+    }
+
+    /// A site held by `other`'s blocks: up the other sites' first holders to a root, root
+    /// first ("global queue (app) -> 12000 16-byte blocks from before attach -> ..."). Bounded;
+    /// a loop stops it.
+    fn chain_from(&mut self, site: u32, other: u32) -> String {
+        let mut parts = Vec::new();
+        let mut seen = vec![site];
+        let mut cur = other;
+        loop {
+            let (by, n) = self.first.get(&cur).copied().unwrap_or((mark::HeldBy::Site(cur), 0));
+            parts.push(self.describe(cur, n));
+            seen.push(cur);
+            match by {
+                mark::HeldBy::Root(r) => {
+                    parts.push(self.root(r).1);
+                    break;
+                }
+                mark::HeldBy::Site(next) if !seen.contains(&next) && parts.len() < 8 => cur = next,
+                mark::HeldBy::Site(_) => break,
+            }
+        }
+        parts.reverse();
+        parts.join(" -> ")
+    }
+
+    /// The marking's cycles in the report's words, and each tracked site's bytes in them.
+    fn cycles(&mut self, tallies: &Tallies) -> (Vec<Cycle>, Vec<u64>) {
+        let m = &self.out.marking;
+        let mut cycle_bytes = vec![0u64; self.keys.len()];
+        let mut cycles = Vec::new();
+        for c in &m.cycles.list {
+            let mut sites = Vec::new();
+            let mut bytes = 0;
+            for s in &c.sites {
+                let est = tallies.weighted(s.site, s.bytes);
+                if let Some(b) = cycle_bytes.get_mut(s.site as usize) {
+                    *b += est;
+                }
+                bytes += est;
+                sites.push(CycleSite {
+                    stack_id: self.stack_of(s.site),
+                    site: self.label(s.site),
+                    blocks: s.blocks,
+                });
+            }
+            cycles.push(Cycle { blocks: c.blocks, bytes, sites });
+        }
+        (cycles, cycle_bytes)
+    }
+
+    fn holders(&mut self, s: &mark::SiteSummary, tallies: &Tallies) -> Vec<Holder> {
+        let holders = s
+            .holders
+            .iter()
+            .map(|h| {
+                let (kind, holder) = match h.by {
+                    mark::HeldBy::Root(r) => self.root(r),
+                    mark::HeldBy::Site(other) => ("site".to_string(), self.chain_from(s.site, other)),
+                };
+                Holder {
+                    kind,
+                    holder,
+                    blocks: h.blocks,
+                    bytes: tallies.weighted(s.site, h.bytes),
+                    chain: h.longest_chain,
+                }
+            })
+            .collect();
+        merge_same_holders(holders)
+    }
+
+    /// Each tracked site's classes and holders, and the census's groups of untracked blocks,
+    /// classed from the marking's own tallies.
+    fn sites(&mut self, tallies: &Tallies, cycle_bytes: &[u64]) -> (Vec<SiteResult>, Vec<CensusGroup>) {
+        let m = &self.out.marking;
+        let mut results = Vec::new();
+        let mut census_groups = Vec::new();
+        for s in &m.sites {
+            let holders = self.holders(s, tallies);
+            let i = s.site as usize;
+            match self.keys.get(i).copied() {
+                Some(key) => results.push(SiteResult {
+                    stack_id: format!("{:016x}", key.stack_id),
+                    function: AllocKind::from_u32(key.kind)
+                        .map_or_else(|| format!("kind {}", key.kind), |k| k.name().into()),
+                    reachability: tallies.per_site[i],
+                    holders,
+                    cycle_bytes: cycle_bytes[i],
+                }),
+                None => {
+                    let Some(g) = self.group_of(s.site) else { continue };
+                    let t = &s.tallies;
+                    let tally = |x: mark::Tally| ClassTally { bytes: x.bytes, count: x.blocks };
+                    census_groups.push(CensusGroup {
+                        group: g.to_string(),
+                        kind: if matches!(g, scan::GroupKey::Type(_)) { "type" } else { "size" }.into(),
+                        reachability: Reachability {
+                            definitely_lost: tally(t.definitely_lost),
+                            indirectly_lost: tally(t.indirectly_lost),
+                            possibly_lost: tally(t.possibly_lost),
+                            reachable: tally(t.reachable),
+                        },
+                        held_by: holders,
+                        likely_origin: None,
+                    });
+                }
+            }
+        }
+        (results, census_groups)
+    }
 }
 
 /// The census in the report: the heap's totals, the untracked blocks by class, and the
