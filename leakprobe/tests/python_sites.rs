@@ -62,16 +62,13 @@ fn python_stack(site: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn case(python: &Path) {
-    require_root();
-    assert!(python.exists(), "{} is missing (cargo xtask setup installs it)", python.display());
+/// tracemalloc's growth per line over a burst of `requests`, in a run of its own: its hooks
+/// and tables would be allocations of the lines they serve for a native tool.
+fn tracemalloc_truth(python: &Path, requests: usize) -> HashMap<u64, (i64, i64)> {
     let script = repo_root().join("tests/targets/py_service.py");
-    let script = script.to_str().unwrap();
-    // tracemalloc's growth per line over the burst, in a run of its own: its hooks and tables
-    // would be allocations of the lines they serve for a native tool.
-    let mut truth: HashMap<u64, (i64, i64)> = HashMap::new();
-    let mut traced = Target::spawn_full(python, &[script, "--tracemalloc"], &[]);
-    traced.send(&format!("burst {REQUESTS}"));
+    let mut truth = HashMap::new();
+    let mut traced = Target::spawn_full(python, &[script.to_str().unwrap(), "--tracemalloc"], &[]);
+    traced.send(&format!("burst {requests}"));
     loop {
         let l = traced.read_line();
         if l.starts_with("done") {
@@ -83,19 +80,17 @@ fn case(python: &Path) {
     }
     traced.send("exit");
     let _ = traced.child.wait();
-    // The same burst under leakprobe.
-    let mut t = Target::spawn_full(python, &[script], &[]);
-    let report = attach_report(&mut t, &["--duration", "4s", "--format", "json"], |t| {
-        t.send(&format!("burst {REQUESTS}"));
-        t.expect("done burst");
-    });
-    let version = python.display();
-    // leakprobe's outstanding bytes per line of the service (the sites' innermost Python line).
+    truth
+}
+
+/// leakprobe's outstanding bytes per line of the service (the sites' innermost Python line),
+/// and each line's Python stack. pymalloc's arenas (mmap) are left out: they go to the line
+/// that first needed a new one, not a leak of its own, until the interpreter's allocator
+/// slots are hooked.
+fn per_line(report: &Value) -> (HashMap<u64, u64>, HashMap<u64, Vec<String>>) {
     let mut ours: HashMap<u64, u64> = HashMap::new();
     let mut stacks: HashMap<u64, Vec<String>> = HashMap::new();
-    for s in sites(&report) {
-        // pymalloc's arenas (mmap): the line that first needed a new one, not a leak of its
-        // own; counted apart until the interpreter's allocator slots are hooked.
+    for s in sites(report) {
         if s["function"] == "mmap" {
             continue;
         }
@@ -104,6 +99,22 @@ fn case(python: &Path) {
             stacks.entry(line).or_insert_with(|| python_stack(s));
         }
     }
+    (ours, stacks)
+}
+
+fn case(python: &Path) {
+    require_root();
+    assert!(python.exists(), "{} is missing (cargo xtask setup installs it)", python.display());
+    let truth = tracemalloc_truth(python, REQUESTS);
+    let script = repo_root().join("tests/targets/py_service.py");
+    // The same burst under leakprobe.
+    let mut t = Target::spawn_full(python, &[script.to_str().unwrap()], &[]);
+    let report = attach_report(&mut t, &["--duration", "4s", "--format", "json"], |t| {
+        t.send(&format!("burst {REQUESTS}"));
+        t.expect("done burst");
+    });
+    let version = python.display();
+    let (ours, stacks) = per_line(&report);
     let mut rows = Vec::new();
     let mut lines: Vec<&u64> = truth.keys().chain(ours.keys()).collect();
     lines.sort();
@@ -204,4 +215,34 @@ fn pyenv_3_12_names_the_leaking_lines() {
 #[test]
 fn pyenv_3_13_names_the_leaking_lines() {
     case(&pyenv("3.13", "python3.13"));
+}
+
+/// `--sample-bytes 512KiB`: the big lines' estimates within 25% of tracemalloc's bytes, over a
+/// burst long enough for a few hundred samples each.
+#[test]
+fn sampled_python_sites_are_estimated_within_a_quarter() {
+    require_root();
+    let python = Path::new("/usr/bin/python3.11");
+    let requests = 2000;
+    let truth = tracemalloc_truth(python, requests);
+    let script = repo_root().join("tests/targets/py_service.py");
+    let mut t = Target::spawn_full(python, &[script.to_str().unwrap()], &[]);
+    let report =
+        attach_report(&mut t, &["--duration", "8s", "--format", "json", "--sample-bytes", "512KiB"], |t| {
+            t.send(&format!("burst {requests}"));
+            t.expect("done burst");
+        });
+    let (ours, _) = per_line(&report);
+    for (needle, function) in
+        [("cache[user] = bytearray", "cache_user"), ("kept.append(bytearray(16 * 1024))", "keep")]
+    {
+        let line = line_of(needle);
+        let want = truth.get(&line).map_or(0, |t| t.0) as f64;
+        let got = ours.get(&line).copied().unwrap_or(0) as f64;
+        let err = got / want - 1.0;
+        println!("sampled {function} (line {line}): leakprobe {got} B, tracemalloc {want} B ({err:+.3})");
+        assert!(err.abs() <= 0.25, "{function}: leakprobe {got} B against tracemalloc {want} B ({err:+.3})");
+    }
+    t.send("exit");
+    let _ = t.child.wait();
 }
