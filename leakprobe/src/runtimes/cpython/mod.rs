@@ -9,6 +9,7 @@
 //! Supported: CPython 3.9–3.13, x86_64, default (GIL, non-debug) builds. Anything else, or a
 //! layout that does not check out in the process, is a [`DetectError`] saying why.
 
+pub mod allocators;
 pub mod code;
 mod detect;
 pub mod layout;
