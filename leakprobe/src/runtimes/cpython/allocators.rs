@@ -254,7 +254,8 @@ impl RuntimeOffsets {
 // ---------------------------------------------------------------------------------------
 // The evaluator: which table a PyMem_{Get,Set}Allocator reads or writes for a domain.
 
-/// Machine code at an address (ELF virtual addresses of a module).
+/// Machine code at an address (ELF virtual addresses of a module): a module's executable
+/// sections, or pieces of them.
 #[derive(Clone, Copy, Debug)]
 pub struct Text<'a> {
     pub vaddr: u64,
@@ -410,7 +411,7 @@ const CALLER_SAVED: [Register; 9] = [
 /// and cold parts of a PGO build included; branches on known values decided, others
 /// taken both ways; calls skipped), and the accesses it makes to `data` (the module's
 /// writable ranges) are merged into runs. Exactly one run must be 40 bytes long.
-pub fn table_in_code(text: &Text, data: &[Range<u64>], entry: u64, domain: u32) -> Result<u64, String> {
+pub fn table_in_code(text: &[Text], data: &[Range<u64>], entry: u64, domain: u32) -> Result<u64, String> {
     const BUDGET: usize = 400;
     const MAX_PATHS: usize = 32;
     let mut regs = [None; 16];
@@ -432,7 +433,7 @@ pub fn table_in_code(text: &Text, data: &[Range<u64>], entry: u64, domain: u32) 
             if steps > BUDGET {
                 return Err(format!("more than {BUDGET} instructions from {entry:#x}"));
             }
-            let Some(i) = text.decode_at(s.ip) else { break };
+            let Some(i) = text.iter().find_map(|t| t.decode_at(s.ip)) else { break };
             s.ip = i.next_ip();
             // Data accesses through a memory operand.
             if i.mnemonic() != Mnemonic::Lea
@@ -634,12 +635,8 @@ impl ModuleFacts {
     }
 
     fn table_in(&self, entry: u64, domain: Domain) -> Result<u64, String> {
-        let (vaddr, bytes) = self
-            .text
-            .iter()
-            .find(|(a, b)| *a <= entry && entry < a + b.len() as u64)
-            .ok_or_else(|| format!("{entry:#x} is in no executable section"))?;
-        table_in_code(&Text { vaddr: *vaddr, bytes }, &self.data, entry, domain.value())
+        let text: Vec<Text> = self.text.iter().map(|(vaddr, bytes)| Text { vaddr: *vaddr, bytes }).collect();
+        table_in_code(&text, &self.data, entry, domain.value())
     }
 
     /// The file's initial 8-byte words at `vaddrs`: section contents, with the addend of an
@@ -957,5 +954,225 @@ pub fn find_allocators_in(runtime: &Runtime, mem: &dyn Memory) -> Result<Allocat
 
 #[cfg(test)]
 mod tests {
+    use iced_x86::{
+        Code, Instruction, MemoryOperand,
+        code_asm::{CodeAssembler, eax, ecx, edi, esi, ptr, rax, rdi, rsi, xmm0, xmm1},
+    };
+
     use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// Debian 12's /usr/bin/python3.11 (3.11.2, non-PIE, PGO: hot/cold split), its bytes:
+    /// `PyMem_SetAllocator` (0x4f7540; MEM tail-jumps into the middle of GetAllocator),
+    /// `PyMem_GetAllocator` (0x628cb0, then the copy of SetAllocator's MEM store), and the
+    /// cold part GetAllocator's MEM case jumps to (0x421cb0, named `Py_PreInitialize+0x6b1`).
+    const DEBIAN_SET: (u64, &str) = (
+        0x4f7540,
+        "85ff750dbf60a09500b90a000000f3a5c383ff01741283ff027515bf409f9500b90a000000f3a5c34889f7e980171300c3",
+    );
+    const DEBIAN_GET: (u64, &str) = (
+        0x628cb0,
+        "4889f085ff7510be60a09500b90a0000004889c7f3a5c383ff010f84e08fdfff83ff027510be409f9500b90a0000004889c7f3a5c3e9d68fdfff660f1f4400004889feb90a000000bf809f9500f3a5c3",
+    );
+    const DEBIAN_COLD: (u64, &str) = (0x421cb0, "be809f9500b90a0000004889c7f3a5c3");
+    /// Its writable PT_LOAD (vaddr 0x945dc8, memsz 0x1832f0).
+    const DEBIAN_DATA: Range<u64> = 0x945dc8..0x945dc8 + 0x1832f0;
+
+    #[test]
+    fn debian_311_tables_from_its_own_code() {
+        let bytes: Vec<(u64, Vec<u8>)> =
+            [DEBIAN_SET, DEBIAN_GET, DEBIAN_COLD].iter().map(|(a, h)| (*a, hex(h))).collect();
+        let text: Vec<Text> = bytes.iter().map(|(a, b)| Text { vaddr: *a, bytes: b }).collect();
+        let data = [DEBIAN_DATA];
+        // RAW, MEM, OBJ as RUNTIMES.md §3 reads them off objdump.
+        for (domain, want) in [(0, 0x95a060), (1, 0x959f80), (2, 0x959f40)] {
+            assert_eq!(table_in_code(&text, &data, DEBIAN_GET.0, domain), Ok(want), "get {domain}");
+            assert_eq!(table_in_code(&text, &data, DEBIAN_SET.0, domain), Ok(want), "set {domain}");
+        }
+        // No such domain: SetAllocator returns without touching anything.
+        let err = table_in_code(&text, &data, DEBIAN_SET.0, 3).unwrap_err();
+        assert!(err.contains("no 40-byte table"), "{err}");
+        // Without the cold part, GetAllocator's MEM path leads nowhere.
+        let err = table_in_code(&text[..2], &data, DEBIAN_GET.0, 1).unwrap_err();
+        assert!(err.contains("no 40-byte table"), "{err}");
+    }
+
+    /// A shared library's `PyMem_SetAllocator` as GCC -O3 -fPIC emits it (pyenv 3.9-3.11):
+    /// `cmp edi, 1; je; cmp edi, 2; je; test edi, edi; je`, then three RIP-relative copies.
+    fn pic_set_allocator(ip: u64, tables: [u64; 3], raw_len: u64) -> Vec<u8> {
+        let rip = |addr: u64| MemoryOperand::with_base_displ(Register::RIP, addr as i64);
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut labels = [a.create_label(), a.create_label(), a.create_label()];
+        a.cmp(edi, 1).unwrap();
+        a.je(labels[1]).unwrap();
+        a.cmp(edi, 2).unwrap();
+        a.je(labels[2]).unwrap();
+        a.test(edi, edi).unwrap();
+        a.je(labels[0]).unwrap();
+        a.ret().unwrap();
+        for (d, t) in tables.into_iter().enumerate() {
+            a.set_label(&mut labels[d]).unwrap();
+            a.movdqu(xmm0, ptr(rsi)).unwrap();
+            a.add_instruction(Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t), Register::XMM0).unwrap()).unwrap();
+            a.movdqu(xmm1, ptr(rsi + 16)).unwrap();
+            a.add_instruction(Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t + 16), Register::XMM1).unwrap())
+                .unwrap();
+            if d != 0 || raw_len == 40 {
+                a.mov(rax, ptr(rsi + 32)).unwrap();
+                a.add_instruction(Instruction::with2(Code::Mov_rm64_r64, rip(t + 32), Register::RAX).unwrap())
+                    .unwrap();
+            }
+            a.ret().unwrap();
+        }
+        a.assemble(ip).unwrap()
+    }
+
+    #[test]
+    fn shared_library_tables_rip_relative() {
+        let ip = 0x1ae450;
+        let tables = [0x45c2e0, 0x45c2a0, 0x45c260];
+        let code = pic_set_allocator(ip, tables, 40);
+        let text = [Text { vaddr: ip, bytes: &code }];
+        let data = [0x446b80..0x5b9900];
+        for d in 0..3 {
+            assert_eq!(table_in_code(&text, &data, ip, d), Ok(tables[d as usize]));
+        }
+        // Tables outside the module's data are not the module's tables.
+        assert!(table_in_code(&text, &[0x1000..0x2000], ip, 0).is_err());
+        // A 32-byte copy is no PyMemAllocatorEx.
+        let short = pic_set_allocator(ip, tables, 32);
+        let err = table_in_code(&[Text { vaddr: ip, bytes: &short }], &data, ip, 0).unwrap_err();
+        assert!(err.contains("0x45c2e0"), "{err}");
+    }
+
+    /// A branch on something unknown is followed both ways; two tables reached is an error,
+    /// and so is a loop that never ends.
+    #[test]
+    fn unknown_branches_fork_and_ambiguity_is_refused() {
+        let ip = 0x1000;
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut other = a.create_label();
+        a.test(esi, esi).unwrap(); // unknown
+        a.jne(other).unwrap();
+        a.mov(esi, 0x5000u32).unwrap();
+        a.mov(rdi, rax).unwrap();
+        a.mov(ecx, 10u32).unwrap();
+        a.rep().movsd().unwrap();
+        a.ret().unwrap();
+        a.set_label(&mut other).unwrap();
+        a.mov(eax, 0x5100u32).unwrap();
+        a.mov(rsi, rax).unwrap();
+        a.mov(ecx, 10u32).unwrap();
+        a.rep().movsd().unwrap();
+        a.ret().unwrap();
+        let code = a.assemble(ip).unwrap();
+        let err = table_in_code(&[Text { vaddr: ip, bytes: &code }], &[0x4000..0x6000], ip, 0).unwrap_err();
+        assert!(err.contains("several") && err.contains("0x5000") && err.contains("0x5100"), "{err}");
+
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut top = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.jmp(top).unwrap();
+        let code = a.assemble(ip).unwrap();
+        let err = table_in_code(&[Text { vaddr: ip, bytes: &code }], &[0x4000..0x6000], ip, 0).unwrap_err();
+        assert!(err.contains("instructions"), "{err}");
+    }
+
+    #[test]
+    fn flags_of_cmp_and_test() {
+        let cmp = |a, b| Flags { a, b, bits: 32, test: false };
+        assert_eq!(cmp(1, 1).holds(ConditionCode::e), Some(true));
+        assert_eq!(cmp(2, 1).holds(ConditionCode::a), Some(true));
+        assert_eq!(cmp(0xffff_ffff, 1).holds(ConditionCode::l), Some(true), "-1 < 1 signed");
+        assert_eq!(cmp(0xffff_ffff, 1).holds(ConditionCode::a), Some(true), "unsigned");
+        let test = |a| Flags { a, b: a, bits: 32, test: true };
+        assert_eq!(test(0).holds(ConditionCode::e), Some(true));
+        assert_eq!(test(2).holds(ConditionCode::ne), Some(true));
+        assert_eq!(test(2).holds(ConditionCode::p), None);
+    }
+
+    /// A process's memory as a few byte ranges.
+    struct Fake(Vec<(u64, Vec<u8>)>);
+
+    impl Memory for Fake {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            self.0.iter().any(|(a, b)| {
+                let Some(off) = addr.checked_sub(*a) else { return false };
+                let Some(src) = b.get(off as usize..off as usize + buf.len()) else { return false };
+                buf.copy_from_slice(src);
+                true
+            })
+        }
+    }
+
+    fn words(ws: &[u64]) -> Vec<u8> {
+        ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn wrappers_by_shape() {
+        let exec = |a: u64| (0x40_0000..0x80_0000).contains(&a);
+        let data = |a: u64| (0x90_0000..0xa0_0000).contains(&a);
+        let pymalloc = [0, 0x4f_b450, 0x50_6400, 0x51_0c00, 0x50_0fe0];
+        // The debug hooks: `_PyMem_Debug` = {'r', raw}, {'m', mem}, {'o', obj}.
+        let debug = 0x95_9fc0;
+        let mut d = Vec::new();
+        for id in [b'r', b'm', b'o'] {
+            d.extend(words(&[u64::from(id)]));
+            d.extend(words(&pymalloc));
+        }
+        let mem = Fake(vec![(debug, d)]);
+        let hook = Table { ctx: debug + 96, malloc: 0x42_0000, calloc: 0x42_0100, realloc: 0x42_0200, free: 0x42_0300 };
+        let none = WrapperFacts::default();
+        let (w, inner) = classify_wrapper(Domain::Obj, &hook, &none, &[None; 4], &mem, &exec, &data);
+        assert_eq!(w, Wrapper::DebugHooks);
+        assert_eq!(inner.unwrap().malloc, 0x4f_b450);
+        // The wrong domain's api_id is not the debug hooks.
+        let (w, _) = classify_wrapper(Domain::Raw, &hook, &none, &[None; 4], &mem, &exec, &data);
+        assert_eq!(w, Wrapper::Unknown);
+        // Known place (3.12+): ctx must be exactly there.
+        let placed = WrapperFacts { debug_raw: Some(debug + 8), ..none };
+        let (w, _) = classify_wrapper(Domain::Obj, &hook, &placed, &[None; 4], &mem, &exec, &data);
+        assert_eq!(w, Wrapper::Unknown);
+
+        // tracemalloc: {mem, raw, obj} saved tables, tracing on.
+        let saved = 0x9b_9860;
+        let mem = Fake(vec![(saved, [pymalloc, pymalloc, pymalloc].iter().flat_map(|t| words(t)).collect())]);
+        let hook = Table { ctx: saved + 80, ..hook };
+        let on = WrapperFacts { tracemalloc_tracing: Some(true), ..none };
+        let (w, inner) = classify_wrapper(Domain::Obj, &hook, &on, &[None; 4], &mem, &exec, &data);
+        assert_eq!((w, inner.map(|t| t.malloc)), (Wrapper::Tracemalloc, Some(0x4f_b450)));
+        // Tracing off and no names: someone else's wrapper.
+        let (w, _) = classify_wrapper(Domain::Obj, &hook, &none, &[None; 4], &mem, &exec, &data);
+        assert_eq!(w, Wrapper::Unknown);
+        // Names win where the symbols are there.
+        let names = [Some("tracemalloc_malloc_gil"), None, None, None];
+        let (w, _) = classify_wrapper(Domain::Obj, &hook, &none, &names, &mem, &exec, &data);
+        assert_eq!(w, Wrapper::Tracemalloc);
+        // A ctx in the heap is nobody we know.
+        let heap = Table { ctx: 0x5555_0000, ..hook };
+        let (w, _) = classify_wrapper(Domain::Obj, &heap, &on, &[None; 4], &mem, &exec, &data);
+        assert_eq!(w, Wrapper::Unknown);
+    }
+
+    #[test]
+    fn tables_and_offsets() {
+        let t = Table::parse(&words(&[0, 1, 2, 3, 4])).unwrap();
+        assert_eq!(t.functions(), [1, 2, 3, 4]);
+        assert_eq!(Table::parse(&[0u8; 39]), None);
+        // gdb on pyenv 3.12.1 / 3.13.0: allocators at 88 / 696, then a mutex word.
+        assert_eq!(RuntimeOffsets::for_version(3, 12).unwrap().standard, 88 + 8);
+        assert_eq!(RuntimeOffsets::for_version(3, 13).unwrap().standard, 696 + 8);
+        // standard = 3 x 40, then debug.
+        for m in [12, 13] {
+            let o = RuntimeOffsets::for_version(3, m).unwrap();
+            assert_eq!(o.debug, o.standard + 3 * TABLE_SIZE);
+        }
+        assert_eq!(RuntimeOffsets::for_version(3, 11), None);
+        assert_eq!(Domain::Obj.to_string(), "OBJ");
+        assert_eq!(Wrapper::DebugHooks.to_string(), "debug hooks (PYTHONMALLOC=debug)");
+    }
 }
