@@ -9,8 +9,10 @@
 //! /proc/PID/mem only: nothing is attached, stopped or written) and requires:
 //! - each slot's ctx and four functions are exactly what `PyMem_GetAllocator` copied out,
 //!   and the 40 bytes at the slot's address are exactly those;
-//! - the wrapper (none, the debug hooks, tracemalloc) and `pymalloc` agree with the
-//!   interpreter's allocator name and the case's settings.
+//! - the wrapper (none, the debug hooks, tracemalloc, an unknown one) and `pymalloc` agree
+//!   with the interpreter's allocator name and the case's settings (plain, `-X
+//!   tracemalloc`, `PYTHONMALLOC=debug`, `PYTHONMALLOC=malloc`, OBJ re-set by the script
+//!   with a heap ctx).
 //!
 //! Privileged (/proc/PID/mem of another process): run as root.
 
@@ -40,6 +42,16 @@ api = ctypes.pythonapi
 api.PyMem_GetAllocator.argtypes = [ctypes.c_int, ctypes.POINTER(A)]
 api.PyMem_GetAllocator.restype = None
 api._PyMem_GetCurrentAllocatorName.restype = ctypes.c_char_p
+api.PyMem_SetAllocator.argtypes = [ctypes.c_int, ctypes.POINTER(A)]
+api.PyMem_SetAllocator.restype = None
+if "wrap" in sys.argv:
+    # An "unknown wrapper": OBJ keeps pymalloc's functions (which ignore ctx) with a ctx in
+    # the heap, as a C extension's hook would have.
+    keep = ctypes.create_string_buffer(64)
+    o = A()
+    api.PyMem_GetAllocator(2, ctypes.byref(o))
+    o.ctx = ctypes.addressof(keep)
+    api.PyMem_SetAllocator(2, ctypes.byref(o))
 tables = []
 for domain in range(3):
     a = A()
@@ -65,6 +77,10 @@ enum Mode {
     Plain,
     Tracemalloc,
     Debug,
+    /// `PYTHONMALLOC=malloc`: no pymalloc, RAW's functions in all three slots.
+    Malloc,
+    /// OBJ given a foreign ctx through `PyMem_SetAllocator`.
+    Unknown,
 }
 
 fn check(python: &str, minor: u8, mode: Mode) {
@@ -80,10 +96,15 @@ fn check(python: &str, minor: u8, mode: Mode) {
         Mode::Debug => {
             cmd.env("PYTHONMALLOC", "debug");
         }
+        Mode::Malloc => {
+            cmd.env("PYTHONMALLOC", "malloc");
+        }
+        Mode::Unknown => {}
     }
     let mut child = cmd
         .arg("-c")
         .arg(SCRIPT)
+        .args((mode == Mode::Unknown).then_some("wrap"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -135,8 +156,24 @@ fn check(python: &str, minor: u8, mode: Mode) {
             assert!(found.slots.iter().all(|s| s.wrapper == Some(Wrapper::DebugHooks)));
             assert_eq!(found.wrapped.unwrap().to_string(), "debug hooks (PYTHONMALLOC=debug)");
         }
+        Mode::Malloc => {
+            assert_eq!(name, Some("malloc"));
+            assert_eq!(found.wrapped, None);
+            for s in &found.slots {
+                assert_eq!((s.ctx, s.malloc, s.free), (0, found.default_raw.malloc, found.default_raw.free));
+            }
+        }
+        Mode::Unknown => {
+            assert_eq!(name, None, "not an allocator CPython knows");
+            assert_eq!(found.wrapped, Some(Wrapper::Unknown));
+            assert_eq!(found.slot(Domain::Obj).wrapper, Some(Wrapper::Unknown));
+            assert_eq!(found.slot(Domain::Mem).wrapper, None);
+            assert_eq!(found.slot(Domain::Raw).wrapper, None);
+            assert_eq!(found.wrapped.unwrap().to_string(), "unknown wrapper");
+        }
     }
-    assert!(found.pymalloc, "{python} {mode:?}: pymalloc underneath");
+    let pymalloc_underneath = matches!(mode, Mode::Plain | Mode::Tracemalloc | Mode::Debug);
+    assert_eq!(found.pymalloc, pymalloc_underneath, "{python} {mode:?}: pymalloc underneath");
     eprintln!(
         "{python} {mode:?}: {} RAW {:#x} MEM {:#x} OBJ {:#x} wrapped {:?} pymalloc {}",
         found.found_by, addrs[0], addrs[1], addrs[2], found.wrapped, found.pymalloc
@@ -232,4 +269,64 @@ fn pyenv_3_13_tracemalloc() {
 #[test]
 fn pyenv_3_13_debug_hooks() {
     check("/root/.pyenv/versions/3.13.0/bin/python3.13", 13, Mode::Debug);
+}
+
+#[test]
+fn debian_3_11_malloc() {
+    check("/usr/bin/python3.11", 11, Mode::Malloc);
+}
+
+#[test]
+fn debian_3_11_unknown_wrapper() {
+    check("/usr/bin/python3.11", 11, Mode::Unknown);
+}
+
+#[test]
+fn pyenv_3_9_malloc() {
+    check("/root/.pyenv/versions/3.9.18/bin/python3.9", 9, Mode::Malloc);
+}
+
+#[test]
+fn pyenv_3_9_unknown_wrapper() {
+    check("/root/.pyenv/versions/3.9.18/bin/python3.9", 9, Mode::Unknown);
+}
+
+#[test]
+fn pyenv_3_10_malloc() {
+    check("/root/.pyenv/versions/3.10.13/bin/python3.10", 10, Mode::Malloc);
+}
+
+#[test]
+fn pyenv_3_10_unknown_wrapper() {
+    check("/root/.pyenv/versions/3.10.13/bin/python3.10", 10, Mode::Unknown);
+}
+
+#[test]
+fn pyenv_3_11_malloc() {
+    check("/root/.pyenv/versions/3.11.7/bin/python3.11", 11, Mode::Malloc);
+}
+
+#[test]
+fn pyenv_3_11_unknown_wrapper() {
+    check("/root/.pyenv/versions/3.11.7/bin/python3.11", 11, Mode::Unknown);
+}
+
+#[test]
+fn pyenv_3_12_malloc() {
+    check("/root/.pyenv/versions/3.12.1/bin/python3.12", 12, Mode::Malloc);
+}
+
+#[test]
+fn pyenv_3_12_unknown_wrapper() {
+    check("/root/.pyenv/versions/3.12.1/bin/python3.12", 12, Mode::Unknown);
+}
+
+#[test]
+fn pyenv_3_13_malloc() {
+    check("/root/.pyenv/versions/3.13.0/bin/python3.13", 13, Mode::Malloc);
+}
+
+#[test]
+fn pyenv_3_13_unknown_wrapper() {
+    check("/root/.pyenv/versions/3.13.0/bin/python3.13", 13, Mode::Unknown);
 }
