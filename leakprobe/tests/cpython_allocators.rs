@@ -113,18 +113,21 @@ fn check(python: &str, minor: u8, mode: Mode) {
     let child = Python(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{python} printed {line:?}: {e}"));
+    let info: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{python} printed {line:?}: {e}"));
     let pid = child.0.id() as i32;
 
     let rt = cpython::detect(pid).expect("detect").expect("CPython recognised");
     assert_eq!(rt.version.minor, minor);
     let mem = Mem::open(pid).unwrap();
-    let found = allocators::find_allocators_in(&rt, &mem).unwrap_or_else(|e| panic!("{python} {mode:?}: {e}"));
+    let found =
+        allocators::find_allocators_in(&rt, &mem).unwrap_or_else(|e| panic!("{python} {mode:?}: {e}"));
 
     // The slots hold exactly what PyMem_GetAllocator copies out.
     let tables = info["tables"].as_array().unwrap();
     for d in Domain::ALL {
-        let want: Vec<u64> = tables[d as usize].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let want: Vec<u64> =
+            tables[d as usize].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         let s = found.slot(d);
         assert_eq!(s.domain, d);
         assert_eq!(vec![s.ctx, s.malloc, s.calloc, s.realloc, s.free], want, "{python} {mode:?} {d}");
@@ -179,7 +182,6 @@ fn check(python: &str, minor: u8, mode: Mode) {
         found.found_by, addrs[0], addrs[1], addrs[2], found.wrapped, found.pymalloc
     );
 }
-
 
 #[test]
 fn debian_3_11() {

@@ -118,7 +118,13 @@ impl Table {
 
     fn shifted(&self, by: u64) -> Table {
         let f = |a: u64| a.wrapping_add(by);
-        Table { ctx: self.ctx, malloc: f(self.malloc), calloc: f(self.calloc), realloc: f(self.realloc), free: f(self.free) }
+        Table {
+            ctx: self.ctx,
+            malloc: f(self.malloc),
+            calloc: f(self.calloc),
+            realloc: f(self.realloc),
+            free: f(self.free),
+        }
     }
 
     fn read(mem: &dyn Memory, addr: u64) -> Option<Table> {
@@ -144,7 +150,13 @@ pub struct Slot {
 
 impl Slot {
     pub fn table(&self) -> Table {
-        Table { ctx: self.ctx, malloc: self.malloc, calloc: self.calloc, realloc: self.realloc, free: self.free }
+        Table {
+            ctx: self.ctx,
+            malloc: self.malloc,
+            calloc: self.calloc,
+            realloc: self.realloc,
+            free: self.free,
+        }
     }
 }
 
@@ -378,7 +390,8 @@ impl State {
         if i.is_ip_rel_memory_operand() {
             return Some(i.ip_rel_memory_address());
         }
-        if i.segment_prefix() != Register::None && !matches!(i.memory_segment(), Register::DS | Register::SS) {
+        if i.segment_prefix() != Register::None && !matches!(i.memory_segment(), Register::DS | Register::SS)
+        {
             return None;
         }
         let base = match i.memory_base() {
@@ -477,7 +490,12 @@ pub fn table_in_code(text: &[Text], data: &[Range<u64>], entry: u64, domain: u32
                 break; // int3, ud2, indirect branches: nothing more to learn on this path
             }
             // String moves: `rep movs` with a known count and ends.
-            if i.is_string_instruction() && matches!(i.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq) {
+            if i.is_string_instruction()
+                && matches!(
+                    i.mnemonic(),
+                    Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+                )
+            {
                 let unit = match i.mnemonic() {
                     Mnemonic::Movsb => 1,
                     Mnemonic::Movsw => 2,
@@ -527,8 +545,13 @@ pub fn table_in_code(text: &[Text], data: &[Range<u64>], entry: u64, domain: u32
                 }
                 _ => {
                     for r in info.info(&i).used_registers() {
-                        if matches!(r.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
-                        {
+                        if matches!(
+                            r.access(),
+                            OpAccess::Write
+                                | OpAccess::ReadWrite
+                                | OpAccess::CondWrite
+                                | OpAccess::ReadCondWrite
+                        ) {
                             s.set(r.register(), None);
                         }
                     }
@@ -723,8 +746,8 @@ pub fn classify_wrapper(
     let ctx = slot.ctx;
 
     // The debug hooks.
-    let debug_shape = mem.read_u8(ctx) == Some(domain.api_id())
-        && Table::read(mem, ctx + 8).filter(valid).is_some();
+    let debug_shape =
+        mem.read_u8(ctx) == Some(domain.api_id()) && Table::read(mem, ctx + 8).filter(valid).is_some();
     let debug_place = match facts.debug_raw {
         Some(base) => ctx == base + DEBUG_API_SIZE * domain as u64,
         None => in_module_data(ctx),
@@ -885,9 +908,8 @@ pub fn find_allocators(
     }
 
     // 5. What they hold.
-    let is_default = |t: &Table| {
-        t.ctx == 0 && (t.same_functions(&default_raw) || t.same_functions(&default_pymalloc))
-    };
+    let is_default =
+        |t: &Table| t.ctx == 0 && (t.same_functions(&default_raw) || t.same_functions(&default_pymalloc));
     let mut pymalloc = true;
     let mut out: Vec<Slot> = Vec::with_capacity(3);
     for &(d, addr, t) in &slots {
@@ -897,10 +919,12 @@ pub fn find_allocators(
             if is_default(&inner) {
                 break;
             }
-            let names: Vec<Option<&str>> =
-                inner.functions().iter().map(|&f| f.checked_sub(bias).and_then(|a| m.wrapper_function(a))).collect();
-            let (w, next) =
-                classify_wrapper(d, &inner, &facts, &names, mem, &in_exec, &in_module_data);
+            let names: Vec<Option<&str>> = inner
+                .functions()
+                .iter()
+                .map(|&f| f.checked_sub(bias).and_then(|a| m.wrapper_function(a)))
+                .collect();
+            let (w, next) = classify_wrapper(d, &inner, &facts, &names, mem, &in_exec, &in_module_data);
             if depth == 0 {
                 wrapper = Some(w);
             }
@@ -961,6 +985,11 @@ mod tests {
 
     use super::*;
 
+    /// One range (a module with a single writable segment).
+    fn one(r: Range<u64>) -> [Range<u64>; 1] {
+        [r]
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
@@ -1016,14 +1045,19 @@ mod tests {
         for (d, t) in tables.into_iter().enumerate() {
             a.set_label(&mut labels[d]).unwrap();
             a.movdqu(xmm0, ptr(rsi)).unwrap();
-            a.add_instruction(Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t), Register::XMM0).unwrap()).unwrap();
-            a.movdqu(xmm1, ptr(rsi + 16)).unwrap();
-            a.add_instruction(Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t + 16), Register::XMM1).unwrap())
+            a.add_instruction(Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t), Register::XMM0).unwrap())
                 .unwrap();
+            a.movdqu(xmm1, ptr(rsi + 16)).unwrap();
+            a.add_instruction(
+                Instruction::with2(Code::Movaps_xmmm128_xmm, rip(t + 16), Register::XMM1).unwrap(),
+            )
+            .unwrap();
             if d != 0 || raw_len == 40 {
                 a.mov(rax, ptr(rsi + 32)).unwrap();
-                a.add_instruction(Instruction::with2(Code::Mov_rm64_r64, rip(t + 32), Register::RAX).unwrap())
-                    .unwrap();
+                a.add_instruction(
+                    Instruction::with2(Code::Mov_rm64_r64, rip(t + 32), Register::RAX).unwrap(),
+                )
+                .unwrap();
             }
             a.ret().unwrap();
         }
@@ -1036,12 +1070,12 @@ mod tests {
         let tables = [0x45c2e0, 0x45c2a0, 0x45c260];
         let code = pic_set_allocator(ip, tables, 40);
         let text = [Text { vaddr: ip, bytes: &code }];
-        let data = [0x446b80..0x5b9900];
+        let data = one(0x446b80..0x5b9900);
         for d in 0..3 {
             assert_eq!(table_in_code(&text, &data, ip, d), Ok(tables[d as usize]));
         }
         // Tables outside the module's data are not the module's tables.
-        assert!(table_in_code(&text, &[0x1000..0x2000], ip, 0).is_err());
+        assert!(table_in_code(&text, &one(0x1000..0x2000), ip, 0).is_err());
         // A 32-byte copy is no PyMemAllocatorEx.
         let short = pic_set_allocator(ip, tables, 32);
         let err = table_in_code(&[Text { vaddr: ip, bytes: &short }], &data, ip, 0).unwrap_err();
@@ -1069,7 +1103,8 @@ mod tests {
         a.rep().movsd().unwrap();
         a.ret().unwrap();
         let code = a.assemble(ip).unwrap();
-        let err = table_in_code(&[Text { vaddr: ip, bytes: &code }], &[0x4000..0x6000], ip, 0).unwrap_err();
+        let err =
+            table_in_code(&[Text { vaddr: ip, bytes: &code }], &one(0x4000..0x6000), ip, 0).unwrap_err();
         assert!(err.contains("several") && err.contains("0x5000") && err.contains("0x5100"), "{err}");
 
         let mut a = CodeAssembler::new(64).unwrap();
@@ -1077,7 +1112,8 @@ mod tests {
         a.set_label(&mut top).unwrap();
         a.jmp(top).unwrap();
         let code = a.assemble(ip).unwrap();
-        let err = table_in_code(&[Text { vaddr: ip, bytes: &code }], &[0x4000..0x6000], ip, 0).unwrap_err();
+        let err =
+            table_in_code(&[Text { vaddr: ip, bytes: &code }], &one(0x4000..0x6000), ip, 0).unwrap_err();
         assert!(err.contains("instructions"), "{err}");
     }
 
@@ -1125,7 +1161,13 @@ mod tests {
             d.extend(words(&pymalloc));
         }
         let mem = Fake(vec![(debug, d)]);
-        let hook = Table { ctx: debug + 96, malloc: 0x42_0000, calloc: 0x42_0100, realloc: 0x42_0200, free: 0x42_0300 };
+        let hook = Table {
+            ctx: debug + 96,
+            malloc: 0x42_0000,
+            calloc: 0x42_0100,
+            realloc: 0x42_0200,
+            free: 0x42_0300,
+        };
         let none = WrapperFacts::default();
         let (w, inner) = classify_wrapper(Domain::Obj, &hook, &none, &[None; 4], &mem, &exec, &data);
         assert_eq!(w, Wrapper::DebugHooks);
