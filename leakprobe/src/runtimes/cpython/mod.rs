@@ -5,6 +5,8 @@
 //! - [`Runtime::bpf_config`]: what the eBPF side needs to walk a thread's frames; the walk
 //!   itself is [`walk::walk_frames`], the reference the kernel side mirrors.
 //! - [`CodeResolver`]: frame words to `function (file:line)`.
+//! - [`allocators::find_allocators`]: the RAW/MEM/OBJ `PyMemAllocatorEx` slots and what holds
+//!   them (pymalloc, tracemalloc, the debug hooks, an unknown wrapper).
 //!
 //! Supported: CPython 3.9–3.13, x86_64, default (GIL, non-debug) builds. Anything else, or a
 //! layout that does not check out in the process, is a [`DetectError`] saying why.
