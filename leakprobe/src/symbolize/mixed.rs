@@ -9,11 +9,14 @@
 
 use super::Frame;
 
-/// Native function names of the evaluation loop, where Python frames go.
-pub const PYTHON_EVAL: [&str; 3] = ["_PyEval_EvalFrameDefault", "_PyEval_EvalFrame", "PyEval_EvalFrameEx"];
+/// The evaluation loop's native function, where Python frames go. Not its callers'
+/// wrappers (`_PyEval_EvalFrame`, inlined at every call site up to 3.10, and
+/// `PyEval_EvalFrameEx`): they sit next to the loop's own frame and would take a group each.
+pub const PYTHON_EVAL: [&str; 1] = ["_PyEval_EvalFrameDefault"];
 
 fn is_eval(f: &Frame) -> bool {
     f.runtime.is_none()
+        && !f.inlined
         && f.function.as_deref().is_some_and(|n| {
             // A `.cold` part or a clone of the loop counts as the loop.
             let base = n.split('.').next().unwrap_or(n);
@@ -131,6 +134,38 @@ mod tests {
             ]
         );
         assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("hook"));
+    }
+
+    #[test]
+    fn the_loops_inlined_wrappers_take_no_group() {
+        // 3.9/3.10: every Python frame is an entry, and each call site inlines
+        // _PyEval_EvalFrame, which calls the loop.
+        let mut wrapper = nat("_PyEval_EvalFrame");
+        wrapper.inlined = true;
+        let native = vec![
+            nat("PyByteArray_Resize"),
+            nat("_PyEval_EvalFrameDefault"),
+            wrapper.clone(),
+            nat("function_code_fastcall"),
+            nat("scanner_call"),
+            nat("_PyEval_EvalFrameDefault"),
+            wrapper,
+            nat("_PyEval_EvalCode"),
+        ];
+        let got = interleave(native, vec![py("keep", true), py("raw_decode", true)]);
+        assert_eq!(
+            names(&got),
+            [
+                "PyByteArray_Resize",
+                "keep",
+                "_PyEval_EvalFrame",
+                "function_code_fastcall",
+                "scanner_call",
+                "raw_decode",
+                "_PyEval_EvalFrame",
+                "_PyEval_EvalCode"
+            ]
+        );
     }
 
     #[test]
