@@ -246,3 +246,37 @@ fn sampled_python_sites_are_estimated_within_a_quarter() {
     t.send("exit");
     let _ = t.child.wait();
 }
+
+/// `run -- python3 ...`: the command is held before its interpreter starts, so CPython is
+/// found at a later interval; the burst after that is named by its lines.
+#[test]
+fn run_finds_the_interpreter_once_it_has_started() {
+    require_root();
+    let script = repo_root().join("tests/targets/py_service.py");
+    let out = run_leakprobe(&[
+        "run",
+        "--duration",
+        "30s",
+        "--interval",
+        "300ms",
+        "--format",
+        "json",
+        "--",
+        "/usr/bin/python3.11",
+        script.to_str().unwrap(),
+        // Found at the first interval (0.3 s): well before the burst.
+        "--burst-after",
+        "3",
+        "200",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("CPython 3.11") && err.contains("Python frames in every stack"), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ours, stacks) = per_line(&report);
+    let line = line_of("cache[user] = bytearray");
+    let got = ours.get(&line).copied().unwrap_or(0);
+    // At least the 200 buffers of 48 KiB the burst keeps.
+    assert!(got >= 200 * 48 * 1024, "cache_user's line holds {got} B: {ours:?}");
+    assert_eq!(stacks[&line].first().map(String::as_str), Some("cache_user"));
+}

@@ -11,6 +11,8 @@
 then prints `done N` and, with `--tracemalloc` on the command line, tracemalloc's
 `compare_to(before, 'lineno')` for this file as JSON lines `{"line": L, "size": B, "count": C}`
 before `done`. `threads N` runs the burst in N threads at once (the leaks are shared).
+With `--burst-after SECONDS N` it runs one burst of N after SECONDS, waits 1.5 s, then exits
+with no finalization (for `run`).
 """
 import json
 import sys
@@ -110,4 +112,17 @@ def main():
         print("done", words[0], flush=True)
 
 
-main()
+if "--burst-after" in sys.argv:
+    at = sys.argv.index("--burst-after")
+    import time
+
+    time.sleep(float(sys.argv[at + 1]))
+    burst(0, int(sys.argv[at + 2]))
+    # Alive a little longer (a tracer names the Python frames while the process is there), then
+    # no interpreter finalization: what the burst keeps is still held at the exit.
+    time.sleep(1.5)
+    import os
+
+    os._exit(0)
+else:
+    main()

@@ -236,6 +236,22 @@ impl StackCache {
     fn remove(&mut self, id: &u64) {
         self.stacks.remove(id);
     }
+
+    /// A command `run` started: once its CPython is up, its frames join the stacks from then
+    /// on. Returns the line to show when it is found.
+    fn look_for_python(&mut self, pid: i32, probes: &mut Probes) -> anyhow::Result<Option<String>> {
+        if self.python.is_some() {
+            return Ok(None);
+        }
+        match python::Names::detect(pid) {
+            (Some(names), line) => {
+                probes.set_python(&names.config()).context("loading the Python layout")?;
+                self.python = Some(names);
+                Ok(line)
+            }
+            (None, _) => Ok(None),
+        }
+    }
 }
 
 fn refuse(e: impl std::error::Error) -> anyhow::Error {
@@ -306,8 +322,12 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         None => plan.clone(),
     };
 
-    // A CPython target: its frames join every stack.
-    let (python_names, python_line) = python::Names::detect(pid);
+    // A CPython target: its frames join every stack. A command `run` holds has not started its
+    // interpreter yet: it is looked for at the first intervals instead (see `watch`).
+    let (python_names, python_line) = match cfg.mode {
+        Mode::Attach { .. } => python::Names::detect(pid),
+        Mode::Run { .. } => (None, None),
+    };
     if let Some(line) = python_line {
         progress(&cfg, format_args!("{line}"));
     }
@@ -995,6 +1015,8 @@ async fn watch(
     let first_exe = target::exe_of(pid);
 
     let mut test_panic = std::env::var_os("LEAKPROBE_TEST_PANIC_AFTER_ATTACH").is_some();
+    // `run`: intervals left to look for a CPython that has started since.
+    let mut python_looks = if matches!(cfg.mode, Mode::Run { .. }) { 30 } else { 0 };
     loop {
         tokio::select! {
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
@@ -1065,6 +1087,13 @@ async fn watch(
                         progress(cfg, format_args!("{msg}"));
                     }
                     last_look = now;
+                }
+                if python_looks > 0 {
+                    python_looks -= 1;
+                    if let Some(line) = stacks.look_for_python(pid, probes)? {
+                        progress(cfg, format_args!("{line}"));
+                        python_looks = 0;
+                    }
                 }
                 let sites = tracker.sites();
                 stacks.fetch_new(probes, &sites)?;
