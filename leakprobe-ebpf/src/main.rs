@@ -409,12 +409,11 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
     0
 }
 
-/// Walks the allocating thread's Python frames into `buf.py` (see `PyConfig` and `py_frame`).
-/// Returns the FNV hash `h` extended with them. Each walk is a `bpf_loop`, verified once.
+/// Walks the allocating thread's Python frames into `buf.py` (see `PyConfig` and `py_frame`;
+/// `capture_stack` left it empty). Returns the FNV hash `h` extended with them. Each walk is a
+/// `bpf_loop`, verified once.
 #[inline(always)]
 fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
-    buf.py_depth = 0;
-    buf.py_end = py_end::COMPLETE;
     let Some(cfg) = PY_CONFIG.get(0) else { return h };
     if cfg.flavor == py_flavor::NONE {
         return h;

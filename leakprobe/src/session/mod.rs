@@ -965,7 +965,8 @@ fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) 
     match stacks.stacks.get(&key.stack_id) {
         Some(Some(f)) => {
             let native = symbolizer.symbolize(&f.ips);
-            (crate::symbolize::mixed::interleave(native, f.python.clone()), f.end)
+            let is_eval = |fr: &Frame| stacks.python.as_ref().is_some_and(|n| n.is_eval(fr));
+            (crate::symbolize::mixed::interleave(native, f.python.clone(), is_eval), f.end)
         }
         _ => (Vec::new(), leakprobe_common::stack_end::COMPLETE),
     }

@@ -2,9 +2,7 @@
 //! side, which walks the allocating thread's Python frames), and its frames named as stacks
 //! arrive.
 
-use std::collections::HashMap;
-
-use leakprobe_common::{PyConfig, py_flavor, py_frame};
+use leakprobe_common::{PyConfig, py_flavor};
 
 use crate::{ptrace::Mem, runtimes::cpython, symbolize::Frame};
 
@@ -12,10 +10,8 @@ pub struct Names {
     config: PyConfig,
     resolver: cpython::CodeResolver,
     mem: Mem,
-    /// By code object and position (the packed word without its entry flag): the frame, or
-    /// None for one the interpreter would not show yet (3.11+: not at its first traceable
-    /// instruction) or that does not check out.
-    named: HashMap<u64, Option<Frame>>,
+    /// Where the evaluation loop's code is: its frames are where Python frames go.
+    eval: Vec<cpython::NativeFunction>,
 }
 
 impl Names {
@@ -56,7 +52,7 @@ impl Names {
             runtime.module.display()
         );
         let resolver = runtime.resolver();
-        (Some(Names { config, resolver, mem, named: HashMap::new() }), Some(line))
+        (Some(Names { config, resolver, mem, eval: runtime.eval_frame }), Some(line))
     }
 
     /// The layout for the kernel side.
@@ -65,30 +61,19 @@ impl Names {
     }
 
     /// Names the packed Python frames of one stack, innermost first, each with its entry
-    /// flag. A frame that cannot be named is left out (never a guessed name); a frame the
-    /// interpreter would not show yet hands its entry flag to the frame inside it.
+    /// flag (see [`cpython::CodeResolver::name_stack`]).
     pub fn frames(&mut self, words: &[u64]) -> Vec<(Frame, bool)> {
-        let mut out: Vec<(Frame, bool)> = Vec::with_capacity(words.len());
-        for &w in words {
-            let key = w & !py_frame::ENTRY;
-            let (code, pos) = (py_frame::code(w), py_frame::pos(w));
-            let (resolver, mem) = (&mut self.resolver, &self.mem);
-            let named = self.named.entry(key).or_insert_with(|| match resolver.is_complete(mem, code, pos) {
-                Some(true) => {
-                    resolver.resolve(mem, code, pos).map(|f| Frame::python(code, f.function, f.file, f.line))
-                }
-                _ => None,
-            });
-            match named {
-                Some(f) => out.push((f.clone(), py_frame::entry(w))),
-                None if py_frame::entry(w) => {
-                    if let Some(last) = out.last_mut() {
-                        last.1 = true;
-                    }
-                }
-                None => {}
-            }
-        }
-        out
+        self.resolver
+            .name_stack(&self.mem, words)
+            .into_iter()
+            .map(|(code, f, entry)| (Frame::python(code, f.function, f.file, f.line), entry))
+            .collect()
+    }
+
+    /// Whether a native frame is the evaluation loop's own (not a caller's inlined wrapper).
+    pub fn is_eval(&self, f: &Frame) -> bool {
+        f.runtime.is_none()
+            && !f.inlined
+            && self.eval.iter().any(|e| e.start <= f.address && f.address < e.end)
     }
 }

@@ -5,24 +5,11 @@
 //! entry (every frame up to 3.10; `is_entry` in 3.11; the frame above each C-stack shim from
 //! 3.12). Walking both stacks innermost first, the k-th evaluation-loop frame of the native
 //! stack is replaced by the k-th group of Python frames, so a C extension called from Python
-//! sits between the right Python frames.
+//! sits between the right Python frames. Which native frames are the loop's own is the
+//! runtime's to say (by address: its callers' inlined wrappers, `_PyEval_EvalFrame` up to
+//! 3.10, sit next to it and must not take a group).
 
 use super::Frame;
-
-/// The evaluation loop's native function, where Python frames go. Not its callers'
-/// wrappers (`_PyEval_EvalFrame`, inlined at every call site up to 3.10, and
-/// `PyEval_EvalFrameEx`): they sit next to the loop's own frame and would take a group each.
-pub const PYTHON_EVAL: [&str; 1] = ["_PyEval_EvalFrameDefault"];
-
-fn is_eval(f: &Frame) -> bool {
-    f.runtime.is_none()
-        && !f.inlined
-        && f.function.as_deref().is_some_and(|n| {
-            // A `.cold` part or a clone of the loop counts as the loop.
-            let base = n.split('.').next().unwrap_or(n);
-            PYTHON_EVAL.contains(&base)
-        })
-}
 
 /// Python frames (innermost first, each with its entry flag) split into the groups each
 /// evaluation-loop call ran: a group ends at an entry frame.
@@ -41,11 +28,15 @@ fn groups(python: Vec<(Frame, bool)>) -> Vec<Vec<Frame>> {
     out
 }
 
-/// `native` with each evaluation-loop frame replaced by the Python frames it ran. Python
-/// frames left over (a native stack cut short, or one the unwinder could not follow through
-/// the interpreter) go after the last native frame; an evaluation-loop frame with no group
-/// left stays as it is.
-pub fn interleave(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
+/// `native` with each evaluation-loop frame (`is_eval`) replaced by the Python frames it ran.
+/// Python frames left over (a native stack cut short, or one the unwinder could not follow
+/// through the interpreter) go after the last native frame; an evaluation-loop frame with no
+/// group left stays as it is.
+pub fn interleave(
+    native: Vec<Frame>,
+    python: Vec<(Frame, bool)>,
+    is_eval: impl Fn(&Frame) -> bool,
+) -> Vec<Frame> {
     if python.is_empty() {
         return native;
     }
@@ -102,6 +93,11 @@ mod tests {
         (Frame::python(0x7000, name.into(), "app.py".into(), Some(1)), entry)
     }
 
+    /// The loop's own frames, by name here (the session goes by its address range).
+    fn is_eval(f: &Frame) -> bool {
+        !f.inlined && f.function.as_deref().is_some_and(|n| n.starts_with("_PyEval_EvalFrameDefault"))
+    }
+
     fn names(frames: &[Frame]) -> Vec<&str> {
         frames.iter().map(|f| f.function.as_deref().unwrap_or("?")).collect()
     }
@@ -119,7 +115,7 @@ mod tests {
             nat("Py_BytesMain"),
         ];
         let python = vec![py("hook", true), py("handler", false), py("serve", false), py("<module>", true)];
-        let got = interleave(native, python);
+        let got = interleave(native, python, is_eval);
         assert_eq!(
             names(&got),
             [
@@ -152,7 +148,7 @@ mod tests {
             wrapper,
             nat("_PyEval_EvalCode"),
         ];
-        let got = interleave(native, vec![py("keep", true), py("raw_decode", true)]);
+        let got = interleave(native, vec![py("keep", true), py("raw_decode", true)], is_eval);
         assert_eq!(
             names(&got),
             [
@@ -172,14 +168,14 @@ mod tests {
     fn leftover_python_frames_follow_the_last_placed_group() {
         // The native walk lost the interpreter's outer frames: two entries, one loop frame.
         let native = vec![nat("malloc_caller"), nat("_PyEval_EvalFrameDefault"), nat("main")];
-        let got = interleave(native, vec![py("inner", true), py("outer", true)]);
+        let got = interleave(native, vec![py("inner", true), py("outer", true)], is_eval);
         assert_eq!(names(&got), ["malloc_caller", "inner", "outer", "main"]);
         // No loop frame at all: Python frames after the native ones.
-        let got = interleave(vec![nat("malloc_caller")], vec![py("f", false)]);
+        let got = interleave(vec![nat("malloc_caller")], vec![py("f", false)], is_eval);
         assert_eq!(names(&got), ["malloc_caller", "f"]);
         // More loop frames than groups: the extra ones stay.
         let native = vec![nat("_PyEval_EvalFrameDefault"), nat("_PyEval_EvalFrameDefault")];
-        let got = interleave(native, vec![py("f", true)]);
+        let got = interleave(native, vec![py("f", true)], is_eval);
         assert_eq!(names(&got), ["f", "_PyEval_EvalFrameDefault"]);
         assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("f"));
     }

@@ -235,17 +235,39 @@ impl CodeResolver {
         })
     }
 
+    /// Each word of a captured stack as the interpreter would show it: `None` for a frame it
+    /// hides (3.11+: not at its first traceable instruction yet), `Some(None)` for one that
+    /// does not check out, `Some(Some(name))` otherwise.
+    fn shown(&mut self, mem: &dyn Memory, w: u64) -> Option<Option<PyFrame>> {
+        let (code, pos) = (py_frame::code(w), py_frame::pos(w));
+        match self.is_complete(mem, code, pos) {
+            Some(false) => None,
+            Some(true) => Some(self.resolve(mem, code, pos)),
+            None => Some(None),
+        }
+    }
+
     /// Names a captured stack ([`leakprobe_common::Stack::py`], innermost first), dropping
     /// incomplete frames as the interpreter's own tracebacks do; a frame that does not check
     /// out is `None` in its place.
     pub fn resolve_stack(&mut self, mem: &dyn Memory, words: &[u64]) -> Vec<Option<PyFrame>> {
-        let mut out = Vec::with_capacity(words.len());
+        words.iter().filter_map(|&w| self.shown(mem, w)).collect()
+    }
+
+    /// The named frames of a captured stack, innermost first: (code object, name, entry
+    /// flag). A frame left out (hidden, or not checking out) hands its entry flag to the
+    /// frame inside it, where its C call's native frames belong. Never a guessed name.
+    pub fn name_stack(&mut self, mem: &dyn Memory, words: &[u64]) -> Vec<(u64, PyFrame, bool)> {
+        let mut out: Vec<(u64, PyFrame, bool)> = Vec::with_capacity(words.len());
         for &w in words {
-            let (code, pos) = (py_frame::code(w), py_frame::pos(w));
-            match self.is_complete(mem, code, pos) {
-                Some(false) => continue,
-                Some(true) => out.push(self.resolve(mem, code, pos)),
-                None => out.push(None),
+            match self.shown(mem, w) {
+                Some(Some(f)) => out.push((py_frame::code(w), f, py_frame::entry(w))),
+                _ if py_frame::entry(w) => {
+                    if let Some(last) = out.last_mut() {
+                        last.2 = true;
+                    }
+                }
+                _ => {}
             }
         }
         out
@@ -428,6 +450,10 @@ pub(crate) mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].as_ref().unwrap().to_string(), "outer (/a.py:8)");
         assert_eq!(got[1], None);
+        // Named: only what checks out; the bad frame's entry flag goes to the frame inside it.
+        let named = r.name_stack(&mem, &words);
+        assert_eq!(named.len(), 1);
+        assert_eq!((named[0].0, named[0].1.function.as_str(), named[0].2), (0x200_000, "outer", true));
     }
 
     #[test]
