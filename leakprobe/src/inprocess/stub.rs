@@ -19,6 +19,16 @@
 //!
 //! Stubs use only rax, rcx, r8-r11 as scratch where arguments live, and keep the red zone
 //! unused at the sites (the kernel's optimized uprobe is a CALL that writes below rsp).
+//!
+//! **CPython's allocator tables** (`PyMemAllocatorEx`: `malloc(ctx, size)`, `calloc(ctx, n,
+//! size)`, `realloc(ctx, ptr, size)`, `free(ctx, ptr)`) get stubs of their own ([`Func::PYMEM`]):
+//! the caller's `ctx` goes on to the real function untouched, and the block is moved into rdi
+//! for the report sites, with ctx kept in r9 across a free site. They report only blocks of at
+//! most [`off::PY_SMALL_MAX`] bytes, the ones pymalloc serves from its arenas: a larger request
+//! goes on to `PyMem_RawMalloc` and malloc, whose own hooks see it, and counting it here too
+//! would count it twice (and sample it twice). A realloc reports its old block through the
+//! free site before the real call (not the `realloc_old` pairing: the malloc-family stub
+//! inside it may use that pairing for the same thread at the same time).
 
 use iced_x86::{
     BlockEncoderOptions, IcedError,
@@ -56,6 +66,9 @@ pub mod off {
     pub const EXP_POS: i32 = 0x18;
     /// How many [`NESTED`] ranges are in use.
     pub const NESTED_COUNT: i32 = 0x20;
+    /// CPython stubs: the largest request pymalloc serves itself (`SMALL_REQUEST_THRESHOLD`,
+    /// 512 since 3.8); larger ones are left to the malloc family's hooks.
+    pub const PY_SMALL_MAX: i32 = 0x28;
     /// [`super::counter`] values.
     pub const COUNTERS: i32 = 0x40;
     /// The real function of each stub, in the order the stubs were generated.
@@ -105,9 +118,20 @@ pub enum Func {
     Memalign,
     Valloc,
     Pvalloc,
+    /// A CPython `PyMemAllocatorEx` function (ctx first).
+    PyMalloc,
+    PyCalloc,
+    PyRealloc,
+    PyFree,
 }
 
+/// pymalloc's `SMALL_REQUEST_THRESHOLD` (CPython 3.8 and later).
+pub const PYMALLOC_SMALL_MAX: u64 = 512;
+
 impl Func {
+    /// The four functions of a `PyMemAllocatorEx`, in its order.
+    pub const PYMEM: [Func; 4] = [Func::PyMalloc, Func::PyCalloc, Func::PyRealloc, Func::PyFree];
+
     pub const ALL: [Func; 10] = [
         Func::Malloc,
         Func::Calloc,
@@ -151,7 +175,11 @@ impl Func {
             Func::Memalign => AllocKind::Memalign,
             Func::Valloc => AllocKind::Valloc,
             Func::Pvalloc => AllocKind::Pvalloc,
-            Func::Free => return None,
+            Func::PyMalloc => AllocKind::Malloc,
+            Func::PyCalloc => AllocKind::Calloc,
+            // Its old block went through the free site: the new one is a plain allocation.
+            Func::PyRealloc => AllocKind::Malloc,
+            Func::Free | Func::PyFree => return None,
         })
     }
 }
@@ -212,6 +240,8 @@ fn shape(f: Func) -> Shape {
         Func::Malloc | Func::Valloc | Func::Pvalloc | Func::Free => Shape { saved: &[rdi] },
         Func::Calloc | Func::AlignedAlloc | Func::Memalign | Func::Realloc => Shape { saved: &[rdi, rsi] },
         Func::PosixMemalign | Func::Reallocarray => Shape { saved: &[rdi, rsi, rdx] },
+        Func::PyMalloc | Func::PyFree => Shape { saved: &[rdi, rsi] },
+        Func::PyCalloc | Func::PyRealloc => Shape { saved: &[rdi, rsi, rdx] },
     }
 }
 
@@ -229,10 +259,12 @@ fn size_into(
             a.mov(dst, rdi)?;
             a.imul_2(dst, rsi)
         }
-        Func::Reallocarray => {
+        Func::Reallocarray | Func::PyCalloc => {
             a.mov(dst, rsi)?;
             a.imul_2(dst, rdx)
         }
+        Func::PyMalloc | Func::PyFree => a.mov(dst, rsi),
+        Func::PyRealloc => a.mov(dst, rdx),
     }
 }
 
@@ -487,6 +519,175 @@ impl Gen {
         Ok(entry)
     }
 
+    /// CPython stubs: jumps to `pass` unless the request is one pymalloc serves itself
+    /// (1 to PY_SMALL_MAX bytes; 0 goes on to malloc(1)). Uses rax; r11 = base.
+    fn py_small_only(&mut self, f: Func, pass: CodeLabel) -> Result<(), IcedError> {
+        size_into(&mut self.a, f, rax)?;
+        self.a.dec(rax)?;
+        self.a.cmp(rax, qword_ptr(r11 + off::PY_SMALL_MAX))?;
+        self.a.jae(pass)
+    }
+
+    /// After a CPython stub's real call (rax = the block, arguments back): reports a small
+    /// block at the alloc site (sampled mode: only if the set takes it), else returns.
+    fn py_report_new(&mut self, f: Func) -> Result<(), IcedError> {
+        let mut ret = self.a.create_label();
+        let mut report = self.a.create_label();
+        self.a.test(rax, rax)?;
+        self.a.je(ret)?;
+        self.base()?;
+        size_into(&mut self.a, f, r10)?;
+        self.a.lea(rcx, qword_ptr(r10 - 1))?;
+        self.a.cmp(rcx, qword_ptr(r11 + off::PY_SMALL_MAX))?;
+        self.a.jae(ret)?;
+        self.a.mov(rsi, r10)?;
+        self.a.mov(rdi, rax)?;
+        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
+        self.a.je(report)?;
+        self.a.call(self.set_insert)?;
+        self.a.test(r10, r10)?;
+        self.a.je(ret)?;
+        self.a.set_label(&mut report)?;
+        self.a.mov(edx, f.kind().map_or(0, |k| k as u32))?;
+        self.a.jmp(self.site_alloc)?;
+        self.a.set_label(&mut ret)?;
+        self.a.ret()
+    }
+
+    /// Calls the real function of stub `i` with the arguments kept, rsp at the caller's
+    /// return address again afterwards.
+    fn call_real_keeping(&mut self, f: Func, i: usize) -> Result<(), IcedError> {
+        let saved = shape(f).saved;
+        for r in saved {
+            self.a.push(*r)?;
+        }
+        // Entry rsp is 8 mod 16; the real call needs 0 mod 16.
+        let pad = saved.len().is_multiple_of(2);
+        if pad {
+            self.a.sub(rsp, 8)?;
+        }
+        self.base()?;
+        let real = self.real(i);
+        self.a.call(real)?;
+        if pad {
+            self.a.add(rsp, 8)?;
+        }
+        for r in saved.iter().rev() {
+            self.a.pop(*r)?;
+        }
+        Ok(())
+    }
+
+    /// `PyMemAllocatorEx.malloc(ctx, size)` and `.calloc(ctx, n, size)`.
+    fn py_alloc(&mut self, f: Func, i: usize) -> Result<CodeLabel, IcedError> {
+        let mut entry = self.a.create_label();
+        let mut pass = self.a.create_label();
+        let mut take = self.a.create_label();
+        self.a.set_label(&mut entry)?;
+        self.base()?;
+        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
+        self.a.je(pass)?;
+        self.py_small_only(f, pass)?;
+        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
+        self.a.je(take)?;
+        self.countdown(f, take, pass)?;
+        self.a.set_label(&mut pass)?;
+        let real = self.real(i);
+        self.a.jmp(real)?;
+        self.a.set_label(&mut take)?;
+        self.call_real_keeping(f, i)?;
+        self.py_report_new(f)?;
+        Ok(entry)
+    }
+
+    /// Reports the block in rsi at the free site, then goes on at `back` with rdi = ctx again.
+    /// Uses r8, r9.
+    fn py_free_site(&mut self, back: &mut CodeLabel) -> Result<(), IcedError> {
+        self.a.mov(r9, rdi)?;
+        self.a.mov(rdi, rsi)?;
+        self.a.lea(r8, ptr(*back))?;
+        self.a.jmp(self.site_free)?;
+        self.a.set_label(back)?;
+        self.a.mov(rdi, r9)?;
+        self.base()
+    }
+
+    /// `PyMemAllocatorEx.free(ctx, ptr)`.
+    fn py_free(&mut self, i: usize) -> Result<CodeLabel, IcedError> {
+        let mut entry = self.a.create_label();
+        let mut pass = self.a.create_label();
+        let mut report = self.a.create_label();
+        let mut back = self.a.create_label();
+        self.a.set_label(&mut entry)?;
+        self.base()?;
+        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
+        self.a.je(pass)?;
+        self.a.test(rsi, rsi)?;
+        self.a.je(pass)?;
+        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
+        self.a.je(report)?;
+        self.py_set_remove_rsi()?;
+        self.a.test(r10, r10)?;
+        self.a.je(pass)?;
+        self.a.set_label(&mut report)?;
+        self.py_free_site(&mut back)?;
+        self.a.set_label(&mut pass)?;
+        let real = self.real(i);
+        self.a.jmp(real)?;
+        Ok(entry)
+    }
+
+    /// set_remove on rsi (the CPython functions' block), rdi kept. Uses r9 too.
+    fn py_set_remove_rsi(&mut self) -> Result<(), IcedError> {
+        self.a.mov(r9, rdi)?;
+        self.a.mov(rdi, rsi)?;
+        self.a.call(self.set_remove)?;
+        self.a.mov(rdi, r9)
+    }
+
+    /// `PyMemAllocatorEx.realloc(ctx, ptr, size)`.
+    fn py_realloc(&mut self, i: usize) -> Result<CodeLabel, IcedError> {
+        let f = Func::PyRealloc;
+        let mut entry = self.a.create_label();
+        let mut pass = self.a.create_label();
+        let mut exact = self.a.create_label();
+        let mut decide = self.a.create_label();
+        let mut old_tracked = self.a.create_label();
+        let mut back = self.a.create_label();
+        let mut call = self.a.create_label();
+        self.a.set_label(&mut entry)?;
+        self.base()?;
+        self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
+        self.a.je(pass)?;
+        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
+        self.a.je(exact)?;
+        // Sampled: a sampled old block is followed whatever the new size.
+        self.a.test(rsi, rsi)?;
+        self.a.je(decide)?;
+        self.py_set_remove_rsi()?;
+        self.a.test(r10, r10)?;
+        self.a.jne(old_tracked)?;
+        self.a.set_label(&mut decide)?;
+        self.py_small_only(f, pass)?;
+        self.countdown(f, call, pass)?;
+        self.a.set_label(&mut pass)?;
+        let real = self.real(i);
+        self.a.jmp(real)?;
+
+        self.a.set_label(&mut exact)?;
+        self.a.test(rsi, rsi)?;
+        self.a.jne(old_tracked)?;
+        self.py_small_only(f, pass)?;
+        self.a.jmp(call)?;
+
+        self.a.set_label(&mut old_tracked)?;
+        self.py_free_site(&mut back)?;
+        self.a.set_label(&mut call)?;
+        self.call_real_keeping(f, i)?;
+        self.py_report_new(f)?;
+        Ok(entry)
+    }
+
     /// set_insert: rdi = pointer; r10 = 1 if held, 0 if the set is full (then sampling stops).
     /// Keeps rax, rdi, rsi, rdx; uses rcx, r10, r11.
     fn set_insert_body(&mut self) -> Result<(), IcedError> {
@@ -617,6 +818,9 @@ pub fn generate(code_base: u64, data_base: u64, funcs: &[Func]) -> Result<Stub, 
     let mut labels = Vec::new();
     for (i, &f) in funcs.iter().enumerate().take(MAX_STUBS) {
         let l = match f {
+            Func::PyMalloc | Func::PyCalloc => g.py_alloc(f, i)?,
+            Func::PyRealloc => g.py_realloc(i)?,
+            Func::PyFree => g.py_free(i)?,
             Func::Free => g.free(i)?,
             Func::Realloc | Func::Reallocarray => g.realloc(f, i)?,
             _ => g.alloc(f, i)?,
@@ -645,6 +849,7 @@ pub fn data_page(sample_bytes: u64, real: &[(Func, u64)], nested: &[(u64, u64)],
     };
     put(&mut page, off::ENABLED, 1);
     put(&mut page, off::MODE, u64::from(sample_bytes > 0));
+    put(&mut page, off::PY_SMALL_MAX, PYMALLOC_SMALL_MAX);
     for (i, (_, addr)) in real.iter().enumerate().take(MAX_STUBS) {
         put(&mut page, off::REAL + 8 * i as i32, *addr);
     }
@@ -774,14 +979,63 @@ mod tests {
         ]
     }
 
+    /// A `PyMemAllocatorEx` over libc, for the CPython stubs: each function checks that the
+    /// caller's ctx arrived untouched.
+    const PY_CTX: usize = 0x5eed_c0de;
+    static PY_BAD_CTX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn check_ctx(ctx: usize) {
+        if ctx != PY_CTX {
+            PY_BAD_CTX.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    extern "C" fn py_malloc(ctx: usize, n: usize) -> *mut c_void {
+        check_ctx(ctx);
+        // SAFETY: libc's malloc.
+        unsafe { libc::malloc(n.max(1)) }
+    }
+    extern "C" fn py_calloc(ctx: usize, n: usize, size: usize) -> *mut c_void {
+        check_ctx(ctx);
+        // SAFETY: libc's calloc.
+        unsafe { libc::calloc(n.max(1), size.max(1)) }
+    }
+    extern "C" fn py_realloc(ctx: usize, p: *mut c_void, n: usize) -> *mut c_void {
+        check_ctx(ctx);
+        // SAFETY: a block of ours or NULL.
+        unsafe { libc::realloc(p, n.max(1)) }
+    }
+    extern "C" fn py_free(ctx: usize, p: *mut c_void) {
+        check_ctx(ctx);
+        // SAFETY: a block of ours or NULL.
+        unsafe { libc::free(p) }
+    }
+
     fn install(sample_bytes: u64) -> Live {
+        install_funcs(sample_bytes, &real_functions())
+    }
+
+    fn install_py(sample_bytes: u64) -> Live {
+        PY_BAD_CTX.store(0, std::sync::atomic::Ordering::Relaxed);
+        install_funcs(
+            sample_bytes,
+            &[
+                (Func::PyMalloc, py_malloc as *const () as u64),
+                (Func::PyCalloc, py_calloc as *const () as u64),
+                (Func::PyRealloc, py_realloc as *const () as u64),
+                (Func::PyFree, py_free as *const () as u64),
+            ],
+        )
+    }
+
+    fn install_funcs(sample_bytes: u64, real: &[(Func, u64)]) -> Live {
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         EVENTS.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let code = map(1 << 16, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
         let data = map(DATA_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE);
-        let stub = generate(code as u64, data as u64, &Func::ALL).unwrap();
+        let funcs: Vec<Func> = real.iter().map(|r| r.0).collect();
+        let stub = generate(code as u64, data as u64, &funcs).unwrap();
         assert!(stub.code.len() < 1 << 16);
-        let page = data_page(sample_bytes, &real_functions(), &[], 42);
+        let page = data_page(sample_bytes, real, &[], 42);
         // SAFETY: both mappings are ours and large enough.
         unsafe {
             std::ptr::copy_nonoverlapping(stub.code.as_ptr(), code, stub.code.len());
@@ -811,6 +1065,18 @@ mod tests {
             let at = self.stub.entry(func).unwrap() as usize;
             // SAFETY: T is the C signature of `func`; the entry is generated code for it.
             unsafe { std::mem::transmute_copy(&at) }
+        }
+        fn py_malloc(&self, n: usize) -> *mut c_void {
+            self.f::<extern "C" fn(usize, usize) -> *mut c_void>(Func::PyMalloc)(PY_CTX, n)
+        }
+        fn py_calloc(&self, n: usize, size: usize) -> *mut c_void {
+            self.f::<extern "C" fn(usize, usize, usize) -> *mut c_void>(Func::PyCalloc)(PY_CTX, n, size)
+        }
+        fn py_realloc(&self, p: *mut c_void, n: usize) -> *mut c_void {
+            self.f::<extern "C" fn(usize, *mut c_void, usize) -> *mut c_void>(Func::PyRealloc)(PY_CTX, p, n)
+        }
+        fn py_free(&self, p: *mut c_void) {
+            self.f::<extern "C" fn(usize, *mut c_void)>(Func::PyFree)(PY_CTX, p)
         }
         fn malloc(&self, n: usize) -> *mut c_void {
             self.f::<extern "C" fn(usize) -> *mut c_void>(Func::Malloc)(n)
@@ -1003,5 +1269,79 @@ mod tests {
         assert_eq!(s.held(), 0);
         let c = s.counters();
         assert_eq!(c[0], c[1]);
+    }
+
+    #[test]
+    fn cpython_stubs_report_pymalloc_sized_blocks_and_pass_ctx_through() {
+        let s = install_py(0);
+        let (alloc, free) = (s.stub.site_alloc, s.stub.site_free);
+        let k = |k: AllocKind| k as u64;
+        let p = s.py_malloc(100);
+        let big = s.py_malloc(600);
+        let zero = s.py_malloc(0);
+        let edge = s.py_malloc(512);
+        let c = s.py_calloc(4, 25);
+        let q = s.py_realloc(p, 200);
+        let r = s.py_realloc(q, 1000);
+        let n = s.py_realloc(std::ptr::null_mut(), 50);
+        s.py_free(std::ptr::null_mut());
+        for b in [big, zero, edge, c, r, n] {
+            s.py_free(b);
+        }
+        let seen: Vec<(u64, u64, u64, u64)> = events()
+            .into_iter()
+            .map(|(site, a0, a1, a2)| if site == alloc { (site, a0, a1, a2) } else { (site, a0, 0, 0) })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (alloc, p as u64, 100, k(AllocKind::Malloc)),
+                // 600 and 0 bytes: pymalloc passes them on to malloc, whose hooks see them.
+                (alloc, edge as u64, 512, k(AllocKind::Malloc)),
+                (alloc, c as u64, 100, k(AllocKind::Calloc)),
+                // realloc: the old block through the free site, then the new one.
+                (free, p as u64, 0, 0),
+                (alloc, q as u64, 200, k(AllocKind::Malloc)),
+                (free, q as u64, 0, 0),
+                (alloc, n as u64, 50, k(AllocKind::Malloc)),
+                // Exact mode reports every free (a large block's is unknown to the tracker).
+                (free, big as u64, 0, 0),
+                (free, zero as u64, 0, 0),
+                (free, edge as u64, 0, 0),
+                (free, c as u64, 0, 0),
+                (free, r as u64, 0, 0),
+                (free, n as u64, 0, 0),
+            ]
+        );
+        assert_eq!(PY_BAD_CTX.load(std::sync::atomic::Ordering::Relaxed), 0, "ctx reached every call untouched");
+    }
+
+    #[test]
+    fn cpython_stubs_sample_small_blocks_and_follow_them_to_their_free() {
+        let s = install_py(4096);
+        let n = 100_000;
+        let mut large_seen = 0;
+        for i in 0..n {
+            let p = s.py_malloc(64);
+            let p = if i % 3 == 0 { s.py_realloc(p, 128) } else { p };
+            s.py_free(p);
+            let b = s.py_malloc(4096);
+            s.py_free(b);
+            large_seen += usize::from(events().iter().any(|e| e.1 == b as u64 && e.0 == s.stub.site_alloc));
+        }
+        assert_eq!(large_seen, 0, "blocks pymalloc does not serve are never sampled here");
+        let c = s.counters();
+        let sampled = c[counter::SAMPLED_ALLOCS as usize];
+        // 64 B per call, 128 more every third: ~1.6 % of 100 000 calls, plus realloc's.
+        assert!(sampled > 1000 && sampled < 4000, "{c:?}");
+        assert_eq!(c[counter::SAMPLED_FREES as usize], sampled, "every sampled block's free is seen");
+        assert_eq!(s.held(), 0);
+        assert_eq!(PY_BAD_CTX.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Switched off: straight through, nothing reported.
+        s.set_word(off::ENABLED, 0);
+        let p = s.py_malloc(64);
+        let p = s.py_realloc(p, 100);
+        s.py_free(p);
+        assert!(events().is_empty());
     }
 }
