@@ -57,8 +57,14 @@ for domain in range(3):
     a = A()
     api.PyMem_GetAllocator(domain, ctypes.byref(a))
     tables.append([getattr(a, n) or 0 for n, _ in A._fields_])
+class B(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("ctx", "alloc", "free")]
+api.PyObject_GetArenaAllocator.argtypes = [ctypes.POINTER(B)]
+api.PyObject_GetArenaAllocator.restype = None
+b = B()
+api.PyObject_GetArenaAllocator(ctypes.byref(b))
 name = api._PyMem_GetCurrentAllocatorName()
-print(json.dumps({"tables": tables, "name": name.decode() if name else None,
+print(json.dumps({"tables": tables, "arena_alloc": b.alloc, "name": name.decode() if name else None,
                   "version": list(sys.version_info[:3])}), flush=True)
 sys.stdin.readline()
 "#;
@@ -137,6 +143,11 @@ fn check(python: &str, minor: u8, mode: Mode) {
     }
     let addrs: Vec<u64> = found.slots.iter().map(|s| s.addr).collect();
     assert!(addrs[0] != addrs[1] && addrs[1] != addrs[2] && addrs[0] != addrs[2]);
+    // pymalloc's arena allocator: where PyObject_GetArenaAllocator says, a short straight line.
+    let arena =
+        found.arena_alloc.clone().unwrap_or_else(|e| panic!("{python} {mode:?}: arena allocator: {e}"));
+    assert_eq!(arena.start, info["arena_alloc"].as_u64().unwrap(), "{python} {mode:?}");
+    assert!(arena.end > arena.start + 5 && arena.end < arena.start + 200, "{python} {mode:?}: {arena:#x?}");
 
     // What they are, as the interpreter names it.
     let name = info["name"].as_str();

@@ -200,6 +200,9 @@ pub struct Allocators {
     /// The interpreter's default RAW and pymalloc tables, at runtime addresses.
     pub default_raw: Table,
     pub default_pymalloc: Table,
+    /// pymalloc's arena allocator (its code up to the `ret` after its `mmap` call), or why it
+    /// is not known: its mmaps are the arenas the objects live in, not allocations of their own.
+    pub arena_alloc: Result<Range<u64>, String>,
 }
 
 impl Allocators {
@@ -239,6 +242,9 @@ pub struct RuntimeOffsets {
     pub tracemalloc_tracing: u64,
     /// `tracemalloc.allocators` (`{mem, raw, obj}`).
     pub tracemalloc_allocators: u64,
+    /// `allocators.obj_arena` (`PyObjectArenaAllocator`), as `PyObject_GetArenaAllocator`
+    /// reads it (its code loads `_PyRuntime` through the GOT, which the evaluator cannot).
+    pub obj_arena: u64,
 }
 
 impl RuntimeOffsets {
@@ -251,12 +257,14 @@ impl RuntimeOffsets {
                 debug: 216,
                 tracemalloc_tracing: 2772,
                 tracemalloc_allocators: 2784,
+                obj_arena: 360,
             }),
             (3, 13) => Some(RuntimeOffsets {
                 standard: 704,
                 debug: 824,
                 tracemalloc_tracing: 10084,
                 tracemalloc_allocators: 10096,
+                obj_arena: 976,
             }),
             _ => None,
         }
@@ -425,10 +433,23 @@ const CALLER_SAVED: [Register; 9] = [
 /// taken both ways; calls skipped), and the accesses it makes to `data` (the module's
 /// writable ranges) are merged into runs. Exactly one run must be 40 bytes long.
 pub fn table_in_code(text: &[Text], data: &[Range<u64>], entry: u64, domain: u32) -> Result<u64, String> {
+    run_in_code(text, data, entry, Some(u64::from(domain)), TABLE_SIZE)
+        .map_err(|e| format!("domain {domain} from {entry:#x}: {e}"))
+}
+
+/// The run of `len` bytes of `data` that the code at `entry` reads or writes, every path
+/// followed as [`table_in_code`] does, with rdi = `rdi` (unknown if `None`).
+pub fn run_in_code(
+    text: &[Text],
+    data: &[Range<u64>],
+    entry: u64,
+    rdi: Option<u64>,
+    len: u64,
+) -> Result<u64, String> {
     const BUDGET: usize = 400;
     const MAX_PATHS: usize = 32;
     let mut regs = [None; 16];
-    regs[gpr(Register::RDI).unwrap()] = Some(u64::from(domain));
+    regs[gpr(Register::RDI).unwrap()] = rdi;
     let mut stack = vec![State { ip: entry, regs, flags: None }];
     let mut paths = 0;
     let mut steps = 0;
@@ -572,15 +593,33 @@ pub fn table_in_code(text: &[Text], data: &[Range<u64>], entry: u64, domain: u32
             _ => runs.push((a, a + n)),
         }
     }
-    let tables: Vec<u64> = runs.iter().filter(|(s, e)| e - s == TABLE_SIZE).map(|(s, _)| *s).collect();
+    let tables: Vec<u64> = runs.iter().filter(|(s, e)| e - s == len).map(|(s, _)| *s).collect();
     match tables[..] {
         [t] => Ok(t),
-        [] => Err(format!(
-            "domain {domain} from {entry:#x}: no 40-byte table accessed (data runs {:#x?})",
-            runs
-        )),
-        _ => Err(format!("domain {domain} from {entry:#x}: several 40-byte tables {tables:#x?}")),
+        [] => Err(format!("no {len}-byte table accessed (data runs {runs:#x?})")),
+        _ => Err(format!("several {len}-byte tables {tables:#x?}")),
     }
+}
+
+/// `sizeof(PyObjectArenaAllocator)`: `{void *ctx; alloc; free}`.
+pub const ARENA_TABLE_SIZE: u64 = 24;
+
+/// The code of a small function from `entry` up to its first `ret`, read straight on
+/// (conditional branches and calls passed over, at most 64 instructions): where the return
+/// address of a call it makes lies. pymalloc's arena allocator is `mmap(...)`, a compare and
+/// a `ret`. `None` if anything else ends the straight line first.
+pub fn code_to_first_ret(text: &[Text], entry: u64) -> Option<Range<u64>> {
+    let mut ip = entry;
+    for _ in 0..64 {
+        let i = text.iter().find_map(|t| t.decode_at(ip))?;
+        ip = i.next_ip();
+        match i.flow_control() {
+            FlowControl::Return => return Some(entry..ip),
+            FlowControl::Next | FlowControl::Call | FlowControl::ConditionalBranch => {}
+            _ => return None,
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------
@@ -610,6 +649,8 @@ const SYMBOLS: &[&str] = &[
     "_PyObject_Malloc",
     "_PyMem_RawMalloc",
     "_Py_tracemalloc_config",
+    "PyObject_GetArenaAllocator",
+    "_PyObject_ArenaMmap",
 ];
 
 impl ModuleFacts {
@@ -657,9 +698,47 @@ impl ModuleFacts {
         self.syms.get(name).map(|s| s.address)
     }
 
+    fn texts(&self) -> Vec<Text<'_>> {
+        self.text.iter().map(|(vaddr, bytes)| Text { vaddr: *vaddr, bytes }).collect()
+    }
+
     fn table_in(&self, entry: u64, domain: Domain) -> Result<u64, String> {
-        let text: Vec<Text> = self.text.iter().map(|(vaddr, bytes)| Text { vaddr: *vaddr, bytes }).collect();
-        table_in_code(&text, &self.data, entry, domain.value())
+        table_in_code(&self.texts(), &self.data, entry, domain.value())
+    }
+
+    /// pymalloc's arena allocator (`_PyObject_ArenaMmap`, read from the table that
+    /// `PyObject_GetArenaAllocator` copies out), at runtime addresses: the code up to its
+    /// first `ret`. Refused if the live table holds another allocator.
+    /// `in_runtime`: the table's ELF address from [`RuntimeOffsets::obj_arena`] (3.12+).
+    fn arena_alloc_code(
+        &self,
+        mem: &dyn Memory,
+        bias: u64,
+        in_runtime: Option<u64>,
+    ) -> Result<Range<u64>, String> {
+        let text = self.texts();
+        let table = match in_runtime {
+            Some(t) => t,
+            None => {
+                let entry =
+                    self.sym("PyObject_GetArenaAllocator").ok_or("no PyObject_GetArenaAllocator symbol")?;
+                run_in_code(&text, &self.data, entry, None, ARENA_TABLE_SIZE)
+                    .map_err(|e| format!("PyObject_GetArenaAllocator: {e}"))?
+            }
+        };
+        let initial = self.initial_words(&[table + 8])?[0];
+        if let Some(named) = self.sym("_PyObject_ArenaMmap")
+            && named != initial
+        {
+            return Err(format!("the arena table holds {initial:#x}, _PyObject_ArenaMmap is {named:#x}"));
+        }
+        let live = mem.read_u64(table + bias + 8).ok_or("the arena table cannot be read")?;
+        if live != initial.wrapping_add(bias) {
+            return Err(format!("the arena allocator was replaced ({live:#x})"));
+        }
+        let code = code_to_first_ret(&text, initial)
+            .ok_or_else(|| format!("the arena allocator at {initial:#x} is not mmap then ret"))?;
+        Ok(code.start + bias..code.end + bias)
     }
 
     /// The file's initial 8-byte words at `vaddrs`: section contents, with the addend of an
@@ -955,6 +1034,11 @@ pub fn find_allocators(
         found_by,
         default_raw,
         default_pymalloc,
+        arena_alloc: m.arena_alloc_code(
+            mem,
+            bias,
+            runtime_offsets.map(|o| runtime.py_runtime - bias + o.obj_arena),
+        ),
     })
 }
 
