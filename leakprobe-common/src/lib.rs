@@ -139,10 +139,13 @@ pub enum AllocKind {
     Mallocx = 13,
     /// jemalloc's `rallocx(ptr, size, flags)`: a realloc that keeps the old block on failure.
     Rallocx = 14,
+    /// A block pymalloc served (CPython's `PyObject_Malloc`/`PyMem_Malloc` family, through
+    /// its allocator tables).
+    PyMem = 15,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 14] = [
+    pub const ALL: [AllocKind; 15] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -157,6 +160,7 @@ impl AllocKind {
         AllocKind::OperatorNewArray,
         AllocKind::Mallocx,
         AllocKind::Rallocx,
+        AllocKind::PyMem,
     ];
 
     pub const fn from_u32(v: u32) -> Option<AllocKind> {
@@ -175,6 +179,7 @@ impl AllocKind {
             12 => Some(AllocKind::OperatorNewArray),
             13 => Some(AllocKind::Mallocx),
             14 => Some(AllocKind::Rallocx),
+            15 => Some(AllocKind::PyMem),
             _ => None,
         }
     }
@@ -196,6 +201,7 @@ impl AllocKind {
             AllocKind::OperatorNewArray => "operator new[]",
             AllocKind::Mallocx => "mallocx",
             AllocKind::Rallocx => "rallocx",
+            AllocKind::PyMem => "pymalloc",
         }
     }
 }
@@ -240,7 +246,9 @@ pub mod counter {
     /// A scan's window was open and a block live at its start was freed, but the map that
     /// keeps such blocks for the scan was full: that block is missing from the scan.
     pub const SCAN_FREES_LOST: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// pymalloc's arena mmaps passed over: the objects in them are tracked one by one.
+    pub const PY_ARENA_MMAPS: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.
@@ -445,6 +453,11 @@ pub struct PyConfig {
     /// of `thread.fsbase` in the kernel's `task_struct` (from its BTF), and the walk matches
     /// on it; 0: match the kernel tid.
     pub task_fsbase: u64,
+    /// pymalloc's arena allocator's code `[start, end)`, set once the allocator tables lead
+    /// into the stub: an mmap returning there is an arena, whose objects are tracked one by
+    /// one, not an allocation of its own. 0, 0: none.
+    pub arena_alloc_start: u64,
+    pub arena_alloc_end: u64,
 }
 
 /// How a CPython version keeps its frames.

@@ -670,6 +670,12 @@ fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
             // block so it does not show as a leak, and count the miss.
             if let Some(old) = unsafe { LIVE.get(&addr) } {
                 let old = *old;
+                if kind == AllocKind::PyMem as u32 && old.kind != kind {
+                    // pymalloc passed the request on to malloc, whose hook recorded this very
+                    // block inside the same call (a realloc shrinking a malloc'd block into
+                    // pymalloc's sizes): one block, already counted.
+                    return;
+                }
                 account_free(&old);
                 keep_for_scan(addr, &old);
             }
@@ -985,7 +991,28 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 /// in the out_ptr slot, which mmap does not otherwise use.
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    if target_tid().is_none() {
+        return 0;
+    }
+    if called_from_py_arena(&ctx) {
+        count(counter::PY_ARENA_MMAPS);
+        return 0;
+    }
     enter(&ctx, AllocKind::Mmap, arg(&ctx, 1), 0, arg(&ctx, 3))
+}
+
+/// True when mmap was called by pymalloc's arena allocator, once the objects inside arenas
+/// are tracked (the daemon sets the range only then).
+#[inline(always)]
+fn called_from_py_arena(ctx: &ProbeContext) -> bool {
+    let Some(cfg) = PY_CONFIG.get(0) else { return false };
+    if cfg.arena_alloc_start == 0 {
+        return false;
+    }
+    match unsafe { bpf_probe_read_user(regs(ctx).rsp as *const u64) } {
+        Ok(ret) => ret >= cfg.arena_alloc_start && ret < cfg.arena_alloc_end,
+        Err(_) => false,
+    }
 }
 
 /// jemalloc's mallocx(size, flags).

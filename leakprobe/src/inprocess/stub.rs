@@ -175,10 +175,9 @@ impl Func {
             Func::Memalign => AllocKind::Memalign,
             Func::Valloc => AllocKind::Valloc,
             Func::Pvalloc => AllocKind::Pvalloc,
-            Func::PyMalloc => AllocKind::Malloc,
-            Func::PyCalloc => AllocKind::Calloc,
-            // Its old block went through the free site: the new one is a plain allocation.
-            Func::PyRealloc => AllocKind::Malloc,
+            // A realloc's old block went through the free site: the new one is a plain
+            // allocation, not paired with an old one.
+            Func::PyMalloc | Func::PyCalloc | Func::PyRealloc => AllocKind::PyMem,
             Func::Free | Func::PyFree => return None,
         })
     }
@@ -1295,15 +1294,15 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                (alloc, p as u64, 100, k(AllocKind::Malloc)),
+                (alloc, p as u64, 100, k(AllocKind::PyMem)),
                 // 600 and 0 bytes: pymalloc passes them on to malloc, whose hooks see them.
-                (alloc, edge as u64, 512, k(AllocKind::Malloc)),
-                (alloc, c as u64, 100, k(AllocKind::Calloc)),
+                (alloc, edge as u64, 512, k(AllocKind::PyMem)),
+                (alloc, c as u64, 100, k(AllocKind::PyMem)),
                 // realloc: the old block through the free site, then the new one.
                 (free, p as u64, 0, 0),
-                (alloc, q as u64, 200, k(AllocKind::Malloc)),
+                (alloc, q as u64, 200, k(AllocKind::PyMem)),
                 (free, q as u64, 0, 0),
-                (alloc, n as u64, 50, k(AllocKind::Malloc)),
+                (alloc, n as u64, 50, k(AllocKind::PyMem)),
                 // Exact mode reports every free (a large block's is unknown to the tracker).
                 (free, big as u64, 0, 0),
                 (free, zero as u64, 0, 0),
@@ -1313,7 +1312,11 @@ mod tests {
                 (free, n as u64, 0, 0),
             ]
         );
-        assert_eq!(PY_BAD_CTX.load(std::sync::atomic::Ordering::Relaxed), 0, "ctx reached every call untouched");
+        assert_eq!(
+            PY_BAD_CTX.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "ctx reached every call untouched"
+        );
     }
 
     #[test]

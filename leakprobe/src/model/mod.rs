@@ -427,6 +427,11 @@ pub const INFO_KINDS: &[(u32, &str, &str)] = &[
     (counter::FREE_CALLS, "free_calls", "free calls seen"),
     (counter::FAILED_ALLOCS, "failed_allocs", "allocations that failed (NULL)"),
     (counter::UNSAMPLED_ALLOCS, "unsampled_allocs", "allocations passed over by sampling"),
+    (
+        counter::PY_ARENA_MMAPS,
+        "python_arena_mmaps",
+        "pymalloc arenas mapped (not sites: the objects in them are tracked one by one)",
+    ),
 ];
 
 /// Sum of the drop counters: non-zero means the report is degraded.

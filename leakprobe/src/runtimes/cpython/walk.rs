@@ -77,6 +77,9 @@ pub fn config(layout: &Layout, py_runtime: u64, code_type: u64) -> PyConfig {
         code_adaptive: if layout.flavor == py_flavor::FRAME_OBJECT { 0 } else { layout.code.size },
         // The kernel's own offset: set by the caller for FRAME_OBJECT (see the field).
         task_fsbase: 0,
+        // Set by the caller once the allocator tables are hooked.
+        arena_alloc_start: 0,
+        arena_alloc_end: 0,
     }
 }
 
