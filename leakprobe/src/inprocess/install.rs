@@ -90,6 +90,73 @@ pub struct Summary {
     /// Slots found holding their original value again and put back (see
     /// [`Installed::repatch_drifted`]).
     pub repatched: u64,
+    /// Slots that held something else than our entry at restore (another tool wrapped them
+    /// since, or the program stored its own value): left as they were, with what they held.
+    pub left_at_restore: Vec<(PathBuf, &'static str, u64)>,
+}
+
+/// A word of the target to point at a stub's entry: a GOT slot, a data pointer, or a
+/// function word of a runtime's allocator table (CPython's `PyMemAllocatorEx`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Word {
+    pub module: PathBuf,
+    pub address: u64,
+    /// Its name in the summary (`malloc`, `PyObject_Malloc`).
+    pub function: &'static str,
+    pub func: Func,
+    /// What restores it.
+    pub original: u64,
+    /// Where calls through it must arrive: its stub forwards there.
+    pub target: u64,
+    /// Why it is left alone if it holds neither `original` nor `target` when it is written.
+    pub if_changed: &'static str,
+}
+
+impl Word {
+    /// The GOT slots and data pointers of `plan` that may be patched; the others go to
+    /// `skipped` with why.
+    pub fn of_plan(plan: &PatchPlan, skipped: &mut Vec<(PathBuf, &'static str, String)>) -> Vec<Word> {
+        let mut out = Vec::new();
+        for s in &plan.slots {
+            let Some(func) = Func::from_name(s.function) else { continue };
+            let (Some(original), Some(target)) = (s.original(), s.target()) else {
+                skipped.push((s.module.clone(), s.function, "unresolved slot".into()));
+                continue;
+            };
+            out.push(Word {
+                module: s.module.clone(),
+                address: s.address,
+                function: s.function,
+                func,
+                original,
+                target,
+                // A lazy slot bound since planning holds the target, which is fine.
+                if_changed: if s.kind == SlotKind::DataPointer {
+                    "the program stored another value"
+                } else {
+                    "changed since planning"
+                },
+            });
+        }
+        out
+    }
+}
+
+/// A word pointing at our stub, and what restores it.
+#[derive(Clone, Debug)]
+struct Patched {
+    address: u64,
+    original: u64,
+    entry: u64,
+    module: PathBuf,
+    function: &'static str,
+}
+
+impl Patched {
+    /// As the guard's restore list has it.
+    fn triple(&self) -> (u64, u64, u64) {
+        (self.address, self.original, self.entry)
+    }
 }
 
 /// The stub, mapped in the target.
@@ -102,8 +169,8 @@ pub struct Installed {
     memfd: File,
     /// The real function each stub forwards to.
     pub real: Vec<(Func, u64)>,
-    /// (slot, original, our entry) for every slot written.
-    patched: Vec<(u64, u64, u64)>,
+    /// Every word written.
+    patched: Vec<Patched>,
     guard: Option<Guard>,
     /// The target sits in a job-control stop of ours (`run --in-process`) until released.
     held_stopped: bool,
@@ -168,7 +235,8 @@ pub fn family_code(pid: i32, real: &[(Func, u64)]) -> Vec<(u64, u64)> {
 }
 
 impl Installed {
-    /// Maps the stub (code + data) into `pid`. Nothing in the target points at it yet.
+    /// Maps the malloc family's stub (code + data) into `pid`, for the GOT slots of `plan`.
+    /// Nothing in the target points at it yet.
     ///
     /// `held`: a command `run` started and holds at its entry point. It is handed over in a
     /// job-control stop once the guard runs (which continues it if we die), and stays stopped
@@ -186,6 +254,21 @@ impl Installed {
                 return Err(InstallError::NothingToPatch { pid, missing: needed });
             }
         }
+        let nested = family_code(pid, &real);
+        Installed::map_stub(pid, real, &nested, sample_bytes, max_pause, held)
+    }
+
+    /// Maps a stub for each of `real` (function, where it forwards) into `pid`. `nested`:
+    /// code whose calls into the stubs are the inner part of an outer call (see
+    /// [`family_code`]); calls returning into the stub itself always are.
+    pub fn map_stub(
+        pid: i32,
+        real: Vec<(Func, u64)>,
+        nested: &[(u64, u64)],
+        sample_bytes: u64,
+        max_pause: Duration,
+        held: Option<&mut crate::target::launch::Held>,
+    ) -> Result<Installed, InstallError> {
         let funcs: Vec<Func> = real.iter().map(|(f, _)| *f).collect();
         // The guard first, with nothing to restore yet. Its pipe sits above the probes' perf
         // events (`ptrace::server::move_high`), so it learns of our death before the kernel's
@@ -249,9 +332,9 @@ impl Installed {
             .map_or(1, |d| d.as_nanos() as u64);
         // A call returning into the stub itself is nested too: the real function tail-called
         // another one (glibc's reallocarray jumps to realloc@plt).
-        let mut nested = vec![(code, code + CODE_LEN)];
-        nested.extend(family_code(pid, &real));
-        let page = stub::data_page(sample_bytes, &real, &nested, seed);
+        let mut all_nested = vec![(code, code + CODE_LEN)];
+        all_nested.extend_from_slice(nested);
+        let page = stub::data_page(sample_bytes, &real, &all_nested, seed);
         world
             .mem()
             .and_then(|m| m.write_all_at(data, &page))
@@ -287,48 +370,48 @@ impl Installed {
         (self.code, self.code + CODE_LEN)
     }
 
-    /// Points the plan's slots at the stubs (one stop), after starting the guard.
-    /// Additive: slots already patched are left as they are, so a new plan after a dlopen
-    /// patches only the new module's slots. Returns the slots written and the pause.
+    /// Points the plan's GOT slots and data pointers at the stubs. Additive: slots already
+    /// patched are left as they are, so a new plan after a dlopen patches only the new
+    /// module's slots. Returns the slots written and the time they took.
     pub fn patch(&mut self, plan: &PatchPlan) -> Result<(usize, Duration), InstallError> {
+        let mut skipped = Vec::new();
+        let words = Word::of_plan(plan, &mut skipped);
+        self.summary.skipped.extend(skipped);
+        self.patch_words(&words)
+    }
+
+    /// Points `words` at their stubs, after handing the guard the list that restores them.
+    /// Words already patched are left as they are.
+    pub fn patch_words(&mut self, words: &[Word]) -> Result<(usize, Duration), InstallError> {
         let pid = self.pid;
         let stub_of: HashMap<(Func, u64), usize> =
             self.real.iter().copied().enumerate().map(|(i, v)| (v, i)).collect();
-        let done: std::collections::HashSet<u64> = self.patched.iter().map(|p| p.0).collect();
-        // Which slots to write, with what; judged again against their values under the stop.
+        let done: std::collections::HashSet<u64> = self.patched.iter().map(|p| p.address).collect();
+        // Which words to write, with what; judged again against their values when written.
         let mut wanted = Vec::new();
-        for s in plan.slots.iter().filter(|s| !done.contains(&s.address)) {
-            let Some(f) = Func::from_name(s.function) else { continue };
-            let (Some(original), Some(target)) = (s.original(), s.target()) else {
-                self.summary.skipped.push((s.module.clone(), s.function, "unresolved slot".into()));
-                continue;
-            };
-            let Some(entry) = stub_of.get(&(f, target)).and_then(|i| self.stub.entry_at(*i)) else {
+        for w in words.iter().filter(|w| !done.contains(&w.address)) {
+            let Some(entry) = stub_of.get(&(w.func, w.target)).and_then(|i| self.stub.entry_at(*i)) else {
                 self.summary.skipped.push((
-                    s.module.clone(),
-                    s.function,
+                    w.module.clone(),
+                    w.function,
                     format!(
-                        "binds to {target:#x}, which has no stub (more than {} targets)",
+                        "binds to {:#x}, which has no stub (more than {} targets)",
+                        w.target,
                         stub::MAX_STUBS
                     ),
                 ));
                 continue;
             };
-            wanted.push((s, original, target, entry));
+            wanted.push((w, entry));
         }
         let list = RestoreList {
-            pid,
-            start_ticks: guard::start_ticks(pid).unwrap_or(0),
             slots: self
                 .patched
                 .iter()
-                .copied()
-                .chain(wanted.iter().map(|(s, original, _, entry)| (s.address, *original, *entry)))
+                .map(Patched::triple)
+                .chain(wanted.iter().map(|(w, entry)| (w.address, w.original, *entry)))
                 .collect(),
-            enabled_at: self.data + stub::off::ENABLED as u64,
-            code_at: self.code,
-            held_stopped: self.held_stopped,
-            ..RestoreList::default()
+            ..self.restore_list()
         };
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
@@ -337,39 +420,42 @@ impl Installed {
         // Written while the target runs, without a stop (at 64 busy threads on 2 cores a stop
         // took 20 ms here): an aligned 8-byte store through /proc/PID/mem is seen whole, so a
         // call through a slot reaches either the real function or the stub, both correct.
-        // Frees first: once an allocation slot leads into the stub, every free slot already
-        // does, so no block the stub reports is freed unseen.
+        // Frees first, then reallocs: once an allocation slot leads into the stub, every free
+        // and realloc slot already does, so no block the stub reports changes unseen.
         let mem = crate::ptrace::Mem::open(pid).map_err(ptrace_err(pid, "opening its memory"))?;
         let t0 = std::time::Instant::now();
-        wanted.sort_by_key(|(s, ..)| Func::from_name(s.function) != Some(Func::Free));
+        wanted.sort_by_key(|(w, _)| match w.func {
+            Func::Free | Func::PyFree => 0,
+            Func::Realloc | Func::Reallocarray | Func::PyRealloc => 1,
+            _ => 2,
+        });
         let mut counts: BTreeMap<(PathBuf, &'static str), usize> = BTreeMap::new();
         let mut restore = Vec::new();
-        for (s, original, target, entry) in wanted {
-            let cur = match mem.read_u64(s.address) {
+        for (w, entry) in wanted {
+            let cur = match mem.read_u64(w.address) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.summary.skipped.push((s.module.clone(), s.function, format!("unreadable: {e}")));
+                    self.summary.skipped.push((w.module.clone(), w.function, format!("unreadable: {e}")));
                     continue;
                 }
             };
             // A lazy slot bound since planning holds the target now; restore that.
-            let back = if cur == original || cur == target {
-                cur
-            } else {
-                let why = if s.kind == SlotKind::DataPointer {
-                    "the program stored another value"
-                } else {
-                    "changed since planning"
-                };
-                self.summary.skipped.push((s.module.clone(), s.function, why.into()));
-                continue;
-            };
-            if let Err(e) = mem.write_all_at(s.address, &entry.to_le_bytes()) {
-                self.summary.skipped.push((s.module.clone(), s.function, format!("not writable: {e}")));
+            if cur != w.original && cur != w.target {
+                self.summary.skipped.push((w.module.clone(), w.function, w.if_changed.into()));
                 continue;
             }
-            restore.push((s.address, back, entry));
-            *counts.entry((s.module.clone(), s.function)).or_default() += 1;
+            if let Err(e) = mem.write_all_at(w.address, &entry.to_le_bytes()) {
+                self.summary.skipped.push((w.module.clone(), w.function, format!("not writable: {e}")));
+                continue;
+            }
+            restore.push(Patched {
+                address: w.address,
+                original: cur,
+                entry,
+                module: w.module.clone(),
+                function: w.function,
+            });
+            *counts.entry((w.module.clone(), w.function)).or_default() += 1;
         }
         // Not a pause: the time the slots took to write, one after the other.
         let pause = t0.elapsed();
@@ -379,7 +465,7 @@ impl Installed {
         }
         self.patched.extend(restore);
         // The guard restores exactly what was written (lazy slots bound meanwhile included).
-        let list = RestoreList { slots: self.patched.clone(), ..list };
+        let list = self.restore_list();
         if let Some(g) = self.guard.as_mut() {
             g.update(&list).map_err(|source| InstallError::Guard { source })?;
         }
@@ -392,20 +478,25 @@ impl Installed {
         Ok((written, pause))
     }
 
+    /// What the guard restores now.
+    fn restore_list(&self) -> RestoreList {
+        RestoreList {
+            pid: self.pid,
+            start_ticks: guard::start_ticks(self.pid).unwrap_or(0),
+            slots: self.patched.iter().map(Patched::triple).collect(),
+            enabled_at: self.data + stub::off::ENABLED as u64,
+            code_at: self.code,
+            held_stopped: self.held_stopped,
+            ..RestoreList::default()
+        }
+    }
+
     /// The held target was continued (`run --in-process`): a guard that restores need not.
     pub fn held_released(&mut self) -> Result<(), InstallError> {
         if !std::mem::take(&mut self.held_stopped) {
             return Ok(());
         }
-        let list = RestoreList {
-            pid: self.pid,
-            start_ticks: guard::start_ticks(self.pid).unwrap_or(0),
-            slots: self.patched.clone(),
-            enabled_at: self.data + stub::off::ENABLED as u64,
-            code_at: self.code,
-            held_stopped: false,
-            ..RestoreList::default()
-        };
+        let list = self.restore_list();
         match self.guard.as_mut() {
             Some(g) => g.update(&list).map_err(|source| InstallError::Guard { source }),
             None => Ok(()),
@@ -431,7 +522,8 @@ impl Installed {
         let Ok(mem) = crate::ptrace::Mem::open(self.pid) else { return 0 };
         let real: std::collections::HashSet<u64> = self.real.iter().map(|(_, a)| *a).collect();
         let mut n = 0;
-        for &(addr, original, entry) in &self.patched {
+        for p in &self.patched {
+            let (addr, original, entry) = p.triple();
             match mem.read_u64(addr) {
                 Ok(v) if v == entry => {}
                 Ok(v)
@@ -477,11 +569,18 @@ impl Installed {
             .map_err(ptrace_err(pid, "stopping the target to restore"))?;
         let mem = world.mem().map_err(ptrace_err(pid, "opening its memory"))?;
         let mut restored = 0;
-        for &(addr, original, entry) in &self.patched {
-            if mem.read_u64(addr).is_ok_and(|v| v == entry)
-                && mem.write_all_at(addr, &original.to_le_bytes()).is_ok()
-            {
-                restored += 1;
+        for p in &self.patched {
+            let (addr, original, entry) = p.triple();
+            match mem.read_u64(addr) {
+                Ok(v) if v == entry => {
+                    if mem.write_all_at(addr, &original.to_le_bytes()).is_ok() {
+                        restored += 1;
+                    }
+                }
+                // Put back meanwhile (a lazy bind), or unreadable: nothing to say.
+                Ok(v) if v == original => {}
+                Err(_) => {}
+                Ok(v) => self.summary.left_at_restore.push((p.module.clone(), p.function, v)),
             }
         }
         let off = mem.write_all_at(self.data + stub::off::ENABLED as u64, &0u64.to_le_bytes());

@@ -681,6 +681,9 @@ impl Gen {
 
         self.a.set_label(&mut old_tracked)?;
         self.py_free_site(&mut back)?;
+        // A new block pymalloc will not serve is malloc's hooks' to see: go on as a tail
+        // call, so that their stack starts at our caller's.
+        self.py_small_only(f, pass)?;
         self.a.set_label(&mut call)?;
         self.call_real_keeping(f, i)?;
         self.py_report_new(f)?;

@@ -79,6 +79,50 @@ pub struct Report {
     /// absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan: Option<scan::Scan>,
+    /// A language runtime found in the target (CPython), and what was done with it; absent
+    /// when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeInfo>,
+}
+
+/// A language runtime in the target: its frames in the stacks, its allocator hooked.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeInfo {
+    /// "CPython".
+    pub name: String,
+    pub version: String,
+    /// The executable or library it lives in.
+    pub module: String,
+    /// Stacks (distinct ones) whose walk of the runtime's frames ended early, by why:
+    /// "max-depth" (more frames than are kept) or "bad-frame" (a frame that did not read as
+    /// one: its callers are missing).
+    pub walks_cut: std::collections::BTreeMap<String, u64>,
+    /// Its own allocator (CPython's tables).
+    pub allocators: PythonAllocators,
+}
+
+/// CPython's allocator tables: the function words pointed at the stub, or why they were left
+/// alone; the pauses, the stub's counters, and what stays in the target.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonAllocators {
+    /// Words pointed at the stub, per function.
+    pub hooked: Vec<PatchedSlots>,
+    /// Why the tables were not hooked (another tool's hooks, PYTHONMALLOC=malloc, ...).
+    pub left_alone: Option<String>,
+    /// Words left alone, and why (including words wrapped by another tool while attached).
+    pub skipped: Vec<SkippedSlot>,
+    pub map_pause_ms: f64,
+    pub restore_pause_ms: Option<f64>,
+    /// Words put back at detach (null: the target had ended).
+    pub restored: Option<u64>,
+    pub stub_sampled_allocs: u64,
+    pub stub_sampled_frees: u64,
+    pub stub_set_full: u64,
+    /// pymalloc's arena allocator's code, whose mmaps are not sites; null if not found.
+    pub arena_allocator: Option<String>,
+    pub left_in_target: String,
 }
 
 /// The in-process sampler: the GOT slots that pointed at the stub, the pauses, the stub's
@@ -526,6 +570,7 @@ pub fn build(
         sites,
         modules: ctx.modules.clone(),
         in_process: None,
+        runtime: None,
         scan: None,
     }
 }

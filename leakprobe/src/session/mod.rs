@@ -2,6 +2,7 @@
 //! Data flows one way: probe -> model -> report.
 
 mod live;
+mod pyalloc;
 mod python;
 mod scan;
 
@@ -211,7 +212,7 @@ struct Fetched {
 #[derive(Default)]
 struct StackCache {
     stacks: HashMap<u64, Option<Fetched>>,
-    python: Option<python::Names>,
+    python: Option<python::Python>,
 }
 
 impl StackCache {
@@ -221,8 +222,11 @@ impl StackCache {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.stacks.entry(id) {
                 let fetched = probes.stack(id).context("reading a stack")?.map(|s| Fetched {
                     python: match self.python.as_mut() {
-                        Some(names) if !s.python.is_empty() => names.frames(&s.python),
-                        _ => Vec::new(),
+                        Some(py) => {
+                            py.walk_ended(s.python_end);
+                            if s.python.is_empty() { Vec::new() } else { py.names.frames(&s.python) }
+                        }
+                        None => Vec::new(),
                     },
                     ips: s.ips,
                     end: s.end,
@@ -239,17 +243,26 @@ impl StackCache {
 
     /// A command `run` started: once its CPython is up, its frames join the stacks from then
     /// on. Returns the line to show when it is found.
-    fn look_for_python(&mut self, pid: i32, probes: &mut Probes) -> anyhow::Result<Option<String>> {
+    fn look_for_python(
+        &mut self,
+        pid: i32,
+        sample_bytes: u64,
+        probes: &mut Probes,
+        statuses: &mut Vec<ProbeStatus>,
+    ) -> anyhow::Result<Vec<String>> {
         if self.python.is_some() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         match python::Names::detect(pid) {
             (Some(names), line) => {
                 probes.set_python(&names.config()).context("loading the Python layout")?;
-                self.python = Some(names);
-                Ok(line)
+                let mut py = python::Python::new(names);
+                let (hooked, st) = py.hook_allocators(sample_bytes, IN_PROCESS_MAX_PAUSE, probes);
+                statuses.extend(st);
+                self.python = Some(py);
+                Ok(line.into_iter().chain([hooked]).collect())
             }
-            (None, _) => Ok(None),
+            (None, _) => Ok(Vec::new()),
         }
     }
 }
@@ -447,6 +460,14 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         drop(probes);
         return Err(refuse(TargetError::GoneWhileAttaching { pid }));
     }
+    // Its allocator tables lead into a stub of their own once every other hook is live:
+    // what pymalloc passes on to malloc is then seen there.
+    let mut python = python_names.map(python::Python::new);
+    if let Some(py) = python.as_mut() {
+        let (line, st) = py.hook_allocators(cfg.sample_bytes, IN_PROCESS_MAX_PAUSE, &mut probes);
+        statuses.extend(st);
+        progress(&cfg, format_args!("{line}"));
+    }
     tracing::info!("probes attached in {:?}", t_attach.elapsed());
     let start_ns = monotonic_ns();
     let start_wall = SystemTime::now();
@@ -471,7 +492,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
-    let mut stacks = StackCache { python: python_names, ..StackCache::default() };
+    let mut stacks = StackCache { python, ..StackCache::default() };
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
     // operator new is hooked (it comes first in the search order).
     // In-process: operator new reaches malloc through the C++ runtime's GOT, no uprobe needed.
@@ -546,8 +567,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
             ended_by = "target-exited";
         }
     }
-    // Then the GOT back (after the reading: a free between the two would go unseen and its
-    // block look leaked), and only then the probes.
+    // Then CPython's tables and the GOT back (after the reading: a free between the two
+    // would go unseen and its block look leaked), and only then the probes.
+    if let Some(py) = stacks.python.as_mut() {
+        py.finish(ended_by);
+    }
     if let Some(i) = inproc.as_mut() {
         i.finish(ended_by);
     }
@@ -835,9 +859,14 @@ impl Reporting<'_> {
                 tracker.totals().sites
             ));
         }
-        let report = report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer));
+        let mut report = report::build(&ctx, tracker, |site| site_frames(&site.key, stacks, symbolizer));
         if many {
             crate::progress::done();
+        }
+        report.runtime = stacks.python.as_ref().map(python::Python::report);
+        if let Some(full) = report.runtime.as_ref().map(|r| r.allocators.stub_set_full).filter(|n| *n > 0) {
+            report.drops.insert("python_stub_set_full".into(), full);
+            report.degraded = true;
         }
         report
     }
@@ -965,7 +994,7 @@ fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) 
     match stacks.stacks.get(&key.stack_id) {
         Some(Some(f)) => {
             let native = symbolizer.symbolize(&f.ips);
-            let is_eval = |fr: &Frame| stacks.python.as_ref().is_some_and(|n| n.is_eval(fr));
+            let is_eval = |fr: &Frame| stacks.python.as_ref().is_some_and(|p| p.names.is_eval(fr));
             (crate::symbolize::mixed::interleave(native, f.python.clone(), is_eval), f.end)
         }
         _ => (Vec::new(), leakprobe_common::stack_end::COMPLETE),
@@ -1091,8 +1120,11 @@ async fn watch(
                 }
                 if python_looks > 0 {
                     python_looks -= 1;
-                    if let Some(line) = stacks.look_for_python(pid, probes)? {
+                    let lines = stacks.look_for_python(pid, cfg.sample_bytes, probes, statuses)?;
+                    for line in &lines {
                         progress(cfg, format_args!("{line}"));
+                    }
+                    if !lines.is_empty() {
                         python_looks = 0;
                     }
                 }

@@ -7,6 +7,8 @@ use leakprobe_common::{PyConfig, py_flavor};
 use crate::{ptrace::Mem, runtimes::cpython, symbolize::Frame};
 
 pub struct Names {
+    /// What was recognised.
+    pub runtime: cpython::Runtime,
     config: PyConfig,
     resolver: cpython::CodeResolver,
     mem: Mem,
@@ -52,7 +54,8 @@ impl Names {
             runtime.module.display()
         );
         let resolver = runtime.resolver();
-        (Some(Names { config, resolver, mem, eval: runtime.eval_frame }), Some(line))
+        let eval = runtime.eval_frame.clone();
+        (Some(Names { runtime, config, resolver, mem, eval }), Some(line))
     }
 
     /// The layout for the kernel side.
@@ -75,5 +78,76 @@ impl Names {
         f.runtime.is_none()
             && !f.inlined
             && self.eval.iter().any(|e| e.start <= f.address && f.address < e.end)
+    }
+}
+
+/// The target's CPython in a session: its frames' names, its allocator tables' hooks, and
+/// how its walks went.
+pub struct Python {
+    pub names: Names,
+    alloc: Option<super::pyalloc::PyAllocHooks>,
+    /// Why the allocator tables were left alone.
+    alloc_left: Option<String>,
+    /// Distinct stacks whose Python walk ended early, by why.
+    walks_cut: std::collections::BTreeMap<String, u64>,
+}
+
+impl Python {
+    pub fn new(names: Names) -> Python {
+        Python { names, alloc: None, alloc_left: None, walks_cut: Default::default() }
+    }
+
+    /// Points the allocator tables at a stub (see [`super::pyalloc`]); returns the line to
+    /// show and the report sites' probes.
+    pub fn hook_allocators(
+        &mut self,
+        sample_bytes: u64,
+        max_pause: std::time::Duration,
+        probes: &mut crate::kernel::probe::Probes,
+    ) -> (String, Vec<crate::kernel::probe::ProbeStatus>) {
+        let done = super::pyalloc::PyAllocHooks::install(
+            &self.names.runtime,
+            &self.names.config(),
+            sample_bytes,
+            max_pause,
+            probes,
+        );
+        self.alloc = done.hooks;
+        self.alloc_left = done.left_alone;
+        (done.line, done.statuses)
+    }
+
+    /// Counts a fetched stack's Python walk that ended early.
+    pub fn walk_ended(&mut self, end: u32) {
+        let why = match end {
+            leakprobe_common::py_end::MAX_DEPTH => "max-depth",
+            leakprobe_common::py_end::BAD_FRAME => "bad-frame",
+            _ => return,
+        };
+        *self.walks_cut.entry(why.to_string()).or_default() += 1;
+    }
+
+    /// Restores the allocator tables (before the probes go).
+    pub fn finish(&mut self, ended_by: &str) {
+        if let Some(a) = self.alloc.as_mut() {
+            a.finish(ended_by);
+        }
+    }
+
+    pub fn report(&self) -> crate::report::RuntimeInfo {
+        let r = &self.names.runtime;
+        let allocators = match &self.alloc {
+            Some(a) => a.report(),
+            None => {
+                crate::report::PythonAllocators { left_alone: self.alloc_left.clone(), ..Default::default() }
+            }
+        };
+        crate::report::RuntimeInfo {
+            name: "CPython".into(),
+            version: r.version.to_string(),
+            module: r.module.display().to_string(),
+            walks_cut: self.walks_cut.clone(),
+            allocators,
+        }
     }
 }

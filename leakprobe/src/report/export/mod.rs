@@ -207,6 +207,7 @@ pub(crate) mod testing {
                 },
             ],
             in_process: None,
+            runtime: None,
             scan: None,
         }
     }

@@ -1,0 +1,236 @@
+//! CPython's allocator tables pointed at the stub: the MEM and OBJ `PyMemAllocatorEx`
+//! function words lead into the stub's CPython entries, so that every block pymalloc serves
+//! (most Python objects, which leakprobe would otherwise see only as 1 MiB arena mmaps) is
+//! tracked with its stack, in exact mode or sampled by bytes like malloc's.
+//!
+//! The rules (RUNTIMES.md §2.4): only the 8-byte function words are written, never `ctx`;
+//! each stub forwards to the function it replaced with the caller's `ctx`; the stub is
+//! lock-free and calls nothing of the interpreter; RAW is left to malloc's own hooks (what
+//! pymalloc passes on to malloc is counted once, by them); a table that already holds someone
+//! else's functions (tracemalloc, the debug hooks, memray) is left alone, with one line saying
+//! so. At detach a word is restored only if it still holds our entry: one wrapped since keeps
+//! the stub, switched off, passing every call straight through.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use leakprobe_common::PyConfig;
+
+use crate::{
+    inprocess::{
+        install::{Installed, Word},
+        stub::Func,
+    },
+    kernel::probe::{ProbeStatus, Probes},
+    report,
+    runtimes::cpython::{
+        Runtime,
+        allocators::{Allocators, Domain, find_allocators_in},
+    },
+};
+
+/// The names of a table's four functions, as the summary shows them.
+fn names(d: Domain) -> [&'static str; 4] {
+    match d {
+        Domain::Mem => ["PyMem_Malloc", "PyMem_Calloc", "PyMem_Realloc", "PyMem_Free"],
+        Domain::Obj => ["PyObject_Malloc", "PyObject_Calloc", "PyObject_Realloc", "PyObject_Free"],
+        Domain::Raw => ["PyMem_RawMalloc", "PyMem_RawCalloc", "PyMem_RawRealloc", "PyMem_RawFree"],
+    }
+}
+
+/// The words to point at the stub: MEM's and OBJ's four functions, when both hold pymalloc's
+/// own functions. Otherwise why they are left alone (one line).
+pub fn words(a: &Allocators, module: &Path) -> Result<Vec<Word>, String> {
+    if let Some(w) = a.wrapped {
+        return Err(format!(
+            "its allocator tables hold {w}'s hooks: left alone, so Python's small objects are not \
+             tracked (blocks from malloc are)"
+        ));
+    }
+    if !a.pymalloc {
+        return Err("PYTHONMALLOC=malloc: every Python object comes from malloc, tracked already".into());
+    }
+    let mut out = Vec::new();
+    for d in [Domain::Mem, Domain::Obj] {
+        let s = a.slot(d);
+        let functions = [s.malloc, s.calloc, s.realloc, s.free];
+        if s.ctx != 0 || functions != a.default_pymalloc.functions() {
+            return Err(format!("its {d} table holds functions other than pymalloc's: left alone"));
+        }
+        for (k, ((func, name), value)) in Func::PYMEM.into_iter().zip(names(d)).zip(functions).enumerate() {
+            out.push(Word {
+                module: module.to_path_buf(),
+                address: s.addr + 8 * (k as u64 + 1),
+                function: name,
+                func,
+                original: value,
+                target: value,
+                if_changed: "another allocator was installed meanwhile",
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The stub's real functions for `words`: one per function and target.
+fn real_of(words: &[Word]) -> Vec<(Func, u64)> {
+    let mut out: Vec<(Func, u64)> = Vec::new();
+    for w in words {
+        if !out.contains(&(w.func, w.target)) {
+            out.push((w.func, w.target));
+        }
+    }
+    out
+}
+
+/// The hooked tables of a session.
+pub struct PyAllocHooks {
+    installed: Installed,
+    /// The words restored at detach and that pause; `None` until then (or the target ended).
+    restored: Option<(usize, Duration)>,
+    arena_alloc: Option<(u64, u64)>,
+    counters: [u64; crate::inprocess::stub::counter::COUNT],
+}
+
+/// What [`PyAllocHooks::install`] did: the hooks (if any), the report sites' probes, and the
+/// line to show.
+pub struct Installing {
+    pub hooks: Option<PyAllocHooks>,
+    pub statuses: Vec<ProbeStatus>,
+    pub line: String,
+    /// Why the tables were left alone, for the report.
+    pub left_alone: Option<String>,
+}
+
+impl PyAllocHooks {
+    /// Finds the tables, maps a stub for them, attaches its report sites and points the
+    /// words at it; then tells the kernel side where pymalloc's arena allocator is. Never
+    /// fails the session: what went wrong is the line.
+    pub fn install(
+        runtime: &Runtime,
+        config: &PyConfig,
+        sample_bytes: u64,
+        max_pause: Duration,
+        probes: &mut Probes,
+    ) -> Installing {
+        let left = |why: String| Installing {
+            hooks: None,
+            statuses: Vec::new(),
+            line: format!("CPython {}: {why}", runtime.version),
+            left_alone: Some(why),
+        };
+        let mem = match crate::ptrace::Mem::open(runtime.pid) {
+            Ok(m) => m,
+            Err(e) => return left(format!("allocator tables not read ({e})")),
+        };
+        let allocators = match find_allocators_in(runtime, &mem) {
+            Ok(a) => a,
+            Err(e) => {
+                return left(format!("allocator tables not found ({e}): small objects are not tracked"));
+            }
+        };
+        let words = match words(&allocators, &runtime.module) {
+            Ok(w) => w,
+            Err(why) => return left(why),
+        };
+        let mut installed =
+            match Installed::map_stub(runtime.pid, real_of(&words), &[], sample_bytes, max_pause, None) {
+                Ok(i) => i,
+                Err(e) => return left(format!("allocator tables not hooked: {e:#}")),
+            };
+        let statuses = match probes.attach_sites(&installed.sites()) {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing points at the stub: the guard has nothing to restore.
+                if let Some(g) = installed.take_guard() {
+                    g.disarm();
+                }
+                return left(format!("allocator tables not hooked: {e}"));
+            }
+        };
+        // The arenas stop being allocations once their objects are tracked: before the words
+        // lead into the stub an arena mmap may still be counted, never after.
+        let arena_alloc = allocators.arena_alloc.as_ref().ok().map(|r| (r.start, r.end));
+        if let Some((start, end)) = arena_alloc {
+            let cfg = PyConfig { arena_alloc_start: start, arena_alloc_end: end, ..*config };
+            if let Err(e) = probes.set_python(&cfg) {
+                tracing::warn!("pymalloc's arena allocator not passed to the kernel side: {e}");
+            }
+        }
+        let (written, _) = match installed.patch_words(&words) {
+            Ok(w) => w,
+            Err(e) => return left(format!("allocator tables not hooked: {e:#}")),
+        };
+        let arenas = match &allocators.arena_alloc {
+            Ok(_) => String::new(),
+            Err(e) => format!("; pymalloc's arenas still show as mmap sites ({e})"),
+        };
+        let line = format!(
+            "CPython {}: {written} allocator functions (MEM, OBJ) lead into the stub (target paused {:.1} ms): \
+             Python objects are tracked one by one{arenas}",
+            runtime.version,
+            installed.summary.map_pause.as_secs_f64() * 1e3
+        );
+        let hooks = PyAllocHooks { installed, restored: None, arena_alloc, counters: [0; 3] };
+        Installing { hooks: Some(hooks), statuses, line, left_alone: None }
+    }
+
+    /// Restores the words (unless the target is gone) and keeps the stub's last counters.
+    pub fn finish(&mut self, ended_by: &str) {
+        if let Ok(c) = self.installed.counters() {
+            self.counters = c;
+        }
+        if matches!(ended_by, "target-exited" | "target-exec") {
+            if let Some(g) = self.installed.take_guard() {
+                g.disarm();
+            }
+            return;
+        }
+        match self.installed.restore().context("restoring CPython's allocator tables") {
+            Ok(r) => self.restored = Some(r),
+            Err(e) => eprintln!("leakprobe: warning: {e:#} (the guard process restores them)"),
+        }
+    }
+
+    pub fn report(&self) -> report::PythonAllocators {
+        use crate::inprocess::stub::counter;
+        let s = &self.installed.summary;
+        report::PythonAllocators {
+            hooked: s
+                .patched
+                .iter()
+                .map(|(m, f, n)| report::PatchedSlots {
+                    module: m.display().to_string(),
+                    function: f.to_string(),
+                    slots: *n as u64,
+                })
+                .collect(),
+            left_alone: None,
+            skipped: s
+                .skipped
+                .iter()
+                .map(|(m, f, why)| (m, f, why.clone()))
+                .chain(s.left_at_restore.iter().map(|(m, f, v)| {
+                    (m, f, format!("held {v:#x} at detach (wrapped since): left as it was"))
+                }))
+                .map(|(m, f, reason)| report::SkippedSlot {
+                    module: m.display().to_string(),
+                    function: f.to_string(),
+                    reason,
+                })
+                .collect(),
+            map_pause_ms: s.map_pause.as_secs_f64() * 1e3,
+            restore_pause_ms: self.restored.map(|(_, p)| p.as_secs_f64() * 1e3),
+            restored: self.restored.map(|(n, _)| n as u64),
+            stub_sampled_allocs: self.counters[counter::SAMPLED_ALLOCS as usize],
+            stub_sampled_frees: self.counters[counter::SAMPLED_FREES as usize],
+            stub_set_full: self.counters[counter::SET_FULL as usize],
+            arena_allocator: self.arena_alloc.map(|(a, b)| format!("{a:#x}-{b:#x}")),
+            left_in_target: format!(
+                "a stub for the allocator tables, switched off (every call passes straight through), at \
+                 {:#x} (memfd \"leakprobe-stub\") and {:#x}: a table wrapped while attached still leads there",
+                self.installed.code, self.installed.data,
+            ),
+        }
+    }
+}
