@@ -84,16 +84,12 @@ fn tracemalloc_truth(python: &Path, requests: usize) -> HashMap<u64, (i64, i64)>
 }
 
 /// leakprobe's outstanding bytes per line of the service (the sites' innermost Python line),
-/// and each line's Python stack. pymalloc's arenas (mmap) are left out: they go to the line
-/// that first needed a new one, not a leak of its own, until the interpreter's allocator
-/// slots are hooked.
+/// and each line's Python stack. Every site counts: pymalloc's arenas are no sites of their own
+/// once the interpreter's allocator tables are hooked (asserted by [`arenas_are_not_sites`]).
 fn per_line(report: &Value) -> (HashMap<u64, u64>, HashMap<u64, Vec<String>>) {
     let mut ours: HashMap<u64, u64> = HashMap::new();
     let mut stacks: HashMap<u64, Vec<String>> = HashMap::new();
     for s in sites(report) {
-        if s["function"] == "mmap" {
-            continue;
-        }
         if let Some((_, line)) = python_headline(s) {
             *ours.entry(line).or_default() += s["outstanding_bytes"].as_u64().unwrap_or(0);
             stacks.entry(line).or_insert_with(|| python_stack(s));
@@ -101,6 +97,28 @@ fn per_line(report: &Value) -> (HashMap<u64, u64>, HashMap<u64, Vec<String>>) {
     }
     (ours, stacks)
 }
+
+/// The allocator tables were hooked (all eight MEM and OBJ words, restored at detach), and no
+/// site is an mmap made under a Python frame: pymalloc's arenas are passed over.
+fn arenas_are_not_sites(report: &Value, version: &str) {
+    let alloc = &report["runtime"]["allocators"];
+    assert_eq!(alloc["left_alone"], Value::Null, "{version}: {alloc:#}");
+    let words: u64 = alloc["hooked"].as_array().unwrap().iter().map(|h| h["slots"].as_u64().unwrap()).sum();
+    assert_eq!(words, 8, "{version}: {alloc:#}");
+    assert_eq!(alloc["restored"], 8, "{version}: {alloc:#}");
+    assert!(alloc["arena_allocator"].is_string(), "{version}: {alloc:#}");
+    let arenas: Vec<&Value> =
+        sites(report).iter().filter(|s| s["function"] == "mmap" && python_headline(s).is_some()).collect();
+    assert!(arenas.is_empty(), "{version}: mmap sites under Python frames: {arenas:#?}");
+}
+
+/// The small-object lines: pymalloc's blocks, seen through the allocator tables. tracemalloc
+/// also counts the objects CPython takes from its free lists (1- and 2-tuples here: json and
+/// the temporaries keep refilling them), which it re-attributes through a hook inside the
+/// interpreter (`_PyTraceMalloc_NewReference`); a free-list pop calls no allocator, so no
+/// tool outside the interpreter sees it. What reaches the allocator is all counted; measured
+/// 73-77% of tracemalloc's bytes on every version, the rest being those tuples.
+const SMALL_SHARE: f64 = 0.65;
 
 fn case(python: &Path) {
     require_root();
@@ -154,6 +172,17 @@ fn case(python: &Path) {
         let want: Vec<&str> = want_stack.iter().map(|f| f.rsplit('.').next().unwrap_or(f)).collect();
         assert_eq!(got, want, "{version}: the stack of line {line} reads from the line up to <module>");
     }
+    arenas_are_not_sites(&report, &version.to_string());
+    for (needle, function) in [("registry[user] = (", "register"), ("listeners.append(lambda", "listen")] {
+        let line = line_of(needle);
+        let (want, _) = truth.get(&line).copied().unwrap_or_else(|| panic!("tracemalloc has no line {line}"));
+        let got = ours.get(&line).copied().unwrap_or(0) as f64;
+        let share = got / want as f64;
+        assert!(
+            (SMALL_SHARE..=1.10).contains(&share),
+            "{version}: {function} (line {line}): leakprobe {got} B, tracemalloc {want} B ({share:.3})"
+        );
+    }
     // The C extension between the right Python frames: keep (called back) ... _json's own
     // native frames ... raw_decode (which called the scanner).
     let keep_site = sites(&report)
@@ -174,14 +203,14 @@ fn case(python: &Path) {
         keep_at < json_at && json_at < decode_at,
         "{version}: keep {keep_at}, _json {json_at}, raw_decode {decode_at}"
     );
-    // The freed temporaries are not reported.
+    // The freed temporaries are not reported: at most what tracemalloc also sees kept there
+    // (3.9 and 3.10 keep one frame per code object for reuse, 432 B for the comprehension),
+    // nowhere near the 64 KiB and 200 strings each request makes and frees.
     for needle in ["tmp = bytearray(64 * 1024)", "parts = [str(i)"] {
         let line = line_of(needle);
-        assert_eq!(
-            ours.get(&line).copied().unwrap_or(0),
-            0,
-            "{version}: the temporaries of line {line} are freed"
-        );
+        let kept = truth.get(&line).map_or(0, |t| t.0.max(0) as u64);
+        let got = ours.get(&line).copied().unwrap_or(0);
+        assert!(got <= kept + 512, "{version}: line {line} holds {got} B (tracemalloc: {kept} B kept)");
     }
     // And the site is named by the line in every output: the text report's headline frame.
     assert!(
@@ -217,21 +246,22 @@ fn pyenv_3_13_names_the_leaking_lines() {
     case(&pyenv("3.13", "python3.13"));
 }
 
-/// `--sample-bytes 512KiB`: the big lines' estimates within 25% of tracemalloc's bytes, over a
-/// burst long enough for a few hundred samples each.
-#[test]
-fn sampled_python_sites_are_estimated_within_a_quarter() {
+/// `--sample-bytes 512KiB` (with `extra` flags): the big lines' estimates within 25% of
+/// tracemalloc's bytes, over a burst long enough for a few hundred samples each. Returns the
+/// report.
+fn sampled_case(extra: &[&str]) -> Value {
     require_root();
     let python = Path::new("/usr/bin/python3.11");
     let requests = 2000;
     let truth = tracemalloc_truth(python, requests);
     let script = repo_root().join("tests/targets/py_service.py");
     let mut t = Target::spawn_full(python, &[script.to_str().unwrap()], &[]);
-    let report =
-        attach_report(&mut t, &["--duration", "8s", "--format", "json", "--sample-bytes", "512KiB"], |t| {
-            t.send(&format!("burst {requests}"));
-            t.expect("done burst");
-        });
+    let mut args = vec!["--duration", "8s", "--format", "json", "--sample-bytes", "512KiB"];
+    args.extend_from_slice(extra);
+    let report = attach_report(&mut t, &args, |t| {
+        t.send(&format!("burst {requests}"));
+        t.expect("done burst");
+    });
     let (ours, _) = per_line(&report);
     for (needle, function) in
         [("cache[user] = bytearray", "cache_user"), ("kept.append(bytearray(16 * 1024))", "keep")]
@@ -240,11 +270,31 @@ fn sampled_python_sites_are_estimated_within_a_quarter() {
         let want = truth.get(&line).map_or(0, |t| t.0) as f64;
         let got = ours.get(&line).copied().unwrap_or(0) as f64;
         let err = got / want - 1.0;
-        println!("sampled {function} (line {line}): leakprobe {got} B, tracemalloc {want} B ({err:+.3})");
+        println!(
+            "sampled {extra:?} {function} (line {line}): leakprobe {got} B, tracemalloc {want} B ({err:+.3})"
+        );
         assert!(err.abs() <= 0.25, "{function}: leakprobe {got} B against tracemalloc {want} B ({err:+.3})");
     }
+    arenas_are_not_sites(&report, "sampled");
     t.send("exit");
     let _ = t.child.wait();
+    report
+}
+
+#[test]
+fn sampled_python_sites_are_estimated_within_a_quarter() {
+    sampled_case(&[]);
+}
+
+/// The same with the in-process stub: malloc's GOT slots and the allocator tables both lead
+/// into stubs that sample by bytes; the tables' stub followed its samples to their frees.
+#[test]
+fn in_process_sampled_python_sites_are_estimated_within_a_quarter() {
+    let report = sampled_case(&["--in-process"]);
+    let alloc = &report["runtime"]["allocators"];
+    let sampled = alloc["stub_sampled_allocs"].as_u64().unwrap();
+    assert!(sampled > 0, "the tables' stub sampled nothing: {alloc:#}");
+    assert_eq!(alloc["stub_set_full"], 0, "{alloc:#}");
 }
 
 /// `run -- python3 ...`: the command is held before its interpreter starts, so CPython is

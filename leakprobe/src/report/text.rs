@@ -374,6 +374,9 @@ pub fn render(r: &Report, top: usize) -> String {
         }
         let _ = writeln!(out, "           left in the target: {}", ip.left_in_target);
     }
+    if let Some(rt) = &r.runtime {
+        runtime_lines(&mut out, rt, r.sampling.estimated);
+    }
     if r.sampling.estimated {
         let _ = writeln!(
             out,
@@ -517,5 +520,52 @@ mod tests {
         assert_eq!(human_bytes(1024), "1.00 KiB");
         assert_eq!(human_bytes(64 * 1024), "64.0 KiB");
         assert_eq!(human_bytes(3 << 20), "3.00 MiB");
+    }
+}
+
+/// The runtime found in the target: its frames, its allocator tables.
+fn runtime_lines(out: &mut String, rt: &crate::report::RuntimeInfo, estimated: bool) {
+    let a = &rt.allocators;
+    let _ =
+        writeln!(out, "  runtime: {} {} in {}: its frames are in the stacks", rt.name, rt.version, rt.module);
+    if let Some(why) = &a.left_alone {
+        let _ = writeln!(out, "           allocator tables not hooked: {why}");
+    } else {
+        let words: u64 = a.hooked.iter().map(|p| p.slots).sum();
+        let _ = writeln!(
+            out,
+            "           {words} allocator-table words led into a stub (target paused {:.1} ms); {}",
+            a.map_pause_ms,
+            match (a.restored, a.restore_pause_ms) {
+                (Some(n), Some(p)) => format!("{n} restored at detach ({p:.1} ms)"),
+                _ => "not restored: the target ended".into(),
+            }
+        );
+        if estimated {
+            let _ = writeln!(
+                out,
+                "           the stub followed {} sampled objects and {} of their frees{}",
+                a.stub_sampled_allocs,
+                a.stub_sampled_frees,
+                if a.stub_set_full > 0 {
+                    "; DEGRADED: its pointer set was full, sampling stopped"
+                } else {
+                    ""
+                }
+            );
+        }
+        if a.arena_allocator.is_none() {
+            let _ = writeln!(
+                out,
+                "           pymalloc's arena allocator not found: its arenas show as mmap sites"
+            );
+        }
+        for s in &a.skipped {
+            let _ = writeln!(out, "           not hooked: {} ({})", s.function, s.reason);
+        }
+        let _ = writeln!(out, "           left in the target: {}", a.left_in_target);
+    }
+    for (why, n) in &rt.walks_cut {
+        let _ = writeln!(out, "           {n} stacks' Python frames were cut short ({why})");
     }
 }
