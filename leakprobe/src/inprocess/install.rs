@@ -337,7 +337,9 @@ impl Installed {
         let page = stub::data_page(sample_bytes, &real, &all_nested, seed);
         world
             .mem()
-            .and_then(|m| m.write_all_at(data, &page))
+            // The set that follows is all zeros, as the fresh mapping already is: left
+            // untouched, it costs the target no resident memory.
+            .and_then(|m| m.write_all_at(data, &page[..stub::off::SET as usize]))
             .map_err(ptrace_err(pid, "writing the stub's data"))?;
         let map_pause = world.resume();
         Ok(Installed {

@@ -72,6 +72,23 @@ pub fn words(a: &Allocators, module: &Path) -> Result<Vec<Word>, String> {
     Ok(out)
 }
 
+/// Whether a MEM or OBJ function lies in a stub an earlier leakprobe left mapped.
+fn leads_into_an_earlier_stub(pid: i32, a: &Allocators) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
+    let stubs: Vec<(u64, u64)> = maps
+        .lines()
+        .filter(|l| l.contains("leakprobe-stub"))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+        })
+        .collect();
+    [Domain::Mem, Domain::Obj].iter().any(|&d| {
+        let s = a.slot(d);
+        [s.malloc, s.calloc, s.realloc, s.free].iter().any(|f| stubs.iter().any(|(lo, hi)| lo <= f && f < hi))
+    })
+}
+
 /// The stub's real functions for `words`: one per function and target.
 fn real_of(words: &[Word]) -> Vec<(Func, u64)> {
     let mut out: Vec<(Func, u64)> = Vec::new();
@@ -129,6 +146,14 @@ impl PyAllocHooks {
                 return left(format!("allocator tables not found ({e}): small objects are not tracked"));
             }
         };
+        if leads_into_an_earlier_stub(runtime.pid, &allocators) {
+            return left(
+                "its allocator tables lead into the stub of an earlier leakprobe (switched off, passing \
+                 calls on: another tool wrapped them while it was attached, then put it back): left \
+                 alone, so Python's small objects are not tracked"
+                    .into(),
+            );
+        }
         let words = match words(&allocators, &runtime.module) {
             Ok(w) => w,
             Err(why) => return left(why),
@@ -232,5 +257,77 @@ impl PyAllocHooks {
                 self.installed.code, self.installed.data,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtimes::cpython::allocators::{Slot, Table, Wrapper};
+
+    fn tables(obj: Table, wrapper: Option<Wrapper>, pymalloc: bool) -> Allocators {
+        let raw = Table { ctx: 0, malloc: 0x100, calloc: 0x110, realloc: 0x120, free: 0x130 };
+        let pym = Table { ctx: 0, malloc: 0x200, calloc: 0x210, realloc: 0x220, free: 0x230 };
+        let slot = |domain, addr, t: Table, wrapper| Slot {
+            domain,
+            addr,
+            ctx: t.ctx,
+            malloc: t.malloc,
+            calloc: t.calloc,
+            realloc: t.realloc,
+            free: t.free,
+            wrapper,
+        };
+        Allocators {
+            slots: [
+                slot(Domain::Raw, 0x1000, raw, None),
+                slot(Domain::Mem, 0x1028, pym, None),
+                slot(Domain::Obj, 0x1050, obj, wrapper),
+            ],
+            pymalloc,
+            wrapped: wrapper,
+            found_by: "test".into(),
+            default_raw: raw,
+            default_pymalloc: pym,
+            arena_alloc: Err("test".into()),
+        }
+    }
+
+    #[test]
+    fn pymalloc_tables_give_their_eight_function_words_never_ctx() {
+        let pym = Table { ctx: 0, malloc: 0x200, calloc: 0x210, realloc: 0x220, free: 0x230 };
+        let w = words(&tables(pym, None, true), Path::new("/usr/bin/python3.11")).unwrap();
+        let got: Vec<(u64, Func, &str, u64)> =
+            w.iter().map(|w| (w.address, w.func, w.function, w.original)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1030, Func::PyMalloc, "PyMem_Malloc", 0x200),
+                (0x1038, Func::PyCalloc, "PyMem_Calloc", 0x210),
+                (0x1040, Func::PyRealloc, "PyMem_Realloc", 0x220),
+                (0x1048, Func::PyFree, "PyMem_Free", 0x230),
+                (0x1058, Func::PyMalloc, "PyObject_Malloc", 0x200),
+                (0x1060, Func::PyCalloc, "PyObject_Calloc", 0x210),
+                (0x1068, Func::PyRealloc, "PyObject_Realloc", 0x220),
+                (0x1070, Func::PyFree, "PyObject_Free", 0x230),
+            ]
+        );
+        assert!(w.iter().all(|w| w.target == w.original));
+        // MEM and OBJ forward to the same functions: one stub each.
+        assert_eq!(real_of(&w).len(), 4);
+    }
+
+    #[test]
+    fn tables_someone_else_holds_are_left_alone_with_why() {
+        let tm = Table { ctx: 0x9000, malloc: 0x300, calloc: 0x310, realloc: 0x320, free: 0x330 };
+        let why = words(&tables(tm, Some(Wrapper::Tracemalloc), true), Path::new("/p")).unwrap_err();
+        assert!(why.contains("tracemalloc") && why.contains("left alone"), "{why}");
+        let raw = Table { ctx: 0, malloc: 0x100, calloc: 0x110, realloc: 0x120, free: 0x130 };
+        let why = words(&tables(raw, None, false), Path::new("/p")).unwrap_err();
+        assert!(why.contains("PYTHONMALLOC=malloc"), "{why}");
+        // OBJ holds something else that no classifier caught: still not ours to take.
+        let odd = Table { ctx: 0, malloc: 0x200, calloc: 0x210, realloc: 0x220, free: 0x999 };
+        let why = words(&tables(odd, None, true), Path::new("/p")).unwrap_err();
+        assert!(why.contains("OBJ"), "{why}");
     }
 }
