@@ -2,7 +2,7 @@
 lists that grow (realloc), bytearrays on both sides of pymalloc's 512-byte limit, and a
 bounded set of objects kept for a while. Every object is checked after it is built.
 
-Prints `storming` once the threads run. On stdin: `check` prints `ok N` (N objects checked so
+Prints `ready` once the threads run. On stdin: `check` prints `ok N` (N objects checked so
 far) or `errors ...`; `trace` and `untrace` start and stop tracemalloc (which wraps the
 allocator tables); `exit` stops the threads, checks the kept objects once more, prints
 `bye N` and exits 0 (1 if anything was wrong).
@@ -60,7 +60,7 @@ def work(k):
 threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
 for t in threads:
     t.start()
-print("storming", flush=True)
+print("ready", flush=True)
 for line in sys.stdin:
     word = line.strip()
     if word == "check":
