@@ -22,40 +22,6 @@ fn outstanding_of(report: &Value, func: &str) -> (u64, u64) {
     (b, c)
 }
 
-/// `go tool pprof ARGS FILE`, offline, with its state in `home`.
-fn go_pprof(home: &Path, args: &[&str], file: &Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof", "-symbolize=none"])
-        .args(args)
-        .arg(file)
-        .env("HOME", home)
-        .env("PPROF_TMPDIR", home)
-        .env("GOCACHE", home.join("gocache"))
-        .env("GOFLAGS", "")
-        .stdin(Stdio::null())
-        .output()
-        .expect("go tool pprof (Debian golang-go, installed by cargo xtask setup)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "go tool pprof {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The (flat, cum) columns of `func`'s row in `go tool pprof -top` output, as printed.
-fn top_row<'a>(top: &'a str, func: &str) -> (&'a str, &'a str) {
-    // "      flat  flat%   sum%        cum   cum%" then one row per function, name last.
-    let row = top
-        .lines()
-        .find(|l| l.split_whitespace().last() == Some(func))
-        .unwrap_or_else(|| panic!("{func} is not in go tool pprof -top:\n{top}"));
-    let cols: Vec<&str> = row.split_whitespace().collect();
-    assert!(cols.len() >= 6, "unexpected -top row {row:?}");
-    (cols[0], cols[3])
-}
-
 /// 4000 -> "4,000", as inferno prints counts.
 fn thousands(n: u64) -> String {
     let digits = n.to_string();

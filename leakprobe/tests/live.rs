@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     io::Write as _,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,10 +14,6 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Percent-encodes a query parameter.
 fn encode(q: &str) -> String {

@@ -330,3 +330,85 @@ fn run_finds_the_interpreter_once_it_has_started() {
     assert!(got >= 200 * 48 * 1024, "cache_user's line holds {got} B: {ours:?}");
     assert_eq!(stacks[&line].first().map(String::as_str), Some("cache_user"));
 }
+
+/// The outputs a Python developer reads: `go tool pprof -top` lists `cache_user`, the
+/// metrics' `function` label is the Python function and `location` its line, and `diff` of
+/// two attaches reads like tracemalloc's `compare_to`: the line, and its growth in bytes and
+/// objects.
+#[test]
+fn pprof_metrics_and_diff_name_the_python_line() {
+    require_root();
+    let python = Path::new("/usr/bin/python3.11");
+    let script = repo_root().join("tests/targets/py_service.py");
+    let mut t = Target::spawn_full(python, &[script.to_str().unwrap()], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, prof) = (dir.path().join("a.json"), dir.path().join("b.json"), dir.path().join("b.pb.gz"));
+    let line = line_of("cache[user] = bytearray");
+    // A: 50 requests. B: 150 more, with pprof and the metrics on.
+    let (code, _, err) = attach_with(
+        &mut t,
+        &["--duration", "3s", "--format", "json", "--output", a.to_str().unwrap()],
+        |t| {
+            t.send("burst 50");
+            t.expect("done burst");
+        },
+    );
+    assert_eq!(code, 0, "{err}");
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut scrape = String::new();
+    let b_args = [
+        "--duration",
+        "5s",
+        "--format",
+        "json",
+        "--output",
+        b.to_str().unwrap(),
+        "--pprof",
+        prof.to_str().unwrap(),
+        "--metrics",
+        &port_s,
+    ];
+    let (code, _, err) = attach_with(&mut t, &b_args, |t| {
+        t.send("burst 150");
+        t.expect("done burst");
+        // Two intervals: the burst is in the published sample.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        scrape = http(port, "GET", "/metrics").expect("scraping /metrics").1;
+    });
+    assert_eq!(code, 0, "{err}");
+
+    // Metrics: the site's labels are the Python function and its line.
+    let series: Vec<&str> = scrape.lines().filter(|l| l.contains("function=\"cache_user\"")).collect();
+    assert!(!series.is_empty(), "no series labelled function=\"cache_user\":\n{scrape}");
+    assert!(
+        series.iter().all(|l| l.contains(&format!("py_service.py:{line}"))),
+        "the location label is the line: {series:#?}"
+    );
+
+    // pprof: the real go tool reads it; cache_user is a function of its own.
+    let home = tempfile::tempdir().unwrap();
+    let top = go_pprof(home.path(), &["-top", "-sample_index=inuse_space", "-nodecount=1000"], &prof);
+    let (_, cum) = top_row(&top, "cache_user");
+    assert!(cum.ends_with("MB") || cum.ends_with("kB"), "cache_user's cum in -top: {cum}\n{top}");
+
+    // diff: B kept 100 requests' buffers more than A on cache_user's line.
+    let out = run_leakprobe(&["diff", "--format", "json", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let delta: i64 = d["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| python_headline(s).is_some_and(|(f, l)| f == "cache_user" && l == line))
+        .map(|s| s["delta_bytes"].as_i64().unwrap_or(0))
+        .sum();
+    let want = 100 * 48 * 1024;
+    assert!((delta - want).abs() <= want / 10, "diff: cache_user's line grew {delta} B, want {want} B");
+    let text = run_leakprobe(&["diff", "--top", "5", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let row = text.lines().find(|l| l.contains("cache_user")).unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains(&format!("py_service.py:{line}")) && row.contains("+4."), "{text}");
+    t.send("exit");
+    let _ = t.child.wait();
+}
