@@ -11,10 +11,7 @@ use std::{
 };
 
 use common::*;
-use leakprobe::runtimes::{
-    Memory as _,
-    cpython::{self, allocators},
-};
+use leakprobe::runtimes::cpython::{self, allocators};
 use serde_json::Value;
 
 const PYTHON: &str = "/usr/bin/python3.11";

@@ -509,20 +509,6 @@ pub fn render(r: &Report, top: usize) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1024), "1.00 KiB");
-        assert_eq!(human_bytes(64 * 1024), "64.0 KiB");
-        assert_eq!(human_bytes(3 << 20), "3.00 MiB");
-    }
-}
-
 /// The runtime found in the target: its frames, its allocator tables.
 fn runtime_lines(out: &mut String, rt: &crate::report::RuntimeInfo, estimated: bool) {
     let a = &rt.allocators;
@@ -567,5 +553,19 @@ fn runtime_lines(out: &mut String, rt: &crate::report::RuntimeInfo, estimated: b
     }
     for (why, n) in &rt.walks_cut {
         let _ = writeln!(out, "           {n} stacks' Python frames were cut short ({why})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.00 KiB");
+        assert_eq!(human_bytes(64 * 1024), "64.0 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.00 MiB");
     }
 }

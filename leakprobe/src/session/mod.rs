@@ -733,24 +733,8 @@ impl InProcess {
         use crate::inprocess::stub::counter;
         let s = &self.installed.summary;
         report::InProcess {
-            patched: s
-                .patched
-                .iter()
-                .map(|(m, f, n)| report::PatchedSlots {
-                    module: m.display().to_string(),
-                    function: f.to_string(),
-                    slots: *n as u64,
-                })
-                .collect(),
-            skipped: s
-                .skipped
-                .iter()
-                .map(|(m, f, why)| report::SkippedSlot {
-                    module: m.display().to_string(),
-                    function: f.to_string(),
-                    reason: why.clone(),
-                })
-                .collect(),
+            patched: patched_rows(s),
+            skipped: skipped_rows(&s.skipped),
             map_pause_ms: s.map_pause.as_secs_f64() * 1e3,
             patch_pause_ms: s.patch_pause.as_secs_f64() * 1e3,
             restore_pause_ms: self.restored.map(|(_, p)| p.as_secs_f64() * 1e3),
@@ -792,6 +776,32 @@ impl InProcess {
             }
         }
     }
+}
+
+/// The words an install patched, per module and function, as the report lists them.
+fn patched_rows(s: &crate::inprocess::install::Summary) -> Vec<report::PatchedSlots> {
+    s.patched
+        .iter()
+        .map(|(m, f, n)| report::PatchedSlots {
+            module: m.display().to_string(),
+            function: f.to_string(),
+            slots: *n as u64,
+        })
+        .collect()
+}
+
+/// Words left alone, with why, as the report lists them.
+fn skipped_rows<'a>(
+    skipped: impl IntoIterator<Item = &'a (std::path::PathBuf, &'static str, String)>,
+) -> Vec<report::SkippedSlot> {
+    skipped
+        .into_iter()
+        .map(|(m, f, why)| report::SkippedSlot {
+            module: m.display().to_string(),
+            function: f.to_string(),
+            reason: why.clone(),
+        })
+        .collect()
 }
 
 /// The files the target maps executable.

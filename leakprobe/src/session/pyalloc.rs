@@ -220,30 +220,18 @@ impl PyAllocHooks {
     pub fn report(&self) -> report::PythonAllocators {
         use crate::inprocess::stub::counter;
         let s = &self.installed.summary;
+        let skipped: Vec<_> = s
+            .skipped
+            .iter()
+            .cloned()
+            .chain(s.left_at_restore.iter().map(|(m, f, v)| {
+                (m.clone(), *f, format!("held {v:#x} at detach (wrapped since): left as it was"))
+            }))
+            .collect();
         report::PythonAllocators {
-            hooked: s
-                .patched
-                .iter()
-                .map(|(m, f, n)| report::PatchedSlots {
-                    module: m.display().to_string(),
-                    function: f.to_string(),
-                    slots: *n as u64,
-                })
-                .collect(),
+            hooked: super::patched_rows(s),
             left_alone: None,
-            skipped: s
-                .skipped
-                .iter()
-                .map(|(m, f, why)| (m, f, why.clone()))
-                .chain(s.left_at_restore.iter().map(|(m, f, v)| {
-                    (m, f, format!("held {v:#x} at detach (wrapped since): left as it was"))
-                }))
-                .map(|(m, f, reason)| report::SkippedSlot {
-                    module: m.display().to_string(),
-                    function: f.to_string(),
-                    reason,
-                })
-                .collect(),
+            skipped: super::skipped_rows(&skipped),
             map_pause_ms: s.map_pause.as_secs_f64() * 1e3,
             restore_pause_ms: self.restored.map(|(_, p)| p.as_secs_f64() * 1e3),
             restored: self.restored.map(|(n, _)| n as u64),
