@@ -541,6 +541,24 @@ impl Installed {
         n
     }
 
+    /// At the session's end: the stub's last counters (if readable), then every word
+    /// restored (one stop); if the target is gone (exited, or another program after exec), the
+    /// guard is told there is nothing to do. `Ok(None)`: nothing restored, the target is gone.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        &mut self,
+        target_gone: bool,
+    ) -> (Option<[u64; stub::counter::COUNT]>, Result<Option<(usize, Duration)>, InstallError>) {
+        let counters = self.counters().ok();
+        if target_gone {
+            if let Some(g) = self.take_guard() {
+                g.disarm();
+            }
+            return (counters, Ok(None));
+        }
+        (counters, self.restore().map(Some))
+    }
+
     /// Slots currently pointing at the stub.
     pub fn patched_slots(&self) -> usize {
         self.patched.len()

@@ -759,23 +759,21 @@ impl InProcess {
 
     /// Restores the GOT (unless the target is gone) and keeps the stub's last counters.
     fn finish(&mut self, ended_by: &str) {
-        if let Ok(c) = self.installed.counters() {
-            self.counters = c;
-        }
-        if matches!(ended_by, "target-exited" | "target-exec") {
-            // Gone, or another program now: the guard has nothing to do either.
-            if let Some(g) = self.installed.take_guard() {
-                g.disarm();
-            }
-            return;
-        }
-        match self.installed.restore() {
-            Ok(r) => self.restored = Some(r),
+        let (counters, restored) = self.installed.finish(target_gone(ended_by));
+        self.counters = counters.unwrap_or(self.counters);
+        match restored {
+            Ok(r) => self.restored = r,
             Err(e) => {
                 eprintln!("leakprobe: warning: restoring the GOT: {e:#} (the guard process restores it)")
             }
         }
     }
+}
+
+/// Whether the session ended because the target is gone (exited, or another program after
+/// exec): then nothing of ours is left in it to restore.
+fn target_gone(ended_by: &str) -> bool {
+    matches!(ended_by, "target-exited" | "target-exec")
 }
 
 /// The words an install patched, per module and function, as the report lists them.

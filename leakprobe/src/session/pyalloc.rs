@@ -202,17 +202,10 @@ impl PyAllocHooks {
 
     /// Restores the words (unless the target is gone) and keeps the stub's last counters.
     pub fn finish(&mut self, ended_by: &str) {
-        if let Ok(c) = self.installed.counters() {
-            self.counters = c;
-        }
-        if matches!(ended_by, "target-exited" | "target-exec") {
-            if let Some(g) = self.installed.take_guard() {
-                g.disarm();
-            }
-            return;
-        }
-        match self.installed.restore().context("restoring CPython's allocator tables") {
-            Ok(r) => self.restored = Some(r),
+        let (counters, restored) = self.installed.finish(super::target_gone(ended_by));
+        self.counters = counters.unwrap_or(self.counters);
+        match restored.context("restoring CPython's allocator tables") {
+            Ok(r) => self.restored = r,
             Err(e) => eprintln!("leakprobe: warning: {e:#} (the guard process restores them)"),
         }
     }
