@@ -18,13 +18,19 @@ every configuration, ...; medians reported):
   * a 10-minute soak (BENCH_ONLY=soak, or SOAK_S seconds): 1M outstanding blocks churning at
     64 call sites while leakprobe stays attached with --metrics scraped every 10 s; its RSS
     over time, which must stay flat after the first minute.
-BENCH_ONLY=scan (or soak) runs only that one (and updates only its block of docs/benchmarks.md).
+  * CPython (Debian's python3.11): an allocation-heavy loop (bench/py_alloc.py, ops/s) and an
+    http.server (bench/py_http.py) under wrk (requests/s, p99), with no tracer, leakprobe
+    in-process sampled (Python frames), leakprobe exact, `heaptrack -p` and `memray attach`
+    (from PyPI, in a venv of that python3.11 at MEMRAY_VENV, /var/tmp/leakprobe-bench-venv,
+    made here if missing); goal: sampled in-process keeps >= 90% of the baseline on both.
+    A tracer that cannot run gets a row saying why.
+BENCH_ONLY=scan (or soak, or python; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LP = os.path.join(ROOT, "target/release/leakprobe")
+LP = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release/leakprobe")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 PAIRS = 100_000
 WORK = tempfile.mkdtemp(prefix="leakprobe-bench-")
@@ -34,35 +40,124 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
+class TracerError(Exception):
+    """A tracer that could not be started on the target: its own words, for the table's row."""
+
+
+def _kill(p):
+    """Ends a tracer we started: its whole process group when it has one of its own
+    (heaptrack's shell, its zstd and the fifo it would wait on forever after a failed
+    injection)."""
+    if getattr(p, "group", False):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for f in (f"/tmp/heaptrack_fifo{p.pid}",):
+            if os.path.exists(f):
+                os.remove(f)
+    elif p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def _watch(p, stream, marker, timeout, kind):
+    """Reads stream (drained to its end by a thread, so that the tracer never blocks on a full
+    pipe) until a line containing marker; raises TracerError with the tracer's last words if
+    it exits or stays silent for timeout seconds first."""
+    import threading
+    p.lines, found = [], threading.Event()
+
+    def drain():
+        for line in stream:
+            p.lines.append(line.rstrip())
+            if marker in line:
+                found.set()
+        found.set()
+    p.drainer = threading.Thread(target=drain, daemon=True)
+    p.drainer.start()
+    if not found.wait(timeout) or not any(marker in line for line in p.lines):
+        _kill(p)
+        last = [line for line in p.lines if line.strip()][-3:]
+        raise TracerError(f"{kind} did not start ({'timed out' if p.returncode == -9 else f'exit {p.returncode}'}): "
+                          + (" / ".join(last) or "no output"))
+
+
+MEMRAY_VENV = os.environ.get("MEMRAY_VENV", "/var/tmp/leakprobe-bench-venv")
+# How memray attach gets in: gdb, then lldb if gdb cannot call into the target (python_table
+# drops a method that failed, and says why).
+MEMRAY_METHODS = ["gdb", "lldb"]
+
+
 def start_tracer(kind, pid):
-    """Starts a tracer on pid; returns a handle once its probes are live."""
+    """Starts a tracer on pid; returns a handle once its probes are live. Raises TracerError
+    (or FileNotFoundError when the tracer is not installed) if it cannot get there."""
     if kind == "none":
         return None
     if kind == "heaptrack":
         p = subprocess.Popen(["heaptrack", "-p", str(pid)], cwd=WORK, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        for line in p.stdout:
-            if "injection finished" in line:
-                break
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        p.group = True
+        _watch(p, p.stdout, "injection finished", 120, "heaptrack -p")
+        # heaptrack says "injection finished" even when gdb could not call into the target.
+        failed = [line for line in p.lines if "No symbol \"heaptrack_inject\"" in line
+                  or line.startswith(("Couldn't", "Cannot", "warning: Error"))]
+        if failed:
+            _kill(p)
+            raise TracerError("heaptrack -p: injection through gdb failed: " + " / ".join(dict.fromkeys(failed)))
         return p
+    if kind == "memray":
+        # memray attach injects itself through a debugger and runs `import memray` in the target,
+        # so the target must be the venv's interpreter; -o: the tracker writes a file and
+        # the command returns once tracking runs (without it, a live TUI).
+        memray = os.path.join(MEMRAY_VENV, "bin/memray")
+        if not os.path.exists(memray):
+            raise TracerError(f"memray not installed in {MEMRAY_VENV}")
+        out = os.path.join(WORK, f"memray-{pid}.bin")
+        method = MEMRAY_METHODS[0]
+        # Its own session: on a timeout the debugger it started goes too.
+        m = subprocess.Popen([memray, "attach", "--verbose", "--method", method, "-f", "-o", out, str(pid)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        m.group = True
+        try:
+            text, _ = m.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            _kill(m)
+            try:
+                os.kill(pid, signal.SIGCONT)  # a debugger killed while it held the target
+            except ProcessLookupError:
+                pass
+            raise TracerError(f"memray attach --method {method}: no answer in 120 s")
+        r = subprocess.CompletedProcess(m.args, m.returncode, text, "")
+        if r.returncode != 0:
+            text = r.stdout + r.stderr
+            # --verbose has the debugger's own words: the line that stopped it.
+            cause = [line for line in text.splitlines() if re.search(r"^(Error|Couldn't|Cannot|error:|warning:)|"
+                                                                     r"not found|Permission", line.strip())]
+            last = [line for line in text.splitlines() if line.strip()][-1:]
+            raise TracerError(f"memray attach --method {method} failed (exit {r.returncode}): "
+                              + " / ".join(dict.fromkeys(line.strip() for line in cause[-3:] + last)))
+        return r
     args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"],
             "inproc_full": ["--in-process"],
             "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"]}[kind]
     p = subprocess.Popen([LP, "attach", "--pid", str(pid), "--interval", "2s"] + args,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "attached" in line:
-            break
+    _watch(p, p.stderr, "attached", 120, "leakprobe")
     return p
 
 
 def stop_tracer(kind, p):
     if p is None:
         return
-    if kind == "heaptrack":
+    if kind in ("heaptrack", "memray"):
         return  # ends with its target
     p.send_signal(signal.SIGINT)
-    p.communicate(timeout=60)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill(); p.wait()
+    p.drainer.join(timeout=10)
 
 
 TRACERS = [("none", "no tracer"), ("noop", "no-op uprobes on the same hooks (naive floor)"),
@@ -490,6 +585,186 @@ def timing_table():
             f"| {med(attach):.1f} s | {med(first):.1f} s | {med(detach):.2f} s | {med(gone):.1f} s |")
 
 
+PY_BASE = "/usr/bin/python3.11"  # Debian's CPython; memray's venv is made from it
+PY_TRACERS = [("none", "no tracer"),
+              ("inproc_sampled", "leakprobe --in-process --sample-bytes 512KiB (Python frames)"),
+              ("full", "leakprobe attach (exact: a uprobe on every call)"),
+              ("heaptrack", "heaptrack -p"),
+              ("memray", "memray attach -o FILE")]
+PY_ALLOC_S = 3
+HTTP_S = 4
+HTTP_PORT = 18090
+
+
+def python_setup():
+    """The target interpreter: the memray venv's python (Debian's python3.11 underneath, so
+    every configuration runs the same binary and memray attach can import memray in it), made
+    here if missing. Returns (python, why memray cannot run or None)."""
+    if not os.path.exists(PY_BASE):
+        return None, f"{PY_BASE} missing (`apt-get install python3.11 python3.11-venv`)"
+    vpy = os.path.join(MEMRAY_VENV, "bin/python")
+    try:
+        if not os.path.exists(vpy):
+            sh(PY_BASE, "-m", "venv", MEMRAY_VENV, capture_output=True)
+        if subprocess.run([vpy, "-c", "import memray"], capture_output=True).returncode != 0:
+            sh(os.path.join(MEMRAY_VENV, "bin/pip"), "install", "-q", "memray", capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        last = " / ".join((e.stderr or e.stdout or "").strip().splitlines()[-2:])
+        return PY_BASE, f"no memray venv: `{' '.join(map(str, e.cmd))}` failed: {last}"
+    if os.path.realpath(vpy) != os.path.realpath(PY_BASE):
+        return PY_BASE, f"{MEMRAY_VENV} is not a venv of {PY_BASE} (remove it to have it remade)"
+    return vpy, None
+
+
+def py_once(kind, argv, measure, notes):
+    """One target, one tracer, one measurement. Returns measure's result, or raises
+    TracerError / FileNotFoundError when the tracer could not start. The target and the
+    tracer are gone on return."""
+    errlog = os.path.join(WORK, "py-target.err")
+    with open(errlog, "w") as err:
+        target = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    target.errlog = errlog
+    t = None
+    try:
+        if target.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{argv} did not start")
+        t = start_tracer(kind, target.pid)
+        return measure(target)
+    finally:
+        if t is not None and kind not in ("heaptrack", "memray"):
+            stop_tracer(kind, t)  # detached first: the target outlives leakprobe
+            said = [line for line in t.lines if "CPython" in line or "Python frames" in line]
+            notes.setdefault(kind, said[0] if said else "leakprobe said nothing of CPython: native frames only")
+        target.kill(); target.wait()
+        if kind == "heaptrack" and t is not None:
+            try:
+                t.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                _kill(t)
+            t.drainer.join(timeout=10)
+        for f in os.listdir(WORK):  # heaptrack's and memray's recordings
+            if f.startswith(("heaptrack.", "memray-")):
+                os.remove(os.path.join(WORK, f))
+
+
+def _last_err(target):
+    lines = [line.strip() for line in open(target.errlog, errors="replace") if line.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def py_alloc_measure(target):
+    try:
+        target.stdin.write("go\n"); target.stdin.flush()
+    except BrokenPipeError:
+        pass
+    line = target.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the target died under the tracer (status {target.wait()}): {_last_err(target)}")
+    return float(line.split()[0]), None
+
+
+def py_http_measure(target):
+    out = subprocess.run(["wrk", "-t1", "-c8", f"-d{HTTP_S}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
+                         capture_output=True, text=True).stdout
+    if target.poll() is not None:
+        raise RuntimeError(f"the target died under the tracer (status {target.returncode}): {_last_err(target)}")
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    if not rps or not p99 or "Non-2xx" in out:
+        raise RuntimeError("wrk: " + " / ".join(out.strip().splitlines()[-3:]))
+    return float(rps.group(1)), float(p99.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[p99.group(2)]
+
+
+def python_table():
+    """CPython's cost under each tracer: an allocation-heavy loop (ops/s) and an http.server
+    under wrk (requests/s, p99), interleaved rounds, medians. A tracer that cannot run gets a
+    row saying why."""
+    py, memray_why = python_setup()
+    if py is None:
+        return f"(not measured: {memray_why})"
+    if not shutil.which("wrk"):
+        return "(wrk missing: `apt-get install wrk`)"
+    here = os.path.dirname(os.path.abspath(__file__))
+    workloads = [
+        ("alloc", [py, os.path.join(here, "py_alloc.py"), str(PY_ALLOC_S)], py_alloc_measure),
+        ("http", [py, os.path.join(here, "py_http.py"), str(HTTP_PORT)], py_http_measure),
+    ]
+    res = {w: {k: [] for k, _ in PY_TRACERS} for w, _, _ in workloads}
+    why = {w: {} for w, _, _ in workloads}  # workload -> tracer kind -> why not measured
+    if memray_why:
+        for w, _, _ in workloads:
+            why[w]["memray"] = memray_why
+    notes, memray_failed = {}, []
+    for _ in range(ROUNDS):
+        for w, argv, measure in workloads:
+            for kind, _ in PY_TRACERS:
+                if kind in why[w]:
+                    continue
+                try:
+                    try:
+                        res[w][kind].append(py_once(kind, argv, measure, notes))
+                    except TracerError as e:
+                        if kind != "memray" or len(MEMRAY_METHODS) < 2:
+                            raise
+                        # That debugger cannot get in here: the next one, on a fresh target.
+                        memray_failed.append(str(e))
+                        MEMRAY_METHODS.pop(0)
+                        res[w][kind].append(py_once(kind, argv, measure, notes))
+                except FileNotFoundError as e:
+                    why[w][kind] = f"not installed ({e.filename})"
+                except (TracerError, RuntimeError, subprocess.TimeoutExpired) as e:
+                    why[w][kind] = str(e)
+    med = statistics.median
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
+    out, kept = [], {}
+    for w, _, _ in workloads:
+        base = med(r for r, _ in res[w]["none"]) if res[w]["none"] else None
+        rows = []
+        for kind, label in PY_TRACERS:
+            if kind == "memray":
+                label += f" (injected through {MEMRAY_METHODS[0]})"
+            rs = res[w][kind]
+            if kind in why[w] or not rs or not base:
+                reason = why[w].get(kind, "no baseline")
+                rows.append(f"| {label} | not measured: {cell(reason)} | | |")
+                continue
+            rate = med(r for r, _ in rs)
+            kept[(w, kind)] = 100 * rate / base
+            last = (f"{med(p for _, p in rs):.2f}" if w == "http"
+                    else f"{min(r for r, _ in rs):,.0f}-{max(r for r, _ in rs):,.0f}")
+            rows.append(f"| {label} | {rate:,.0f} | {100 * rate / base:.1f}% | {last} |")
+        if w == "alloc":
+            out.append(f"#### Allocation-heavy CPython loop (bench/py_alloc.py: bytes, str, bytearray, list, "
+                       f"tuple, dict of 16 B-64 KiB, log-uniform; most dropped, 1/64 in a 4096-slot ring, "
+                       f"1/4096 kept), {PY_ALLOC_S} s per configuration\n\n"
+                       "| configuration | ops/s (median) | of baseline | ops/s, range over rounds |\n"
+                       "|---|---|---|---|\n" + "\n".join(rows))
+        else:
+            out.append(f"#### http.server (bench/py_http.py: ThreadingHTTPServer, HTTP/1.1 keep-alive, "
+                       f"a 1.7 KiB JSON body built per request) under wrk -t1 -c8 -d{HTTP_S}s\n\n"
+                       "| configuration | requests/s (median) | of baseline | p99 latency ms (median) |\n"
+                       "|---|---|---|---|\n" + "\n".join(rows))
+    goal = []
+    for w, name in (("alloc", "allocation loop"), ("http", "http.server")):
+        k = kept.get((w, "inproc_sampled"))
+        goal.append(f"{name} {k:.1f}% ({'met' if k >= 90 else 'NOT met'})" if k is not None
+                    else f"{name} not measured")
+    said = notes.get("inproc_sampled") or notes.get("full")
+    if memray_failed:
+        head_memray = (" " + "; ".join(cell(e) for e in memray_failed) + f"; so memray attach was run through "
+                       f"{MEMRAY_METHODS[0]} (`heaptrack -p` has no other way in than gdb).")
+    else:
+        head_memray = f" memray attach ran through {MEMRAY_METHODS[0]}."
+    head = (f"Target: Debian's CPython ({os.path.realpath(py)}, run as {py}; the same binary for every "
+            f"configuration). Configurations interleaved within each round; each run starts a fresh "
+            f"target, attaches the tracer once the target says ready, then measures.\n\n"
+            f"**Goal: sampled in-process with Python frames (`leakprobe attach --pid P --in-process "
+            f"--sample-bytes 512KiB`) keeps >= 90% of baseline throughput on both: "
+            + ", ".join(goal) + ".**" + (f" leakprobe at attach: `{said.strip()}`." if said else "")
+            + head_memray)
+    return head + "\n\n" + "\n\n".join(out)
+
+
 def update_doc(begin, end, text):
     path = os.path.join(ROOT, "docs/benchmarks.md")
     doc = open(path).read()
@@ -503,7 +778,10 @@ def main():
     sh("cargo", "build", "--quiet", "--release", "-p", "leakprobe", cwd=ROOT)
     # Sections with a block of their own in docs/benchmarks.md, runnable alone (BENCH_ONLY=name).
     only = os.environ.get("BENCH_ONLY") or None
-    for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians")):
+    if "--only" in sys.argv[1:-1]:
+        only = sys.argv[sys.argv.index("--only") + 1]
+    for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians"),
+                             ("python", python_table, f"{ROUNDS} interleaved rounds, medians")):
         if only not in (None, name):
             continue
         text = (f"Command: `BENCH_ONLY={name} cargo xtask bench` (bench/harness.py `{table.__name__}`, {how}). "

@@ -142,8 +142,12 @@ const TEST_PACKAGES: &[&str] = &[
     "python3.11",
 ];
 
-/// Only the benchmark harness needs these: a real server and its load generator.
-const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "heaptrack", "python3"];
+/// Only the benchmark harness needs these: a real server and its load generator; for the
+/// CPython tables, python3.11-venv (memray comes from PyPI into a venv of Debian's python3.11)
+/// and the debuggers `heaptrack -p` and `memray attach` inject through (gdb, or lldb where
+/// gdb cannot call into the target).
+const BENCH_PACKAGES: &[&str] =
+    &["nginx-light", "wrk", "heaptrack", "python3", "python3.11-venv", "gdb", "lldb"];
 
 fn install_missing(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
