@@ -594,6 +594,11 @@ PY_TRACERS = [("none", "no tracer"),
 PY_ALLOC_S = 3
 HTTP_S = 4
 HTTP_PORT = 18090
+HTTP_CONNS = 4
+# On 2 cores, the server on CPU 0 and wrk on CPU 1: unpinned, where the scheduler put the
+# server's threads and wrk made the baseline alone vary 2x between rounds (7.9k-17k
+# requests/s); pinned, mostly within 10% (an odd round still jumps: hence the range column).
+HTTP_PIN = os.cpu_count() >= 2 and shutil.which("taskset") is not None
 
 
 def python_setup():
@@ -660,11 +665,13 @@ def py_alloc_measure(target):
     line = target.stdout.readline()
     if not line:
         raise RuntimeError(f"the target died under the tracer (status {target.wait()}): {_last_err(target)}")
-    return float(line.split()[0]), None
+    f = line.split()
+    return float(f[0]), float(f[2])  # ops/s, bytes served by malloc per op
 
 
 def py_http_measure(target):
-    out = subprocess.run(["wrk", "-t1", "-c8", f"-d{HTTP_S}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
+    pin = ["taskset", "-c", "1"] if HTTP_PIN else []
+    out = subprocess.run(pin + ["wrk", "-t1", f"-c{HTTP_CONNS}", f"-d{HTTP_S}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
                          capture_output=True, text=True).stdout
     if target.poll() is not None:
         raise RuntimeError(f"the target died under the tracer (status {target.returncode}): {_last_err(target)}")
@@ -687,7 +694,8 @@ def python_table():
     here = os.path.dirname(os.path.abspath(__file__))
     workloads = [
         ("alloc", [py, os.path.join(here, "py_alloc.py"), str(PY_ALLOC_S)], py_alloc_measure),
-        ("http", [py, os.path.join(here, "py_http.py"), str(HTTP_PORT)], py_http_measure),
+        ("http", (["taskset", "-c", "0"] if HTTP_PIN else []) + [py, os.path.join(here, "py_http.py"), str(HTTP_PORT)],
+         py_http_measure),
     ]
     res = {w: {k: [] for k, _ in PY_TRACERS} for w, _, _ in workloads}
     why = {w: {} for w, _, _ in workloads}  # workload -> tracer kind -> why not measured
@@ -717,6 +725,11 @@ def python_table():
     med = statistics.median
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
     out, kept = [], {}
+    volume = ""
+    if res["alloc"]["none"]:
+        rate, per_op = med(r for r, _ in res["alloc"]["none"]), res["alloc"]["none"][0][1]
+        volume = (f" At baseline that is {rate * per_op / 1e9:.1f} GB/s in objects over 512 B (malloc's, "
+                  f"{per_op:,.0f} B per op): about {rate * per_op / 524288:,.0f} samples/s at 512 KiB.")
     for w, _, _ in workloads:
         base = med(r for r, _ in res[w]["none"]) if res[w]["none"] else None
         rows = []
@@ -726,24 +739,26 @@ def python_table():
             rs = res[w][kind]
             if kind in why[w] or not rs or not base:
                 reason = why[w].get(kind, "no baseline")
-                rows.append(f"| {label} | not measured: {cell(reason)} | | |")
+                rows.append(f"| {label} | not measured: {cell(reason)} | |{' |' if w == 'http' else ''} |")
                 continue
             rate = med(r for r, _ in rs)
             kept[(w, kind)] = 100 * rate / base
-            last = (f"{med(p for _, p in rs):.2f}" if w == "http"
-                    else f"{min(r for r, _ in rs):,.0f}-{max(r for r, _ in rs):,.0f}")
-            rows.append(f"| {label} | {rate:,.0f} | {100 * rate / base:.1f}% | {last} |")
+            spread = f"{min(r for r, _ in rs):,.0f}-{max(r for r, _ in rs):,.0f}"
+            p99 = f" | {med(p for _, p in rs):.2f}" if w == "http" else ""
+            rows.append(f"| {label} | {rate:,.0f} | {100 * rate / base:.1f}%{p99} | {spread} |")
         if w == "alloc":
             out.append(f"#### Allocation-heavy CPython loop (bench/py_alloc.py: bytes, str, bytearray, list, "
                        f"tuple, dict of 16 B-64 KiB, log-uniform; most dropped, 1/64 in a 4096-slot ring, "
-                       f"1/4096 kept), {PY_ALLOC_S} s per configuration\n\n"
+                       f"1/4096 kept), {PY_ALLOC_S} s per configuration.{volume}\n\n"
                        "| configuration | ops/s (median) | of baseline | ops/s, range over rounds |\n"
                        "|---|---|---|---|\n" + "\n".join(rows))
         else:
             out.append(f"#### http.server (bench/py_http.py: ThreadingHTTPServer, HTTP/1.1 keep-alive, "
-                       f"a 1.7 KiB JSON body built per request) under wrk -t1 -c8 -d{HTTP_S}s\n\n"
-                       "| configuration | requests/s (median) | of baseline | p99 latency ms (median) |\n"
-                       "|---|---|---|---|\n" + "\n".join(rows))
+                       f"a 1.7 KiB JSON body built per request) under wrk -t1 -c{HTTP_CONNS} -d{HTTP_S}s"
+                       + (", the server pinned to CPU 0 (with any thread a tracer runs inside it, as memray's "
+                          "writer), wrk to CPU 1" if HTTP_PIN else "") + "\n\n"
+                       "| configuration | requests/s (median) | of baseline | p99 latency ms (median) | "
+                       "requests/s, range over rounds |\n|---|---|---|---|---|\n" + "\n".join(rows))
     goal = []
     for w, name in (("alloc", "allocation loop"), ("http", "http.server")):
         k = kept.get((w, "inproc_sampled"))

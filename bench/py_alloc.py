@@ -1,7 +1,9 @@
 """An allocation-heavy CPython workload for the benchmark harness (bench/harness.py).
 
 py_alloc.py SECONDS: warms up, prints "ready", waits for a line on stdin (the harness attaches
-a tracer meanwhile), then allocates for SECONDS and prints "OPS ops/s".
+a tracer meanwhile), then allocates for SECONDS and prints "OPS ops/s BYTES malloc-B/op": the
+second figure is the mean size of the objects over 512 B (pymalloc's limit: those are the
+ones malloc serves) per op, what --sample-bytes counts down.
 
 One op builds one object of a mixed kind (bytes, str, bytearray, list, tuple, dict) whose
 size is drawn log-uniformly from 16 B to 64 KiB (small ones from pymalloc's arenas, those
@@ -54,8 +56,14 @@ def run(seconds):
             return ops / (now - t0)
 
 
+def malloc_bytes_per_op():
+    n = 6 * len(SIZES)  # every (kind, size) pair once
+    return sum(s for s in (sys.getsizeof(make(i, SIZES[i & 4095])) for i in range(n)) if s > 512) / n
+
+
 def main():
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+    per_op = malloc_bytes_per_op()
     run(0.3)  # warm-up: arenas, the ring filled
     print("ready", flush=True)
     # Waiting, a small allocation every 50 ms: an injector that breaks on malloc to get in
@@ -64,7 +72,7 @@ def main():
         bytearray(1024)
     if not sys.stdin.readline():
         return
-    print(f"{run(seconds):.0f} ops/s", flush=True)
+    print(f"{run(seconds):.0f} ops/s {per_op:.0f} malloc-B/op", flush=True)
     sys.stdin.readline()  # the harness kills us; a closed stdin ends us
 
 
