@@ -610,12 +610,14 @@ def python_setup():
     vpy = os.path.join(MEMRAY_VENV, "bin/python")
     try:
         if not os.path.exists(vpy):
-            sh(PY_BASE, "-m", "venv", MEMRAY_VENV, capture_output=True)
+            sh(PY_BASE, "-m", "venv", MEMRAY_VENV, capture_output=True, text=True)
         if subprocess.run([vpy, "-c", "import memray"], capture_output=True).returncode != 0:
             sh(os.path.join(MEMRAY_VENV, "bin/pip"), "install", "-q", "memray", capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
         last = " / ".join((e.stderr or e.stdout or "").strip().splitlines()[-2:])
         return PY_BASE, f"no memray venv: `{' '.join(map(str, e.cmd))}` failed: {last}"
+    except OSError as e:
+        return PY_BASE, f"no memray venv: {e}"
     if os.path.realpath(vpy) != os.path.realpath(PY_BASE):
         return PY_BASE, f"{MEMRAY_VENV} is not a venv of {PY_BASE} (remove it to have it remade)"
     return vpy, None
@@ -725,6 +727,7 @@ def python_table():
     med = statistics.median
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
     out, kept = [], {}
+    memray_ran = any(res[w]["memray"] for w in res)
     volume = ""
     if res["alloc"]["none"]:
         rate, per_op = med(r for r, _ in res["alloc"]["none"]), res["alloc"]["none"][0][1]
@@ -734,7 +737,7 @@ def python_table():
         base = med(r for r, _ in res[w]["none"]) if res[w]["none"] else None
         rows = []
         for kind, label in PY_TRACERS:
-            if kind == "memray":
+            if kind == "memray" and memray_ran:
                 label += f" (injected through {MEMRAY_METHODS[0]})"
             rs = res[w][kind]
             if kind in why[w] or not rs or not base:
@@ -765,10 +768,12 @@ def python_table():
         goal.append(f"{name} {k:.1f}% ({'met' if k >= 90 else 'NOT met'})" if k is not None
                     else f"{name} not measured")
     said = notes.get("inproc_sampled") or notes.get("full")
+    head_memray = ""
     if memray_failed:
-        head_memray = (" " + "; ".join(cell(e) for e in memray_failed) + f"; so memray attach was run through "
-                       f"{MEMRAY_METHODS[0]} (`heaptrack -p` has no other way in than gdb).")
-    else:
+        head_memray = (" " + "; ".join(cell(e) for e in memray_failed) + f"; so memray attach was tried through "
+                       f"{MEMRAY_METHODS[0]}{'' if memray_ran else ' (which failed too: see the rows)'} "
+                       "(`heaptrack -p` has no other way in than gdb).")
+    elif memray_ran:
         head_memray = f" memray attach ran through {MEMRAY_METHODS[0]}."
     head = (f"Target: Debian's CPython ({os.path.realpath(py)}, run as {py}; the same binary for every "
             f"configuration). Configurations interleaved within each round; each run starts a fresh "
