@@ -671,17 +671,30 @@ def py_alloc_measure(target):
     return float(f[0]), float(f[2])  # ops/s, bytes served by malloc per op
 
 
+def _cpu_s(pid):
+    """user + system CPU seconds of pid so far (every thread; uprobe traps and the eBPF
+    programs they run are charged to it too)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def py_http_measure(target):
+    """requests/s, p99 ms, and the server's CPU per request in µs: throughput on 2 shared
+    cores can jump between rounds, CPU per request is the steadier measure of a tracer's cost."""
+    cpu0 = _cpu_s(target.pid)
     pin = ["taskset", "-c", "1"] if HTTP_PIN else []
     out = subprocess.run(pin + ["wrk", "-t1", f"-c{HTTP_CONNS}", f"-d{HTTP_S}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
                          capture_output=True, text=True).stdout
     if target.poll() is not None:
         raise RuntimeError(f"the target died under the tracer (status {target.returncode}): {_last_err(target)}")
+    cpu = _cpu_s(target.pid) - cpu0
+    n = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    if not rps or not p99 or "Non-2xx" in out:
+    if not rps or not p99 or not n or "Non-2xx" in out:
         raise RuntimeError("wrk: " + " / ".join(out.strip().splitlines()[-3:]))
-    return float(rps.group(1)), float(p99.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[p99.group(2)]
+    return (float(rps.group(1)), float(p99.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[p99.group(2)],
+            cpu / int(n.group(1)) * 1e6 if n and int(n.group(1)) else float("nan"))
 
 
 def python_table():
@@ -730,11 +743,11 @@ def python_table():
     memray_ran = any(res[w]["memray"] for w in res)
     volume = ""
     if res["alloc"]["none"]:
-        rate, per_op = med(r for r, _ in res["alloc"]["none"]), res["alloc"]["none"][0][1]
+        rate, per_op = med(r[0] for r in res["alloc"]["none"]), res["alloc"]["none"][0][1]
         volume = (f" At baseline that is {rate * per_op / 1e9:.1f} GB/s in objects over 512 B (malloc's, "
                   f"{per_op:,.0f} B per op): about {rate * per_op / 524288:,.0f} samples/s at 512 KiB.")
     for w, _, _ in workloads:
-        base = med(r for r, _ in res[w]["none"]) if res[w]["none"] else None
+        base = med(r[0] for r in res[w]["none"]) if res[w]["none"] else None
         rows = []
         for kind, label in PY_TRACERS:
             if kind == "memray" and memray_ran:
@@ -742,12 +755,12 @@ def python_table():
             rs = res[w][kind]
             if kind in why[w] or not rs or not base:
                 reason = why[w].get(kind, "no baseline")
-                rows.append(f"| {label} | not measured: {cell(reason)} | |{' |' if w == 'http' else ''} |")
+                rows.append(f"| {label} | not measured: {cell(reason)} | |{' | |' if w == 'http' else ''} |")
                 continue
-            rate = med(r for r, _ in rs)
+            rate = med(r[0] for r in rs)
             kept[(w, kind)] = 100 * rate / base
-            spread = f"{min(r for r, _ in rs):,.0f}-{max(r for r, _ in rs):,.0f}"
-            p99 = f" | {med(p for _, p in rs):.2f}" if w == "http" else ""
+            spread = f"{min(r[0] for r in rs):,.0f}-{max(r[0] for r in rs):,.0f}"
+            p99 = f" | {med(r[1] for r in rs):.2f} | {med(r[2] for r in rs):.0f}" if w == "http" else ""
             rows.append(f"| {label} | {rate:,.0f} | {100 * rate / base:.1f}%{p99} | {spread} |")
         if w == "alloc":
             out.append(f"#### Allocation-heavy CPython loop (bench/py_alloc.py: bytes, str, bytearray, list, "
@@ -761,7 +774,8 @@ def python_table():
                        + (", the server pinned to CPU 0 (with any thread a tracer runs inside it, as memray's "
                           "writer), wrk to CPU 1" if HTTP_PIN else "") + "\n\n"
                        "| configuration | requests/s (median) | of baseline | p99 latency ms (median) | "
-                       "requests/s, range over rounds |\n|---|---|---|---|---|\n" + "\n".join(rows))
+                       "server CPU per request, µs (median) | requests/s, range over rounds |\n"
+                       "|---|---|---|---|---|---|\n" + "\n".join(rows))
     goal = []
     for w, name in (("alloc", "allocation loop"), ("http", "http.server")):
         k = kept.get((w, "inproc_sampled"))
