@@ -33,8 +33,8 @@
 use iced_x86::{
     BlockEncoderOptions, IcedError,
     code_asm::{
-        CodeAssembler, CodeLabel, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx, rdi, rdx,
-        rsi, rsp,
+        CodeAssembler, CodeLabel, byte_ptr, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx,
+        rdi, rdx, rsi, rsp,
     },
 };
 use leakprobe_common::AllocKind;
@@ -83,6 +83,12 @@ pub mod off {
     pub const NESTED: i32 = 0xc00;
     pub const EXP: i32 = 0x1000;
     pub const SET: i32 = 0x8000;
+    /// A counting filter in front of the set: one byte per [`super::FILTER_SPAN`] home slots,
+    /// the number of held pointers whose home slot is there. A free whose byte is 0 was not
+    /// sampled, known from one load of a 16 KiB table instead of a probe of the 512 KiB set
+    /// (which missed the cache: the stubs' largest cost under load). At most `FILTER_SPAN +
+    /// MAX_PROBE` pointers share a byte, so it never overflows.
+    pub const FILTER: i32 = SET + (super::SET_CAPACITY * 8) as i32;
 }
 
 /// Ranges of allocator code whose calls into the family are nested calls.
@@ -92,7 +98,11 @@ pub const MAX_NESTED: usize = 64;
 pub const MAX_STUBS: usize = 64;
 
 /// The data page's size: a whole number of pages.
-pub const DATA_SIZE: u64 = (off::SET as u64 + SET_CAPACITY * 8 + 4095) & !4095;
+pub const DATA_SIZE: u64 = (off::FILTER as u64 + SET_CAPACITY / FILTER_SPAN + 4095) & !4095;
+
+/// Home slots per byte of the filter.
+pub const FILTER_SPAN: u64 = 4;
+const _: () = assert!(FILTER_SPAN + MAX_PROBE as u64 <= u8::MAX as u64);
 
 /// The stub's own counters, in the data page at [`off::COUNTERS`].
 pub mod counter {
@@ -720,9 +730,18 @@ impl Gen {
         self.a.ret()?;
         self.a.set_label(&mut ok)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_ALLOCS)))?;
+        self.filter_index_into_rax()?;
+        self.a.lock().inc(byte_ptr(r11 + rax + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
         self.a.ret()
+    }
+
+    /// rax = the filter byte of rdi's home slot (r11 = base).
+    fn filter_index_into_rax(&mut self) -> Result<(), IcedError> {
+        self.a.mov(rax, GOLDEN)?;
+        self.a.imul_2(rax, rdi)?;
+        self.a.shr(rax, 64 - SET_BITS + FILTER_SPAN.trailing_zeros())
     }
 
     /// set_remove: rdi = pointer; r10 = 1 if it was held (now removed), else 0.
@@ -737,6 +756,9 @@ impl Gen {
         self.set_remove = label;
         self.a.push(rax)?;
         self.hash_into_r10()?;
+        self.filter_index_into_rax()?;
+        self.a.cmp(byte_ptr(r11 + rax + off::FILTER), 0)?;
+        self.a.je(absent)?;
         self.a.mov(ecx, MAX_PROBE)?;
         self.a.mov(r8, TOMBSTONE)?;
         self.a.set_label(&mut lp)?;
@@ -758,6 +780,8 @@ impl Gen {
         self.a.ret()?;
         self.a.set_label(&mut found)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_FREES)))?;
+        self.filter_index_into_rax()?;
+        self.a.lock().dec(byte_ptr(r11 + rax + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
         self.a.ret()
@@ -1098,8 +1122,18 @@ mod tests {
             // SAFETY: the whole data mapping.
             counters(unsafe { std::slice::from_raw_parts(self.data, DATA_SIZE as usize) })
         }
+        /// Pointers in the set; the filter's bytes must add up to the same.
         fn held(&self) -> usize {
-            (0..SET_CAPACITY as i32).filter(|i| self.word(off::SET + 8 * i) > TOMBSTONE).count()
+            let held = (0..SET_CAPACITY as i32).filter(|i| self.word(off::SET + 8 * i) > TOMBSTONE).count();
+            // SAFETY: inside the data mapping.
+            let filter = unsafe {
+                std::slice::from_raw_parts(
+                    self.data.add(off::FILTER as usize),
+                    (SET_CAPACITY / FILTER_SPAN) as usize,
+                )
+            };
+            assert_eq!(filter.iter().map(|b| *b as usize).sum::<usize>(), held, "the filter counts the set");
+            held
         }
     }
 
@@ -1349,5 +1383,60 @@ mod tests {
         let p = s.py_realloc(p, 100);
         s.py_free(p);
         assert!(events().is_empty());
+    }
+
+    /// What the CPython stubs add to a pymalloc-sized malloc/free pair in sampled mode
+    /// (`cargo test -p leakprobe --lib stub_pair_cost -- --ignored --nocapture`): a
+    /// measurement, not a check.
+    #[test]
+    #[ignore]
+    fn stub_pair_cost() {
+        let s = install_py(512 * 1024);
+        let n = 5_000_000;
+        let mut live = vec![std::ptr::null_mut(); 4096];
+        let time = |f: &mut dyn FnMut(usize)| {
+            let t0 = std::time::Instant::now();
+            for i in 0..n {
+                f(i);
+            }
+            t0.elapsed().as_nanos() as f64 / n as f64
+        };
+        let direct = time(&mut |i| {
+            let k = i.wrapping_mul(2654435761) % 4096;
+            // SAFETY: libc's malloc and free on our own blocks.
+            unsafe {
+                libc::free(live[k]);
+                live[k] = libc::malloc(16 + i % 400);
+            }
+        });
+        let stub = time(&mut |i| {
+            let k = i.wrapping_mul(2654435761) % 4096;
+            s.py_free(live[k]);
+            live[k] = s.py_malloc(16 + i % 400);
+        });
+        for p in live {
+            s.py_free(p);
+        }
+        events();
+        println!(
+            "malloc+free pair: direct {direct:.1} ns, through the stubs {stub:.1} ns (+{:.1} ns)",
+            stub - direct
+        );
+    }
+
+    /// Writes the generated code to /tmp/leakprobe-stub-N.bin with its entries
+    /// (`-- --ignored --nocapture`), for `objdump -D -b binary -mi386:x86-64` when reading a
+    /// profile by offset.
+    #[test]
+    #[ignore]
+    fn dump_code() {
+        for (n, funcs) in [&Func::PYMEM[..], &[Func::Malloc, Func::Calloc, Func::Realloc, Func::Free][..]]
+            .into_iter()
+            .enumerate()
+        {
+            let stub = generate(0, 0x10_0000, funcs).unwrap();
+            println!("/tmp/leakprobe-stub-{n}.bin: {:x?}", stub.entries);
+            std::fs::write(format!("/tmp/leakprobe-stub-{n}.bin"), &stub.code).unwrap();
+        }
     }
 }
