@@ -190,9 +190,16 @@ impl PyAllocHooks {
             Ok(_) => String::new(),
             Err(e) => format!("; pymalloc's arenas still show as mmap sites ({e})"),
         };
+        // Exact: every object the interpreter makes stops at a probe.
+        let exact = if sample_bytes == 0 {
+            "\n  exact mode: every Python object made stops at a probe (microseconds each; a busy \
+             interpreter runs tens of times slower); under load, use --in-process --sample-bytes 512KiB"
+        } else {
+            ""
+        };
         let line = format!(
             "CPython {}: {written} allocator functions (MEM, OBJ) lead into the stub (target paused {:.1} ms): \
-             Python objects are tracked one by one{arenas}",
+             Python objects are tracked one by one{arenas}{exact}",
             runtime.version,
             installed.summary.map_pause.as_secs_f64() * 1e3
         );
