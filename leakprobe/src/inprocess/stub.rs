@@ -33,7 +33,7 @@
 use iced_x86::{
     BlockEncoderOptions, IcedError,
     code_asm::{
-        CodeAssembler, CodeLabel, byte_ptr, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx,
+        CodeAssembler, CodeLabel, dword_ptr, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx,
         rdi, rdx, rsi, rsp,
     },
 };
@@ -83,11 +83,11 @@ pub mod off {
     pub const NESTED: i32 = 0xc00;
     pub const EXP: i32 = 0x1000;
     pub const SET: i32 = 0x8000;
-    /// A counting filter in front of the set: one byte per [`super::FILTER_SPAN`] home slots,
-    /// the number of held pointers whose home slot is there. A free whose byte is 0 was not
-    /// sampled, known from one load of a 16 KiB table instead of a probe of the 512 KiB set
-    /// (which missed the cache: the stubs' largest cost under load). At most `FILTER_SPAN +
-    /// MAX_PROBE` pointers share a byte, so it never overflows.
+    /// A counting filter in front of the set: a u32 per 4 KiB page (pages
+    /// [`super::FILTER_PAGES`] apart share one), the number of held pointers in it. A free whose
+    /// counter is 0 was not sampled, known from one load of a 16 KiB table whose lines follow
+    /// the pages the program frees into, instead of a probe of the 512 KiB set at a hashed slot
+    /// (which missed the cache: the stubs' largest cost under load).
     pub const FILTER: i32 = SET + (super::SET_CAPACITY * 8) as i32;
 }
 
@@ -98,11 +98,10 @@ pub const MAX_NESTED: usize = 64;
 pub const MAX_STUBS: usize = 64;
 
 /// The data page's size: a whole number of pages.
-pub const DATA_SIZE: u64 = (off::FILTER as u64 + SET_CAPACITY / FILTER_SPAN + 4095) & !4095;
+pub const DATA_SIZE: u64 = (off::FILTER as u64 + FILTER_PAGES * 4 + 4095) & !4095;
 
-/// Home slots per byte of the filter.
-pub const FILTER_SPAN: u64 = 4;
-const _: () = assert!(FILTER_SPAN + MAX_PROBE as u64 <= u8::MAX as u64);
+/// Counters in the filter: one per page, modulo this.
+pub const FILTER_PAGES: u64 = 4096;
 
 /// The stub's own counters, in the data page at [`off::COUNTERS`].
 pub mod counter {
@@ -731,17 +730,17 @@ impl Gen {
         self.a.set_label(&mut ok)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_ALLOCS)))?;
         self.filter_index_into_rax()?;
-        self.a.lock().inc(byte_ptr(r11 + rax + off::FILTER))?;
+        self.a.lock().inc(dword_ptr(r11 + rax * 4 + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
         self.a.ret()
     }
 
-    /// rax = the filter byte of rdi's home slot (r11 = base).
+    /// rax = the filter counter of rdi's page.
     fn filter_index_into_rax(&mut self) -> Result<(), IcedError> {
-        self.a.mov(rax, GOLDEN)?;
-        self.a.imul_2(rax, rdi)?;
-        self.a.shr(rax, 64 - SET_BITS + FILTER_SPAN.trailing_zeros())
+        self.a.mov(rax, rdi)?;
+        self.a.shr(rax, 12)?;
+        self.a.and(eax, (FILTER_PAGES - 1) as u32)
     }
 
     /// set_remove: rdi = pointer; r10 = 1 if it was held (now removed), else 0.
@@ -757,7 +756,7 @@ impl Gen {
         self.a.push(rax)?;
         self.hash_into_r10()?;
         self.filter_index_into_rax()?;
-        self.a.cmp(byte_ptr(r11 + rax + off::FILTER), 0)?;
+        self.a.cmp(dword_ptr(r11 + rax * 4 + off::FILTER), 0)?;
         self.a.je(absent)?;
         self.a.mov(ecx, MAX_PROBE)?;
         self.a.mov(r8, TOMBSTONE)?;
@@ -781,7 +780,7 @@ impl Gen {
         self.a.set_label(&mut found)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_FREES)))?;
         self.filter_index_into_rax()?;
-        self.a.lock().dec(byte_ptr(r11 + rax + off::FILTER))?;
+        self.a.lock().dec(dword_ptr(r11 + rax * 4 + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
         self.a.ret()
@@ -1122,17 +1121,18 @@ mod tests {
             // SAFETY: the whole data mapping.
             counters(unsafe { std::slice::from_raw_parts(self.data, DATA_SIZE as usize) })
         }
-        /// Pointers in the set; the filter's bytes must add up to the same.
+        /// Pointers in the set; the filter's counters must add up to the same.
         fn held(&self) -> usize {
             let held = (0..SET_CAPACITY as i32).filter(|i| self.word(off::SET + 8 * i) > TOMBSTONE).count();
-            // SAFETY: inside the data mapping.
-            let filter = unsafe {
-                std::slice::from_raw_parts(
-                    self.data.add(off::FILTER as usize),
-                    (SET_CAPACITY / FILTER_SPAN) as usize,
-                )
-            };
-            assert_eq!(filter.iter().map(|b| *b as usize).sum::<usize>(), held, "the filter counts the set");
+            // SAFETY: the filter's u32s, inside the data mapping.
+            let filter: u64 = (0..FILTER_PAGES as usize)
+                .map(|i| {
+                    u64::from(unsafe {
+                        (self.data.add(off::FILTER as usize + 4 * i) as *const u32).read_volatile()
+                    })
+                })
+                .sum();
+            assert_eq!(filter as usize, held, "the filter counts the set");
             held
         }
     }
