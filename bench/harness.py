@@ -171,7 +171,11 @@ def loop_once(loop, kind, threads):
     p = subprocess.Popen([loop, str(PAIRS), "16", str(threads)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
-    t = start_tracer(kind, p.pid)
+    try:
+        t = start_tracer(kind, p.pid)
+    except (TracerError, FileNotFoundError) as e:
+        p.kill(); p.wait()
+        return e
     p.stdin.write("go\n"); p.stdin.flush()
     ns = float(p.stdout.readline().split()[0])
     if kind == "heaptrack":
@@ -180,6 +184,12 @@ def loop_once(loop, kind, threads):
         stop_tracer(kind, t)
         p.kill(); p.wait()
     return ns
+
+
+def failed(values):
+    """Why a tracer's rounds could not be measured (its first failure), or None."""
+    errs = [v for v in values if isinstance(v, Exception)]
+    return str(errs[0]) if errs else None
 
 
 def alloc_loop_table():
@@ -194,14 +204,18 @@ def alloc_loop_table():
         base = statistics.median(res["none"])
         floor = statistics.median(res["noop"])
         for kind, label in TRACERS:
+            if (why := failed(res[kind])) is not None:
+                rows.append(f"| {threads} | {label} | not measured: {why} | | | |")
+                continue
             m = statistics.median(res[kind])
             added = m - base
             rows.append(f"| {threads} | {label} | {m:.1f} | {added:.1f} | "
                         f"{(added / (floor - base)) if kind != 'none' else 0:.2f} | {m / base:.0f}x |")
-        ht = statistics.median(res["heaptrack"]) - base
         ips = statistics.median(res["inproc_sampled"]) - base
         ipf = statistics.median(res["inproc_full"]) - base
-        ratios.append(f"| {threads} | {ips / ht:.3f} (goal <= 0.1) | {ipf / (floor - base):.2f} (goal <= 0.5) |")
+        vs_heaptrack = ("n/a (heaptrack -p not measured)" if failed(res["heaptrack"]) is not None
+                        else f"{ips / (statistics.median(res['heaptrack']) - base):.3f} (goal <= 0.1)")
+        ratios.append(f"| {threads} | {vs_heaptrack} | {ipf / (floor - base):.2f} (goal <= 0.5) |")
     head = ("| threads | configuration | ns per pair (median) | added ns | added / naive floor's added | slowdown |\n"
             "|---|---|---|---|---|---|")
     goals = ("| threads | in-process sampled added / heaptrack -p added | in-process exact added / naive floor's added |\n"
@@ -237,6 +251,9 @@ def server_table(res, rate_label, p99_label):
     for kind, label in TRACERS:
         if kind not in res:
             continue
+        if (why := failed(res[kind])) is not None:
+            rows.append(f"| {label} | not measured: {why} | | |")
+            continue
         rps = statistics.median(r for r, _ in res[kind])
         p99 = statistics.median(p for _, p in res[kind])
         rows.append(f"| {label} | {rps:.0f} | {100 * rps / base:.1f}% | {p99:.2f} |")
@@ -259,7 +276,12 @@ def nginx_table():
             time.sleep(0.5)
             worker = int(subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True,
                                         text=True).stdout.split()[0])
-            t = start_tracer(kind, worker)
+            try:
+                t = start_tracer(kind, worker)
+            except (TracerError, FileNotFoundError) as e:
+                res[kind].append(e)
+                master.send_signal(signal.SIGQUIT); master.wait()
+                continue
             out = subprocess.run(["wrk", "-t2", "-c32", "-d8s", "--latency", "http://127.0.0.1:18089/"],
                                  capture_output=True, text=True).stdout
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -288,7 +310,12 @@ def redis_table():
                                   text=True).stdout.strip() == "PONG":
                     break
                 time.sleep(0.1)
-            t = start_tracer(kind, srv.pid)
+            try:
+                t = start_tracer(kind, srv.pid)
+            except (TracerError, FileNotFoundError) as e:
+                res[kind].append(e)
+                srv.terminate(); srv.wait()
+                continue
             out = subprocess.run(["redis-benchmark", "-p", port, "-t", "set,get", "-n", "200000", "-c", "32",
                                   "-d", "256", "-r", "100000", "--csv"], capture_output=True, text=True).stdout
             rows = [line.replace('"', "").split(",") for line in out.splitlines()[1:] if line.strip()]

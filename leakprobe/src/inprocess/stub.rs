@@ -447,6 +447,7 @@ impl Gen {
         self.prologue(&mut entry, pass, exact)?;
         self.a.test(rdi, rdi)?;
         self.a.je(pass)?;
+        self.filter_skip(rdi, pass)?;
         self.a.call(self.set_remove)?;
         self.a.test(r10, r10)?;
         self.a.je(pass)?;
@@ -477,6 +478,7 @@ impl Gen {
         // Sampled: a sampled old block is followed whatever the new size.
         self.a.test(rdi, rdi)?;
         self.a.je(decide)?;
+        self.filter_skip(rdi, decide)?;
         self.a.call(self.set_remove)?;
         self.a.test(r10, r10)?;
         self.a.jne(old_tracked)?;
@@ -634,6 +636,7 @@ impl Gen {
         self.a.je(pass)?;
         self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
         self.a.je(report)?;
+        self.filter_skip(rsi, pass)?;
         self.py_set_remove_rsi()?;
         self.a.test(r10, r10)?;
         self.a.je(pass)?;
@@ -672,6 +675,7 @@ impl Gen {
         // Sampled: a sampled old block is followed whatever the new size.
         self.a.test(rsi, rsi)?;
         self.a.je(decide)?;
+        self.filter_skip(rsi, decide)?;
         self.py_set_remove_rsi()?;
         self.a.test(r10, r10)?;
         self.a.jne(old_tracked)?;
@@ -734,6 +738,16 @@ impl Gen {
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
         self.a.ret()
+    }
+
+    /// Jumps to `skip` when the filter says no held pointer lies in `reg`'s page: the common
+    /// free, decided without a call into set_remove. Uses rax; r11 = base.
+    fn filter_skip(&mut self, reg: iced_x86::code_asm::AsmRegister64, skip: CodeLabel) -> Result<(), IcedError> {
+        self.a.mov(rax, reg)?;
+        self.a.shr(rax, 12)?;
+        self.a.and(eax, (FILTER_PAGES - 1) as u32)?;
+        self.a.cmp(dword_ptr(r11 + rax * 4 + off::FILTER), 0)?;
+        self.a.je(skip)
     }
 
     /// rax = the filter counter of rdi's page.
