@@ -173,8 +173,9 @@ impl PyAllocHooks {
                 return left(format!("allocator tables not hooked: {e}"));
             }
         };
-        // The arenas stop being allocations once their objects are tracked: before the words
-        // lead into the stub an arena mmap may still be counted, never after.
+        // Arenas are no sites from now on: set before the words are written, so that no arena
+        // mapped once its objects are tracked is counted. (One mapped in between holds objects
+        // made before the words led into the stub: untracked, like those from before attach.)
         let arena_alloc = allocators.arena_alloc.as_ref().ok().map(|r| (r.start, r.end));
         if let Some((start, end)) = arena_alloc {
             let cfg = PyConfig { arena_alloc_start: start, arena_alloc_end: end, ..*config };
@@ -184,7 +185,12 @@ impl PyAllocHooks {
         }
         let (written, _) = match installed.patch_words(&words) {
             Ok(w) => w,
-            Err(e) => return left(format!("allocator tables not hooked: {e:#}")),
+            Err(e) => {
+                // Arenas are sites again; the guard, dropped with the stub, puts back any word
+                // written.
+                let _ = probes.set_python(config);
+                return left(format!("allocator tables not hooked: {e:#}"));
+            }
         };
         let arenas = match &allocators.arena_alloc {
             Ok(_) => String::new(),
