@@ -6,7 +6,8 @@
 //! the real function, adds the pointer to a lock-free set, and passes a *report site*: a
 //! 5-byte NOP carrying a uprobe, reached with `rsp` at the caller's return address, so the
 //! eBPF capture walks the stack exactly as at malloc's entry. A free passes its report site
-//! only if its pointer is in the set. In exact mode every call passes its site and no set is
+//! only if its pointer is in the set; a counting filter per page in front of the set
+//! ([`off::FILTER`]) decides most frees with one load. In exact mode every call passes its site and no set is
 //! kept. With the switch off, or if everything of ours is gone, every stub passes calls
 //! straight through, so the target stays correct; a full set stops sampling and is counted.
 //!
@@ -33,8 +34,8 @@
 use iced_x86::{
     BlockEncoderOptions, IcedError,
     code_asm::{
-        CodeAssembler, CodeLabel, dword_ptr, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d, r11, rax, rcx,
-        rdi, rdx, rsi, rsp,
+        AsmRegister64, CodeAssembler, CodeLabel, dword_ptr, eax, ecx, edx, ptr, qword_ptr, r8, r9, r10, r10d,
+        r11, rax, rcx, rdi, rdx, rsi, rsp,
     },
 };
 use leakprobe_common::AllocKind;
@@ -240,7 +241,7 @@ pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// and how its result is found.
 struct Shape {
     /// Argument registers to keep across the real call.
-    saved: &'static [iced_x86::code_asm::AsmRegister64],
+    saved: &'static [AsmRegister64],
 }
 
 fn shape(f: Func) -> Shape {
@@ -254,11 +255,7 @@ fn shape(f: Func) -> Shape {
 }
 
 /// Puts the requested size in `dst` from the arguments (which stay untouched).
-fn size_into(
-    a: &mut CodeAssembler,
-    f: Func,
-    dst: iced_x86::code_asm::AsmRegister64,
-) -> Result<(), IcedError> {
+fn size_into(a: &mut CodeAssembler, f: Func, dst: AsmRegister64) -> Result<(), IcedError> {
     match f {
         Func::Malloc | Func::Valloc | Func::Pvalloc | Func::Free => a.mov(dst, rdi),
         Func::AlignedAlloc | Func::Memalign | Func::Realloc => a.mov(dst, rsi),
@@ -538,8 +535,9 @@ impl Gen {
         self.a.jae(pass)
     }
 
-    /// After a CPython stub's real call (rax = the block, arguments back): reports a small
-    /// block at the alloc site (sampled mode: only if the set takes it), else returns.
+    /// After a CPython stub's real call (rax = the block, arguments back; every path here
+    /// passed [`Gen::py_small_only`]): reports the block at the alloc site (sampled mode: only
+    /// if the set takes it).
     fn py_report_new(&mut self, f: Func) -> Result<(), IcedError> {
         let mut ret = self.a.create_label();
         let mut report = self.a.create_label();
@@ -547,9 +545,6 @@ impl Gen {
         self.a.je(ret)?;
         self.base()?;
         size_into(&mut self.a, f, r10)?;
-        self.a.lea(rcx, qword_ptr(r10 - 1))?;
-        self.a.cmp(rcx, qword_ptr(r11 + off::PY_SMALL_MAX))?;
-        self.a.jae(ret)?;
         self.a.mov(rsi, r10)?;
         self.a.mov(rdi, rax)?;
         self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
@@ -733,7 +728,7 @@ impl Gen {
         self.a.ret()?;
         self.a.set_label(&mut ok)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_ALLOCS)))?;
-        self.filter_index_into_rax()?;
+        self.filter_index_into_rax(rdi)?;
         self.a.lock().inc(dword_ptr(r11 + rax * 4 + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
@@ -741,24 +736,24 @@ impl Gen {
     }
 
     /// Jumps to `skip` when the filter says no held pointer lies in `reg`'s page: the common
-    /// free, decided without a call into set_remove. Uses rax; r11 = base.
-    fn filter_skip(&mut self, reg: iced_x86::code_asm::AsmRegister64, skip: CodeLabel) -> Result<(), IcedError> {
-        self.a.mov(rax, reg)?;
-        self.a.shr(rax, 12)?;
-        self.a.and(eax, (FILTER_PAGES - 1) as u32)?;
+    /// free, decided without a call into set_remove (which every caller reaches only past
+    /// this). Uses rax; r11 = base.
+    fn filter_skip(&mut self, reg: AsmRegister64, skip: CodeLabel) -> Result<(), IcedError> {
+        self.filter_index_into_rax(reg)?;
         self.a.cmp(dword_ptr(r11 + rax * 4 + off::FILTER), 0)?;
         self.a.je(skip)
     }
 
-    /// rax = the filter counter of rdi's page.
-    fn filter_index_into_rax(&mut self) -> Result<(), IcedError> {
-        self.a.mov(rax, rdi)?;
+    /// rax = the filter counter of `reg`'s page.
+    fn filter_index_into_rax(&mut self, reg: AsmRegister64) -> Result<(), IcedError> {
+        self.a.mov(rax, reg)?;
         self.a.shr(rax, 12)?;
         self.a.and(eax, (FILTER_PAGES - 1) as u32)
     }
 
-    /// set_remove: rdi = pointer; r10 = 1 if it was held (now removed), else 0.
-    /// Keeps rax, rdi, rsi, rdx; uses rcx, r8, r10, r11.
+    /// set_remove: rdi = pointer, whose page the filter flags ([`Gen::filter_skip`] first);
+    /// r10 = 1 if it was held (now removed), else 0. Keeps rax, rdi, rsi, rdx; uses rcx, r8,
+    /// r10, r11.
     fn set_remove_body(&mut self) -> Result<(), IcedError> {
         let mut lp = self.a.create_label();
         let mut next = self.a.create_label();
@@ -769,9 +764,6 @@ impl Gen {
         self.set_remove = label;
         self.a.push(rax)?;
         self.hash_into_r10()?;
-        self.filter_index_into_rax()?;
-        self.a.cmp(dword_ptr(r11 + rax * 4 + off::FILTER), 0)?;
-        self.a.je(absent)?;
         self.a.mov(ecx, MAX_PROBE)?;
         self.a.mov(r8, TOMBSTONE)?;
         self.a.set_label(&mut lp)?;
@@ -793,7 +785,7 @@ impl Gen {
         self.a.ret()?;
         self.a.set_label(&mut found)?;
         self.a.lock().inc(qword_ptr(r11 + (off::COUNTERS + 8 * counter::SAMPLED_FREES)))?;
-        self.filter_index_into_rax()?;
+        self.filter_index_into_rax(rdi)?;
         self.a.lock().dec(dword_ptr(r11 + rax * 4 + off::FILTER))?;
         self.a.mov(r10d, 1)?;
         self.a.pop(rax)?;
