@@ -57,9 +57,16 @@ pub struct RestoreList {
 
 /// Whether `pid` still maps our stub's code at `code_at`.
 pub fn stub_mapped(pid: i32, code_at: u64) -> bool {
-    let prefix = format!("{code_at:x}-");
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .is_ok_and(|maps| maps.lines().any(|l| l.starts_with(&prefix) && l.contains("leakprobe-stub")))
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| maps_hold_stub(&maps, code_at))
+}
+
+/// Whether a maps listing has our stub's code mapping starting at `code_at`. The kernel pads
+/// addresses to 8 hex digits, so a stub below 4 GiB reads `003ef000-`: compared as numbers.
+fn maps_hold_stub(maps: &str, code_at: u64) -> bool {
+    maps.lines().any(|l| {
+        l.contains("leakprobe-stub")
+            && l.split('-').next().and_then(|a| u64::from_str_radix(a, 16).ok()) == Some(code_at)
+    })
 }
 
 #[derive(Debug, Error)]
@@ -262,6 +269,17 @@ pub fn run() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stub_is_found_below_4_gib_where_maps_pads_the_address() {
+        let maps = "003ef000-003ff000 r-xp 00000000 00:01 2693   /memfd:leakprobe-stub (deleted)\n\
+                    00400000-0041f000 r--p 00000000 fe:00 247706 /usr/bin/python3.11\n\
+                    7f741671e000-7f741672e000 r-xp 00000000 00:01 2694 /memfd:leakprobe-stub (deleted)\n";
+        assert!(maps_hold_stub(maps, 0x3ef000));
+        assert!(maps_hold_stub(maps, 0x7f741671e000));
+        assert!(!maps_hold_stub(maps, 0x400000));
+        assert!(!maps_hold_stub(maps, 0xef000));
+    }
 
     fn frame(list: &RestoreList) -> Vec<u8> {
         let json = serde_json::to_vec(list).unwrap();

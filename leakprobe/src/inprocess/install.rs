@@ -26,6 +26,7 @@ use thiserror::Error;
 use super::{
     got::{PatchPlan, SlotKind},
     guard::{self, Guard, RestoreList},
+    place,
     stub::{self, Func, Stub},
 };
 use crate::ptrace::{PtraceError, StopOptions, server};
@@ -269,7 +270,6 @@ impl Installed {
         max_pause: Duration,
         held: Option<&mut crate::target::launch::Held>,
     ) -> Result<Installed, InstallError> {
-        let funcs: Vec<Func> = real.iter().map(|(f, _)| *f).collect();
         // The guard first, with nothing to restore yet. Its pipe sits above the probes' perf
         // events (`ptrace::server::move_high`), so it learns of our death before the kernel's
         // slow uprobe teardown (~0.1 s each).
@@ -297,9 +297,19 @@ impl Installed {
             // Private: the kernel puts no uprobe in a shared mapping (valid_vma refuses
             // VM_MAYSHARE). Until a page is copied on write it shows the memfd's page cache,
             // so our writes through the memfd are what the target runs.
-            let code = rs
-                .mmap(0, CODE_LEN, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE, fd, 0)
-                .map_err(ptrace_err(pid, "mapping the stub's code"))?;
+            let prot = libc::PROT_READ | libc::PROT_EXEC;
+            let targets: Vec<u64> = real.iter().map(|r| r.1).collect();
+            // Near the real functions when a spot is free (a direct jump passes calls on);
+            // anywhere otherwise, or if the spot was taken meanwhile.
+            let near = place::near_spot(&layout(pid), &targets, CODE_LEN).and_then(|at| {
+                rs.mmap(at, CODE_LEN, prot, libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE, fd, 0).ok()
+            });
+            let code = match near {
+                Some(at) => at,
+                None => rs
+                    .mmap(0, CODE_LEN, prot, libc::MAP_PRIVATE, fd, 0)
+                    .map_err(ptrace_err(pid, "mapping the stub's code"))?,
+            };
             let data = rs
                 .mmap(
                     0,
@@ -322,7 +332,7 @@ impl Installed {
             closed?;
             (code, data, memfd?)
         };
-        let stub = stub::generate(code, data, &funcs).map_err(|source| InstallError::Stub { source })?;
+        let stub = stub::generate(code, data, &real).map_err(|source| InstallError::Stub { source })?;
         let memfd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
         memfd
             .write_all_at(&stub.code, 0)
@@ -612,4 +622,36 @@ impl Installed {
         }
         Ok((restored, pause))
     }
+}
+
+/// The target's mappings and heap room for [`place::near_spot`]; empty (so: no spot) if
+/// /proc cannot say.
+fn layout(pid: i32) -> place::Layout {
+    let Ok(proc) = procfs::process::Process::new(pid) else { return place::Layout::default() };
+    let Ok(maps) = proc.maps() else { return place::Layout::default() };
+    let mut heap_end = None;
+    let regions: Vec<place::Region> = maps
+        .iter()
+        .map(|m| {
+            let kind = &m.pathname;
+            if matches!(kind, procfs::process::MMapPath::Heap) {
+                heap_end = Some(m.address.1);
+            }
+            place::Region {
+                start: m.address.0,
+                end: m.address.1,
+                grows_down: matches!(kind, procfs::process::MMapPath::Stack),
+            }
+        })
+        .collect();
+    let brk =
+        proc.stat().ok().and_then(|s| s.start_brk).map(|start| (start, heap_end.unwrap_or(start).max(start)));
+    let min_addr = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65536);
+    if regions.is_empty() {
+        return place::Layout::default();
+    }
+    place::Layout { regions, brk, min_addr }
 }

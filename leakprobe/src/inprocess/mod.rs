@@ -4,4 +4,5 @@
 pub mod got;
 pub mod guard;
 pub mod install;
+pub mod place;
 pub mod stub;

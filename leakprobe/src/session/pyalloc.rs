@@ -247,8 +247,14 @@ impl PyAllocHooks {
             arena_allocator: self.arena_alloc.map(|(a, b)| format!("{a:#x}-{b:#x}")),
             left_in_target: format!(
                 "a stub for the allocator tables, switched off (every call passes straight through), at \
-                 {:#x} (memfd \"leakprobe-stub\") and {:#x}: a table wrapped while attached still leads there",
-                self.installed.code, self.installed.data,
+                 {:#x} (memfd \"leakprobe-stub\") and {:#x}: {}",
+                self.installed.code,
+                self.installed.data,
+                match s.left_at_restore.len() {
+                    0 => "a wrapper installed while attached (tracemalloc.start(), say) may still call it"
+                        .to_string(),
+                    n => format!("{n} table word(s) wrapped while attached still lead there"),
+                },
             ),
         }
     }
