@@ -1461,7 +1461,7 @@ mod tests {
         );
     }
 
-    /// Writes the generated code to /tmp/leakprobe-stub-N.bin with its entries
+    /// Writes the generated code to /tmp/leakprobe-stub-N-{near,far}.bin with its entries
     /// (`-- --ignored --nocapture`), for `objdump -D -b binary -mi386:x86-64` when reading a
     /// profile by offset.
     #[test]
@@ -1471,11 +1471,14 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            // Real functions out of reach: the stubs read them from the data page.
-            let real: Vec<(Func, u64)> = funcs.iter().map(|&f| (f, 1 << 40)).collect();
-            let stub = generate(0, 0x10_0000, &real).unwrap();
-            println!("/tmp/leakprobe-stub-{n}.bin: {:x?}", stub.entries);
-            std::fs::write(format!("/tmp/leakprobe-stub-{n}.bin"), &stub.code).unwrap();
+            // Real functions in reach (direct jumps) and out of it (read from the data page).
+            for (tag, to) in [("near", 0x50_0000u64), ("far", 1 << 40)] {
+                let real: Vec<(Func, u64)> = funcs.iter().map(|&f| (f, to)).collect();
+                let stub = generate(0x3e_f000, 0x10_0000, &real).unwrap();
+                let path = format!("/tmp/leakprobe-stub-{n}-{tag}.bin");
+                println!("{path} (at 0x3ef000): {:x?}", stub.entries);
+                std::fs::write(path, &stub.code).unwrap();
+            }
         }
     }
 }
