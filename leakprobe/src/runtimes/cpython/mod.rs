@@ -16,6 +16,7 @@ pub mod code;
 mod detect;
 pub mod layout;
 pub mod linetable;
+pub mod objects;
 pub mod walk;
 
 use std::path::PathBuf;

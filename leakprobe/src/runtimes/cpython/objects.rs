@@ -1,0 +1,591 @@
+//! Live Python objects by type, read from outside the interpreter: the census of the
+//! collector's object lists. Pure: reads a (snapshot of the) target through a [`Memory`].
+//!
+//! The main interpreter (`_PyRuntime.interpreters.main`) holds the cycle collector's state:
+//! three generations and the permanent one, each a circular list of `PyGC_Head`s
+//! (`_gc_next`, `_gc_prev`) with the object 16 bytes after its head. Every tracked container
+//! is on exactly one list. Each object's type is read from `ob_type`, and named as Python
+//! names it: a heap type (a class) by `ht_qualname` and the `__module__` in its dict, a
+//! static type by `tp_name` (`"module.Name"`, or a builtin's bare name).
+//!
+//! Offsets: docs/design/cpython-census-layouts.md (§1 the GC lists, §3 types, §4.3 dicts),
+//! each verified from DWARF, disassembly and a live self-read on 3.9–3.13.
+//!
+//! A list is read only while the collector is not running (`collecting == 0`): during a
+//! collection its links carry flags and reference counts. A list whose back links do not
+//! check out stops that walk with a [`ObjectsError`], never with made-up objects.
+//!
+//! Results hold types, counts and sizes, and names of types: never object contents.
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+use super::{
+    layout::{CodeLayout, OB_SIZE, OB_TYPE, TP_BASICSIZE, TP_NAME},
+    PyVersion,
+};
+use crate::runtimes::Memory;
+
+/// `tp_itemsize`, `tp_flags`, `tp_dict`.
+const TP_ITEMSIZE: u64 = 40;
+const TP_FLAGS: u64 = 168;
+const TP_DICT: u64 = 264;
+/// `Py_TPFLAGS_HEAPTYPE`, `Py_TPFLAGS_HAVE_GC`, `Py_TPFLAGS_MANAGED_DICT` (3.11+),
+/// `Py_TPFLAGS_MANAGED_WEAKREF` (3.12+).
+const HEAPTYPE: u64 = 1 << 9;
+const HAVE_GC: u64 = 1 << 14;
+const MANAGED_DICT: u64 = 1 << 4;
+const MANAGED_WEAKREF: u64 = 1 << 3;
+/// `PyGC_Head`'s size: the object follows it.
+pub const GC_HEAD: u64 = 16;
+/// Objects walked at most, over every list: a bound on a corrupt or enormous heap.
+pub const MAX_OBJECTS: u64 = 64 << 20;
+/// Dict entries read at most when looking up a class's `__module__`.
+const MAX_CLASS_DICT: u64 = 4096;
+
+/// Where the object census reads, per version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectLayout {
+    /// `_PyRuntime.interpreters.main`.
+    pub runtime_interp_main: u64,
+    /// `PyInterpreterState.gc` (`struct _gc_runtime_state`).
+    pub interp_gc: u64,
+    /// `PyHeapTypeObject.ht_qualname`.
+    pub ht_qualname: u64,
+    /// Flags whose objects carry a 16-byte pre-header before the GC head (3.11: a managed
+    /// dict; 3.12+: a managed dict or weakref list).
+    pub preheader_flags: u64,
+    /// 3.12+: `int` keeps its digit count in `lv_tag >> 3`, not in `ob_size`.
+    pub int_lv_tag: bool,
+    /// 3.11+: dict keys in the compact layout (`dk_log2_size`, indices at 32).
+    pub dict_311: bool,
+    /// For reading `str` objects (type names).
+    pub str_layout: CodeLayout,
+}
+
+/// Offsets in `struct _gc_runtime_state`, the same in 3.9–3.13.
+mod gc {
+    pub const ENABLED: u64 = 12;
+    pub const GENERATIONS: u64 = 24;
+    pub const GENERATION_STRIDE: u64 = 24;
+    pub const PERMANENT: u64 = 104;
+    pub const COLLECTING: u64 = 200;
+    pub const GARBAGE: u64 = 208;
+}
+
+impl ObjectLayout {
+    /// The verified table for 3.`minor`; `None` for any other version.
+    pub fn for_version(v: PyVersion) -> Option<ObjectLayout> {
+        let code = super::Layout::for_version(v.major, v.minor)?.code;
+        let (runtime_interp_main, interp_gc, ht_qualname) = match (v.major, v.minor) {
+            (3, 9) => (40, 616, 856),
+            (3, 10) => (40, 616, 864),
+            (3, 11) => (48, 648, 864),
+            (3, 12) => (48, 112, 872),
+            (3, 13) => (640, 7400, 872),
+            _ => return None,
+        };
+        let preheader_flags = match v.minor {
+            ..=10 => 0,
+            11 => MANAGED_DICT,
+            _ => MANAGED_DICT | MANAGED_WEAKREF,
+        };
+        Some(ObjectLayout {
+            runtime_interp_main,
+            interp_gc,
+            ht_qualname,
+            preheader_flags,
+            int_lv_tag: v.minor >= 12,
+            dict_311: v.minor >= 11,
+            str_layout: code,
+        })
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ObjectsError {
+    #[error("the main interpreter could not be read at {addr:#x}")]
+    NoInterpreter { addr: u64 },
+    #[error("the cycle collector was running at the snapshot: its lists are being rearranged")]
+    Collecting,
+    #[error("the {list} list broke after {walked} objects at {at:#x}: {why}")]
+    BrokenList { list: &'static str, walked: u64, at: u64, why: &'static str },
+    #[error("more than {MAX_OBJECTS} objects: the census stopped there")]
+    TooMany,
+}
+
+/// A type as Python names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TypeName {
+    /// `type.__module__` (`builtins` for the builtins).
+    pub module: String,
+    /// `type.__qualname__`.
+    pub qualname: String,
+}
+
+impl std::fmt::Display for TypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.module == "builtins" {
+            f.write_str(&self.qualname)
+        } else {
+            write!(f, "{}.{}", self.module, self.qualname)
+        }
+    }
+}
+
+/// One type's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TypeTally {
+    pub count: u64,
+    /// What `sys.getsizeof` would sum: the object with its GC head and pre-header.
+    pub bytes: u64,
+}
+
+/// The census of the collector's lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcCensus {
+    /// Per type address, its tally (the generations 0-2: what `gc.get_objects()` lists).
+    pub by_type: HashMap<u64, TypeTally>,
+    /// Objects in the permanent generation (`gc.freeze()`, and 3.12's static types' tuples).
+    pub permanent: u64,
+    /// `gc.isenabled()`.
+    pub enabled: bool,
+    /// `len(gc.garbage)`.
+    pub garbage: u64,
+    /// Objects per generation.
+    pub generations: [u64; 3],
+}
+
+/// The main interpreter's address.
+pub fn main_interpreter(mem: &dyn Memory, layout: &ObjectLayout, py_runtime: u64) -> Result<u64, ObjectsError> {
+    let addr = py_runtime + layout.runtime_interp_main;
+    match mem.read_u64(addr) {
+        Some(p) if p != 0 => Ok(p),
+        _ => Err(ObjectsError::NoInterpreter { addr }),
+    }
+}
+
+/// Walks the main interpreter's GC lists: every tracked object, by type.
+pub fn gc_census(mem: &dyn Memory, layout: &ObjectLayout, interp: u64) -> Result<GcCensus, ObjectsError> {
+    let g = interp + layout.interp_gc;
+    let collecting = mem.read_i32(g + gc::COLLECTING).ok_or(ObjectsError::NoInterpreter { addr: g })?;
+    if collecting != 0 {
+        return Err(ObjectsError::Collecting);
+    }
+    let mut out = GcCensus {
+        enabled: mem.read_i32(g + gc::ENABLED).is_some_and(|e| e != 0),
+        ..GcCensus::default()
+    };
+    let mut sizes = Sizes::new(layout);
+    let mut walked = 0u64;
+    const NAMES: [&str; 3] = ["generation 0", "generation 1", "generation 2"];
+    for (i, name) in NAMES.into_iter().enumerate() {
+        let head = g + gc::GENERATIONS + gc::GENERATION_STRIDE * i as u64;
+        let n = walk_list(mem, head, name, &mut walked, &mut |obj| {
+            let Some(tp) = mem.read_u64(obj + OB_TYPE) else { return };
+            let bytes = sizes.of(mem, obj, tp);
+            let t = out.by_type.entry(tp).or_default();
+            t.count += 1;
+            t.bytes += bytes;
+        })?;
+        out.generations[i] = n;
+    }
+    out.permanent = walk_list(mem, g + gc::PERMANENT, "permanent generation", &mut walked, &mut |_| {})?;
+    out.garbage = mem
+        .read_u64(g + gc::GARBAGE)
+        .filter(|&l| l != 0)
+        .and_then(|l| mem.read_u64(l + OB_SIZE))
+        .unwrap_or(0);
+    Ok(out)
+}
+
+/// Walks one circular list from its head, checking each node's back link; calls `each` with
+/// every object. Returns the number of objects.
+fn walk_list(
+    mem: &dyn Memory,
+    head: u64,
+    list: &'static str,
+    walked: &mut u64,
+    each: &mut dyn FnMut(u64),
+) -> Result<u64, ObjectsError> {
+    let broken = |walked: u64, at: u64, why| ObjectsError::BrokenList { list, walked, at, why };
+    let mut prev = head;
+    let mut node = mem.read_u64(head).ok_or(broken(0, head, "its head is unreadable"))? & !1;
+    let mut n = 0u64;
+    while node != head {
+        if node == 0 || node % 8 != 0 {
+            return Err(broken(n, node, "a link is not a pointer"));
+        }
+        let (Some(next), Some(back)) = (mem.read_u64(node), mem.read_u64(node + 8)) else {
+            return Err(broken(n, node, "a node is unreadable"));
+        };
+        // `_gc_prev` keeps two flag bits under the pointer.
+        if back & !3 != prev {
+            return Err(broken(n, node, "a back link does not match"));
+        }
+        *walked += 1;
+        if *walked > MAX_OBJECTS {
+            return Err(ObjectsError::TooMany);
+        }
+        each(node + GC_HEAD);
+        n += 1;
+        prev = node;
+        node = next & !1;
+    }
+    Ok(n)
+}
+
+/// Object sizes, with each type's fields read once.
+struct Sizes<'a> {
+    layout: &'a ObjectLayout,
+    types: HashMap<u64, Option<TypeShape>>,
+}
+
+#[derive(Clone, Copy)]
+struct TypeShape {
+    basic: u64,
+    item: u64,
+    flags: u64,
+    is_int: bool,
+}
+
+impl<'a> Sizes<'a> {
+    fn new(layout: &'a ObjectLayout) -> Self {
+        Sizes { layout, types: HashMap::new() }
+    }
+
+    fn shape(&mut self, mem: &dyn Memory, tp: u64) -> Option<TypeShape> {
+        *self.types.entry(tp).or_insert_with(|| {
+            let head = mem.read_vec(tp, (TP_FLAGS + 8) as usize)?;
+            let word = |off: u64| u64::from_le_bytes(head[off as usize..off as usize + 8].try_into().unwrap_or_default());
+            let name = mem.read_vec(word(TP_NAME), 4).unwrap_or_default();
+            Some(TypeShape {
+                basic: word(TP_BASICSIZE),
+                item: word(TP_ITEMSIZE),
+                flags: word(TP_FLAGS),
+                is_int: name == b"int\0",
+            })
+        })
+    }
+
+    /// `sys.getsizeof(obj)`, as the type's sizes give it (a type with a `__sizeof__` of its
+    /// own, such as dict or list, counts its separate storage there; that is not counted here).
+    fn of(&mut self, mem: &dyn Memory, obj: u64, tp: u64) -> u64 {
+        let Some(s) = self.shape(mem, tp) else { return 0 };
+        let mut items = 0;
+        if s.item != 0 {
+            let size = mem.read_u64(obj + OB_SIZE).unwrap_or(0);
+            items = if s.is_int && self.layout.int_lv_tag { size >> 3 } else { (size as i64).unsigned_abs() };
+        }
+        let mut bytes = s.basic.saturating_add(s.item.saturating_mul(items.min(1 << 40)));
+        if s.flags & HAVE_GC != 0 {
+            bytes += GC_HEAD;
+        }
+        if s.flags & self.layout.preheader_flags != 0 {
+            bytes += 16;
+        }
+        bytes
+    }
+}
+
+/// Type names, each read once.
+pub struct TypeNames<'a> {
+    layout: &'a ObjectLayout,
+    unicode_type: u64,
+    cache: HashMap<u64, TypeName>,
+}
+
+impl<'a> TypeNames<'a> {
+    pub fn new(layout: &'a ObjectLayout, unicode_type: u64) -> Self {
+        TypeNames { layout, unicode_type, cache: HashMap::new() }
+    }
+
+    /// The name of the type at `tp`; `<type at 0x..>` if it cannot be read.
+    pub fn name(&mut self, mem: &dyn Memory, tp: u64) -> TypeName {
+        if let Some(n) = self.cache.get(&tp) {
+            return n.clone();
+        }
+        let n = self.read(mem, tp).unwrap_or_else(|| TypeName {
+            module: "?".into(),
+            qualname: format!("<type at {tp:#x}>"),
+        });
+        self.cache.insert(tp, n.clone());
+        n
+    }
+
+    fn read(&self, mem: &dyn Memory, tp: u64) -> Option<TypeName> {
+        let flags = mem.read_u64(tp + TP_FLAGS)?;
+        if flags & HEAPTYPE != 0 {
+            let str_at = |addr| super::code::read_str(mem, addr, &self.layout.str_layout, self.unicode_type);
+            let qualname = str_at(mem.read_u64(tp + self.layout.ht_qualname)?)?;
+            let module = mem
+                .read_u64(tp + TP_DICT)
+                .and_then(|d| dict_str_lookup(mem, self.layout, d, "__module__", self.unicode_type))
+                .and_then(str_at)
+                .unwrap_or_else(|| "?".into());
+            return Some(TypeName { module, qualname });
+        }
+        let raw = read_c_str(mem, mem.read_u64(tp + TP_NAME)?, 256)?;
+        Some(match raw.rsplit_once('.') {
+            Some((m, q)) => TypeName { module: m.into(), qualname: q.into() },
+            None => TypeName { module: "builtins".into(), qualname: raw },
+        })
+    }
+}
+
+/// A NUL-terminated string of at most `max` bytes, as UTF-8 (lossy).
+fn read_c_str(mem: &dyn Memory, addr: u64, max: usize) -> Option<String> {
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < max {
+        // Never read past a page end in one go: the string may end just before it.
+        let chunk = (4096 - (at % 4096)).min(64) as usize;
+        let buf = mem.read_vec(at, chunk)?;
+        if let Some(z) = buf.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&buf[..z]);
+            return Some(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&buf);
+        at += chunk as u64;
+    }
+    None
+}
+
+/// The value of `key` (a str) in the dict at `dict`, found by reading its entries (no hashing:
+/// at most [`MAX_CLASS_DICT`] entries).
+pub fn dict_str_lookup(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, key: &str, unicode_type: u64) -> Option<u64> {
+    dict_entries(mem, layout, dict, MAX_CLASS_DICT)?
+        .into_iter()
+        .find(|&(k, _)| super::code::read_str(mem, k, &layout.str_layout, unicode_type).as_deref() == Some(key))
+        .map(|(_, v)| v)
+}
+
+/// `PyDictObject` and its keys (docs/design/cpython-census-layouts.md §4.3).
+mod dict {
+    pub const MA_KEYS: u64 = 32;
+    pub const MA_VALUES: u64 = 40;
+}
+
+/// A combined dict's (key, value) pairs, in order, skipping deleted entries; `None` if it
+/// does not look like a dict's keys or has more than `max` entries. A split dict's values
+/// (instances' dicts) are read from `ma_values`.
+pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64) -> Option<Vec<(u64, u64)>> {
+    let keys = mem.read_u64(dict + dict::MA_KEYS)?;
+    let values = mem.read_u64(dict + dict::MA_VALUES)?;
+    let (entries_at, nentries, unicode_entries) = if layout.dict_311 {
+        let head = mem.read_vec(keys, 32)?;
+        let (log2_size, log2_index_bytes, kind) = (head[8], head[9], head[10]);
+        if log2_size > 40 || log2_index_bytes > 43 {
+            return None;
+        }
+        let nentries = u64::from_le_bytes(head[24..32].try_into().ok()?);
+        (keys + 32 + (1u64 << log2_index_bytes), nentries, kind != 0)
+    } else {
+        let head = mem.read_vec(keys, 40)?;
+        let size = u64::from_le_bytes(head[8..16].try_into().ok()?);
+        if size == 0 || size > 1 << 40 || !size.is_power_of_two() {
+            return None;
+        }
+        let nentries = u64::from_le_bytes(head[32..40].try_into().ok()?);
+        let index_bytes = match size {
+            ..=0xff => 1,
+            ..=0xffff => 2,
+            ..=0xffff_ffff => 4,
+            _ => 8,
+        };
+        (keys + 40 + size * index_bytes, nentries, false)
+    };
+    if nentries > max {
+        return None;
+    }
+    let stride = if unicode_entries { 16 } else { 24 };
+    let raw = mem.read_vec(entries_at, usize::try_from(nentries * stride).ok()?)?;
+    let word = |b: &[u8], off: usize| u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or_default());
+    let mut out = Vec::new();
+    for (i, e) in raw.chunks_exact(stride as usize).enumerate() {
+        let key = if unicode_entries { word(e, 0) } else { word(e, 8) };
+        let mut value = if unicode_entries { word(e, 8) } else { word(e, 16) };
+        if key == 0 {
+            continue;
+        }
+        if values != 0 {
+            // Split: the values live apart, in entry order.
+            value = mem.read_u64(values + 8 * i as u64).unwrap_or(0);
+        }
+        if value != 0 {
+            out.push((key, value));
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// A sparse fake address space: pages written to are mapped (zeros elsewhere in them).
+    #[derive(Default)]
+    struct Fake(RefCell<BTreeMap<u64, u8>>, RefCell<std::collections::BTreeSet<u64>>);
+
+    impl Fake {
+        fn put(&self, addr: u64, bytes: &[u8]) {
+            let mut m = self.0.borrow_mut();
+            for (i, b) in bytes.iter().enumerate() {
+                m.insert(addr + i as u64, *b);
+                self.1.borrow_mut().insert((addr + i as u64) >> 12);
+            }
+        }
+        fn put_u64(&self, addr: u64, v: u64) {
+            self.put(addr, &v.to_le_bytes());
+        }
+    }
+
+    impl Memory for Fake {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            let (m, pages) = (self.0.borrow(), self.1.borrow());
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = addr + i as u64;
+                if !pages.contains(&(at >> 12)) {
+                    return false;
+                }
+                *b = m.get(&at).copied().unwrap_or(0);
+            }
+            true
+        }
+    }
+
+    const UNICODE: u64 = 0x9000;
+
+    fn layout() -> ObjectLayout {
+        ObjectLayout::for_version(PyVersion { major: 3, minor: 11, micro: None }).unwrap()
+    }
+
+    /// A compact ASCII str (3.11 layout: data at +48).
+    fn put_str(m: &Fake, at: u64, s: &str) {
+        m.put_u64(at + OB_TYPE, UNICODE);
+        m.put_u64(at + 16, s.len() as u64);
+        m.put(at + 32, &((1u32 << 5) | (1 << 6) | (1 << 7) | (1 << 2)).to_le_bytes());
+        m.put(at + 48, s.as_bytes());
+        m.put(at + 48 + s.len() as u64, &[0]);
+    }
+
+    fn put_static_type(m: &Fake, at: u64, name_at: u64, name: &str, basic: u64, item: u64, flags: u64) {
+        m.put_u64(at + TP_NAME, name_at);
+        m.put(name_at, name.as_bytes());
+        m.put(name_at + name.len() as u64, &[0]);
+        m.put_u64(at + TP_BASICSIZE, basic);
+        m.put_u64(at + TP_ITEMSIZE, item);
+        m.put_u64(at + TP_FLAGS, flags);
+    }
+
+    /// A class `mod.Qual` whose dict (3.11 layout, unicode keys) holds `__module__`.
+    fn put_class(m: &Fake, at: u64, module: &str, qual: &str) {
+        put_static_type(m, at, at + 0x800, "Qual", 48, 0, HEAPTYPE | HAVE_GC | MANAGED_DICT);
+        put_str(m, at + 0x1000, qual);
+        m.put_u64(at + 864, at + 0x1000);
+        let (d, keys) = (at + 0x2000, at + 0x3000);
+        m.put_u64(at + TP_DICT, d);
+        m.put_u64(d + dict::MA_KEYS, keys);
+        m.put_u64(d + dict::MA_VALUES, 0);
+        let mut head = vec![0u8; 32];
+        head[8] = 3; // 8 slots
+        head[9] = 3; // 8 index bytes
+        head[10] = 1; // unicode keys
+        head[24..32].copy_from_slice(&2u64.to_le_bytes());
+        m.put(keys, &head);
+        let entries = keys + 32 + 8;
+        put_str(m, at + 0x4000, "__doc__");
+        put_str(m, at + 0x4100, "__module__");
+        put_str(m, at + 0x4200, module);
+        m.put_u64(entries, at + 0x4000);
+        m.put_u64(entries + 8, at + 0x4400);
+        m.put_u64(entries + 16, at + 0x4100);
+        m.put_u64(entries + 24, at + 0x4200);
+    }
+
+    /// Links `objs` (object addresses) into the circular list at `head`.
+    fn link(m: &Fake, head: u64, objs: &[u64]) {
+        let nodes: Vec<u64> = objs.iter().map(|o| o - GC_HEAD).collect();
+        let all: Vec<u64> = std::iter::once(head).chain(nodes.iter().copied()).collect();
+        for (i, &n) in all.iter().enumerate() {
+            let next = all[(i + 1) % all.len()];
+            let prev = all[(i + all.len() - 1) % all.len()];
+            m.put_u64(n, next);
+            // A flag bit under the back link, as FINALIZED sets it.
+            m.put_u64(n + 8, prev | if n == head { 0 } else { 1 });
+        }
+    }
+
+    fn interp_with_lists(m: &Fake, gens: [&[u64]; 3]) -> u64 {
+        let l = layout();
+        let interp = 0x10_0000;
+        let g = interp + l.interp_gc;
+        m.put(g + gc::ENABLED, &0i32.to_le_bytes());
+        m.put(g + gc::COLLECTING, &0i32.to_le_bytes());
+        m.put_u64(g + gc::GARBAGE, 0);
+        for (i, objs) in gens.iter().enumerate() {
+            link(m, g + gc::GENERATIONS + 24 * i as u64, objs);
+        }
+        link(m, g + gc::PERMANENT, &[]);
+        interp
+    }
+
+    #[test]
+    fn the_lists_give_every_tracked_object_by_type_with_python_names() {
+        let m = Fake::default();
+        let list_t = 0x20_0000;
+        put_static_type(&m, list_t, 0x20_1000, "list", 40, 0, HAVE_GC);
+        let node_t = 0x30_0000;
+        put_class(&m, node_t, "app", "Node");
+        let objs: Vec<u64> = (0..5).map(|i| 0x40_0000 + i * 0x100).collect();
+        for (i, &o) in objs.iter().enumerate() {
+            m.put_u64(o + OB_TYPE, if i < 2 { list_t } else { node_t });
+            m.put_u64(o + OB_SIZE, 0);
+        }
+        let interp = interp_with_lists(&m, [&objs[..1], &objs[1..3], &objs[3..]]);
+        let c = gc_census(&m, &layout(), interp).unwrap();
+        assert_eq!(c.generations, [1, 2, 2]);
+        assert!(!c.enabled);
+        assert_eq!(c.by_type[&list_t], TypeTally { count: 2, bytes: 2 * (40 + 16) });
+        // A class instance: its GC head and, on 3.11, the managed dict's pre-header.
+        assert_eq!(c.by_type[&node_t], TypeTally { count: 3, bytes: 3 * (48 + 16 + 16) });
+        let l = layout();
+        let mut names = TypeNames::new(&l, UNICODE);
+        assert_eq!(names.name(&m, node_t).to_string(), "app.Node");
+        assert_eq!(names.name(&m, list_t).to_string(), "list");
+    }
+
+    #[test]
+    fn a_broken_list_or_a_running_collection_is_an_error_never_objects() {
+        let m = Fake::default();
+        let t = 0x20_0000;
+        put_static_type(&m, t, 0x20_1000, "list", 40, 0, HAVE_GC);
+        let objs: Vec<u64> = (0..3).map(|i| 0x40_0000 + i * 0x100).collect();
+        for &o in &objs {
+            m.put_u64(o + OB_TYPE, t);
+        }
+        let interp = interp_with_lists(&m, [&objs, &[], &[]]);
+        // The middle node's back link points elsewhere.
+        m.put_u64(objs[1] - GC_HEAD + 8, 0x7777_0000);
+        let err = gc_census(&m, &layout(), interp).unwrap_err();
+        assert!(matches!(err, ObjectsError::BrokenList { walked: 1, .. }), "{err}");
+        let g = interp + layout().interp_gc;
+        m.put(g + gc::COLLECTING, &1i32.to_le_bytes());
+        assert_eq!(gc_census(&m, &layout(), interp).unwrap_err(), ObjectsError::Collecting);
+    }
+
+    #[test]
+    fn a_static_type_with_a_dotted_name_is_split_into_module_and_name() {
+        let m = Fake::default();
+        put_static_type(&m, 0x1000, 0x2000, "collections.OrderedDict", 100, 0, HAVE_GC);
+        let l = layout();
+        let mut names = TypeNames::new(&l, UNICODE);
+        let n = names.name(&m, 0x1000);
+        assert_eq!((n.module.as_str(), n.qualname.as_str()), ("collections", "OrderedDict"));
+        // Unreadable: named by its address, not guessed.
+        assert_eq!(names.name(&m, 0x5000).qualname, "<type at 0x5000>");
+    }
+}
