@@ -17,21 +17,6 @@ use serde_json::Value;
 
 const REQUESTS: usize = 300;
 
-fn pyenv(version: &str, bin: &str) -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let dir = Path::new(&home).join(".pyenv/versions");
-    let found = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e} (the machine image has pyenv's CPython builds)", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{version}.")))
-        })
-        .max()
-        .unwrap_or_else(|| panic!("no pyenv CPython {version} under {}", dir.display()));
-    found.join("bin").join(bin)
-}
-
 /// The line of `needle` in the service's source.
 fn line_of(needle: &str) -> u64 {
     let src = std::fs::read_to_string(repo_root().join("tests/targets/py_service.py")).unwrap();

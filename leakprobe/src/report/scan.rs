@@ -136,6 +136,75 @@ pub struct Scan {
     /// `--census`: the whole heap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub census: Option<Census>,
+    /// A CPython target: its live objects by type, from the same picture.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_objects: Option<PythonObjects>,
+}
+
+/// CPython's live objects by type, as `objgraph.show_most_common_types` and `show_growth`
+/// give them: what the cycle collector's lists hold (every tracked container).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonObjects {
+    /// Where they were found: "gc lists".
+    pub source: String,
+    /// Objects in generations 0-2 (what `gc.get_objects()` lists).
+    pub objects: u64,
+    pub bytes: u64,
+    /// `gc.isenabled()`.
+    pub gc_enabled: bool,
+    /// Objects per generation, and in the permanent one (`gc.freeze()`).
+    pub generations: [u64; 3],
+    pub permanent: u64,
+    /// `len(gc.garbage)`.
+    pub garbage: u64,
+    /// Every type, most objects first.
+    pub types: Vec<PythonType>,
+    /// Why there is no census this time (the collector was running, a list did not check out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonType {
+    /// `type.__module__`.
+    pub module: String,
+    /// `type.__qualname__`.
+    pub qualname: String,
+    pub count: u64,
+    /// `sys.getsizeof` summed (the object itself, not what it points to).
+    pub bytes: u64,
+    /// Change in count since the previous census of the session (`show_growth`); absent on
+    /// the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count_change: Option<i64>,
+}
+
+impl PythonObjects {
+    /// Each type's change in count since `prev` (a type new since then counts from 0).
+    pub fn set_changes(&mut self, prev: &PythonObjects) {
+        if self.error.is_some() || prev.error.is_some() {
+            return;
+        }
+        let before: std::collections::HashMap<(&str, &str), u64> =
+            prev.types.iter().map(|t| ((t.module.as_str(), t.qualname.as_str()), t.count)).collect();
+        for t in &mut self.types {
+            let was = before.get(&(t.module.as_str(), t.qualname.as_str())).copied().unwrap_or(0);
+            t.count_change = Some(t.count as i64 - was as i64);
+        }
+    }
+}
+
+impl PythonType {
+    /// `qualname`, or `module.qualname` outside builtins.
+    pub fn label(&self) -> String {
+        if self.module == "builtins" {
+            self.qualname.clone()
+        } else {
+            format!("{}.{}", self.module, self.qualname)
+        }
+    }
 }
 
 /// `--census`: the whole glibc heap, every chunk, and what the untracked blocks (from before

@@ -110,6 +110,44 @@ fn four_classes(r: &crate::report::scan::Reachability) -> String {
     )
 }
 
+/// Python object types shown in the text report; the JSON has them all.
+const PYTHON_TYPES_SHOWN: usize = 12;
+
+/// A CPython target's live objects by type.
+fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects) {
+    if let Some(e) = &p.error {
+        let _ = writeln!(out, "  python objects: no census this time: {e}");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  python objects ({}): {} objects, {}, in {} types; the cycle collector is {}{}{}",
+        p.source,
+        p.objects,
+        human_bytes(p.bytes),
+        p.types.len(),
+        if p.gc_enabled { "enabled" } else { "DISABLED (gc.disable()): cycles are never freed" },
+        if p.garbage > 0 { format!("; {} objects in gc.garbage", p.garbage) } else { String::new() },
+        if p.permanent > 0 {
+            format!("; {} frozen (permanent generation)", p.permanent)
+        } else {
+            String::new()
+        },
+    );
+    let width = p.types.iter().take(PYTHON_TYPES_SHOWN).map(|t| t.label().len()).max().unwrap_or(0);
+    for t in p.types.iter().take(PYTHON_TYPES_SHOWN) {
+        let change = match t.count_change {
+            Some(c) if c != 0 => format!("  {c:+}"),
+            _ => String::new(),
+        };
+        let _ =
+            writeln!(out, "    {:<width$}  {:>9}  {:>10}{change}", t.label(), t.count, human_bytes(t.bytes));
+    }
+    if p.types.len() > PYTHON_TYPES_SHOWN {
+        let _ = writeln!(out, "    ... {} more types in the JSON report", p.types.len() - PYTHON_TYPES_SHOWN);
+    }
+}
+
 /// `--census`: the whole heap, and the groups of blocks from before attach.
 fn census_lines(out: &mut String, c: &crate::report::scan::Census) {
     let _ = writeln!(
@@ -457,6 +495,9 @@ pub fn render(r: &Report, top: usize) -> String {
         );
         if let Some(c) = &sc.census {
             census_lines(&mut out, c);
+        }
+        if let Some(p) = &sc.python_objects {
+            python_objects_lines(&mut out, p);
         }
         if sc.unreadable_bytes > 0 {
             let _ = writeln!(

@@ -59,6 +59,8 @@ pub struct Request {
     pub allocator_module: Option<String>,
     /// Tests only: how long the snapshot child lives before the marking (SIGKILL tests).
     pub hold_after_capture: Duration,
+    /// A CPython target: also take the census of its live objects by type.
+    pub python: Option<crate::runtimes::cpython::objects::Target>,
 }
 
 /// The tracked blocks as they were at the capture's instant; `site` indexes the caller's
@@ -144,6 +146,16 @@ pub struct Outcome {
     /// The blocks marked: the request's, then the census's untracked ones.
     pub blocks: Vec<mark::Block>,
     pub census: Option<CensusResult>,
+    /// The CPython object census, from the same picture.
+    pub python: Option<
+        Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
+    >,
+}
+
+impl crate::runtimes::Memory for Snapshot {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        Snapshot::read(self, addr, buf)
+    }
 }
 
 /// Reads the snapshot for the marking.
@@ -198,6 +210,7 @@ impl<'a> Captured<'a> {
         exclude.extend(dead_thread_stacks(&snap));
         let census =
             req.census.map(|v| take_census(&snap, v, tracked.first_group, &mut blocks, &mut exclude));
+        let python = req.python.as_ref().map(|t| crate::runtimes::cpython::objects::census(&snap, t));
         let data_ends = module_data_ends(&snap);
         let layout =
             roots::Layout { exclude: &exclude, tls: roots::TlsSpan::default(), data_ends: &data_ends };
@@ -231,6 +244,7 @@ impl<'a> Captured<'a> {
             holders,
             blocks,
             census,
+            python,
         })
     }
 }

@@ -123,7 +123,13 @@ impl Scanner {
             });
         crate::progress::done();
         match result {
-            Ok(done) => {
+            Ok(mut done) => {
+                if let (Some(now), Some(prev)) = (
+                    done.scan.python_objects.as_mut(),
+                    self.last.as_ref().and_then(|l| l.scan.python_objects.as_ref()),
+                ) {
+                    now.set_changes(prev);
+                }
                 let s = &done.scan;
                 progress(
                     cfg,

@@ -17,6 +17,16 @@ pub struct Names {
 }
 
 impl Names {
+    /// Where the object census reads; `None` for a version without a verified table.
+    pub fn objects_target(&self) -> Option<cpython::objects::Target> {
+        let r = &self.runtime;
+        Some(cpython::objects::Target {
+            layout: cpython::objects::ObjectLayout::for_version(r.version)?,
+            py_runtime: r.py_runtime,
+            unicode_type: r.types.unicode,
+        })
+    }
+
     /// The target's CPython, or None; the line says what was found, or why its frames are
     /// left out (shown once).
     pub fn detect(pid: i32) -> (Option<Names>, Option<String>) {

@@ -154,7 +154,11 @@ struct Scanned {
 
 /// Stops the target for its picture, reads the tracker as it was at that instant (the scan's
 /// window in the kernel), and marks.
-fn scan_at_stop(setup: &Setup, probes: &mut Probes) -> anyhow::Result<Scanned> {
+fn scan_at_stop(
+    setup: &Setup,
+    probes: &mut Probes,
+    python: Option<crate::runtimes::cpython::objects::Target>,
+) -> anyhow::Result<Scanned> {
     let req = scan::Request {
         pid: setup.pid,
         exclude: setup.exclude.clone(),
@@ -165,6 +169,7 @@ fn scan_at_stop(setup: &Setup, probes: &mut Probes) -> anyhow::Result<Scanned> {
         census: setup.census,
         allocator_module: setup.allocator_module.clone(),
         hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
+        python,
     };
     probes.open_scan_window().context("opening the scan's window in the tracker")?;
     let captured = match scan::Captured::take(&req) {
@@ -210,7 +215,8 @@ pub fn run(
     stacks: &StackCache,
     symbolizer: &mut Symbolizer,
 ) -> anyhow::Result<Done> {
-    let Scanned { out, tracked_blocks, weights, keys } = scan_at_stop(setup, probes)?;
+    let python = stacks.python.as_ref().and_then(|p| p.names.objects_target());
+    let Scanned { out, tracked_blocks, weights, keys } = scan_at_stop(setup, probes, python)?;
     let m = &out.marking;
     if tracing::enabled!(tracing::Level::TRACE) {
         for (o, b) in m.blocks.iter().zip(&out.blocks) {
@@ -265,6 +271,7 @@ pub fn run(
         cycles_complete: m.cycles.complete,
         history: history.clone(),
         census,
+        python_objects: out.python.as_ref().map(python_objects),
     };
     Ok(Done { scan, sites: results })
 }
@@ -592,5 +599,37 @@ fn census_summary(
         walk_errors: c.errors.iter().map(|e| e.to_string()).collect(),
         notes: c.notes.iter().map(|n| n.to_string()).collect(),
         main_arena_found: c.main_arena_found,
+    }
+}
+
+/// The CPython census as the report gives it.
+fn python_objects(
+    c: &Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
+) -> crate::report::scan::PythonObjects {
+    use crate::report::scan::{PythonObjects, PythonType};
+    let source = "gc lists".to_string();
+    match c {
+        Ok(c) => PythonObjects {
+            source,
+            objects: c.objects(),
+            bytes: c.rows.iter().map(|r| r.bytes).sum(),
+            gc_enabled: c.enabled,
+            generations: c.generations,
+            permanent: c.permanent,
+            garbage: c.garbage,
+            types: c
+                .rows
+                .iter()
+                .map(|r| PythonType {
+                    module: r.name.module.clone(),
+                    qualname: r.name.qualname.clone(),
+                    count: r.count,
+                    bytes: r.bytes,
+                    count_change: None,
+                })
+                .collect(),
+            error: None,
+        },
+        Err(e) => PythonObjects { source, error: Some(e.to_string()), ..PythonObjects::default() },
     }
 }

@@ -645,3 +645,19 @@ pub fn top_row<'a>(top: &'a str, func: &str) -> (&'a str, &'a str) {
     assert!(cols.len() >= 6, "unexpected -top row {row:?}");
     (cols[0], cols[3])
 }
+
+/// pyenv's CPython `version` (newest patch release), its `bin` executable.
+pub fn pyenv(version: &str, bin: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let dir = Path::new(&home).join(".pyenv/versions");
+    let found = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (the machine image has pyenv's CPython builds)", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{version}.")))
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no pyenv CPython {version} under {}", dir.display()));
+    found.join("bin").join(bin)
+}

@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 use super::{
-    layout::{CodeLayout, OB_SIZE, OB_TYPE, TP_BASICSIZE, TP_NAME},
     PyVersion,
+    layout::{CodeLayout, OB_SIZE, OB_TYPE, TP_BASICSIZE, TP_NAME},
 };
 use crate::runtimes::Memory;
 
@@ -157,8 +157,70 @@ pub struct GcCensus {
     pub generations: [u64; 3],
 }
 
+/// Where to take a census: what the runtime's detection found.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    pub layout: ObjectLayout,
+    /// `&_PyRuntime`.
+    pub py_runtime: u64,
+    /// `&PyUnicode_Type`.
+    pub unicode_type: u64,
+}
+
+/// One type's row in a census.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeRow {
+    pub name: TypeName,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// The census as reported: rows by count (as `objgraph.show_most_common_types`), largest
+/// first, same-named types merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    pub rows: Vec<TypeRow>,
+    pub enabled: bool,
+    pub garbage: u64,
+    pub permanent: u64,
+    pub generations: [u64; 3],
+}
+
+impl Census {
+    pub fn objects(&self) -> u64 {
+        self.generations.iter().sum()
+    }
+}
+
+/// Takes the census of the collector's lists and names the types.
+pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
+    let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
+    let c = gc_census(mem, &t.layout, interp)?;
+    let mut names = TypeNames::new(&t.layout, t.unicode_type);
+    let mut merged: HashMap<TypeName, TypeTally> = HashMap::new();
+    for (tp, tally) in &c.by_type {
+        let e = merged.entry(names.name(mem, *tp)).or_default();
+        e.count += tally.count;
+        e.bytes += tally.bytes;
+    }
+    let mut rows: Vec<TypeRow> =
+        merged.into_iter().map(|(name, t)| TypeRow { name, count: t.count, bytes: t.bytes }).collect();
+    rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.name.cmp(&b.name)));
+    Ok(Census {
+        rows,
+        enabled: c.enabled,
+        garbage: c.garbage,
+        permanent: c.permanent,
+        generations: c.generations,
+    })
+}
+
 /// The main interpreter's address.
-pub fn main_interpreter(mem: &dyn Memory, layout: &ObjectLayout, py_runtime: u64) -> Result<u64, ObjectsError> {
+pub fn main_interpreter(
+    mem: &dyn Memory,
+    layout: &ObjectLayout,
+    py_runtime: u64,
+) -> Result<u64, ObjectsError> {
     let addr = py_runtime + layout.runtime_interp_main;
     match mem.read_u64(addr) {
         Some(p) if p != 0 => Ok(p),
@@ -173,10 +235,8 @@ pub fn gc_census(mem: &dyn Memory, layout: &ObjectLayout, interp: u64) -> Result
     if collecting != 0 {
         return Err(ObjectsError::Collecting);
     }
-    let mut out = GcCensus {
-        enabled: mem.read_i32(g + gc::ENABLED).is_some_and(|e| e != 0),
-        ..GcCensus::default()
-    };
+    let mut out =
+        GcCensus { enabled: mem.read_i32(g + gc::ENABLED).is_some_and(|e| e != 0), ..GcCensus::default() };
     let mut sizes = Sizes::new(layout);
     let mut walked = 0u64;
     const NAMES: [&str; 3] = ["generation 0", "generation 1", "generation 2"];
@@ -258,7 +318,9 @@ impl<'a> Sizes<'a> {
     fn shape(&mut self, mem: &dyn Memory, tp: u64) -> Option<TypeShape> {
         *self.types.entry(tp).or_insert_with(|| {
             let head = mem.read_vec(tp, (TP_FLAGS + 8) as usize)?;
-            let word = |off: u64| u64::from_le_bytes(head[off as usize..off as usize + 8].try_into().unwrap_or_default());
+            let word = |off: u64| {
+                u64::from_le_bytes(head[off as usize..off as usize + 8].try_into().unwrap_or_default())
+            };
             let name = mem.read_vec(word(TP_NAME), 4).unwrap_or_default();
             Some(TypeShape {
                 basic: word(TP_BASICSIZE),
@@ -306,10 +368,9 @@ impl<'a> TypeNames<'a> {
         if let Some(n) = self.cache.get(&tp) {
             return n.clone();
         }
-        let n = self.read(mem, tp).unwrap_or_else(|| TypeName {
-            module: "?".into(),
-            qualname: format!("<type at {tp:#x}>"),
-        });
+        let n = self
+            .read(mem, tp)
+            .unwrap_or_else(|| TypeName { module: "?".into(), qualname: format!("<type at {tp:#x}>") });
         self.cache.insert(tp, n.clone());
         n
     }
@@ -354,10 +415,18 @@ fn read_c_str(mem: &dyn Memory, addr: u64, max: usize) -> Option<String> {
 
 /// The value of `key` (a str) in the dict at `dict`, found by reading its entries (no hashing:
 /// at most [`MAX_CLASS_DICT`] entries).
-pub fn dict_str_lookup(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, key: &str, unicode_type: u64) -> Option<u64> {
+pub fn dict_str_lookup(
+    mem: &dyn Memory,
+    layout: &ObjectLayout,
+    dict: u64,
+    key: &str,
+    unicode_type: u64,
+) -> Option<u64> {
     dict_entries(mem, layout, dict, MAX_CLASS_DICT)?
         .into_iter()
-        .find(|&(k, _)| super::code::read_str(mem, k, &layout.str_layout, unicode_type).as_deref() == Some(key))
+        .find(|&(k, _)| {
+            super::code::read_str(mem, k, &layout.str_layout, unicode_type).as_deref() == Some(key)
+        })
         .map(|(_, v)| v)
 }
 

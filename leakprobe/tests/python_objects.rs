@@ -1,0 +1,107 @@
+//! The Python object census (issue 23): `leakprobe attach --scan` on a running CPython counts
+//! its live objects by type from outside, and the counts agree with the program's own
+//! `gc.get_objects()` taken just before. One case per interpreter: Debian's python3.11 and
+//! pyenv's 3.9, 3.10, 3.12, 3.13. Privileged: run as root, one at a time.
+
+mod common;
+
+use std::{collections::HashMap, path::Path};
+
+use common::*;
+use serde_json::Value;
+
+const BURSTS: u64 = 3;
+
+/// The program's own `gc.get_objects()` by `module.qualname`.
+fn truth(path: &Path) -> HashMap<String, u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| {
+            let (k, n) = l.rsplit_once(' ')?;
+            Some((k.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+fn census_types(report: &Value) -> (HashMap<String, u64>, &Value) {
+    let scan = &report["scan"];
+    let objects = &scan["python_objects"];
+    assert!(objects.is_object(), "no python_objects in the scan: {scan}");
+    assert!(objects["error"].is_null(), "census error: {}", objects["error"]);
+    let types = objects["types"]
+        .as_array()
+        .expect("types")
+        .iter()
+        .map(|t| {
+            (
+                format!("{}.{}", t["module"].as_str().unwrap(), t["qualname"].as_str().unwrap()),
+                t["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (types, objects)
+}
+
+fn case(python: &Path) {
+    require_root();
+    assert!(python.exists(), "{} is missing", python.display());
+    let dir = tempfile::tempdir().unwrap();
+    let truth_file = dir.path().join("truth.txt");
+    let script = repo_root().join("tests/targets/py_objects.py");
+    let burst = BURSTS.to_string();
+    let mut t =
+        Target::spawn_full(python, &[script.to_str().unwrap(), truth_file.to_str().unwrap(), &burst], &[]);
+    let report = attach_report(&mut t, &["--duration", "1s", "--scan", "--format", "json"], |_| {});
+    let want = truth(&truth_file);
+    let (got, objects) = census_types(&report);
+    let version = python.display();
+
+    // The collector is off in the program, and the census says so.
+    assert_eq!(objects["gc_enabled"], Value::Bool(false), "{version}");
+    // Every Node of the cycles, none missing: the collector never ran.
+    assert_eq!(got.get("__main__.Node").copied(), Some(2000 * BURSTS), "{version}: Node");
+    // Each type the program counted agrees within 1% (a handful of objects is allowed for the
+    // types that only have a few: the program's last look itself makes some).
+    let mut checked = 0;
+    for (k, &n) in &want {
+        let g = got.get(k).copied().unwrap_or(0);
+        let tolerance = (n as f64 * 0.01).max(3.0);
+        assert!(
+            (g as f64 - n as f64).abs() <= tolerance,
+            "{version}: {k}: census {g}, gc.get_objects() {n}\n(census: {got:?})"
+        );
+        checked += 1;
+    }
+    assert!(checked > 10, "{version}: only {checked} types in the ground truth");
+    let total_want: u64 = want.values().sum();
+    let total_got = objects["objects"].as_u64().unwrap();
+    let err = total_got as f64 / total_want as f64 - 1.0;
+    assert!(err.abs() <= 0.01, "{version}: {total_got} objects, gc.get_objects() {total_want} ({err:+.4})");
+    println!("{version}: {total_got} objects in {} types, gc.get_objects() {total_want}", got.len());
+}
+
+#[test]
+fn debian_python3_11_census_agrees_with_gc_get_objects() {
+    case(Path::new("/usr/bin/python3.11"));
+}
+
+#[test]
+fn pyenv_3_9_census_agrees_with_gc_get_objects() {
+    case(&pyenv("3.9", "python3.9"));
+}
+
+#[test]
+fn pyenv_3_10_census_agrees_with_gc_get_objects() {
+    case(&pyenv("3.10", "python3.10"));
+}
+
+#[test]
+fn pyenv_3_12_census_agrees_with_gc_get_objects() {
+    case(&pyenv("3.12", "python3.12"));
+}
+
+#[test]
+fn pyenv_3_13_census_agrees_with_gc_get_objects() {
+    case(&pyenv("3.13", "python3.13"));
+}
