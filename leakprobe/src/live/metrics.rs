@@ -68,6 +68,12 @@ struct Class {
     class: &'static str,
 }
 
+/// A Python object type: `qualname`, or `module.qualname` outside builtins.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PyType {
+    r#type: String,
+}
+
 type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
@@ -265,6 +271,26 @@ pub fn encode(v: &View, top: usize) -> String {
         );
     }
 
+    if !v.python_objects.is_empty() {
+        let (count, bytes) = (Family::<PyType, F64Gauge>::default(), Family::<PyType, F64Gauge>::default());
+        for t in v.python_objects.iter().take(top) {
+            let label = PyType { r#type: t.name.clone() };
+            count.get_or_create(&label).set(t.count as f64);
+            bytes.get_or_create(&label).set(t.bytes as f64);
+        }
+        reg.register(
+            "python_objects",
+            "Live Python objects of this type at the latest scan (the most numerous, --metrics-top)",
+            count,
+        );
+        reg.register_with_unit(
+            "python_object",
+            "Bytes of the live Python objects of this type at the latest scan (sys.getsizeof summed)",
+            Unit::Bytes,
+            bytes,
+        );
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &reg);
@@ -420,6 +446,20 @@ mod tests {
             }],
             ..View::default()
         }
+    }
+
+    #[test]
+    fn python_object_types_are_series_of_their_own_bounded_by_metrics_top() {
+        let mut v = view();
+        v.python_objects = vec![
+            crate::live::PythonTypeCount { name: "__main__.Node".into(), count: 6000, bytes: 336_000 },
+            crate::live::PythonTypeCount { name: "tuple".into(), count: 500, bytes: 32_000 },
+        ];
+        let text = encode(&v, 20);
+        assert!(text.contains(r#"leakprobe_python_objects{type="__main__.Node"} 6000"#), "{text}");
+        assert!(text.contains(r#"leakprobe_python_object_bytes{type="tuple"} 32000"#), "{text}");
+        assert!(!encode(&v, 1).contains(r#"type="tuple""#), "--metrics-top bounds the types");
+        assert!(!encode(&view(), 20).contains("python_objects"), "no CPython, no series");
     }
 
     #[test]

@@ -172,8 +172,19 @@ pub struct View {
     /// Seconds since attach of the latest scan, with the whole process's classes.
     pub scan_at_s: Option<f64>,
     pub scan_totals: Option<Classes>,
+    /// A CPython target: its most numerous object types at the latest scan.
+    pub python_objects: Vec<PythonTypeCount>,
     /// A line for the terminal view (a snapshot written, a scan done...).
     pub status: String,
+}
+
+/// One Python object type's count at a scan, for `leakprobe_python_objects{type}`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PythonTypeCount {
+    /// `qualname`, or `module.qualname` outside builtins.
+    pub name: String,
+    pub count: u64,
+    pub bytes: u64,
 }
 
 /// The cost of one probe hit on this machine's uprobes (docs/benchmarks.md). In-process, calls
@@ -192,6 +203,7 @@ pub struct Inputs<'a> {
     pub scanned: &'a dyn Fn(&SiteKey) -> Option<(Reachability, u64)>,
     pub scan_at_s: Option<f64>,
     pub scan_totals: Option<Classes>,
+    pub python_objects: Vec<PythonTypeCount>,
 }
 
 /// Builds the view of one interval. `label` names a site (it symbolizes; cached by the caller).
@@ -264,6 +276,7 @@ pub fn compose(
         verdict: verdict.label().to_string(),
         scan_at_s: inputs.scan_at_s,
         scan_totals: inputs.scan_totals,
+        python_objects: inputs.python_objects.clone(),
         status: String::new(),
     }
 }
@@ -374,6 +387,7 @@ mod tests {
             scanned: &none,
             scan_at_s: None,
             scan_totals: None,
+            python_objects: Vec::new(),
         };
         let v =
             compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });

@@ -92,6 +92,16 @@ impl Live {
             scanned: &scanned,
             scan_at_s: scan.map(|d| d.scan.at_s),
             scan_totals: totals,
+            python_objects: scan
+                .and_then(|d| d.scan.python_objects.as_ref())
+                .map(|p| {
+                    p.types
+                        .iter()
+                        .take(self.top)
+                        .map(|t| live::PythonTypeCount { name: t.label(), count: t.count, bytes: t.bytes })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         let labels = &mut self.labels;
         let mut view = live::compose(tracker, sites, &inputs, |s| {
