@@ -295,22 +295,23 @@ pub fn profile(report: &Report) -> Profile {
         });
     }
 
+    // A frame of no code: a root or leaf that names what a stackless sample is.
+    let frame = |n: i64, functions: &mut Vec<Function>, locations: &mut Vec<Location>| {
+        let id = functions.len() as u64 + 1;
+        functions.push(Function { id, name: n, system_name: n, filename: 0, start_line: 0 });
+        let loc = locations.len() as u64 + 1;
+        locations.push(Location {
+            id: loc,
+            mapping_id: 0,
+            address: 0,
+            line: vec![Line { function_id: id, line: 0 }],
+            is_folded: false,
+        });
+        loc
+    };
     // --census: blocks from before attach have no stack; their "stack" is their type or size,
     // under one root frame, so that flame graphs group them.
     if let Some(census) = report.scan.as_ref().and_then(|s| s.census.as_ref()) {
-        let frame = |n: i64, functions: &mut Vec<Function>, locations: &mut Vec<Location>| {
-            let id = functions.len() as u64 + 1;
-            functions.push(Function { id, name: n, system_name: n, filename: 0, start_line: 0 });
-            let loc = locations.len() as u64 + 1;
-            locations.push(Location {
-                id: loc,
-                mapping_id: 0,
-                address: 0,
-                line: vec![Line { function_id: id, line: 0 }],
-                is_folded: false,
-            });
-            loc
-        };
         let root = frame(strings.get("[heap from before attach]"), &mut functions, &mut locations);
         let origin_key = strings.get("origin");
         let before = strings.get("before-attach");
@@ -329,6 +330,21 @@ pub fn profile(report: &Report) -> Profile {
                 location_id: vec![leaf, root],
                 value: vec![signed(bytes), signed(count), 0, 0],
                 label,
+            });
+        }
+    }
+
+    // A CPython target's live objects by type, under one root: a sample per type.
+    if let Some(py) = report.scan.as_ref().and_then(|s| s.python_objects.as_ref()) {
+        let root = frame(strings.get("[python objects]"), &mut functions, &mut locations);
+        let origin =
+            Label { key: strings.get("origin"), str: strings.get("python-objects"), num: 0, num_unit: 0 };
+        for t in &py.types {
+            let leaf = frame(strings.get(&t.label()), &mut functions, &mut locations);
+            samples.push(Sample {
+                location_id: vec![leaf, root],
+                value: vec![signed(t.bytes), signed(t.count), 0, 0],
+                label: vec![origin.clone()],
             });
         }
     }
@@ -471,6 +487,33 @@ mod tests {
         assert_eq!(p.function.iter().filter(|f| s(&p, f.name) == "main").count(), 1);
         let main = p.function.iter().find(|f| s(&p, f.name) == "main").unwrap();
         assert_eq!(s(&p, main.filename), "/src/app.c");
+    }
+
+    #[test]
+    fn python_object_types_are_samples_under_one_root() {
+        use crate::report::scan::{PythonObjects, PythonType, Scan};
+        let mut r = report();
+        let ty = |module: &str, qualname: &str, count, bytes| PythonType {
+            module: module.into(),
+            qualname: qualname.into(),
+            count,
+            bytes,
+            count_change: None,
+        };
+        r.scan = Some(Scan {
+            python_objects: Some(PythonObjects {
+                types: vec![ty("__main__", "Node", 6000, 336_000), ty("builtins", "tuple", 50, 3200)],
+                ..PythonObjects::default()
+            }),
+            ..Scan::default()
+        });
+        let p = decode(&encode(&r).unwrap());
+        let py: Vec<&Sample> =
+            p.sample.iter().filter(|x| x.label.iter().any(|l| s(&p, l.str) == "python-objects")).collect();
+        assert_eq!(py.len(), 2);
+        assert_eq!(stack(&p, py[0]), ["__main__.Node:0", "[python objects]:0"]);
+        assert_eq!(py[0].value, [336_000, 6000, 0, 0]);
+        assert_eq!(stack(&p, py[1]), ["tuple:0", "[python objects]:0"]);
     }
 
     #[test]
