@@ -44,6 +44,11 @@ fn census_types(report: &Value) -> (HashMap<String, u64>, &Value) {
 }
 
 fn case(python: &Path) {
+    case_with(python, false);
+}
+
+/// `pprof`: also write a profile and read it back with the real `go tool pprof`.
+fn case_with(python: &Path, pprof: bool) {
     require_root();
     assert!(python.exists(), "{} is missing", python.display());
     let dir = tempfile::tempdir().unwrap();
@@ -52,7 +57,12 @@ fn case(python: &Path) {
     let burst = BURSTS.to_string();
     let mut t =
         Target::spawn_full(python, &[script.to_str().unwrap(), truth_file.to_str().unwrap(), &burst], &[]);
-    let report = attach_report(&mut t, &["--duration", "1s", "--scan", "--format", "json"], |_| {});
+    let profile = dir.path().join("census.pb.gz");
+    let mut args = vec!["--duration", "1s", "--scan", "--format", "json"];
+    if pprof {
+        args.extend(["--pprof", profile.to_str().unwrap()]);
+    }
+    let report = attach_report(&mut t, &args, |_| {});
     let want = truth(&truth_file);
     let (got, objects) = census_types(&report);
     let version = python.display();
@@ -79,11 +89,22 @@ fn case(python: &Path) {
     let err = total_got as f64 / total_want as f64 - 1.0;
     assert!(err.abs() <= 0.01, "{version}: {total_got} objects, gc.get_objects() {total_want} ({err:+.4})");
     println!("{version}: {total_got} objects in {} types, gc.get_objects() {total_want}", got.len());
+    if pprof {
+        let out = std::process::Command::new("go")
+            .args(["tool", "pprof", "-top", "-sample_index=inuse_objects"])
+            .arg(&profile)
+            .output()
+            .expect("go tool pprof (cargo xtask setup installs golang)");
+        let top = String::from_utf8_lossy(&out.stdout);
+        let node =
+            top.lines().find(|l| l.trim_end().ends_with(" __main__.Node")).unwrap_or_else(|| panic!("{top}"));
+        assert!(node.split_whitespace().next() == Some(&(2000 * BURSTS).to_string()), "{node}");
+    }
 }
 
 #[test]
 fn debian_python3_11_census_agrees_with_gc_get_objects() {
-    case(Path::new("/usr/bin/python3.11"));
+    case_with(Path::new("/usr/bin/python3.11"), true);
 }
 
 #[test]
