@@ -24,23 +24,20 @@ fn truth(path: &Path) -> HashMap<String, u64> {
         .collect()
 }
 
-fn census_types(report: &Value) -> (HashMap<String, u64>, &Value) {
+/// Per `module.qualname`: (objects on the collector's lists, all objects).
+fn census_types(report: &Value) -> (HashMap<String, u64>, HashMap<String, u64>, &Value) {
     let scan = &report["scan"];
     let objects = &scan["python_objects"];
     assert!(objects.is_object(), "no python_objects in the scan: {scan}");
     assert!(objects["error"].is_null(), "census error: {}", objects["error"]);
-    let types = objects["types"]
-        .as_array()
-        .expect("types")
-        .iter()
-        .map(|t| {
-            (
-                format!("{}.{}", t["module"].as_str().unwrap(), t["qualname"].as_str().unwrap()),
-                t["count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    (types, objects)
+    let (mut tracked, mut all) = (HashMap::new(), HashMap::new());
+    for t in objects["types"].as_array().expect("types") {
+        let name = format!("{}.{}", t["module"].as_str().unwrap(), t["qualname"].as_str().unwrap());
+        let count = t["count"].as_u64().unwrap();
+        tracked.insert(name.clone(), count - t["untracked"].as_u64().unwrap());
+        all.insert(name, count);
+    }
+    (tracked, all, objects)
 }
 
 fn case(python: &Path) {
@@ -63,8 +60,9 @@ fn case_with(python: &Path, pprof: bool) {
         args.extend(["--pprof", profile.to_str().unwrap()]);
     }
     let report = attach_report(&mut t, &args, |_| {});
-    let want = truth(&truth_file);
-    let (got, objects) = census_types(&report);
+    let mut want = truth(&truth_file);
+    let blocks_want = want.remove("sys.getallocatedblocks").expect("the program's block count");
+    let (got, all, objects) = census_types(&report);
     let version = python.display();
 
     // The collector is off in the program, and the census says so.
@@ -85,10 +83,39 @@ fn case_with(python: &Path, pprof: bool) {
     }
     assert!(checked > 10, "{version}: only {checked} types in the ground truth");
     let total_want: u64 = want.values().sum();
-    let total_got = objects["objects"].as_u64().unwrap();
-    let err = total_got as f64 / total_want as f64 - 1.0;
-    assert!(err.abs() <= 0.01, "{version}: {total_got} objects, gc.get_objects() {total_want} ({err:+.4})");
-    println!("{version}: {total_got} objects in {} types, gc.get_objects() {total_want}", got.len());
+    let untracked = objects["untracked_objects"].as_u64().unwrap();
+    let tracked_got = objects["objects"].as_u64().unwrap() - untracked;
+    let err = tracked_got as f64 / total_want as f64 - 1.0;
+    assert!(
+        err.abs() <= 0.01,
+        "{version}: {tracked_got} objects on the lists, gc.get_objects() {total_want} ({err:+.4})"
+    );
+
+    // pymalloc's arenas: every block in use, as the interpreter counts them itself.
+    assert!(objects["arenas_not_walked"].is_null(), "{version}: {}", objects["arenas_not_walked"]);
+    assert_eq!(objects["bad_pools"], 0, "{version}");
+    let blocks = objects["blocks"].as_u64().unwrap();
+    let err = blocks as f64 / blocks_want as f64 - 1.0;
+    assert!(
+        err.abs() <= 0.02,
+        "{version}: {blocks} blocks walked, sys.getallocatedblocks() {blocks_want} ({err:+.4})"
+    );
+    // The cache's bytearrays (not tracked by the collector) are found in the arenas.
+    let bytearrays = all.get("builtins.bytearray").copied().unwrap_or(0);
+    assert!(
+        (200 * BURSTS..=200 * BURSTS + 5).contains(&bytearrays),
+        "{version}: {bytearrays} bytearrays, the cache holds {}",
+        200 * BURSTS
+    );
+    // str: the cache's keys at least, and the interpreter's own names.
+    let strs = all.get("builtins.str").copied().unwrap_or(0);
+    // Nothing found by its shape alone may be a type without a name.
+    assert!(all.keys().all(|k| !k.starts_with('?')), "{version}: {all:?}");
+    assert!(strs > 200 * BURSTS + 1000, "{version}: only {strs} str");
+    println!(
+        "{version}: {tracked_got} objects on the lists (gc.get_objects() {total_want}), {untracked} more in the arenas \
+         ({strs} str, {bytearrays} bytearray); {blocks} blocks (sys.getallocatedblocks() {blocks_want})"
+    );
     if pprof {
         let out = std::process::Command::new("go")
             .args(["tool", "pprof", "-top", "-sample_index=inuse_objects"])

@@ -6,7 +6,8 @@ py_objects.py TRUTH_FILE [BURSTS]: runs BURSTS bursts (default 3), each keeping
 - 200 bytearrays of 48 KiB in a global dict cache,
 - 100 closures in a listeners list,
 then writes its own ground truth to TRUTH_FILE (gc.get_objects() counted by type as
-"module.qualname count" lines, after a last look that leaves nothing new behind), prints
+"module.qualname count" lines, and "sys.getallocatedblocks N": pymalloc's blocks in use),
+prints
 "ready" and idles without making objects until killed.
 """
 import gc
@@ -55,15 +56,19 @@ def add_listeners(burst):
 
 
 def truth(path):
+    import os
     counts = {}
-    for o in gc.get_objects():
+    objects = gc.get_objects()
+    for o in objects:
         t = type(o)
         key = f"{t.__module__}.{t.__qualname__}"
         counts[key] = counts.get(key, 0) + 1
+    del objects, o, t
+    lines = [f"{k} {n}\n" for k, n in sorted(counts.items())]
+    # pymalloc's own count of its blocks in use, once the list above is gone.
+    lines.append(f"sys.getallocatedblocks {sys.getallocatedblocks()}\n")
     with open(path + ".tmp", "w") as f:
-        for k, n in sorted(counts.items()):
-            f.write(f"{k} {n}\n")
-    import os
+        f.writelines(lines)
     os.rename(path + ".tmp", path)
 
 

@@ -146,10 +146,22 @@ pub struct Scan {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PythonObjects {
-    /// Where they were found: "gc lists".
+    /// Where they were found: "gc lists", or "gc lists and pymalloc arenas".
     pub source: String,
-    /// Objects in generations 0-2 (what `gc.get_objects()` lists).
+    /// Objects counted: generations 0-2 (what `gc.get_objects()` lists) and, when the arenas
+    /// were walked, the small objects no list holds (str, int, bytearray, untracked tuples).
     pub objects: u64,
+    /// Of `objects`, those found in pymalloc's arenas and on no list.
+    pub untracked_objects: u64,
+    /// Why the arenas were not walked (then only the lists' containers are counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arenas_not_walked: Option<String>,
+    /// The walk: arenas, pools, blocks in use, and pools skipped because their header did
+    /// not check out.
+    pub arenas: u64,
+    pub pools: u64,
+    pub blocks: u64,
+    pub bad_pools: u64,
     pub bytes: u64,
     /// `gc.isenabled()`.
     pub gc_enabled: bool,
@@ -173,6 +185,9 @@ pub struct PythonType {
     /// `type.__qualname__`.
     pub qualname: String,
     pub count: u64,
+    /// Of `count`, objects on no collector list (found in pymalloc's arenas): `count -
+    /// untracked` is what `gc.get_objects()` lists of this type.
+    pub untracked: u64,
     /// `sys.getsizeof` summed (the object itself, not what it points to).
     pub bytes: u64,
     /// Change in count since the previous census of the session (`show_growth`); absent on

@@ -121,9 +121,14 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
     }
     let _ = writeln!(
         out,
-        "  python objects ({}): {} objects, {}, in {} types; the cycle collector is {}{}{}",
+        "  python objects ({}): {} objects{}, {}, in {} types; the cycle collector is {}{}{}",
         p.source,
         p.objects,
+        if p.untracked_objects > 0 {
+            format!(" ({} not tracked by the collector)", p.untracked_objects)
+        } else {
+            String::new()
+        },
         human_bytes(p.bytes),
         p.types.len(),
         if p.gc_enabled { "enabled" } else { "DISABLED (gc.disable()): cycles are never freed" },
@@ -134,6 +139,15 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
             String::new()
         },
     );
+    match &p.arenas_not_walked {
+        Some(why) => {
+            let _ = writeln!(out, "    containers only (str, int, bytes, bytearray are not counted): {why}");
+        }
+        None if p.bad_pools > 0 => {
+            let _ = writeln!(out, "    {} pymalloc pools did not check out and were skipped", p.bad_pools);
+        }
+        None => {}
+    }
     let width = p.types.iter().take(PYTHON_TYPES_SHOWN).map(|t| t.label().len()).max().unwrap_or(0);
     for t in p.types.iter().take(PYTHON_TYPES_SHOWN) {
         let change = match t.count_change {

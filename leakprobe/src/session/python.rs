@@ -14,6 +14,9 @@ pub struct Names {
     mem: Mem,
     /// Where the evaluation loop's code is: its frames are where Python frames go.
     eval: Vec<cpython::NativeFunction>,
+    /// Before 3.12: pymalloc's static `arenas` and `maxarenas` (runtime addresses), found in
+    /// the module's file at the first census.
+    static_arenas: std::cell::OnceCell<Option<(u64, u64)>>,
 }
 
 impl Names {
@@ -24,7 +27,27 @@ impl Names {
             layout: cpython::objects::ObjectLayout::for_version(r.version)?,
             py_runtime: r.py_runtime,
             unicode_type: r.types.unicode,
+            static_arenas: if r.version.minor < 12 {
+                *self.static_arenas.get_or_init(|| self.find_static_arenas())
+            } else {
+                None
+            },
         })
+    }
+
+    fn find_static_arenas(&self) -> Option<(u64, u64)> {
+        let r = &self.runtime;
+        let path = crate::target::target_path(r.pid, &r.module);
+        let found = std::fs::read(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|image| cpython::pymalloc::static_arenas(&image));
+        match found {
+            Ok((a, m)) => Some((a.wrapping_add(r.bias), m.wrapping_add(r.bias))),
+            Err(why) => {
+                tracing::info!("pymalloc's arenas not found in {}: {why}", r.module.display());
+                None
+            }
+        }
     }
 
     /// The target's CPython, or None; the line says what was found, or why its frames are
@@ -65,7 +88,7 @@ impl Names {
         );
         let resolver = runtime.resolver();
         let eval = runtime.eval_frame.clone();
-        (Some(Names { runtime, config, resolver, mem, eval }), Some(line))
+        (Some(Names { runtime, config, resolver, mem, eval, static_arenas: Default::default() }), Some(line))
     }
 
     /// The layout for the kernel side.

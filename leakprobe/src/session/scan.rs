@@ -607,11 +607,16 @@ fn python_objects(
     c: &Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
 ) -> crate::report::scan::PythonObjects {
     use crate::report::scan::{PythonObjects, PythonType};
-    let source = "gc lists".to_string();
     match c {
         Ok(c) => PythonObjects {
-            source,
+            source: if c.arenas.is_ok() { "gc lists and pymalloc arenas" } else { "gc lists" }.into(),
             objects: c.objects(),
+            untracked_objects: c.arenas.as_ref().map_or(0, |a| a.objects),
+            arenas_not_walked: c.arenas.as_ref().err().cloned(),
+            arenas: c.arenas.as_ref().map_or(0, |a| a.walk.arenas),
+            pools: c.arenas.as_ref().map_or(0, |a| a.walk.pools),
+            blocks: c.arenas.as_ref().map_or(0, |a| a.walk.blocks),
+            bad_pools: c.arenas.as_ref().map_or(0, |a| a.walk.bad_pools),
             bytes: c.rows.iter().map(|r| r.bytes).sum(),
             gc_enabled: c.enabled,
             generations: c.generations,
@@ -624,12 +629,17 @@ fn python_objects(
                     module: r.name.module.clone(),
                     qualname: r.name.qualname.clone(),
                     count: r.count,
+                    untracked: r.untracked,
                     bytes: r.bytes,
                     count_change: None,
                 })
                 .collect(),
             error: None,
         },
-        Err(e) => PythonObjects { source, error: Some(e.to_string()), ..PythonObjects::default() },
+        Err(e) => PythonObjects {
+            source: "gc lists".into(),
+            error: Some(e.to_string()),
+            ..PythonObjects::default()
+        },
     }
 }

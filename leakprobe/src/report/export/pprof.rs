@@ -497,6 +497,7 @@ mod tests {
             module: module.into(),
             qualname: qualname.into(),
             count,
+            untracked: 0,
             bytes,
             count_change: None,
         };

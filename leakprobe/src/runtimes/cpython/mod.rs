@@ -17,6 +17,7 @@ mod detect;
 pub mod layout;
 pub mod linetable;
 pub mod objects;
+pub mod pymalloc;
 pub mod walk;
 
 use std::path::PathBuf;

@@ -62,6 +62,19 @@ pub struct ObjectLayout {
     pub dict_311: bool,
     /// For reading `str` objects (type names).
     pub str_layout: CodeLayout,
+    /// Where pymalloc's arena table is, from the interpreter (3.12+); before 3.12 it is
+    /// file-static and comes from the executable ([`Target::static_arenas`]).
+    pub arenas: Option<ArenasAt>,
+    pub minor: u8,
+}
+
+/// pymalloc's `arenas` pointer and `maxarenas`, from the main interpreter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArenasAt {
+    /// 3.12: `interp->obmalloc` is inline; `arenas` and `maxarenas` at these offsets.
+    Inline { arenas: u64, maxarenas: u64 },
+    /// 3.13: `interp->obmalloc` is a pointer at `state`; the fields at these offsets in it.
+    Behind { state: u64, arenas: u64, maxarenas: u64 },
 }
 
 /// Offsets in `struct _gc_runtime_state`, the same in 3.9–3.13.
@@ -99,6 +112,12 @@ impl ObjectLayout {
             int_lv_tag: v.minor >= 12,
             dict_311: v.minor >= 11,
             str_layout: code,
+            arenas: match v.minor {
+                12 => Some(ArenasAt::Inline { arenas: 4472, maxarenas: 4480 }),
+                13 => Some(ArenasAt::Behind { state: 10800, arenas: 512, maxarenas: 520 }),
+                _ => None,
+            },
+            minor: v.minor,
         })
     }
 }
@@ -138,6 +157,8 @@ impl std::fmt::Display for TypeName {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TypeTally {
     pub count: u64,
+    /// Of `count`, objects on no collector list (found in pymalloc's arenas).
+    pub untracked: u64,
     /// What `sys.getsizeof` would sum: the object with its GC head and pre-header.
     pub bytes: u64,
 }
@@ -165,6 +186,8 @@ pub struct Target {
     pub py_runtime: u64,
     /// `&PyUnicode_Type`.
     pub unicode_type: u64,
+    /// Before 3.12: the addresses of pymalloc's file-static `arenas` and `maxarenas`.
+    pub static_arenas: Option<(u64, u64)>,
 }
 
 /// One type's row in a census.
@@ -172,23 +195,41 @@ pub struct Target {
 pub struct TypeRow {
     pub name: TypeName,
     pub count: u64,
+    /// Of `count`, objects on no collector list.
+    pub untracked: u64,
     pub bytes: u64,
 }
 
 /// The census as reported: rows by count (as `objgraph.show_most_common_types`), largest
 /// first, same-named types merged.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Census {
     pub rows: Vec<TypeRow>,
     pub enabled: bool,
     pub garbage: u64,
     pub permanent: u64,
     pub generations: [u64; 3],
+    /// The arena walk: what it covered, and the objects it added (not on the collector's
+    /// lists); or why there was none.
+    pub arenas: Result<ArenaSummary, String>,
+}
+
+/// What the walk of pymalloc's arenas found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArenaSummary {
+    pub walk: super::pymalloc::Walk,
+    /// Objects found in blocks that no collector list holds (str, int, bytearray, untracked
+    /// tuples...).
+    pub objects: u64,
+    /// Blocks in use that hold no recognisable object (an object's own storage, such as a
+    /// list's item array or a dict's keys; or free-list entries).
+    pub other_blocks: u64,
 }
 
 impl Census {
+    /// Objects counted: the collector's generations and, when walked, the arenas' others.
     pub fn objects(&self) -> u64 {
-        self.generations.iter().sum()
+        self.generations.iter().sum::<u64>() + self.arenas.as_ref().map_or(0, |a| a.objects)
     }
 }
 
@@ -196,15 +237,20 @@ impl Census {
 pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
     let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
     let c = gc_census(mem, &t.layout, interp)?;
+    let mut by_type = c.by_type.clone();
     let mut names = TypeNames::new(&t.layout, t.unicode_type);
+    let arenas = arenas_of(mem, t, interp).map(|a| arena_census(mem, &t.layout, &names, &a, &mut by_type));
     let mut merged: HashMap<TypeName, TypeTally> = HashMap::new();
-    for (tp, tally) in &c.by_type {
+    for (tp, tally) in &by_type {
         let e = merged.entry(names.name(mem, *tp)).or_default();
         e.count += tally.count;
+        e.untracked += tally.untracked;
         e.bytes += tally.bytes;
     }
-    let mut rows: Vec<TypeRow> =
-        merged.into_iter().map(|(name, t)| TypeRow { name, count: t.count, bytes: t.bytes }).collect();
+    let mut rows: Vec<TypeRow> = merged
+        .into_iter()
+        .map(|(name, t)| TypeRow { name, count: t.count, untracked: t.untracked, bytes: t.bytes })
+        .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.name.cmp(&b.name)));
     Ok(Census {
         rows,
@@ -212,7 +258,113 @@ pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
         garbage: c.garbage,
         permanent: c.permanent,
         generations: c.generations,
+        arenas,
     })
+}
+
+/// pymalloc's arena table, for this version.
+fn arenas_of(mem: &dyn Memory, t: &Target, interp: u64) -> Result<super::pymalloc::Arenas, String> {
+    let (arenas, maxarenas) = match (t.layout.arenas, t.static_arenas) {
+        (Some(ArenasAt::Inline { arenas, maxarenas }), _) => (interp + arenas, interp + maxarenas),
+        (Some(ArenasAt::Behind { state, arenas, maxarenas }), _) => {
+            let s =
+                mem.read_u64(interp + state).filter(|&s| s != 0).ok_or("interp->obmalloc cannot be read")?;
+            (s + arenas, s + maxarenas)
+        }
+        (None, Some(at)) => at,
+        (None, None) => return Err(format!("pymalloc's arenas are not located on 3.{} yet", t.layout.minor)),
+    };
+    super::pymalloc::Arenas::read(mem, t.layout.minor, arenas, maxarenas)
+        .ok_or_else(|| "pymalloc's arena table does not check out".to_string())
+}
+
+/// Walks the arenas and counts every object in a block that the collector's lists do not
+/// hold: non-GC objects at the block's start, and untracked GC objects after their head.
+fn arena_census(
+    mem: &dyn Memory,
+    layout: &ObjectLayout,
+    names: &TypeNames,
+    a: &super::pymalloc::Arenas,
+    by_type: &mut HashMap<u64, TypeTally>,
+) -> ArenaSummary {
+    let mut sizes = Sizes::new(layout);
+    let mut types: HashMap<u64, bool> = HashMap::new();
+    let (mut objects, mut other) = (0u64, 0u64);
+    let walk = super::pymalloc::walk(mem, a, 48, &mut |_, size, bytes| {
+        match object_in_block(mem, layout, &mut sizes, &mut types, names, size, bytes) {
+            Some(InBlock::Untracked(tp)) => {
+                // The block is what the object takes (a str's characters are in it too).
+                objects += 1;
+                let t = by_type.entry(tp).or_default();
+                t.count += 1;
+                t.untracked += 1;
+                t.bytes += size;
+            }
+            Some(InBlock::Tracked) => {}
+            None => other += 1,
+        }
+    });
+    ArenaSummary { walk, objects, other_blocks: other }
+}
+
+enum InBlock {
+    /// An object the census must count: its type.
+    Untracked(u64),
+    /// A GC object on the collector's lists: already counted.
+    Tracked,
+}
+
+/// What a block in use holds: an object at its start (no GC head), after its GC head, or
+/// after the GC head and the 3.11+ pre-header; `None` when it is no object (an object's
+/// separate storage).
+fn object_in_block(
+    mem: &dyn Memory,
+    layout: &ObjectLayout,
+    sizes: &mut Sizes,
+    types: &mut HashMap<u64, bool>,
+    names: &TypeNames,
+    size: u64,
+    bytes: &[u8],
+) -> Option<InBlock> {
+    let word = |off: u64| {
+        let o = off as usize;
+        bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    };
+    for off in [0, GC_HEAD, GC_HEAD + 16] {
+        let (Some(refcnt), Some(tp)) = (word(off), word(off + OB_TYPE)) else { break };
+        // A live object is referenced (a freed one on a free list is at 0); immortal ones
+        // (3.12+) hold at most 2^32 - 1.
+        if refcnt == 0 || refcnt > u64::from(u32::MAX) || tp == 0 || tp % 8 != 0 {
+            continue;
+        }
+        if !*types.entry(tp).or_insert_with(|| is_type(mem, tp) && names.is_named(mem, tp)) {
+            continue;
+        }
+        let Some(shape) = sizes.shape(mem, tp) else { continue };
+        let gc = shape.flags & HAVE_GC != 0;
+        let pre = if shape.flags & layout.preheader_flags != 0 { 16 } else { 0 };
+        let expected = if gc { GC_HEAD + pre } else { 0 };
+        // A str is allocated at its own length: a short compact one is smaller than
+        // `PyUnicodeObject`, the type's basic size.
+        let least = if tp == names.unicode_type { layout.str_layout.ascii_size + 1 } else { shape.basic };
+        if off != expected || least > size - off {
+            continue;
+        }
+        // A GC object whose head links it into a list was counted from the lists.
+        if gc && word(off - GC_HEAD).is_some_and(|next| next != 0) {
+            return Some(InBlock::Tracked);
+        }
+        return Some(InBlock::Untracked(tp));
+    }
+    None
+}
+
+/// Whether `tp` is a type object: its type is `type` (whose own type is itself) or a
+/// metaclass (whose type is `type`). Needs no symbol.
+fn is_type(mem: &dyn Memory, tp: u64) -> bool {
+    let Some(meta) = mem.read_u64(tp + OB_TYPE).filter(|&m| m != 0) else { return false };
+    let Some(meta_type) = mem.read_u64(meta + OB_TYPE).filter(|&m| m != 0) else { return false };
+    meta_type == meta || mem.read_u64(meta_type + OB_TYPE) == Some(meta_type)
 }
 
 /// The main interpreter's address.
@@ -373,6 +525,15 @@ impl<'a> TypeNames<'a> {
             .unwrap_or_else(|| TypeName { module: "?".into(), qualname: format!("<type at {tp:#x}>") });
         self.cache.insert(tp, n.clone());
         n
+    }
+
+    /// Whether `tp` is a ready type with a name that reads as one: what an object found by
+    /// its shape alone must have.
+    pub fn is_named(&self, mem: &dyn Memory, tp: u64) -> bool {
+        const READY: u64 = 1 << 12;
+        let named = |n: &str| !n.is_empty() && n.len() < 200 && n.bytes().all(|b| b.is_ascii_graphic());
+        mem.read_u64(tp + TP_FLAGS).is_some_and(|f| f & READY != 0)
+            && self.read(mem, tp).is_some_and(|n| named(&n.qualname) && named(&n.module))
     }
 
     fn read(&self, mem: &dyn Memory, tp: u64) -> Option<TypeName> {
@@ -618,9 +779,9 @@ mod tests {
         let c = gc_census(&m, &layout(), interp).unwrap();
         assert_eq!(c.generations, [1, 2, 2]);
         assert!(!c.enabled);
-        assert_eq!(c.by_type[&list_t], TypeTally { count: 2, bytes: 2 * (40 + 16) });
+        assert_eq!(c.by_type[&list_t], TypeTally { count: 2, untracked: 0, bytes: 2 * (40 + 16) });
         // A class instance: its GC head and, on 3.11, the managed dict's pre-header.
-        assert_eq!(c.by_type[&node_t], TypeTally { count: 3, bytes: 3 * (48 + 16 + 16) });
+        assert_eq!(c.by_type[&node_t], TypeTally { count: 3, untracked: 0, bytes: 3 * (48 + 16 + 16) });
         let l = layout();
         let mut names = TypeNames::new(&l, UNICODE);
         assert_eq!(names.name(&m, node_t).to_string(), "app.Node");
@@ -644,6 +805,52 @@ mod tests {
         let g = interp + layout().interp_gc;
         m.put(g + gc::COLLECTING, &1i32.to_le_bytes());
         assert_eq!(gc_census(&m, &layout(), interp).unwrap_err(), ObjectsError::Collecting);
+    }
+
+    /// `type` (its own type) at 0x50_0000, and a static type of it at `at`.
+    fn put_type_of_type(m: &Fake, at: u64, name: &str, basic: u64, flags: u64) {
+        let ty = 0x50_0000;
+        m.put_u64(ty + OB_TYPE, ty);
+        put_static_type(m, at, at + 0x800, name, basic, 0, flags);
+        m.put_u64(at + OB_TYPE, ty);
+    }
+
+    #[test]
+    fn a_block_holds_an_object_at_its_start_after_its_head_or_none() {
+        let m = Fake::default();
+        let l = layout();
+        let (str_t, tuple_t, list_t) = (0x60_0000, 0x61_0000, 0x62_0000);
+        const READY: u64 = 1 << 12;
+        put_type_of_type(&m, str_t, "str", 48, READY);
+        put_type_of_type(&m, tuple_t, "tuple", 24, HAVE_GC | READY);
+        put_type_of_type(&m, list_t, "list", 40, HAVE_GC | READY);
+        // A type, but not one with a name: found by shape alone, it is no object.
+        put_type_of_type(&m, 0x66_0000, "\u{2}", 48, READY);
+        // Something that looks like a type pointer but whose type is no type.
+        m.put_u64(0x63_0000 + OB_TYPE, 0x64_0000);
+        m.put_u64(0x64_0000 + OB_TYPE, 0x65_0000);
+        let block = |words: &[u64]| words.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+        let (mut sizes, mut types) = (Sizes::new(&l), HashMap::new());
+        let names = TypeNames::new(&l, UNICODE);
+        let mut at =
+            |bytes: &[u8], size| object_in_block(&m, &l, &mut sizes, &mut types, &names, size, bytes);
+        // A str: refcount, then its type, at the block's start.
+        assert!(matches!(at(&block(&[1, str_t, 3, 0, 0, 0]), 64), Some(InBlock::Untracked(t)) if t == str_t));
+        // An untracked tuple: a GC head of zeros, then the object.
+        assert!(
+            matches!(at(&block(&[0, 0, 1, tuple_t, 2, 0]), 48), Some(InBlock::Untracked(t)) if t == tuple_t)
+        );
+        // A tracked list: its head links it into a list; counted there.
+        assert!(matches!(at(&block(&[0x7000, 0x7100, 1, list_t, 0, 0]), 64), Some(InBlock::Tracked)));
+        // A list's item array: pointers to objects, no type at any offset.
+        assert!(at(&block(&[0x9100, 0x9200, 0x9300, 0x9400, 0x9500, 0x9600]), 48).is_none());
+        // A pointer whose type is no type.
+        assert!(at(&block(&[1, 0x63_0000, 0, 0, 0, 0]), 48).is_none());
+        // A GC type at the block's start would have no head: not an object there.
+        assert!(at(&block(&[1, list_t, 0, 0, 0, 0]), 48).is_none());
+        // A freed object on a free list: no reference left.
+        assert!(at(&block(&[0, str_t, 3, 0, 0, 0]), 64).is_none());
+        assert!(at(&block(&[1, 0x66_0000, 3, 0, 0, 0]), 64).is_none());
     }
 
     #[test]
