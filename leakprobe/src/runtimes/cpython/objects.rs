@@ -11,6 +11,12 @@
 //! Offsets: docs/design/cpython-census-layouts.md (§1 the GC lists, §3 types, §4.3 dicts),
 //! each verified from DWARF, disassembly and a live self-read on 3.9–3.13.
 //!
+//! Objects on no list (str, int, bytes, bytearray, and containers the collector untracked)
+//! are found by walking pymalloc's arenas ([`super::pymalloc`]): a block in use holds an
+//! object at +0 (non-GC), +16 (after its GC head) or +32 (with the 3.11+ pre-header) only if
+//! the object is referenced, its type is a ready, named type, and the GC flag and the sizes
+//! agree with the offset. Tracked GC objects met there are left to the lists.
+//!
 //! A list is read only while the collector is not running (`collecting == 0`): during a
 //! collection its links carry flags and reference counts. A list whose back links do not
 //! check out stops that walk with a [`ObjectsError`], never with made-up objects.
@@ -272,10 +278,16 @@ fn arenas_of(mem: &dyn Memory, t: &Target, interp: u64) -> Result<super::pymallo
             (s + arenas, s + maxarenas)
         }
         (None, Some(at)) => at,
-        (None, None) => return Err(format!("pymalloc's arenas are not located on 3.{} yet", t.layout.minor)),
+        (None, None) => {
+            return Err(format!(
+                "pymalloc's arena table was not found in CPython 3.{}'s file (no symbol, and its stats code did not say)",
+                t.layout.minor
+            ));
+        }
     };
-    super::pymalloc::Arenas::read(mem, t.layout.minor, arenas, maxarenas)
-        .ok_or_else(|| "pymalloc's arena table does not check out".to_string())
+    super::pymalloc::Arenas::read(mem, t.layout.minor, arenas, maxarenas).ok_or_else(|| {
+        "pymalloc's arena table is empty or does not check out (PYTHONMALLOC=malloc?)".to_string()
+    })
 }
 
 /// Walks the arenas and counts every object in a block that the collector's lists do not
