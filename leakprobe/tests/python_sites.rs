@@ -7,10 +7,7 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, path::Path};
 
 use common::*;
 use serde_json::Value;

@@ -463,7 +463,8 @@ impl Snapshot {
     /// Reads `buf.len()` bytes at `addr` as they were at the capture. `false` if that memory
     /// is not in the picture.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        let end = addr + buf.len() as u64;
+        // Runtime decoders pass addresses read from the target: any value at all.
+        let Some(end) = addr.checked_add(buf.len() as u64) else { return false };
         if let Some((start, bytes)) =
             self.copies.iter().find(|(s, b)| *s <= addr && end <= *s + b.len() as u64)
         {

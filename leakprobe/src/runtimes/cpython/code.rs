@@ -116,10 +116,10 @@ pub fn read_str(mem: &dyn Memory, addr: u64, layout: &CodeLayout, unicode_type: 
         return None;
     }
     let data = match (compact, ascii) {
-        (true, true) => addr + layout.ascii_size,
-        (true, false) => addr + layout.compact_size,
+        (true, true) => addr.wrapping_add(layout.ascii_size),
+        (true, false) => addr.wrapping_add(layout.compact_size),
         // PyUnicodeObject.data.any, right after the compact header.
-        (false, _) => mem.read_u64(addr + layout.compact_size)?,
+        (false, _) => mem.read_u64(addr.wrapping_add(layout.compact_size))?,
     };
     if data == 0 && len > 0 {
         return None;

@@ -275,7 +275,7 @@ fn arenas_of(mem: &dyn Memory, t: &Target, interp: u64) -> Result<super::pymallo
         (Some(ArenasAt::Behind { state, arenas, maxarenas }), _) => {
             let s =
                 mem.read_u64(interp + state).filter(|&s| s != 0).ok_or("interp->obmalloc cannot be read")?;
-            (s + arenas, s + maxarenas)
+            (s.wrapping_add(arenas), s.wrapping_add(maxarenas))
         }
         (None, Some(at)) => at,
         (None, None) => {
@@ -374,9 +374,9 @@ fn object_in_block(
 /// Whether `tp` is a type object: its type is `type` (whose own type is itself) or a
 /// metaclass (whose type is `type`). Needs no symbol.
 fn is_type(mem: &dyn Memory, tp: u64) -> bool {
-    let Some(meta) = mem.read_u64(tp + OB_TYPE).filter(|&m| m != 0) else { return false };
-    let Some(meta_type) = mem.read_u64(meta + OB_TYPE).filter(|&m| m != 0) else { return false };
-    meta_type == meta || mem.read_u64(meta_type + OB_TYPE) == Some(meta_type)
+    let Some(meta) = mem.read_u64(tp.wrapping_add(OB_TYPE)).filter(|&m| m != 0) else { return false };
+    let Some(meta_type) = mem.read_u64(meta.wrapping_add(OB_TYPE)).filter(|&m| m != 0) else { return false };
+    meta_type == meta || mem.read_u64(meta_type.wrapping_add(OB_TYPE)) == Some(meta_type)
 }
 
 /// The main interpreter's address.
@@ -407,7 +407,7 @@ pub fn gc_census(mem: &dyn Memory, layout: &ObjectLayout, interp: u64) -> Result
     for (i, name) in NAMES.into_iter().enumerate() {
         let head = g + gc::GENERATIONS + gc::GENERATION_STRIDE * i as u64;
         let n = walk_list(mem, head, name, &mut walked, &mut |obj| {
-            let Some(tp) = mem.read_u64(obj + OB_TYPE) else { return };
+            let Some(tp) = mem.read_u64(obj.wrapping_add(OB_TYPE)) else { return };
             let bytes = sizes.of(mem, obj, tp);
             let t = out.by_type.entry(tp).or_default();
             t.count += 1;
@@ -419,7 +419,7 @@ pub fn gc_census(mem: &dyn Memory, layout: &ObjectLayout, interp: u64) -> Result
     out.garbage = mem
         .read_u64(g + gc::GARBAGE)
         .filter(|&l| l != 0)
-        .and_then(|l| mem.read_u64(l + OB_SIZE))
+        .and_then(|l| mem.read_u64(l.wrapping_add(OB_SIZE)))
         .unwrap_or(0);
     Ok(out)
 }
@@ -441,7 +441,7 @@ fn walk_list(
         if node == 0 || node % 8 != 0 {
             return Err(broken(n, node, "a link is not a pointer"));
         }
-        let (Some(next), Some(back)) = (mem.read_u64(node), mem.read_u64(node + 8)) else {
+        let (Some(next), Some(back)) = (mem.read_u64(node), mem.read_u64(node.wrapping_add(8))) else {
             return Err(broken(n, node, "a node is unreadable"));
         };
         // `_gc_prev` keeps two flag bits under the pointer.
@@ -452,7 +452,7 @@ fn walk_list(
         if *walked > MAX_OBJECTS {
             return Err(ObjectsError::TooMany);
         }
-        each(node + GC_HEAD);
+        each(node.wrapping_add(GC_HEAD));
         n += 1;
         prev = node;
         node = next & !1;
@@ -501,7 +501,7 @@ impl<'a> Sizes<'a> {
         let Some(s) = self.shape(mem, tp) else { return 0 };
         let mut items = 0;
         if s.item != 0 {
-            let size = mem.read_u64(obj + OB_SIZE).unwrap_or(0);
+            let size = mem.read_u64(obj.wrapping_add(OB_SIZE)).unwrap_or(0);
             items = if s.is_int && self.layout.int_lv_tag { size >> 3 } else { (size as i64).unsigned_abs() };
         }
         let mut bytes = s.basic.saturating_add(s.item.saturating_mul(items.min(1 << 40)));
@@ -544,23 +544,23 @@ impl<'a> TypeNames<'a> {
     pub fn is_named(&self, mem: &dyn Memory, tp: u64) -> bool {
         const READY: u64 = 1 << 12;
         let named = |n: &str| !n.is_empty() && n.len() < 200 && n.bytes().all(|b| b.is_ascii_graphic());
-        mem.read_u64(tp + TP_FLAGS).is_some_and(|f| f & READY != 0)
+        mem.read_u64(tp.wrapping_add(TP_FLAGS)).is_some_and(|f| f & READY != 0)
             && self.read(mem, tp).is_some_and(|n| named(&n.qualname) && named(&n.module))
     }
 
     fn read(&self, mem: &dyn Memory, tp: u64) -> Option<TypeName> {
-        let flags = mem.read_u64(tp + TP_FLAGS)?;
+        let flags = mem.read_u64(tp.wrapping_add(TP_FLAGS))?;
         if flags & HEAPTYPE != 0 {
             let str_at = |addr| super::code::read_str(mem, addr, &self.layout.str_layout, self.unicode_type);
-            let qualname = str_at(mem.read_u64(tp + self.layout.ht_qualname)?)?;
+            let qualname = str_at(mem.read_u64(tp.wrapping_add(self.layout.ht_qualname))?)?;
             let module = mem
-                .read_u64(tp + TP_DICT)
+                .read_u64(tp.wrapping_add(TP_DICT))
                 .and_then(|d| dict_str_lookup(mem, self.layout, d, "__module__", self.unicode_type))
                 .and_then(str_at)
                 .unwrap_or_else(|| "?".into());
             return Some(TypeName { module, qualname });
         }
-        let raw = read_c_str(mem, mem.read_u64(tp + TP_NAME)?, 256)?;
+        let raw = read_c_str(mem, mem.read_u64(tp.wrapping_add(TP_NAME))?, 256)?;
         Some(match raw.rsplit_once('.') {
             Some((m, q)) => TypeName { module: m.into(), qualname: q.into() },
             None => TypeName { module: "builtins".into(), qualname: raw },
@@ -581,7 +581,7 @@ fn read_c_str(mem: &dyn Memory, addr: u64, max: usize) -> Option<String> {
             return Some(String::from_utf8_lossy(&out).into_owned());
         }
         out.extend_from_slice(&buf);
-        at += chunk as u64;
+        at = at.wrapping_add(chunk as u64);
     }
     None
 }
@@ -613,8 +613,8 @@ mod dict {
 /// does not look like a dict's keys or has more than `max` entries. A split dict's values
 /// (instances' dicts) are read from `ma_values`.
 pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64) -> Option<Vec<(u64, u64)>> {
-    let keys = mem.read_u64(dict + dict::MA_KEYS)?;
-    let values = mem.read_u64(dict + dict::MA_VALUES)?;
+    let keys = mem.read_u64(dict.wrapping_add(dict::MA_KEYS))?;
+    let values = mem.read_u64(dict.wrapping_add(dict::MA_VALUES))?;
     let (entries_at, nentries, unicode_entries) = if layout.dict_311 {
         let head = mem.read_vec(keys, 32)?;
         let (log2_size, log2_index_bytes, kind) = (head[8], head[9], head[10]);
@@ -622,7 +622,7 @@ pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64
             return None;
         }
         let nentries = u64::from_le_bytes(head[24..32].try_into().ok()?);
-        (keys + 32 + (1u64 << log2_index_bytes), nentries, kind != 0)
+        (keys.wrapping_add(32 + (1u64 << log2_index_bytes)), nentries, kind != 0)
     } else {
         let head = mem.read_vec(keys, 40)?;
         let size = u64::from_le_bytes(head[8..16].try_into().ok()?);
@@ -636,7 +636,7 @@ pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64
             ..=0xffff_ffff => 4,
             _ => 8,
         };
-        (keys + 40 + size * index_bytes, nentries, false)
+        (keys.wrapping_add(40 + size * index_bytes), nentries, false)
     };
     if nentries > max {
         return None;
@@ -653,7 +653,7 @@ pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64
         }
         if values != 0 {
             // Split: the values live apart, in entry order.
-            value = mem.read_u64(values + 8 * i as u64).unwrap_or(0);
+            value = mem.read_u64(values.wrapping_add(8 * i as u64)).unwrap_or(0);
         }
         if value != 0 {
             out.push((key, value));

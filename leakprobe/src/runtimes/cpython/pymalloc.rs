@@ -122,6 +122,12 @@ pub fn walk(mem: &dyn Memory, a: &Arenas, want: usize, each: &mut dyn FnMut(u64,
         if address == 0 {
             continue;
         }
+        // An arena is an mmap of user space: anything else is no arena (counted as a pool
+        // that did not check out).
+        if address % 4096 != 0 || address >= 1 << 47 {
+            out.bad_pools += 1;
+            continue;
+        }
         out.arenas += 1;
         let first = address.div_ceil(a.pool_size) * a.pool_size;
         let end = carved.min(address + a.arena_size);
