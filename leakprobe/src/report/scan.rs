@@ -142,7 +142,8 @@ pub struct Scan {
 }
 
 /// CPython's live objects by type, as `objgraph.show_most_common_types` and `show_growth`
-/// give them: what the cycle collector's lists hold (every tracked container).
+/// give them: every tracked container from the cycle collector's lists, and the small objects
+/// no list holds from pymalloc's arenas.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PythonObjects {

@@ -239,11 +239,11 @@ impl Census {
     }
 }
 
-/// Takes the census of the collector's lists and names the types.
+/// Takes the census of the collector's lists and of pymalloc's arenas, and names the types.
 pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
     let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
-    let c = gc_census(mem, &t.layout, interp)?;
-    let mut by_type = c.by_type.clone();
+    let GcCensus { mut by_type, permanent, enabled, garbage, generations } =
+        gc_census(mem, &t.layout, interp)?;
     let mut names = TypeNames::new(&t.layout, t.unicode_type);
     let arenas = arenas_of(mem, t, interp).map(|a| arena_census(mem, &t.layout, &names, &a, &mut by_type));
     let mut merged: HashMap<TypeName, TypeTally> = HashMap::new();
@@ -258,14 +258,7 @@ pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
         .map(|(name, t)| TypeRow { name, count: t.count, untracked: t.untracked, bytes: t.bytes })
         .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.name.cmp(&b.name)));
-    Ok(Census {
-        rows,
-        enabled: c.enabled,
-        garbage: c.garbage,
-        permanent: c.permanent,
-        generations: c.generations,
-        arenas,
-    })
+    Ok(Census { rows, enabled, garbage, permanent, generations, arenas })
 }
 
 /// pymalloc's arena table, for this version.

@@ -105,7 +105,8 @@ pub struct Walk {
     pub arenas: u64,
     pub pools: u64,
     pub blocks: u64,
-    /// Pools whose header or free list did not check out: their blocks are not reported.
+    /// Pools whose header or free list did not check out, and arena slots whose address is
+    /// no user-space page: their blocks are not reported.
     pub bad_pools: u64,
 }
 
