@@ -462,10 +462,16 @@ struct Sizes<'a> {
 #[derive(Clone, Copy)]
 struct TypeShape {
     basic: u64,
+    /// `tp_itemsize` of a type whose objects keep their item count in `ob_size`; 0 for the
+    /// rest.
     item: u64,
     flags: u64,
     is_int: bool,
 }
+
+/// From 3.11, these types have a `tp_itemsize` (their frame's slots) but start with a plain
+/// `PyObject_HEAD`: the word where `ob_size` would be is a pointer (`gi_code`, `f_back`).
+const ITEMS_NOT_IN_OB_SIZE: [&[u8]; 4] = [b"generator\0", b"coroutine\0", b"async_generator\0", b"frame\0"];
 
 impl<'a> Sizes<'a> {
     fn new(layout: &'a ObjectLayout) -> Self {
@@ -478,10 +484,15 @@ impl<'a> Sizes<'a> {
             let word = |off: u64| {
                 u64::from_le_bytes(head[off as usize..off as usize + 8].try_into().unwrap_or_default())
             };
-            let name = mem.read_vec(word(TP_NAME), 4).unwrap_or_default();
+            // The name up to its NUL (16 bytes cover the names tested; a shorter read near
+            // the end of a mapping covers "int").
+            let mut buf = [0u8; 16];
+            let got = [16, 4].into_iter().find(|&n| mem.read(word(TP_NAME), &mut buf[..n])).unwrap_or(0);
+            let name = &buf[..buf[..got].iter().position(|&b| b == 0).map_or(got, |n| n + 1)];
+            let not_var = self.layout.minor >= 11 && ITEMS_NOT_IN_OB_SIZE.contains(&name);
             Some(TypeShape {
                 basic: word(TP_BASICSIZE),
-                item: word(TP_ITEMSIZE),
+                item: if not_var { 0 } else { word(TP_ITEMSIZE) },
                 flags: word(TP_FLAGS),
                 is_int: name == b"int\0",
             })
@@ -856,6 +867,22 @@ mod tests {
         // A freed object on a free list: no reference left.
         assert!(at(&block(&[0, str_t, 3, 0, 0, 0]), 64).is_none());
         assert!(at(&block(&[1, 0x66_0000, 3, 0, 0, 0]), 64).is_none());
+    }
+
+    #[test]
+    fn a_generator_is_sized_by_its_type_not_by_the_pointer_where_ob_size_would_be() {
+        let m = Fake::default();
+        let l = layout();
+        let (gen_t, tuple_t) = (0x20_0000, 0x21_0000);
+        put_static_type(&m, gen_t, 0x20_1000, "generator", 160, 8, HAVE_GC);
+        put_static_type(&m, tuple_t, 0x21_1000, "tuple", 24, 8, HAVE_GC);
+        let (g, t) = (0x40_0000, 0x40_1000);
+        // 3.11+: gi_code where ob_size would be.
+        m.put_u64(g + OB_SIZE, 0x7f12_3456_7000);
+        m.put_u64(t + OB_SIZE, 3);
+        let mut sizes = Sizes::new(&l);
+        assert_eq!(sizes.of(&m, g, gen_t), 160 + GC_HEAD);
+        assert_eq!(sizes.of(&m, t, tuple_t), 24 + 3 * 8 + GC_HEAD);
     }
 
     #[test]
