@@ -114,6 +114,21 @@ pub struct Roots {
     /// weak roots when there are any: a block that a global reaches through untracked memory
     /// is named by that chain, not by a register that happens to hold its address at the stop.
     pub late: Vec<RootRange>,
+    /// Named values marked from before all the others, breadth-first among themselves: a
+    /// runtime's own roots (a Python module's globals), so that what they reach is held by
+    /// them, not by the interpreter's data that reaches them too.
+    pub first: Vec<RootValues>,
+}
+
+/// Memory that belongs to a block though it lies before its start (a Python object's
+/// pre-header, which holds its attributes, sits before its collector header; the block starts
+/// at the object, where its references point): scanned as the block's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// The caller's block index.
+    pub block: usize,
+    pub start: u64,
+    pub end: u64,
 }
 
 /// A read of the snapshot failed (unmapped, or gone): counted and skipped, never fatal.
@@ -218,6 +233,9 @@ pub struct Options<'a> {
     /// rather than an allocator's bookkeeping that points at every slab). Only the retainers
     /// depend on it.
     pub prefer_weak: Option<&'a mut dyn FnMut(u32, u64) -> bool>,
+    /// Memory scanned as a block's though it lies before the block (see [`Prefix`]); each
+    /// must end at or before its block's start and after the previous block's end.
+    pub prefixes: &'a [Prefix],
 }
 
 impl Default for Options<'_> {
@@ -231,6 +249,7 @@ impl Default for Options<'_> {
             max_lost_edges: 32 << 20,
             holder_word: None,
             prefer_weak: None,
+            prefixes: &[],
         }
     }
 }
@@ -249,6 +268,9 @@ pub enum MarkError {
     /// valgrind's lookup): the block table is stale, e.g. a missed free. Drop one and retry.
     #[error("tracked blocks {first} and {second} overlap; the block table is stale (a missed free?)")]
     Overlap { first: usize, second: usize },
+    /// A prefix that is not before its block, or runs into the previous one.
+    #[error("the prefix of block {block} ({start:#x}-{end:#x}) is not just before it")]
+    BadPrefix { block: usize, start: u64, end: u64 },
 }
 
 /// A block's class, valgrind's four leak kinds.
@@ -492,7 +514,7 @@ pub fn mark(
     mem: &mut dyn Memory,
     opts: Options<'_>,
 ) -> Result<Marking, MarkError> {
-    let mut heap = Heap::new(blocks)?;
+    let mut heap = Heap::new(blocks, opts.prefixes)?;
     heap.tail = opts.allocator_tail;
     let n = heap.ext.len();
     let mut m = Marker {
@@ -549,6 +571,8 @@ struct Heap {
     buckets: Vec<u32>,
     /// See [`Options::allocator_tail`].
     tail: Option<fn(u64, u64) -> Option<u64>>,
+    /// (sorted index, start, end) of each block's [`Prefix`], by sorted index.
+    prefixes: Vec<(u32, u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -570,7 +594,7 @@ struct Cluster {
 const CLUSTER_GAP: u64 = 1 << 20;
 
 impl Heap {
-    fn new(blocks: &[Block]) -> Result<Heap, MarkError> {
+    fn new(blocks: &[Block], prefixes: &[Prefix]) -> Result<Heap, MarkError> {
         let max = NONE as usize;
         if blocks.len() >= max {
             return Err(MarkError::TooManyBlocks { count: blocks.len(), max: max - 1 });
@@ -588,6 +612,7 @@ impl Heap {
             clusters: Vec::new(),
             buckets: Vec::new(),
             tail: None,
+            prefixes: Vec::new(),
         };
         let mut prev: Option<(usize, u64)> = None;
         for &i in &heap.caller {
@@ -610,7 +635,39 @@ impl Heap {
             heap.hi = heap.hi.max(end);
         }
         heap.index();
+        heap.set_prefixes(blocks, prefixes)?;
         Ok(heap)
+    }
+
+    fn set_prefixes(&mut self, blocks: &[Block], prefixes: &[Prefix]) -> Result<(), MarkError> {
+        if prefixes.is_empty() {
+            return Ok(());
+        }
+        let mut sorted_of = vec![NONE; blocks.len()];
+        for (k, &i) in self.caller.iter().enumerate() {
+            sorted_of[i as usize] = k as u32;
+        }
+        for p in prefixes {
+            let bad = MarkError::BadPrefix { block: p.block, start: p.start, end: p.end };
+            let k = *sorted_of.get(p.block).ok_or(bad.clone())?;
+            let prev_end = k.checked_sub(1).map_or(0, |j| self.ext[j as usize].start + self.ext[j as usize].size);
+            if p.start >= p.end || p.end > self.ext[k as usize].start || p.start < prev_end {
+                return Err(bad);
+            }
+            self.prefixes.push((k, p.start, p.end));
+        }
+        self.prefixes.sort_unstable();
+        Ok(())
+    }
+
+    /// The aligned words of block `b`'s prefix, if it has one.
+    fn prefix_words(&self, b: u32) -> Option<(u64, u64)> {
+        if self.prefixes.is_empty() {
+            return None;
+        }
+        let i = self.prefixes.binary_search_by_key(&b, |p| p.0).ok()?;
+        let (_, s, e) = self.prefixes[i];
+        Some((up8(s)?, e & !(WORD - 1)))
     }
 
     fn lookup_end(&self, b: usize) -> u64 {
@@ -1134,6 +1191,9 @@ impl Marker<'_, '_, '_> {
         for batch in blocks.chunks(4096) {
             spans.clear();
             for &b in batch {
+                if let Some((s, e)) = heap.prefix_words(b) {
+                    push_span(&mut spans, s, e, b);
+                }
                 let (s, e) = heap.words(b);
                 push_span(&mut spans, s, e, b);
             }
@@ -1161,6 +1221,13 @@ impl Marker<'_, '_, '_> {
     ) -> (Vec<u32>, Vec<u32>) {
         let mut next = Vec::new();
         let mut seeds = Vec::new();
+        let mut order = Vec::new();
+        // The named roots first, and all they reach.
+        let first = self.value_hits(&roots.first);
+        for h in &first {
+            self.definite(h, 1, &mut next, &mut seeds);
+        }
+        self.spread(&mut next, &mut seeds, &mut order);
         let mut on_root = |m: &mut Self, hits: &[Hit]| {
             for h in hits {
                 m.definite(h, 1, &mut next, &mut seeds);
@@ -1184,21 +1251,10 @@ impl Marker<'_, '_, '_> {
         for r in &roots.late {
             self.scan_root_range(r, &mut |_: &mut Self, hits: &[Hit]| late_hits.extend_from_slice(hits));
         }
-        for v in &roots.values {
-            for (i, &value) in v.values.iter().enumerate() {
-                if let Some(target) = self.heap.find(value) {
-                    let at = u64::try_from(i).unwrap_or(u64::MAX);
-                    late_hits.push(Hit { from: Src::Value(v.root), at, value, target });
-                    self.stats.pointers += 1;
-                }
-            }
-            self.stats.root_values += v.values.len() as u64;
-            self.stats.roots.entry(v.root).or_default().values += v.values.len() as u64;
-        }
+        late_hits.extend(self.value_hits(&roots.values));
         for r in &roots.ranges {
             self.scan_root_range(r, &mut on_root);
         }
-        let mut order = Vec::new();
         let phases = if roots.weak.is_empty() {
             on_root(self, &late_hits);
             [first, later, Vec::new()]
@@ -1213,6 +1269,23 @@ impl Marker<'_, '_, '_> {
             self.spread(&mut next, &mut seeds, &mut order);
         }
         (order, seeds)
+    }
+
+    /// The root values that point into blocks.
+    fn value_hits(&mut self, values: &[RootValues]) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        for v in values {
+            for (i, &value) in v.values.iter().enumerate() {
+                if let Some(target) = self.heap.find(value) {
+                    let at = u64::try_from(i).unwrap_or(u64::MAX);
+                    hits.push(Hit { from: Src::Value(v.root), at, value, target });
+                    self.stats.pointers += 1;
+                }
+            }
+            self.stats.root_values += v.values.len() as u64;
+            self.stats.roots.entry(v.root).or_default().values += v.values.len() as u64;
+        }
+        hits
     }
 
     /// Breadth-first from the blocks in `next` (reached at depth 1) along start pointers.
@@ -1708,7 +1781,7 @@ mod tests {
             World {
                 mem,
                 blocks: Vec::new(),
-                roots: Roots { ranges, values: Vec::new(), weak: Vec::new(), late: Vec::new() },
+                roots: Roots { ranges, ..Roots::default() },
             }
         }
 
@@ -2199,6 +2272,49 @@ mod tests {
     }
 
     #[test]
+    fn named_first_roots_hold_what_they_reach_before_any_global_does() {
+        // A global reaches a table that holds a list; a named value holds the list too.
+        let mut w = World::new();
+        let table = w.block(0, 64, 1);
+        let list = w.block(0x100, 64, 2);
+        let item = w.block(0x200, 64, 3);
+        w.global(0, w.at(table));
+        w.word(table, 8, w.at(list));
+        w.word(list, 0, w.at(item));
+        let through_global = w.run();
+        assert_eq!(through_global.blocks[list].retainer, Retainer::Block { index: table, offset: 8 });
+        w.roots.first = vec![RootValues { root: 7, values: vec![0x1234, w.at(list)] }];
+        let m = w.run();
+        let named = Retainer::Root(RootRef { root: 7, slot: RootSlot::Value { index: 1 } });
+        assert_eq!(m.blocks[list].retainer, named);
+        assert_eq!(m.blocks[item].retainer, Retainer::Block { index: list, offset: 0 });
+        assert_eq!(site(&m, 2).holders[0].by, HeldBy::Root(RootRef { root: 7, slot: RootSlot::Value { index: 1 } }));
+        assert_eq!(classes(&m), vec![R, R, R]);
+    }
+
+    #[test]
+    fn a_prefix_is_scanned_as_its_blocks_and_the_gap_after_it_is_not() {
+        // An object at +32 of its allocation: its pre-header (+0..16) points at a value, its
+        // collector header (+16..32) links to a neighbour; only the first is a reference.
+        let mut w = World::new();
+        let obj = w.block(0x20, 32, 1);
+        let value = w.block(0x100, 16, 2);
+        let neighbour = w.block(0x200, 16, 3);
+        w.global(0, w.at(obj));
+        w.mem.put(HEAP, w.at(value));
+        w.mem.put(HEAP + 0x10, w.at(neighbour));
+        assert_eq!(classes(&w.run()), vec![R, DL, DL]);
+        let prefixes = [Prefix { block: obj, start: HEAP, end: HEAP + 0x10 }];
+        let m = w.run_with(Options { prefixes: &prefixes, ..Options::default() });
+        assert_eq!(classes(&m), vec![R, R, DL]);
+        assert_eq!(m.blocks[value].retainer, Retainer::Block { index: obj, offset: HEAP - w.at(obj) });
+        // A prefix that runs into its block is refused.
+        let bad = [Prefix { block: obj, start: HEAP, end: HEAP + 0x28 }];
+        let err = mark(&w.blocks, &w.roots, &mut w.mem, Options { prefixes: &bad, ..Options::default() });
+        assert!(matches!(err, Err(MarkError::BadPrefix { .. })));
+    }
+
+    #[test]
     fn results_hold_no_memory_contents() {
         const SECRET: u64 = 0x5ec7_e75e_c7e7_1234;
         let mut w = World::new();
@@ -2236,9 +2352,7 @@ mod tests {
             (0..2 * N).map(|i| Block { start: BASE + i * 16, size: 16, site: 1 }).collect();
         let roots = Roots {
             ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }],
-            values: Vec::new(),
-            weak: Vec::new(),
-            late: Vec::new(),
+            ..Roots::default()
         };
         let m = mark(&blocks, &roots, &mut mem, Options::default()).expect("marks");
         let s = site(&m, 1);

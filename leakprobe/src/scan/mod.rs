@@ -14,6 +14,7 @@
 pub mod backref;
 pub mod census;
 pub mod mark;
+mod python;
 pub mod roots;
 pub mod snapshot;
 
@@ -77,6 +78,10 @@ pub enum GroupKey {
     Type(String),
     /// Anything else, by its usable size.
     Size(u64),
+    /// A Python object, by its type (`app.Node`, `dict`).
+    Python(String),
+    /// A pymalloc block that holds no object (a list's items, a dict's keys), by its size.
+    PythonStorage(u64),
 }
 
 impl std::fmt::Display for GroupKey {
@@ -84,6 +89,8 @@ impl std::fmt::Display for GroupKey {
         match self {
             GroupKey::Type(t) => f.write_str(t),
             GroupKey::Size(n) => write!(f, "{n}-byte blocks"),
+            GroupKey::Python(t) => write!(f, "Python {t}"),
+            GroupKey::PythonStorage(n) => write!(f, "{n}-byte pymalloc blocks"),
         }
     }
 }
@@ -96,8 +103,6 @@ pub struct CensusResult {
     pub errors: Vec<census::WalkError>,
     pub notes: Vec<&'static str>,
     pub main_arena_found: bool,
-    /// Group `i` is site `first_group + i`.
-    pub groups: Vec<GroupKey>,
     /// Heap bytes no longer scanned as roots (every chunk in them is known).
     pub heaps_excluded: u64,
     /// The type of tracked sites' blocks (by site id), for naming a group's likely origin.
@@ -150,6 +155,52 @@ pub struct Outcome {
     pub python: Option<
         Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
     >,
+    /// What the Python heap added to the marking.
+    pub python_heap: Option<PythonHeap>,
+    /// The groups of untracked blocks (the glibc census's, then the Python heap's): group `i`
+    /// is site `first_group + i`.
+    pub groups: Vec<GroupKey>,
+}
+
+/// The groups of untracked blocks, each a site id after the tracked ones.
+struct Groups {
+    first: u32,
+    keys: Vec<GroupKey>,
+    index: HashMap<GroupKey, u32>,
+}
+
+impl Groups {
+    fn new(first: u32) -> Self {
+        Groups { first, keys: Vec::new(), index: HashMap::new() }
+    }
+
+    fn site(&mut self, key: GroupKey) -> u32 {
+        if let Some(&s) = self.index.get(&key) {
+            return s;
+        }
+        self.keys.push(key.clone());
+        let s = self.first + self.keys.len() as u32 - 1;
+        self.index.insert(key, s);
+        s
+    }
+}
+
+/// What the Python heap added to the marking: its blocks, its objects in blocks already
+/// there, and the names it holds them by.
+#[derive(Clone, Debug, Default)]
+pub struct PythonHeap {
+    /// pymalloc blocks added (objects and storage).
+    pub blocks: u64,
+    /// Tracked or malloc blocks found to hold a Python object (marked from the object on).
+    pub objects_in_blocks: u64,
+    /// Named roots (module globals, gc.garbage) and the modules read.
+    pub roots: u64,
+    pub modules: u64,
+    pub roots_dropped: u64,
+    /// Why the named roots could not be read, if they could not.
+    pub roots_error: Option<String>,
+    /// Tracked sites whose blocks are Python objects: the type of the first one seen.
+    pub tracked_types: HashMap<u32, String>,
 }
 
 impl crate::runtimes::Memory for Snapshot {
@@ -208,24 +259,33 @@ impl<'a> Captured<'a> {
         // The stacks glibc keeps of threads that have exited: dead memory, as below a live
         // thread's stack pointer.
         exclude.extend(dead_thread_stacks(&snap));
-        let census =
-            req.census.map(|v| take_census(&snap, v, tracked.first_group, &mut blocks, &mut exclude));
-        let python = req.python.as_ref().map(|t| crate::runtimes::cpython::objects::census(&snap, t));
+        let mut groups = Groups::new(tracked.first_group);
+        let census = req.census.map(|v| take_census(&snap, v, &mut groups, &mut blocks, &mut exclude));
+        let mut py = req.python.as_ref().map(|t| {
+            python::take(&snap, t, &mut python::Into { groups: &mut groups, blocks: &mut blocks, exclude: &mut exclude })
+        });
         let data_ends = module_data_ends(&snap);
         let layout =
             roots::Layout { exclude: &exclude, tls: roots::TlsSpan::default(), data_ends: &data_ends };
-        let roots = roots::build(&snap.regions, &threads, &layout);
+        let mut roots = roots::build(&snap.regions, &threads, &layout);
+        let first = py.as_mut().map_or_else(Vec::new, |p| p.named_roots(&mut roots));
+        let prefixes = py.as_ref().map_or(&[][..], |p| &p.prefixes);
+        let marker = Marker { snap: &snap, blocks: &blocks, roots: &roots, first: &first, prefixes, req };
         // Marked again, following untracked memory back, only if some of it holds blocks.
-        let mut marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, None)?;
+        let mut marking = marker.mark(None)?;
         let weak_held = marking.sites.iter().flat_map(|s| &s.holders).any(|h| match h.by {
             HeldBy::Root(r) => roots.kinds.get(r.root as usize).is_some_and(is_untracked),
             HeldBy::Site(_) => false,
         });
         let back = weak_held.then(|| back_index(&roots, &snap, req.allocator_module.as_deref(), &blocks));
         if back.is_some() {
-            marking = mark_roots(&snap, &blocks, &roots, req.allocator_tail, back.as_ref())?;
+            marking = marker.mark(back.as_ref())?;
         }
-        let holders = name_holders(&marking, &roots, &snap, back.as_ref());
+        let holders = name_holders(&marking, &roots, &snap, back.as_ref(), req.python.as_ref());
+        let (python, python_heap) = match py {
+            Some(p) => (Some(p.census), Some(p.heap)),
+            None => (None, None),
+        };
         let root_bytes = roots.bytes_by_class();
         let (method, no_clone_why, pause, threads) =
             (snap.method, snap.no_clone_why.clone(), snap.pause, snap.threads.len());
@@ -245,18 +305,31 @@ impl<'a> Captured<'a> {
             blocks,
             census,
             python,
+            python_heap,
+            groups: groups.keys,
         })
     }
 }
 
 /// The marking itself, over the snapshot.
-fn mark_roots(
-    snap: &Snapshot,
-    blocks: &[mark::Block],
-    roots: &roots::Roots,
-    allocator_tail: Option<fn(u64, u64) -> Option<u64>>,
-    back: Option<&backref::Index>,
-) -> Result<mark::Marking, ScanError> {
+struct Marker<'a> {
+    snap: &'a Snapshot,
+    blocks: &'a [mark::Block],
+    roots: &'a roots::Roots,
+    /// Named roots marked before all others (a Python program's globals).
+    first: &'a [mark::RootValues],
+    prefixes: &'a [mark::Prefix],
+    req: &'a Request,
+}
+
+impl Marker<'_> {
+    fn mark(&self, back: Option<&backref::Index>) -> Result<mark::Marking, ScanError> {
+        mark_roots(self, back)
+    }
+}
+
+fn mark_roots(mk: &Marker<'_>, back: Option<&backref::Index>) -> Result<mark::Marking, ScanError> {
+    let (snap, blocks, roots) = (mk.snap, mk.blocks, mk.roots);
     // Untracked heap memory holds only what no global, stack or register reaches.
     let (weak, strong): (Vec<_>, Vec<_>) = roots
         .ranges
@@ -278,6 +351,7 @@ fn mark_roots(
             .map(|(root, v)| mark::RootValues { root: *root, values: v.iter().map(|x| x.1).collect() })
             .collect(),
         weak,
+        first: mk.first.to_vec(),
     };
     let mut mem = SnapMem(snap);
     let mut vtable = |a: u64| is_vtable(snap, a);
@@ -297,9 +371,10 @@ fn mark_roots(
     };
     let options = mark::Options {
         is_vtable: Some(&mut vtable),
-        allocator_tail,
+        allocator_tail: mk.req.allocator_tail,
         holder_word: Some(&mut holder_word),
         prefer_weak: Some(&mut prefer),
+        prefixes: mk.prefixes,
         ..mark::Options::default()
     };
     Ok(mark::mark(blocks, &mroots, &mut mem, options)?)
@@ -331,7 +406,7 @@ fn module_data_ends(snap: &Snapshot) -> HashMap<String, u64> {
 fn take_census(
     snap: &Snapshot,
     v: census::GlibcVersion,
-    first_group: u32,
+    groups: &mut Groups,
     blocks: &mut Vec<mark::Block>,
     exclude: &mut Vec<(u64, u64)>,
 ) -> CensusResult {
@@ -353,8 +428,6 @@ fn take_census(
             tracked_types.insert(b.site, t);
         }
     }
-    let mut groups: Vec<GroupKey> = Vec::new();
-    let mut index: HashMap<GroupKey, u32> = HashMap::new();
     for ch in c
         .chunks
         .iter()
@@ -365,10 +438,7 @@ fn take_census(
             continue;
         }
         let key = types.of(start).map_or(GroupKey::Size(size), GroupKey::Type);
-        let site = *index.entry(key.clone()).or_insert_with(|| {
-            groups.push(key);
-            first_group + groups.len() as u32 - 1
-        });
+        let site = groups.site(key);
         blocks.push(mark::Block { start, size, site });
     }
     let mut heaps_excluded = 0;
@@ -385,7 +455,6 @@ fn take_census(
         errors: c.errors.clone(),
         notes: c.notes.clone(),
         main_arena_found: c.main_arena.is_some(),
-        groups,
         heaps_excluded,
         tracked_types,
     }
@@ -605,8 +674,10 @@ fn name_holders(
     roots: &roots::Roots,
     snap: &Snapshot,
     back: Option<&backref::Index>,
+    python: Option<&crate::runtimes::cpython::objects::Target>,
 ) -> HashMap<RootRef, HolderName> {
     let mut globals = Globals::new(snap);
+    let mut py_names = python.map(|t| crate::runtimes::cpython::objects::TypeNames::new(&t.layout, t.unicode_type));
     let mut out = HashMap::new();
     let refs: Vec<RootRef> = marking
         .sites
@@ -623,6 +694,13 @@ fn name_holders(
             continue;
         }
         let Some(name) = name_root(r, roots, snap, &mut globals) else { continue };
+        // A Python name: what it holds, in a few words.
+        if let (Some(RootKind::Python { value, .. }), Some(names)) = (roots.kinds.get(r.root as usize), py_names.as_mut())
+            && let Some(what) = crate::runtimes::cpython::roots::describe(snap, names, *value)
+        {
+            out.insert(r, HolderName { name: format!("{} ({what})", name.name), ..name });
+            continue;
+        }
         let name = match (back, r.slot) {
             (Some(index), RootSlot::Word { addr }) if untracked(&r) => match index.follow(addr) {
                 Some(found) => match name_root(found.root, roots, snap, &mut globals) {
@@ -781,6 +859,7 @@ fn name_root(r: RootRef, roots: &roots::Roots, snap: &Snapshot, globals: &mut Gl
         (RootKind::File { path }, _) => {
             HolderName { kind: "file", name: format!("file mapping {path}"), frame_ip: None }
         }
+        (RootKind::Python { name, .. }, _) => HolderName { kind: "python", name: name.clone(), frame_ip: None },
         (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
     })
 }
@@ -828,9 +907,7 @@ mod tests {
         bytes[..8].copy_from_slice(&(0x10010u64 + 96).to_le_bytes());
         let roots = mark::Roots {
             ranges: vec![mark::RootRange { start: 0x20000, len: 0x200, root: 0 }],
-            values: vec![],
-            weak: vec![],
-            late: vec![],
+            ..mark::Roots::default()
         };
         let class = |tail: Option<fn(u64, u64) -> Option<u64>>| {
             let opts = mark::Options { allocator_tail: tail, ..mark::Options::default() };

@@ -32,6 +32,9 @@ pub enum RootKind {
     Anonymous { name: String, start: u64 },
     /// A shared or file-backed writable mapping that is no module's.
     File { path: String },
+    /// A pointer a Python program holds under a name (`module app, global cache`): marked
+    /// before every other root.
+    Python { name: String, value: u64 },
 }
 
 impl RootKind {
@@ -45,6 +48,7 @@ impl RootKind {
             RootKind::Heap => "heap",
             RootKind::Anonymous { .. } => "anonymous",
             RootKind::File { .. } => "file",
+            RootKind::Python { .. } => "python",
         }
     }
 }
@@ -208,7 +212,7 @@ pub fn build(regions: &[Region], threads: &[ThreadState], layout: &Layout<'_>) -
     // telling first (a global, TLS, a live stack slot), stale-prone places last.
     let mut ranges = flatten(&spans);
     let rank = |k: &RootKind| match k {
-        RootKind::Module { .. } => 0,
+        RootKind::Python { .. } | RootKind::Module { .. } => 0,
         RootKind::Tls { .. } => 1,
         RootKind::Stack { .. } => 2,
         RootKind::Heap | RootKind::Anonymous { .. } | RootKind::File { .. } => 3,

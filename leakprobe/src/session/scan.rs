@@ -369,7 +369,7 @@ impl<'a> Names<'a> {
         Names {
             out,
             keys,
-            groups: out.census.as_ref().map_or(&[], |c| &c.groups),
+            groups: &out.groups,
             stacks,
             symbolizer,
             labels: HashMap::new(),

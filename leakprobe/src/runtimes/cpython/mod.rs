@@ -18,6 +18,7 @@ pub mod layout;
 pub mod linetable;
 pub mod objects;
 pub mod pymalloc;
+pub mod roots;
 pub mod walk;
 
 use std::path::PathBuf;

@@ -93,6 +93,9 @@ mod gc {
     pub const GARBAGE: u64 = 208;
 }
 
+/// `gc.garbage` in `struct _gc_runtime_state`.
+pub const GC_GARBAGE: u64 = gc::GARBAGE;
+
 impl ObjectLayout {
     /// The verified table for 3.`minor`; `None` for any other version.
     pub fn for_version(v: PyVersion) -> Option<ObjectLayout> {
@@ -240,12 +243,14 @@ impl Census {
 }
 
 /// Takes the census of the collector's lists and of pymalloc's arenas, and names the types.
-pub fn census(mem: &dyn Memory, t: &Target) -> Result<Census, ObjectsError> {
+/// With `blocks`, also lists every pymalloc block in use (for the reachability scan).
+pub fn census(mem: &dyn Memory, t: &Target, blocks: Option<&mut Vec<PyBlock>>) -> Result<Census, ObjectsError> {
     let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
     let GcCensus { mut by_type, permanent, enabled, garbage, generations } =
         gc_census(mem, &t.layout, interp)?;
     let mut names = TypeNames::new(&t.layout, t.unicode_type);
-    let arenas = arenas_of(mem, t, interp).map(|a| arena_census(mem, &t.layout, &names, &a, &mut by_type));
+    let arenas =
+        arenas_of(mem, t, interp).map(|a| arena_census(mem, &t.layout, &names, &a, &mut by_type, blocks));
     let mut merged: HashMap<TypeName, TypeTally> = HashMap::new();
     for (tp, tally) in &by_type {
         let e = merged.entry(names.name(mem, *tp)).or_default();
@@ -285,38 +290,86 @@ fn arenas_of(mem: &dyn Memory, t: &Target, interp: u64) -> Result<super::pymallo
 
 /// Walks the arenas and counts every object in a block that the collector's lists do not
 /// hold: non-GC objects at the block's start, and untracked GC objects after their head.
+/// With `blocks`, also lists every block in use, with the object it holds.
 fn arena_census(
     mem: &dyn Memory,
     layout: &ObjectLayout,
     names: &TypeNames,
     a: &super::pymalloc::Arenas,
     by_type: &mut HashMap<u64, TypeTally>,
+    mut blocks: Option<&mut Vec<PyBlock>>,
 ) -> ArenaSummary {
-    let mut sizes = Sizes::new(layout);
-    let mut types: HashMap<u64, bool> = HashMap::new();
+    let mut typer = BlockTyper::new(layout, names);
     let (mut objects, mut other) = (0u64, 0u64);
-    let walk = super::pymalloc::walk(mem, a, 48, &mut |_, size, bytes| {
-        match object_in_block(mem, layout, &mut sizes, &mut types, names, size, bytes) {
-            Some(InBlock::Untracked(tp)) => {
+    let walk = super::pymalloc::walk(mem, a, 48, &mut |start, size, bytes| {
+        let found = typer.object(mem, size, bytes);
+        match found {
+            Some(f) if !f.tracked => {
                 // The block is what the object takes (a str's characters are in it too).
                 objects += 1;
-                let t = by_type.entry(tp).or_default();
+                let t = by_type.entry(f.tp).or_default();
                 t.count += 1;
                 t.untracked += 1;
                 t.bytes += size;
             }
-            Some(InBlock::Tracked) => {}
+            Some(_) => {}
             None => other += 1,
+        }
+        if let Some(out) = blocks.as_deref_mut() {
+            out.push(PyBlock { start, size, object: found });
         }
     });
     ArenaSummary { walk, objects, other_blocks: other }
 }
 
-enum InBlock {
-    /// An object the census must count: its type.
-    Untracked(u64),
-    /// A GC object on the collector's lists: already counted.
-    Tracked,
+/// A block of the Python heap: a pymalloc block in use, or a block of malloc's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyBlock {
+    pub start: u64,
+    pub size: u64,
+    /// The object in it; `None` for an object's separate storage (a list's items, a dict's
+    /// keys) or a block on a free list.
+    pub object: Option<Found>,
+}
+
+/// An object found in a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// Its type.
+    pub tp: u64,
+    /// Where it starts in the block: 0, or after its collector header (and pre-header).
+    pub offset: u64,
+    /// Bytes of pre-header at the block's start (3.11+: the managed dict or values, and the
+    /// weak references): part of the object, before its collector header.
+    pub preheader: u64,
+    /// A GC object linked into the collector's lists (counted from the lists).
+    pub tracked: bool,
+}
+
+impl Found {
+    /// The object's address in a block at `start`.
+    pub fn object(&self, start: u64) -> u64 {
+        start + self.offset
+    }
+}
+
+/// Tells the object in a block, with each type's checks done once.
+pub struct BlockTyper<'a> {
+    layout: &'a ObjectLayout,
+    names: &'a TypeNames<'a>,
+    sizes: Sizes<'a>,
+    types: HashMap<u64, bool>,
+}
+
+impl<'a> BlockTyper<'a> {
+    pub fn new(layout: &'a ObjectLayout, names: &'a TypeNames<'a>) -> Self {
+        BlockTyper { layout, names, sizes: Sizes::new(layout), types: HashMap::new() }
+    }
+
+    /// The object in a block of `size` bytes whose first bytes (48 suffice) are `bytes`.
+    pub fn object(&mut self, mem: &dyn Memory, size: u64, bytes: &[u8]) -> Option<Found> {
+        object_in_block(mem, self.layout, &mut self.sizes, &mut self.types, self.names, size, bytes)
+    }
 }
 
 /// What a block in use holds: an object at its start (no GC head), after its GC head, or
@@ -330,7 +383,7 @@ fn object_in_block(
     names: &TypeNames,
     size: u64,
     bytes: &[u8],
-) -> Option<InBlock> {
+) -> Option<Found> {
     let word = |off: u64| {
         let o = off as usize;
         bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
@@ -356,10 +409,8 @@ fn object_in_block(
             continue;
         }
         // A GC object whose head links it into a list was counted from the lists.
-        if gc && word(off - GC_HEAD).is_some_and(|next| next != 0) {
-            return Some(InBlock::Tracked);
-        }
-        return Some(InBlock::Untracked(tp));
+        let tracked = gc && word(off - GC_HEAD).is_some_and(|next| next != 0);
+        return Some(Found { tp, offset: off, preheader: pre, tracked });
     }
     None
 }
@@ -851,13 +902,14 @@ mod tests {
         let mut at =
             |bytes: &[u8], size| object_in_block(&m, &l, &mut sizes, &mut types, &names, size, bytes);
         // A str: refcount, then its type, at the block's start.
-        assert!(matches!(at(&block(&[1, str_t, 3, 0, 0, 0]), 64), Some(InBlock::Untracked(t)) if t == str_t));
+        let untracked = |f: Option<Found>, tp: u64, offset: u64| {
+            f == Some(Found { tp, offset, preheader: 0, tracked: false })
+        };
+        assert!(untracked(at(&block(&[1, str_t, 3, 0, 0, 0]), 64), str_t, 0));
         // An untracked tuple: a GC head of zeros, then the object.
-        assert!(
-            matches!(at(&block(&[0, 0, 1, tuple_t, 2, 0]), 48), Some(InBlock::Untracked(t)) if t == tuple_t)
-        );
+        assert!(untracked(at(&block(&[0, 0, 1, tuple_t, 2, 0]), 48), tuple_t, GC_HEAD));
         // A tracked list: its head links it into a list; counted there.
-        assert!(matches!(at(&block(&[0x7000, 0x7100, 1, list_t, 0, 0]), 64), Some(InBlock::Tracked)));
+        assert!(at(&block(&[0x7000, 0x7100, 1, list_t, 0, 0]), 64).is_some_and(|f| f.tracked && f.tp == list_t));
         // A list's item array: pointers to objects, no type at any offset.
         assert!(at(&block(&[0x9100, 0x9200, 0x9300, 0x9400, 0x9500, 0x9600]), 48).is_none());
         // A pointer whose type is no type.
@@ -883,6 +935,52 @@ mod tests {
         let mut sizes = Sizes::new(&l);
         assert_eq!(sizes.of(&m, g, gen_t), 160 + GC_HEAD);
         assert_eq!(sizes.of(&m, t, tuple_t), 24 + 3 * 8 + GC_HEAD);
+    }
+
+    /// A combined dict with unicode keys (3.11 layout) at `d`, its keys at `d + 0x100`.
+    fn put_dict(m: &Fake, d: u64, entries: &[(u64, u64)]) {
+        let keys = d + 0x100;
+        m.put_u64(d + dict::MA_KEYS, keys);
+        m.put_u64(d + dict::MA_VALUES, 0);
+        let mut head = vec![0u8; 32];
+        head[8] = 3;
+        head[9] = 3;
+        head[10] = 1;
+        head[24..32].copy_from_slice(&(entries.len() as u64).to_le_bytes());
+        m.put(keys, &head);
+        for (i, (k, v)) in entries.iter().enumerate() {
+            m.put_u64(keys + 40 + 16 * i as u64, *k);
+            m.put_u64(keys + 48 + 16 * i as u64, *v);
+        }
+    }
+
+    #[test]
+    fn named_roots_are_every_modules_globals_and_the_collectors_garbage() {
+        let m = Fake::default();
+        let l = layout();
+        let (runtime, interp) = (0x1000, 0x10_0000);
+        m.put_u64(runtime + l.runtime_interp_main, interp);
+        let (modules, module, globals) = (0x20_0000, 0x21_0000, 0x22_0000);
+        put_str(&m, 0x30_0000, "app");
+        put_str(&m, 0x30_1000, "cache");
+        put_str(&m, 0x30_2000, "not a name");
+        m.put_u64(interp + 888, modules);
+        put_dict(&m, modules, &[(0x30_0000, module)]);
+        m.put_u64(module + 16, globals);
+        put_dict(&m, globals, &[(0x30_1000, 0xaaa0), (0x30_2000, 0xbbb0)]);
+        let list = 0x40_0000;
+        m.put_u64(interp + l.interp_gc + GC_GARBAGE, list);
+        m.put_u64(list + 16, 1);
+        m.put_u64(list + 24, list + 0x100);
+        m.put_u64(list + 0x100, 0xccc0);
+        let t = Target { layout: l, py_runtime: runtime, unicode_type: UNICODE, static_arenas: None };
+        let r = super::super::roots::named_roots(&m, &t).unwrap();
+        let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
+        assert_eq!(
+            got,
+            [("module app, global cache", 0xaaa0), ("module app, global <key>", 0xbbb0), ("gc.garbage", 0xccc0)]
+        );
+        assert_eq!((r.modules, r.unreadable_modules, r.dropped), (1, 0, 0));
     }
 
     #[test]

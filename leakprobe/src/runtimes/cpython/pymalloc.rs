@@ -108,6 +108,9 @@ pub struct Walk {
     /// Pools whose header or free list did not check out, and arena slots whose address is
     /// no user-space page: their blocks are not reported.
     pub bad_pools: u64,
+    /// The memory whose every block in use was reported (whole arenas, or the good pools of
+    /// an arena with a bad one), in address order: it holds nothing else.
+    pub known: Vec<(u64, u64)>,
 }
 
 /// Calls `each(block, size, bytes)` for every block in use, with the block's bytes (at most
@@ -133,6 +136,7 @@ pub fn walk(mem: &dyn Memory, a: &Arenas, want: usize, each: &mut dyn FnMut(u64,
         let first = address.div_ceil(a.pool_size) * a.pool_size;
         let end = carved.min(address + a.arena_size);
         let mut pool = first;
+        let mut good = Vec::new();
         while pool + a.pool_size <= end {
             out.pools += 1;
             let page = mem.read_vec(pool, a.pool_size as usize);
@@ -143,12 +147,20 @@ pub fn walk(mem: &dyn Memory, a: &Arenas, want: usize, each: &mut dyn FnMut(u64,
                         let off = (b - pool) as usize;
                         each(b, size, &page[off..off + (size as usize).min(want)]);
                     }
+                    good.push((pool, pool + a.pool_size));
                 }
                 None => out.bad_pools += 1,
             }
             pool += a.pool_size;
         }
+        // Beyond the pools carved so far, and before the first, nothing is in use.
+        if good.len() as u64 == (end.saturating_sub(first)) / a.pool_size {
+            out.known.push((address, address + a.arena_size));
+        } else {
+            out.known.extend(good);
+        }
     }
+    out.known.sort_unstable();
     out
 }
 
@@ -292,7 +304,8 @@ mod tests {
         let a = Arenas { table: 0x1000, maxarenas: 3, arena_size: 1 << 20, pool_size: POOL };
         let mut seen = Vec::new();
         let w = walk(&mem, &a, 16, &mut |b, size, bytes| seen.push((b, size, bytes.len())));
-        assert_eq!(w, Walk { arenas: 1, pools: 2, blocks: 4, bad_pools: 0 });
+        // Every carved pool checked out: the whole arena is known.
+        assert_eq!(w, Walk { arenas: 1, pools: 2, blocks: 4, bad_pools: 0, known: vec![(arena, arena + (1 << 20))] });
         assert_eq!(
             seen,
             [
@@ -302,5 +315,24 @@ mod tests {
                 (second + 48 + 512, 512, 16)
             ]
         );
+    }
+
+    #[test]
+    fn an_arena_with_a_bad_pool_is_known_only_in_its_good_pools() {
+        let arena: u64 = 0x7f00_0010_0000;
+        let (first, second) = (arena, arena + POOL);
+        let mut image = vec![0u8; (2 * POOL) as usize];
+        image[..POOL as usize].copy_from_slice(&pool(first, 32, 3, &[]));
+        // The second pool's header claims a size class that does not exist.
+        image[POOL as usize + 36] = 200;
+        image[POOL as usize] = 1;
+        let mut table = vec![0u8; ARENA_OBJECT as usize];
+        table[0..8].copy_from_slice(&arena.to_le_bytes());
+        table[8..16].copy_from_slice(&(second + POOL).to_le_bytes());
+        let mem = Mem(vec![(0x1000, table), (arena, image)]);
+        let a = Arenas { table: 0x1000, maxarenas: 1, arena_size: 1 << 20, pool_size: POOL };
+        let w = walk(&mem, &a, 16, &mut |_, _, _| {});
+        assert_eq!((w.pools, w.bad_pools, w.blocks), (2, 1, 3));
+        assert_eq!(w.known, vec![(first, first + POOL)]);
     }
 }
