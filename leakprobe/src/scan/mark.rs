@@ -406,6 +406,9 @@ pub struct Holder {
     /// The longest run of same-site blocks, each linked from the previous one, starting at the
     /// holder: 1 when it points at all of them directly, 1000 for a 1000-node list.
     pub longest_chain: u64,
+    /// A block of the site that the holder points at directly, the nearest to a root (the
+    /// caller's index): its retainers are the path from the root.
+    pub example: usize,
 }
 
 /// What a bounded list left out.
@@ -1582,8 +1585,8 @@ impl Marker<'_, '_, '_> {
         };
         let mut holder = vec![NONE; heap.ext.len()];
         let mut run = vec![0u64; heap.ext.len()];
-        // (site, holder) -> blocks, bytes, longest chain
-        let mut agg: IntMap<(u32, u32), (u64, u64, u64)> = IntMap::default();
+        // (site, holder) -> blocks, bytes, longest chain, first block
+        let mut agg: IntMap<(u32, u32), (u64, u64, u64, u32)> = IntMap::default();
         for &b in order {
             let bu = b as usize;
             let (pref, pat) = (self.pref[bu], self.pat[bu]);
@@ -1604,15 +1607,16 @@ impl Marker<'_, '_, '_> {
             };
             holder[bu] = h;
             run[bu] = r;
-            let e = agg.entry((site(b), h)).or_default();
+            let e = agg.entry((site(b), h)).or_insert((0, 0, 0, b));
             e.0 += 1;
             e.1 += heap.ext[bu].size;
             e.2 = e.2.max(r);
         }
         let mut per_site: IntMap<u32, Vec<Holder>> = IntMap::default();
-        for ((s, h), (blocks, bytes, longest_chain)) in agg {
+        for ((s, h), (blocks, bytes, longest_chain, first)) in agg {
             let by = keys[h as usize];
-            per_site.entry(s).or_default().push(Holder { by, blocks, bytes, longest_chain });
+            let example = heap.caller[first as usize] as usize;
+            per_site.entry(s).or_default().push(Holder { by, blocks, bytes, longest_chain, example });
         }
         for (s, mut hs) in per_site {
             hs.sort_unstable_by(|a, b| {
@@ -1880,12 +1884,13 @@ mod tests {
                 blocks: 1000,
                 bytes: 16_000,
                 longest_chain: 1000,
+                example: nodes[0],
             }]
         );
         assert_eq!(list.holders_rest, Rest::default());
         assert_eq!(
             site(&m, 9).holders,
-            [Holder { by: HeldBy::Site(7), blocks: 1, bytes: 48, longest_chain: 1 }]
+            [Holder { by: HeldBy::Site(7), blocks: 1, bytes: 48, longest_chain: 1, example: tail_child }]
         );
     }
 

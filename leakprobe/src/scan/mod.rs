@@ -679,13 +679,14 @@ fn name_holders(
     let mut globals = Globals::new(snap);
     let mut py_names = python.map(|t| crate::runtimes::cpython::objects::TypeNames::new(&t.layout, t.unicode_type));
     let mut out = HashMap::new();
+    // The sites' holders, and the roots of the paths to the blocks other sites hold.
     let refs: Vec<RootRef> = marking
         .sites
         .iter()
         .flat_map(|s| s.holders.iter())
         .filter_map(|h| match h.by {
             HeldBy::Root(r) => Some(r),
-            HeldBy::Site(_) => None,
+            HeldBy::Site(_) => path_root(marking, h.example),
         })
         .collect();
     let untracked = |r: &RootRef| roots.kinds.get(r.root as usize).is_some_and(is_untracked);
@@ -730,6 +731,18 @@ fn name_holders(
         out.insert(r, name);
     }
     out
+}
+
+/// The root at the end of block `b`'s retainers, if they end at one.
+pub fn path_root(marking: &mark::Marking, mut b: usize) -> Option<RootRef> {
+    for _ in 0..1_000_000 {
+        match marking.blocks.get(b)?.retainer {
+            mark::Retainer::Block { index, .. } => b = index,
+            mark::Retainer::Root(r) => return Some(r),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Heap memory that no tracker knows: a root only for what nothing else reaches, and a holder

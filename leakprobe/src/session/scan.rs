@@ -464,14 +464,82 @@ impl<'a> Names<'a> {
         (cycles, cycle_bytes)
     }
 
+    /// Whether the blocks of `site` are Python objects.
+    fn is_python_object(&self, site: u32) -> bool {
+        matches!(self.group_of(site), Some(scan::GroupKey::Python(_)))
+            || self.out.python_heap.as_ref().is_some_and(|p| p.tracked_types.contains_key(&site))
+    }
+
+    /// A step of a Python path: a Python object by its type (and where it was allocated, if
+    /// tracked), anything else as [`Self::describe`] has it.
+    fn python_step(&mut self, site: u32, run: u64) -> String {
+        if let Some(scan::GroupKey::Python(t)) = self.group_of(site) {
+            return if run > 1 { format!("{t} (a chain of {run})") } else { t.clone() };
+        }
+        let ty = self.out.python_heap.as_ref().and_then(|p| p.tracked_types.get(&site).cloned());
+        match ty {
+            Some(t) => format!("{t} ({})", self.label(site)),
+            None => self.describe(site, run),
+        }
+    }
+
+    /// The path from a root to block `example`, root first, in Python's terms: the actual
+    /// retainers of that block (not each site's main holder), runs of one site as one step,
+    /// an object's separate storage (a dict's keys, a list's items) left out. `None` when the
+    /// path does not end at a root.
+    fn python_path(&mut self, example: usize) -> Option<(String, String)> {
+        let (m, blocks) = (&self.out.marking, &self.out.blocks);
+        let mut steps: Vec<(u32, u64)> = Vec::new();
+        let mut cur = example;
+        let mut root = None;
+        for _ in 0..1_000_000 {
+            match m.blocks.get(cur)?.retainer {
+                mark::Retainer::Block { index, .. } => {
+                    let site = blocks.get(index)?.site;
+                    match steps.last_mut() {
+                        Some((last, n)) if *last == site => *n += 1,
+                        _ => steps.push((site, 1)),
+                    }
+                    cur = index;
+                }
+                mark::Retainer::Root(r) => {
+                    root = Some(r);
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        let (kind, root_name) = self.root(root?);
+        let mut parts = vec![root_name];
+        // After a Python root, its value is the first step: the root's name says what it is.
+        let mut after_object = kind == "python";
+        let mut skip_first = kind == "python";
+        for (site, run) in steps.into_iter().rev() {
+            if std::mem::take(&mut skip_first) && run == 1 {
+                continue;
+            }
+            let object = self.is_python_object(site);
+            if !object && after_object {
+                continue;
+            }
+            after_object = object;
+            parts.push(self.python_step(site, run));
+        }
+        Some((kind, parts.join(" -> ")))
+    }
+
     fn holders(&mut self, s: &mark::SiteSummary, tallies: &Tallies) -> Vec<Holder> {
+        let python = self.out.python_heap.is_some();
         let holders = s
             .holders
             .iter()
             .map(|h| {
                 let (kind, holder) = match h.by {
                     mark::HeldBy::Root(r) => self.root(r),
-                    mark::HeldBy::Site(other) => ("site".to_string(), self.chain_from(s.site, other)),
+                    mark::HeldBy::Site(other) => match python.then(|| self.python_path(h.example)).flatten() {
+                        Some(path) => path,
+                        None => ("site".to_string(), self.chain_from(s.site, other)),
+                    },
                 };
                 Holder {
                     kind,
