@@ -173,9 +173,41 @@ pub struct PythonObjects {
     pub garbage: u64,
     /// Every type, most objects first.
     pub types: Vec<PythonType>,
+    /// Groups of Python objects that reach only each other (no root reaches them), by
+    /// make-up, most cycles first: with the collector off, or for types it cannot free,
+    /// they stay forever; with it on, its next collection frees them.
+    pub cycles: Vec<PythonCycle>,
+    /// What the collector will do with them: "the cycle collector is disabled
+    /// (gc.disable()): they are never freed", or "the next collection frees them".
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cycles_fate: String,
     /// Why there is no census this time (the collector was running, a list did not check out).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Cycles of Python objects of one make-up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonCycle {
+    /// How many such cycles.
+    pub count: u64,
+    /// The objects in each, by type: "__main__.Node" 2.
+    pub objects: Vec<PythonCycleObjects>,
+    /// Blocks and bytes of all of them, their storage (dict values, list items) included.
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonCycleObjects {
+    /// `module.qualname` (`dict` for builtins).
+    pub r#type: String,
+    pub count: u64,
+    /// Where they were allocated: a Python call site if they were tracked, else "from before
+    /// attach".
+    pub allocated: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -160,6 +160,37 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
     if p.types.len() > PYTHON_TYPES_SHOWN {
         let _ = writeln!(out, "    ... {} more types in the JSON report", p.types.len() - PYTHON_TYPES_SHOWN);
     }
+    python_cycle_lines(out, p);
+}
+
+/// Cycles shown in the text report; the JSON has every shape.
+const PYTHON_CYCLES_SHOWN: usize = 5;
+
+fn python_cycle_lines(out: &mut String, p: &crate::report::scan::PythonObjects) {
+    if p.cycles.is_empty() {
+        return;
+    }
+    let total: u64 = p.cycles.iter().map(|c| c.count).sum();
+    let _ = writeln!(
+        out,
+        "  python cycles: {total} groups of objects that only reach each other, unreachable from any root; {}",
+        p.cycles_fate
+    );
+    for c in p.cycles.iter().take(PYTHON_CYCLES_SHOWN) {
+        let members: Vec<String> =
+            c.objects.iter().map(|o| format!("{} {} ({})", o.count, o.r#type, o.allocated)).collect();
+        let _ = writeln!(
+            out,
+            "    {} {} of {}, {} in all",
+            c.count,
+            if c.count == 1 { "cycle" } else { "cycles" },
+            members.join(" + "),
+            human_bytes(c.bytes)
+        );
+    }
+    if p.cycles.len() > PYTHON_CYCLES_SHOWN {
+        let _ = writeln!(out, "    ... {} more kinds of cycle in the JSON report", p.cycles.len() - PYTHON_CYCLES_SHOWN);
+    }
 }
 
 /// `--census`: the whole heap, and the groups of blocks from before attach.

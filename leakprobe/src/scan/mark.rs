@@ -449,12 +449,29 @@ pub struct Cycle {
     pub sites: Vec<SiteCount>,
 }
 
+/// Cycles of the same make-up: as many blocks of each site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CycleShape {
+    /// (site, blocks of it in each cycle), by site.
+    pub sites: Vec<(u32, u64)>,
+    /// Cycles of this shape, and their blocks and bytes in all.
+    pub count: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// The member at the lowest address of one of them (the caller's index).
+    pub example: usize,
+}
+
 /// The cycles among lost blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cycles {
     /// Most bytes first, at most [`Options::max_cycles`].
     pub list: Vec<Cycle>,
     pub rest: Rest,
+    /// Every cycle (the listed and the rest) by shape, most cycles first, at most
+    /// [`Options::max_cycles`] shapes; the others summed in `shapes_rest`.
+    pub shapes: Vec<CycleShape>,
+    pub shapes_rest: Rest,
     /// False when [`Options::max_lost_edges`] was reached: some cycles may be missing.
     pub complete: bool,
     /// Distinct pointer edges among lost blocks kept, and dropped over the limit.
@@ -1696,6 +1713,7 @@ fn cycles(heap: &Heap, lost: &[u32], g: &LostGraph, max: usize) -> Cycles {
     list.sort_unstable_by(|a, b| {
         b.bytes.cmp(&a.bytes).then(b.blocks.cmp(&a.blocks)).then(a.first.cmp(&b.first))
     });
+    let (shapes, shapes_rest) = shapes(&list, max);
     let mut rest = Rest::default();
     for c in list.iter().skip(max) {
         rest.count += 1;
@@ -1703,7 +1721,39 @@ fn cycles(heap: &Heap, lost: &[u32], g: &LostGraph, max: usize) -> Cycles {
         rest.bytes += c.bytes;
     }
     list.truncate(max);
-    Cycles { list, rest, complete: g.complete, edges: g.adj.len() as u64, edges_dropped: g.dropped }
+    Cycles {
+        list,
+        rest,
+        shapes,
+        shapes_rest,
+        complete: g.complete,
+        edges: g.adj.len() as u64,
+        edges_dropped: g.dropped,
+    }
+}
+
+/// The cycles by shape, most cycles first, at most `max` shapes.
+fn shapes(list: &[Cycle], max: usize) -> (Vec<CycleShape>, Rest) {
+    let mut by: HashMap<Vec<(u32, u64)>, CycleShape> = HashMap::new();
+    for c in list {
+        let mut key: Vec<(u32, u64)> = c.sites.iter().map(|s| (s.site, s.blocks)).collect();
+        key.sort_unstable();
+        let e = by.entry(key.clone()).or_insert(CycleShape { sites: key, count: 0, blocks: 0, bytes: 0, example: c.first });
+        e.count += 1;
+        e.blocks += c.blocks;
+        e.bytes += c.bytes;
+        e.example = e.example.min(c.first);
+    }
+    let mut shapes: Vec<CycleShape> = by.into_values().collect();
+    shapes.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)).then(a.sites.cmp(&b.sites)));
+    let mut rest = Rest::default();
+    for s in shapes.iter().skip(max) {
+        rest.count += s.count;
+        rest.blocks += s.blocks;
+        rest.bytes += s.bytes;
+    }
+    shapes.truncate(max);
+    (shapes, rest)
 }
 
 fn cycle(heap: &Heap, lost: &[u32], members: &[u32]) -> Cycle {
@@ -1935,6 +1985,30 @@ mod tests {
             ]
         );
         assert!(m.cycles.complete);
+    }
+
+    #[test]
+    fn cycles_of_the_same_make_up_are_one_shape_even_past_the_listed_ones() {
+        // 30 pairs of one site and 5 triples of another; only 10 cycles are listed.
+        let mut w = World::new();
+        for i in 0..30 {
+            let (a, b) = (w.block(i * 0x100, 16, 1), w.block(i * 0x100 + 0x20, 16, 1));
+            w.word(a, 0, w.at(b));
+            w.word(b, 0, w.at(a));
+        }
+        for i in 0..5 {
+            let base = 0x8000 + i * 0x100;
+            let (x, y, z) = (w.block(base, 16, 2), w.block(base + 0x20, 16, 2), w.block(base + 0x40, 16, 3));
+            w.word(x, 0, w.at(y));
+            w.word(y, 0, w.at(z));
+            w.word(z, 0, w.at(x));
+        }
+        let m = w.run_with(Options { max_cycles: 10, ..Options::default() });
+        assert_eq!(m.cycles.list.len(), 10);
+        let shapes: Vec<(Vec<(u32, u64)>, u64, u64)> =
+            m.cycles.shapes.iter().map(|s| (s.sites.clone(), s.count, s.bytes)).collect();
+        assert_eq!(shapes, [(vec![(1, 2)], 30, 30 * 32), (vec![(2, 2), (3, 1)], 5, 5 * 48)]);
+        assert_eq!(m.cycles.shapes_rest, Rest::default());
     }
 
     #[test]
@@ -2312,7 +2386,8 @@ mod tests {
         let prefixes = [Prefix { block: obj, start: HEAP, end: HEAP + 0x10 }];
         let m = w.run_with(Options { prefixes: &prefixes, ..Options::default() });
         assert_eq!(classes(&m), vec![R, R, DL]);
-        assert_eq!(m.blocks[value].retainer, Retainer::Block { index: obj, offset: HEAP - w.at(obj) });
+        // A word of the prefix is at offset 0 of its block.
+        assert_eq!(m.blocks[value].retainer, Retainer::Block { index: obj, offset: 0 });
         // A prefix that runs into its block is refused.
         let bad = [Prefix { block: obj, start: HEAP, end: HEAP + 0x28 }];
         let err = mark(&w.blocks, &w.roots, &mut w.mem, Options { prefixes: &bad, ..Options::default() });

@@ -86,7 +86,7 @@ impl Part {
             if n < 16 || !snap.read(b.start, &mut head[..n]) {
                 continue;
             }
-            let Some(found) = typer.object(snap, b.size, &head[..n]) else { continue };
+            let Some(found) = typer.object(snap, b.start, b.size, &head[..n]) else { continue };
             self.heap.objects_in_blocks += 1;
             let name = if b.site >= into.groups.first {
                 let name = name_of(found.tp);
@@ -102,11 +102,14 @@ impl Part {
         }
     }
 
-    /// The block starts at its object; the pre-header, if any, is its prefix.
+    /// The block starts at its object and ends where the object can end (the rest of a
+    /// larger block holds stale words of its last owner); the pre-header, if any, is its
+    /// prefix.
     fn shift(&mut self, index: usize, b: &mut mark::Block, found: objects::Found) {
         let start = b.start;
+        let end = found.extent.map_or(b.size, |e| e.min(b.size));
         b.start = found.object(start);
-        b.size -= found.offset;
+        b.size = end.saturating_sub(found.offset);
         if found.preheader > 0 {
             self.prefixes.push(mark::Prefix { block: index, start, end: start + found.preheader });
         }

@@ -271,7 +271,16 @@ pub fn run(
         cycles_complete: m.cycles.complete,
         history: history.clone(),
         census,
-        python_objects: out.python.as_ref().map(python_objects),
+        python_objects: out.python.as_ref().map(|c| {
+            let mut p = python_objects(c);
+            if let Ok(c) = c {
+                p.cycles = names.python_cycles();
+                if !p.cycles.is_empty() {
+                    p.cycles_fate = cycles_fate(c.enabled).into();
+                }
+            }
+            p
+        }),
     };
     Ok(Done { scan, sites: results })
 }
@@ -510,6 +519,17 @@ impl<'a> Names<'a> {
             }
         }
         let (kind, root_name) = self.root(root?);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let raw: Vec<String> = steps.iter().rev().map(|&(s, n)| format!("{} x{n}", self.label(s))).collect();
+            let mut offs = Vec::new();
+            let mut c = example;
+            while let Some(mark::Retainer::Block { index, offset }) = self.out.marking.blocks.get(c).map(|o| o.retainer) {
+                offs.push(format!("{:#x}+{offset:#x}(size {})", self.out.blocks[index].start, self.out.blocks[index].size));
+                c = index;
+                if offs.len() > 20 { break; }
+            }
+            tracing::debug!("path of block {example}: {root_name} -> {} [{}]", raw.join(" -> "), offs.join(" <- "));
+        }
         let mut parts = vec![root_name];
         // After a Python root, its value is the first step: the root's name says what it is.
         let mut after_object = kind == "python";
@@ -526,6 +546,40 @@ impl<'a> Names<'a> {
             parts.push(self.python_step(site, run));
         }
         Some((kind, parts.join(" -> ")))
+    }
+
+    /// The marking's cycles that hold Python objects, by the objects' make-up (their storage
+    /// left out of it), most cycles first.
+    fn python_cycles(&mut self) -> Vec<crate::report::scan::PythonCycle> {
+        use crate::report::scan::{PythonCycle, PythonCycleObjects};
+        let mut by: Vec<PythonCycle> = Vec::new();
+        for shape in &self.out.marking.cycles.shapes {
+            let mut objects: Vec<PythonCycleObjects> = Vec::new();
+            for &(site, n) in &shape.sites {
+                let (ty, allocated) = match self.group_of(site) {
+                    Some(scan::GroupKey::Python(t)) => (t.clone(), "from before attach".to_string()),
+                    _ => match self.out.python_heap.as_ref().and_then(|p| p.tracked_types.get(&site).cloned()) {
+                        Some(t) => (t, self.label(site)),
+                        None => continue,
+                    },
+                };
+                objects.push(PythonCycleObjects { r#type: ty, count: n, allocated });
+            }
+            if objects.is_empty() {
+                continue;
+            }
+            objects.sort_by(|a, b| b.count.cmp(&a.count).then(a.r#type.cmp(&b.r#type)));
+            match by.iter_mut().find(|c| c.objects == objects) {
+                Some(c) => {
+                    c.count += shape.count;
+                    c.blocks += shape.blocks;
+                    c.bytes += shape.bytes;
+                }
+                None => by.push(PythonCycle { count: shape.count, objects, blocks: shape.blocks, bytes: shape.bytes }),
+            }
+        }
+        by.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
+        by
     }
 
     fn holders(&mut self, s: &mark::SiteSummary, tallies: &Tallies) -> Vec<Holder> {
@@ -670,6 +724,15 @@ fn census_summary(
     }
 }
 
+/// What becomes of cycles of Python objects, by the collector's state.
+fn cycles_fate(enabled: bool) -> &'static str {
+    if enabled {
+        "the cycle collector is enabled: its next collection frees them (not a leak, unless they keep coming)"
+    } else {
+        "the cycle collector is disabled (gc.disable()): they are never freed"
+    }
+}
+
 /// The CPython census as the report gives it.
 fn python_objects(
     c: &Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
@@ -702,7 +765,7 @@ fn python_objects(
                     count_change: None,
                 })
                 .collect(),
-            error: None,
+            ..PythonObjects::default()
         },
         Err(e) => PythonObjects {
             source: "gc lists".into(),

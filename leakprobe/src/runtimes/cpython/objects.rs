@@ -302,7 +302,7 @@ fn arena_census(
     let mut typer = BlockTyper::new(layout, names);
     let (mut objects, mut other) = (0u64, 0u64);
     let walk = super::pymalloc::walk(mem, a, 48, &mut |start, size, bytes| {
-        let found = typer.object(mem, size, bytes);
+        let found = typer.object(mem, start, size, bytes);
         match found {
             Some(f) if !f.tracked => {
                 // The block is what the object takes (a str's characters are in it too).
@@ -344,6 +344,9 @@ pub struct Found {
     pub preheader: u64,
     /// A GC object linked into the collector's lists (counted from the lists).
     pub tracked: bool,
+    /// The bytes from the block's start that the object can use (see `Sizes::extent`): past
+    /// them a block holds stale words from its last owner. `None`: not known.
+    pub extent: Option<u64>,
 }
 
 impl Found {
@@ -366,9 +369,10 @@ impl<'a> BlockTyper<'a> {
         BlockTyper { layout, names, sizes: Sizes::new(layout), types: HashMap::new() }
     }
 
-    /// The object in a block of `size` bytes whose first bytes (48 suffice) are `bytes`.
-    pub fn object(&mut self, mem: &dyn Memory, size: u64, bytes: &[u8]) -> Option<Found> {
-        object_in_block(mem, self.layout, &mut self.sizes, &mut self.types, self.names, size, bytes)
+    /// The object in a block at `block` of `size` bytes whose first bytes (48 suffice) are
+    /// `bytes`.
+    pub fn object(&mut self, mem: &dyn Memory, block: u64, size: u64, bytes: &[u8]) -> Option<Found> {
+        object_in_block(mem, self.layout, &mut self.sizes, &mut self.types, self.names, block, size, bytes)
     }
 }
 
@@ -381,6 +385,7 @@ fn object_in_block(
     sizes: &mut Sizes,
     types: &mut HashMap<u64, bool>,
     names: &TypeNames,
+    block: u64,
     size: u64,
     bytes: &[u8],
 ) -> Option<Found> {
@@ -410,7 +415,13 @@ fn object_in_block(
         }
         // A GC object whose head links it into a list was counted from the lists.
         let tracked = gc && word(off - GC_HEAD).is_some_and(|next| next != 0);
-        return Some(Found { tp, offset: off, preheader: pre, tracked });
+        let extent = if tp == names.unicode_type {
+            // Characters only past the header: nothing to follow there.
+            Some(off + layout.str_layout.ascii_size)
+        } else {
+            sizes.extent(mem, block.wrapping_add(off), tp)
+        };
+        return Some(Found { tp, offset: off, preheader: pre, tracked, extent });
     }
     None
 }
@@ -518,6 +529,9 @@ struct TypeShape {
     item: u64,
     flags: u64,
     is_int: bool,
+    /// Items that `ob_size` does not count (a 3.11+ generator's frame): the object's extent
+    /// is not known from its type.
+    open_ended: bool,
 }
 
 /// From 3.11, these types have a `tp_itemsize` (their frame's slots) but start with a plain
@@ -546,8 +560,21 @@ impl<'a> Sizes<'a> {
                 item: if not_var { 0 } else { word(TP_ITEMSIZE) },
                 flags: word(TP_FLAGS),
                 is_int: name == b"int\0",
+                open_ended: not_var,
             })
         })
+    }
+
+    /// The bytes from the start of the object's block (its headers included) that the object
+    /// can use, rounded up to a word: its size and, for a var-sized type, one more item
+    /// (`PyType_GenericAlloc` allocates it); `None` when its type does not tell.
+    fn extent(&mut self, mem: &dyn Memory, obj: u64, tp: u64) -> Option<u64> {
+        let s = self.shape(mem, tp)?;
+        if s.open_ended {
+            return None;
+        }
+        let bytes = self.of(mem, obj, tp).checked_add(s.item)?;
+        bytes.checked_add(7).map(|b| b & !7)
     }
 
     /// `sys.getsizeof(obj)`, as the type's sizes give it (a type with a `__sizeof__` of its
@@ -900,10 +927,10 @@ mod tests {
         let (mut sizes, mut types) = (Sizes::new(&l), HashMap::new());
         let names = TypeNames::new(&l, UNICODE);
         let mut at =
-            |bytes: &[u8], size| object_in_block(&m, &l, &mut sizes, &mut types, &names, size, bytes);
+            |bytes: &[u8], size| object_in_block(&m, &l, &mut sizes, &mut types, &names, 0x70_0000, size, bytes);
         // A str: refcount, then its type, at the block's start.
         let untracked = |f: Option<Found>, tp: u64, offset: u64| {
-            f == Some(Found { tp, offset, preheader: 0, tracked: false })
+            f.is_some_and(|f| (f.tp, f.offset, f.preheader, f.tracked) == (tp, offset, 0, false))
         };
         assert!(untracked(at(&block(&[1, str_t, 3, 0, 0, 0]), 64), str_t, 0));
         // An untracked tuple: a GC head of zeros, then the object.
