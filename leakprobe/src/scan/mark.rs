@@ -236,6 +236,10 @@ pub struct Options<'a> {
     /// Memory scanned as a block's though it lies before the block (see [`Prefix`]); each
     /// must end at or before its block's start and after the previous block's end.
     pub prefixes: &'a [Prefix],
+    /// CPython 3.11/3.12 keep an instance's attribute values in a block of their own and point
+    /// `k` bytes into it, past a prefix whose last byte is `k`: such a pointer counts as a
+    /// start pointer.
+    pub prefixed_starts: bool,
 }
 
 impl Default for Options<'_> {
@@ -250,6 +254,7 @@ impl Default for Options<'_> {
             holder_word: None,
             prefer_weak: None,
             prefixes: &[],
+            prefixed_starts: false,
         }
     }
 }
@@ -553,6 +558,7 @@ pub fn mark(
             ..Stats::default()
         },
         hits: Vec::new(),
+        prefixed_starts: opts.prefixed_starts,
     };
 
     let (order, seeds) = m.mark_reachable(roots, opts.prefer_weak);
@@ -1132,9 +1138,25 @@ struct Marker<'h, 'm, 'v> {
     depth: Vec<u32>,
     stats: Stats,
     hits: Vec<Hit>,
+    /// See [`Options::prefixed_starts`].
+    prefixed_starts: bool,
 }
 
 impl Marker<'_, '_, '_> {
+    /// A pointer to the start of block `t`, or (see [`Options::prefixed_starts`]) just past
+    /// the prefix whose last byte says how long it is.
+    fn is_start(&mut self, t: usize, value: u64) -> bool {
+        let start = self.heap.ext[t].start;
+        if value == start {
+            return true;
+        }
+        let k = value - start;
+        if !self.prefixed_starts || k % 8 != 0 || k > 256 {
+            return false;
+        }
+        self.rd.word(value - 8).is_some_and(|w| (w >> 56) == k)
+    }
+
     fn set_parent(&mut self, t: usize, h: &Hit) {
         let (kind, r) = match h.from {
             Src::Block(b) => (P_BLOCK, b),
@@ -1327,7 +1349,7 @@ impl Marker<'_, '_, '_> {
     /// A pointer from a root or a reachable block (valgrind's `is_prior_definite`).
     fn definite(&mut self, h: &Hit, depth: u32, next: &mut Vec<u32>, seeds: &mut Vec<u32>) {
         let t = h.target as usize;
-        let start = h.value == self.heap.ext[t].start;
+        let start = self.is_start(t, h.value);
         if self.st[t] == REACHABLE {
             if start {
                 self.heur[t] = 0; // reached by a real start pointer after all
@@ -2392,6 +2414,21 @@ mod tests {
         let bad = [Prefix { block: obj, start: HEAP, end: HEAP + 0x28 }];
         let err = mark(&w.blocks, &w.roots, &mut w.mem, Options { prefixes: &bad, ..Options::default() });
         assert!(matches!(err, Err(MarkError::BadPrefix { .. })));
+    }
+
+    #[test]
+    fn a_pointer_past_a_prefix_that_says_its_length_is_a_start_pointer_when_asked() {
+        let mut w = World::new();
+        let values = w.block(0, 48, 1);
+        // 3.11's values: an 8-byte prefix whose last byte is 8, then the values.
+        w.word(values, 0, 8u64 << 56);
+        w.global(0, w.at(values) + 8);
+        let other = w.block(0x100, 48, 2);
+        w.word(other, 0, 16u64 << 56); // says 16, pointed at +8: no
+        w.global(1, w.at(other) + 8);
+        assert_eq!(classes(&w.run()), vec![PL, PL]);
+        let m = w.run_with(Options { prefixed_starts: true, ..Options::default() });
+        assert_eq!(classes(&m), vec![R, PL]);
     }
 
     #[test]

@@ -375,6 +375,7 @@ fn mark_roots(mk: &Marker<'_>, back: Option<&backref::Index>) -> Result<mark::Ma
         holder_word: Some(&mut holder_word),
         prefer_weak: Some(&mut prefer),
         prefixes: mk.prefixes,
+        prefixed_starts: mk.req.python.as_ref().is_some_and(|t| matches!(t.layout.minor, 11 | 12)),
         ..mark::Options::default()
     };
     Ok(mark::mark(blocks, &mroots, &mut mem, options)?)

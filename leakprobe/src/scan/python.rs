@@ -86,7 +86,14 @@ impl Part {
             if n < 16 || !snap.read(b.start, &mut head[..n]) {
                 continue;
             }
-            let Some(found) = typer.object(snap, b.start, b.size, &head[..n]) else { continue };
+            let Some(found) = typer.object(snap, b.start, b.size, &head[..n]) else {
+                if objects::dead_keys(typer.layout(), &head[..n]) {
+                    b.size = 8; // stale entries: not references
+                } else if let Some(e) = objects::keys_extent(typer.layout(), &head[..n]) {
+                    b.size = b.size.min(e);
+                }
+                continue;
+            };
             self.heap.objects_in_blocks += 1;
             let name = if b.site >= into.groups.first {
                 let name = name_of(found.tp);
@@ -141,7 +148,12 @@ impl Part {
                 None => into.groups.site(GroupKey::PythonStorage(pb.size)),
             };
             let index = into.blocks.len();
-            let mut b = mark::Block { start: pb.start, size: pb.size, site };
+            let size = match (pb.dead_keys, pb.keys_extent) {
+                (true, _) => 8,
+                (false, Some(e)) => pb.size.min(e),
+                (false, None) => pb.size,
+            };
+            let mut b = mark::Block { start: pb.start, size, site };
             if let Some(f) = pb.object {
                 self.shift(index, &mut b, f);
             }

@@ -304,6 +304,7 @@ fn arena_census(
     let walk = super::pymalloc::walk(mem, a, 48, &mut |start, size, bytes| {
         let found = typer.object(mem, start, size, bytes);
         match found {
+            Some(f) if f.dead => other += 1,
             Some(f) if !f.tracked => {
                 // The block is what the object takes (a str's characters are in it too).
                 objects += 1;
@@ -316,7 +317,9 @@ fn arena_census(
             None => other += 1,
         }
         if let Some(out) = blocks.as_deref_mut() {
-            out.push(PyBlock { start, size, object: found });
+            let dead_keys = found.is_none() && dead_keys(layout, bytes);
+            let keys_extent = if found.is_none() { keys_extent(layout, bytes) } else { None };
+            out.push(PyBlock { start, size, object: found, dead_keys, keys_extent });
         }
     });
     ArenaSummary { walk, objects, other_blocks: other }
@@ -330,6 +333,10 @@ pub struct PyBlock {
     /// The object in it; `None` for an object's separate storage (a list's items, a dict's
     /// keys) or a block on a free list.
     pub object: Option<Found>,
+    /// A dict keys table on the keys free list (see [`dead_keys`]).
+    pub dead_keys: bool,
+    /// A live dict keys table: the bytes it uses (see [`keys_extent`]).
+    pub keys_extent: Option<u64>,
 }
 
 /// An object found in a block.
@@ -347,12 +354,74 @@ pub struct Found {
     /// The bytes from the block's start that the object can use (see `Sizes::extent`): past
     /// them a block holds stale words from its last owner. `None`: not known.
     pub extent: Option<u64>,
+    /// A freed container kept on a free list: no object, and its words are stale.
+    pub dead: bool,
 }
 
 impl Found {
     /// The object's address in a block at `start`.
     pub fn object(&self, start: u64) -> u64 {
         start + self.offset
+    }
+}
+
+/// Whether a block that holds no object is a dict's keys table that was freed onto the
+/// interpreter's keys free list (`dk_refcnt` 0, a keys header otherwise): its entries are
+/// stale.
+pub fn dead_keys(layout: &ObjectLayout, bytes: &[u8]) -> bool {
+    let word = |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    if word(0) != Some(0) {
+        return false;
+    }
+    if layout.dict_311 {
+        let (Some(&log2_size), Some(&log2_index), Some(&kind), Some(n)) =
+            (bytes.get(8), bytes.get(9), bytes.get(10), word(24))
+        else {
+            return false;
+        };
+        (3..=30).contains(&log2_size)
+            && (log2_size..=log2_size + 3).contains(&log2_index)
+            && kind <= 2
+            && n <= 1 << log2_size
+    } else {
+        let (Some(size), Some(lookup), Some(n)) = (word(8), word(16), word(32)) else { return false };
+        size >= 8 && size <= 1 << 30 && size.is_power_of_two() && lookup != 0 && n <= size
+    }
+}
+
+/// The bytes a live dict keys table uses (header, indices, and every entry it can hold),
+/// if `bytes` (its first 48) read as one; past them the block holds stale words.
+pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
+    let word = |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let refcnt = word(0)?;
+    if refcnt == 0 || refcnt > u64::from(u32::MAX) {
+        return None;
+    }
+    // Index width: 1 byte up to 2^8 slots, 2 up to 2^16, 4 up to 2^32.
+    let width_log2 = |log2_size: u64| match log2_size {
+        ..8 => 0,
+        8..16 => 1,
+        _ => 2,
+    };
+    if layout.dict_311 {
+        let (log2_size, log2_index, kind) = (u64::from(*bytes.get(8)?), u64::from(*bytes.get(9)?), *bytes.get(10)?);
+        let (usable_left, n) = (word(16)?, word(24)?);
+        let capacity = (2u64 << log2_size.min(40)) / 3;
+        let entry = if kind == 0 { 24 } else { 16 };
+        let ok = (3..=30).contains(&log2_size)
+            && log2_index == log2_size + width_log2(log2_size)
+            && kind <= 2
+            && n <= capacity
+            && usable_left <= capacity;
+        ok.then(|| 32 + (1 << log2_index) + capacity * entry)
+    } else {
+        let (size, lookup, usable_left, n) = (word(8)?, word(16)?, word(24)?, word(32)?);
+        if !(8..=1 << 30).contains(&size) || !size.is_power_of_two() || lookup == 0 {
+            return None;
+        }
+        let capacity = 2 * size / 3;
+        (n <= capacity && usable_left <= capacity)
+            .then(|| 40 + (size << width_log2(u64::from(size.trailing_zeros()))) + capacity * 24)
     }
 }
 
@@ -367,6 +436,10 @@ pub struct BlockTyper<'a> {
 impl<'a> BlockTyper<'a> {
     pub fn new(layout: &'a ObjectLayout, names: &'a TypeNames<'a>) -> Self {
         BlockTyper { layout, names, sizes: Sizes::new(layout), types: HashMap::new() }
+    }
+
+    pub fn layout(&self) -> &ObjectLayout {
+        self.layout
     }
 
     /// The object in a block at `block` of `size` bytes whose first bytes (48 suffice) are
@@ -397,7 +470,7 @@ fn object_in_block(
         let (Some(refcnt), Some(tp)) = (word(off), word(off + OB_TYPE)) else { break };
         // A live object is referenced (a freed one on a free list is at 0); immortal ones
         // (3.12+) hold at most 2^32 - 1.
-        if refcnt == 0 || refcnt > u64::from(u32::MAX) || tp == 0 || tp % 8 != 0 {
+        if refcnt > u64::from(u32::MAX) || tp == 0 || tp % 8 != 0 {
             continue;
         }
         if !*types.entry(tp).or_insert_with(|| is_type(mem, tp) && names.is_named(mem, tp)) {
@@ -413,6 +486,24 @@ fn object_in_block(
         if off != expected || least > size - off {
             continue;
         }
+        if refcnt == 0 {
+            // A dead container kept on one of the interpreter's free lists (its collector
+            // header cleared): its words are stale, except a tuple's first item, which links
+            // the tuple free list. Anything else with no reference is no object.
+            // (A GC object sits after its header: `off` is at least 16 here.)
+            if !gc || word(off - GC_HEAD) != Some(0) || word(off - 8) != Some(0) {
+                continue;
+            }
+            let link = if sizes.shape(mem, tp).is_some_and(|s| s.is_tuple) { 16 } else { 0 };
+            return Some(Found {
+                tp,
+                offset: off,
+                preheader: 0,
+                tracked: false,
+                extent: Some(off + 16 + link),
+                dead: true,
+            });
+        }
         // A GC object whose head links it into a list was counted from the lists.
         let tracked = gc && word(off - GC_HEAD).is_some_and(|next| next != 0);
         let extent = if tp == names.unicode_type {
@@ -421,7 +512,7 @@ fn object_in_block(
         } else {
             sizes.extent(mem, block.wrapping_add(off), tp)
         };
-        return Some(Found { tp, offset: off, preheader: pre, tracked, extent });
+        return Some(Found { tp, offset: off, preheader: pre, tracked, extent, dead: false });
     }
     None
 }
@@ -529,6 +620,7 @@ struct TypeShape {
     item: u64,
     flags: u64,
     is_int: bool,
+    is_tuple: bool,
     /// Items that `ob_size` does not count (a 3.11+ generator's frame): the object's extent
     /// is not known from its type.
     open_ended: bool,
@@ -560,6 +652,7 @@ impl<'a> Sizes<'a> {
                 item: if not_var { 0 } else { word(TP_ITEMSIZE) },
                 flags: word(TP_FLAGS),
                 is_int: name == b"int\0",
+                is_tuple: name == b"tuple\0",
                 open_ended: not_var,
             })
         })
@@ -943,8 +1036,11 @@ mod tests {
         assert!(at(&block(&[1, 0x63_0000, 0, 0, 0, 0]), 48).is_none());
         // A GC type at the block's start would have no head: not an object there.
         assert!(at(&block(&[1, list_t, 0, 0, 0, 0]), 48).is_none());
-        // A freed object on a free list: no reference left.
+        // A freed object with no reference left: no object, unless a container with its
+        // collector header cleared (on a free list), which is dead.
         assert!(at(&block(&[0, str_t, 3, 0, 0, 0]), 64).is_none());
+        assert!(at(&block(&[0, 0, 0, tuple_t, 2, 0]), 48).is_some_and(|f| f.dead && f.extent == Some(48)));
+        assert!(at(&block(&[0, 0, 0, list_t, 0, 0]), 64).is_some_and(|f| f.dead && f.extent == Some(32)));
         assert!(at(&block(&[1, 0x66_0000, 3, 0, 0, 0]), 64).is_none());
     }
 
