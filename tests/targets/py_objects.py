@@ -1,11 +1,12 @@
 """A Python program whose objects the census counts (tests/python_objects.rs).
 
-py_objects.py TRUTH_FILE [BURSTS]: runs BURSTS bursts (default 3), each keeping
+py_objects.py TRUTH_FILE [BURSTS [gc-on]]: runs BURSTS bursts (default 3), each keeping
 - 1000 two-object cycles of Node (the cycle collector is off: gc.disable()),
 - 5000 small tuples in a registry dict,
 - 200 bytearrays of 48 KiB in a global dict cache,
 - 100 closures in a listeners list,
-then writes its own ground truth to TRUTH_FILE (gc.get_objects() counted by type as
+then (with gc-on: turns the collector on and collects, which frees the cycles) writes its
+own ground truth to TRUTH_FILE (gc.get_objects() counted by type as
 "module.qualname count" lines, and "sys.getallocatedblocks N": pymalloc's blocks in use),
 prints
 "ready" and idles without making objects until killed.
@@ -80,6 +81,9 @@ def main():
         fill_registry(b)
         fill_cache(b)
         add_listeners(b)
+    if len(sys.argv) > 3 and sys.argv[3] == "gc-on":
+        gc.enable()
+        gc.collect()
     truth(path)
     print("ready", flush=True)
     while True:

@@ -189,7 +189,11 @@ fn python_cycle_lines(out: &mut String, p: &crate::report::scan::PythonObjects) 
         );
     }
     if p.cycles.len() > PYTHON_CYCLES_SHOWN {
-        let _ = writeln!(out, "    ... {} more kinds of cycle in the JSON report", p.cycles.len() - PYTHON_CYCLES_SHOWN);
+        let _ = writeln!(
+            out,
+            "    ... {} more kinds of cycle in the JSON report",
+            p.cycles.len() - PYTHON_CYCLES_SHOWN
+        );
     }
 }
 

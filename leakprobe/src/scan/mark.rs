@@ -676,7 +676,8 @@ impl Heap {
         for p in prefixes {
             let bad = MarkError::BadPrefix { block: p.block, start: p.start, end: p.end };
             let k = *sorted_of.get(p.block).ok_or(bad.clone())?;
-            let prev_end = k.checked_sub(1).map_or(0, |j| self.ext[j as usize].start + self.ext[j as usize].size);
+            let prev_end =
+                k.checked_sub(1).map_or(0, |j| self.ext[j as usize].start + self.ext[j as usize].size);
             if p.start >= p.end || p.end > self.ext[k as usize].start || p.start < prev_end {
                 return Err(bad);
             }
@@ -1760,14 +1761,22 @@ fn shapes(list: &[Cycle], max: usize) -> (Vec<CycleShape>, Rest) {
     for c in list {
         let mut key: Vec<(u32, u64)> = c.sites.iter().map(|s| (s.site, s.blocks)).collect();
         key.sort_unstable();
-        let e = by.entry(key.clone()).or_insert(CycleShape { sites: key, count: 0, blocks: 0, bytes: 0, example: c.first });
+        let e = by.entry(key.clone()).or_insert(CycleShape {
+            sites: key,
+            count: 0,
+            blocks: 0,
+            bytes: 0,
+            example: c.first,
+        });
         e.count += 1;
         e.blocks += c.blocks;
         e.bytes += c.bytes;
         e.example = e.example.min(c.first);
     }
     let mut shapes: Vec<CycleShape> = by.into_values().collect();
-    shapes.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)).then(a.sites.cmp(&b.sites)));
+    shapes.sort_unstable_by(|a, b| {
+        b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)).then(a.sites.cmp(&b.sites))
+    });
     let mut rest = Rest::default();
     for s in shapes.iter().skip(max) {
         rest.count += s.count;
@@ -1854,11 +1863,7 @@ mod tests {
             mem.map(GLOBALS, PAGE);
             mem.map(HEAP, 1 << 20);
             let ranges = vec![RootRange { start: GLOBALS, len: PAGE, root: GLOBAL_ROOT }];
-            World {
-                mem,
-                blocks: Vec::new(),
-                roots: Roots { ranges, ..Roots::default() },
-            }
+            World { mem, blocks: Vec::new(), roots: Roots { ranges, ..Roots::default() } }
         }
 
         /// A block at `HEAP + off`; returns its index.
@@ -2389,7 +2394,10 @@ mod tests {
         let named = Retainer::Root(RootRef { root: 7, slot: RootSlot::Value { index: 1 } });
         assert_eq!(m.blocks[list].retainer, named);
         assert_eq!(m.blocks[item].retainer, Retainer::Block { index: list, offset: 0 });
-        assert_eq!(site(&m, 2).holders[0].by, HeldBy::Root(RootRef { root: 7, slot: RootSlot::Value { index: 1 } }));
+        assert_eq!(
+            site(&m, 2).holders[0].by,
+            HeldBy::Root(RootRef { root: 7, slot: RootSlot::Value { index: 1 } })
+        );
         assert_eq!(classes(&m), vec![R, R, R]);
     }
 
@@ -2467,10 +2475,8 @@ mod tests {
         mem.put(GLOBALS, BASE);
         let blocks: Vec<Block> =
             (0..2 * N).map(|i| Block { start: BASE + i * 16, size: 16, site: 1 }).collect();
-        let roots = Roots {
-            ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }],
-            ..Roots::default()
-        };
+        let roots =
+            Roots { ranges: vec![RootRange { start: GLOBALS, len: PAGE, root: 1 }], ..Roots::default() };
         let m = mark(&blocks, &roots, &mut mem, Options::default()).expect("marks");
         let s = site(&m, 1);
         assert_eq!(s.tallies.reachable.blocks, N);

@@ -201,6 +201,8 @@ pub struct PythonHeap {
     pub roots_error: Option<String>,
     /// Tracked sites whose blocks are Python objects: the type of the first one seen.
     pub tracked_types: HashMap<u32, String>,
+    /// Lists' item arrays scanned up to the list's length only.
+    pub trimmed_item_arrays: u64,
 }
 
 impl crate::runtimes::Memory for Snapshot {
@@ -262,7 +264,11 @@ impl<'a> Captured<'a> {
         let mut groups = Groups::new(tracked.first_group);
         let census = req.census.map(|v| take_census(&snap, v, &mut groups, &mut blocks, &mut exclude));
         let mut py = req.python.as_ref().map(|t| {
-            python::take(&snap, t, &mut python::Into { groups: &mut groups, blocks: &mut blocks, exclude: &mut exclude })
+            python::take(
+                &snap,
+                t,
+                &mut python::Into { groups: &mut groups, blocks: &mut blocks, exclude: &mut exclude },
+            )
         });
         let data_ends = module_data_ends(&snap);
         let layout =
@@ -678,7 +684,8 @@ fn name_holders(
     python: Option<&crate::runtimes::cpython::objects::Target>,
 ) -> HashMap<RootRef, HolderName> {
     let mut globals = Globals::new(snap);
-    let mut py_names = python.map(|t| crate::runtimes::cpython::objects::TypeNames::new(&t.layout, t.unicode_type));
+    let mut py_names =
+        python.map(|t| crate::runtimes::cpython::objects::TypeNames::new(&t.layout, t.unicode_type));
     let mut out = HashMap::new();
     // The sites' holders, and the roots of the paths to the blocks other sites hold.
     let refs: Vec<RootRef> = marking
@@ -697,7 +704,8 @@ fn name_holders(
         }
         let Some(name) = name_root(r, roots, snap, &mut globals) else { continue };
         // A Python name: what it holds, in a few words.
-        if let (Some(RootKind::Python { value, .. }), Some(names)) = (roots.kinds.get(r.root as usize), py_names.as_mut())
+        if let (Some(RootKind::Python { value, .. }), Some(names)) =
+            (roots.kinds.get(r.root as usize), py_names.as_mut())
             && let Some(what) = crate::runtimes::cpython::roots::describe(snap, names, *value)
         {
             out.insert(r, HolderName { name: format!("{} ({what})", name.name), ..name });
@@ -873,7 +881,9 @@ fn name_root(r: RootRef, roots: &roots::Roots, snap: &Snapshot, globals: &mut Gl
         (RootKind::File { path }, _) => {
             HolderName { kind: "file", name: format!("file mapping {path}"), frame_ip: None }
         }
-        (RootKind::Python { name, .. }, _) => HolderName { kind: "python", name: name.clone(), frame_ip: None },
+        (RootKind::Python { name, .. }, _) => {
+            HolderName { kind: "python", name: name.clone(), frame_ip: None }
+        }
         (k, _) => HolderName { kind: k.class(), name: format!("{k:?}"), frame_ip: None },
     })
 }

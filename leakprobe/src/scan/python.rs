@@ -26,6 +26,13 @@ pub(super) struct Part {
     /// The pre-headers of 3.11+ objects: scanned as the object's.
     pub prefixes: Vec<mark::Prefix>,
     named: Vec<NamedRoot>,
+    /// Every object in a block, live ones only.
+    objects: Vec<Obj>,
+}
+
+struct Obj {
+    addr: u64,
+    tp: u64,
 }
 
 impl Part {
@@ -46,7 +53,13 @@ impl Part {
 pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
     let mut arena_blocks = Vec::new();
     let census = objects::census(snap, t, Some(&mut arena_blocks));
-    let mut part = Part { census, heap: PythonHeap::default(), prefixes: Vec::new(), named: Vec::new() };
+    let mut part = Part {
+        census,
+        heap: PythonHeap::default(),
+        prefixes: Vec::new(),
+        named: Vec::new(),
+        objects: Vec::new(),
+    };
     let names = TypeNames::new(&t.layout, t.unicode_type);
     let mut typer = BlockTyper::new(&t.layout, &names);
     let mut type_names = TypeNames::new(&t.layout, t.unicode_type);
@@ -58,6 +71,7 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         into.exclude.extend_from_slice(&a.walk.known);
         part.add_arena_blocks(&arena_blocks, &mut name_of, into);
     }
+    part.trim_list_items(snap, into.blocks, &mut name_of);
     match pyroots::named_roots(snap, t) {
         Ok(r) => {
             part.heap.roots = r.roots.len() as u64;
@@ -116,9 +130,43 @@ impl Part {
         let start = b.start;
         let end = found.extent.map_or(b.size, |e| e.min(b.size));
         b.start = found.object(start);
+        if !found.dead {
+            self.objects.push(Obj { addr: b.start, tp: found.tp });
+        }
         b.size = end.saturating_sub(found.offset);
         if found.preheader > 0 {
             self.prefixes.push(mark::Prefix { block: index, start, end: start + found.preheader });
+        }
+    }
+
+    /// A list's item array is scanned up to its length only: the capacity past it holds
+    /// whatever the memory held before (a freed list's items, say), which is no reference.
+    fn trim_list_items(
+        &mut self,
+        snap: &Snapshot,
+        blocks: &mut [mark::Block],
+        name_of: &mut dyn FnMut(u64) -> String,
+    ) {
+        let mut is_list: HashMap<u64, bool> = HashMap::new();
+        let mut items: Vec<(u64, u64)> = Vec::new();
+        for o in &self.objects {
+            let list = *is_list.entry(o.tp).or_insert_with(|| name_of(o.tp) == "list");
+            let mut w = [0u8; 16];
+            if !list || !snap.read(o.addr + 16, &mut w) {
+                continue;
+            }
+            let len = u64::from_le_bytes(w[..8].try_into().unwrap_or_default());
+            let at = u64::from_le_bytes(w[8..].try_into().unwrap_or_default());
+            if at != 0 && len < 1 << 40 {
+                items.push((at, len * 8));
+            }
+        }
+        items.sort_unstable();
+        for b in blocks.iter_mut() {
+            if let Ok(i) = items.binary_search_by_key(&b.start, |x| x.0) {
+                b.size = b.size.min(items[i].1);
+                self.heap.trimmed_item_arrays += 1;
+            }
         }
     }
 

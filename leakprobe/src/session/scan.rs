@@ -375,15 +375,7 @@ impl<'a> Names<'a> {
             .iter()
             .filter_map(|s| Some((s.site, (s.holders.first()?.by, s.tallies.reachable.blocks))))
             .collect();
-        Names {
-            out,
-            keys,
-            groups: &out.groups,
-            stacks,
-            symbolizer,
-            labels: HashMap::new(),
-            first,
-        }
+        Names { out, keys, groups: &out.groups, stacks, symbolizer, labels: HashMap::new(), first }
     }
 
     fn group_of(&self, site: u32) -> Option<&'a scan::GroupKey> {
@@ -520,15 +512,27 @@ impl<'a> Names<'a> {
         }
         let (kind, root_name) = self.root(root?);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let raw: Vec<String> = steps.iter().rev().map(|&(s, n)| format!("{} x{n}", self.label(s))).collect();
+            let raw: Vec<String> =
+                steps.iter().rev().map(|&(s, n)| format!("{} x{n}", self.label(s))).collect();
             let mut offs = Vec::new();
             let mut c = example;
-            while let Some(mark::Retainer::Block { index, offset }) = self.out.marking.blocks.get(c).map(|o| o.retainer) {
-                offs.push(format!("{:#x}+{offset:#x}(size {})", self.out.blocks[index].start, self.out.blocks[index].size));
+            while let Some(mark::Retainer::Block { index, offset }) =
+                self.out.marking.blocks.get(c).map(|o| o.retainer)
+            {
+                offs.push(format!(
+                    "{:#x}+{offset:#x}(size {})",
+                    self.out.blocks[index].start, self.out.blocks[index].size
+                ));
                 c = index;
-                if offs.len() > 20 { break; }
+                if offs.len() > 20 {
+                    break;
+                }
             }
-            tracing::debug!("path of block {example}: {root_name} -> {} [{}]", raw.join(" -> "), offs.join(" <- "));
+            tracing::debug!(
+                "path of block {example}: {root_name} -> {} [{}]",
+                raw.join(" -> "),
+                offs.join(" <- ")
+            );
         }
         let mut parts = vec![root_name];
         // After a Python root, its value is the first step: the root's name says what it is.
@@ -558,10 +562,13 @@ impl<'a> Names<'a> {
             for &(site, n) in &shape.sites {
                 let (ty, allocated) = match self.group_of(site) {
                     Some(scan::GroupKey::Python(t)) => (t.clone(), "from before attach".to_string()),
-                    _ => match self.out.python_heap.as_ref().and_then(|p| p.tracked_types.get(&site).cloned()) {
-                        Some(t) => (t, self.label(site)),
-                        None => continue,
-                    },
+                    _ => {
+                        match self.out.python_heap.as_ref().and_then(|p| p.tracked_types.get(&site).cloned())
+                        {
+                            Some(t) => (t, self.label(site)),
+                            None => continue,
+                        }
+                    }
                 };
                 objects.push(PythonCycleObjects { r#type: ty, count: n, allocated });
             }
@@ -575,7 +582,12 @@ impl<'a> Names<'a> {
                     c.blocks += shape.blocks;
                     c.bytes += shape.bytes;
                 }
-                None => by.push(PythonCycle { count: shape.count, objects, blocks: shape.blocks, bytes: shape.bytes }),
+                None => by.push(PythonCycle {
+                    count: shape.count,
+                    objects,
+                    blocks: shape.blocks,
+                    bytes: shape.bytes,
+                }),
             }
         }
         by.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
@@ -590,10 +602,12 @@ impl<'a> Names<'a> {
             .map(|h| {
                 let (kind, holder) = match h.by {
                     mark::HeldBy::Root(r) => self.root(r),
-                    mark::HeldBy::Site(other) => match python.then(|| self.python_path(h.example)).flatten() {
-                        Some(path) => path,
-                        None => ("site".to_string(), self.chain_from(s.site, other)),
-                    },
+                    mark::HeldBy::Site(other) => {
+                        match python.then(|| self.python_path(h.example)).flatten() {
+                            Some(path) => path,
+                            None => ("site".to_string(), self.chain_from(s.site, other)),
+                        }
+                    }
                 };
                 Holder {
                     kind,

@@ -43,6 +43,8 @@ const HEAPTYPE: u64 = 1 << 9;
 const HAVE_GC: u64 = 1 << 14;
 const MANAGED_DICT: u64 = 1 << 4;
 const MANAGED_WEAKREF: u64 = 1 << 3;
+/// 3.13: `Py_TPFLAGS_INLINE_VALUES`, an instance's attribute values right after it.
+const INLINE_VALUES: u64 = 1 << 2;
 /// `PyGC_Head`'s size: the object follows it.
 pub const GC_HEAD: u64 = 16;
 /// Objects walked at most, over every list: a bound on a corrupt or enormous heap.
@@ -244,7 +246,11 @@ impl Census {
 
 /// Takes the census of the collector's lists and of pymalloc's arenas, and names the types.
 /// With `blocks`, also lists every pymalloc block in use (for the reachability scan).
-pub fn census(mem: &dyn Memory, t: &Target, blocks: Option<&mut Vec<PyBlock>>) -> Result<Census, ObjectsError> {
+pub fn census(
+    mem: &dyn Memory,
+    t: &Target,
+    blocks: Option<&mut Vec<PyBlock>>,
+) -> Result<Census, ObjectsError> {
     let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
     let GcCensus { mut by_type, permanent, enabled, garbage, generations } =
         gc_census(mem, &t.layout, interp)?;
@@ -369,7 +375,8 @@ impl Found {
 /// interpreter's keys free list (`dk_refcnt` 0, a keys header otherwise): its entries are
 /// stale.
 pub fn dead_keys(layout: &ObjectLayout, bytes: &[u8]) -> bool {
-    let word = |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let word =
+        |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     if word(0) != Some(0) {
         return false;
     }
@@ -392,7 +399,8 @@ pub fn dead_keys(layout: &ObjectLayout, bytes: &[u8]) -> bool {
 /// The bytes a live dict keys table uses (header, indices, and every entry it can hold),
 /// if `bytes` (its first 48) read as one; past them the block holds stale words.
 pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
-    let word = |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let word =
+        |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     let refcnt = word(0)?;
     if refcnt == 0 || refcnt > u64::from(u32::MAX) {
         return None;
@@ -404,7 +412,8 @@ pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
         _ => 2,
     };
     if layout.dict_311 {
-        let (log2_size, log2_index, kind) = (u64::from(*bytes.get(8)?), u64::from(*bytes.get(9)?), *bytes.get(10)?);
+        let (log2_size, log2_index, kind) =
+            (u64::from(*bytes.get(8)?), u64::from(*bytes.get(9)?), *bytes.get(10)?);
         let (usable_left, n) = (word(16)?, word(24)?);
         let capacity = (2u64 << log2_size.min(40)) / 3;
         let entry = if kind == 0 { 24 } else { 16 };
@@ -653,7 +662,9 @@ impl<'a> Sizes<'a> {
                 flags: word(TP_FLAGS),
                 is_int: name == b"int\0",
                 is_tuple: name == b"tuple\0",
-                open_ended: not_var,
+                // 3.13 keeps an instance's attributes inline after it, as many as its class
+                // has come to need.
+                open_ended: not_var || (self.layout.minor >= 13 && word(TP_FLAGS) & INLINE_VALUES != 0),
             })
         })
     }
@@ -1019,8 +1030,9 @@ mod tests {
         let block = |words: &[u64]| words.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
         let (mut sizes, mut types) = (Sizes::new(&l), HashMap::new());
         let names = TypeNames::new(&l, UNICODE);
-        let mut at =
-            |bytes: &[u8], size| object_in_block(&m, &l, &mut sizes, &mut types, &names, 0x70_0000, size, bytes);
+        let mut at = |bytes: &[u8], size| {
+            object_in_block(&m, &l, &mut sizes, &mut types, &names, 0x70_0000, size, bytes)
+        };
         // A str: refcount, then its type, at the block's start.
         let untracked = |f: Option<Found>, tp: u64, offset: u64| {
             f.is_some_and(|f| (f.tp, f.offset, f.preheader, f.tracked) == (tp, offset, 0, false))
@@ -1029,7 +1041,9 @@ mod tests {
         // An untracked tuple: a GC head of zeros, then the object.
         assert!(untracked(at(&block(&[0, 0, 1, tuple_t, 2, 0]), 48), tuple_t, GC_HEAD));
         // A tracked list: its head links it into a list; counted there.
-        assert!(at(&block(&[0x7000, 0x7100, 1, list_t, 0, 0]), 64).is_some_and(|f| f.tracked && f.tp == list_t));
+        assert!(
+            at(&block(&[0x7000, 0x7100, 1, list_t, 0, 0]), 64).is_some_and(|f| f.tracked && f.tp == list_t)
+        );
         // A list's item array: pointers to objects, no type at any offset.
         assert!(at(&block(&[0x9100, 0x9200, 0x9300, 0x9400, 0x9500, 0x9600]), 48).is_none());
         // A pointer whose type is no type.
@@ -1101,7 +1115,11 @@ mod tests {
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
         assert_eq!(
             got,
-            [("module app, global cache", 0xaaa0), ("module app, global <key>", 0xbbb0), ("gc.garbage", 0xccc0)]
+            [
+                ("module app, global cache", 0xaaa0),
+                ("module app, global <key>", 0xbbb0),
+                ("gc.garbage", 0xccc0)
+            ]
         );
         assert_eq!((r.modules, r.unreadable_modules, r.dropped), (1, 0, 0));
     }

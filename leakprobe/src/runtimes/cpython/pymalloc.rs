@@ -305,7 +305,10 @@ mod tests {
         let mut seen = Vec::new();
         let w = walk(&mem, &a, 16, &mut |b, size, bytes| seen.push((b, size, bytes.len())));
         // Every carved pool checked out: the whole arena is known.
-        assert_eq!(w, Walk { arenas: 1, pools: 2, blocks: 4, bad_pools: 0, known: vec![(arena, arena + (1 << 20))] });
+        assert_eq!(
+            w,
+            Walk { arenas: 1, pools: 2, blocks: 4, bad_pools: 0, known: vec![(arena, arena + (1 << 20))] }
+        );
         assert_eq!(
             seen,
             [

@@ -126,7 +126,9 @@ pub fn describe(mem: &dyn Memory, names: &mut TypeNames, obj: u64) -> Option<Str
     let q = name.qualname.as_str();
     let size = match (name.module.as_str(), q) {
         ("builtins", "dict") => count(DICT_USED).map(|n| format!("{n} {}", plural(n, "entry", "entries"))),
-        ("builtins", "list" | "tuple") => count(OB_SIZE).map(|n| format!("{n} {}", plural(n, "item", "items"))),
+        ("builtins", "list" | "tuple") => {
+            count(OB_SIZE).map(|n| format!("{n} {}", plural(n, "item", "items")))
+        }
         ("builtins", "set" | "frozenset") => {
             count(SET_USED).map(|n| format!("{n} {}", plural(n, "item", "items")))
         }

@@ -1,0 +1,36 @@
+"""A Python program whose memory is held by module globals (tests/python_holders.rs, issue 23).
+
+py_holders.py: fills a module-level dict `cache` (48 KiB bytearrays by user) and a list
+`listeners` (closures) before it prints "ready", then keeps adding one of each every few
+milliseconds until killed. The containers themselves are from before any attach; what goes
+into them after is allocated at the two lines marked CACHE and LISTENERS."""
+import time
+
+cache = {}
+listeners = []
+
+
+def remember(user):
+    cache[user] = bytearray(48 * 1024)  # CACHE
+
+
+def subscribe(i):
+    def on_event(event):  # LISTENERS
+        return event, i
+    listeners.append(on_event)
+
+
+def main():
+    for i in range(100):
+        remember(f"early-{i}")
+        subscribe(i)
+    print("ready", flush=True)
+    i = 0
+    while True:
+        remember(f"user-{i}")
+        subscribe(i)
+        i += 1
+        time.sleep(0.004)
+
+
+main()
