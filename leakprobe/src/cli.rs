@@ -401,6 +401,12 @@ pub struct TraceOpts {
     /// in-use and free bytes. glibc only.
     #[arg(long)]
     pub census: bool,
+    /// With --scan on a CPython target: draw the shortest reference paths from roots (module
+    /// globals, stacks) to a few objects of this type, as objgraph's show_backrefs does: in
+    /// the report, and as a picture with --backrefs-svg. A class name (Node) or module and
+    /// name (app.Node). Implies --scan.
+    #[arg(long, value_name = "TYPE")]
+    pub backrefs: Option<String>,
     /// The longest the target may stay stopped for a scan (e.g. 200ms): the scan is abandoned
     /// rather than exceed it.
     #[arg(long, default_value = "200ms", value_name = "D")]
@@ -423,6 +429,10 @@ pub struct ExportOpts {
     /// Write the folded stacks of outstanding bytes (root first, `;`-separated, then bytes).
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
+    /// With --backrefs: write its paths as an SVG picture (roots on top, the objects at the
+    /// bottom), for a browser.
+    #[arg(long, value_name = "FILE.svg")]
+    pub backrefs_svg: Option<PathBuf>,
 }
 
 /// The formats of [`ExportOpts`].
@@ -431,6 +441,7 @@ pub enum ExportKind {
     Pprof,
     Flamegraph,
     Folded,
+    BackrefsSvg,
 }
 
 impl ExportKind {
@@ -439,6 +450,7 @@ impl ExportKind {
             ExportKind::Pprof => "--pprof",
             ExportKind::Flamegraph => "--flamegraph",
             ExportKind::Folded => "--folded",
+            ExportKind::BackrefsSvg => "--backrefs-svg",
         }
     }
 }
@@ -450,6 +462,7 @@ impl ExportOpts {
             (ExportKind::Pprof, &self.pprof),
             (ExportKind::Flamegraph, &self.flamegraph),
             (ExportKind::Folded, &self.folded),
+            (ExportKind::BackrefsSvg, &self.backrefs_svg),
         ]
         .into_iter()
         .filter_map(|(kind, p)| p.as_ref().map(|p| (kind, p)))
@@ -513,6 +526,8 @@ pub struct ScanConfig {
     pub max_pause: Duration,
     /// `--census`: the whole glibc heap too.
     pub census: bool,
+    /// `--backrefs TYPE`: a CPython target's paths from roots to objects of this type.
+    pub backrefs: Option<String>,
 }
 
 /// Validated settings.
@@ -721,7 +736,13 @@ impl TryFrom<Cli> for Config {
                 why: "it measures uprobes at the functions",
             });
         }
-        let scan = if opts.scan || opts.scan_every.is_some() || opts.census {
+        if opts.export.backrefs_svg.is_some() && opts.backrefs.is_none() {
+            return Err(ConfigError::Needs { flag: "--backrefs-svg", needs: "--backrefs TYPE" });
+        }
+        if opts.backrefs.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Needs { flag: "--backrefs", needs: "a type name (Node, app.Node)" });
+        }
+        let scan = if opts.scan || opts.scan_every.is_some() || opts.census || opts.backrefs.is_some() {
             let max_pause = duration("--max-pause", &opts.max_pause)?;
             if max_pause.is_zero() {
                 return Err(ConfigError::Zero { flag: "--max-pause" });
@@ -739,7 +760,7 @@ impl TryFrom<Cli> for Config {
                     why: "run scans once, when the command calls exit(); use attach for periodic scans",
                 });
             }
-            Some(ScanConfig { every, max_pause, census: opts.census })
+            Some(ScanConfig { every, max_pause, census: opts.census, backrefs: opts.backrefs.clone() })
         } else {
             None
         };

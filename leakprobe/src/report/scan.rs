@@ -177,6 +177,9 @@ pub struct PythonObjects {
     /// make-up, most cycles first: with the collector off, or for types it cannot free,
     /// they stay forever; with it on, its next collection frees them.
     pub cycles: Vec<PythonCycle>,
+    /// `--backrefs TYPE`: the paths from roots to a few objects of the type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backrefs: Option<Backrefs>,
     /// What the collector will do with them: "the cycle collector is disabled
     /// (gc.disable()): they are never freed", or "the next collection frees them".
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -184,6 +187,29 @@ pub struct PythonObjects {
     /// Why there is no census this time (the collector was running, a list did not check out).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The paths from roots to a few objects of one type (objgraph's `show_backrefs`), from the
+/// scan's marking: each node a root, an object on a path, or one of the objects asked for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Backrefs {
+    /// The type asked for.
+    pub r#type: String,
+    /// Objects of it in the snapshot, and those drawn.
+    pub found: u64,
+    pub drawn: u64,
+    pub nodes: Vec<BackrefNode>,
+    /// (from, to) node indices: `from` holds a pointer to `to`.
+    pub edges: Vec<(usize, usize)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackrefNode {
+    pub label: String,
+    /// "root", "object" or "target".
+    pub kind: String,
 }
 
 /// Cycles of Python objects of one make-up.

@@ -14,7 +14,7 @@
 pub mod backref;
 pub mod census;
 pub mod mark;
-mod python;
+pub mod python;
 pub mod roots;
 pub mod snapshot;
 
@@ -62,6 +62,8 @@ pub struct Request {
     pub hold_after_capture: Duration,
     /// A CPython target: also take the census of its live objects by type.
     pub python: Option<crate::runtimes::cpython::objects::Target>,
+    /// `--backrefs TYPE`: draw the paths from roots to a few Python objects of this type.
+    pub backrefs: Option<String>,
 }
 
 /// The tracked blocks as they were at the capture's instant; `site` indexes the caller's
@@ -160,6 +162,8 @@ pub struct Outcome {
     /// The groups of untracked blocks (the glibc census's, then the Python heap's): group `i`
     /// is site `first_group + i`.
     pub groups: Vec<GroupKey>,
+    /// `--backrefs`: the paths to a few objects of the type asked for, roots named.
+    pub backrefs: Option<python::Graph>,
 }
 
 /// The groups of untracked blocks, each a site id after the tracked ones.
@@ -287,7 +291,35 @@ impl<'a> Captured<'a> {
         if back.is_some() {
             marking = marker.mark(back.as_ref())?;
         }
-        let holders = name_holders(&marking, &roots, &snap, back.as_ref(), req.python.as_ref());
+        let mut backrefs = match (req.backrefs.as_deref(), req.python.as_ref(), py.as_ref()) {
+            (Some(asked), Some(target), Some(p)) => Some(
+                python::Backrefs {
+                    snap: &snap,
+                    marking: &marking,
+                    blocks: &blocks,
+                    groups: &groups.keys,
+                    first_group: groups.first,
+                    heap: &p.heap,
+                    target,
+                }
+                .build(asked),
+            ),
+            _ => None,
+        };
+        let graph_roots: Vec<RootRef> = backrefs
+            .iter()
+            .flat_map(|g| g.nodes.iter())
+            .filter_map(|n| match n.kind {
+                python::NodeKind::Root(r) => Some(r),
+                python::NodeKind::Block(_) => None,
+            })
+            .collect();
+        let holders = name_holders(&marking, &roots, &snap, back.as_ref(), req.python.as_ref(), &graph_roots);
+        for n in backrefs.iter_mut().flat_map(|g| g.nodes.iter_mut()) {
+            if let python::NodeKind::Root(r) = n.kind {
+                n.label = holders.get(&r).map_or_else(|| format!("root {}", r.root), |h| h.name.clone());
+            }
+        }
         let (python, python_heap) = match py {
             Some(p) => (Some(p.census), Some(p.heap)),
             None => (None, None),
@@ -313,6 +345,7 @@ impl<'a> Captured<'a> {
             python,
             python_heap,
             groups: groups.keys,
+            backrefs,
         })
     }
 }
@@ -682,6 +715,7 @@ fn name_holders(
     snap: &Snapshot,
     back: Option<&backref::Index>,
     python: Option<&crate::runtimes::cpython::objects::Target>,
+    extra: &[RootRef],
 ) -> HashMap<RootRef, HolderName> {
     let mut globals = Globals::new(snap);
     let mut py_names =
@@ -696,6 +730,7 @@ fn name_holders(
             HeldBy::Root(r) => Some(r),
             HeldBy::Site(_) => path_root(marking, h.example),
         })
+        .chain(extra.iter().copied())
         .collect();
     let untracked = |r: &RootRef| roots.kinds.get(r.root as usize).is_some_and(is_untracked);
     for r in refs {

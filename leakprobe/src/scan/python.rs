@@ -210,3 +210,179 @@ impl Part {
         }
     }
 }
+
+/// Objects drawn at most by `--backrefs`, and how far up from each.
+pub const BACKREF_OBJECTS: usize = 5;
+const BACKREF_DEPTH: usize = 12;
+
+/// What `--backrefs` draws: the paths from roots to a few objects of one type, as objgraph's
+/// `show_backrefs` does, from the marking's own retainers.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// (from, to): `from` holds a pointer to `to`.
+    pub edges: Vec<(usize, usize)>,
+    /// Objects of the type in the snapshot.
+    pub found: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeKind {
+    Root(mark::RootRef),
+    /// A block (the scan's index).
+    Block(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub kind: NodeKind,
+    /// What it is: a type and its size, or a root's name (filled in when roots are named).
+    pub label: String,
+    /// One of the objects asked for.
+    pub target: bool,
+}
+
+/// Whether a type's name (`module.qualname`, or `qualname` for builtins) is the one asked
+/// for: in full, or by its qualified name alone.
+pub fn type_matches(name: &str, asked: &str) -> bool {
+    name == asked || name.rsplit_once('.').is_some_and(|(_, q)| q == asked)
+}
+
+/// Builds the graph; the snapshot is read for the cycles' back edges and the labels.
+pub(super) struct Backrefs<'a> {
+    pub snap: &'a Snapshot,
+    pub marking: &'a mark::Marking,
+    pub blocks: &'a [mark::Block],
+    pub groups: &'a [GroupKey],
+    pub first_group: u32,
+    pub heap: &'a PythonHeap,
+    pub target: &'a Target,
+}
+
+impl Backrefs<'_> {
+    fn type_of(&self, b: usize) -> Option<&str> {
+        let site = self.blocks.get(b)?.site;
+        match site.checked_sub(self.first_group).and_then(|g| self.groups.get(g as usize)) {
+            Some(GroupKey::Python(t)) => Some(t),
+            Some(_) => None,
+            None => self.heap.tracked_types.get(&site).map(String::as_str),
+        }
+    }
+
+    /// Up the retainers past storage blocks (a dict's keys, a list's items) to the object
+    /// that owns them, if the chain goes on.
+    fn owner(&self, mut b: usize) -> usize {
+        for _ in 0..4 {
+            if self.type_of(b).is_some() {
+                break;
+            }
+            match self.marking.blocks[b].retainer {
+                mark::Retainer::Block { index, .. } | mark::Retainer::Clique { parent: index, .. } => {
+                    b = index
+                }
+                _ => break,
+            }
+        }
+        b
+    }
+
+    pub fn build(&self, asked: &str) -> Graph {
+        let mut candidates: Vec<usize> = (0..self.blocks.len())
+            .filter(|&b| self.type_of(b).is_some_and(|t| type_matches(t, asked)))
+            .collect();
+        let mut g = Graph { found: candidates.len() as u64, ..Graph::default() };
+        // As most of them are: held (nearest a root first), or lost (in cycles, say).
+        let reachable = |b: usize| self.marking.blocks[b].class == mark::Class::Reachable;
+        let held = candidates.iter().filter(|&&b| reachable(b)).count();
+        let most_held = 2 * held >= candidates.len();
+        candidates.sort_by_key(|&b| (reachable(b) != most_held, self.marking.blocks[b].depth, b));
+        let mut index: HashMap<NodeKind, usize> = HashMap::new();
+        let mut node = |g: &mut Graph, kind: NodeKind| -> (usize, bool) {
+            if let Some(&i) = index.get(&kind) {
+                return (i, false);
+            }
+            g.nodes.push(Node { kind, label: String::new(), target: false });
+            index.insert(kind, g.nodes.len() - 1);
+            (g.nodes.len() - 1, true)
+        };
+        for &c in candidates.iter().take(BACKREF_OBJECTS) {
+            let (mut cur_node, _) = node(&mut g, NodeKind::Block(c));
+            g.nodes[cur_node].target = true;
+            let mut cur = c;
+            for _ in 0..BACKREF_DEPTH {
+                let (parent, kind) = match self.marking.blocks[cur].retainer {
+                    mark::Retainer::Block { index, .. } | mark::Retainer::Clique { parent: index, .. } => {
+                        let p = self.owner(index);
+                        (Some(p), NodeKind::Block(p))
+                    }
+                    mark::Retainer::Root(r) => (None, NodeKind::Root(r)),
+                    mark::Retainer::None => {
+                        self.cycle_edges(&mut g, &mut node, cur, cur_node);
+                        break;
+                    }
+                };
+                let (p_node, new) = node(&mut g, kind);
+                if !g.edges.contains(&(p_node, cur_node)) && p_node != cur_node {
+                    g.edges.push((p_node, cur_node));
+                }
+                match parent {
+                    Some(p) if new => {
+                        cur = p;
+                        cur_node = p_node;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for n in g.nodes.iter_mut() {
+            if let NodeKind::Block(index) = n.kind {
+                n.label = self.label(index);
+            }
+        }
+        g
+    }
+
+    /// A lost block that leads its group: the members that point back at it close the
+    /// cycle in the picture.
+    fn cycle_edges(
+        &self,
+        g: &mut Graph,
+        node: &mut dyn FnMut(&mut Graph, NodeKind) -> (usize, bool),
+        leader: usize,
+        leader_node: usize,
+    ) {
+        let target = self.blocks[leader];
+        let members = (0..self.blocks.len())
+            .filter(|&j| matches!(self.marking.blocks[j].retainer, mark::Retainer::Clique { leader: l, .. } if l == leader))
+            .take(64);
+        for j in members {
+            let b = self.blocks[j];
+            let len = (b.size.min(4096) as usize) & !7;
+            let mut buf = vec![0u8; len];
+            if len == 0 || !self.snap.read(b.start, &mut buf) {
+                continue;
+            }
+            let points = buf.chunks_exact(8).any(|w| {
+                let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+                v >= target.start && v < target.start + target.size.max(1)
+            });
+            if !points {
+                continue;
+            }
+            let from = self.owner(j);
+            let (n, _) = node(g, NodeKind::Block(from));
+            if n != leader_node && !g.edges.contains(&(n, leader_node)) {
+                g.edges.push((n, leader_node));
+            }
+        }
+    }
+
+    fn label(&self, b: usize) -> String {
+        let mut names = TypeNames::new(&self.target.layout, self.target.unicode_type);
+        match self.type_of(b) {
+            Some(t) => pyroots::describe(self.snap, &mut names, self.blocks[b].start)
+                .unwrap_or_else(|| t.to_string()),
+            None => format!("{}-byte block", self.blocks[b].size),
+        }
+    }
+}

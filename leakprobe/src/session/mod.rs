@@ -417,6 +417,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                 // Not a static executable's own data: that holds the program's globals too.
                 allocator_module: (plan.module.path.as_os_str() != identity.exe.as_str())
                     .then(|| plan.module.path.to_string_lossy().into_owned()),
+                backrefs: s.backrefs.clone(),
             },
             census_report: s.census,
             exit_guard: None,
@@ -1284,7 +1285,7 @@ fn write_exports(
 ) -> anyhow::Result<()> {
     use crate::{
         cli::ExportKind,
-        report::export::{flame, pprof},
+        report::export::{backrefs, flame, pprof},
     };
     for (kind, path) in exports.paths() {
         let flag = kind.flag();
@@ -1292,6 +1293,7 @@ fn write_exports(
             ExportKind::Pprof => pprof::encode(report),
             ExportKind::Flamegraph => flame::svg(report),
             ExportKind::Folded => Ok(flame::folded_file(report).into_bytes()),
+            ExportKind::BackrefsSvg => backrefs::svg(report),
         }
         .with_context(|| format!("{flag} {}", path.display()))?;
         crate::output::write_atomic(path, &bytes, policy).with_context(|| format!("writing {flag}"))?;

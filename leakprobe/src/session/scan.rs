@@ -103,6 +103,8 @@ pub struct Setup {
     pub function_entries: Vec<(u64, u64)>,
     /// The allocator's module, as the target maps it.
     pub allocator_module: Option<String>,
+    /// `--backrefs TYPE`.
+    pub backrefs: Option<String>,
 }
 
 fn blocks_word(n: u64) -> &'static str {
@@ -170,6 +172,7 @@ fn scan_at_stop(
         allocator_module: setup.allocator_module.clone(),
         hold_after_capture: super::test_hook("LEAKPROBE_TEST_SCAN_HOLD_MS"),
         python,
+        backrefs: setup.backrefs.clone(),
     };
     probes.open_scan_window().context("opening the scan's window in the tracker")?;
     let captured = match scan::Captured::take(&req) {
@@ -279,6 +282,7 @@ pub fn run(
                     p.cycles_fate = cycles_fate(c.enabled).into();
                 }
             }
+            p.backrefs = setup.backrefs.as_ref().map(|t| backrefs(t, out.backrefs.as_ref()));
             p
         }),
     };
@@ -735,6 +739,31 @@ fn census_summary(
         walk_errors: c.errors.iter().map(|e| e.to_string()).collect(),
         notes: c.notes.iter().map(|n| n.to_string()).collect(),
         main_arena_found: c.main_arena_found,
+    }
+}
+
+/// The scan's backrefs graph as the report gives it.
+fn backrefs(asked: &str, g: Option<&scan::python::Graph>) -> crate::report::scan::Backrefs {
+    use crate::report::scan::{BackrefNode, Backrefs};
+    let Some(g) = g else { return Backrefs { r#type: asked.to_string(), ..Backrefs::default() } };
+    Backrefs {
+        r#type: asked.to_string(),
+        found: g.found,
+        drawn: g.nodes.iter().filter(|n| n.target).count() as u64,
+        nodes: g
+            .nodes
+            .iter()
+            .map(|n| BackrefNode {
+                label: n.label.clone(),
+                kind: match (n.kind, n.target) {
+                    (_, true) => "target",
+                    (scan::python::NodeKind::Root(_), _) => "root",
+                    _ => "object",
+                }
+                .into(),
+            })
+            .collect(),
+        edges: g.edges.clone(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Each encoder takes the finished [`Report`] and returns bytes; writing them is the caller's
 //! business.
 
+pub mod backrefs;
 pub mod flame;
 pub mod pprof;
 
@@ -24,6 +25,9 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+    /// `--backrefs-svg` with no graph: no scan, or a target that is not CPython.
+    #[error("no --backrefs graph to draw: the target is not CPython, or no scan was taken (see the report)")]
+    NoBackrefs,
 }
 
 /// A frame's name for tools that only show names: the function, or where the address is when
