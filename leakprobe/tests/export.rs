@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -33,20 +30,6 @@ fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
-}
-
-/// Chromium's DOM of the SVG after its scripts ran (inferno's SVG sets itself up on load).
-fn chromium_dom(svg: &Path, profile_dir: &Path) -> String {
-    let out = Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom"])
-        .arg(format!("--user-data-dir={}", profile_dir.display()))
-        .arg(format!("file://{}", svg.display()))
-        .env("HOME", profile_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("chromium (Debian chromium, installed by cargo xtask setup)");
-    assert!(out.status.success(), "chromium failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

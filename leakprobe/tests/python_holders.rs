@@ -190,6 +190,45 @@ fn globals_case(python: &Path) {
     eprintln!("{version}: buffers held by {first}; closures by {}", closures["held_by"][0]["holder"]);
 }
 
+/// `--backrefs bytearray --backrefs-svg`: from the cache global, through the dict, to the
+/// bytearrays, in a picture Chromium renders.
+#[test]
+fn debian_python3_11_backrefs_lead_from_the_cache_global_to_the_bytearrays() {
+    require_root();
+    let script = repo_root().join("tests/targets/py_holders.py");
+    let mut t = Target::spawn_with_args(Path::new(PYTHON), &[script.to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("refs.svg");
+    let args = [
+        "--duration",
+        "1s",
+        "--backrefs",
+        "bytearray",
+        "--backrefs-svg",
+        svg.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    let report = attach_report(&mut t, &args, |_| {});
+    let b = &report["scan"]["python_objects"]["backrefs"];
+    let nodes = b["nodes"].as_array().unwrap();
+    let edges: Vec<(usize, usize)> = serde_json::from_value(b["edges"].clone()).unwrap();
+    assert_eq!(b["drawn"], 5, "{b}");
+    let root = nodes.iter().position(|n| n["kind"] == "root").unwrap_or_else(|| panic!("no root: {b}"));
+    let root_label = nodes[root]["label"].as_str().unwrap();
+    assert!(root_label.starts_with("module __main__, global cache (dict, "), "{b}");
+    // root -> the dict -> each bytearray.
+    let dict = edges.iter().find(|e| e.0 == root).map(|e| e.1).unwrap();
+    assert!(nodes[dict]["label"].as_str().unwrap().starts_with("dict, "), "{b}");
+    for (i, _) in nodes.iter().enumerate().filter(|(_, n)| n["kind"] == "target") {
+        assert_eq!(nodes[i]["label"], "bytearray", "{b}");
+        assert!(edges.contains(&(dict, i)), "{b}");
+    }
+    let dom = chromium_dom(&svg, &dir.path().join("chromium"));
+    assert!(dom.contains("module __main__, global cache (dict, "), "{dom}");
+    assert_eq!(dom.matches(">bytearray</text>").count(), 5, "{dom}");
+}
+
 #[test]
 fn debian_python3_11_module_globals_hold_what_is_added_after_attach() {
     globals_case(Path::new(PYTHON));

@@ -182,6 +182,49 @@ fn debian_python3_11_cycles_a_collection_freed_are_not_reported() {
     assert_eq!(node_pairs(objects), 0, "{}", objects["cycles"]);
 }
 
+/// `--backrefs Node --backrefs-svg`: the Node pairs drawn as objgraph's show_backrefs draws
+/// them (each Node referred to by its peer, no root), in a picture Chromium renders.
+#[test]
+fn debian_python3_11_backrefs_draw_the_node_pairs() {
+    require_root();
+    let python = Path::new("/usr/bin/python3.11");
+    let dir = tempfile::tempdir().unwrap();
+    let truth_file = dir.path().join("truth.txt");
+    let svg = dir.path().join("refs.svg");
+    let mut t = spawn(python, &truth_file, &[]);
+    let args = [
+        "--duration",
+        "1s",
+        "--backrefs",
+        "Node",
+        "--backrefs-svg",
+        svg.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    let report = attach_report(&mut t, &args, |_| {});
+    let b = &report["scan"]["python_objects"]["backrefs"];
+    assert_eq!(b["found"], 2000 * BURSTS, "{b}");
+    assert_eq!(b["drawn"], 5, "{b}");
+    let nodes = b["nodes"].as_array().unwrap();
+    let edges: Vec<(usize, usize)> = serde_json::from_value(b["edges"].clone()).unwrap();
+    for (i, n) in nodes.iter().enumerate().filter(|(_, n)| n["kind"] == "target") {
+        assert_eq!(n["label"], "__main__.Node", "{b}");
+        // Its peer refers to it, and it to its peer: a cycle of two.
+        let peer =
+            edges.iter().find(|e| e.1 == i).map(|e| e.0).unwrap_or_else(|| panic!("no referrer of {i}: {b}"));
+        assert_eq!(nodes[peer]["label"], "__main__.Node", "{b}");
+        assert!(edges.contains(&(i, peer)), "{i} and {peer} are no cycle: {b}");
+    }
+    assert!(nodes.iter().all(|n| n["kind"] != "root"), "the pairs are unreachable: {b}");
+    let dom = chromium_dom(&svg, &dir.path().join("chromium"));
+    assert!(
+        dom.contains(&format!("References to 5 of {} Node objects: no root reaches them", 2000 * BURSTS)),
+        "{dom}"
+    );
+    assert_eq!(dom.matches(">__main__.Node</text>").count(), nodes.len(), "{dom}");
+}
+
 #[test]
 fn debian_python3_11_census_agrees_with_gc_get_objects() {
     case_with(Path::new("/usr/bin/python3.11"), true);

@@ -161,6 +161,39 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
         let _ = writeln!(out, "    ... {} more types in the JSON report", p.types.len() - PYTHON_TYPES_SHOWN);
     }
     python_cycle_lines(out, p);
+    if let Some(b) = &p.backrefs {
+        backref_lines(out, b);
+    }
+}
+
+/// `--backrefs`: each object's path from its root, root first (the picture is
+/// `--backrefs-svg`).
+fn backref_lines(out: &mut String, b: &crate::report::scan::Backrefs) {
+    let _ = writeln!(out, "  backrefs {}: {} found, {} drawn", b.r#type, b.found, b.drawn);
+    let mut lines: Vec<(String, u32)> = Vec::new();
+    for (t, _) in b.nodes.iter().enumerate().filter(|(_, n)| n.kind == "target") {
+        let mut path = vec![t];
+        while let Some(&(p, _)) =
+            b.edges.iter().find(|&&(p, c)| c == *path.last().unwrap_or(&t) && !path.contains(&p))
+        {
+            path.push(p);
+            if path.len() > 16 {
+                break;
+            }
+        }
+        let root = path.last().is_some_and(|&n| b.nodes[n].kind == "root");
+        let labels: Vec<&str> = path.iter().rev().map(|&n| b.nodes[n].label.as_str()).collect();
+        let tail = if root { "" } else { " (no root reaches it)" };
+        let line = format!("{}{tail}", labels.join(" -> "));
+        match lines.iter_mut().find(|l| l.0 == line) {
+            Some(l) => l.1 += 1,
+            None => lines.push((line, 1)),
+        }
+    }
+    for (line, n) in lines {
+        let times = if n > 1 { format!("{n} x ") } else { String::new() };
+        let _ = writeln!(out, "    {times}{line}");
+    }
 }
 
 /// Cycles shown in the text report; the JSON has every shape.

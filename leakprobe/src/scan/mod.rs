@@ -301,6 +301,7 @@ impl<'a> Captured<'a> {
                     first_group: groups.first,
                     heap: &p.heap,
                     target,
+                    prefixes: &p.prefixes,
                 }
                 .build(asked),
             ),

@@ -257,6 +257,8 @@ pub(super) struct Backrefs<'a> {
     pub first_group: u32,
     pub heap: &'a PythonHeap,
     pub target: &'a Target,
+    /// Objects' pre-headers, scanned as theirs.
+    pub prefixes: &'a [mark::Prefix],
 }
 
 impl Backrefs<'_> {
@@ -296,6 +298,12 @@ impl Backrefs<'_> {
         let held = candidates.iter().filter(|&&b| reachable(b)).count();
         let most_held = 2 * held >= candidates.len();
         candidates.sort_by_key(|&b| (reachable(b) != most_held, self.marking.blocks[b].depth, b));
+        // Held ones: the nearest a root. Lost ones: spread over them (the first by address
+        // are the oldest, seldom the typical).
+        let pool = if most_held { held.max(1) } else { candidates.len() - held };
+        let step = if most_held { 1 } else { (pool / BACKREF_OBJECTS).max(1) };
+        let chosen: Vec<usize> =
+            candidates.iter().take(pool).step_by(step).take(BACKREF_OBJECTS).copied().collect();
         let mut index: HashMap<NodeKind, usize> = HashMap::new();
         let mut node = |g: &mut Graph, kind: NodeKind| -> (usize, bool) {
             if let Some(&i) = index.get(&kind) {
@@ -305,9 +313,13 @@ impl Backrefs<'_> {
             index.insert(kind, g.nodes.len() - 1);
             (g.nodes.len() - 1, true)
         };
-        for &c in candidates.iter().take(BACKREF_OBJECTS) {
+        for &c in &chosen {
             let (mut cur_node, _) = node(&mut g, NodeKind::Block(c));
             g.nodes[cur_node].target = true;
+            if self.marking.blocks[c].class != mark::Class::Reachable {
+                self.cycle(&mut g, &mut node, c);
+                continue;
+            }
             let mut cur = c;
             for _ in 0..BACKREF_DEPTH {
                 let (parent, kind) = match self.marking.blocks[cur].retainer {
@@ -316,10 +328,7 @@ impl Backrefs<'_> {
                         (Some(p), NodeKind::Block(p))
                     }
                     mark::Retainer::Root(r) => (None, NodeKind::Root(r)),
-                    mark::Retainer::None => {
-                        self.cycle_edges(&mut g, &mut node, cur, cur_node);
-                        break;
-                    }
+                    mark::Retainer::None => break,
                 };
                 let (p_node, new) = node(&mut g, kind);
                 if !g.edges.contains(&(p_node, cur_node)) && p_node != cur_node {
@@ -342,39 +351,89 @@ impl Backrefs<'_> {
         g
     }
 
-    /// A lost block that leads its group: the members that point back at it close the
-    /// cycle in the picture.
-    fn cycle_edges(
-        &self,
-        g: &mut Graph,
-        node: &mut dyn FnMut(&mut Graph, NodeKind) -> (usize, bool),
-        leader: usize,
-        leader_node: usize,
-    ) {
-        let target = self.blocks[leader];
-        let members = (0..self.blocks.len())
-            .filter(|&j| matches!(self.marking.blocks[j].retainer, mark::Retainer::Clique { leader: l, .. } if l == leader))
-            .take(64);
-        for j in members {
-            let b = self.blocks[j];
-            let len = (b.size.min(4096) as usize) & !7;
-            let mut buf = vec![0u8; len];
-            if len == 0 || !self.snap.read(b.start, &mut buf) {
+    /// A lost object's group (its clique: what its leader reaches and nothing else does),
+    /// drawn as the objects in it point at each other, their storage (an instance's values,
+    /// a list's items) passed through.
+    fn cycle(&self, g: &mut Graph, node: &mut dyn FnMut(&mut Graph, NodeKind) -> (usize, bool), c: usize) {
+        let leader = match self.marking.blocks[c].retainer {
+            mark::Retainer::Clique { leader, .. } => leader,
+            _ => c,
+        };
+        let mut members: Vec<usize> = vec![leader];
+        members.extend(
+            (0..self.blocks.len())
+                .filter(|&j| matches!(self.marking.blocks[j].retainer, mark::Retainer::Clique { leader: l, .. } if l == leader))
+                .take(64),
+        );
+        let within = |v: u64| {
+            members.iter().position(|&m| {
+                let b = self.blocks[m];
+                v >= b.start && v < b.start + b.size.max(1)
+            })
+        };
+        // Direct pointers among the members.
+        let out: Vec<Vec<usize>> = members
+            .iter()
+            .map(|&m| {
+                let b = self.blocks[m];
+                let mut words = self.words(b.start, b.size);
+                if let Some(p) = self.prefixes.iter().find(|p| p.block == m) {
+                    words.extend(self.words(p.start, p.end - p.start));
+                }
+                let mut t: Vec<usize> = words.into_iter().filter_map(within).collect();
+                t.sort_unstable();
+                t.dedup();
+                t
+            })
+            .collect();
+        // Object to object, through storage alone.
+        let mut edges: Vec<(usize, usize)> = Vec::new();
+        for (i, &m) in members.iter().enumerate() {
+            if self.type_of(m).is_none() {
                 continue;
             }
-            let points = buf.chunks_exact(8).any(|w| {
-                let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
-                v >= target.start && v < target.start + target.size.max(1)
-            });
-            if !points {
-                continue;
-            }
-            let from = self.owner(j);
-            let (n, _) = node(g, NodeKind::Block(from));
-            if n != leader_node && !g.edges.contains(&(n, leader_node)) {
-                g.edges.push((n, leader_node));
+            let mut seen = vec![false; members.len()];
+            let mut stack = out[i].clone();
+            while let Some(k) = stack.pop() {
+                if std::mem::replace(&mut seen[k], true) {
+                    continue;
+                }
+                if self.type_of(members[k]).is_none() {
+                    stack.extend(out[k].iter().copied());
+                } else if k != i {
+                    edges.push((i, k));
+                }
             }
         }
+        // Back references only: the objects from which `c` is reached, as objgraph draws
+        // referrers, not what the objects point at.
+        let Some(target) = members.iter().position(|&m| m == c) else { return };
+        let mut refers = vec![false; members.len()];
+        refers[target] = true;
+        for _ in 0..members.len() {
+            for &(a, b) in &edges {
+                if refers[b] {
+                    refers[a] = true;
+                }
+            }
+        }
+        for (a, b) in edges.into_iter().filter(|&(a, b)| refers[a] && refers[b]) {
+            let (x, _) = node(g, NodeKind::Block(members[a]));
+            let (y, _) = node(g, NodeKind::Block(members[b]));
+            if !g.edges.contains(&(x, y)) {
+                g.edges.push((x, y));
+            }
+        }
+    }
+
+    /// The words of `[start, start + len)` (at most 4 KiB of it).
+    fn words(&self, start: u64, len: u64) -> Vec<u64> {
+        let n = (len.min(4096) as usize) & !7;
+        let mut buf = vec![0u8; n];
+        if n == 0 || !self.snap.read(start, &mut buf) {
+            return Vec::new();
+        }
+        buf.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default())).collect()
     }
 
     fn label(&self, b: usize) -> String {

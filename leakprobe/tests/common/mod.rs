@@ -661,3 +661,21 @@ pub fn pyenv(version: &str, bin: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no pyenv CPython {version} under {}", dir.display()));
     found.join("bin").join(bin)
 }
+
+/// Chromium's DOM of an SVG file after its scripts ran (inferno's SVG sets itself up on load):
+/// the picture as a browser parsed it.
+pub fn chromium_dom(svg: &Path, profile_dir: &Path) -> String {
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom"])
+        .arg(format!("--user-data-dir={}", profile_dir.display()))
+        .arg(format!("file://{}", svg.display()))
+        .env("HOME", profile_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("chromium (Debian chromium, installed by cargo xtask setup)");
+    assert!(out.status.success(), "chromium failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    // A document Chromium cannot parse shows its XML error instead of the picture.
+    assert!(!dom.contains("This page contains the following errors"), "{dom}");
+    dom
+}

@@ -32,7 +32,8 @@ pub fn svg(report: &Report) -> Result<Vec<u8>, ExportError> {
         .and_then(|s| s.python_objects.as_ref())
         .and_then(|p| p.backrefs.as_ref())
         .ok_or(ExportError::NoBackrefs)?;
-    Ok(draw(graph).into_bytes())
+    // Marked as ours, so that the next run may replace it.
+    Ok(crate::output::mark::svg(draw(graph).as_bytes()))
 }
 
 /// Where each node goes.
@@ -169,12 +170,14 @@ pub fn draw(g: &Backrefs) -> String {
     let row_width = |r: &Vec<usize>| {
         r.iter().map(|&n| width_of(n)).sum::<f64>() + NODE_GAP * r.len().saturating_sub(1) as f64
     };
+    let rootless = !g.nodes.is_empty() && g.nodes.iter().all(|n| n.kind != "root");
     let title = format!(
-        "References to {} of {} {} object{} (leakprobe --backrefs)",
+        "References to {} of {} {} object{}{} (leakprobe --backrefs)",
         g.drawn,
         g.found,
         g.r#type,
-        if g.found == 1 { "" } else { "s" }
+        if g.found == 1 { "" } else { "s" },
+        if rootless { ": no root reaches them" } else { "" }
     );
     let widest = rows.iter().map(row_width).fold(title.chars().count() as f64 * CHAR_WIDTH, f64::max);
     let width = widest + 2.0 * MARGIN;
@@ -218,13 +221,22 @@ pub fn draw(g: &Backrefs) -> String {
                 ay + BOX_HEIGHT
             );
         } else {
-            // Up or across (a cycle): a curve out to the side.
-            let (y1, y2) = (ay + BOX_HEIGHT / 2.0, by + BOX_HEIGHT / 2.0);
-            let (sx, ex) = (ax + aw, bx + bw);
-            let bulge = sx.max(ex) + 40.0;
+            // Up or across (closing a cycle): a dashed curve from the top of `a` to the bottom
+            // of `b`, on their right-hand quarter, so that it does not lie on the edge down.
+            let (sx, ex) = (ax + aw * 0.75, bx + bw * 0.75);
+            let (y1, y2) = if lay.layer[b] < lay.layer[a] {
+                (ay, by + BOX_HEIGHT)
+            } else {
+                (ay + BOX_HEIGHT, by + BOX_HEIGHT)
+            };
+            let dip = if lay.layer[b] < lay.layer[a] { 0.0 } else { 30.0 };
             let _ = writeln!(
                 s,
-                r##"<path d="M {sx:.1} {y1:.1} C {bulge:.1} {y1:.1}, {bulge:.1} {y2:.1}, {ex:.1} {y2:.1}" fill="none" stroke="#a33" stroke-dasharray="4 3" marker-end="url(#arrow)"/>"##
+                r##"<path d="M {sx:.1} {y1:.1} C {:.1} {:.1}, {:.1} {:.1}, {ex:.1} {y2:.1}" fill="none" stroke="#a33" stroke-dasharray="4 3" marker-end="url(#arrow)"/>"##,
+                sx + 25.0,
+                y1 - 20.0 + dip * 2.0,
+                ex + 25.0,
+                y2 + 20.0 + dip
             );
         }
     }
