@@ -26,13 +26,6 @@ pub(super) struct Part {
     /// The pre-headers of 3.11+ objects: scanned as the object's.
     pub prefixes: Vec<mark::Prefix>,
     named: Vec<NamedRoot>,
-    /// Every object in a block, live ones only.
-    objects: Vec<Obj>,
-}
-
-struct Obj {
-    addr: u64,
-    tp: u64,
 }
 
 impl Part {
@@ -49,29 +42,30 @@ impl Part {
     }
 }
 
-/// Takes the census of the Python heap and puts its blocks into the marking.
+/// Takes the census of the Python heap and puts its blocks into the marking. The arena walk
+/// hands each block over as it goes (a 1 GiB heap has some 20 million): none is kept twice.
 pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
-    let mut arena_blocks = Vec::new();
-    let census = objects::census(snap, t, Some(&mut arena_blocks));
-    let mut part = Part {
-        census,
-        heap: PythonHeap::default(),
-        prefixes: Vec::new(),
-        named: Vec::new(),
-        objects: Vec::new(),
-    };
     let names = TypeNames::new(&t.layout, t.unicode_type);
     let mut typer = BlockTyper::new(&t.layout, &names);
     let mut type_names = TypeNames::new(&t.layout, t.unicode_type);
     let mut name_of = |tp: u64| type_names.name(snap, tp).to_string();
-    part.type_blocks(snap, &mut typer, &mut name_of, into);
-    if let Ok(c) = &part.census
-        && let Ok(a) = &c.arenas
-    {
+    let mut b = Builder::default();
+    b.type_blocks(snap, &mut typer, &mut name_of, into);
+    let mut covered: Vec<(u64, u64)> = into.blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
+    covered.sort_unstable();
+    let first = into.blocks.len();
+    let mut added = Vec::new();
+    let census = objects::census(
+        snap,
+        t,
+        Some(&mut |pb: PyBlock| b.arena_block(pb, &covered, first, &mut added, &mut name_of, into.groups)),
+    );
+    into.blocks.extend(added);
+    if let Ok(Census { arenas: Ok(a), .. }) = &census {
         into.exclude.extend_from_slice(&a.walk.known);
-        part.add_arena_blocks(&arena_blocks, &mut name_of, into);
     }
-    part.trim_list_items(snap, into.blocks, &mut name_of);
+    b.trim_list_items(snap, into.blocks);
+    let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, named: Vec::new() };
     match pyroots::named_roots(snap, t) {
         Ok(r) => {
             part.heap.roots = r.roots.len() as u64;
@@ -84,7 +78,19 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
     part
 }
 
-impl Part {
+/// Puts the Python heap's blocks into the marking's.
+#[derive(Default)]
+struct Builder {
+    heap: PythonHeap,
+    prefixes: Vec<mark::Prefix>,
+    /// Each live list object (for its items' length).
+    lists: Vec<u64>,
+    is_list: HashMap<u64, bool>,
+    /// The group of each type met in the arenas.
+    type_sites: HashMap<u64, u32>,
+}
+
+impl Builder {
     /// Blocks already there (tracked, or malloc's from the heap walk) that hold a Python object:
     /// marked from the object on; the heap walk's are grouped by the object's type.
     fn type_blocks(
@@ -119,19 +125,19 @@ impl Part {
             if let Some(name) = name {
                 self.heap.tracked_types.insert(b.site, name);
             }
-            self.shift(i, b, found);
+            self.shift(i, b, found, name_of);
         }
     }
 
     /// The block starts at its object and ends where the object can end (the rest of a
     /// larger block holds stale words of its last owner); the pre-header, if any, is its
     /// prefix.
-    fn shift(&mut self, index: usize, b: &mut mark::Block, found: objects::Found) {
+    fn shift(&mut self, index: usize, b: &mut mark::Block, found: objects::Found, name_of: &mut dyn FnMut(u64) -> String) {
         let start = b.start;
         let end = found.extent.map_or(b.size, |e| e.min(b.size));
         b.start = found.object(start);
-        if !found.dead {
-            self.objects.push(Obj { addr: b.start, tp: found.tp });
+        if !found.dead && *self.is_list.entry(found.tp).or_insert_with(|| name_of(found.tp) == "list") {
+            self.lists.push(b.start);
         }
         b.size = end.saturating_sub(found.offset);
         if found.preheader > 0 {
@@ -139,20 +145,45 @@ impl Part {
         }
     }
 
+    /// A pymalloc block in use, unless a tracked block covers it.
+    fn arena_block(
+        &mut self,
+        pb: PyBlock,
+        covered: &[(u64, u64)],
+        first: usize,
+        added: &mut Vec<mark::Block>,
+        name_of: &mut dyn FnMut(u64) -> String,
+        groups: &mut Groups,
+    ) {
+        let e = pb.start + pb.size;
+        let i = covered.partition_point(|t| t.0 < e);
+        if i > 0 && covered[i - 1].1 > pb.start {
+            return;
+        }
+        let site = match pb.object {
+            Some(f) => *self.type_sites.entry(f.tp).or_insert_with(|| groups.site(GroupKey::Python(name_of(f.tp)))),
+            None => groups.site(GroupKey::PythonStorage(pb.size)),
+        };
+        let size = match (pb.dead_keys, pb.keys_extent) {
+            (true, _) => 8,
+            (false, Some(e)) => pb.size.min(e),
+            (false, None) => pb.size,
+        };
+        let mut b = mark::Block { start: pb.start, size, site };
+        if let Some(f) = pb.object {
+            self.shift(first + added.len(), &mut b, f, name_of);
+        }
+        added.push(b);
+        self.heap.blocks += 1;
+    }
+
     /// A list's item array is scanned up to its length only: the capacity past it holds
     /// whatever the memory held before (a freed list's items, say), which is no reference.
-    fn trim_list_items(
-        &mut self,
-        snap: &Snapshot,
-        blocks: &mut [mark::Block],
-        name_of: &mut dyn FnMut(u64) -> String,
-    ) {
-        let mut is_list: HashMap<u64, bool> = HashMap::new();
-        let mut items: Vec<(u64, u64)> = Vec::new();
-        for o in &self.objects {
-            let list = *is_list.entry(o.tp).or_insert_with(|| name_of(o.tp) == "list");
+    fn trim_list_items(&mut self, snap: &Snapshot, blocks: &mut [mark::Block]) {
+        let mut items: Vec<(u64, u64)> = Vec::with_capacity(self.lists.len());
+        for &list in &self.lists {
             let mut w = [0u8; 16];
-            if !list || !snap.read(o.addr + 16, &mut w) {
+            if !snap.read(list + 16, &mut w) {
                 continue;
             }
             let len = u64::from_le_bytes(w[..8].try_into().unwrap_or_default());
@@ -167,46 +198,6 @@ impl Part {
                 b.size = b.size.min(items[i].1);
                 self.heap.trimmed_item_arrays += 1;
             }
-        }
-    }
-
-    /// pymalloc's blocks in use that no tracked block covers.
-    fn add_arena_blocks(
-        &mut self,
-        arena_blocks: &[PyBlock],
-        name_of: &mut dyn FnMut(u64) -> String,
-        into: &mut Into<'_>,
-    ) {
-        let mut covered: Vec<(u64, u64)> =
-            into.blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
-        covered.sort_unstable();
-        let overlaps = |s: u64, e: u64| {
-            let i = covered.partition_point(|t| t.0 < e);
-            i > 0 && covered[i - 1].1 > s
-        };
-        let mut type_sites: HashMap<u64, u32> = HashMap::new();
-        for pb in arena_blocks {
-            if overlaps(pb.start, pb.start + pb.size) {
-                continue;
-            }
-            let site = match pb.object {
-                Some(f) => *type_sites
-                    .entry(f.tp)
-                    .or_insert_with(|| into.groups.site(GroupKey::Python(name_of(f.tp)))),
-                None => into.groups.site(GroupKey::PythonStorage(pb.size)),
-            };
-            let index = into.blocks.len();
-            let size = match (pb.dead_keys, pb.keys_extent) {
-                (true, _) => 8,
-                (false, Some(e)) => pb.size.min(e),
-                (false, None) => pb.size,
-            };
-            let mut b = mark::Block { start: pb.start, size, site };
-            if let Some(f) = pb.object {
-                self.shift(index, &mut b, f);
-            }
-            into.blocks.push(b);
-            self.heap.blocks += 1;
         }
     }
 }

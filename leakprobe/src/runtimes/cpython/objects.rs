@@ -245,11 +245,11 @@ impl Census {
 }
 
 /// Takes the census of the collector's lists and of pymalloc's arenas, and names the types.
-/// With `blocks`, also lists every pymalloc block in use (for the reachability scan).
+/// With `blocks`, also hands over every pymalloc block in use (for the reachability scan).
 pub fn census(
     mem: &dyn Memory,
     t: &Target,
-    blocks: Option<&mut Vec<PyBlock>>,
+    blocks: Option<&mut dyn FnMut(PyBlock)>,
 ) -> Result<Census, ObjectsError> {
     let interp = main_interpreter(mem, &t.layout, t.py_runtime)?;
     let GcCensus { mut by_type, permanent, enabled, garbage, generations } =
@@ -296,14 +296,14 @@ fn arenas_of(mem: &dyn Memory, t: &Target, interp: u64) -> Result<super::pymallo
 
 /// Walks the arenas and counts every object in a block that the collector's lists do not
 /// hold: non-GC objects at the block's start, and untracked GC objects after their head.
-/// With `blocks`, also lists every block in use, with the object it holds.
+/// With `blocks`, also hands over every block in use, with the object it holds.
 fn arena_census(
     mem: &dyn Memory,
     layout: &ObjectLayout,
     names: &TypeNames,
     a: &super::pymalloc::Arenas,
     by_type: &mut HashMap<u64, TypeTally>,
-    mut blocks: Option<&mut Vec<PyBlock>>,
+    mut blocks: Option<&mut dyn FnMut(PyBlock)>,
 ) -> ArenaSummary {
     let mut typer = BlockTyper::new(layout, names);
     let (mut objects, mut other) = (0u64, 0u64);
@@ -322,10 +322,10 @@ fn arena_census(
             Some(_) => {}
             None => other += 1,
         }
-        if let Some(out) = blocks.as_deref_mut() {
+        if let Some(out) = blocks.as_mut() {
             let dead_keys = found.is_none() && dead_keys(layout, bytes);
             let keys_extent = if found.is_none() { keys_extent(layout, bytes) } else { None };
-            out.push(PyBlock { start, size, object: found, dead_keys, keys_extent });
+            out(PyBlock { start, size, object: found, dead_keys, keys_extent });
         }
     });
     ArenaSummary { walk, objects, other_blocks: other }
