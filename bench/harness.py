@@ -24,7 +24,7 @@ every configuration, ...; medians reported):
     (from PyPI, in a venv of that python3.11 at MEMRAY_VENV, /var/tmp/leakprobe-bench-venv,
     made here if missing); goal: sampled in-process keeps >= 90% of the baseline on both.
     A tracer that cannot run gets a row saying why.
-BENCH_ONLY=scan (or soak, or python; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
+BENCH_ONLY=scan (or soak, python, pycensus; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -539,6 +539,45 @@ int main(int argc, char **argv) {
 """
 
 
+def pycensus_table():
+    """The Python object census and marking of a large CPython heap (Debian python3.11): the
+    target's pause, the longest gap a thread of it saw, the scan's time and leakprobe's peak
+    memory."""
+    import json
+    rows = []
+    for mib in (64, 1024):
+        pauses, seen, totals, rss, objects = [], [], [], [], []
+        for _ in range(ROUNDS):
+            p = subprocess.Popen(["python3.11", os.path.join(ROOT, "bench/py_heap.py"), str(mib)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            p.stdout.readline()
+            p.stdin.write("reset\n"); p.stdin.flush(); p.stdout.readline()
+            out = os.path.join(WORK, "pyscan.json")
+            lp = subprocess.Popen([LP, "attach", "--pid", str(p.pid), "--scan", "--duration", "1s", "--format",
+                                   "json", "--output", out, "--force"], stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(lp.pid, 0)
+            p.stdin.write("gap\n"); p.stdin.flush()
+            seen.append(int(p.stdout.readline()) / 1000)
+            p.stdin.write("exit\n"); p.stdin.flush(); p.wait()
+            if status != 0:
+                continue
+            sc = json.load(open(out))["scan"]
+            pauses.append(sc["pause_ms"] + sc["reap_pause_ms"])
+            totals.append(sc["duration_ms"] / 1000)
+            rss.append(usage.ru_maxrss / 1024)
+            objects.append(sc["python_objects"]["objects"])
+        if not pauses:
+            rows.append(f"| {mib} MiB | failed | | | | |")
+            continue
+        med = statistics.median
+        rows.append(f"| {mib} MiB, {med(objects):,.0f} objects | {med(pauses):.1f} | {med(seen):.1f} (max {max(seen):.1f}) "
+                    f"| {med(totals):.1f} s | {med(rss):,.0f} MiB |")
+    return ("`leakprobe attach --scan` of a CPython heap of small objects (bench/py_heap.py): the census by type, "
+            "the arena walk and the marking all read the copy-on-write snapshot, so the target stops only for the "
+            "capture.\n\n| Python heap | pause: capture and reap, ms | longest gap a thread of the target saw, ms "
+            "| whole scan | leakprobe peak RSS |\n|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def soak_table():
     """leakprobe's RSS while it stays attached to a churning heap of 1M outstanding blocks."""
     import urllib.request
@@ -842,7 +881,8 @@ def main():
     if "--only" in sys.argv[1:-1]:
         only = sys.argv[sys.argv.index("--only") + 1]
     for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians"),
-                             ("python", python_table, f"{ROUNDS} interleaved rounds, medians")):
+                             ("python", python_table, f"{ROUNDS} interleaved rounds, medians"),
+                             ("pycensus", pycensus_table, f"{ROUNDS} rounds, medians")):
         if only not in (None, name):
             continue
         text = (f"Command: `BENCH_ONLY={name} cargo xtask bench` (bench/harness.py `{table.__name__}`, {how}). "
