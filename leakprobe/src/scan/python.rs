@@ -51,7 +51,8 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
     let mut name_of = |tp: u64| type_names.name(snap, tp).to_string();
     let mut b = Builder::default();
     b.type_blocks(snap, &mut typer, &mut name_of, into);
-    let mut covered: Vec<(u64, u64)> = into.blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
+    let mut covered: Vec<(u64, u64)> =
+        into.blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
     covered.sort_unstable();
     let first = into.blocks.len();
     let mut added = Vec::new();
@@ -132,7 +133,13 @@ impl Builder {
     /// The block starts at its object and ends where the object can end (the rest of a
     /// larger block holds stale words of its last owner); the pre-header, if any, is its
     /// prefix.
-    fn shift(&mut self, index: usize, b: &mut mark::Block, found: objects::Found, name_of: &mut dyn FnMut(u64) -> String) {
+    fn shift(
+        &mut self,
+        index: usize,
+        b: &mut mark::Block,
+        found: objects::Found,
+        name_of: &mut dyn FnMut(u64) -> String,
+    ) {
         let start = b.start;
         let end = found.extent.map_or(b.size, |e| e.min(b.size));
         b.start = found.object(start);
@@ -161,7 +168,9 @@ impl Builder {
             return;
         }
         let site = match pb.object {
-            Some(f) => *self.type_sites.entry(f.tp).or_insert_with(|| groups.site(GroupKey::Python(name_of(f.tp)))),
+            Some(f) => {
+                *self.type_sites.entry(f.tp).or_insert_with(|| groups.site(GroupKey::Python(name_of(f.tp))))
+            }
             None => groups.site(GroupKey::PythonStorage(pb.size)),
         };
         let size = match (pb.dead_keys, pb.keys_extent) {

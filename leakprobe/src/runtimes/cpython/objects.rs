@@ -392,7 +392,7 @@ pub fn dead_keys(layout: &ObjectLayout, bytes: &[u8]) -> bool {
             && n <= 1 << log2_size
     } else {
         let (Some(size), Some(lookup), Some(n)) = (word(8), word(16), word(32)) else { return false };
-        size >= 8 && size <= 1 << 30 && size.is_power_of_two() && lookup != 0 && n <= size
+        (8..=1 << 30).contains(&size) && size.is_power_of_two() && lookup != 0 && n <= size
     }
 }
 
@@ -454,76 +454,73 @@ impl<'a> BlockTyper<'a> {
     /// The object in a block at `block` of `size` bytes whose first bytes (48 suffice) are
     /// `bytes`.
     pub fn object(&mut self, mem: &dyn Memory, block: u64, size: u64, bytes: &[u8]) -> Option<Found> {
-        object_in_block(mem, self.layout, &mut self.sizes, &mut self.types, self.names, block, size, bytes)
+        self.find(mem, block, size, bytes)
     }
 }
 
-/// What a block in use holds: an object at its start (no GC head), after its GC head, or
-/// after the GC head and the 3.11+ pre-header; `None` when it is no object (an object's
-/// separate storage).
-fn object_in_block(
-    mem: &dyn Memory,
-    layout: &ObjectLayout,
-    sizes: &mut Sizes,
-    types: &mut HashMap<u64, bool>,
-    names: &TypeNames,
-    block: u64,
-    size: u64,
-    bytes: &[u8],
-) -> Option<Found> {
-    let word = |off: u64| {
-        let o = off as usize;
-        bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-    };
-    for off in [0, GC_HEAD, GC_HEAD + 16] {
-        let (Some(refcnt), Some(tp)) = (word(off), word(off + OB_TYPE)) else { break };
-        // A live object is referenced (a freed one on a free list is at 0); immortal ones
-        // (3.12+) hold at most 2^32 - 1.
-        if refcnt > u64::from(u32::MAX) || tp == 0 || tp % 8 != 0 {
-            continue;
-        }
-        if !*types.entry(tp).or_insert_with(|| is_type(mem, tp) && names.is_named(mem, tp)) {
-            continue;
-        }
-        let Some(shape) = sizes.shape(mem, tp) else { continue };
-        let gc = shape.flags & HAVE_GC != 0;
-        let pre = if shape.flags & layout.preheader_flags != 0 { 16 } else { 0 };
-        let expected = if gc { GC_HEAD + pre } else { 0 };
-        // A str is allocated at its own length: a short compact one is smaller than
-        // `PyUnicodeObject`, the type's basic size.
-        let least = if tp == names.unicode_type { layout.str_layout.ascii_size + 1 } else { shape.basic };
-        if off != expected || least > size - off {
-            continue;
-        }
-        if refcnt == 0 {
-            // A dead container kept on one of the interpreter's free lists (its collector
-            // header cleared): its words are stale, except a tuple's first item, which links
-            // the tuple free list. Anything else with no reference is no object.
-            // (A GC object sits after its header: `off` is at least 16 here.)
-            if !gc || word(off - GC_HEAD) != Some(0) || word(off - 8) != Some(0) {
+impl BlockTyper<'_> {
+    /// What a block in use holds: an object at its start (no GC head), after its GC head, or
+    /// after the GC head and the 3.11+ pre-header; `None` when it is no object (an object's
+    /// separate storage).
+    fn find(&mut self, mem: &dyn Memory, block: u64, size: u64, bytes: &[u8]) -> Option<Found> {
+        let word = |off: u64| {
+            let o = off as usize;
+            bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        };
+        for off in [0, GC_HEAD, GC_HEAD + 16] {
+            let (Some(refcnt), Some(tp)) = (word(off), word(off + OB_TYPE)) else { break };
+            // A live object is referenced (a freed one on a free list is at 0); immortal ones
+            // (3.12+) hold at most 2^32 - 1.
+            if refcnt > u64::from(u32::MAX) || tp == 0 || tp % 8 != 0 {
                 continue;
             }
-            let link = if sizes.shape(mem, tp).is_some_and(|s| s.is_tuple) { 16 } else { 0 };
-            return Some(Found {
-                tp,
-                offset: off,
-                preheader: 0,
-                tracked: false,
-                extent: Some(off + 16 + link),
-                dead: true,
-            });
+            if !*self.types.entry(tp).or_insert_with(|| is_type(mem, tp) && self.names.is_named(mem, tp)) {
+                continue;
+            }
+            let Some(shape) = self.sizes.shape(mem, tp) else { continue };
+            let gc = shape.flags & HAVE_GC != 0;
+            let pre = if shape.flags & self.layout.preheader_flags != 0 { 16 } else { 0 };
+            let expected = if gc { GC_HEAD + pre } else { 0 };
+            // A str is allocated at its own length: a short compact one is smaller than
+            // `PyUnicodeObject`, the type's basic size.
+            let least = if tp == self.names.unicode_type {
+                self.layout.str_layout.ascii_size + 1
+            } else {
+                shape.basic
+            };
+            if off != expected || least > size - off {
+                continue;
+            }
+            if refcnt == 0 {
+                // A dead container kept on one of the interpreter's free lists (its collector
+                // header cleared): its words are stale, except a tuple's first item, which links
+                // the tuple free list. Anything else with no reference is no object.
+                // (A GC object sits after its header: `off` is at least 16 here.)
+                if !gc || word(off - GC_HEAD) != Some(0) || word(off - 8) != Some(0) {
+                    continue;
+                }
+                let link = if self.sizes.shape(mem, tp).is_some_and(|s| s.is_tuple) { 16 } else { 0 };
+                return Some(Found {
+                    tp,
+                    offset: off,
+                    preheader: 0,
+                    tracked: false,
+                    extent: Some(off + 16 + link),
+                    dead: true,
+                });
+            }
+            // A GC object whose head links it into a list was counted from the lists.
+            let tracked = gc && word(off - GC_HEAD).is_some_and(|next| next != 0);
+            let extent = if tp == self.names.unicode_type {
+                // Characters only past the header: nothing to follow there.
+                Some(off + self.layout.str_layout.ascii_size)
+            } else {
+                self.sizes.extent(mem, block.wrapping_add(off), tp)
+            };
+            return Some(Found { tp, offset: off, preheader: pre, tracked, extent, dead: false });
         }
-        // A GC object whose head links it into a list was counted from the lists.
-        let tracked = gc && word(off - GC_HEAD).is_some_and(|next| next != 0);
-        let extent = if tp == names.unicode_type {
-            // Characters only past the header: nothing to follow there.
-            Some(off + layout.str_layout.ascii_size)
-        } else {
-            sizes.extent(mem, block.wrapping_add(off), tp)
-        };
-        return Some(Found { tp, offset: off, preheader: pre, tracked, extent, dead: false });
+        None
     }
-    None
 }
 
 /// Whether `tp` is a type object: its type is `type` (whose own type is itself) or a
@@ -817,9 +814,9 @@ pub fn dict_entries(mem: &dyn Memory, layout: &ObjectLayout, dict: u64, max: u64
         }
         let nentries = u64::from_le_bytes(head[32..40].try_into().ok()?);
         let index_bytes = match size {
-            ..=0xff => 1,
-            ..=0xffff => 2,
-            ..=0xffff_ffff => 4,
+            0..=0xff => 1,
+            0x100..=0xffff => 2,
+            0x1_0000..=0xffff_ffff => 4,
             _ => 8,
         };
         (keys.wrapping_add(40 + size * index_bytes), nentries, false)
@@ -1028,11 +1025,9 @@ mod tests {
         m.put_u64(0x63_0000 + OB_TYPE, 0x64_0000);
         m.put_u64(0x64_0000 + OB_TYPE, 0x65_0000);
         let block = |words: &[u64]| words.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
-        let (mut sizes, mut types) = (Sizes::new(&l), HashMap::new());
         let names = TypeNames::new(&l, UNICODE);
-        let mut at = |bytes: &[u8], size| {
-            object_in_block(&m, &l, &mut sizes, &mut types, &names, 0x70_0000, size, bytes)
-        };
+        let mut typer = BlockTyper::new(&l, &names);
+        let mut at = |bytes: &[u8], size| typer.object(&m, 0x70_0000, size, bytes);
         // A str: refcount, then its type, at the block's start.
         let untracked = |f: Option<Found>, tp: u64, offset: u64| {
             f.is_some_and(|f| (f.tp, f.offset, f.preheader, f.tracked) == (tp, offset, 0, false))
