@@ -143,8 +143,8 @@ fn python_site<'a>(report: &'a serde_json::Value, alloc: &str, function: &str) -
         .unwrap_or_else(|| panic!("no {alloc} site in {function}: {report}"))
 }
 
-/// The share of a site's held blocks whose holder starts with `prefix`.
-fn held_share(site: &serde_json::Value, prefix: &str) -> f64 {
+/// At least 95% of a site's held blocks are held by a holder that starts with `prefix`.
+fn assert_held(site: &serde_json::Value, prefix: &str, what: &str) {
     let holders = site["held_by"].as_array().cloned().unwrap_or_default();
     let blocks = |f: &dyn Fn(&str) -> bool| -> u64 {
         holders
@@ -155,7 +155,8 @@ fn held_share(site: &serde_json::Value, prefix: &str) -> f64 {
     };
     let all = blocks(&|_| true);
     assert!(all > 0, "no holders: {site}");
-    blocks(&|h| h.starts_with(prefix)) as f64 / all as f64
+    let share = blocks(&|h| h.starts_with(prefix)) as f64 / all as f64;
+    assert!(share >= 0.95, "{what}: {share:.3} held by {prefix}...: {}", site["held_by"]);
 }
 
 /// Module globals from before attach hold what is put into them after: the buffers of the
@@ -170,23 +171,13 @@ fn globals_case(python: &Path) {
     let version = python.display();
     // The bytearrays' buffers (malloc, 48 KiB each), allocated on the CACHE line.
     let buffers = python_site(&report, "malloc", "remember");
-    let share = held_share(buffers, "module __main__, global cache (dict, ");
-    assert!(
-        share >= 0.95,
-        "{version}: {share:.3} of the buffers held by the cache global: {}",
-        buffers["held_by"]
-    );
+    assert_held(buffers, "module __main__, global cache (dict, ", &format!("{version}: the buffers"));
     // The path goes through the bytearray objects, which this site's own line allocated.
     let first = buffers["held_by"][0]["holder"].as_str().unwrap();
     assert!(first.contains("-> bytearray"), "{version}: {first}");
     // The closures (function objects, pymalloc), allocated on the LISTENERS line.
     let closures = python_site(&report, "pymalloc", "subscribe");
-    let share = held_share(closures, "module __main__, global listeners (list, ");
-    assert!(
-        share >= 0.95,
-        "{version}: {share:.3} of the closures held by the listeners global: {}",
-        closures["held_by"]
-    );
+    assert_held(closures, "module __main__, global listeners (list, ", &format!("{version}: the closures"));
     eprintln!("{version}: buffers held by {first}; closures by {}", closures["held_by"][0]["holder"]);
 }
 
