@@ -175,6 +175,13 @@ fn globals_case(python: &Path) {
     // The path goes through the bytearray objects, which this site's own line allocated.
     let first = buffers["held_by"][0]["holder"].as_str().unwrap();
     assert!(first.contains("-> bytearray"), "{version}: {first}");
+    // Objects over 512 bytes are malloc's: the blobs' 10000-byte bytes objects are found in
+    // the heap walk's blocks and counted with their type.
+    let objects = &report["scan"]["python_objects"];
+    let outside = objects["outside_arenas"].as_u64().unwrap_or(0);
+    assert!(outside >= 50, "{version}: {outside} objects over 512 B, the blobs are 50");
+    let bytes = objects["types"].as_array().unwrap().iter().find(|t| t["qualname"] == "bytes").unwrap();
+    assert!(bytes["bytes"].as_u64().unwrap() >= 50 * 10_000, "{version}: {bytes}");
     // The closures (function objects, pymalloc), allocated on the LISTENERS line.
     let closures = python_site(&report, "pymalloc", "subscribe");
     assert_held(closures, "module __main__, global listeners (list, ", &format!("{version}: the closures"));

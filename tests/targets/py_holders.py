@@ -3,11 +3,13 @@
 py_holders.py: fills a module-level dict `cache` (48 KiB bytearrays by user) and a list
 `listeners` (closures) before it prints "ready", then keeps adding one of each every few
 milliseconds until killed. The containers themselves are from before any attach; what goes
-into them after is allocated at the two lines marked CACHE and LISTENERS."""
+into them after is allocated at the two lines marked CACHE and LISTENERS. It also keeps 50
+bytes objects of 10000 bytes in `blobs` (over 512 bytes: malloc's blocks, not pymalloc's)."""
 import time
 
 cache = {}
 listeners = []
+blobs = [bytes(10000) for _ in range(50)]
 
 
 def remember(user):

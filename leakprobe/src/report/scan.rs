@@ -152,8 +152,10 @@ pub struct PythonObjects {
     /// Objects counted: generations 0-2 (what `gc.get_objects()` lists) and, when the arenas
     /// were walked, the small objects no list holds (str, int, bytearray, untracked tuples).
     pub objects: u64,
-    /// Of `objects`, those found in pymalloc's arenas and on no list.
+    /// Of `objects`, those on no list: found in pymalloc's arenas, or (`outside_arenas`) in
+    /// malloc's blocks the scan knows (over 512 bytes).
     pub untracked_objects: u64,
+    pub outside_arenas: u64,
     /// Why the arenas were not walked (then only the lists' containers are counted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arenas_not_walked: Option<String>,
@@ -253,6 +255,10 @@ pub struct PythonType {
     /// the first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count_change: Option<i64>,
+    /// The call sites tracked since attach whose blocks are objects of this type (at most 3):
+    /// where such objects are made now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
 }
 
 impl PythonObjects {

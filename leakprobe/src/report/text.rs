@@ -125,7 +125,12 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
         p.source,
         p.objects,
         if p.untracked_objects > 0 {
-            format!(" ({} not tracked by the collector)", p.untracked_objects)
+            let large = if p.outside_arenas > 0 {
+                format!(", {} of them over 512 B", p.outside_arenas)
+            } else {
+                String::new()
+            };
+            format!(" ({} not tracked by the collector{large})", p.untracked_objects)
         } else {
             String::new()
         },
@@ -154,8 +159,14 @@ fn python_objects_lines(out: &mut String, p: &crate::report::scan::PythonObjects
             Some(c) if c != 0 => format!("  {c:+}"),
             _ => String::new(),
         };
-        let _ =
-            writeln!(out, "    {:<width$}  {:>9}  {:>10}{change}", t.label(), t.count, human_bytes(t.bytes));
+        let made = t.sites.first().map_or_else(String::new, |s| format!("  made now by {s}"));
+        let _ = writeln!(
+            out,
+            "    {:<width$}  {:>9}  {:>10}{change}{made}",
+            t.label(),
+            t.count,
+            human_bytes(t.bytes)
+        );
     }
     if p.types.len() > PYTHON_TYPES_SHOWN {
         let _ = writeln!(out, "    ... {} more types in the JSON report", p.types.len() - PYTHON_TYPES_SHOWN);

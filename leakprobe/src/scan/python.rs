@@ -62,8 +62,12 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         Some(&mut |pb: PyBlock| b.arena_block(pb, &covered, first, &mut added, &mut name_of, into.groups)),
     );
     into.blocks.extend(added);
-    if let Ok(Census { arenas: Ok(a), .. }) = &census {
-        into.exclude.extend_from_slice(&a.walk.known);
+    let mut census = census;
+    if let Ok(c) = &mut census {
+        if let Ok(a) = &c.arenas {
+            into.exclude.extend_from_slice(&a.walk.known);
+        }
+        b.count_outside(c, snap, t);
     }
     b.trim_list_items(snap, into.blocks);
     let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, named: Vec::new() };
@@ -89,6 +93,8 @@ struct Builder {
     is_list: HashMap<u64, bool>,
     /// The group of each type met in the arenas.
     type_sites: HashMap<u64, u32>,
+    /// Objects on no collector list found in blocks already there: (type, block, size).
+    untracked: Vec<(u64, u64, u64)>,
 }
 
 impl Builder {
@@ -116,6 +122,9 @@ impl Builder {
                 continue;
             };
             self.heap.objects_in_blocks += 1;
+            if !found.tracked && !found.dead {
+                self.untracked.push((found.tp, b.start, b.size));
+            }
             let name = if b.site >= into.groups.first {
                 let name = name_of(found.tp);
                 b.site = into.groups.site(GroupKey::Python(name));
@@ -184,6 +193,24 @@ impl Builder {
         }
         added.push(b);
         self.heap.blocks += 1;
+    }
+
+    /// The census counts the objects found in the arenas; those in blocks outside them
+    /// (malloc's, over 512 bytes) are added to it from here.
+    fn count_outside(&mut self, census: &mut Census, snap: &Snapshot, t: &Target) {
+        let known: &[(u64, u64)] = census.arenas.as_ref().map_or(&[], |a| &a.walk.known);
+        let in_arena = |a: u64| {
+            let i = known.partition_point(|k| k.0 <= a);
+            i > 0 && a < known[i - 1].1
+        };
+        let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
+        for &(tp, _, size) in self.untracked.iter().filter(|u| !in_arena(u.1)) {
+            let e = by_type.entry(tp).or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        let mut names = TypeNames::new(&t.layout, t.unicode_type);
+        census.add_outside(by_type.into_iter().map(|(tp, (n, bytes))| (names.name(snap, tp), n, bytes)));
     }
 
     /// A list's item array is scanned up to its length only: the capacity past it holds

@@ -283,6 +283,15 @@ pub fn run(
                 }
             }
             p.backrefs = setup.backrefs.as_ref().map(|t| backrefs(t, out.backrefs.as_ref()));
+            if let Some(heap) = &out.python_heap {
+                for t in p.types.iter_mut() {
+                    let name = t.label();
+                    let mut sites: Vec<u32> =
+                        heap.tracked_types.iter().filter(|(_, ty)| **ty == name).map(|(s, _)| *s).collect();
+                    sites.sort_unstable();
+                    t.sites = sites.into_iter().take(3).map(|s| names.label(s)).collect();
+                }
+            }
             p
         }),
     };
@@ -785,7 +794,8 @@ fn python_objects(
         Ok(c) => PythonObjects {
             source: if c.arenas.is_ok() { "gc lists and pymalloc arenas" } else { "gc lists" }.into(),
             objects: c.objects(),
-            untracked_objects: c.arenas.as_ref().map_or(0, |a| a.objects),
+            untracked_objects: c.arenas.as_ref().map_or(0, |a| a.objects) + c.outside_arenas,
+            outside_arenas: c.outside_arenas,
             arenas_not_walked: c.arenas.as_ref().err().cloned(),
             arenas: c.arenas.as_ref().map_or(0, |a| a.walk.arenas),
             pools: c.arenas.as_ref().map_or(0, |a| a.walk.pools),
@@ -806,6 +816,7 @@ fn python_objects(
                     untracked: r.untracked,
                     bytes: r.bytes,
                     count_change: None,
+                    sites: Vec::new(),
                 })
                 .collect(),
             ..PythonObjects::default()

@@ -500,6 +500,7 @@ mod tests {
             untracked: 0,
             bytes,
             count_change: None,
+            sites: Vec::new(),
         };
         r.scan = Some(Scan {
             python_objects: Some(PythonObjects {

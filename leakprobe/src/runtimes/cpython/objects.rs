@@ -223,6 +223,9 @@ pub struct Census {
     /// The arena walk: what it covered, and the objects it added (not on the collector's
     /// lists); or why there was none.
     pub arenas: Result<ArenaSummary, String>,
+    /// Objects on no collector list found outside the arenas (over 512 bytes: malloc's
+    /// blocks), added with [`Census::add_outside`].
+    pub outside_arenas: u64,
 }
 
 /// What the walk of pymalloc's arenas found.
@@ -240,7 +243,27 @@ pub struct ArenaSummary {
 impl Census {
     /// Objects counted: the collector's generations and, when walked, the arenas' others.
     pub fn objects(&self) -> u64 {
-        self.generations.iter().sum::<u64>() + self.arenas.as_ref().map_or(0, |a| a.objects)
+        self.generations.iter().sum::<u64>()
+            + self.arenas.as_ref().map_or(0, |a| a.objects)
+            + self.outside_arenas
+    }
+
+    /// Objects on no collector list that live outside the arenas (a str or bytes over 512
+    /// bytes, which malloc serves), found in the blocks the scan knows: per type, the count
+    /// and the bytes of their blocks.
+    pub fn add_outside(&mut self, objects: impl IntoIterator<Item = (TypeName, u64, u64)>) {
+        for (name, count, bytes) in objects {
+            self.outside_arenas += count;
+            match self.rows.iter_mut().find(|r| r.name == name) {
+                Some(r) => {
+                    r.count += count;
+                    r.untracked += count;
+                    r.bytes += bytes;
+                }
+                None => self.rows.push(TypeRow { name, count, untracked: count, bytes }),
+            }
+        }
+        self.rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.name.cmp(&b.name)));
     }
 }
 
@@ -269,7 +292,7 @@ pub fn census(
         .map(|(name, t)| TypeRow { name, count: t.count, untracked: t.untracked, bytes: t.bytes })
         .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.name.cmp(&b.name)));
-    Ok(Census { rows, enabled, garbage, permanent, generations, arenas })
+    Ok(Census { rows, enabled, garbage, permanent, generations, arenas, outside_arenas: 0 })
 }
 
 /// pymalloc's arena table, for this version.
@@ -1117,6 +1140,28 @@ mod tests {
             ]
         );
         assert_eq!((r.modules, r.unreadable_modules, r.dropped), (1, 0, 0));
+    }
+
+    #[test]
+    fn objects_outside_the_arenas_join_their_types_rows_as_untracked() {
+        let name = |m: &str, q: &str| TypeName { module: m.into(), qualname: q.into() };
+        let mut c = Census {
+            rows: vec![TypeRow { name: name("builtins", "bytes"), count: 10, untracked: 10, bytes: 400 }],
+            enabled: true,
+            garbage: 0,
+            permanent: 0,
+            generations: [0, 0, 5],
+            arenas: Err("none".into()),
+            outside_arenas: 0,
+        };
+        c.add_outside([(name("builtins", "bytes"), 50, 500_000), (name("builtins", "str"), 2, 2048)]);
+        assert_eq!(c.outside_arenas, 52);
+        assert_eq!(c.objects(), 5 + 52);
+        assert_eq!(
+            c.rows[0],
+            TypeRow { name: name("builtins", "bytes"), count: 60, untracked: 60, bytes: 500_400 }
+        );
+        assert_eq!(c.rows[1], TypeRow { name: name("builtins", "str"), count: 2, untracked: 2, bytes: 2048 });
     }
 
     #[test]
