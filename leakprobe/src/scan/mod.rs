@@ -292,8 +292,8 @@ impl<'a> Captured<'a> {
             marking = marker.mark(back.as_ref())?;
         }
         let mut backrefs = match (req.backrefs.as_deref(), req.python.as_ref(), py.as_ref()) {
-            (Some(asked), Some(target), Some(p)) => Some(
-                python::Backrefs {
+            (Some(asked), Some(target), Some(p)) => {
+                let view = python::Backrefs {
                     snap: &snap,
                     marking: &marking,
                     blocks: &blocks,
@@ -302,24 +302,15 @@ impl<'a> Captured<'a> {
                     heap: &p.heap,
                     target,
                     prefixes: &p.prefixes,
-                }
-                .build(asked),
-            ),
+                };
+                Some(view.build(asked))
+            }
             _ => None,
         };
-        let graph_roots: Vec<RootRef> = backrefs
-            .iter()
-            .flat_map(|g| g.nodes.iter())
-            .filter_map(|n| match n.kind {
-                python::NodeKind::Root(r) => Some(r),
-                python::NodeKind::Block(_) => None,
-            })
-            .collect();
+        let graph_roots = backrefs.as_ref().map_or_else(Vec::new, python::Graph::roots);
         let holders = name_holders(&marking, &roots, &snap, back.as_ref(), req.python.as_ref(), &graph_roots);
-        for n in backrefs.iter_mut().flat_map(|g| g.nodes.iter_mut()) {
-            if let python::NodeKind::Root(r) = n.kind {
-                n.label = holders.get(&r).map_or_else(|| format!("root {}", r.root), |h| h.name.clone());
-            }
+        if let Some(g) = backrefs.as_mut() {
+            g.name_roots(&holders);
         }
         let (python, python_heap) = match py {
             Some(p) => (Some(p.census), Some(p.heap)),
@@ -778,16 +769,26 @@ fn name_holders(
     out
 }
 
-/// The root at the end of block `b`'s retainers, if they end at one.
-pub fn path_root(marking: &mark::Marking, mut b: usize) -> Option<RootRef> {
+/// Block `b`'s retainers, nearest first (the blocks up the chain, `b` not included), and the
+/// root they end at; no root when they end at a lost block, or run past a million steps.
+pub fn retainers(marking: &mark::Marking, mut b: usize) -> (Vec<usize>, Option<RootRef>) {
+    let mut chain = Vec::new();
     for _ in 0..1_000_000 {
-        match marking.blocks.get(b)?.retainer {
-            mark::Retainer::Block { index, .. } => b = index,
-            mark::Retainer::Root(r) => return Some(r),
-            _ => return None,
+        match marking.blocks.get(b).map(|o| o.retainer) {
+            Some(mark::Retainer::Block { index, .. }) => {
+                chain.push(index);
+                b = index;
+            }
+            Some(mark::Retainer::Root(r)) => return (chain, Some(r)),
+            _ => break,
         }
     }
-    None
+    (chain, None)
+}
+
+/// The root at the end of block `b`'s retainers, if they end at one.
+pub fn path_root(marking: &mark::Marking, b: usize) -> Option<RootRef> {
+    retainers(marking, b).1
 }
 
 /// Heap memory that no tracker knows: a root only for what nothing else reaches, and a holder

@@ -253,6 +253,28 @@ pub struct Graph {
     pub found: u64,
 }
 
+impl Graph {
+    /// The roots drawn, to be named.
+    pub fn roots(&self) -> Vec<mark::RootRef> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match n.kind {
+                NodeKind::Root(r) => Some(r),
+                NodeKind::Block(_) => None,
+            })
+            .collect()
+    }
+
+    /// Labels the roots with their holders' names.
+    pub fn name_roots(&mut self, holders: &HashMap<mark::RootRef, super::HolderName>) {
+        for n in self.nodes.iter_mut() {
+            if let NodeKind::Root(r) = n.kind {
+                n.label = holders.get(&r).map_or_else(|| format!("root {}", r.root), |h| h.name.clone());
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeKind {
     Root(mark::RootRef),

@@ -274,26 +274,7 @@ pub fn run(
         cycles_complete: m.cycles.complete,
         history: history.clone(),
         census,
-        python_objects: out.python.as_ref().map(|c| {
-            let mut p = python_objects(c);
-            if let Ok(c) = c {
-                p.cycles = names.python_cycles();
-                if !p.cycles.is_empty() {
-                    p.cycles_fate = cycles_fate(c.enabled).into();
-                }
-            }
-            p.backrefs = setup.backrefs.as_ref().map(|t| backrefs(t, out.backrefs.as_ref()));
-            if let Some(heap) = &out.python_heap {
-                for t in p.types.iter_mut() {
-                    let name = t.label();
-                    let mut sites: Vec<u32> =
-                        heap.tracked_types.iter().filter(|(_, ty)| **ty == name).map(|(s, _)| *s).collect();
-                    sites.sort_unstable();
-                    t.sites = sites.into_iter().take(3).map(|s| names.label(s)).collect();
-                }
-            }
-            p
-        }),
+        python_objects: out.python.as_ref().map(|c| python_report(c, &mut names, setup)),
     };
     Ok(Done { scan, sites: results })
 }
@@ -502,50 +483,18 @@ impl<'a> Names<'a> {
     /// an object's separate storage (a dict's keys, a list's items) left out. `None` when the
     /// path does not end at a root.
     fn python_path(&mut self, example: usize) -> Option<(String, String)> {
-        let (m, blocks) = (&self.out.marking, &self.out.blocks);
+        let (chain, root) = scan::retainers(&self.out.marking, example);
         let mut steps: Vec<(u32, u64)> = Vec::new();
-        let mut cur = example;
-        let mut root = None;
-        for _ in 0..1_000_000 {
-            match m.blocks.get(cur)?.retainer {
-                mark::Retainer::Block { index, .. } => {
-                    let site = blocks.get(index)?.site;
-                    match steps.last_mut() {
-                        Some((last, n)) if *last == site => *n += 1,
-                        _ => steps.push((site, 1)),
-                    }
-                    cur = index;
-                }
-                mark::Retainer::Root(r) => {
-                    root = Some(r);
-                    break;
-                }
-                _ => return None,
+        for &index in &chain {
+            let site = self.out.blocks.get(index)?.site;
+            match steps.last_mut() {
+                Some((last, n)) if *last == site => *n += 1,
+                _ => steps.push((site, 1)),
             }
         }
         let (kind, root_name) = self.root(root?);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let raw: Vec<String> =
-                steps.iter().rev().map(|&(s, n)| format!("{} x{n}", self.label(s))).collect();
-            let mut offs = Vec::new();
-            let mut c = example;
-            while let Some(mark::Retainer::Block { index, offset }) =
-                self.out.marking.blocks.get(c).map(|o| o.retainer)
-            {
-                offs.push(format!(
-                    "{:#x}+{offset:#x}(size {})",
-                    self.out.blocks[index].start, self.out.blocks[index].size
-                ));
-                c = index;
-                if offs.len() > 20 {
-                    break;
-                }
-            }
-            tracing::debug!(
-                "path of block {example}: {root_name} -> {} [{}]",
-                raw.join(" -> "),
-                offs.join(" <- ")
-            );
+            self.debug_path(example, &root_name, &steps, &chain);
         }
         let mut parts = vec![root_name];
         // After a Python root, its value is the first step: the root's name says what it is.
@@ -563,6 +512,17 @@ impl<'a> Names<'a> {
             parts.push(self.python_step(site, run));
         }
         Some((kind, parts.join(" -> ")))
+    }
+
+    /// `-vv`: a holder's path as it was found, every step and where each pointer sits.
+    fn debug_path(&mut self, example: usize, root: &str, steps: &[(u32, u64)], chain: &[usize]) {
+        let raw: Vec<String> = steps.iter().rev().map(|&(s, n)| format!("{} x{n}", self.label(s))).collect();
+        let at: Vec<String> = chain
+            .iter()
+            .take(20)
+            .map(|&i| format!("{:#x} (size {})", self.out.blocks[i].start, self.out.blocks[i].size))
+            .collect();
+        tracing::debug!("path of block {example}: {root} -> {} [{}]", raw.join(" -> "), at.join(" <- "));
     }
 
     /// The marking's cycles that hold Python objects, by the objects' make-up (their storage
@@ -749,6 +709,34 @@ fn census_summary(
         notes: c.notes.iter().map(|n| n.to_string()).collect(),
         main_arena_found: c.main_arena_found,
     }
+}
+
+/// The Python part of a scan's report: the census, its cycles, the `--backrefs` graph, and
+/// each type joined to the tracked sites that make it now.
+fn python_report(
+    c: &Result<crate::runtimes::cpython::objects::Census, crate::runtimes::cpython::objects::ObjectsError>,
+    names: &mut Names,
+    setup: &Setup,
+) -> crate::report::scan::PythonObjects {
+    let out = names.out;
+    let mut p = python_objects(c);
+    if let Ok(c) = c {
+        p.cycles = names.python_cycles();
+        if !p.cycles.is_empty() {
+            p.cycles_fate = cycles_fate(c.enabled).into();
+        }
+    }
+    p.backrefs = setup.backrefs.as_ref().map(|t| backrefs(t, out.backrefs.as_ref()));
+    if let Some(heap) = &out.python_heap {
+        for t in p.types.iter_mut() {
+            let name = t.label();
+            let mut sites: Vec<u32> =
+                heap.tracked_types.iter().filter(|(_, ty)| **ty == name).map(|(s, _)| *s).collect();
+            sites.sort_unstable();
+            t.sites = sites.into_iter().take(3).map(|s| names.label(s)).collect();
+        }
+    }
+    p
 }
 
 /// The scan's backrefs graph as the report gives it.
