@@ -182,6 +182,13 @@ fn globals_case(python: &Path) {
     assert!(outside >= 50, "{version}: {outside} objects over 512 B, the blobs are 50");
     let bytes = objects["types"].as_array().unwrap().iter().find(|t| t["qualname"] == "bytes").unwrap();
     assert!(bytes["bytes"].as_u64().unwrap() >= 50 * 10_000, "{version}: {bytes}");
+    // The census joins a type to the sites that make it now: functions to the LISTENERS line.
+    let function = objects["types"].as_array().unwrap().iter().find(|t| t["qualname"] == "function").unwrap();
+    let made = function["sites"].as_array().cloned().unwrap_or_default();
+    assert!(
+        made.iter().any(|s| s.as_str().is_some_and(|s| s.contains("subscribe (py_holders.py:20)"))),
+        "{version}: {function}"
+    );
     // The closures (function objects, pymalloc), allocated on the LISTENERS line.
     let closures = python_site(&report, "pymalloc", "subscribe");
     assert_held(closures, "module __main__, global listeners (list, ", &format!("{version}: the closures"));

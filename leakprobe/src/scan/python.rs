@@ -114,10 +114,8 @@ impl Builder {
                 continue;
             }
             let Some(found) = typer.object(snap, b.start, b.size, &head[..n]) else {
-                if objects::dead_keys(typer.layout(), &head[..n]) {
-                    b.size = 8; // stale entries: not references
-                } else if let Some(e) = objects::keys_extent(typer.layout(), &head[..n]) {
-                    b.size = b.size.min(e);
+                if let Some(keys) = objects::keys_table(typer.layout(), &head[..n]) {
+                    b.size = keys.scan_size(b.size);
                 }
                 continue;
             };
@@ -182,11 +180,7 @@ impl Builder {
             }
             None => groups.site(GroupKey::PythonStorage(pb.size)),
         };
-        let size = match (pb.dead_keys, pb.keys_extent) {
-            (true, _) => 8,
-            (false, Some(e)) => pb.size.min(e),
-            (false, None) => pb.size,
-        };
+        let size = pb.keys.map_or(pb.size, |k| k.scan_size(pb.size));
         let mut b = mark::Block { start: pb.start, size, site };
         if let Some(f) = pb.object {
             self.shift(first + added.len(), &mut b, f, name_of);

@@ -346,9 +346,8 @@ fn arena_census(
             None => other += 1,
         }
         if let Some(out) = blocks.as_mut() {
-            let dead_keys = found.is_none() && dead_keys(layout, bytes);
-            let keys_extent = if found.is_none() { keys_extent(layout, bytes) } else { None };
-            out(PyBlock { start, size, object: found, dead_keys, keys_extent });
+            let keys = if found.is_none() { keys_table(layout, bytes) } else { None };
+            out(PyBlock { start, size, object: found, keys });
         }
     });
     ArenaSummary { walk, objects, other_blocks: other }
@@ -362,10 +361,8 @@ pub struct PyBlock {
     /// The object in it; `None` for an object's separate storage (a list's items, a dict's
     /// keys) or a block on a free list.
     pub object: Option<Found>,
-    /// A dict keys table on the keys free list (see [`dead_keys`]).
-    pub dead_keys: bool,
-    /// A live dict keys table: the bytes it uses (see [`keys_extent`]).
-    pub keys_extent: Option<u64>,
+    /// When it holds no object: a dict's keys table, if it is one.
+    pub keys: Option<KeysTable>,
 }
 
 /// An object found in a block.
@@ -394,38 +391,33 @@ impl Found {
     }
 }
 
-/// Whether a block that holds no object is a dict's keys table that was freed onto the
-/// interpreter's keys free list (`dk_refcnt` 0, a keys header otherwise): its entries are
-/// stale.
-pub fn dead_keys(layout: &ObjectLayout, bytes: &[u8]) -> bool {
-    let word =
-        |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-    if word(0) != Some(0) {
-        return false;
-    }
-    if layout.dict_311 {
-        let (Some(&log2_size), Some(&log2_index), Some(&kind), Some(n)) =
-            (bytes.get(8), bytes.get(9), bytes.get(10), word(24))
-        else {
-            return false;
-        };
-        (3..=30).contains(&log2_size)
-            && (log2_size..=log2_size + 3).contains(&log2_index)
-            && kind <= 2
-            && n <= 1 << log2_size
-    } else {
-        let (Some(size), Some(lookup), Some(n)) = (word(8), word(16), word(32)) else { return false };
-        (8..=1 << 30).contains(&size) && size.is_power_of_two() && lookup != 0 && n <= size
+/// A block that holds a dict's keys table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysTable {
+    /// Freed onto the interpreter's keys free list (`dk_refcnt` 0): its entries are stale.
+    Dead,
+    /// In use: the bytes it uses (header, indices, and every entry it can hold); past them the
+    /// block holds stale words.
+    Live { extent: u64 },
+}
+
+impl KeysTable {
+    /// The bytes of the block worth scanning: a word for a dead table, the extent of a live one.
+    pub fn scan_size(self, block_size: u64) -> u64 {
+        match self {
+            KeysTable::Dead => 8,
+            KeysTable::Live { extent } => block_size.min(extent),
+        }
     }
 }
 
-/// The bytes a live dict keys table uses (header, indices, and every entry it can hold),
-/// if `bytes` (its first 48) read as one; past them the block holds stale words.
-pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
+/// Whether a block that holds no object is a dict's keys table: `bytes` (its first 48) read as
+/// a keys header (docs/design/cpython-census-layouts.md §4.3).
+pub fn keys_table(layout: &ObjectLayout, bytes: &[u8]) -> Option<KeysTable> {
     let word =
         |off: usize| bytes.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     let refcnt = word(0)?;
-    if refcnt == 0 || refcnt > u64::from(u32::MAX) {
+    if refcnt > u64::from(u32::MAX) {
         return None;
     }
     // Index width: 1 byte up to 2^8 slots, 2 up to 2^16, 4 up to 2^32.
@@ -434,7 +426,7 @@ pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
         8..16 => 1,
         _ => 2,
     };
-    if layout.dict_311 {
+    let extent = if layout.dict_311 {
         let (log2_size, log2_index, kind) =
             (u64::from(*bytes.get(8)?), u64::from(*bytes.get(9)?), *bytes.get(10)?);
         let (usable_left, n) = (word(16)?, word(24)?);
@@ -445,7 +437,7 @@ pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
             && kind <= 2
             && n <= capacity
             && usable_left <= capacity;
-        ok.then(|| 32 + (1 << log2_index) + capacity * entry)
+        ok.then(|| 32 + (1 << log2_index) + capacity * entry)?
     } else {
         let (size, lookup, usable_left, n) = (word(8)?, word(16)?, word(24)?, word(32)?);
         if !(8..=1 << 30).contains(&size) || !size.is_power_of_two() || lookup == 0 {
@@ -453,8 +445,9 @@ pub fn keys_extent(layout: &ObjectLayout, bytes: &[u8]) -> Option<u64> {
         }
         let capacity = 2 * size / 3;
         (n <= capacity && usable_left <= capacity)
-            .then(|| 40 + (size << width_log2(u64::from(size.trailing_zeros()))) + capacity * 24)
-    }
+            .then(|| 40 + (size << width_log2(u64::from(size.trailing_zeros()))) + capacity * 24)?
+    };
+    Some(if refcnt == 0 { KeysTable::Dead } else { KeysTable::Live { extent } })
 }
 
 /// Tells the object in a block, with each type's checks done once.
@@ -1162,6 +1155,28 @@ mod tests {
             TypeRow { name: name("builtins", "bytes"), count: 60, untracked: 60, bytes: 500_400 }
         );
         assert_eq!(c.rows[1], TypeRow { name: name("builtins", "str"), count: 2, untracked: 2, bytes: 2048 });
+    }
+
+    #[test]
+    fn a_keys_table_is_told_live_with_its_extent_or_dead() {
+        let l = layout();
+        // 3.11: 8 slots (log2 3), 1-byte indices (log2 3), unicode entries (16 B), 2 used.
+        let mut head = vec![0u8; 48];
+        head[..8].copy_from_slice(&1u64.to_le_bytes());
+        head[8] = 3;
+        head[9] = 3;
+        head[10] = 1;
+        head[16..24].copy_from_slice(&3u64.to_le_bytes());
+        head[24..32].copy_from_slice(&2u64.to_le_bytes());
+        // Capacity 2*8/3 = 5 entries: 32 + 8 + 5 * 16.
+        assert_eq!(keys_table(&l, &head), Some(KeysTable::Live { extent: 120 }));
+        assert_eq!(KeysTable::Live { extent: 120 }.scan_size(256), 120);
+        head[..8].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(keys_table(&l, &head), Some(KeysTable::Dead));
+        assert_eq!(KeysTable::Dead.scan_size(256), 8);
+        // Indices too wide for 8 slots: no keys table (a list's items, say).
+        head[9] = 5;
+        assert_eq!(keys_table(&l, &head), None);
     }
 
     #[test]
