@@ -702,4 +702,55 @@ mod tests {
         assert_eq!(human_bytes(64 * 1024), "64.0 KiB");
         assert_eq!(human_bytes(3 << 20), "3.00 MiB");
     }
+
+    #[test]
+    fn python_cycles_and_backrefs_read_as_lines() {
+        use crate::report::scan::{BackrefNode, Backrefs, PythonCycle, PythonCycleObjects, PythonObjects};
+        let node = |label: &str, kind: &str| BackrefNode { label: label.into(), kind: kind.into() };
+        let p = PythonObjects {
+            cycles: vec![PythonCycle {
+                count: 998,
+                objects: vec![PythonCycleObjects {
+                    r#type: "__main__.Node".into(),
+                    count: 2,
+                    allocated: "from before attach".into(),
+                }],
+                blocks: 3992,
+                bytes: 114_224,
+            }],
+            cycles_fate: "the cycle collector is disabled (gc.disable()): they are never freed".into(),
+            backrefs: Some(Backrefs {
+                r#type: "bytearray".into(),
+                found: 772,
+                drawn: 2,
+                nodes: vec![
+                    node("module __main__, global cache (dict, 772 entries)", "root"),
+                    node("dict, 772 entries", "object"),
+                    node("bytearray", "target"),
+                    node("bytearray", "target"),
+                    node("__main__.Node", "target"),
+                    node("__main__.Node", "object"),
+                ],
+                edges: vec![(0, 1), (1, 2), (1, 3), (5, 4), (4, 5)],
+            }),
+            ..PythonObjects::default()
+        };
+        let mut out = String::new();
+        python_cycle_lines(&mut out, &p);
+        backref_lines(&mut out, p.backrefs.as_ref().unwrap());
+        assert!(out.contains("python cycles: 998 groups of objects that only reach each other"), "{out}");
+        assert!(
+            out.contains("998 cycles of 2 __main__.Node (from before attach), 111.5 KiB in all"),
+            "{out}"
+        );
+        assert!(out.contains("backrefs bytearray: 772 found, 2 drawn"), "{out}");
+        // The same path twice is one line with its count; a cycle has no root.
+        assert!(
+            out.contains(
+                "2 x module __main__, global cache (dict, 772 entries) -> dict, 772 entries -> bytearray\n"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("__main__.Node -> __main__.Node (no root reaches it)"), "{out}");
+    }
 }
