@@ -27,6 +27,7 @@ pub mod maps {
     pub const SCAN_FROM: &str = "SCAN_FROM";
     pub const FREED_SINCE: &str = "FREED_SINCE";
     pub const PY_CONFIG: &str = "PY_CONFIG";
+    pub const V8_CONFIG: &str = "V8_CONFIG";
 }
 
 /// Globals the daemon sets before load.
@@ -363,11 +364,13 @@ pub struct Stack {
     pub depth: u32,
     /// Why the walk stopped early, if it did: one of the `stack_end` values.
     pub truncated: u32,
-    /// The allocating thread's Python frames, innermost first, each a [`py_frame`] word.
-    pub py: [u64; MAX_PY_DEPTH],
-    pub py_depth: u32,
-    /// Why the Python walk stopped early: one of the `py_end` values.
-    pub py_end: u32,
+    /// The interpreter's frames, innermost first: in a CPython target [`py_frame`] words, in
+    /// a V8 target [`js_frame`] words.
+    pub runtime: [u64; MAX_PY_DEPTH],
+    /// Words used in `runtime`.
+    pub runtime_depth: u32,
+    /// Why the interpreter's walk stopped early: one of the `py_end` values.
+    pub runtime_end: u32,
 }
 
 /// The most Python frames kept per stack.
@@ -473,6 +476,47 @@ pub mod py_flavor {
     pub const CURRENT_313: u32 = 4;
 }
 
+/// One JavaScript frame in [`Stack::runtime`]: the frame's `SharedFunctionInfo` (a tagged
+/// pointer; old-space objects that rarely move, unlike the `JSFunction` a closure is) and the
+/// index in [`Stack::ips`] of the native frame it stands for (the JIT code's or the
+/// interpreter trampoline's return address).
+pub mod js_frame {
+    pub const INDEX_SHIFT: u32 = 47;
+    pub const INDEX_MASK: u64 = 0x7f;
+    pub const ADDR_MASK: u64 = (1 << 47) - 1;
+
+    pub const fn pack(sfi: u64, index: u64) -> u64 {
+        (sfi & ADDR_MASK) | ((index & INDEX_MASK) << INDEX_SHIFT)
+    }
+
+    pub const fn sfi(w: u64) -> u64 {
+        w & ADDR_MASK
+    }
+
+    pub const fn index(w: u64) -> usize {
+        ((w >> INDEX_SHIFT) & INDEX_MASK) as usize
+    }
+}
+
+/// How the kernel side reads the JavaScript frames of a V8 target (Node.js), from V8's own
+/// post-mortem constants (`v8dbg_*`). Frames the native walk followed by frame pointer (JIT
+/// code and V8's builtins, which have no unwind tables) are looked at: a frame whose context
+/// slot holds a heap object is a JavaScript frame, and its function slot leads to the
+/// function's `SharedFunctionInfo`. Only builds with full 64-bit tagged values (no pointer
+/// compression, as Node ships) are handled. `enabled` 0 turns it off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V8Config {
+    pub enabled: u32,
+    /// `v8dbg_off_fp_context_or_frame_type`: the context (JS frames) or a frame-type Smi.
+    pub fp_context: i32,
+    /// `v8dbg_off_fp_function`: the `JSFunction`.
+    pub fp_function: i32,
+    /// `JSFunction::shared`, from the object's start (untagged).
+    pub function_shared: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -485,6 +529,7 @@ mod pod {
     unsafe impl aya::Pod for SiteCounters {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for PyConfig {}
+    unsafe impl aya::Pod for V8Config {}
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindModule {}

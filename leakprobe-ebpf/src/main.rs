@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use leakprobe_common::{
     AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_PY_DEPTH, MAX_STACK_DEPTH,
-    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, WrapperStash, cfa,
-    counter, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
+    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, V8Config, WrapperStash,
+    cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
 };
 
 /// Set by the daemon before load.
@@ -75,9 +75,10 @@ static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 /// Slot 0: the `capture` program. Every entry probe tail-calls it, so the stack walker (the
 /// costly part to verify) is verified once rather than once per probe. Slot 1:
 /// `capture_python`, which `capture` tail-calls when the target runs CPython (verified on its
-/// own: both walks in one program exceed the verifier's budget).
+/// own: both walks in one program exceed the verifier's budget). Slot 2: `capture_v8`, the same
+/// for a V8 target's JavaScript frames.
 #[map]
-static CAPTURE_PROG: ProgramArray = ProgramArray::with_max_entries(2, 0);
+static CAPTURE_PROG: ProgramArray = ProgramArray::with_max_entries(3, 0);
 /// What an entry probe hands to `capture` on this CPU.
 #[map]
 static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
@@ -85,6 +86,13 @@ static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
 /// The CPython runtime's layout (entry 0; flavor 0 = none), set by the daemon.
 #[map]
 static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
+/// The V8 runtime's frame layout (entry 0; `enabled` 0 = none), set by the daemon.
+#[map]
+static V8_CONFIG: Array<V8Config> = Array::with_max_entries(1, 0);
+/// Per CPU: the frame pointer of each frame of the stack being captured that the native walk
+/// followed by frame pointer (0 for the others), for `capture_v8`.
+#[map]
+static FRAME_FPS: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
 /// Per thread: its `PyThreadState`, checked against its native thread id at each use.
 #[map]
 static PY_TSTATE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 14, 0);
@@ -374,7 +382,7 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
         // A shim: the frame taken just before it is where that C call entered.
         let last = w.n.wrapping_sub(1) as usize;
         if last < MAX_PY_DEPTH {
-            buf.py[last] |= py_frame::ENTRY;
+            buf.runtime[last] |= py_frame::ENTRY;
         }
         w.cur = back;
         return 0;
@@ -401,7 +409,7 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
     let i = w.n as usize;
     if i < MAX_PY_DEPTH {
         let word = py_frame::pack(code, pos, entry);
-        buf.py[i] = word;
+        buf.runtime[i] = word;
         w.h = (w.h ^ word).wrapping_mul(0x0000_0100_0000_01b3);
         w.n += 1;
     }
@@ -419,7 +427,7 @@ fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
         return h;
     }
     let Some(ts) = py_thread_state(cfg, tid) else {
-        buf.py_end = py_end::NO_THREAD;
+        buf.runtime_end = py_end::NO_THREAD;
         return h;
     };
     let top = read_u64(ts + cfg.tstate_frame);
@@ -439,8 +447,8 @@ fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
     if w.end == py_end::COMPLETE as u64 && w.cur != 0 {
         w.end = py_end::MAX_DEPTH as u64;
     }
-    buf.py_depth = w.n.min(MAX_PY_DEPTH as u64) as u32;
-    buf.py_end = w.end as u32;
+    buf.runtime_depth = w.n.min(MAX_PY_DEPTH as u64) as u32;
+    buf.runtime_end = w.end as u32;
     w.h
 }
 
@@ -471,6 +479,11 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
     let mut sp = sp + 8;
     let mut bp = fp;
     let mut pc = ret0;
+    // Only a V8 target needs the frame pointers kept.
+    let fps = match V8_CONFIG.get(0) {
+        Some(c) if c.enabled != 0 => FRAME_FPS.get_ptr_mut(0),
+        _ => None,
+    };
     for i in 1..MAX_STACK_DEPTH {
         if pc == 0 {
             break;
@@ -480,15 +493,18 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
             break;
         }
         // A return address points after the call: look up the call itself.
-        let row = match find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias)) {
-            Some(r) => r,
+        let (row, by_fp) = match find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias)) {
+            Some(r) => (r, false),
             // No unwind information: follow the frame pointer if it looks like one.
-            None if plausible_fp(bp, sp) => FRAME_POINTER_ROW,
+            None if plausible_fp(bp, sp) => (FRAME_POINTER_ROW, true),
             None => {
                 end = stack_end::NO_UNWIND_INFO;
                 break;
             }
         };
+        if let Some(f) = fps {
+            unsafe { (*f)[(i - 1) & (MAX_STACK_DEPTH - 1)] = if by_fp { bp } else { 0 } };
+        }
         if row.cfa_reg == cfa::END {
             break;
         }
@@ -526,8 +542,8 @@ fn capture_stack(sp: u64, fp: u64) -> u64 {
     }
     buf.depth = depth as u32;
     buf.truncated = end;
-    buf.py_depth = 0;
-    buf.py_end = py_end::COMPLETE;
+    buf.runtime_depth = 0;
+    buf.runtime_end = py_end::COMPLETE;
     h ^ depth as u64
 }
 
@@ -832,6 +848,10 @@ pub fn capture(ctx: ProbeContext) -> u32 {
         unsafe { (*p).hash = h };
         let _ = unsafe { CAPTURE_PROG.tail_call(&ctx, 1) };
         // Only reached if the tail call failed: the stack goes without its Python frames.
+    } else if V8_CONFIG.get(0).is_some_and(|c| c.enabled != 0) {
+        unsafe { (*p).hash = h };
+        let _ = unsafe { CAPTURE_PROG.tail_call(&ctx, 2) };
+        // Only reached if the tail call failed: the stack goes without its JavaScript frames.
     }
     let p = unsafe { *p };
     dispatch(tid, &p, store_stack(h));
@@ -847,6 +867,82 @@ pub fn capture_python(_ctx: ProbeContext) -> u32 {
     let h = python_frames(unsafe { &mut *buf }, tid, p.hash);
     dispatch(tid, &p, store_stack(h));
     0
+}
+
+/// Tail-called by `capture` in a V8 target: adds the JavaScript frames, then records.
+#[uprobe]
+pub fn capture_v8(_ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_tid() else { return 0 };
+    let Some(p) = PENDING.get(0).copied() else { return 0 };
+    let h = js_frames(p.hash);
+    dispatch(tid, &p, store_stack(h));
+    0
+}
+
+/// State of the JavaScript frames' `bpf_loop`, on `capture_v8`'s stack.
+#[repr(C)]
+struct JsWalk {
+    h: u64,
+    /// Words written to `SCRATCH.runtime`.
+    n: u64,
+    end: u64,
+}
+
+/// Whether a V8 value is a heap object pointer (tag 01), not a Smi (tag 0).
+#[inline(always)]
+fn heap_object(v: u64) -> bool {
+    v & 3 == 1
+}
+
+/// Native frame `i` of `SCRATCH`, if the walk followed it by frame pointer and it is a
+/// JavaScript frame: its function's `SharedFunctionInfo` into `SCRATCH.runtime` (`bpf_loop`
+/// callback; see `V8Config` and `js_frame`).
+unsafe extern "C" fn js_frame_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut JsWalk) };
+    let (Some(cfg), Some(fps), Some(buf)) = (V8_CONFIG.get(0), FRAME_FPS.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    let buf = unsafe { &mut *buf };
+    let fp = fps[(i as usize) & (MAX_STACK_DEPTH - 1)];
+    if fp == 0 {
+        return 0;
+    }
+    let at = |off: i32| fp.wrapping_add(off as i64 as u64);
+    // A typed frame (entry, exit, stub, builtin) has a frame-type Smi where a JavaScript
+    // frame has its context.
+    let Some(context) = read_u64(at(cfg.fp_context)) else { return 0 };
+    if !heap_object(context) {
+        return 0;
+    }
+    let Some(function) = read_u64(at(cfg.fp_function)).filter(|&f| heap_object(f)) else { return 0 };
+    let Some(sfi) = read_u64(function - 1 + cfg.function_shared as u64).filter(|&s| heap_object(s)) else {
+        return 0;
+    };
+    let n = w.n as usize;
+    if n >= MAX_PY_DEPTH {
+        w.end = py_end::MAX_DEPTH as u64;
+        return 1;
+    }
+    let word = js_frame::pack(sfi, i);
+    buf.runtime[n & (MAX_PY_DEPTH - 1)] = word;
+    w.n += 1;
+    w.h = (w.h ^ word).wrapping_mul(0x0000_0100_0000_01b3);
+    0
+}
+
+/// Adds the JavaScript frames of the stack in `SCRATCH` (see [`js_frame_step`]); returns the
+/// hash `h` extended with them.
+#[inline(always)]
+fn js_frames(h: u64) -> u64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return h };
+    let buf = unsafe { &mut *buf };
+    // The outermost frame was never stepped from: its slot is not set.
+    let frames = (buf.depth as u64).saturating_sub(1).min(MAX_STACK_DEPTH as u64 - 1);
+    let mut w = JsWalk { h, n: 0, end: py_end::COMPLETE as u64 };
+    unsafe { bpf_loop(frames as u32, js_frame_step as *mut core::ffi::c_void, &mut w as *mut JsWalk as *mut _, 0) };
+    buf.runtime_depth = w.n.min(MAX_PY_DEPTH as u64) as u32;
+    buf.runtime_end = w.end as u32;
+    w.h
 }
 
 /// What follows a captured stack: keep the call, stash it, or record the block.

@@ -129,6 +129,7 @@ impl ProbeStatus {
 const EXIT_PROGRAM: &str = "alloc_exit";
 const CAPTURE_PROGRAM: &str = "capture";
 const CAPTURE_PYTHON_PROGRAM: &str = "capture_python";
+const CAPTURE_V8_PROGRAM: &str = "capture_v8";
 const NOOP_ENTER: &str = "noop_enter";
 const EXEC_PROGRAM: &str = "on_exec";
 const NOOP_EXIT: &str = "noop_exit";
@@ -200,7 +201,7 @@ impl Probes {
 
     /// Loads the stack-walking program every entry probe tail-calls.
     fn install_capture(&mut self) -> Result<(), ProbeError> {
-        for (slot, program) in [(0, CAPTURE_PROGRAM), (1, CAPTURE_PYTHON_PROGRAM)] {
+        for (slot, program) in [(0, CAPTURE_PROGRAM), (1, CAPTURE_PYTHON_PROGRAM), (2, CAPTURE_V8_PROGRAM)] {
             let fd = self
                 .program(program)?
                 .fd()
@@ -598,8 +599,6 @@ impl Probes {
         Ok(out)
     }
 
-    /// Opens a scan's window: from now on every block that leaves the live map is also kept
-    /// for the scan ([`Probes::live_blocks_at`]). Call it before stopping the target.
     /// Turns the Python frame walk on for the target's CPython (a zero flavor: off).
     pub fn set_python(&mut self, config: &leakprobe_common::PyConfig) -> Result<(), ProbeError> {
         let name = map_names::PY_CONFIG;
@@ -609,6 +608,17 @@ impl Probes {
         arr.set(0, config, 0).map_err(|source| ProbeError::Map { name, source })
     }
 
+    /// Turns the JavaScript frame walk on for the target's V8 (`enabled` 0: off).
+    pub fn set_v8(&mut self, config: &leakprobe_common::V8Config) -> Result<(), ProbeError> {
+        let name = map_names::V8_CONFIG;
+        let mut arr: Array<&mut MapData, leakprobe_common::V8Config> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        arr.set(0, config, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Opens a scan's window: from now on every block that leaves the live map is also kept
+    /// for the scan ([`Probes::live_blocks_at`]). Call it before stopping the target.
     pub fn open_scan_window(&mut self) -> Result<(), ProbeError> {
         self.drain_freed()?;
         self.set_scan_window(u64::MAX)
@@ -733,12 +743,12 @@ impl Probes {
         match stacks.get(&id, 0) {
             Ok(s) => {
                 let depth = (s.depth as usize).min(s.ips.len());
-                let py_depth = (s.py_depth as usize).min(s.py.len());
+                let depth_rt = (s.runtime_depth as usize).min(s.runtime.len());
                 Ok(Some(CapturedStack {
                     ips: s.ips[..depth].to_vec(),
                     end: s.truncated,
-                    python: s.py[..py_depth].to_vec(),
-                    python_end: s.py_end,
+                    runtime: s.runtime[..depth_rt].to_vec(),
+                    runtime_end: s.runtime_end,
                 }))
             }
             Err(MapError::KeyNotFound) => Ok(None),
@@ -754,10 +764,10 @@ pub struct CapturedStack {
     pub ips: Vec<u64>,
     /// A `stack_end` value.
     pub end: u32,
-    /// The allocating thread's Python frames, innermost first (`py_frame` words).
-    pub python: Vec<u64>,
+    /// The interpreter's frames, innermost first (`py_frame` words, or `js_frame` pairs).
+    pub runtime: Vec<u64>,
     /// A `py_end` value.
-    pub python_end: u32,
+    pub runtime_end: u32,
 }
 
 impl Drop for Probes {

@@ -331,6 +331,7 @@ mod tests {
             module: Some("/usr/bin/server".into()),
             inlined: false,
             runtime: None,
+            column: None,
         }
     }
 

@@ -89,7 +89,7 @@ pub struct Report {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RuntimeInfo {
-    /// "CPython".
+    /// "CPython" or "V8".
     pub name: String,
     pub version: String,
     /// The executable or library it lives in.
@@ -98,8 +98,9 @@ pub struct RuntimeInfo {
     /// "max-depth" (more frames than are kept) or "bad-frame" (a frame that did not read as
     /// one: its callers are missing).
     pub walks_cut: std::collections::BTreeMap<String, u64>,
-    /// Its own allocator (CPython's tables).
-    pub allocators: PythonAllocators,
+    /// Its own allocator (CPython's tables); none for V8, whose heap is not hooked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocators: Option<PythonAllocators>,
 }
 
 /// CPython's allocator tables: the function words pointed at the stub, or why they were left

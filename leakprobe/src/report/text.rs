@@ -27,11 +27,7 @@ pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
 
 fn frame_line(out: &mut String, idx: usize, f: &crate::symbolize::Frame) {
     let func = f.function.as_deref().unwrap_or("[unknown]");
-    let loc = match (&f.file, f.line) {
-        (Some(file), Some(line)) => format!(" {file}:{line}"),
-        (Some(file), None) => format!(" {file}"),
-        _ => String::new(),
-    };
+    let loc = f.location().map(|l| format!(" {l}")).unwrap_or_default();
     let module =
         f.module.as_deref().map(|m| format!(" ({})", m.rsplit('/').next().unwrap_or(m))).unwrap_or_default();
     let inl = if f.inlined { " [inlined]" } else { "" };
@@ -645,9 +641,13 @@ pub fn render(r: &Report, top: usize) -> String {
 
 /// The runtime found in the target: its frames, its allocator tables.
 fn runtime_lines(out: &mut String, rt: &crate::report::RuntimeInfo, estimated: bool) {
-    let a = &rt.allocators;
     let _ =
         writeln!(out, "  runtime: {} {} in {}: its frames are in the stacks", rt.name, rt.version, rt.module);
+    let kind = if rt.name == "V8" { "JavaScript" } else { "Python" };
+    for (why, n) in &rt.walks_cut {
+        let _ = writeln!(out, "           {n} stacks' {kind} frames were cut short ({why})");
+    }
+    let Some(a) = &rt.allocators else { return };
     if let Some(why) = &a.left_alone {
         let _ = writeln!(out, "           allocator tables not hooked: {why}");
     } else {
@@ -684,9 +684,6 @@ fn runtime_lines(out: &mut String, rt: &crate::report::RuntimeInfo, estimated: b
             let _ = writeln!(out, "           not hooked: {} ({})", s.function, s.reason);
         }
         let _ = writeln!(out, "           left in the target: {}", a.left_in_target);
-    }
-    for (why, n) in &rt.walks_cut {
-        let _ = writeln!(out, "           {n} stacks' Python frames were cut short ({why})");
     }
 }
 

@@ -2,6 +2,7 @@
 //! Decoders here do no I/O of their own: they read the target through a [`Memory`].
 
 pub mod cpython;
+pub mod v8;
 
 /// Read access to the target's memory (`/proc/PID/mem`, a snapshot, or a test buffer).
 pub trait Memory {

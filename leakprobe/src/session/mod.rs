@@ -4,6 +4,7 @@
 mod live;
 mod pyalloc;
 mod python;
+mod v8;
 mod scan;
 
 use std::{
@@ -206,12 +207,14 @@ fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// A stack fetched from the kernel map, its Python frames named at once (their code objects
-/// may be freed later).
+/// A stack fetched from the kernel map, its interpreter's frames named at once (their code
+/// objects may be freed or moved later).
 struct Fetched {
     ips: Vec<u64>,
     end: u32,
     python: Vec<(Frame, bool)>,
+    /// JavaScript frames, each with the index in `ips` of the native frame it stands for.
+    javascript: Vec<(usize, Frame)>,
 }
 
 /// Stacks fetched from the kernel map, by id. Stack ids never change meaning.
@@ -219,6 +222,7 @@ struct Fetched {
 struct StackCache {
     stacks: HashMap<u64, Option<Fetched>>,
     python: Option<python::Python>,
+    v8: Option<v8::V8>,
 }
 
 impl StackCache {
@@ -226,16 +230,19 @@ impl StackCache {
         for site in sites {
             let id = site.key.stack_id;
             if let std::collections::hash_map::Entry::Vacant(slot) = self.stacks.entry(id) {
-                let fetched = probes.stack(id).context("reading a stack")?.map(|s| Fetched {
-                    python: match self.python.as_mut() {
+                let fetched = probes.stack(id).context("reading a stack")?.map(|s| {
+                    let python = match self.python.as_mut() {
                         Some(py) => {
-                            py.walk_ended(s.python_end);
-                            if s.python.is_empty() { Vec::new() } else { py.names.frames(&s.python) }
+                            py.walk_ended(s.runtime_end);
+                            if s.runtime.is_empty() { Vec::new() } else { py.names.frames(&s.runtime) }
                         }
                         None => Vec::new(),
-                    },
-                    ips: s.ips,
-                    end: s.end,
+                    };
+                    let javascript = match self.v8.as_mut() {
+                        Some(v8) => v8.frames(&s.runtime, s.runtime_end),
+                        None => Vec::new(),
+                    };
+                    Fetched { python, javascript, ips: s.ips, end: s.end }
                 });
                 slot.insert(fetched);
             }
@@ -350,6 +357,14 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     if let Some(line) = python_line {
         progress(&cfg, format_args!("{line}"));
     }
+    // A Node.js target: its JavaScript frames join every stack (a CPython one has none).
+    let (v8, v8_line) = match (&python_names, &cfg.mode) {
+        (None, Mode::Attach { .. }) => v8::V8::detect(pid),
+        _ => (None, None),
+    };
+    if let Some(line) = v8_line {
+        progress(&cfg, format_args!("{line}"));
+    }
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
@@ -367,6 +382,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     tracing::info!("eBPF programs loaded in {:?}", t_load.elapsed());
     if let Some(names) = &python_names {
         probes.set_python(&names.config()).context("loading the Python layout")?;
+    }
+    if let Some(v8) = &v8 {
+        probes.set_v8(&v8.config()).context("loading the V8 layout")?;
     }
     // Unwind tables first, so the first allocation seen already gets a whole stack.
     let t_unwind = std::time::Instant::now();
@@ -499,7 +517,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
-    let mut stacks = StackCache { python, ..StackCache::default() };
+    let mut stacks = StackCache { python, v8, ..StackCache::default() };
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
     // operator new is hooked (it comes first in the search order).
     // In-process: operator new reaches malloc through the C++ runtime's GOT, no uprobe needed.
@@ -878,8 +896,8 @@ impl Reporting<'_> {
         if many {
             crate::progress::done();
         }
-        report.runtime = stacks.python.as_ref().map(python::Python::report);
-        if let Some(full) = report.runtime.as_ref().map(|r| r.allocators.stub_set_full).filter(|n| *n > 0) {
+        report.runtime = stacks.python.as_ref().map(python::Python::report).or_else(|| stacks.v8.as_ref().map(v8::V8::report));
+        if let Some(full) = report.runtime.as_ref().and_then(|r| r.allocators.as_ref()).map(|a| a.stub_set_full).filter(|n| *n > 0) {
             report.drops.insert("python_stub_set_full".into(), full);
             report.degraded = true;
         }
@@ -1009,6 +1027,7 @@ fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) 
     match stacks.stacks.get(&key.stack_id) {
         Some(Some(f)) => {
             let native = symbolizer.symbolize(&f.ips);
+            let native = crate::symbolize::mixed::place_javascript(native, f.javascript.clone());
             let is_eval = |fr: &Frame| stacks.python.as_ref().is_some_and(|p| p.names.is_eval(fr));
             (crate::symbolize::mixed::interleave(native, f.python.clone(), is_eval), f.end)
         }

@@ -180,7 +180,7 @@ impl Python {
             version: r.version.to_string(),
             module: r.module.display().to_string(),
             walks_cut: self.walks_cut.clone(),
-            allocators,
+            allocators: Some(allocators),
         }
     }
 }

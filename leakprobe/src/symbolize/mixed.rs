@@ -73,6 +73,41 @@ pub fn interleave(
     out
 }
 
+/// `native` (the symbolized `ips`, inlined frames before the frame they were inlined into)
+/// with the frames of each JavaScript frame's return address replaced by it: `js` pairs the
+/// index in `ips` with the frame. V8's JIT code has no symbols, and the interpreter's
+/// trampoline stands for whichever function it runs, so the JavaScript frame is the better
+/// name in both cases.
+pub fn place_javascript(native: Vec<Frame>, js: Vec<(usize, Frame)>) -> Vec<Frame> {
+    if js.is_empty() {
+        return native;
+    }
+    let mut js = js.into_iter().peekable();
+    let mut out = Vec::with_capacity(native.len());
+    let mut group = Vec::new();
+    let mut index = 0;
+    for f in native {
+        let last = !f.inlined;
+        group.push(f);
+        if !last {
+            continue;
+        }
+        while js.peek().is_some_and(|(i, _)| *i < index) {
+            js.next();
+        }
+        match js.next_if(|(i, _)| *i == index) {
+            Some((_, f)) => {
+                out.push(f);
+                group.clear();
+            }
+            None => out.append(&mut group),
+        }
+        index += 1;
+    }
+    out.extend(group);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +121,7 @@ mod tests {
             module: Some("/usr/bin/python3.11".into()),
             inlined: false,
             runtime: None,
+            column: None,
         }
     }
 
@@ -162,6 +198,47 @@ mod tests {
                 "_PyEval_EvalCode"
             ]
         );
+    }
+
+    fn js(name: &str) -> Frame {
+        let f = crate::runtimes::v8::JsFrame { function: name.into(), file: "app.js".into(), line: Some(3), column: Some(5) };
+        Frame::javascript(0x9000, f)
+    }
+
+    #[test]
+    fn javascript_frames_take_the_place_of_their_return_addresses() {
+        let mut inl = nat("node::Buffer::New");
+        inl.inlined = true;
+        let native = vec![
+            nat("node::ArrayBufferAllocator::Allocate"),
+            inl,
+            nat("node::Buffer::Create"),
+            nat("Builtins_CallApiCallback"),
+            Frame::unknown(0x3a00_0000, None),
+            nat("Builtins_InterpreterEntryTrampoline"),
+            nat("Builtins_JSEntry"),
+        ];
+        // Index 1 is Create with New inlined into it; 3 is JIT code, 4 the interpreter.
+        let got = place_javascript(native, vec![(3, js("alloc")), (4, js("handler"))]);
+        assert_eq!(
+            names(&got),
+            [
+                "node::ArrayBufferAllocator::Allocate",
+                "node::Buffer::New",
+                "node::Buffer::Create",
+                "Builtins_CallApiCallback",
+                "alloc",
+                "handler",
+                "Builtins_JSEntry"
+            ]
+        );
+        assert_eq!(got[5].location().as_deref(), Some("app.js:3:5"));
+        assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("alloc"));
+        // Node's own modules give way to the application's code that called them.
+        let mut own = js("alloc");
+        own.file = Some("node:buffer".into());
+        let got = place_javascript(vec![nat("malloc_caller"), nat("a"), nat("b")], vec![(1, own), (2, js("handler"))]);
+        assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("handler"));
     }
 
     #[test]

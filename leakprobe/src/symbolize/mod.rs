@@ -37,14 +37,18 @@ pub struct Frame {
     /// Set on frames that were inlined into the frame after them.
     #[serde(default)]
     pub inlined: bool,
-    /// An interpreter's frame ("python"), not machine code: its address is its code object.
+    /// An interpreter's frame ("python", "javascript"), not machine code: its address is its
+    /// code object (CPython) or its `SharedFunctionInfo` (V8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// The column (1-based), where the runtime gives one (JavaScript).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
 }
 
 impl Frame {
-    fn unknown(address: u64, module: Option<String>) -> Self {
-        Frame { address, function: None, file: None, line: None, module, inlined: false, runtime: None }
+    pub(crate) fn unknown(address: u64, module: Option<String>) -> Self {
+        Frame { address, function: None, file: None, line: None, module, inlined: false, runtime: None, column: None }
     }
 
     /// A Python frame: `function (file:line)`, its code object at `code`.
@@ -57,18 +61,53 @@ impl Frame {
             module: None,
             inlined: false,
             runtime: Some(PYTHON.to_string()),
+            column: None,
         }
     }
 
+    /// A JavaScript frame: `function (file:line:column)`, its `SharedFunctionInfo` at `sfi`.
+    pub fn javascript(sfi: u64, f: crate::runtimes::v8::JsFrame) -> Self {
+        Frame {
+            address: sfi,
+            function: Some(f.function),
+            file: Some(f.file),
+            line: f.line,
+            module: None,
+            inlined: false,
+            runtime: Some(JAVASCRIPT.to_string()),
+            column: f.column,
+        }
+    }
+
+    /// `file:line:column`, `file:line` or `file`, as far as the frame knows.
+    pub fn location(&self) -> Option<String> {
+        let file = self.file.as_deref()?;
+        Some(match (self.line, self.column) {
+            (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+            (Some(l), None) => format!("{file}:{l}"),
+            _ => file.to_string(),
+        })
+    }
+
     /// The frame that names a site: the innermost interpreter frame if there is one (as
-    /// tracemalloc groups by the Python line), else the innermost frame.
+    /// tracemalloc groups by the Python line), else the innermost frame. Node's own modules
+    /// (`node:buffer`) are passed over for the application's code that called them.
     pub fn headline(frames: &[Frame]) -> Option<&Frame> {
-        frames.iter().find(|f| f.runtime.is_some()).or(frames.first())
+        let runtime = || frames.iter().filter(|f| f.runtime.is_some());
+        runtime().find(|f| !f.is_runtime_library()).or_else(|| runtime().next()).or(frames.first())
+    }
+
+    /// A frame of the runtime's own library code: Node's built-in modules (`node:events`).
+    pub fn is_runtime_library(&self) -> bool {
+        self.runtime.as_deref() == Some(JAVASCRIPT)
+            && self.file.as_deref().is_some_and(|f| f.starts_with("node:") || f.starts_with("internal/"))
     }
 }
 
 /// [`Frame::runtime`] of CPython's frames.
 pub const PYTHON: &str = "python";
+/// [`Frame::runtime`] of V8's JavaScript frames.
+pub const JAVASCRIPT: &str = "javascript";
 
 struct Module {
     mapping: Mapping,
@@ -231,6 +270,7 @@ fn frames_of(addr: u64, sym: &bz::Sym<'_>, module: &str) -> Vec<Frame> {
             module: Some(module.to_string()),
             inlined,
             runtime: None,
+            column: None,
         }
     };
     // blazesym lists inlined calls outermost first; we print innermost first.

@@ -39,9 +39,10 @@ fn basename(p: &str) -> &str {
 
 fn frame_text(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("[unknown]");
-    let loc = match (&f.file, f.line) {
-        (Some(file), Some(line)) => format!(" {}:{line}", basename(file)),
-        (Some(file), None) => format!(" {}", basename(file)),
+    let loc = match (&f.file, f.line, f.column) {
+        (Some(file), Some(line), Some(col)) => format!(" {}:{line}:{col}", basename(file)),
+        (Some(file), Some(line), None) => format!(" {}:{line}", basename(file)),
+        (Some(file), None, _) => format!(" {}", basename(file)),
         _ => String::new(),
     };
     let module = match &f.runtime {

@@ -36,9 +36,10 @@ pub fn frame_label(frame: &Frame, report: &Report) -> String {
     if let (Some(_), Some(f)) = (&frame.runtime, &frame.function) {
         // An interpreter's frame: its line matters as much as its function (py-spy's form).
         let file = frame.file.as_deref().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("?");
-        return match frame.line {
-            Some(l) => format!("{f} ({file}:{l})"),
-            None => format!("{f} ({file})"),
+        return match (frame.line, frame.column) {
+            (Some(l), Some(c)) => format!("{f} ({file}:{l}:{c})"),
+            (Some(l), None) => format!("{f} ({file}:{l})"),
+            _ => format!("{f} ({file})"),
         };
     }
     if let Some(f) = &frame.function {
@@ -87,6 +88,7 @@ pub(crate) mod testing {
             module: Some("/usr/bin/app".into()),
             inlined,
             runtime: None,
+            column: None,
         }
     }
 
