@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use leakprobe_common::{
     AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_PY_DEPTH, MAX_STACK_DEPTH,
-    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, V8Config, WrapperStash,
-    cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
+    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, V8Config,
+    WrapperStash, cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
 };
 
 /// Set by the daemon before load.
@@ -899,7 +899,8 @@ fn heap_object(v: u64) -> bool {
 /// callback; see `V8Config` and `js_frame`).
 unsafe extern "C" fn js_frame_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let w = unsafe { &mut *(ctx as *mut JsWalk) };
-    let (Some(cfg), Some(fps), Some(buf)) = (V8_CONFIG.get(0), FRAME_FPS.get(0), SCRATCH.get_ptr_mut(0)) else {
+    let (Some(cfg), Some(fps), Some(buf)) = (V8_CONFIG.get(0), FRAME_FPS.get(0), SCRATCH.get_ptr_mut(0))
+    else {
         return 1;
     };
     let buf = unsafe { &mut *buf };
@@ -939,7 +940,9 @@ fn js_frames(h: u64) -> u64 {
     // The outermost frame was never stepped from: its slot is not set.
     let frames = (buf.depth as u64).saturating_sub(1).min(MAX_STACK_DEPTH as u64 - 1);
     let mut w = JsWalk { h, n: 0, end: py_end::COMPLETE as u64 };
-    unsafe { bpf_loop(frames as u32, js_frame_step as *mut core::ffi::c_void, &mut w as *mut JsWalk as *mut _, 0) };
+    unsafe {
+        bpf_loop(frames as u32, js_frame_step as *mut core::ffi::c_void, &mut w as *mut JsWalk as *mut _, 0)
+    };
     buf.runtime_depth = w.n.min(MAX_PY_DEPTH as u64) as u32;
     buf.runtime_end = w.end as u32;
     w.h

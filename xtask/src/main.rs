@@ -140,6 +140,7 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
     "python3.11",
+    "nodejs",
 ];
 
 /// Only the benchmark harness needs these: a real server and its load generator; for the

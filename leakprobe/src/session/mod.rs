@@ -4,8 +4,8 @@
 mod live;
 mod pyalloc;
 mod python;
-mod v8;
 mod scan;
+mod v8;
 
 use std::{
     collections::HashMap, io::Write as _, os::fd::OwnedFd, path::PathBuf, process::Child, time::SystemTime,
@@ -896,8 +896,18 @@ impl Reporting<'_> {
         if many {
             crate::progress::done();
         }
-        report.runtime = stacks.python.as_ref().map(python::Python::report).or_else(|| stacks.v8.as_ref().map(v8::V8::report));
-        if let Some(full) = report.runtime.as_ref().and_then(|r| r.allocators.as_ref()).map(|a| a.stub_set_full).filter(|n| *n > 0) {
+        report.runtime = stacks
+            .python
+            .as_ref()
+            .map(python::Python::report)
+            .or_else(|| stacks.v8.as_ref().map(v8::V8::report));
+        if let Some(full) = report
+            .runtime
+            .as_ref()
+            .and_then(|r| r.allocators.as_ref())
+            .map(|a| a.stub_set_full)
+            .filter(|n| *n > 0)
+        {
             report.drops.insert("python_stub_set_full".into(), full);
             report.degraded = true;
         }

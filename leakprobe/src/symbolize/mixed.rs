@@ -201,7 +201,12 @@ mod tests {
     }
 
     fn js(name: &str) -> Frame {
-        let f = crate::runtimes::v8::JsFrame { function: name.into(), file: "app.js".into(), line: Some(3), column: Some(5) };
+        let f = crate::runtimes::v8::JsFrame {
+            function: name.into(),
+            file: Some("app.js".into()),
+            line: Some(3),
+            column: Some(5),
+        };
         Frame::javascript(0x9000, f)
     }
 
@@ -237,7 +242,10 @@ mod tests {
         // Node's own modules give way to the application's code that called them.
         let mut own = js("alloc");
         own.file = Some("node:buffer".into());
-        let got = place_javascript(vec![nat("malloc_caller"), nat("a"), nat("b")], vec![(1, own), (2, js("handler"))]);
+        let got = place_javascript(
+            vec![nat("malloc_caller"), nat("a"), nat("b")],
+            vec![(1, own), (2, js("handler"))],
+        );
         assert_eq!(Frame::headline(&got).and_then(|f| f.function.as_deref()), Some("handler"));
     }
 

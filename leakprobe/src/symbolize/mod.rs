@@ -48,7 +48,16 @@ pub struct Frame {
 
 impl Frame {
     pub(crate) fn unknown(address: u64, module: Option<String>) -> Self {
-        Frame { address, function: None, file: None, line: None, module, inlined: false, runtime: None, column: None }
+        Frame {
+            address,
+            function: None,
+            file: None,
+            line: None,
+            module,
+            inlined: false,
+            runtime: None,
+            column: None,
+        }
     }
 
     /// A Python frame: `function (file:line)`, its code object at `code`.
@@ -70,7 +79,7 @@ impl Frame {
         Frame {
             address: sfi,
             function: Some(f.function),
-            file: Some(f.file),
+            file: f.file,
             line: f.line,
             module: None,
             inlined: false,
@@ -97,10 +106,11 @@ impl Frame {
         runtime().find(|f| !f.is_runtime_library()).or_else(|| runtime().next()).or(frames.first())
     }
 
-    /// A frame of the runtime's own library code: Node's built-in modules (`node:events`).
+    /// A frame of the runtime's own library code: Node's built-in modules (`node:events`) and
+    /// V8's builtins (which have no script).
     pub fn is_runtime_library(&self) -> bool {
         self.runtime.as_deref() == Some(JAVASCRIPT)
-            && self.file.as_deref().is_some_and(|f| f.starts_with("node:") || f.starts_with("internal/"))
+            && self.file.as_deref().is_none_or(|f| f.starts_with("node:") || f.starts_with("internal/"))
     }
 }
 

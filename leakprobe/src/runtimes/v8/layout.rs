@@ -108,7 +108,8 @@ impl Constants {
     fn field(&self, class: &str, members: &[&str]) -> Result<u32, LayoutError> {
         for m in members {
             let prefix = format!("class_{class}__{m}__");
-            if let Some((_, v)) = self.0.iter().filter(|(k, _)| k.starts_with(&prefix)).min_by_key(|(k, _)| k.len())
+            if let Some((_, v)) =
+                self.0.iter().filter(|(k, _)| k.starts_with(&prefix)).min_by_key(|(k, _)| k.len())
             {
                 return Ok(*v);
             }
@@ -163,7 +164,6 @@ impl Layout {
             script: c.instance_type("Script")?,
             scope_info: c.instance_type("ScopeInfo")?,
             fixed_array: c.instance_type("FixedArray")?,
-
         };
         Ok(Layout {
             version,

@@ -70,7 +70,14 @@ impl Heap<'_> {
         Some(out)
     }
 
-    fn append_string(&self, tagged: u64, skip: usize, max: usize, out: &mut String, depth: usize) -> Option<()> {
+    fn append_string(
+        &self,
+        tagged: u64,
+        skip: usize,
+        max: usize,
+        out: &mut String,
+        depth: usize,
+    ) -> Option<()> {
         let t = &self.l.strings;
         let ty = self.instance_type(tagged)?;
         if ty >= t.first_nonstring || depth > MAX_STRING_DEPTH {
@@ -89,7 +96,9 @@ impl Heap<'_> {
                 let b = self.mem.read_vec(base + u64::from(self.l.seq_one_byte_chars) + skip as u64, want)?;
                 out.extend(b.iter().map(|&c| c as char));
             } else {
-                let b = self.mem.read_vec(base + u64::from(self.l.seq_two_byte_chars) + 2 * skip as u64, 2 * want)?;
+                let b = self
+                    .mem
+                    .read_vec(base + u64::from(self.l.seq_two_byte_chars) + 2 * skip as u64, 2 * want)?;
                 let units: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                 out.extend(char::decode_utf16(units).map(|c| c.unwrap_or('\u{fffd}')));
             }
@@ -97,7 +106,8 @@ impl Heap<'_> {
         } else if repr == t.cons {
             let first = self.field(tagged, self.l.cons_first)?;
             let second = self.field(tagged, self.l.cons_second)?;
-            let first_len = self.mem.read_i32(untag(first)? + u64::from(self.l.string_length))?.max(0) as usize;
+            let first_len =
+                self.mem.read_i32(untag(first)? + u64::from(self.l.string_length))?.max(0) as usize;
             if skip < first_len {
                 self.append_string(first, skip, max, out, depth + 1)?;
             }
@@ -125,7 +135,9 @@ impl Heap<'_> {
         }
         let raw = self.mem.read_vec(untag(tagged)? + u64::from(self.l.fixed_array_data), 8 * len as usize)?;
         raw.chunks_exact(8)
-            .map(|c| smi(u64::from_le_bytes(c.try_into().unwrap_or_default())).and_then(|v| u32::try_from(v).ok()))
+            .map(|c| {
+                smi(u64::from_le_bytes(c.try_into().unwrap_or_default())).and_then(|v| u32::try_from(v).ok())
+            })
             .collect()
     }
 }
@@ -134,7 +146,8 @@ impl Heap<'_> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JsFrame {
     pub function: String,
-    pub file: String,
+    /// The script's name; `None` for V8's builtins, which have none.
+    pub file: Option<String>,
     pub line: Option<u32>,
     pub column: Option<u32>,
 }
@@ -190,7 +203,7 @@ impl Resolver {
         let at = f.start.and_then(|p| positions::line_column(ends?, p));
         Some(JsFrame {
             function: f.name,
-            file: if file.is_empty() { "<unknown>".into() } else { file },
+            file: (!file.is_empty()).then_some(file),
             line: at.map(|(l, _)| l),
             column: at.map(|(_, c)| c),
         })
@@ -233,12 +246,16 @@ impl Resolver {
         let slot = |i: usize| u64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap_or_default());
         let l = &self.layout;
         let fixed_start = l.scope_info_fixed_positions.then(|| smi(slot(3))).flatten();
-        let locals = smi(slot(l.scope_info_context_locals as usize)).unwrap_or(0).clamp(0, SCOPE_SLOTS as i64) as usize;
+        let locals = smi(slot(l.scope_info_context_locals as usize)).unwrap_or(0).clamp(0, SCOPE_SLOTS as i64)
+            as usize;
         let mut name = None;
         let mut prev: Option<i64> = None;
         for i in (l.scope_info_first_vars as usize + 2 * locals)..SCOPE_SLOTS {
             let v = slot(i);
-            if name.is_none() && untag(v).is_some() && h.instance_type(v).is_some_and(|t| t < l.strings.first_nonstring) {
+            if name.is_none()
+                && untag(v).is_some()
+                && h.instance_type(v).is_some_and(|t| t < l.strings.first_nonstring)
+            {
                 name = h.string(v, MAX_NAME);
                 if fixed_start.is_some() {
                     break;

@@ -13,7 +13,8 @@ pub fn line_column(line_ends: &[u32], pos: u32) -> Option<(u32, u32)> {
 
 /// Line ends computed from a script's source, as V8 does when it has not kept them.
 pub fn line_ends_of(source: &str) -> Vec<u32> {
-    let mut ends: Vec<u32> = source.char_indices().filter(|&(_, c)| c == '\n').map(|(i, _)| i as u32).collect();
+    let mut ends: Vec<u32> =
+        source.char_indices().filter(|&(_, c)| c == '\n').map(|(i, _)| i as u32).collect();
     ends.push(source.len() as u32);
     ends
 }
