@@ -143,10 +143,13 @@ pub enum AllocKind {
     /// A block pymalloc served (CPython's `PyObject_Malloc`/`PyMem_Malloc` family, through
     /// its allocator tables).
     PyMem = 15,
+    /// An object in V8's JavaScript heap, from V8's own sampling heap profiler (`--js-heap`):
+    /// bump-allocated by JIT code, with no call to hook. Counted by user space, not by probes.
+    JsHeap = 16,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 15] = [
+    pub const ALL: [AllocKind; 16] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -162,6 +165,7 @@ impl AllocKind {
         AllocKind::Mallocx,
         AllocKind::Rallocx,
         AllocKind::PyMem,
+        AllocKind::JsHeap,
     ];
 
     pub const fn from_u32(v: u32) -> Option<AllocKind> {
@@ -181,6 +185,7 @@ impl AllocKind {
             13 => Some(AllocKind::Mallocx),
             14 => Some(AllocKind::Rallocx),
             15 => Some(AllocKind::PyMem),
+            16 => Some(AllocKind::JsHeap),
             _ => None,
         }
     }
@@ -203,6 +208,7 @@ impl AllocKind {
             AllocKind::Mallocx => "mallocx",
             AllocKind::Rallocx => "rallocx",
             AllocKind::PyMem => "pymalloc",
+            AllocKind::JsHeap => "js-heap",
         }
     }
 }

@@ -53,6 +53,11 @@ Examples:
   # Compare two JSON reports or snapshots: which call sites grew in between
   leakprobe diff before.json after.json
 
+  # Node.js: JavaScript frames are in every native stack already; add the JS heap itself
+  # (objects, closures, strings) from V8's sampling heap profiler, through the inspector,
+  # which leakprobe opens on 127.0.0.1 and closes again (see --js-heap's help first)
+  leakprobe attach --pid 4242 --duration 60s --js-heap
+
 Existing output files are replaced only if leakprobe wrote them; anything else needs --force
 (owner and mode kept), and /etc, /usr, /boot, /proc, /sys, /dev need --allow-system-path.
 
@@ -407,6 +412,21 @@ pub struct TraceOpts {
     /// name (app.Node). Implies --scan.
     #[arg(long, value_name = "TYPE")]
     pub backrefs: Option<String>,
+    /// Node.js: also sample the JavaScript heap (objects, closures, strings, which JIT code
+    /// allocates inline with no call to hook) with V8's own sampling heap profiler, through
+    /// the inspector, as sites of their own. If the inspector is not open, leakprobe opens it
+    /// with SIGUSR1 on the target's port (--inspect-port, default 127.0.0.1:9229) after
+    /// checking nothing else holds it, and closes it at the end, on Ctrl-C, on a crash, and
+    /// through its guard if killed. WHILE IT IS OPEN, ANY LOCAL PROCESS OR USER THAT CAN
+    /// REACH THE TARGET'S LOOPBACK CAN RUN CODE IN IT: the inspector has no authentication.
+    /// Do not use it on a host or network namespace shared with untrusted users, and keep
+    /// the session short. An inspector the target already had open is used and left open.
+    #[arg(long)]
+    pub js_heap: bool,
+    /// With --js-heap: V8's mean sampling interval in bytes (its default, 32KiB; larger is
+    /// cheaper and coarser).
+    #[arg(long, default_value = "32KiB", value_name = "BYTES")]
+    pub js_heap_interval: String,
     /// The longest the target may stay stopped for a scan (e.g. 200ms): the scan is abandoned
     /// rather than exceed it.
     #[arg(long, default_value = "200ms", value_name = "D")]
@@ -564,6 +584,8 @@ pub struct Config {
     pub in_process: bool,
     /// `--scan` / `--scan-every`: scan at the end (or at exit() in run mode), and periodically.
     pub scan: Option<ScanConfig>,
+    /// `--js-heap`: V8's sampling heap profiler every this many bytes (attach only).
+    pub js_heap: Option<u64>,
     /// `--metrics`: where to serve Prometheus metrics, and how many sites get series.
     pub metrics: Option<std::net::SocketAddr>,
     pub metrics_top: usize,
@@ -742,6 +764,26 @@ impl TryFrom<Cli> for Config {
         if opts.backrefs.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(ConfigError::Needs { flag: "--backrefs", needs: "a type name (Node, app.Node)" });
         }
+        let js_heap = if opts.js_heap {
+            if matches!(mode, Mode::Run { .. }) {
+                return Err(ConfigError::Needs {
+                    flag: "--js-heap",
+                    needs: "attach (a running Node.js process)",
+                });
+            }
+            let v = &opts.js_heap_interval;
+            let n = parse_size::parse_size(v).map_err(|e| ConfigError::Size {
+                flag: "--js-heap-interval",
+                value: v.to_string(),
+                reason: e.to_string(),
+            })?;
+            if !(1..=1 << 30).contains(&n) {
+                return Err(ConfigError::Range { flag: "--js-heap-interval", min: 1, max: 1 << 30 });
+            }
+            Some(n)
+        } else {
+            None
+        };
         let scan = if opts.scan || opts.scan_every.is_some() || opts.census || opts.backrefs.is_some() {
             let max_pause = duration("--max-pause", &opts.max_pause)?;
             if max_pause.is_zero() {
@@ -802,6 +844,7 @@ impl TryFrom<Cli> for Config {
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
             in_process: opts.in_process,
             scan,
+            js_heap,
             metrics,
             metrics_top: opts.metrics_top,
             evict_after,

@@ -22,11 +22,11 @@ function subscribe(id) {
 }
 
 function remember(id) {
-  records.push({ id, name: 'user-' + id, tags: ['a', 'b', 'c'] });
+  records.push({ id, name: 'user-' + id, tags: ['a', 'b', 'c'], history: new Array(64).fill(id) });
 }
 
 function cacheUser(id) {
-  cache.set('user:' + id, { id, seen: Date.now(), blob: new Array(32).fill(id) });
+  cache.set('user:' + id, { id, seen: Date.now(), blob: new Array(128).fill(id) });
 }
 
 // Temporaries: allocated and dropped within the request.

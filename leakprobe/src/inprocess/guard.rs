@@ -53,6 +53,10 @@ pub struct RestoreList {
     /// guard keeps continuing it for a while.
     #[serde(default)]
     pub stop_at_exit: bool,
+    /// `--js-heap`: the Node inspector leakprobe opened (its port and session path). A guard
+    /// that restores also closes it, so no debugger port we opened is left behind.
+    #[serde(default)]
+    pub inspector: Option<(u16, String)>,
 }
 
 /// Whether `pid` still maps our stub's code at `code_at`.
@@ -247,6 +251,18 @@ pub fn run() -> std::process::ExitCode {
             }
         }
     }
+    if let (Some(list), false) = (&list, disarmed)
+        && let Some((port, path)) = &list.inspector
+        && start_ticks(list.pid) == Some(list.start_ticks)
+    {
+        match crate::session::inspector::guard_close(list.pid, *port, path) {
+            Ok(()) => eprintln!(
+                "leakprobe guard: leakprobe ended without detaching; closed the inspector it had opened on PID {}'s port {port}",
+                list.pid
+            ),
+            Err(e) => eprintln!("leakprobe guard: closing PID {}'s inspector on port {port}: {e}", list.pid),
+        }
+    }
     match (list, disarmed) {
         (Some(list), false) if list.code_at == 0 && list.slots.is_empty() => std::process::ExitCode::SUCCESS,
         (Some(list), false) => match restore(&list) {
@@ -299,6 +315,7 @@ mod tests {
             code_at: 0,
             held_stopped: false,
             stop_at_exit: false,
+            inspector: None,
         };
         let b = RestoreList { slots: vec![(0x10, 1, 2), (0x18, 3, 4)], ..a.clone() };
         let mut bytes = frame(&a);
@@ -341,6 +358,7 @@ mod tests {
             code_at: code as u64,
             held_stopped: false,
             stop_at_exit: false,
+            inspector: None,
         };
         // Not where the stub is: another image, nothing written.
         let elsewhere = RestoreList { code_at: code as u64 + 0x1000, ..list.clone() };

@@ -83,6 +83,31 @@ pub struct Report {
     /// when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeInfo>,
+    /// `--js-heap`: V8's sampling heap profiler and the inspector it went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub js_heap: Option<JsHeapInfo>,
+}
+
+/// `--js-heap`: how the JavaScript heap was sampled, and the inspector's window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JsHeapInfo {
+    /// V8's mean sampling interval.
+    pub sampling_interval_bytes: u64,
+    /// The inspector's port (loopback).
+    pub port: u16,
+    /// Whether leakprobe opened it (with SIGUSR1) and so closed it again; false: it was open
+    /// already, and was left open.
+    pub opened_by_leakprobe: bool,
+    /// How long it was open because of leakprobe (or used, when it was open already).
+    pub open_s: f64,
+    /// Why closing it failed, if it did.
+    pub close_error: Option<String>,
+    /// Profiles that could not be fetched, and the last reason.
+    pub failed_polls: u64,
+    pub last_error: Option<String>,
+    /// Sampled objects alive at the end.
+    pub live_samples: u64,
 }
 
 /// A language runtime in the target: its frames in the stacks, its allocator hooked.
@@ -572,6 +597,7 @@ pub fn build(
         modules: ctx.modules.clone(),
         in_process: None,
         runtime: None,
+        js_heap: None,
         scan: None,
     }
 }

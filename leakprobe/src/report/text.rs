@@ -504,6 +504,9 @@ pub fn render(r: &Report, top: usize) -> String {
     if let Some(rt) = &r.runtime {
         runtime_lines(&mut out, rt, r.sampling.estimated);
     }
+    if let Some(js) = &r.js_heap {
+        js_heap_lines(&mut out, js);
+    }
     if r.sampling.estimated {
         let _ = writeln!(
             out,
@@ -637,6 +640,35 @@ pub fn render(r: &Report, top: usize) -> String {
         );
     }
     out
+}
+
+/// `--js-heap`: the sampling and the inspector's window.
+fn js_heap_lines(out: &mut String, js: &crate::report::JsHeapInfo) {
+    let _ = writeln!(
+        out,
+        "  js heap: V8's sampling heap profiler, one sample per {} on average (estimates, as js-heap sites); {} sampled objects alive at the end",
+        human_bytes(js.sampling_interval_bytes),
+        js.live_samples
+    );
+    let window = match (js.opened_by_leakprobe, &js.close_error) {
+        (true, None) => format!(
+            "opened by leakprobe with SIGUSR1 on 127.0.0.1:{}, open {:.1} s, closed",
+            js.port, js.open_s
+        ),
+        (true, Some(e)) => format!("opened by leakprobe on port {}; CLOSING FAILED ({e}): check it", js.port),
+        (false, _) => {
+            format!("the target's own inspector on port {}, used {:.1} s and left open", js.port, js.open_s)
+        }
+    };
+    let _ = writeln!(out, "           inspector: {window}");
+    if js.failed_polls > 0 {
+        let _ = writeln!(
+            out,
+            "           {} profiles could not be fetched (last: {})",
+            js.failed_polls,
+            js.last_error.as_deref().unwrap_or("?")
+        );
+    }
 }
 
 /// The runtime found in the target: its frames, its allocator tables.

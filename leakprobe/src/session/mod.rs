@@ -1,6 +1,8 @@
 //! One tracing session: attach, sample every interval, stop, detach, report.
 //! Data flows one way: probe -> model -> report.
 
+pub mod inspector;
+mod js_heap;
 mod live;
 mod pyalloc;
 mod python;
@@ -223,6 +225,8 @@ struct StackCache {
     stacks: HashMap<u64, Option<Fetched>>,
     python: Option<python::Python>,
     v8: Option<v8::V8>,
+    /// `--js-heap`: the JavaScript heap's sites, from V8's sampling heap profiler.
+    js_heap: Option<js_heap::JsHeap>,
 }
 
 impl StackCache {
@@ -364,6 +368,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     };
     if let Some(line) = v8_line {
         progress(&cfg, format_args!("{line}"));
+    }
+    if cfg.js_heap.is_some() && v8.is_none() {
+        return Err(anyhow::Error::new(Refused(format!(
+            "--js-heap: PID {pid} runs no V8 that leakprobe recognises (not Node.js?); nothing was attached"
+        ))));
     }
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
@@ -517,7 +526,16 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
-    let mut stacks = StackCache { python, v8, ..StackCache::default() };
+    // The JavaScript heap last: the inspector is open for as short a time as can be.
+    let js_heap = match cfg.js_heap {
+        Some(interval) => {
+            let (js, line) = js_heap::JsHeap::start(pid, interval)?;
+            progress(&cfg, format_args!("{line}"));
+            Some(js)
+        }
+        None => None,
+    };
+    let mut stacks = StackCache { python, v8, js_heap, ..StackCache::default() };
     // Wrappers are added for a C++ runtime mapped later, unless the allocator's own
     // operator new is hooked (it comes first in the search order).
     // In-process: operator new reaches malloc through the C++ runtime's GOT, no uprobe needed.
@@ -561,6 +579,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut sample =
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     sample.memory = crate::target::memory::read(pid);
+    if let Some(js) = stacks.js_heap.as_mut() {
+        js.poll_into(&mut sample);
+        let info = js.finish();
+        progress(&cfg, format_args!("{}", js_heap_line(&info)));
+    }
     tracker.ingest(sample);
     stacks.fetch_new(&probes, &tracker.sites())?;
     // The last scan, with the target as the final sample saw it; in run mode it is stopped at
@@ -901,6 +924,7 @@ impl Reporting<'_> {
             .as_ref()
             .map(python::Python::report)
             .or_else(|| stacks.v8.as_ref().map(v8::V8::report));
+        report.js_heap = stacks.js_heap.as_ref().map(js_heap::JsHeap::info);
         if let Some(full) = report
             .runtime
             .as_ref()
@@ -1034,6 +1058,10 @@ fn host(symbolizer: &Symbolizer) -> report::Host {
 }
 
 fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) -> (Vec<Frame>, u32) {
+    if key.kind == leakprobe_common::AllocKind::JsHeap as u32 {
+        let frames = stacks.js_heap.as_ref().and_then(|j| j.frames(key.stack_id)).unwrap_or_default();
+        return (frames, leakprobe_common::stack_end::COMPLETE);
+    }
     match stacks.stacks.get(&key.stack_id) {
         Some(Some(f)) => {
             let native = symbolizer.symbolize(&f.ips);
@@ -1042,6 +1070,19 @@ fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) 
             (crate::symbolize::mixed::interleave(native, f.python.clone(), is_eval), f.end)
         }
         _ => (Vec::new(), leakprobe_common::stack_end::COMPLETE),
+    }
+}
+
+/// The progress line for the JavaScript heap's end.
+fn js_heap_line(info: &report::JsHeapInfo) -> String {
+    match (&info.close_error, info.opened_by_leakprobe) {
+        (None, true) => {
+            format!("--js-heap: closed the inspector on port {} (open {:.1} s)", info.port, info.open_s)
+        }
+        (None, false) => format!("--js-heap: left the target's own inspector on port {} open", info.port),
+        (Some(e), _) => {
+            format!("--js-heap: WARNING: the inspector on port {} may still be open: {e}", info.port)
+        }
     }
 }
 
@@ -1148,6 +1189,9 @@ async fn watch(
                     .sample(monotonic_ns(), tracker.min_age_ns(), read_live)
                     .context("reading eBPF maps")?;
                 sample.memory = crate::target::memory::read(pid);
+                if let Some(js) = stacks.js_heap.as_mut() {
+                    js.poll_into(&mut sample);
+                }
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(identity);
                 // Libraries loaded since (dlopen) get unwind rows too.

@@ -144,6 +144,16 @@ impl Target {
         self.lines.recv_timeout(Duration::from_secs(20)).expect("target output")
     }
 
+    /// The lines the target prints within `d`.
+    pub fn lines_within(&mut self, d: Duration) -> Vec<String> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            out.push(l);
+        }
+        out
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

@@ -214,6 +214,7 @@ pub(crate) mod testing {
             ],
             in_process: None,
             runtime: None,
+            js_heap: None,
             scan: None,
         }
     }

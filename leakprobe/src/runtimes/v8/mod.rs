@@ -10,6 +10,7 @@
 //! out gives no frame rather than a wrong one. Pure: reads through a [`Memory`].
 
 pub mod detect;
+pub mod heap_profile;
 pub mod layout;
 pub mod positions;
 

@@ -1,0 +1,162 @@
+//! `--js-heap`: V8's own sampling heap profiler, through the inspector, as call sites of
+//! their own (kind `js-heap`) beside the native ones: same tracker, trends, verdicts, diff and
+//! metrics. The inspector's rules are in [`super::inspector`].
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use super::inspector::{Inspector, InspectorError};
+use crate::{
+    inprocess::guard::{Guard, RestoreList},
+    model::Sample,
+    runtimes::v8::{
+        JsFrame,
+        heap_profile::{JsHeapSites, Profile},
+    },
+    symbolize::Frame,
+};
+
+pub struct JsHeap {
+    inspector: Inspector,
+    sites: JsHeapSites,
+    interval: u64,
+    /// Closes the inspector if leakprobe is killed; disarmed once it is closed.
+    guard: Option<Guard>,
+    /// Profiles that could not be fetched (the figures then stay as the last one left them).
+    failed_polls: u64,
+    last_error: Option<String>,
+    closed: Option<crate::report::JsHeapInfo>,
+}
+
+impl JsHeap {
+    /// Opens (or finds) the inspector and starts V8's sampling every `interval` bytes.
+    pub fn start(pid: i32, interval: u64) -> anyhow::Result<(JsHeap, String)> {
+        let opened = Inspector::open(pid).map_err(|e| match e {
+            InspectorError::Sigusr1Disabled { .. } | InspectorError::PortHeld { .. } => {
+                anyhow::Error::new(super::Refused(e.to_string()))
+            }
+            e => anyhow::Error::new(e).context("--js-heap: opening the inspector"),
+        })?;
+        let mut inspector = opened.inspector;
+        // Armed before anything else can fail: a SIGKILL from here on still closes it.
+        let guard = if inspector.opened_by_us {
+            let list = RestoreList {
+                pid,
+                start_ticks: crate::inprocess::guard::start_ticks(pid).unwrap_or(0),
+                inspector: Some((inspector.port, inspector.path.clone())),
+                ..Default::default()
+            };
+            Some(Guard::spawn(&list).context("--js-heap: starting the guard that closes the inspector")?)
+        } else {
+            None
+        };
+        inspector
+            .call("HeapProfiler.startSampling", json!({"samplingInterval": interval}))
+            .context("--js-heap: starting V8's sampling heap profiler")?;
+        let js = JsHeap {
+            inspector,
+            sites: JsHeapSites::new(),
+            interval,
+            guard,
+            failed_polls: 0,
+            last_error: None,
+            closed: None,
+        };
+        Ok((js, opened.line))
+    }
+
+    /// Fetches the live sampled objects and adds the JavaScript sites to `sample`.
+    pub fn poll_into(&mut self, sample: &mut Sample) {
+        if self.closed.is_none() {
+            match self.fetch() {
+                Ok(p) => self.sites.update(&p),
+                Err(e) => {
+                    self.failed_polls += 1;
+                    self.last_error = Some(format!("{e:#}"));
+                    tracing::warn!("--js-heap: {e:#}");
+                }
+            }
+        }
+        sample.sites.extend(self.sites.sites());
+    }
+
+    fn fetch(&mut self) -> anyhow::Result<Profile> {
+        let r = self.inspector.call("HeapProfiler.getSamplingProfile", json!({}))?;
+        serde_json::from_value(r["profile"].clone()).context("reading V8's sampling heap profile")
+    }
+
+    /// A JavaScript-heap site's stack, innermost first.
+    pub fn frames(&self, stack_id: u64) -> Option<Vec<Frame>> {
+        let stack = self.sites.stack(stack_id)?;
+        Some(
+            stack
+                .iter()
+                .map(|f| {
+                    let file = f.url.strip_prefix("file://").unwrap_or(&f.url);
+                    let known = |v: i64| u32::try_from(v + 1).ok().filter(|&v| v > 0);
+                    let frame = JsFrame {
+                        function: if f.function_name.is_empty() {
+                            crate::runtimes::v8::ANONYMOUS.into()
+                        } else {
+                            f.function_name.clone()
+                        },
+                        file: (!file.is_empty()).then(|| file.to_string()),
+                        line: known(f.line_number),
+                        column: known(f.column_number),
+                    };
+                    Frame::javascript(0, frame)
+                })
+                .collect(),
+        )
+    }
+
+    /// Stops the sampling and closes the inspector if leakprobe opened it (then disarms the
+    /// guard). Safe to call twice.
+    pub fn finish(&mut self) -> crate::report::JsHeapInfo {
+        if let Some(done) = &self.closed {
+            return done.clone();
+        }
+        let _ = self.inspector.call("HeapProfiler.stopSampling", json!({}));
+        let closed = self.inspector.close();
+        let open_for = match &closed {
+            Ok(d) => *d,
+            Err(_) => self.inspector.open_for(),
+        };
+        if closed.is_ok()
+            && let Some(g) = self.guard.take()
+        {
+            g.disarm();
+        }
+        let mut info = self.info_now(open_for);
+        info.close_error = closed.err().map(|e| e.to_string());
+        self.closed = Some(info.clone());
+        info
+    }
+}
+
+impl JsHeap {
+    /// The report's figures: as closed at the end, or as they stand (a snapshot meanwhile).
+    pub fn info(&self) -> crate::report::JsHeapInfo {
+        self.closed.clone().unwrap_or_else(|| self.info_now(self.inspector.open_for()))
+    }
+
+    fn info_now(&self, open_for: std::time::Duration) -> crate::report::JsHeapInfo {
+        crate::report::JsHeapInfo {
+            sampling_interval_bytes: self.interval,
+            port: self.inspector.port,
+            opened_by_leakprobe: self.inspector.opened_by_us,
+            open_s: open_for.as_secs_f64(),
+            close_error: None,
+            failed_polls: self.failed_polls,
+            last_error: self.last_error.clone(),
+            live_samples: self.sites.live_samples() as u64,
+        }
+    }
+}
+
+impl Drop for JsHeap {
+    /// An error or a panic ends the session early: the inspector is closed all the same.
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
