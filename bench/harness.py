@@ -24,7 +24,7 @@ every configuration, ...; medians reported):
     (from PyPI, in a venv of that python3.11 at MEMRAY_VENV, /var/tmp/leakprobe-bench-venv,
     made here if missing); goal: sampled in-process keeps >= 90% of the baseline on both.
     A tracer that cannot run gets a row saying why.
-BENCH_ONLY=scan (or soak, python, pycensus; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
+BENCH_ONLY=scan (or soak, python, pycensus, node; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -865,6 +865,120 @@ def python_table():
     return head + "\n\n" + "\n\n".join(out)
 
 
+NODE = "/usr/bin/node"
+NODE_TRACERS = [
+    ("none", "no tracer", []),
+    ("native", "leakprobe --in-process --sample-bytes 512KiB --no-js-frames (native stacks only)",
+     ["--in-process", "--sample-bytes", "512KiB", "--no-js-frames"]),
+    ("js", "leakprobe --in-process --sample-bytes 512KiB (JavaScript frames)",
+     ["--in-process", "--sample-bytes", "512KiB"]),
+    ("js_heap", "leakprobe --in-process --sample-bytes 512KiB --js-heap (and the JS heap, 32 KiB)",
+     ["--in-process", "--sample-bytes", "512KiB", "--js-heap"]),
+    ("exact_native", "leakprobe exact, --no-js-frames", ["--no-js-frames"]),
+    ("exact_js", "leakprobe exact, JavaScript frames", []),
+]
+
+
+def node_once(args):
+    """One fresh bench/node_http.js under wrk, with leakprobe attached with args (None: no
+    tracer): (requests/s, p99 ms, server CPU µs per request)."""
+    pin = ["taskset", "-c", "0"] if HTTP_PIN else []
+    target = subprocess.Popen(pin + [NODE, os.path.join(ROOT, "bench/node_http.js"), str(HTTP_PORT)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    target.errlog = os.devnull
+    lp = None
+    try:
+        if target.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/node_http.js did not start")
+        if args is not None:
+            lp = subprocess.Popen([LP, "attach", "--pid", str(target.pid), "--interval", "2s"] + args,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _watch(lp, lp.stderr, "--js-heap: opened" if "--js-heap" in args else "attached", 120, "leakprobe")
+        return py_http_measure(target)
+    finally:
+        if lp is not None:
+            stop_tracer("leakprobe", lp)
+        target.kill(); target.wait()
+
+
+def node_snapshot_pauses():
+    """--js-heap-snapshot on Node heaps of 100 MiB and 1 GiB: each snapshot's pause, and
+    leakprobe's peak memory."""
+    import json
+    rows = []
+    for mib in (100, 1024):
+        pauses, rss = [], []
+        for _ in range(ROUNDS):
+            t = subprocess.Popen([NODE, "--max-old-space-size=8192", os.path.join(ROOT, "bench/node_heap.js"), str(mib)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            t.stdout.readline()
+            out = os.path.join(WORK, "snap.json")
+            lp = subprocess.Popen([LP, "attach", "--pid", str(t.pid), "--js-heap-snapshot", "--duration", "1s",
+                                   "--format", "json", "--output", out, "--force"], stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(lp.pid, 0)
+            t.kill(); t.wait()
+            if status != 0:
+                continue
+            pauses.extend(json.load(open(out))["js_heap"]["snapshot_pauses_ms"])
+            rss.append(usage.ru_maxrss / 1024)
+        if not pauses:
+            rows.append(f"| {mib} MiB | failed | | |")
+            continue
+        med = statistics.median
+        rows.append(f"| {mib} MiB | {med(pauses):,.0f} ms | {max(pauses):,.0f} ms | {med(rss):,.0f} MiB |")
+    return ("`leakprobe attach --js-heap-snapshot` on bench/node_heap.js (small objects): V8 stops the event loop "
+            "for each of the two snapshots.\n\n| V8 heap | pause per snapshot (median) | longest | leakprobe peak RSS "
+            "|\n|---|---|---|---|\n" + "\n".join(rows))
+
+
+def node_table():
+    """Node's cost: an http server under wrk with JavaScript frames or not, with the JS heap
+    sampled or not; then the heap snapshots' pauses."""
+    if not os.path.exists(NODE):
+        return f"(not measured: {NODE} missing)"
+    if not shutil.which("wrk"):
+        return "(wrk missing: `apt-get install wrk`)"
+    res = {k: [] for k, _, _ in NODE_TRACERS}
+    why = {}
+    for _ in range(ROUNDS):
+        for kind, _, args in NODE_TRACERS:
+            if kind in why:
+                continue
+            try:
+                res[kind].append(node_once(None if kind == "none" else args))
+            except (TracerError, RuntimeError, subprocess.TimeoutExpired) as e:
+                why[kind] = str(e)
+    med = statistics.median
+    base = med(r[0] for r in res["none"]) if res["none"] else None
+    rows, kept, cpu = [], {}, {}
+    for kind, label, _ in NODE_TRACERS:
+        rs = res[kind]
+        if kind in why or not rs or not base:
+            rows.append(f"| {label} | not measured: {why.get(kind, 'no baseline')} | | | | |")
+            continue
+        rate = med(r[0] for r in rs)
+        kept[kind], cpu[kind] = 100 * rate / base, med(r[2] for r in rs)
+        rows.append(f"| {label} | {rate:,.0f} | {kept[kind]:.1f}% | {med(r[1] for r in rs):.2f} | {cpu[kind]:.0f} "
+                    f"| {min(r[0] for r in rs):,.0f}-{max(r[0] for r in rs):,.0f} |")
+    goals = []
+    if "js_heap" in kept:
+        goals.append(f"--js-heap sampling keeps {kept['js_heap']:.1f}% of baseline throughput "
+                     f"({'met' if kept['js_heap'] >= 90 else 'NOT met'}: >= 90%)")
+    for mode, a, b in (("sampled", "native", "js"), ("exact", "exact_native", "exact_js")):
+        if a in cpu and b in cpu:
+            more = 100 * (cpu[b] / cpu[a] - 1)
+            goals.append(f"JavaScript frames cost {more:+.1f}% server CPU per request over native-only stacks, "
+                         f"{mode} ({'met' if more <= 5 else 'NOT met'}: <= 5%)")
+    return (f"Target: {NODE} ({subprocess.run([NODE, '--version'], capture_output=True, text=True).stdout.strip()}) "
+            f"running bench/node_http.js (a 20-item JSON body and a Buffer per request, nothing kept) under "
+            f"wrk -t1 -c{HTTP_CONNS} -d{HTTP_S}s"
+            + (", the server pinned to CPU 0, wrk to CPU 1" if HTTP_PIN else "")
+            + ". Configurations interleaved within each round, a fresh server each run.\n\n**"
+            + "; ".join(goals) + ".**\n\n| configuration | requests/s (median) | of baseline | p99 latency ms | "
+            "server CPU per request, µs | requests/s, range over rounds |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\n" + node_snapshot_pauses())
+
+
 def update_doc(begin, end, text):
     path = os.path.join(ROOT, "docs/benchmarks.md")
     doc = open(path).read()
@@ -882,7 +996,8 @@ def main():
         only = sys.argv[sys.argv.index("--only") + 1]
     for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians"),
                              ("python", python_table, f"{ROUNDS} interleaved rounds, medians"),
-                             ("pycensus", pycensus_table, f"{ROUNDS} rounds, medians")):
+                             ("pycensus", pycensus_table, f"{ROUNDS} rounds, medians"),
+                             ("node", node_table, f"{ROUNDS} interleaved rounds, medians")):
         if only not in (None, name):
             continue
         text = (f"Command: `BENCH_ONLY={name} cargo xtask bench` (bench/harness.py `{table.__name__}`, {how}). "

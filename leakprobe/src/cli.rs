@@ -423,6 +423,17 @@ pub struct TraceOpts {
     /// the session short. An inspector the target already had open is used and left open.
     #[arg(long)]
     pub js_heap: bool,
+    /// Node.js: leave the JavaScript frames out of the native stacks (they are in by
+    /// default); for comparing their cost.
+    #[arg(long)]
+    pub no_js_frames: bool,
+    /// Node.js: take a V8 heap snapshot at the start and at the end, and report Chrome
+    /// DevTools' Comparison view (per constructor: #new, #deleted, #delta, sizes) with the
+    /// shortest retainer path of the top growing ones. Implies --js-heap. EACH SNAPSHOT
+    /// STOPS THE EVENT LOOP (the report gives the pauses; seconds for a heap of gigabytes)
+    /// and needs about twice the heap in memory while it is taken.
+    #[arg(long)]
+    pub js_heap_snapshot: bool,
     /// With --js-heap: V8's mean sampling interval in bytes (its default, 32KiB; larger is
     /// cheaper and coarser).
     #[arg(long, default_value = "32KiB", value_name = "BYTES")]
@@ -586,6 +597,10 @@ pub struct Config {
     pub scan: Option<ScanConfig>,
     /// `--js-heap`: V8's sampling heap profiler every this many bytes (attach only).
     pub js_heap: Option<u64>,
+    /// `--js-heap-snapshot`: two heap snapshots, compared.
+    pub js_heap_snapshot: bool,
+    /// JavaScript frames in native stacks (`--no-js-frames` turns them off).
+    pub js_frames: bool,
     /// `--metrics`: where to serve Prometheus metrics, and how many sites get series.
     pub metrics: Option<std::net::SocketAddr>,
     pub metrics_top: usize,
@@ -764,7 +779,7 @@ impl TryFrom<Cli> for Config {
         if opts.backrefs.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(ConfigError::Needs { flag: "--backrefs", needs: "a type name (Node, app.Node)" });
         }
-        let js_heap = if opts.js_heap {
+        let js_heap = if opts.js_heap || opts.js_heap_snapshot {
             if matches!(mode, Mode::Run { .. }) {
                 return Err(ConfigError::Needs {
                     flag: "--js-heap",
@@ -845,6 +860,8 @@ impl TryFrom<Cli> for Config {
             in_process: opts.in_process,
             scan,
             js_heap,
+            js_heap_snapshot: opts.js_heap_snapshot,
+            js_frames: !opts.no_js_frames,
             metrics,
             metrics_top: opts.metrics_top,
             evict_after,

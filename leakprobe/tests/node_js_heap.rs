@@ -247,3 +247,54 @@ fn a_node_started_with_disable_sigusr1_is_refused_clearly() {
     let _ = t.child.kill();
     let _ = t.child.wait();
 }
+
+#[test]
+fn snapshot_comparison_counts_the_listeners_and_shows_what_holds_them() {
+    require_root();
+    let inspector_port = free_port();
+    let flag = format!("--inspect-port={inspector_port}");
+    let (mut t, port) = server(Path::new("/usr/bin/node"), &[&flag]);
+    for _ in 0..20 {
+        get(port, "/leak");
+    }
+    const N: u64 = 1000;
+    let pid = t.pid().to_string();
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "8s",
+        "--format",
+        "json",
+        "--js-heap-snapshot",
+    ]);
+    lp.wait_for("first heap snapshot");
+    for _ in 0..N {
+        get(port, "/leak");
+    }
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let js = &report["js_heap"];
+    let pauses = js["snapshot_pauses_ms"].as_array().unwrap();
+    assert_eq!(pauses.len(), 2, "{js:#}");
+    let rows = js["comparison"].as_array().unwrap();
+    let closures = rows.iter().find(|r| r["constructor"] == "(closure)").expect("a (closure) row");
+    let delta = closures["delta"].as_i64().unwrap();
+    println!("(closure) row: {closures}; pauses {pauses:?}");
+    assert!(
+        (delta - N as i64).unsigned_abs() <= N / 100,
+        "(closure) #delta {delta}, {N} listeners were added: {closures:#}"
+    );
+    let path = closures["retainers"].as_str().expect("the closures' retainer path");
+    assert!(
+        path.starts_with("(closure) handler")
+            && path.contains("(array)")
+            && path.contains("_events in EventEmitter"),
+        "the retainer path names the listeners array and the emitter: {path}"
+    );
+    assert!(!listens(t.pid(), inspector_port));
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}

@@ -108,6 +108,13 @@ pub struct JsHeapInfo {
     pub last_error: Option<String>,
     /// Sampled objects alive at the end.
     pub live_samples: u64,
+    /// `--js-heap-snapshot`: how long each heap snapshot stopped the event loop.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_pauses_ms: Vec<f64>,
+    /// `--js-heap-snapshot`: DevTools' Comparison view of the last snapshot against the
+    /// first, per constructor, most growth first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Vec<crate::runtimes::v8::snapshot::ComparisonRow>>,
 }
 
 /// A language runtime in the target: its frames in the stacks, its allocator hooked.

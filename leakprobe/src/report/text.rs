@@ -669,6 +669,44 @@ fn js_heap_lines(out: &mut String, js: &crate::report::JsHeapInfo) {
             js.last_error.as_deref().unwrap_or("?")
         );
     }
+    if let Some(rows) = &js.comparison {
+        comparison_lines(out, rows, &js.snapshot_pauses_ms);
+    }
+}
+
+/// Constructors shown in the text comparison.
+const COMPARISON_TEXT_ROWS: usize = 10;
+
+/// `--js-heap-snapshot`: DevTools' Comparison view, and the top rows' retainer paths.
+fn comparison_lines(out: &mut String, rows: &[crate::runtimes::v8::snapshot::ComparisonRow], pauses: &[f64]) {
+    let pauses: Vec<String> = pauses.iter().map(|p| format!("{p:.0} ms")).collect();
+    let _ = writeln!(
+        out,
+        "\nJS HEAP COMPARISON (last snapshot against the first; each stopped the event loop: {})",
+        pauses.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  {:<32} {:>8} {:>8} {:>8} {:>11} {:>11} {:>11}",
+        "constructor", "#new", "#deleted", "#delta", "alloc size", "freed size", "size delta"
+    );
+    for r in rows.iter().take(COMPARISON_TEXT_ROWS) {
+        let name: String = r.constructor.chars().take(32).collect();
+        let sign = if r.size_delta < 0 { "-" } else { "+" };
+        let _ = writeln!(
+            out,
+            "  {name:<32} {:>8} {:>8} {:>+8} {:>11} {:>11} {:>11}",
+            r.new,
+            r.deleted,
+            r.delta,
+            human_bytes(r.alloc_size),
+            human_bytes(r.freed_size),
+            format!("{sign}{}", human_bytes(r.size_delta.unsigned_abs()))
+        );
+    }
+    for r in rows.iter().filter(|r| r.retainers.is_some()) {
+        let _ = writeln!(out, "  retained: {}", r.retainers.as_deref().unwrap_or(""));
+    }
 }
 
 /// The runtime found in the target: its frames, its allocator tables.

@@ -41,6 +41,10 @@ pub enum InspectorError {
     )]
     PortHeld { pid: i32, port: u16, inode: u64 },
     #[error(
+        "PID {pid} was started with --inspect, but nothing of it listens on port {port} (--inspect=0 picks a random port); no signal was sent. Restart it with a fixed --inspect-port to use --js-heap"
+    )]
+    InspectorElsewhere { pid: i32, port: u16 },
+    #[error(
         "PID {pid} did not open its inspector on port {port} within {waited:?} of SIGUSR1 (a SIGUSR1 handler of its own, or a Node without an inspector?)"
     )]
     DidNotOpen { pid: i32, port: u16, waited: Duration },
@@ -258,26 +262,27 @@ impl Inspector {
     /// Finds the target's inspector, or opens it with `SIGUSR1` (see the module's rules).
     pub fn open(pid: i32) -> Result<Opened, InspectorError> {
         let opts = options_of(pid)?;
+        let port = opts.port.unwrap_or(DEFAULT_PORT);
         let ours = socket_inodes(pid)?;
-        let listening = listening_in(pid)?;
-        // Already open: a listening socket of the target's that answers /json/list.
-        for &(port, inode) in &listening {
-            if ours.contains(&inode)
-                && let Ok(path) = debugger_path(pid, port)
-            {
-                let inspector = Inspector::connect_session(pid, port, path, false)?;
-                let line = format!(
-                    "--js-heap: PID {pid}'s inspector was already open on port {port}; using it, and leaving it open"
-                );
-                return Ok(Opened { inspector, line });
+        let held = listening_in(pid)?.into_iter().find(|(p, _)| *p == port);
+        // Only the inspector's own port is ever spoken to: the target's other listening
+        // sockets are its business, and an HTTP request to them would be one more request.
+        if let Some((_, inode)) = held {
+            if !ours.contains(&inode) {
+                return Err(InspectorError::PortHeld { pid, port, inode });
             }
+            let path = debugger_path(pid, port)?;
+            let inspector = Inspector::connect_session(pid, port, path, false)?;
+            let line = format!(
+                "--js-heap: PID {pid}'s inspector was already open on port {port}; using it, and leaving it open"
+            );
+            return Ok(Opened { inspector, line });
         }
         if opts.sigusr1_disabled {
             return Err(InspectorError::Sigusr1Disabled { pid });
         }
-        let port = opts.port.unwrap_or(DEFAULT_PORT);
-        if let Some(&(_, inode)) = listening.iter().find(|(p, _)| *p == port) {
-            return Err(InspectorError::PortHeld { pid, port, inode });
+        if opts.inspect_flag {
+            return Err(InspectorError::InspectorElsewhere { pid, port });
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
             .map_err(|source| InspectorError::Signal { pid, source })?;
@@ -311,13 +316,32 @@ impl Inspector {
         let err = |why: String| InspectorError::Connect { port, why };
         let stream = connect(pid, port)?;
         stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(|e| err(e.to_string()))?;
-        let (ws, _) = tungstenite::client::client(format!("ws://127.0.0.1:{port}{path}"), stream)
-            .map_err(|e| err(format!("WebSocket handshake: {e}")))?;
+        // A sampling profile of a big heap is one large message.
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(1 << 30))
+            .max_frame_size(Some(1 << 30));
+        let (ws, _) = tungstenite::client::client_with_config(
+            format!("ws://127.0.0.1:{port}{path}"),
+            stream,
+            Some(config),
+        )
+        .map_err(|e| err(format!("WebSocket handshake: {e}")))?;
         Ok(Inspector { pid, port, ws: Some(ws), next_id: 1, opened_by_us, opened_at: Instant::now(), path })
     }
 
     /// One CDP call: its `result`. Events that arrive meanwhile are dropped.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, InspectorError> {
+        self.call_with_events(method, params, |_, _| {})
+    }
+
+    /// One CDP call: its `result`; events that arrive before it go to `on_event` (method,
+    /// params), as `takeHeapSnapshot`'s chunks do.
+    pub fn call_with_events(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_event: impl FnMut(&str, &Value),
+    ) -> Result<Value, InspectorError> {
         let transport = |why: String| InspectorError::Transport { method: method.to_string(), why };
         let ws = self.ws.as_mut().ok_or_else(|| transport("the session is closed".into()))?;
         let id = self.next_id;
@@ -331,6 +355,10 @@ impl Inspector {
                 _ => continue,
             };
             let v: Value = serde_json::from_str(text.as_str()).map_err(|e| transport(e.to_string()))?;
+            if let Some(event) = v["method"].as_str() {
+                on_event(event, &v["params"]);
+                continue;
+            }
             if v["id"].as_u64() != Some(id) {
                 continue;
             }

@@ -12,9 +12,13 @@ use crate::{
     runtimes::v8::{
         JsFrame,
         heap_profile::{JsHeapSites, Profile},
+        snapshot::{ComparisonRow, Snapshot, compare},
     },
     symbolize::Frame,
 };
+
+/// Constructors kept in the report's comparison (most growth first).
+const COMPARISON_ROWS: usize = 50;
 
 pub struct JsHeap {
     inspector: Inspector,
@@ -26,15 +30,19 @@ pub struct JsHeap {
     failed_polls: u64,
     last_error: Option<String>,
     closed: Option<crate::report::JsHeapInfo>,
+    /// `--js-heap-snapshot`: the first snapshot, and the pauses the snapshots took.
+    first_snapshot: Option<Snapshot>,
+    snapshot_pauses_ms: Vec<f64>,
+    comparison: Option<Vec<ComparisonRow>>,
 }
 
 impl JsHeap {
     /// Opens (or finds) the inspector and starts V8's sampling every `interval` bytes.
     pub fn start(pid: i32, interval: u64) -> anyhow::Result<(JsHeap, String)> {
         let opened = Inspector::open(pid).map_err(|e| match e {
-            InspectorError::Sigusr1Disabled { .. } | InspectorError::PortHeld { .. } => {
-                anyhow::Error::new(super::Refused(e.to_string()))
-            }
+            InspectorError::Sigusr1Disabled { .. }
+            | InspectorError::PortHeld { .. }
+            | InspectorError::InspectorElsewhere { .. } => anyhow::Error::new(super::Refused(e.to_string())),
             e => anyhow::Error::new(e).context("--js-heap: opening the inspector"),
         })?;
         let mut inspector = opened.inspector;
@@ -61,6 +69,9 @@ impl JsHeap {
             failed_polls: 0,
             last_error: None,
             closed: None,
+            first_snapshot: None,
+            snapshot_pauses_ms: Vec::new(),
+            comparison: None,
         };
         Ok((js, opened.line))
     }
@@ -83,6 +94,51 @@ impl JsHeap {
     fn fetch(&mut self) -> anyhow::Result<Profile> {
         let r = self.inspector.call("HeapProfiler.getSamplingProfile", json!({}))?;
         serde_json::from_value(r["profile"].clone()).context("reading V8's sampling heap profile")
+    }
+
+    /// Takes a heap snapshot (V8 stops the event loop meanwhile: the pause is measured).
+    fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let mut json = Vec::new();
+        let started = std::time::Instant::now();
+        self.inspector.call_with_events(
+            "HeapProfiler.takeHeapSnapshot",
+            json!({"reportProgress": false}),
+            |m, p| {
+                if m == "HeapProfiler.addHeapSnapshotChunk"
+                    && let Some(chunk) = p["chunk"].as_str()
+                {
+                    json.extend_from_slice(chunk.as_bytes());
+                }
+            },
+        )?;
+        self.snapshot_pauses_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        Snapshot::parse(&json).context("reading V8's heap snapshot")
+    }
+
+    /// `--js-heap-snapshot`: the first of the two snapshots, at the start.
+    pub fn first_snapshot(&mut self) -> anyhow::Result<String> {
+        let s = self.snapshot().context("--js-heap-snapshot: the first heap snapshot")?;
+        let line = format!(
+            "--js-heap-snapshot: first heap snapshot, {} objects (the event loop paused {:.0} ms)",
+            s.nodes.len(),
+            self.snapshot_pauses_ms.last().copied().unwrap_or(0.0)
+        );
+        self.first_snapshot = Some(s);
+        Ok(line)
+    }
+
+    /// `--js-heap-snapshot`: the second snapshot, compared with the first.
+    pub fn compare_snapshots(&mut self) -> anyhow::Result<String> {
+        let Some(first) = self.first_snapshot.take() else { return Ok(String::new()) };
+        let second = self.snapshot().context("--js-heap-snapshot: the second heap snapshot")?;
+        let rows = compare(&first, &second, 5);
+        let line = format!(
+            "--js-heap-snapshot: second heap snapshot, {} objects (paused {:.0} ms); compared",
+            second.nodes.len(),
+            self.snapshot_pauses_ms.last().copied().unwrap_or(0.0)
+        );
+        self.comparison = Some(rows);
+        Ok(line)
     }
 
     /// A JavaScript-heap site's stack, innermost first.
@@ -150,6 +206,11 @@ impl JsHeap {
             failed_polls: self.failed_polls,
             last_error: self.last_error.clone(),
             live_samples: self.sites.live_samples() as u64,
+            snapshot_pauses_ms: self.snapshot_pauses_ms.clone(),
+            comparison: self.comparison.clone().map(|mut rows| {
+                rows.truncate(COMPARISON_ROWS);
+                rows
+            }),
         }
     }
 }

@@ -366,14 +366,21 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         (None, Mode::Attach { .. }) => v8::V8::detect(pid),
         _ => (None, None),
     };
-    if let Some(line) = v8_line {
-        progress(&cfg, format_args!("{line}"));
+    match (v8_line, cfg.js_frames) {
+        (Some(line), true) => progress(&cfg, format_args!("{line}")),
+        (Some(_), false) if v8.is_some() => {
+            progress(&cfg, format_args!("V8 recognised; JavaScript frames left out (--no-js-frames)"))
+        }
+        (Some(line), false) => progress(&cfg, format_args!("{line}")),
+        (None, _) => {}
     }
     if cfg.js_heap.is_some() && v8.is_none() {
         return Err(anyhow::Error::new(Refused(format!(
             "--js-heap: PID {pid} runs no V8 that leakprobe recognises (not Node.js?); nothing was attached"
         ))));
     }
+    // --no-js-frames: recognised (for --js-heap), but its frames stay out of the stacks.
+    let v8 = v8.filter(|_| cfg.js_frames);
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
@@ -529,8 +536,12 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     // The JavaScript heap last: the inspector is open for as short a time as can be.
     let js_heap = match cfg.js_heap {
         Some(interval) => {
-            let (js, line) = js_heap::JsHeap::start(pid, interval)?;
+            let (mut js, line) = js_heap::JsHeap::start(pid, interval)?;
             progress(&cfg, format_args!("{line}"));
+            if cfg.js_heap_snapshot {
+                let line = js.first_snapshot()?;
+                progress(&cfg, format_args!("{line}"));
+            }
             Some(js)
         }
         None => None,
@@ -581,6 +592,12 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     sample.memory = crate::target::memory::read(pid);
     if let Some(js) = stacks.js_heap.as_mut() {
         js.poll_into(&mut sample);
+        if cfg.js_heap_snapshot {
+            match js.compare_snapshots() {
+                Ok(line) => progress(&cfg, format_args!("{line}")),
+                Err(e) => progress(&cfg, format_args!("WARNING: {e:#}")),
+            }
+        }
         let info = js.finish();
         progress(&cfg, format_args!("{}", js_heap_line(&info)));
     }

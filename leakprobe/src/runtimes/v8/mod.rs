@@ -13,6 +13,7 @@ pub mod detect;
 pub mod heap_profile;
 pub mod layout;
 pub mod positions;
+pub mod snapshot;
 
 use std::collections::HashMap;
 

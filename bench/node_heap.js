@@ -1,0 +1,13 @@
+// Benchmark target: a Node heap of about MIB MiB of small objects (for the snapshot pause),
+// kept alive; prints "ready" when built. Usage: node --max-old-space-size=4096 node_heap.js MIB
+'use strict';
+const mib = Number(process.argv[2] || 100);
+const keep = [];
+const v8 = require('v8');
+while (v8.getHeapStatistics().used_heap_size < mib * 1048576) {
+  const chunk = [];
+  for (let i = 0; i < 10000; i++) chunk.push({ i, s: 'x' + i, a: [i, i + 1] });
+  keep.push(chunk);
+}
+console.log('ready');
+setInterval(() => {}, 1000);
