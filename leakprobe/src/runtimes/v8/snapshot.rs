@@ -86,7 +86,7 @@ impl Snapshot {
                 .unwrap_or_default()
         };
         let (nf, ef) = (m.node_fields.len(), m.edge_fields.len());
-        if nf == 0 || ef == 0 || raw.nodes.len() % nf != 0 || raw.edges.len() % ef != 0 {
+        if nf == 0 || ef == 0 || !raw.nodes.len().is_multiple_of(nf) || !raw.edges.len().is_multiple_of(ef) {
             return Err(SnapshotError::Format("node or edge arrays do not match their fields".into()));
         }
         let (n_type, n_name, n_id, n_size, n_edges) = (
