@@ -190,6 +190,34 @@ pub fn open_mapping(pid: i32, m: &Mapping) -> Result<File, TargetError> {
     })
 }
 
+/// The whole contents of the file behind a mapping.
+pub fn read_mapping(pid: i32, m: &Mapping) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut open_mapping(pid, m).map_err(std::io::Error::other)?, &mut data)?;
+    Ok(data)
+}
+
+/// Where a language runtime may live: the executable first, then the mapped files whose name
+/// `named` accepts, one mapping each (the first in address order); and the maps read.
+pub fn runtime_candidates(
+    pid: i32,
+    named: impl Fn(&str) -> bool,
+) -> Result<(procfs::process::MemoryMaps, Vec<Mapping>), procfs::ProcError> {
+    let maps = procfs::process::Process::new(pid).and_then(|p| p.maps())?;
+    let exe = procfs::process::Process::new(pid).ok().and_then(|p| p.exe().ok());
+    let mut files: Vec<Mapping> = Vec::new();
+    for m in maps.iter() {
+        if let Some(m) = Mapping::of(m)
+            && !files.iter().any(|f| f.path == m.path)
+        {
+            files.push(m);
+        }
+    }
+    files.retain(|m| Some(&m.path) == exe.as_ref() || named(&m.file_name()));
+    files.sort_by_key(|m| Some(&m.path) != exe.as_ref());
+    Ok((maps, files))
+}
+
 /// The allocator libraries found in the target.
 #[derive(Clone, Debug)]
 pub struct Allocators {

@@ -2,7 +2,7 @@
 //! /proc/PID/mem to check the version's layout against what is really there. All the I/O
 //! of `runtimes::cpython` is here.
 
-use std::{collections::HashSet, io::Read as _};
+use std::collections::HashSet;
 
 use leakprobe_common::{PyConfig, py_end};
 use procfs::process::{MMapPath, Process};
@@ -25,22 +25,10 @@ const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
 /// `_PyRuntime`; an error saying why when it is CPython but its frames cannot be walked
 /// (unsupported version or build, or a layout that does not check out in the process).
 pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
-    let maps =
-        Process::new(pid).and_then(|p| p.maps()).map_err(|source| DetectError::Maps { pid, source })?;
-    let exe = Process::new(pid).ok().and_then(|p| p.exe().ok());
-    // One mapping per file, in address order: the executable first, then anything named
-    // like Python (libpython3.X.so); other modules do not carry CPython.
-    let mut files: Vec<Mapping> = Vec::new();
-    for m in maps.iter() {
-        if let Some(m) = Mapping::of(m)
-            && !files.iter().any(|f| f.path == m.path)
-        {
-            files.push(m);
-        }
-    }
-    let pythonish = |m: &Mapping| Some(&m.path) == exe.as_ref() || m.file_name().contains("python");
-    files.retain(pythonish);
-    files.sort_by_key(|m| Some(&m.path) != exe.as_ref());
+    // The executable, then anything named like Python (libpython3.X.so); other modules do
+    // not carry CPython.
+    let (maps, files) = target::runtime_candidates(pid, |name| name.contains("python"))
+        .map_err(|source| DetectError::Maps { pid, source })?;
 
     for m in &files {
         let data = read_module(pid, m)?;
@@ -141,15 +129,7 @@ pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
 }
 
 fn read_module(pid: i32, m: &Mapping) -> Result<Vec<u8>, DetectError> {
-    let mut data = Vec::new();
-    target::open_mapping(pid, m)
-        .map_err(|e| DetectError::Module {
-            path: m.path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .read_to_end(&mut data)
-        .map_err(|source| DetectError::Module { path: m.path.clone(), source })?;
-    Ok(data)
+    target::read_mapping(pid, m).map_err(|source| DetectError::Module { path: m.path.clone(), source })
 }
 
 fn c_string(mem: &dyn Memory, addr: u64) -> Option<String> {

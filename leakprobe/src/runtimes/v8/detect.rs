@@ -2,15 +2,13 @@
 //! that exports V8's post-mortem constants, read from its ELF symbols and /proc/PID/mem.
 //! All the I/O of `runtimes::v8` is here.
 
-use std::{collections::HashMap, io::Read as _, path::PathBuf};
-
-use procfs::process::Process;
+use std::{collections::HashMap, path::PathBuf};
 
 use super::layout::{Constants, Layout, LayoutError, V8Version};
 use crate::{
     ptrace::Mem,
     runtimes::Memory,
-    target::{self, Mapping, elf},
+    target::{self, elf},
 };
 
 /// Why a V8 target's JavaScript frames cannot be read.
@@ -59,27 +57,11 @@ const VERSION_SYMBOLS: [&str; 4] = [
 /// post-mortem constants (`v8dbg_*`), an error saying why when one does but its layout
 /// cannot be used.
 pub fn detect(pid: i32) -> Result<Option<Runtime>, DetectError> {
-    let maps =
-        Process::new(pid).and_then(|p| p.maps()).map_err(|source| DetectError::Maps { pid, source })?;
-    let exe = Process::new(pid).ok().and_then(|p| p.exe().ok());
-    let mut files: Vec<Mapping> = Vec::new();
-    for m in maps.iter() {
-        if let Some(m) = Mapping::of(m)
-            && !files.iter().any(|f| f.path == m.path)
-        {
-            files.push(m);
-        }
-    }
     // The executable, or a library named like Node's (libnode.so.N): nothing else carries V8.
-    files.retain(|m| Some(&m.path) == exe.as_ref() || m.file_name().starts_with("libnode"));
+    let (_, files) = target::runtime_candidates(pid, |name| name.starts_with("libnode"))
+        .map_err(|source| DetectError::Maps { pid, source })?;
     for m in &files {
-        let mut data = Vec::new();
-        target::open_mapping(pid, m)
-            .map_err(|e| DetectError::Module {
-                path: m.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?
-            .read_to_end(&mut data)
+        let data = target::read_mapping(pid, m)
             .map_err(|source| DetectError::Module { path: m.path.clone(), source })?;
         let Ok(syms) = elf::symbols_in(&data, |n| n.starts_with("v8dbg_") || VERSION_SYMBOLS.contains(&n))
         else {
