@@ -17,6 +17,8 @@ use crate::{
     symbolize::Frame,
 };
 
+/// The top growing constructors that get a retainer path.
+const RETAINER_PATHS: usize = 10;
 /// Constructors kept in the report's comparison (most growth first).
 const COMPARISON_ROWS: usize = 50;
 
@@ -131,7 +133,7 @@ impl JsHeap {
     pub fn compare_snapshots(&mut self) -> anyhow::Result<String> {
         let Some(first) = self.first_snapshot.take() else { return Ok(String::new()) };
         let second = self.snapshot().context("--js-heap-snapshot: the second heap snapshot")?;
-        let rows = compare(&first, &second, 5);
+        let rows = compare(&first, &second, RETAINER_PATHS);
         let line = format!(
             "--js-heap-snapshot: second heap snapshot, {} objects (paused {:.0} ms); compared",
             second.nodes.len(),
