@@ -4,6 +4,21 @@
 pub mod cpython;
 pub mod v8;
 
+/// A name fit to print: an identifier-like key (letters, digits, `_`, `.`, `-`), else a
+/// placeholder. Keys are names, but a dict may be keyed by data: that is never printed.
+pub fn printable_name(s: Option<String>) -> String {
+    match s {
+        Some(s)
+            if !s.is_empty()
+                && s.len() <= 120
+                && s.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-')) =>
+        {
+            s
+        }
+        _ => "<key>".to_string(),
+    }
+}
+
 /// Read access to the target's memory (`/proc/PID/mem`, a snapshot, or a test buffer).
 pub trait Memory {
     /// Fills `buf` from `addr`; `false` if any of it cannot be read.

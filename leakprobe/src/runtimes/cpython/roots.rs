@@ -55,20 +55,7 @@ fn modules_offset(minor: u8) -> Option<u64> {
     }
 }
 
-/// A name fit to print: an identifier-like key (letters, digits, `_`, `.`, `-`), else a
-/// placeholder. Keys are names, but a dict may be keyed by data: that is never printed.
-pub fn printable_name(s: Option<String>) -> String {
-    match s {
-        Some(s)
-            if !s.is_empty()
-                && s.len() <= 120
-                && s.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-')) =>
-        {
-            s
-        }
-        _ => "<key>".to_string(),
-    }
-}
+pub use crate::runtimes::printable_name;
 
 /// Every module's globals and `gc.garbage`'s items, in `sys.modules` order.
 pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> {

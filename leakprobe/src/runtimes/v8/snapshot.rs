@@ -174,12 +174,28 @@ impl Snapshot {
     }
 
     /// An edge as DevTools shows it: `name` for properties and variables, `[i]` for
-    /// elements.
+    /// elements. A name that is not identifier-like (a dictionary key is data, an e-mail
+    /// address say) is printed as `<key>`: the target's memory contents stay out.
     pub fn edge_label(&self, e: &Edge) -> String {
         match self.edge_type(e) {
             "element" | "hidden" => format!("[{}]", e.name_or_index),
-            _ => self.string(e.name_or_index).to_string(),
+            _ => {
+                let name = self.string(e.name_or_index);
+                // V8's own names for symbols (`<symbol owner_symbol>`) are no data.
+                if name.starts_with("<symbol ") && name.len() <= 64 {
+                    return name.to_string();
+                }
+                crate::runtimes::printable_name(Some(name.to_string()))
+            }
         }
+    }
+
+    /// Whether a node's name is its contents (a string's characters, a number's value).
+    fn name_is_data(&self, n: &Node) -> bool {
+        matches!(
+            self.node_type(n),
+            "string" | "concatenated string" | "sliced string" | "number" | "regexp" | "bigint"
+        )
     }
 
     /// For every node, its parent on a shortest path from the root (node 0), over strong
@@ -220,7 +236,11 @@ impl Snapshot {
             let n = &self.nodes[i as usize];
             let class = self.class_name(n);
             let name = self.name(n);
-            if class == name || name.is_empty() { class } else { format!("{class} {name}") }
+            if class == name || name.is_empty() || self.name_is_data(n) {
+                class
+            } else {
+                format!("{class} {name}")
+            }
         };
         let mut out = label(i);
         let mut steps = 0;
@@ -395,6 +415,32 @@ mod tests {
         let back = compare(&b, &a, 0);
         let c = back.iter().find(|r| r.constructor == "(closure)").unwrap();
         assert_eq!((c.deleted, c.delta, c.freed_size), (1000, -1000, 32_000));
+    }
+
+    #[test]
+    fn retainer_paths_print_no_string_contents_or_data_keys() {
+        let mut v: serde_json::Value = serde_json::from_slice(&snapshot(2, 101)).unwrap();
+        // The first closure becomes a string "alice@example.com", held under the property
+        // "bob@example.com" instead of an element.
+        let strings = v["strings"].as_array_mut().unwrap();
+        strings.push("alice@example.com".into());
+        strings.push("bob@example.com".into());
+        let (alice, bob) = (strings.len() as u64 - 2, strings.len() as u64 - 1);
+        let nodes = v["nodes"].as_array_mut().unwrap();
+        let first = 5 * 7;
+        nodes[first] = 2.into(); // type string
+        nodes[first + 1] = alice.into();
+        let edges = v["edges"].as_array_mut().unwrap();
+        let e = 4 * 3;
+        edges[e] = 2.into(); // property
+        edges[e + 1] = bob.into();
+        let s = Snapshot::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        let parents = s.shortest_parents();
+        let path = s.retainer_path(&parents, 5, 12).unwrap();
+        assert_eq!(
+            path,
+            "(string) <- <key> in (array) <- data in Object <- _events in EventEmitter <- emitter in Window <- (GC roots)"
+        );
     }
 
     #[test]
