@@ -599,22 +599,22 @@ impl Probes {
         Ok(out)
     }
 
-    /// Turns the Python frame walk on for the target's CPython (a zero flavor: off).
-    pub fn set_python(&mut self, config: &leakprobe_common::PyConfig) -> Result<(), ProbeError> {
-        let name = map_names::PY_CONFIG;
-        let mut arr: Array<&mut MapData, leakprobe_common::PyConfig> =
+    /// Sets entry 0 of the one-entry array map `name` (a configuration or a window).
+    fn set_first<T: aya::Pod>(&mut self, name: &'static str, value: &T) -> Result<(), ProbeError> {
+        let mut arr: Array<&mut MapData, T> =
             Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
                 .map_err(|source| ProbeError::Map { name, source })?;
-        arr.set(0, config, 0).map_err(|source| ProbeError::Map { name, source })
+        arr.set(0, value, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Turns the Python frame walk on for the target's CPython (a zero flavor: off).
+    pub fn set_python(&mut self, config: &leakprobe_common::PyConfig) -> Result<(), ProbeError> {
+        self.set_first(map_names::PY_CONFIG, config)
     }
 
     /// Turns the JavaScript frame walk on for the target's V8 (`enabled` 0: off).
     pub fn set_v8(&mut self, config: &leakprobe_common::V8Config) -> Result<(), ProbeError> {
-        let name = map_names::V8_CONFIG;
-        let mut arr: Array<&mut MapData, leakprobe_common::V8Config> =
-            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
-                .map_err(|source| ProbeError::Map { name, source })?;
-        arr.set(0, config, 0).map_err(|source| ProbeError::Map { name, source })
+        self.set_first(map_names::V8_CONFIG, config)
     }
 
     /// Opens a scan's window: from now on every block that leaves the live map is also kept
@@ -631,11 +631,7 @@ impl Probes {
     }
 
     fn set_scan_window(&mut self, upto: u64) -> Result<(), ProbeError> {
-        let name = map_names::SCAN_FROM;
-        let mut arr: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
-                .map_err(|source| ProbeError::Map { name, source })?;
-        arr.set(0, upto, 0).map_err(|source| ProbeError::Map { name, source })
+        self.set_first(map_names::SCAN_FROM, &upto)
     }
 
     /// Every block that was live at `at_ns`, the instant the target stopped for a scan: those
