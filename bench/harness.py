@@ -906,7 +906,7 @@ def node_snapshot_pauses():
     leakprobe's peak memory."""
     import json
     rows = []
-    for mib in (100, 1024):
+    for mib in [int(m) for m in os.environ.get("NODE_SNAPSHOT_MIB", "100,1024").split(",")]:
         pauses, rss = [], []
         for _ in range(ROUNDS):
             t = subprocess.Popen([NODE, "--max-old-space-size=8192", os.path.join(ROOT, "bench/node_heap.js"), str(mib)],
