@@ -158,6 +158,12 @@ fn socket_inodes(pid: i32) -> Result<Vec<u64>, InspectorError> {
         .collect())
 }
 
+/// Whether the target itself (a socket it holds) listens on TCP `port`.
+pub fn target_listens(pid: i32, port: u16) -> Result<bool, InspectorError> {
+    let ours = socket_inodes(pid)?;
+    Ok(listening_in(pid)?.iter().any(|(p, i)| *p == port && ours.contains(i)))
+}
+
 /// The target's inspector options: its arguments and `NODE_OPTIONS`.
 fn options_of(pid: i32) -> Result<InspectOptions, InspectorError> {
     let read = |what: &'static str| {
@@ -288,9 +294,9 @@ impl Inspector {
             .map_err(|source| InspectorError::Signal { pid, source })?;
         let opened_at = Instant::now();
         let path = loop {
-            let ours = socket_inodes(pid)?;
-            let up = listening_in(pid)?.iter().any(|(p, i)| *p == port && ours.contains(i));
-            if up && let Ok(path) = debugger_path(pid, port) {
+            if target_listens(pid, port)?
+                && let Ok(path) = debugger_path(pid, port)
+            {
                 break path;
             }
             if opened_at.elapsed() > OPEN_WAIT {
@@ -412,9 +418,7 @@ fn close_inspector(ws: &mut WebSocket<TcpStream>, pid: i32, port: u16) -> Result
         }
     }
     while Instant::now() < deadline {
-        let ours = socket_inodes(pid).unwrap_or_default();
-        let still = listening_in(pid).unwrap_or_default().iter().any(|(p, i)| *p == port && ours.contains(i));
-        if !still {
+        if !target_listens(pid, port).unwrap_or(false) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
