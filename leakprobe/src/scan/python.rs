@@ -236,6 +236,41 @@ impl Builder {
 pub const BACKREF_OBJECTS: usize = 5;
 const BACKREF_DEPTH: usize = 12;
 
+/// The root a held block's retainers lead up to.
+fn root_of(blocks: &[mark::BlockOutcome], mut b: usize) -> Option<mark::RootRef> {
+    for _ in 0..=blocks[b].depth {
+        match blocks[b].retainer {
+            mark::Retainer::Root(r) => return Some(r),
+            mark::Retainer::Block { index, .. } => b = index,
+            mark::Retainer::Clique { .. } | mark::Retainer::None => return None,
+        }
+    }
+    None
+}
+
+/// Which of the `candidates` (blocks of the asked type) `--backrefs` draws, as most of them
+/// are: held, or lost (in cycles, say). Held ones: those under the root that holds most of
+/// them (not the one a stale stack slot still points at as the process stops), the nearest
+/// it first. Lost ones: spread over them (the first by address are the oldest, seldom the
+/// typical).
+fn choose_drawn(blocks: &[mark::BlockOutcome], candidates: Vec<usize>) -> Vec<usize> {
+    let reachable = |b: usize| blocks[b].class == mark::Class::Reachable;
+    let held = candidates.iter().filter(|&&b| reachable(b)).count();
+    let most_held = 2 * held >= candidates.len();
+    let roots: Vec<Option<mark::RootRef>> = candidates.iter().map(|&b| root_of(blocks, b)).collect();
+    let mut per_root: HashMap<mark::RootRef, usize> = HashMap::new();
+    for r in roots.iter().flatten() {
+        *per_root.entry(*r).or_default() += 1;
+    }
+    let mut order: Vec<(usize, usize)> =
+        candidates.into_iter().zip(roots.iter().map(|r| r.map_or(0, |r| per_root[&r]))).collect();
+    order
+        .sort_by_key(|&(b, under)| (reachable(b) != most_held, std::cmp::Reverse(under), blocks[b].depth, b));
+    let pool = if most_held { held.max(1) } else { order.len() - held };
+    let step = if most_held { 1 } else { (pool / BACKREF_OBJECTS).max(1) };
+    order.iter().take(pool).step_by(step).take(BACKREF_OBJECTS).map(|&(b, _)| b).collect()
+}
+
 /// What `--backrefs` draws: the paths from roots to a few objects of one type, as objgraph's
 /// `show_backrefs` does, from the marking's own retainers.
 #[derive(Clone, Debug, Default)]
@@ -332,21 +367,11 @@ impl Backrefs<'_> {
     }
 
     pub fn build(&self, asked: &str) -> Graph {
-        let mut candidates: Vec<usize> = (0..self.blocks.len())
+        let candidates: Vec<usize> = (0..self.blocks.len())
             .filter(|&b| self.type_of(b).is_some_and(|t| type_matches(t, asked)))
             .collect();
         let mut g = Graph { found: candidates.len() as u64, ..Graph::default() };
-        // As most of them are: held (nearest a root first), or lost (in cycles, say).
-        let reachable = |b: usize| self.marking.blocks[b].class == mark::Class::Reachable;
-        let held = candidates.iter().filter(|&&b| reachable(b)).count();
-        let most_held = 2 * held >= candidates.len();
-        candidates.sort_by_key(|&b| (reachable(b) != most_held, self.marking.blocks[b].depth, b));
-        // Held ones: the nearest a root. Lost ones: spread over them (the first by address
-        // are the oldest, seldom the typical).
-        let pool = if most_held { held.max(1) } else { candidates.len() - held };
-        let step = if most_held { 1 } else { (pool / BACKREF_OBJECTS).max(1) };
-        let chosen: Vec<usize> =
-            candidates.iter().take(pool).step_by(step).take(BACKREF_OBJECTS).copied().collect();
+        let chosen = choose_drawn(&self.marking.blocks, candidates);
         let mut index: HashMap<NodeKind, usize> = HashMap::new();
         let mut node = |g: &mut Graph, kind: NodeKind| -> (usize, bool) {
             if let Some(&i) = index.get(&kind) {
@@ -486,5 +511,41 @@ impl Backrefs<'_> {
                 .unwrap_or_else(|| t.to_string()),
             None => format!("{}-byte block", self.blocks[b].size),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mark::{BlockOutcome, Class, Retainer, RootRef, RootSlot};
+
+    fn held(retainer: Retainer, depth: u32) -> BlockOutcome {
+        BlockOutcome { class: Class::Reachable, retainer, depth, heuristic: None, indirect_bytes: 0 }
+    }
+
+    #[test]
+    fn the_drawn_objects_are_those_of_the_root_that_holds_most_of_them() {
+        let global = RootRef { root: 0, slot: RootSlot::Word { addr: 0x1000 } };
+        let stack = RootRef { root: 3, slot: RootSlot::Word { addr: 0x7ff0 } };
+        // 0: the dict the global points at; 1..=6: its bytearrays; 7: the newest bytearray,
+        // which a stale stack slot reaches first (nearer a root than the dict's).
+        let mut blocks = vec![held(Retainer::Root(global), 1)];
+        blocks.extend((1..=6).map(|_| held(Retainer::Block { index: 0, offset: 8 }, 2)));
+        blocks.push(held(Retainer::Root(stack), 1));
+        let chosen = choose_drawn(&blocks, (1..=7).collect());
+        assert_eq!(chosen, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn lost_objects_are_drawn_spread_over_all_of_them() {
+        let lost = BlockOutcome {
+            class: Class::DefinitelyLost,
+            retainer: Retainer::None,
+            depth: 0,
+            heuristic: None,
+            indirect_bytes: 0,
+        };
+        let blocks = vec![lost; 20];
+        assert_eq!(choose_drawn(&blocks, (0..20).collect()), vec![0, 4, 8, 12, 16]);
     }
 }
