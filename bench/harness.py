@@ -872,8 +872,10 @@ NODE_TRACERS = [
      ["--in-process", "--sample-bytes", "512KiB", "--no-js-frames"]),
     ("js", "leakprobe --in-process --sample-bytes 512KiB (JavaScript frames)",
      ["--in-process", "--sample-bytes", "512KiB"]),
-    ("js_heap", "leakprobe --in-process --sample-bytes 512KiB --js-heap (and the JS heap, 32 KiB)",
+    ("js_heap", "leakprobe --in-process --sample-bytes 512KiB --js-heap (and the JS heap: 32 KiB, polled every 10 s)",
      ["--in-process", "--sample-bytes", "512KiB", "--js-heap"]),
+    ("js_heap_2s", "leakprobe --in-process --sample-bytes 512KiB --js-heap --js-heap-poll 2s (a full GC every 2 s)",
+     ["--in-process", "--sample-bytes", "512KiB", "--js-heap", "--js-heap-poll", "2s"]),
     ("exact_native", "leakprobe exact, --no-js-frames", ["--no-js-frames"]),
     ("exact_js", "leakprobe exact, JavaScript frames", []),
 ]

@@ -152,11 +152,26 @@ fn js_heap_sites_name_the_functions_that_keep_objects() {
             sites.iter().map(|s| headline(s)).collect::<Vec<_>>()
         );
     }
-    // The three leaks are the JavaScript heap's growth; Node's own sites hold little.
+    // The three leaks are the top sites and most of the JavaScript heap's growth. Where
+    // TurboFan inlined them into their caller, V8's sampling profiler names the optimized
+    // frame's own function (`handle`, which calls all three): theirs too. Node's own sites
+    // (sockets in keep-alive, its lazily loaded modules) each hold less than any leak.
+    let mut by_function: std::collections::HashMap<String, i64> = Default::default();
+    for s in &sites {
+        *by_function.entry(headline(s).unwrap_or_default()).or_default() +=
+            s["outstanding_bytes"].as_i64().unwrap_or(0);
+    }
+    let least_leak = sub.min(rem).min(cache);
+    for (f, b) in &by_function {
+        if !["subscribe", "remember", "cacheUser", "handle"].contains(&f.as_str()) {
+            assert!(*b < least_leak, "{f} holds {b} B, more than a leak: {by_function:?}");
+        }
+    }
+    let inlined = by("handle");
     assert!(
-        (sub + rem + cache) as f64 >= 0.75 * total as f64,
-        "the leaking functions hold {} B of {total} B",
-        sub + rem + cache
+        (sub + rem + cache + inlined) as f64 >= 0.75 * total as f64,
+        "the leaking functions hold {} B of {total} B: {by_function:?}",
+        sub + rem + cache + inlined
     );
     let err = total as f64 / grown as f64 - 1.0;
     assert!(err.abs() <= 0.25, "js-heap sites hold {total} B, the heap grew {grown} B ({err:+.3})");

@@ -108,6 +108,11 @@ pub struct JsHeapInfo {
     pub last_error: Option<String>,
     /// Sampled objects alive at the end.
     pub live_samples: u64,
+    /// Profiles fetched, and how long a fetch took (V8 builds the profile on the target's
+    /// main thread, so that is about how long it held up the event loop).
+    pub polls: u64,
+    pub poll_ms_mean: f64,
+    pub poll_ms_max: f64,
     /// `--js-heap-snapshot`: how long each heap snapshot stopped the event loop.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshot_pauses_ms: Vec<f64>,

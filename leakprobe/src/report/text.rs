@@ -661,6 +661,15 @@ fn js_heap_lines(out: &mut String, js: &crate::report::JsHeapInfo) {
         }
     };
     let _ = writeln!(out, "           inspector: {window}");
+    if js.polls > 0 {
+        let _ = writeln!(
+            out,
+            "           {}, each after a full GC in the target: {:.0} ms on average, {:.0} ms at most",
+            plural(js.polls, "profile fetched", "profiles fetched"),
+            js.poll_ms_mean,
+            js.poll_ms_max
+        );
+    }
     if js.failed_polls > 0 {
         let _ = writeln!(
             out,

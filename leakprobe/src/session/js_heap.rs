@@ -12,7 +12,7 @@ use crate::{
     runtimes::v8::{
         JsFrame,
         heap_profile::{JsHeapSites, Profile},
-        snapshot::{ComparisonRow, Snapshot, compare},
+        snapshot::{Baseline, ComparisonRow, Snapshot, SnapshotReader, compare},
     },
     symbolize::Frame,
 };
@@ -26,21 +26,28 @@ pub struct JsHeap {
     inspector: Inspector,
     sites: JsHeapSites,
     interval: u64,
+    /// How often the profile is fetched, and when it last was.
+    poll_every: std::time::Duration,
+    last_poll: Option<std::time::Instant>,
     /// Closes the inspector if leakprobe is killed; disarmed once it is closed.
     guard: Option<Guard>,
     /// Profiles that could not be fetched (the figures then stay as the last one left them).
     failed_polls: u64,
     last_error: Option<String>,
+    /// Fetches that worked, and their time in all and the longest.
+    polls: u64,
+    poll_total: std::time::Duration,
+    poll_max: std::time::Duration,
     closed: Option<crate::report::JsHeapInfo>,
     /// `--js-heap-snapshot`: the first snapshot, and the pauses the snapshots took.
-    first_snapshot: Option<Snapshot>,
+    first_snapshot: Option<Baseline>,
     snapshot_pauses_ms: Vec<f64>,
     comparison: Option<Vec<ComparisonRow>>,
 }
 
 impl JsHeap {
     /// Opens (or finds) the inspector and starts V8's sampling every `interval` bytes.
-    pub fn start(pid: i32, interval: u64) -> anyhow::Result<(JsHeap, String)> {
+    pub fn start(pid: i32, cfg: crate::cli::JsHeapConfig) -> anyhow::Result<(JsHeap, String)> {
         let opened = Inspector::open(pid).map_err(|e| match e {
             InspectorError::Sigusr1Disabled { .. }
             | InspectorError::PortHeld { .. }
@@ -61,15 +68,20 @@ impl JsHeap {
             None
         };
         inspector
-            .call("HeapProfiler.startSampling", json!({"samplingInterval": interval}))
+            .call("HeapProfiler.startSampling", json!({"samplingInterval": cfg.interval}))
             .context("--js-heap: starting V8's sampling heap profiler")?;
         let js = JsHeap {
             inspector,
             sites: JsHeapSites::new(),
-            interval,
+            interval: cfg.interval,
+            poll_every: cfg.poll,
+            last_poll: None,
             guard,
             failed_polls: 0,
             last_error: None,
+            polls: 0,
+            poll_total: std::time::Duration::ZERO,
+            poll_max: std::time::Duration::ZERO,
             closed: None,
             first_snapshot: None,
             snapshot_pauses_ms: Vec::new(),
@@ -78,9 +90,12 @@ impl JsHeap {
         Ok((js, opened.line))
     }
 
-    /// Fetches the live sampled objects and adds the JavaScript sites to `sample`.
-    pub fn poll_into(&mut self, sample: &mut Sample) {
-        if self.closed.is_none() {
+    /// Adds the JavaScript sites to `sample`: fetched again (V8's live sampled objects) when
+    /// `--js-heap-poll` has passed since the last fetch, or when `now`; else as last fetched.
+    pub fn poll_into(&mut self, sample: &mut Sample, now: bool) {
+        let due = self.last_poll.is_none_or(|t| t.elapsed() >= self.poll_every);
+        if self.closed.is_none() && (now || due) {
+            self.last_poll = Some(std::time::Instant::now());
             match self.fetch() {
                 Ok(p) => self.sites.update(&p),
                 Err(e) => {
@@ -94,27 +109,61 @@ impl JsHeap {
     }
 
     fn fetch(&mut self) -> anyhow::Result<Profile> {
+        let started = std::time::Instant::now();
         let r = self.inspector.call("HeapProfiler.getSamplingProfile", json!({}))?;
+        let took = started.elapsed();
+        self.polls += 1;
+        self.poll_total += took;
+        self.poll_max = self.poll_max.max(took);
         serde_json::from_value(r["profile"].clone()).context("reading V8's sampling heap profile")
     }
 
-    /// Takes a heap snapshot (V8 stops the event loop meanwhile: the pause is measured).
+    /// Takes a heap snapshot (V8 stops the event loop meanwhile: the pause is measured). V8
+    /// reports its progress as it goes, which shows on a terminal, keeps the connection's read
+    /// timeout from firing on a big heap, and gives a line every 10 s without a terminal.
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
-        let mut json = Vec::new();
+        let mut reader = SnapshotReader::new();
+        // A piece V8 sent that did not read: the rest is drained, then this is the error.
+        let mut unread: Option<crate::runtimes::v8::snapshot::SnapshotError> = None;
         let started = std::time::Instant::now();
-        self.inspector.call_with_events(
+        let mut said = started;
+        crate::progress::spinner(
+            "--js-heap-snapshot: V8 is taking a heap snapshot (the event loop is stopped)",
+        );
+        let result = self.inspector.call_with_events(
             "HeapProfiler.takeHeapSnapshot",
-            json!({"reportProgress": false}),
-            |m, p| {
-                if m == "HeapProfiler.addHeapSnapshotChunk"
-                    && let Some(chunk) = p["chunk"].as_str()
-                {
-                    json.extend_from_slice(chunk.as_bytes());
+            json!({"reportProgress": true}),
+            |m, p| match m {
+                "HeapProfiler.addHeapSnapshotChunk" => {
+                    if let Some(chunk) = p["chunk"].as_str()
+                        && unread.is_none()
+                    {
+                        unread = reader.feed(chunk.as_bytes()).err();
+                    }
                 }
+                "HeapProfiler.reportHeapSnapshotProgress" => {
+                    let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                    let msg = format!(
+                        "--js-heap-snapshot: V8 has gone through {done} of {total} objects ({:.0} s, the event loop is stopped)",
+                        started.elapsed().as_secs_f64()
+                    );
+                    if said.elapsed() >= std::time::Duration::from_secs(10) {
+                        said = std::time::Instant::now();
+                        crate::progress::line(format_args!("{msg}"));
+                    }
+                    crate::progress::message(msg);
+                }
+                _ => {}
             },
-        )?;
+        );
+        crate::progress::done();
+        result?;
         self.snapshot_pauses_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        Snapshot::parse(&json).context("reading V8's heap snapshot")
+        match unread {
+            Some(e) => Err(e),
+            None => reader.finish(),
+        }
+        .context("reading V8's heap snapshot")
     }
 
     /// `--js-heap-snapshot`: the first of the two snapshots, at the start.
@@ -125,7 +174,8 @@ impl JsHeap {
             s.nodes.len(),
             self.snapshot_pauses_ms.last().copied().unwrap_or(0.0)
         );
-        self.first_snapshot = Some(s);
+        // Kept as only the ids and classes the comparison needs.
+        self.first_snapshot = Some(s.baseline());
         Ok(line)
     }
 
@@ -208,6 +258,9 @@ impl JsHeap {
             failed_polls: self.failed_polls,
             last_error: self.last_error.clone(),
             live_samples: self.sites.live_samples() as u64,
+            polls: self.polls,
+            poll_ms_mean: self.poll_total.as_secs_f64() * 1e3 / self.polls.max(1) as f64,
+            poll_ms_max: self.poll_max.as_secs_f64() * 1e3,
             snapshot_pauses_ms: self.snapshot_pauses_ms.clone(),
             comparison: self.comparison.clone().map(|mut rows| {
                 rows.truncate(COMPARISON_ROWS);

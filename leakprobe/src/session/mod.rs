@@ -535,8 +535,8 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     // The JavaScript heap last: the inspector is open for as short a time as can be.
     let js_heap = match cfg.js_heap {
-        Some(interval) => {
-            let (mut js, line) = js_heap::JsHeap::start(pid, interval)?;
+        Some(js_cfg) => {
+            let (mut js, line) = js_heap::JsHeap::start(pid, js_cfg)?;
             progress(&cfg, format_args!("{line}"));
             if cfg.js_heap_snapshot {
                 let line = js.first_snapshot()?;
@@ -591,7 +591,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         probes.sample(monotonic_ns(), tracker.min_age_ns(), true).context("reading the final sample")?;
     sample.memory = crate::target::memory::read(pid);
     if let Some(js) = stacks.js_heap.as_mut() {
-        js.poll_into(&mut sample);
+        js.poll_into(&mut sample, true);
         if cfg.js_heap_snapshot {
             match js.compare_snapshots() {
                 Ok(line) => progress(&cfg, format_args!("{line}")),
@@ -1207,7 +1207,7 @@ async fn watch(
                     .context("reading eBPF maps")?;
                 sample.memory = crate::target::memory::read(pid);
                 if let Some(js) = stacks.js_heap.as_mut() {
-                    js.poll_into(&mut sample);
+                    js.poll_into(&mut sample, false);
                 }
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(identity);

@@ -4,11 +4,15 @@
 //! retainer path from the GC roots to an object, as memlab prints it. Pure.
 //!
 //! The format is V8's own and undocumented: the field lists are read from the snapshot's
-//! `meta`, as memlab does, never assumed.
+//! `meta`, as memlab does, never assumed. It is read as it streams ([`SnapshotReader`]), and
+//! the first of two snapshots is kept only as the ids and classes the comparison needs
+//! ([`Baseline`]): a heap of 1 GiB makes a snapshot of some 30 million objects.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
-use serde::Deserialize;
+mod reader;
+
+pub use reader::SnapshotReader;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
@@ -16,27 +20,6 @@ pub enum SnapshotError {
     Format(String),
     #[error("the snapshot's meta has no {0} field")]
     Field(&'static str),
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    node_fields: Vec<String>,
-    node_types: Vec<serde_json::Value>,
-    edge_fields: Vec<String>,
-    edge_types: Vec<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    meta: Meta,
-}
-
-#[derive(Deserialize)]
-struct Raw {
-    snapshot: Header,
-    nodes: Vec<u64>,
-    edges: Vec<u64>,
-    strings: Vec<String>,
 }
 
 /// One object of a snapshot.
@@ -70,72 +53,52 @@ pub struct Snapshot {
     edge_types: Vec<String>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ClassKey {
+    /// An object or native object: its name (a string index) is its class.
+    Named(u32),
+    /// Anything else: its node type.
+    Typed(u8),
+}
+
+/// A snapshot reduced to what a later one is compared against: every object's id, class
+/// and size (12 bytes an object, where the snapshot itself takes some 60).
+pub struct Baseline {
+    /// (id, class, self size), by id.
+    objects: Vec<(u32, u32, u32)>,
+    classes: Vec<String>,
+}
+
+impl Baseline {
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.objects.binary_search_by_key(&id, |o| o.0).is_ok()
+    }
+}
+
 fn field(fields: &[String], name: &'static str) -> Result<usize, SnapshotError> {
     fields.iter().position(|f| f == name).ok_or(SnapshotError::Field(name))
 }
 
 impl Snapshot {
-    /// Reads a snapshot's JSON.
+    /// Reads a snapshot's JSON, whole.
     pub fn parse(json: &[u8]) -> Result<Snapshot, SnapshotError> {
-        let raw: Raw = serde_json::from_slice(json).map_err(|e| SnapshotError::Format(e.to_string()))?;
-        let m = &raw.snapshot.meta;
-        let types = |v: &[serde_json::Value]| -> Vec<String> {
-            v.first()
-                .and_then(|t| t.as_array())
-                .map(|a| a.iter().map(|s| s.as_str().unwrap_or("").to_string()).collect())
-                .unwrap_or_default()
-        };
-        let (nf, ef) = (m.node_fields.len(), m.edge_fields.len());
-        if nf == 0 || ef == 0 || !raw.nodes.len().is_multiple_of(nf) || !raw.edges.len().is_multiple_of(ef) {
-            return Err(SnapshotError::Format("node or edge arrays do not match their fields".into()));
-        }
-        let (n_type, n_name, n_id, n_size, n_edges) = (
-            field(&m.node_fields, "type")?,
-            field(&m.node_fields, "name")?,
-            field(&m.node_fields, "id")?,
-            field(&m.node_fields, "self_size")?,
-            field(&m.node_fields, "edge_count")?,
-        );
-        let (e_type, e_name, e_to) = (
-            field(&m.edge_fields, "type")?,
-            field(&m.edge_fields, "name_or_index")?,
-            field(&m.edge_fields, "to_node")?,
-        );
-        let mut nodes = Vec::with_capacity(raw.nodes.len() / nf);
-        let mut first = 0u64;
-        for n in raw.nodes.chunks_exact(nf) {
-            nodes.push(Node {
-                kind: n[n_type] as u8,
-                name: n[n_name] as u32,
-                id: n[n_id] as u32,
-                self_size: n[n_size].min(u64::from(u32::MAX)) as u32,
-                first_edge: first as u32,
-                edge_count: n[n_edges] as u32,
-            });
-            first += n[n_edges];
-        }
-        if first as usize != raw.edges.len() / ef {
-            return Err(SnapshotError::Format("the nodes' edge counts do not add up to the edges".into()));
-        }
-        let edges = raw
-            .edges
-            .chunks_exact(ef)
-            .map(|e| Edge {
-                kind: e[e_type] as u8,
-                name_or_index: e[e_name] as u32,
-                to: (e[e_to] as usize / nf) as u32,
-            })
-            .collect::<Vec<_>>();
-        if edges.iter().any(|e| e.to as usize >= nodes.len()) {
-            return Err(SnapshotError::Format("an edge points past the last node".into()));
-        }
-        Ok(Snapshot {
-            nodes,
-            edges,
-            strings: raw.strings,
-            node_types: types(&m.node_types),
-            edge_types: types(&m.edge_types),
-        })
+        let mut r = SnapshotReader::new();
+        r.feed(json)?;
+        r.finish()
+    }
+
+    /// Whether objects of this node type are named by their contents (a string's characters,
+    /// a number's value): those names are data, never kept or printed.
+    fn type_is_data(t: &str) -> bool {
+        matches!(t, "string" | "concatenated string" | "sliced string" | "number" | "regexp" | "bigint")
     }
 
     fn node_type(&self, n: &Node) -> &str {
@@ -192,10 +155,43 @@ impl Snapshot {
 
     /// Whether a node's name is its contents (a string's characters, a number's value).
     fn name_is_data(&self, n: &Node) -> bool {
-        matches!(
-            self.node_type(n),
-            "string" | "concatenated string" | "sliced string" | "number" | "regexp" | "bigint"
-        )
+        Snapshot::type_is_data(self.node_type(n))
+    }
+
+    /// What files a node under a constructor, cheaply: its name for objects and native
+    /// objects, its type for the rest (see [`Snapshot::class_name`]).
+    fn class_key(&self, n: &Node) -> ClassKey {
+        match self.node_type(n) {
+            "object" | "native" => ClassKey::Named(n.name),
+            _ => ClassKey::Typed(n.kind),
+        }
+    }
+
+    fn class_of_key(&self, k: ClassKey, example: &Node) -> String {
+        match k {
+            ClassKey::Named(name) => self.string(name).to_string(),
+            ClassKey::Typed(_) => self.class_name(example),
+        }
+    }
+
+    /// What the comparison needs of a snapshot taken earlier: each object's id and class.
+    pub fn baseline(&self) -> Baseline {
+        let mut keys: HashMap<ClassKey, u32> = HashMap::new();
+        let mut classes = Vec::new();
+        let mut objects: Vec<(u32, u32, u32)> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let k = self.class_key(n);
+                let c = *keys.entry(k).or_insert_with(|| {
+                    classes.push(self.class_of_key(k, n));
+                    classes.len() as u32 - 1
+                });
+                (n.id, c, n.self_size)
+            })
+            .collect();
+        objects.sort_unstable_by_key(|o| o.0);
+        Baseline { objects, classes }
     }
 
     /// For every node, its parent on a shortest path from the root (node 0), over strong
@@ -279,26 +275,39 @@ pub struct ComparisonRow {
 
 /// DevTools' Comparison of `after` against `before`, rows by #delta then size delta, most
 /// growth first; the first `paths` rows get one new object's retainer path.
-pub fn compare(before: &Snapshot, after: &Snapshot, paths: usize) -> Vec<ComparisonRow> {
-    let before_ids: HashMap<u32, usize> = before.nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-    let after_ids: HashSet<u32> = after.nodes.iter().map(|n| n.id).collect();
-    let mut rows: HashMap<String, (ComparisonRow, Option<u32>)> = HashMap::new();
+pub fn compare(before: &Baseline, after: &Snapshot, paths: usize) -> Vec<ComparisonRow> {
+    // New objects by class key (one name per key, made once), deleted ones by class.
+    let mut new: HashMap<ClassKey, (ComparisonRow, u32)> = HashMap::new();
     for (i, n) in after.nodes.iter().enumerate() {
-        if before_ids.contains_key(&n.id) {
+        if before.contains(n.id) {
             continue;
         }
-        let (row, example) = rows.entry(after.class_name(n)).or_default();
+        let (row, _) = new.entry(after.class_key(n)).or_insert_with(|| (ComparisonRow::default(), i as u32));
         row.new += 1;
         row.alloc_size += u64::from(n.self_size);
-        example.get_or_insert(i as u32);
     }
-    for n in &before.nodes {
-        if after_ids.contains(&n.id) {
-            continue;
+    let mut after_ids: Vec<u32> = after.nodes.iter().map(|n| n.id).collect();
+    after_ids.sort_unstable();
+    let mut rows: HashMap<String, (ComparisonRow, Option<u32>)> = HashMap::new();
+    for (key, (r, example)) in new {
+        let name = after.class_of_key(key, &after.nodes[example as usize]);
+        let (row, ex) = rows.entry(name).or_default();
+        row.new += r.new;
+        row.alloc_size += r.alloc_size;
+        ex.get_or_insert(example);
+    }
+    let mut deleted: HashMap<u32, (u64, u64)> = HashMap::new();
+    for &(id, class, size) in &before.objects {
+        if after_ids.binary_search(&id).is_err() {
+            let d = deleted.entry(class).or_default();
+            d.0 += 1;
+            d.1 += u64::from(size);
         }
-        let (row, _) = rows.entry(before.class_name(n)).or_default();
-        row.deleted += 1;
-        row.freed_size += u64::from(n.self_size);
+    }
+    for (class, (count, bytes)) in deleted {
+        let (row, _) = rows.entry(before.classes[class as usize].clone()).or_default();
+        row.deleted += count;
+        row.freed_size += bytes;
     }
     let mut out: Vec<(ComparisonRow, Option<u32>)> = rows
         .into_iter()
@@ -382,16 +391,43 @@ mod tests {
         for k in 0..u64::from(closures) {
             push_node(&mut nodes, 5, 8, u64::from(first_id) + 2 * k, 32, 0);
         }
-        serde_json::to_vec(&serde_json::json!({
-            "snapshot": {"meta": {
+        let meta = serde_json::json!({"meta": {
                 "node_fields": ["type","name","id","self_size","edge_count","trace_node_id","detachedness"],
                 "node_types": [node_types, "string", "number", "number", "number", "number", "number"],
                 "edge_fields": ["type","name_or_index","to_node"],
                 "edge_types": [edge_types, "string_or_number", "node"],
-            }, "node_count": nodes.len() / 7, "edge_count": edges.len() / 3},
-            "nodes": nodes, "edges": edges, "strings": strings,
-        }))
-        .unwrap()
+            }, "node_count": nodes.len() / 7, "edge_count": edges.len() / 3});
+        v8_text(&meta, &nodes, &edges, &strings.map(String::from))
+    }
+
+    /// A snapshot's text in V8's order (header, nodes, edges, arrays of no use, strings),
+    /// with its line breaks.
+    fn v8_text(meta: &serde_json::Value, nodes: &[u64], edges: &[u64], strings: &[String]) -> Vec<u8> {
+        // V8's line breaks: a node or edge a line, the break before its comma.
+        let ints = |v: &[u64], per: usize| {
+            v.chunks(per)
+                .map(|r| r.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+                .collect::<Vec<_>>()
+                .join("\n,")
+        };
+        format!(
+            "{{\"snapshot\":{meta},\n\"nodes\":[{}],\n\"edges\":[{}],\n\"trace_function_infos\":[],\n\"trace_tree\":[1,[2,[]]],\n\"samples\":[],\n\"strings\":{}}}",
+            ints(nodes, 7),
+            ints(edges, 3),
+            serde_json::to_string(strings).unwrap()
+        )
+        .into_bytes()
+    }
+
+    /// A text of the form [`v8_text`] writes, from its parts as JSON values.
+    fn from_value(v: &serde_json::Value) -> Vec<u8> {
+        let ints = |k: &str| v[k].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect::<Vec<_>>();
+        let strings: Vec<String> = serde_json::from_value(v["strings"].clone()).unwrap();
+        v8_text(&v["snapshot"], &ints("nodes"), &ints("edges"), &strings)
+    }
+
+    fn to_value(text: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(text).unwrap()
     }
 
     #[test]
@@ -399,7 +435,7 @@ mod tests {
         let a = Snapshot::parse(&snapshot(3, 101)).unwrap();
         // The same three closures (ids 101, 103, 105) and 1000 more.
         let b = Snapshot::parse(&snapshot(1003, 101)).unwrap();
-        let rows = compare(&a, &b, 1);
+        let rows = compare(&a.baseline(), &b, 1);
         let top = &rows[0];
         assert_eq!((top.constructor.as_str(), top.new, top.deleted, top.delta), ("(closure)", 1000, 0, 1000));
         assert_eq!((top.alloc_size, top.size_delta), (32_000, 32_000));
@@ -412,14 +448,14 @@ mod tests {
         // Nothing else changed.
         assert!(rows[1..].iter().all(|r| r.delta == 0 && r.new == 0));
         // The other way round: the closures were deleted.
-        let back = compare(&b, &a, 0);
+        let back = compare(&b.baseline(), &a, 0);
         let c = back.iter().find(|r| r.constructor == "(closure)").unwrap();
         assert_eq!((c.deleted, c.delta, c.freed_size), (1000, -1000, 32_000));
     }
 
     #[test]
     fn retainer_paths_print_no_string_contents_or_data_keys() {
-        let mut v: serde_json::Value = serde_json::from_slice(&snapshot(2, 101)).unwrap();
+        let mut v = to_value(&snapshot(2, 101));
         // The first closure becomes a string "alice@example.com", held under the property
         // "bob@example.com" instead of an element.
         let strings = v["strings"].as_array_mut().unwrap();
@@ -434,7 +470,7 @@ mod tests {
         let e = 4 * 3;
         edges[e] = 2.into(); // property
         edges[e + 1] = bob.into();
-        let s = Snapshot::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        let s = Snapshot::parse(&from_value(&v)).unwrap();
         let parents = s.shortest_parents();
         let path = s.retainer_path(&parents, 5, 12).unwrap();
         assert_eq!(
@@ -446,11 +482,48 @@ mod tests {
     #[test]
     fn malformed_snapshots_are_refused() {
         assert!(matches!(Snapshot::parse(b"{}"), Err(SnapshotError::Format(_))));
-        let mut v: serde_json::Value = serde_json::from_slice(&snapshot(1, 1)).unwrap();
+        let mut v = to_value(&snapshot(1, 1));
         v["nodes"].as_array_mut().unwrap().pop();
-        assert!(Snapshot::parse(&serde_json::to_vec(&v).unwrap()).is_err());
-        let mut v: serde_json::Value = serde_json::from_slice(&snapshot(1, 1)).unwrap();
+        assert!(Snapshot::parse(&from_value(&v)).is_err());
+        let mut v = to_value(&snapshot(1, 1));
         v["snapshot"]["meta"]["node_fields"][2] = "ident".into();
-        assert_eq!(Snapshot::parse(&serde_json::to_vec(&v).unwrap()).err(), Some(SnapshotError::Field("id")));
+        assert_eq!(Snapshot::parse(&from_value(&v)).err(), Some(SnapshotError::Field("id")));
+        let mut v = to_value(&snapshot(1, 1));
+        v["edges"].as_array_mut().unwrap()[2] = (7 * 100).into();
+        assert!(Snapshot::parse(&from_value(&v)).is_err(), "an edge past the last node");
+        // Cut short anywhere: refused, never a partial snapshot.
+        let text = snapshot(3, 1);
+        for cut in [10, text.len() / 2, text.len() - 30] {
+            assert!(Snapshot::parse(&text[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_fed_in_pieces_of_any_size_reads_the_same_and_keeps_no_data_strings() {
+        let mut v = to_value(&snapshot(4, 101));
+        // The first closure becomes a string whose characters are data (and have escapes).
+        let strings = v["strings"].as_array_mut().unwrap();
+        strings.push("sec\"ret\u{e9}\n".into());
+        let secret = strings.len() as u64 - 1;
+        let nodes = v["nodes"].as_array_mut().unwrap();
+        nodes[5 * 7] = 2.into();
+        nodes[5 * 7 + 1] = secret.into();
+        let text = from_value(&v);
+        let whole = Snapshot::parse(&text).unwrap();
+        assert_eq!(whole.nodes.len(), 9);
+        assert_eq!(whole.name(&whole.nodes[6]), "handler");
+        assert_eq!(whole.strings[secret as usize], "", "a string's characters are not kept");
+        for size in [1, 2, 3, 7, 64] {
+            let mut r = SnapshotReader::new();
+            for piece in text.chunks(size) {
+                r.feed(piece).unwrap();
+            }
+            let s = r.finish().unwrap();
+            assert_eq!(
+                (s.nodes.clone(), s.edges.clone(), s.strings.clone()),
+                (whole.nodes.clone(), whole.edges.clone(), whole.strings.clone()),
+                "pieces of {size}"
+            );
+        }
     }
 }
