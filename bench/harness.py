@@ -25,6 +25,7 @@ every configuration, ...; medians reported):
     made here if missing); goal: sampled in-process keeps >= 90% of the baseline on both.
     A tracer that cannot run gets a row saying why.
 BENCH_ONLY=scan (or soak, python, pycensus, node; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
+node: NODE_SNAPSHOT_MIB=100,1024 picks the snapshot heaps, NODE_SNAPSHOT_ROUNDS their rounds (a 1 GiB snapshot stops Node for ~100 s).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
 import os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -744,12 +745,12 @@ def _cpu_s(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def py_http_measure(target):
+def py_http_measure(target, seconds=HTTP_S):
     """requests/s, p99 ms, and the server's CPU per request in µs: throughput on 2 shared
     cores can jump between rounds, CPU per request is the steadier measure of a tracer's cost."""
     cpu0 = _cpu_s(target.pid)
     pin = ["taskset", "-c", "1"] if HTTP_PIN else []
-    out = subprocess.run(pin + ["wrk", "-t1", f"-c{HTTP_CONNS}", f"-d{HTTP_S}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
+    out = subprocess.run(pin + ["wrk", "-t1", f"-c{HTTP_CONNS}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{HTTP_PORT}/"],
                          capture_output=True, text=True).stdout
     if target.poll() is not None:
         raise RuntimeError(f"the target died under the tracer (status {target.returncode}): {_last_err(target)}")
@@ -866,14 +867,19 @@ def python_table():
 
 
 NODE = "/usr/bin/node"
+# Node's runs are longer than the Python server's, after a warm-up of their own: 4 s runs
+# of a cold server varied by 20% from round to round (the JIT warming up in the window).
+NODE_HTTP_S, NODE_WARMUP_S = 10, 2
 NODE_TRACERS = [
     ("none", "no tracer", []),
     ("native", "leakprobe --in-process --sample-bytes 512KiB --no-js-frames (native stacks only)",
      ["--in-process", "--sample-bytes", "512KiB", "--no-js-frames"]),
     ("js", "leakprobe --in-process --sample-bytes 512KiB (JavaScript frames)",
      ["--in-process", "--sample-bytes", "512KiB"]),
-    ("js_heap", "leakprobe --in-process --sample-bytes 512KiB --js-heap (and the JS heap: 32 KiB, polled every 10 s)",
+    ("js_heap", "leakprobe --in-process --sample-bytes 512KiB --js-heap (and the JS heap: the defaults, 128 KiB, polled every 10 s)",
      ["--in-process", "--sample-bytes", "512KiB", "--js-heap"]),
+    ("js_heap_32k", "leakprobe --in-process --sample-bytes 512KiB --js-heap --js-heap-interval 32KiB (DevTools' interval)",
+     ["--in-process", "--sample-bytes", "512KiB", "--js-heap", "--js-heap-interval", "32KiB"]),
     ("js_heap_2s", "leakprobe --in-process --sample-bytes 512KiB --js-heap --js-heap-poll 2s (a full GC every 2 s)",
      ["--in-process", "--sample-bytes", "512KiB", "--js-heap", "--js-heap-poll", "2s"]),
     ("exact_native", "leakprobe exact, --no-js-frames", ["--no-js-frames"]),
@@ -892,11 +898,13 @@ def node_once(args):
     try:
         if target.stdout.readline().strip() != "ready":
             raise RuntimeError("bench/node_http.js did not start")
+        subprocess.run((["taskset", "-c", "1"] if HTTP_PIN else []) + ["wrk", "-t1", f"-c{HTTP_CONNS}", f"-d{NODE_WARMUP_S}s",
+                        f"http://127.0.0.1:{HTTP_PORT}/"], capture_output=True)
         if args is not None:
             lp = subprocess.Popen([LP, "attach", "--pid", str(target.pid), "--interval", "2s"] + args,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             _watch(lp, lp.stderr, "--js-heap: opened" if "--js-heap" in args else "attached", 120, "leakprobe")
-        return py_http_measure(target)
+        return py_http_measure(target, NODE_HTTP_S)
     finally:
         if lp is not None:
             stop_tracer("leakprobe", lp)
@@ -910,7 +918,7 @@ def node_snapshot_pauses():
     rows = []
     for mib in [int(m) for m in os.environ.get("NODE_SNAPSHOT_MIB", "100,1024").split(",")]:
         pauses, rss = [], []
-        for _ in range(ROUNDS):
+        for _ in range(int(os.environ.get("NODE_SNAPSHOT_ROUNDS", ROUNDS))):
             t = subprocess.Popen([NODE, "--max-old-space-size=8192", os.path.join(ROOT, "bench/node_heap.js"), str(mib)],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             t.stdout.readline()
@@ -931,7 +939,7 @@ def node_snapshot_pauses():
         rows.append(f"| {mib} MiB | {med(pauses):,.0f} ms | {max(pauses):,.0f} ms | {med(rss):,.0f} MiB |")
     return ("`leakprobe attach --in-process --sample-bytes 512KiB --js-heap-snapshot` on bench/node_heap.js (small "
             "objects): V8 stops the event loop for each of the two snapshots (measured from the request to the last "
-            "chunk received). Under exact tracking (every malloc a uprobe) the same snapshots take several times "
+            f"chunk received; {os.environ.get('NODE_SNAPSHOT_ROUNDS', ROUNDS)} round(s)). Under exact tracking (every malloc a uprobe) the same snapshots take several times "
             "longer: V8 allocates as it writes them.\n\n| V8 heap | pause per snapshot (median) | longest | leakprobe peak RSS "
             "|\n|---|---|---|---|\n" + "\n".join(rows))
 
@@ -976,7 +984,7 @@ def node_table():
                          f"{mode} ({'met' if more <= 5 else 'NOT met'}: <= 5%)")
     return (f"Target: {NODE} ({subprocess.run([NODE, '--version'], capture_output=True, text=True).stdout.strip()}) "
             f"running bench/node_http.js (a 20-item JSON body and a Buffer per request, nothing kept) under "
-            f"wrk -t1 -c{HTTP_CONNS} -d{HTTP_S}s"
+            f"wrk -t1 -c{HTTP_CONNS} -d{NODE_HTTP_S}s after a {NODE_WARMUP_S} s warm-up before attaching"
             + (", the server pinned to CPU 0, wrk to CPU 1" if HTTP_PIN else "")
             + ". Configurations interleaved within each round, a fresh server each run.\n\n**"
             + "; ".join(goals) + ".**\n\n| configuration | requests/s (median) | of baseline | p99 latency ms | "

@@ -430,18 +430,20 @@ pub struct TraceOpts {
     /// Node.js: take a V8 heap snapshot at the start and at the end, and report Chrome
     /// DevTools' Comparison view (per constructor: #new, #deleted, #delta, sizes) with the
     /// shortest retainer path of the top growing ones. Implies --js-heap. EACH SNAPSHOT
-    /// STOPS THE EVENT LOOP (the report gives the pauses; seconds for a heap of gigabytes)
-    /// and needs about twice the heap in memory while it is taken.
+    /// STOPS THE EVENT LOOP (the report gives the pauses: measured, 7.5 s for 100 MiB of
+    /// small objects, about 100 s for 1 GiB) and leakprobe needs about twice the heap in
+    /// memory while it reads one.
     #[arg(long)]
     pub js_heap_snapshot: bool,
-    /// With --js-heap: V8's mean sampling interval in bytes (its default, 32KiB; larger is
-    /// cheaper and coarser).
-    #[arg(long, default_value = "32KiB", value_name = "BYTES")]
+    /// With --js-heap: V8's mean sampling interval in bytes. 128KiB keeps a loaded server's
+    /// cost near its throughput goal (docs/benchmarks.md); DevTools' 32KiB is finer (better
+    /// on small leaks over a short run) and costs about 10% more.
+    #[arg(long, default_value = "128KiB", value_name = "BYTES")]
     pub js_heap_interval: String,
     /// With --js-heap: how often V8's live samples are fetched (and once at the end). EACH
     /// FETCH MAKES V8 RUN A FULL GARBAGE COLLECTION first (the inspector asks for it), which
-    /// stops the event loop (the report gives how long) and slows it for a while after:
-    /// measured on an http server, 1s cost 15% of its throughput, 10s about 2%.
+    /// stops the event loop (the report gives how long): fetching often costs a loaded
+    /// server a good part of its throughput (docs/benchmarks.md).
     #[arg(long, default_value = "10s", value_name = "D")]
     pub js_heap_poll: String,
     /// The longest the target may stay stopped for a scan (e.g. 200ms): the scan is abandoned
