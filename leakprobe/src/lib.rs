@@ -12,6 +12,16 @@
 //! - the edges: [`cli`] (flags), [`session`] (the tokio loop that runs it all), [`output`]
 //!   (checked, atomic result files); [`manual`] (man pages and completions from the flags).
 
+/// `eprintln!` that cannot panic: a closed stderr (the reader of a pipe quit, `| head`,
+/// `less` closed early) must not end a session, nor stop the guard between its restores.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod cli;
 pub mod inprocess;
 pub mod kernel;

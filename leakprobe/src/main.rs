@@ -25,9 +25,9 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("leakprobe: error: {err:#}");
+            leakprobe::say!("leakprobe: error: {err:#}");
             if err.downcast_ref::<Refused>().is_some() {
-                eprintln!("leakprobe: nothing was attached; the target is untouched");
+                leakprobe::say!("leakprobe: nothing was attached; the target is untouched");
             }
             ExitCode::from(2)
         }
@@ -80,7 +80,7 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     let outcome = runtime.block_on(session::run(config))?;
     if outcome.leak_gate_failed() {
-        eprintln!(
+        leakprobe::say!(
             "leakprobe: outstanding growth {} bytes is above --fail-on-leak {} bytes",
             outcome.outstanding_bytes,
             outcome.fail_on_leak.unwrap_or(0)
@@ -110,6 +110,6 @@ fn top(runtime: &tokio::runtime::Runtime, config: Config) -> anyhow::Result<Exit
     let drawn = ui.join().map_err(|_| anyhow::anyhow!("the terminal view panicked"))?;
     drawn.map_err(|e| anyhow::anyhow!("drawing on the terminal: {e}"))?;
     outcome?;
-    eprintln!("leakprobe: top ended; detached from PID {pid}, which runs on");
+    leakprobe::say!("leakprobe: top ended; detached from PID {pid}, which runs on");
     Ok(ExitCode::SUCCESS)
 }

@@ -233,7 +233,7 @@ fn link_unnamed(f: &File, to: &Path) -> std::io::Result<()> {
 fn take_over(f: &File, path: &Path, old: Existing) -> std::io::Result<()> {
     let mode = old.mode & !(libc::S_ISUID | libc::S_ISGID);
     if mode != old.mode {
-        eprintln!(
+        crate::say!(
             "leakprobe: warning: {} had setuid/setgid bits (mode {:04o}); the report is written with mode {mode:04o}",
             path.display(),
             old.mode

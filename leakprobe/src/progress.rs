@@ -67,7 +67,7 @@ pub fn line(msg: std::fmt::Arguments<'_>) {
         let text = format!("leakprobe: {msg}");
         match s.shown() {
             Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+            None => crate::say!("{text}"),
         }
     });
 }

@@ -256,25 +256,27 @@ pub fn run() -> std::process::ExitCode {
         && start_ticks(list.pid) == Some(list.start_ticks)
     {
         match crate::session::inspector::guard_close(list.pid, *port, path) {
-            Ok(()) => eprintln!(
+            Ok(()) => crate::say!(
                 "leakprobe guard: leakprobe ended without detaching; closed the inspector it had opened on PID {}'s port {port}",
                 list.pid
             ),
-            Err(e) => eprintln!("leakprobe guard: closing PID {}'s inspector on port {port}: {e}", list.pid),
+            Err(e) => {
+                crate::say!("leakprobe guard: closing PID {}'s inspector on port {port}: {e}", list.pid)
+            }
         }
     }
     match (list, disarmed) {
         (Some(list), false) if list.code_at == 0 && list.slots.is_empty() => std::process::ExitCode::SUCCESS,
         (Some(list), false) => match restore(&list) {
             Ok(n) => {
-                eprintln!(
+                crate::say!(
                     "leakprobe guard: leakprobe ended without detaching; restored {n} GOT slots of PID {} and switched its stub off",
                     list.pid
                 );
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("leakprobe guard: restoring PID {}: {e}", list.pid);
+                crate::say!("leakprobe guard: restoring PID {}: {e}", list.pid);
                 std::process::ExitCode::FAILURE
             }
         },

@@ -722,10 +722,10 @@ impl Server {
     fn clean_up(&mut self) {
         for (pid, child) in std::mem::take(&mut self.children) {
             match reap_child(pid, child, Duration::from_millis(200)) {
-                Ok(_) => eprintln!(
+                Ok(_) => crate::say!(
                     "leakprobe helper: leakprobe ended mid-scan; its snapshot child {child} under PID {pid} is reaped"
                 ),
-                Err(e) => eprintln!(
+                Err(e) => crate::say!(
                     "leakprobe helper: leakprobe ended mid-scan; reaping its snapshot child {child} under PID {pid}: {}",
                     chain(&e)
                 ),

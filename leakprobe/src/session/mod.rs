@@ -829,7 +829,7 @@ impl InProcess {
         match restored {
             Ok(r) => self.restored = r,
             Err(e) => {
-                eprintln!("leakprobe: warning: restoring the GOT: {e:#} (the guard process restores it)")
+                crate::say!("leakprobe: warning: restoring the GOT: {e:#} (the guard process restores it)")
             }
         }
     }
@@ -1313,7 +1313,7 @@ async fn watch(
 fn test_hook_pause(var: &str) {
     let pause = test_hook(var);
     if !pause.is_zero() {
-        eprintln!("leakprobe: {var}: pausing {pause:?}");
+        crate::say!("leakprobe: {var}: pausing {pause:?}");
         std::thread::sleep(pause);
     }
 }
@@ -1343,7 +1343,7 @@ pub fn diff(args: &crate::cli::DiffArgs, quiet: bool) -> anyhow::Result<()> {
             // The text form shows its warnings; JSON readers get them on stderr too.
             if !quiet {
                 for w in &d.warnings {
-                    eprintln!("leakprobe: warning: {w}");
+                    crate::say!("leakprobe: warning: {w}");
                 }
             }
             crate::report::diff::to_json(&d).context("serializing the comparison")?

@@ -219,7 +219,7 @@ impl PyAllocHooks {
         self.counters = counters.unwrap_or(self.counters);
         match restored.context("restoring CPython's allocator tables") {
             Ok(r) => self.restored = r,
-            Err(e) => eprintln!("leakprobe: warning: {e:#} (the guard process restores them)"),
+            Err(e) => crate::say!("leakprobe: warning: {e:#} (the guard process restores them)"),
         }
     }
 
