@@ -70,14 +70,6 @@ pub struct Baseline {
 }
 
 impl Baseline {
-    pub fn len(&self) -> usize {
-        self.objects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
-    }
-
     fn contains(&self, id: u32) -> bool {
         self.objects.binary_search_by_key(&id, |o| o.0).is_ok()
     }
