@@ -141,7 +141,8 @@ def start_tracer(kind, pid):
         return r
     args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"],
             "inproc_full": ["--in-process"],
-            "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"]}[kind]
+            "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"],
+            "inproc_stub_only": ["--in-process", "--sample-bytes", "1TiB"]}[kind]
     p = subprocess.Popen([LP, "attach", "--pid", str(pid), "--interval", "2s"] + args,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _watch(p, p.stderr, "attached", 120, "leakprobe")
@@ -658,6 +659,12 @@ PY_TRACERS = [("none", "no tracer"),
               ("full", "leakprobe attach (exact: a uprobe on every call)"),
               ("heaptrack", "heaptrack -p"),
               ("memray", "memray attach -o FILE")]
+# BENCH_PY_TRACERS=none,inproc_sampled: only those rows (for quick comparisons; the table in
+# docs/benchmarks.md is made with all of them).
+# inproc_stub_only (the stub's cost without samples: --sample-bytes 1TiB) is only there if named.
+if os.environ.get("BENCH_PY_TRACERS"):
+    PY_TRACERS = [t for t in PY_TRACERS + [("inproc_stub_only", "leakprobe --in-process, no samples (1 TiB)")]
+                  if t[0] in os.environ["BENCH_PY_TRACERS"].split(",")]
 PY_ALLOC_S = 3
 HTTP_S = 4
 HTTP_PORT = 18090
@@ -807,7 +814,7 @@ def python_table():
     med = statistics.median
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
     out, kept = [], {}
-    memray_ran = any(res[w]["memray"] for w in res)
+    memray_ran = any(res[w].get("memray") for w in res)
     volume = ""
     if res["alloc"]["none"]:
         rate, per_op = med(r[0] for r in res["alloc"]["none"]), res["alloc"]["none"][0][1]

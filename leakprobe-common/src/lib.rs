@@ -24,6 +24,9 @@ pub mod maps {
     pub const EXP_TABLE: &str = "EXP_TABLE";
     pub const WEIGHT_TABLE: &str = "WEIGHT_TABLE";
     pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
+    /// Entry 0: bumped before and after each change of `UNWIND_MODULES`, so the walker's
+    /// per-CPU cache of rows by return address drops what it learnt before.
+    pub const UNWIND_GEN: &str = "UNWIND_GEN";
     pub const SCAN_FROM: &str = "SCAN_FROM";
     pub const FREED_SINCE: &str = "FREED_SINCE";
     pub const PY_CONFIG: &str = "PY_CONFIG";
@@ -46,6 +49,10 @@ pub mod globals {
     /// allocation function and is part of the call the stub reports.
     pub const STUB_TEXT_START: &str = "STUB_TEXT_START";
     pub const STUB_TEXT_END: &str = "STUB_TEXT_END";
+    /// Offsets of `vm_area_struct.vm_start` and `.vm_end` (from the kernel's BTF): the
+    /// walker learns where a thread's stack ends, and never reads past it.
+    pub const VMA_START: &str = "VMA_START";
+    pub const VMA_END: &str = "VMA_END";
 }
 
 /// Counts in `SiteCounters` and `LiveBlock::weight_count` are in units of 1/COUNT_SCALE, so

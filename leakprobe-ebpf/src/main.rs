@@ -93,6 +93,18 @@ static V8_CONFIG: Array<V8Config> = Array::with_max_entries(1, 0);
 /// followed by frame pointer (0 for the others), for `capture_v8`.
 #[map]
 static FRAME_FPS: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU: a copy of the user stack being walked, read in one go (see [`StackWin`]).
+#[map]
+static STACK_WIN: PerCpuArray<[u64; STACK_WIN_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+/// Per thread: the bounds of the mapping its stack pointer was last in (see [`stack_top`]).
+#[map]
+static STACK_BOUNDS: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(1 << 14, 0);
+/// Per CPU: the native walk's state (see [`NativeWalk`]).
+#[map]
+static NATIVE_WALK: PerCpuArray<NativeWalk> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU: the fields of the Python frame being looked at, read in one go.
+#[map]
+static PY_FRAME_BUF: PerCpuArray<[u8; PY_FRAME_SPAN]> = PerCpuArray::with_max_entries(1, 0);
 /// Per thread: its `PyThreadState`, checked against its native thread id at each use.
 #[map]
 static PY_TSTATE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 14, 0);
@@ -259,6 +271,52 @@ fn find_row(m: &UnwindModule, vaddr: u64) -> Option<UnwindRow> {
     (r.pc <= vaddr && r.cfa_reg != cfa::GAP).then_some(r)
 }
 
+/// Slots of the per-CPU row cache (a power of two).
+const ROW_CACHE_SLOTS: u32 = 2048;
+
+/// One slot of `ROW_CACHE`: the row found for a return address, in a generation of the
+/// module table.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowCacheSlot {
+    pc: u64,
+    /// `UNWIND_GEN` + 1 when filled (0: empty).
+    generation: u64,
+    row: UnwindRow,
+    found: u64,
+}
+
+/// Per CPU, direct-mapped by return address: the unwind row of each return address seen
+/// lately. A server's stacks repeat the same few hundred return addresses, and one lookup
+/// here replaces two binary searches (~30 map reads a frame).
+#[map]
+static ROW_CACHE: PerCpuArray<RowCacheSlot> = PerCpuArray::with_max_entries(ROW_CACHE_SLOTS, 0);
+/// See `leakprobe_common::maps::UNWIND_GEN`.
+#[map]
+static UNWIND_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The unwind row for return address `pc` (the row of the call before it), through the cache.
+#[inline(always)]
+fn cached_row(pc: u64) -> Option<UnwindRow> {
+    let generation = UNWIND_GEN.get(0).copied().unwrap_or(0).wrapping_add(1);
+    let slot = (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 53) as u32 & (ROW_CACHE_SLOTS - 1);
+    let s = ROW_CACHE.get_ptr_mut(slot);
+    if let Some(s) = s {
+        let s = unsafe { &*s };
+        if s.pc == pc && s.generation == generation {
+            return (s.found != 0).then_some(s.row);
+        }
+    }
+    // A return address points after the call: look up the call itself.
+    let row = find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias));
+    if let Some(s) = s {
+        unsafe {
+            *s = RowCacheSlot { pc, generation, row: row.unwrap_or_default(), found: row.is_some() as u64 }
+        };
+    }
+    row
+}
+
 /// The frame-pointer convention as an unwind row: CFA = rbp + 16, caller's rbp at CFA - 16.
 const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
     pc: 0,
@@ -283,6 +341,156 @@ const FRAME_OWNED_BY_CSTACK: u8 = 3;
 #[inline(always)]
 fn read_u64(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Words of user stack copied per read: 4 KiB, about a dozen frames of a C++ server or of
+/// CPython's evaluation loop.
+const STACK_WIN_WORDS: usize = 512;
+const STACK_WIN_BYTES: u64 = (STACK_WIN_WORDS * 8) as u64;
+
+/// The user stack above the walk, copied in 4 KiB windows: each `bpf_probe_read_user` costs
+/// ~80 ns here whatever its size up to a few KiB, and a walk reads one or two words a frame.
+/// A word outside the window moves the window to the frame being unwound (the walk only goes
+/// up the stack); a window that could not be read whole ends at its page (the stack's top is
+/// near) and is not moved again. Words it cannot give are read one by one, as before.
+#[repr(C)]
+struct StackWin {
+    lo: u64,
+    /// Bytes in the window; 0: none.
+    len: u64,
+    /// Whether a full window was read (so one further up may be too).
+    more: u64,
+    /// The end of the stack's mapping, where known (0: not): no window reads past it, so
+    /// none faults.
+    top: u64,
+}
+
+impl StackWin {
+    #[inline(always)]
+    fn new() -> Self {
+        StackWin { lo: 0, len: 0, more: 1, top: 0 }
+    }
+
+    /// Copies the stack from `at` (8-aligned) into `STACK_WIN`.
+    #[inline(always)]
+    fn fill(&mut self, at: u64) {
+        let Some(buf) = STACK_WIN.get_ptr_mut(0) else {
+            self.len = 0;
+            self.more = 0;
+            return;
+        };
+        let dst = buf as *mut core::ffi::c_void;
+        let src = at as *const core::ffi::c_void;
+        self.lo = at;
+        // Up to the stack's end where it is known, else a whole window and, if that faults
+        // (the end is nearer), the rest of `at`'s page, which is mapped: `at` is on the stack.
+        let mut n = STACK_WIN_BYTES;
+        if self.top > at && self.top - at < STACK_WIN_BYTES {
+            n = self.top - at;
+            self.more = 0;
+        }
+        if n >= 8 && n <= STACK_WIN_BYTES {
+            // SAFETY: at most the buffer's size, into this CPU's entry.
+            if unsafe { aya_ebpf::helpers::generated::bpf_probe_read_user(dst, n as u32, src) } == 0 {
+                self.len = n;
+                return;
+            }
+        }
+        self.more = 0;
+        let n = 4096 - (at & 4095);
+        let ok = n <= STACK_WIN_BYTES
+            && unsafe { aya_ebpf::helpers::generated::bpf_probe_read_user(dst, n as u32, src) } == 0;
+        self.len = if ok { n } else { 0 };
+    }
+
+    /// The stack word at `addr`, for a frame whose stack pointer is `sp` (<= addr): from the
+    /// window, or read on its own, or `Refill` when a window starting at `sp` would hold it.
+    #[inline(always)]
+    fn word(&self, addr: u64, sp: u64) -> Word {
+        let off = addr.wrapping_sub(self.lo);
+        if addr & 7 == 0 {
+            if off.wrapping_add(8) <= self.len {
+                return match STACK_WIN.get(0) {
+                    Some(buf) => Word::Got(buf[(off >> 3) as usize & (STACK_WIN_WORDS - 1)]),
+                    None => Word::Missing,
+                };
+            }
+            if self.more != 0
+                && sp != self.lo
+                && sp & 7 == 0
+                && sp <= addr
+                && addr - sp + 8 <= STACK_WIN_BYTES
+            {
+                return Word::Refill;
+            }
+        }
+        match read_u64(addr) {
+            Some(v) => Word::Got(v),
+            None => Word::Missing,
+        }
+    }
+}
+
+/// Offsets of `vm_area_struct.vm_start` and `.vm_end` (from the kernel's BTF; these are the
+/// layout's since 2.6).
+#[unsafe(no_mangle)]
+static VMA_START: u64 = 0;
+#[unsafe(no_mangle)]
+static VMA_END: u64 = 8;
+
+/// `bpf_find_vma` callback: the mapping's `[start, end)` into `ctx` (two u64).
+unsafe extern "C" fn vma_bounds(
+    _task: *mut core::ffi::c_void,
+    vma: *mut core::ffi::c_void,
+    ctx: *mut core::ffi::c_void,
+) -> i64 {
+    let out = ctx as *mut [u64; 2];
+    let at = |off: u64| unsafe { bpf_probe_read_kernel((vma as u64 + off) as *const u64) }.unwrap_or(0);
+    let (start, end) = (
+        at(unsafe { read_volatile(&raw const VMA_START) }),
+        at(unsafe { read_volatile(&raw const VMA_END) }),
+    );
+    unsafe { *out = [start, end] };
+    0
+}
+
+/// The end of the mapping that holds this thread's stack pointer `sp`, or 0 if it could not
+/// be known: cached per thread, looked up with `bpf_find_vma` when `sp` is outside the cached
+/// bounds (a new thread, a reused tid, a main stack that grew down).
+#[inline(always)]
+fn stack_top(tid: u32, sp: u64) -> u64 {
+    if let Some(b) = unsafe { STACK_BOUNDS.get(&tid) }
+        && b[0] <= sp
+        && sp < b[1]
+    {
+        return b[1];
+    }
+    let mut b = [0u64; 2];
+    // The BTF-typed task: bpf_find_vma takes no other.
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() };
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_find_vma(
+            task as *mut _,
+            sp,
+            vma_bounds as *mut core::ffi::c_void,
+            &mut b as *mut [u64; 2] as *mut _,
+            0,
+        )
+    };
+    if rc != 0 || !(b[0] <= sp && sp < b[1]) {
+        return 0;
+    }
+    let _ = STACK_BOUNDS.insert(&tid, &b, 0);
+    b[1]
+}
+
+/// A word of the stack, as [`StackWin::word`] finds it.
+enum Word {
+    Got(u64),
+    /// Unreadable.
+    Missing,
+    /// Move the window to the frame's stack pointer first.
+    Refill,
 }
 
 /// State of a `bpf_loop` walk, on the calling program's stack.
@@ -348,6 +556,76 @@ fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
     Some(w.found)
 }
 
+/// Bytes of a Python frame read at once: its code, back, position and entry fields lie within
+/// this span in every supported version (88 bytes at most, 3.9's `PyFrameObject`).
+const PY_FRAME_SPAN: usize = 128;
+
+/// The fields of a Python frame the walk needs.
+struct PyFrameFields {
+    code: u64,
+    back: u64,
+    instr: u64,
+    /// `is_entry` (3.11) or `owner` (3.12+); 0 for 3.9 and 3.10.
+    flag: u8,
+}
+
+/// Reads a frame's fields with one `bpf_probe_read_user` of the span that holds them, or
+/// field by field if that span is wider than [`PY_FRAME_SPAN`].
+#[inline(always)]
+fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
+    let has_flag = cfg.flavor != py_flavor::FRAME_OBJECT;
+    let mut lo = cfg.frame_code.min(cfg.frame_back).min(cfg.frame_instr);
+    let mut hi = (cfg.frame_code.max(cfg.frame_back).max(cfg.frame_instr)) + 8;
+    if has_flag {
+        lo = lo.min(cfg.frame_entry);
+        hi = hi.max(cfg.frame_entry + 1);
+    }
+    let len = hi - lo;
+    let buf = PY_FRAME_BUF.get_ptr_mut(0)?;
+    if len > PY_FRAME_SPAN as u64 || len == 0 {
+        let flag = if has_flag {
+            unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) }.ok()?
+        } else {
+            0
+        };
+        return Some(PyFrameFields {
+            code: read_u64(frame + cfg.frame_code)?,
+            back: read_u64(frame + cfg.frame_back)?,
+            instr: read_u64(frame + cfg.frame_instr)?,
+            flag,
+        });
+    }
+    let n = (len as u32) & (PY_FRAME_SPAN as u32 * 2 - 1);
+    // SAFETY: at most PY_FRAME_SPAN bytes (checked above) into this CPU's buffer.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            buf as *mut core::ffi::c_void,
+            n.min(PY_FRAME_SPAN as u32),
+            (frame + lo) as *const core::ffi::c_void,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let b = unsafe { &*buf };
+    let word = |at: u64| {
+        let o = (at - lo) as usize & (PY_FRAME_SPAN - 1);
+        if o + 8 > PY_FRAME_SPAN {
+            return 0;
+        }
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    let flag = if has_flag { b[(cfg.frame_entry - lo) as usize & (PY_FRAME_SPAN - 1)] } else { 0 };
+    Some(PyFrameFields {
+        code: word(cfg.frame_code),
+        back: word(cfg.frame_back),
+        instr: word(cfg.frame_instr),
+        flag,
+    })
+}
+
 /// One Python frame into `SCRATCH.py` (`bpf_loop` callback): see `PyConfig` and `py_frame`.
 unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let w = unsafe { &mut *(ctx as *mut PyWalk) };
@@ -357,25 +635,11 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
     if frame == 0 {
         return 1;
     }
-    let (Some(code), Some(back), Some(instr)) = (
-        read_u64(frame + cfg.frame_code),
-        read_u64(frame + cfg.frame_back),
-        read_u64(frame + cfg.frame_instr),
-    ) else {
+    let Some(f) = py_frame_fields(cfg, frame) else {
         w.end = py_end::BAD_FRAME as u64;
         return 1;
     };
-    let flag: u8 = if cfg.flavor == py_flavor::FRAME_OBJECT {
-        0
-    } else {
-        match unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) } {
-            Ok(f) => f,
-            Err(_) => {
-                w.end = py_end::BAD_FRAME as u64;
-                return 1;
-            }
-        }
-    };
+    let (code, back, instr, flag) = (f.code, f.back, f.instr, f.flag);
     if (cfg.flavor == py_flavor::CFRAME_312 || cfg.flavor == py_flavor::CURRENT_313)
         && flag == FRAME_OWNED_BY_CSTACK
     {
@@ -459,92 +723,178 @@ fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
 /// whatever the caller was compiled with. Each frame above is unwound with the module's
 /// `.eh_frame` rows (loaded by the daemon); where a module has none, frame pointers are
 /// followed if they look sane, and otherwise the stack ends there and is counted.
-fn capture_stack(sp: u64, fp: u64) -> u64 {
+fn capture_stack(tid: u32, sp: u64, fp: u64) -> u64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let buf = unsafe { &mut *buf };
-    let Ok(ret0) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+    let Some(w) = NATIVE_WALK.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's entry; programs do not nest on a CPU.
+    let w = unsafe { &mut *w };
+    *w = NativeWalk {
+        win: StackWin::new(),
+        sp,
+        bp: fp,
+        pc: 0,
+        h: 0xcbf2_9ce4_8422_2325,
+        depth: 1,
+        end: stack_end::COMPLETE as u64,
+        max_depth: unsafe { read_volatile(&raw const MAX_DEPTH) } as u64,
+        // Only a V8 target needs the frame pointers kept.
+        keep_fps: V8_CONFIG.get(0).is_some_and(|c| c.enabled != 0) as u64,
+        refill: 0,
+    };
+    w.win.top = stack_top(tid, sp);
+    w.win.fill(sp);
+    let Word::Got(ret0) = w.win.word(sp, sp) else {
         count(counter::STACK_READ_ERROR);
         return 0;
     };
-    let max_depth = unsafe { read_volatile(&raw const MAX_DEPTH) } as usize;
-    // FNV-1a over the frames, computed as they are found: the stack id, so equal stacks share
-    // one entry.
-    let fnv = |h: u64, ip: u64| (h ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
     buf.ips[0] = ret0;
-    let mut h = fnv(0xcbf2_9ce4_8422_2325, ret0);
-    let mut depth: usize = 1;
-    let mut end = stack_end::COMPLETE;
-    let mut sp = sp + 8;
-    let mut bp = fp;
-    let mut pc = ret0;
-    // Only a V8 target needs the frame pointers kept.
-    let fps = match V8_CONFIG.get(0) {
-        Some(c) if c.enabled != 0 => FRAME_FPS.get_ptr_mut(0),
-        _ => None,
-    };
-    for i in 1..MAX_STACK_DEPTH {
-        if pc == 0 {
-            break;
+    w.h = fnv(w.h, ret0);
+    w.sp = sp + 8;
+    w.pc = ret0;
+    // The walk stops when it needs a word past the window; the window moves up and the walk
+    // goes on, up to STACK_WINDOWS windows, and then word by word.
+    for round in 0..STACK_WINDOWS {
+        if round == STACK_WINDOWS - 1 {
+            w.win.more = 0;
         }
-        if i >= max_depth {
-            end = stack_end::MAX_DEPTH;
-            break;
-        }
-        // A return address points after the call: look up the call itself.
-        let (row, by_fp) = match find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias)) {
-            Some(r) => (r, false),
-            // No unwind information: follow the frame pointer if it looks like one.
-            None if plausible_fp(bp, sp) => (FRAME_POINTER_ROW, true),
-            None => {
-                end = stack_end::NO_UNWIND_INFO;
-                break;
-            }
+        w.refill = 0;
+        unsafe {
+            bpf_loop(
+                MAX_STACK_DEPTH as u32 - 1,
+                native_frame_step as *mut core::ffi::c_void,
+                core::ptr::null_mut(),
+                0,
+            )
         };
-        if let Some(f) = fps {
-            unsafe { (*f)[(i - 1) & (MAX_STACK_DEPTH - 1)] = if by_fp { bp } else { 0 } };
-        }
-        if row.cfa_reg == cfa::END {
+        if w.refill == 0 {
             break;
         }
-        let base = if row.cfa_reg == cfa::RSP { sp } else { bp };
-        let cfa = base.wrapping_add(row.cfa_offset as i64 as u64);
-        let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
-            count(counter::STACK_READ_ERROR);
-            break;
-        };
-        if ra == 0 || cfa <= sp {
-            break;
-        }
-        // The caller's rbp: read from the stack only where the row says it was saved.
-        bp = match row.rbp_rule {
-            rbp_rule::AT_CFA_OFFSET => {
-                let at = cfa.wrapping_add(row.rbp_offset as i64 as u64);
-                unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0)
-            }
-            rbp_rule::SAME => bp,
-            _ => 0,
-        };
-        buf.ips[i] = ra;
-        h = fnv(h, ra);
-        depth = i + 1;
-        sp = cfa;
-        pc = ra;
-        if i == MAX_STACK_DEPTH - 1 {
-            end = stack_end::MAX_DEPTH;
-        }
+        w.win.fill(w.sp);
     }
+    let end = w.end as u32;
     if end == stack_end::MAX_DEPTH {
         count(counter::STACK_TRUNCATED);
     } else if end == stack_end::NO_UNWIND_INFO {
         count(counter::STACK_NO_UNWIND_INFO);
     }
-    buf.depth = depth as u32;
+    buf.depth = w.depth as u32;
     buf.truncated = end;
     buf.runtime_depth = 0;
     buf.runtime_end = py_end::COMPLETE;
-    h ^ depth as u64
+    w.h ^ w.depth
+}
+
+/// FNV-1a over the frames, computed as they are found: the stack id, so equal stacks share one
+/// entry.
+#[inline(always)]
+fn fnv(h: u64, ip: u64) -> u64 {
+    (h ^ ip).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// State of the native walk's `bpf_loop`, per CPU in `NATIVE_WALK`: in a map rather than on
+/// the stack, the verifier does not follow its values from one frame to the next, and checks
+/// the step once instead of once per depth.
+#[repr(C)]
+struct NativeWalk {
+    win: StackWin,
+    /// The frame being unwound: its stack pointer, rbp and pc (a return address).
+    sp: u64,
+    bp: u64,
+    pc: u64,
+    h: u64,
+    /// Frames in `SCRATCH.ips`.
+    depth: u64,
+    /// Why the walk stopped: a `stack_end` value.
+    end: u64,
+    max_depth: u64,
+    /// Whether to note each frame's frame pointer in `FRAME_FPS` (V8 targets).
+    keep_fps: u64,
+    /// Set when the walk stopped for a word past the window (see [`Word::Refill`]).
+    refill: u64,
+}
+
+/// Stack windows read per walk at most (16 KiB), before the rest goes word by word.
+const STACK_WINDOWS: u32 = 4;
+
+/// Unwinds one native frame into `SCRATCH.ips[i + 1]` (`bpf_loop` callback: verified once,
+/// whatever the depth). Returns 1 to stop.
+unsafe extern "C" fn native_frame_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(w) = NATIVE_WALK.get_ptr_mut(0) else { return 1 };
+    // SAFETY: this CPU's entry; programs do not nest on a CPU.
+    let w = unsafe { &mut *w };
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let buf = unsafe { &mut *buf };
+    let i = w.depth;
+    let pc = w.pc;
+    if pc == 0 || i >= MAX_STACK_DEPTH as u64 {
+        return 1;
+    }
+    if i >= w.max_depth {
+        w.end = stack_end::MAX_DEPTH as u64;
+        return 1;
+    }
+    let (sp, bp) = (w.sp, w.bp);
+    let (row, by_fp) = match cached_row(pc) {
+        Some(r) => (r, false),
+        // No unwind information: follow the frame pointer if it looks like one.
+        None if plausible_fp(bp, sp) => (FRAME_POINTER_ROW, true),
+        None => {
+            w.end = stack_end::NO_UNWIND_INFO as u64;
+            return 1;
+        }
+    };
+    if w.keep_fps != 0
+        && let Some(f) = FRAME_FPS.get_ptr_mut(0)
+    {
+        unsafe { (*f)[(i as usize - 1) & (MAX_STACK_DEPTH - 1)] = if by_fp { bp } else { 0 } };
+    }
+    if row.cfa_reg == cfa::END {
+        return 1;
+    }
+    let base = if row.cfa_reg == cfa::RSP { sp } else { bp };
+    let cfa = base.wrapping_add(row.cfa_offset as i64 as u64);
+    let ra = match w.win.word(cfa.wrapping_sub(8), sp) {
+        Word::Got(v) => v,
+        Word::Refill => {
+            w.refill = 1;
+            return 1;
+        }
+        Word::Missing => {
+            count(counter::STACK_READ_ERROR);
+            return 1;
+        }
+    };
+    if ra == 0 || cfa <= sp {
+        return 1;
+    }
+    // The caller's rbp: read from the stack only where the row says it was saved.
+    let caller_bp = match row.rbp_rule {
+        rbp_rule::AT_CFA_OFFSET => match w.win.word(cfa.wrapping_add(row.rbp_offset as i64 as u64), sp) {
+            Word::Got(v) => v,
+            Word::Refill => {
+                w.refill = 1;
+                return 1;
+            }
+            Word::Missing => 0,
+        },
+        rbp_rule::SAME => bp,
+        _ => 0,
+    };
+    w.bp = caller_bp;
+    buf.ips[i as usize & (MAX_STACK_DEPTH - 1)] = ra;
+    w.h = fnv(w.h, ra);
+    w.depth = i + 1;
+    w.sp = cfa;
+    w.pc = ra;
+    if i as usize == MAX_STACK_DEPTH - 1 {
+        w.end = stack_end::MAX_DEPTH as u64;
+    }
+    0
 }
 
 /// Stores the stack in `SCRATCH` under its hash; returns the stack id.
@@ -843,7 +1193,7 @@ fn record_call(tid: u32, sp: u64, size: u64, old_ptr: u64, out_ptr: u64, stack_i
 pub fn capture(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_tid() else { return 0 };
     let Some(p) = PENDING.get_ptr_mut(0) else { return 0 };
-    let h = capture_stack(unsafe { (*p).sp }, unsafe { (*p).bp });
+    let h = capture_stack(tid, unsafe { (*p).sp }, unsafe { (*p).bp });
     if PY_CONFIG.get(0).is_some_and(|c| c.flavor != py_flavor::NONE) {
         unsafe { (*p).hash = h };
         let _ = unsafe { CAPTURE_PROG.tail_call(&ctx, 1) };

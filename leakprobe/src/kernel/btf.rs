@@ -26,6 +26,22 @@ pub fn offset_of(name: &str, path: &[&str]) -> Result<u64, BtfError> {
     offset_in(&btf, name, path)
 }
 
+/// `vm_area_struct.vm_start` and `.vm_end`: from the BTF, else their offsets in every kernel
+/// since 2.6 (0 and 8).
+pub fn vma_bounds_offsets() -> (u64, u64) {
+    let read = || -> Result<(u64, u64), BtfError> {
+        let btf = Btf::from_file(VMLINUX).map_err(|source| BtfError::Read { source })?;
+        Ok((
+            offset_in(&btf, "vm_area_struct", &["vm_start"])?,
+            offset_in(&btf, "vm_area_struct", &["vm_end"])?,
+        ))
+    };
+    read().unwrap_or_else(|e| {
+        tracing::debug!("vm_area_struct from BTF: {e}; taking offsets 0 and 8");
+        (0, 8)
+    })
+}
+
 fn offset_in(btf: &Btf, name: &str, path: &[&str]) -> Result<u64, BtfError> {
     let no_struct = || BtfError::NoStruct { name: name.to_string() };
     let mut ty = btf

@@ -151,7 +151,10 @@ impl Probes {
         let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
         let (text_start, text_end) = cfg.allocator_text.unwrap_or((0, 0));
         let (stub_start, stub_end) = cfg.stub_text.unwrap_or((0, 0));
+        let (vma_start, vma_end) = super::btf::vma_bounds_offsets();
         let ebpf = EbpfLoader::new()
+            .override_global(globals::VMA_START, &vma_start, true)
+            .override_global(globals::VMA_END, &vma_end, true)
             .override_global(globals::ALLOCATOR_TEXT_START, &text_start, true)
             .override_global(globals::ALLOCATOR_TEXT_END, &text_end, true)
             .override_global(globals::STUB_TEXT_START, &stub_start, true)
@@ -246,6 +249,24 @@ impl Probes {
 
     /// Replaces the target's unwind-module table; `modules` must be sorted by start.
     pub fn set_unwind_modules(&mut self, modules: &[UnwindModule]) -> Result<(), ProbeError> {
+        // Before and after: a walk that read the table half-changed cached under a
+        // generation that is then already gone.
+        self.bump_unwind_gen()?;
+        self.write_unwind_modules(modules)?;
+        self.bump_unwind_gen()
+    }
+
+    /// Invalidates the walkers' cached rows (see `maps::UNWIND_GEN`).
+    fn bump_unwind_gen(&mut self) -> Result<(), ProbeError> {
+        let name = map_names::UNWIND_GEN;
+        let mut arr: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        let generation = arr.get(&0, 0).map_err(|source| ProbeError::Map { name, source })?;
+        arr.set(0, generation.wrapping_add(1), 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    fn write_unwind_modules(&mut self, modules: &[UnwindModule]) -> Result<(), ProbeError> {
         let name = map_names::UNWIND_MODULES;
         let mut arr: Array<&mut MapData, UnwindModule> =
             Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
