@@ -332,7 +332,8 @@ impl Installed {
             closed?;
             (code, data, memfd?)
         };
-        let stub = stub::generate(code, data, &real).map_err(|source| InstallError::Stub { source })?;
+        let stub = stub::generate(code, data, &real, sample_bytes > 0)
+            .map_err(|source| InstallError::Stub { source })?;
         let memfd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
         memfd
             .write_all_at(&stub.code, 0)

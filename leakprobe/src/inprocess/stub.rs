@@ -59,7 +59,8 @@ pub const TOMBSTONE: u64 = 1;
 pub mod off {
     /// 1: stubs active; 0: every call passes straight through.
     pub const ENABLED: i32 = 0x00;
-    /// 0: exact (every call reports); 1: sampled.
+    /// 0: exact (every call reports); 1: sampled. For whoever reads the page: the code is
+    /// generated for its mode ([`super::generate`]) and does not read this.
     pub const MODE: i32 = 0x08;
     /// Set when the pointer set could not take a sample: no more samples are taken.
     pub const SAMPLING_OFF: i32 = 0x10;
@@ -68,7 +69,8 @@ pub mod off {
     /// How many [`NESTED`] ranges are in use.
     pub const NESTED_COUNT: i32 = 0x20;
     /// CPython stubs: the largest request pymalloc serves itself (`SMALL_REQUEST_THRESHOLD`,
-    /// 512 since 3.8); larger ones are left to the malloc family's hooks.
+    /// 512 since 3.8); larger ones are left to the malloc family's hooks. For whoever reads
+    /// the page: the code compares with [`super::PYMALLOC_SMALL_MAX`] itself.
     pub const PY_SMALL_MAX: i32 = 0x28;
     /// [`super::counter`] values.
     pub const COUNTERS: i32 = 0x40;
@@ -285,6 +287,9 @@ struct Gen {
     set_insert: CodeLabel,
     set_remove: CodeLabel,
     is_nested: CodeLabel,
+    /// Sampled mode (else exact), fixed for the stub's life: decided here rather than by a
+    /// load and a branch on every call.
+    sampled: bool,
 }
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -324,11 +329,10 @@ impl Gen {
     }
 
     /// Sampled mode: counts the size down in this thread's slot; jumps to `take` when the
-    /// allocation crosses zero (and refills), to `pass` otherwise. Uses rax, r10 (r11 = base).
+    /// allocation crosses zero (and refills) and sampling is still on, to `pass` otherwise.
+    /// Uses rax, r10 (r11 = base).
     fn countdown(&mut self, f: Func, take: CodeLabel, pass: CodeLabel) -> Result<(), IcedError> {
         let a = &mut self.a;
-        a.cmp(qword_ptr(r11 + off::SAMPLING_OFF), 0)?;
-        a.jne(pass)?;
         size_into(a, f, rax)?;
         // Thread slot: a multiplicative hash of the thread pointer.
         a.xor(r10d, r10d)?;
@@ -344,6 +348,9 @@ impl Gen {
         a.and(eax, (EXP_ENTRIES - 1) as u32)?;
         a.mov(rax, qword_ptr(r11 + rax * 8 + off::EXP))?;
         a.mov(qword_ptr(r11 + r10 + off::COUNTDOWN), rax)?;
+        // A full set stopped sampling: checked only here, off the common path.
+        a.cmp(qword_ptr(r11 + off::SAMPLING_OFF), 0)?;
+        a.jne(pass)?;
         a.jmp(take)
     }
 
@@ -399,8 +406,12 @@ impl Gen {
         self.base()?;
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(exact)
+        self.to_exact(exact)
+    }
+
+    /// Exact mode: jumps to `exact`; sampled mode: nothing (falls through).
+    fn to_exact(&mut self, exact: CodeLabel) -> Result<(), IcedError> {
+        if self.sampled { Ok(()) } else { self.a.jmp(exact) }
     }
 
     /// The stub of an allocation function other than realloc.
@@ -448,11 +459,11 @@ impl Gen {
             self.a.mov(rdi, rax)?;
         }
         self.base()?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(report)?;
-        self.a.call(self.set_insert)?;
-        self.a.test(r10, r10)?;
-        self.a.je(ret)?;
+        if self.sampled {
+            self.a.call(self.set_insert)?;
+            self.a.test(r10, r10)?;
+            self.a.je(ret)?;
+        }
         self.a.set_label(&mut report)?;
         self.a.mov(edx, kind)?;
         self.a.jmp(self.site_alloc)?;
@@ -531,17 +542,17 @@ impl Gen {
         self.a.mov(rsi, r10)?;
         self.a.mov(rdi, rax)?;
         self.base()?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(post)?;
-        self.a.test(rdi, rdi)?;
-        self.a.je(post)?;
-        self.a.call(self.set_insert)?;
-        self.a.test(r10, r10)?;
-        self.a.jne(post)?;
-        // Not held: the old block is still retired, the new one not reported.
-        self.a.xor(edx, edx)?;
-        self.a.mov(rdi, rdx)?;
-        self.a.mov(rsi, rdx)?;
+        if self.sampled {
+            self.a.test(rdi, rdi)?;
+            self.a.je(post)?;
+            self.a.call(self.set_insert)?;
+            self.a.test(r10, r10)?;
+            self.a.jne(post)?;
+            // Not held: the old block is still retired, the new one not reported.
+            self.a.xor(edx, edx)?;
+            self.a.mov(rdi, rdx)?;
+            self.a.mov(rsi, rdx)?;
+        }
         self.a.set_label(&mut post)?;
         self.a.mov(edx, kind)?;
         self.a.jmp(self.site_alloc)?;
@@ -553,7 +564,7 @@ impl Gen {
     fn py_small_only(&mut self, f: Func, pass: CodeLabel) -> Result<(), IcedError> {
         size_into(&mut self.a, f, rax)?;
         self.a.dec(rax)?;
-        self.a.cmp(rax, qword_ptr(r11 + off::PY_SMALL_MAX))?;
+        self.a.cmp(rax, PYMALLOC_SMALL_MAX as i32)?;
         self.a.jae(pass)
     }
 
@@ -569,11 +580,11 @@ impl Gen {
         size_into(&mut self.a, f, r10)?;
         self.a.mov(rsi, r10)?;
         self.a.mov(rdi, rax)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(report)?;
-        self.a.call(self.set_insert)?;
-        self.a.test(r10, r10)?;
-        self.a.je(ret)?;
+        if self.sampled {
+            self.a.call(self.set_insert)?;
+            self.a.test(r10, r10)?;
+            self.a.je(ret)?;
+        }
         self.a.set_label(&mut report)?;
         self.a.mov(edx, f.kind().map_or(0, |k| k as u32))?;
         self.a.jmp(self.site_alloc)?;
@@ -614,8 +625,7 @@ impl Gen {
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
         self.py_small_only(f, pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(take)?;
+        self.to_exact(take)?;
         self.countdown(f, take, pass)?;
         self.a.set_label(&mut pass)?;
         self.jmp_real(i)?;
@@ -649,8 +659,7 @@ impl Gen {
         self.a.je(pass)?;
         self.a.test(rsi, rsi)?;
         self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(report)?;
+        self.to_exact(report)?;
         self.filter_skip(rsi, pass)?;
         self.py_set_remove_rsi()?;
         self.a.test(r10, r10)?;
@@ -684,8 +693,7 @@ impl Gen {
         self.base()?;
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
-        self.a.cmp(qword_ptr(r11 + off::MODE), 0)?;
-        self.a.je(exact)?;
+        self.to_exact(exact)?;
         // Sampled: a sampled old block is followed whatever the new size.
         self.a.test(rsi, rsi)?;
         self.a.je(decide)?;
@@ -850,8 +858,14 @@ pub fn in_reach(code_base: u64, target: u64) -> bool {
 
 /// Generates one stub per entry of `real` (function, where it forwards: stub `i` forwards to
 /// the i-th, as [`data_page`] lays them out), to run at `code_base` with the data page at
-/// `data_base`. A real function within a rel32 branch is reached directly.
-pub fn generate(code_base: u64, data_base: u64, real: &[(Func, u64)]) -> Result<Stub, StubError> {
+/// `data_base`, sampling (as `data_page` is given a `sample_bytes` > 0) or exact. A real
+/// function within a rel32 branch is reached directly.
+pub fn generate(
+    code_base: u64,
+    data_base: u64,
+    real: &[(Func, u64)],
+    sampled: bool,
+) -> Result<Stub, StubError> {
     let mut a = CodeAssembler::new(64)?;
     let (site_alloc, site_free, site_realloc_old, set_insert, set_remove, is_nested) = (
         a.create_label(),
@@ -872,6 +886,7 @@ pub fn generate(code_base: u64, data_base: u64, real: &[(Func, u64)]) -> Result<
         set_insert,
         set_remove,
         is_nested,
+        sampled,
     };
     // The sites first, each on its own: a uprobe's instruction must not straddle anything.
     g.sites()?;
@@ -1095,7 +1110,7 @@ mod tests {
         EVENTS.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let code = map(1 << 16, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
         let data = map(DATA_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE);
-        let stub = generate(code as u64, data as u64, real).unwrap();
+        let stub = generate(code as u64, data as u64, real, sample_bytes > 0).unwrap();
         assert!(stub.code.len() < 1 << 16);
         let page = data_page(sample_bytes, real, &[], 42);
         // SAFETY: both mappings are ours and large enough.
@@ -1461,6 +1476,32 @@ mod tests {
         );
     }
 
+    /// The stub's own cost per unsampled call (`-- --ignored --nocapture`, release): malloc and
+    /// free pairs of 16-512 B through the malloc-family stubs and the CPython ones, against
+    /// the same calls made directly. A figure, not a check.
+    #[test]
+    #[ignore]
+    fn unsampled_call_cost() {
+        const N: usize = 20_000_000;
+        let time = |f: &dyn Fn(usize)| {
+            let t = std::time::Instant::now();
+            for i in 0..N {
+                f(16 + (i * 37) % 497);
+            }
+            t.elapsed().as_secs_f64() * 1e9 / N as f64
+        };
+        // SAFETY: plain malloc and free of what was just allocated.
+        let direct = time(&|n| unsafe { libc::free(std::hint::black_box(libc::malloc(n))) });
+        let s = install(1 << 40);
+        let stubbed = time(&|n| s.free(std::hint::black_box(s.malloc(n))));
+        drop(s);
+        let p = install_py(1 << 40);
+        let py = time(&|n| p.py_free(std::hint::black_box(p.py_malloc(n))));
+        println!(
+            "ns per malloc+free pair: direct {direct:.2}, through the stubs {stubbed:.2}, CPython stubs {py:.2}"
+        );
+    }
+
     /// Writes the generated code to /tmp/leakprobe-stub-N-{near,far}.bin with its entries
     /// (`-- --ignored --nocapture`), for `objdump -D -b binary -mi386:x86-64` when reading a
     /// profile by offset.
@@ -1474,7 +1515,7 @@ mod tests {
             // Real functions in reach (direct jumps) and out of it (read from the data page).
             for (tag, to) in [("near", 0x50_0000u64), ("far", 1 << 40)] {
                 let real: Vec<(Func, u64)> = funcs.iter().map(|&f| (f, to)).collect();
-                let stub = generate(0x3e_f000, 0x10_0000, &real).unwrap();
+                let stub = generate(0x3e_f000, 0x10_0000, &real, true).unwrap();
                 let path = format!("/tmp/leakprobe-stub-{n}-{tag}.bin");
                 println!("{path} (at 0x3ef000): {:x?}", stub.entries);
                 std::fs::write(path, &stub.code).unwrap();
