@@ -142,8 +142,10 @@ def start_tracer(kind, pid):
     args = {"noop": ["--noop"], "full": [], "sampled": ["--sample-bytes", "512KiB"],
             "inproc_full": ["--in-process"],
             "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"],
-            "inproc_stub_only": ["--in-process", "--sample-bytes", "1TiB"]}[kind]
-    p = subprocess.Popen([LP, "attach", "--pid", str(pid), "--interval", "2s"] + args,
+            "inproc_stub_only": ["--in-process", "--sample-bytes", "1TiB"],
+            "inproc_sampled_prev": ["--in-process", "--sample-bytes", "512KiB"]}[kind]
+    lp = os.environ["LP_PREV"] if kind == "inproc_sampled_prev" else LP
+    p = subprocess.Popen([lp, "attach", "--pid", str(pid), "--interval", "2s"] + args,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _watch(p, p.stderr, "attached", 120, "leakprobe")
     return p
@@ -661,6 +663,9 @@ PY_TRACERS = [("none", "no tracer"),
               ("memray", "memray attach -o FILE")]
 # BENCH_PY_TRACERS=none,inproc_sampled: only those rows (for quick comparisons; the table in
 # docs/benchmarks.md is made with all of them).
+# LP_PREV=path/to/an/earlier/leakprobe: a row for that build too, side by side with this one.
+if os.environ.get("LP_PREV"):
+    PY_TRACERS.insert(2, ("inproc_sampled_prev", f"the same, with {os.environ['LP_PREV']} (an earlier build)"))
 # inproc_stub_only (the stub's cost without samples: --sample-bytes 1TiB) is only there if named.
 if os.environ.get("BENCH_PY_TRACERS"):
     PY_TRACERS = [t for t in PY_TRACERS + [("inproc_stub_only", "leakprobe --in-process, no samples (1 TiB)")]

@@ -203,3 +203,44 @@ fn cxx_runtime_loaded_after_attach_gets_its_operator_new_probes() {
         assert_chain(s, &["plugin_cxx_leak_inner", "plugin_leak", "call_plugin", "main"], "");
     }
 }
+
+/// Stacks that do not fit the walker's windows (it copies the stack 4 KiB at a time, four
+/// times at most, then reads word by word): a 12 KiB frame, 40 frames of ~700 B (28 KiB), and
+/// a new thread's stack, whose top is a few frames above the allocation (a window must stop
+/// there, not fault). Each still reaches its root, with exact bytes, in both modes.
+#[test]
+fn stacks_larger_than_the_walkers_windows_reach_their_roots() {
+    require_root();
+    let src = "deep_stacks.c";
+    let bin = build_target(src, "deep_stacks_nofp", "gcc", NOFP_C);
+    for mode in [&[][..], &["--in-process", "--sample-bytes", "1"][..]] {
+        let mut target = Target::spawn(&bin);
+        let mut args = vec!["--duration", "3s", "--format", "json"];
+        args.extend_from_slice(mode);
+        let report = attach_report(&mut target, &args, |t| t.leak());
+        assert_no_drops(&report);
+        let mine: Vec<&Value> = sites(&report).iter().filter(|s| frame0(s) == "leak_here").collect();
+        let by = |caller: &str| -> &Value {
+            let s: Vec<&&Value> = mine.iter().filter(|s| has_frame(s, caller)).collect();
+            assert_eq!(s.len(), 1, "{mode:?}: sites through {caller}: {}", s.len());
+            s[0]
+        };
+        for (caller, chain) in [
+            ("leak_under_big_frame", &["leak_here", "leak_under_big_frame", "main"][..]),
+            ("leak_deep", &["leak_here", "leak_deep", "main"][..]),
+            ("leak_in_thread", &["leak_here", "leak_in_thread"][..]),
+        ] {
+            let s = by(caller);
+            assert_chain(s, chain, src);
+            assert_eq!(s["stack_end"], "complete", "{mode:?} {caller}: {}", s["stack_end"]);
+            assert_eq!(sum(std::iter::once(s)).0, 3000, "{mode:?} {caller}");
+        }
+        let deep = by("leak_deep")["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["function"] == "leak_deep")
+            .count();
+        assert_eq!(deep, 41, "{mode:?}: every recursion level is a frame");
+    }
+}
