@@ -145,3 +145,20 @@ fn two_attaches_show_the_leak_delta_and_bad_files_are_refused() {
     assert_eq!(code, 2);
     assert!(err.contains("not a leakprobe/v1 report") && err.contains("leakprobe/diff/v1"), "{err}");
 }
+
+/// Messages go to stderr without panicking when nobody reads it any more (`2>&1 | head -1`
+/// that quit, a closed log pipe): the run ends with its own status (2, a refused file here),
+/// not Rust's 101 from a panicking `eprintln!`. The pipe's read end is closed before the
+/// child starts, so its first write fails for sure.
+#[test]
+fn a_closed_stderr_leaves_the_exit_status_alone() {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let status = std::process::Command::new(leakprobe_bin())
+        .args(["diff", "/nonexistent/a.json", "/nonexistent/b.json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(write))
+        .status()
+        .expect("leakprobe runs");
+    assert_eq!(status.code(), Some(2), "{status}");
+}

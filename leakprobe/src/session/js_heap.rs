@@ -45,6 +45,18 @@ pub struct JsHeap {
     comparison: Option<Vec<ComparisonRow>>,
 }
 
+/// Whether V8's profile is to be fetched now: the first time, when `every` has passed since
+/// `last`, or when the caller needs it now (the end of the session). Each fetch makes V8 run a
+/// full collection first, so the interval bounds that cost.
+fn poll_due(
+    last: Option<std::time::Instant>,
+    now: std::time::Instant,
+    every: std::time::Duration,
+    forced: bool,
+) -> bool {
+    forced || last.is_none_or(|t| now.saturating_duration_since(t) >= every)
+}
+
 impl JsHeap {
     /// Opens (or finds) the inspector and starts V8's sampling every `interval` bytes.
     pub fn start(pid: i32, cfg: crate::cli::JsHeapConfig) -> anyhow::Result<(JsHeap, String)> {
@@ -93,8 +105,8 @@ impl JsHeap {
     /// Adds the JavaScript sites to `sample`: fetched again (V8's live sampled objects) when
     /// `--js-heap-poll` has passed since the last fetch, or when `now`; else as last fetched.
     pub fn poll_into(&mut self, sample: &mut Sample, now: bool) {
-        let due = self.last_poll.is_none_or(|t| t.elapsed() >= self.poll_every);
-        if self.closed.is_none() && (now || due) {
+        if self.closed.is_none() && poll_due(self.last_poll, std::time::Instant::now(), self.poll_every, now)
+        {
             self.last_poll = Some(std::time::Instant::now());
             match self.fetch() {
                 Ok(p) => self.sites.update(&p),
@@ -274,5 +286,28 @@ impl Drop for JsHeap {
     /// An error or a panic ends the session early: the inspector is closed all the same.
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::poll_due;
+
+    #[test]
+    fn the_profile_is_fetched_first_then_once_per_poll_interval_or_when_forced() {
+        let every = Duration::from_secs(10);
+        let t0 = Instant::now();
+        assert!(poll_due(None, t0, every, false), "the first interval fetches");
+        assert!(!poll_due(Some(t0), t0 + Duration::from_secs(1), every, false), "1 s after: not yet");
+        assert!(!poll_due(Some(t0), t0 + Duration::from_millis(9_999), every, false));
+        assert!(poll_due(Some(t0), t0 + every, every, false), "10 s after: due");
+        assert!(
+            poll_due(Some(t0), t0 + Duration::from_secs(1), every, true),
+            "the end of the session always fetches"
+        );
+        // A clock read before `last` (another thread's Instant) is not a negative interval.
+        assert!(!poll_due(Some(t0 + Duration::from_secs(5)), t0, every, false));
     }
 }
