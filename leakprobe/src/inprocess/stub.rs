@@ -406,11 +406,11 @@ impl Gen {
         self.base()?;
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
-        self.to_exact(exact)
+        self.exact_jump(exact)
     }
 
     /// Exact mode: jumps to `exact`; sampled mode: nothing (falls through).
-    fn to_exact(&mut self, exact: CodeLabel) -> Result<(), IcedError> {
+    fn exact_jump(&mut self, exact: CodeLabel) -> Result<(), IcedError> {
         if self.sampled { Ok(()) } else { self.a.jmp(exact) }
     }
 
@@ -625,7 +625,7 @@ impl Gen {
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
         self.py_small_only(f, pass)?;
-        self.to_exact(take)?;
+        self.exact_jump(take)?;
         self.countdown(f, take, pass)?;
         self.a.set_label(&mut pass)?;
         self.jmp_real(i)?;
@@ -659,7 +659,7 @@ impl Gen {
         self.a.je(pass)?;
         self.a.test(rsi, rsi)?;
         self.a.je(pass)?;
-        self.to_exact(report)?;
+        self.exact_jump(report)?;
         self.filter_skip(rsi, pass)?;
         self.py_set_remove_rsi()?;
         self.a.test(r10, r10)?;
@@ -693,7 +693,7 @@ impl Gen {
         self.base()?;
         self.a.cmp(qword_ptr(r11 + off::ENABLED), 0)?;
         self.a.je(pass)?;
-        self.to_exact(exact)?;
+        self.exact_jump(exact)?;
         // Sampled: a sampled old block is followed whatever the new size.
         self.a.test(rsi, rsi)?;
         self.a.je(decide)?;
