@@ -61,10 +61,17 @@ fn no_holder_names_a_module_that_does_not_contain_the_address() {
         .and_then(|p| p.parse().ok())
         .unwrap();
     let pid = server.id() as i32;
+    // Requests until leakprobe is done, not a fixed number: attaching takes longer in a
+    // debug build, and a fixed burst could end before the probes were live, leaving one
+    // buffer tracked, caught in flight on a handler's stack (CI saw exactly that).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let traffic = std::thread::spawn(move || {
-        for i in 0..400 {
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 20_000 {
             let _ = http(port, "GET", &format!("/user?id={i}"));
             std::thread::sleep(std::time::Duration::from_millis(5));
+            i += 1;
         }
     });
     let out = run_leakprobe(&[
@@ -78,6 +85,7 @@ fn no_holder_names_a_module_that_does_not_contain_the_address() {
         "json",
     ]);
     let maps = file_maps(pid);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = traffic.join();
     let _ = server.kill();
     let _ = server.wait();
