@@ -102,9 +102,9 @@ static STACK_BOUNDS: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(1 
 /// Per CPU: the native walk's state (see [`NativeWalk`]).
 #[map]
 static NATIVE_WALK: PerCpuArray<NativeWalk> = PerCpuArray::with_max_entries(1, 0);
-/// Per CPU: the fields of the Python frame being looked at, read in one go.
+/// Per CPU: the fields of the Python frame or thread state being looked at, read in one go.
 #[map]
-static PY_FRAME_BUF: PerCpuArray<[u8; PY_FRAME_SPAN]> = PerCpuArray::with_max_entries(1, 0);
+static PY_READ_BUF: PerCpuArray<[u8; PY_READ_SPAN]> = PerCpuArray::with_max_entries(1, 0);
 /// Per thread: its `PyThreadState`, checked against its native thread id at each use.
 #[map]
 static PY_TSTATE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 14, 0);
@@ -409,7 +409,8 @@ impl StackWin {
     fn word(&self, addr: u64, sp: u64) -> Word {
         let off = addr.wrapping_sub(self.lo);
         if addr & 7 == 0 {
-            if off.wrapping_add(8) <= self.len {
+            // No wrapping sums: a word just below the window is not in it.
+            if addr >= self.lo && off < self.len && self.len - off >= 8 {
                 return match STACK_WIN.get(0) {
                     Some(buf) => Word::Got(buf[(off >> 3) as usize & (STACK_WIN_WORDS - 1)]),
                     None => Word::Missing,
@@ -419,7 +420,7 @@ impl StackWin {
                 && sp != self.lo
                 && sp & 7 == 0
                 && sp <= addr
-                && addr - sp + 8 <= STACK_WIN_BYTES
+                && addr - sp <= STACK_WIN_BYTES - 8
             {
                 return Word::Refill;
             }
@@ -525,10 +526,11 @@ unsafe extern "C" fn py_thread_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64
     }
 }
 
-/// The allocating thread's `PyThreadState`: cached per tid, and found otherwise by walking the
-/// main interpreter's thread list for the one whose `native_thread_id` is this tid.
+/// The allocating thread's `PyThreadState` and its frame word (`frame`, `cframe` or
+/// `current_frame`: `cfg.tstate_frame`): the state cached per tid, and found otherwise by
+/// walking the main interpreter's thread list for the one whose `native_thread_id` is this tid.
 #[inline(always)]
-fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
+fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<(u64, Option<u64>)> {
     // The key the thread state holds: the tid, or (3.9, 3.10) pthread_self(), the FS base.
     let key = if cfg.task_fsbase != 0 {
         let task = unsafe { bpf_get_current_task() };
@@ -539,9 +541,10 @@ fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
     // Cached by tid, and checked against the key at each use (a thread state freed and
     // reused by another thread holds that thread's key).
     if let Some(ts) = unsafe { PY_TSTATE.get(&tid) }.copied()
-        && read_u64(ts + cfg.tstate_native_thread_id) == Some(key)
+        && let Some((held, top)) = read_two(ts, cfg.tstate_native_thread_id, cfg.tstate_frame)
+        && held == key
     {
-        return Some(ts);
+        return Some((ts, Some(top)));
     }
     let interp = read_u64(cfg.interp_head_ptr)?;
     let head = read_u64(interp + cfg.interp_threads_head)?;
@@ -553,12 +556,13 @@ fn py_thread_state(cfg: &PyConfig, tid: u32) -> Option<u64> {
         return None;
     }
     let _ = PY_TSTATE.insert(&tid, &w.found, 0);
-    Some(w.found)
+    Some((w.found, read_u64(w.found + cfg.tstate_frame)))
 }
 
-/// Bytes of a Python frame read at once: its code, back, position and entry fields lie within
-/// this span in every supported version (88 bytes at most, 3.9's `PyFrameObject`).
-const PY_FRAME_SPAN: usize = 128;
+/// Bytes of a Python structure read at once: a frame's code, back, position and entry fields
+/// lie within 88 bytes in every supported version, a thread state's key and frame within 160
+/// (3.9's `thread_id` and `frame`).
+const PY_READ_SPAN: usize = 256;
 
 /// The fields of a Python frame the walk needs.
 struct PyFrameFields {
@@ -570,7 +574,7 @@ struct PyFrameFields {
 }
 
 /// Reads a frame's fields with one `bpf_probe_read_user` of the span that holds them, or
-/// field by field if that span is wider than [`PY_FRAME_SPAN`].
+/// field by field if that span is wider than [`PY_READ_SPAN`].
 #[inline(always)]
 fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
     let has_flag = cfg.flavor != py_flavor::FRAME_OBJECT;
@@ -581,8 +585,8 @@ fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
         hi = hi.max(cfg.frame_entry + 1);
     }
     let len = hi - lo;
-    let buf = PY_FRAME_BUF.get_ptr_mut(0)?;
-    if len > PY_FRAME_SPAN as u64 || len == 0 {
+    let buf = PY_READ_BUF.get_ptr_mut(0)?;
+    if len > PY_READ_SPAN as u64 || len == 0 {
         let flag = if has_flag {
             unsafe { bpf_probe_read_user((frame + cfg.frame_entry) as *const u8) }.ok()?
         } else {
@@ -595,12 +599,12 @@ fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
             flag,
         });
     }
-    let n = (len as u32) & (PY_FRAME_SPAN as u32 * 2 - 1);
-    // SAFETY: at most PY_FRAME_SPAN bytes (checked above) into this CPU's buffer.
+    let n = (len as u32) & (PY_READ_SPAN as u32 * 2 - 1);
+    // SAFETY: at most PY_READ_SPAN bytes (checked above) into this CPU's buffer.
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_probe_read_user(
             buf as *mut core::ffi::c_void,
-            n.min(PY_FRAME_SPAN as u32),
+            n.min(PY_READ_SPAN as u32),
             (frame + lo) as *const core::ffi::c_void,
         )
     };
@@ -608,22 +612,80 @@ fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
         return None;
     }
     let b = unsafe { &*buf };
-    let word = |at: u64| {
-        let o = (at - lo) as usize & (PY_FRAME_SPAN - 1);
-        if o + 8 > PY_FRAME_SPAN {
-            return 0;
-        }
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(v)
-    };
-    let flag = if has_flag { b[(cfg.frame_entry - lo) as usize & (PY_FRAME_SPAN - 1)] } else { 0 };
+    let word = |at: u64| span_word(b, at - lo);
+    let flag = if has_flag { b[(cfg.frame_entry - lo) as usize & (PY_READ_SPAN - 1)] } else { 0 };
     Some(PyFrameFields {
         code: word(cfg.frame_code),
         back: word(cfg.frame_back),
         instr: word(cfg.frame_instr),
         flag,
     })
+}
+
+/// The words at `base + a` and `base + b` of a Python structure: one read of the span between
+/// them when it fits [`PY_READ_SPAN`], else two.
+#[inline(always)]
+fn read_two(base: u64, a: u64, b: u64) -> Option<(u64, u64)> {
+    let lo = a.min(b);
+    let len = a.max(b) + 8 - lo;
+    let Some(buf) = PY_READ_BUF.get_ptr_mut(0).filter(|_| len <= PY_READ_SPAN as u64) else {
+        return Some((read_u64(base + a)?, read_u64(base + b)?));
+    };
+    let n = (len as u32) & (PY_READ_SPAN as u32 * 2 - 1);
+    // SAFETY: at most PY_READ_SPAN bytes (checked above) into this CPU's buffer.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            buf as *mut core::ffi::c_void,
+            n.min(PY_READ_SPAN as u32),
+            (base + lo) as *const core::ffi::c_void,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let b_ = unsafe { &*buf };
+    Some((span_word(b_, a - lo), span_word(b_, b - lo)))
+}
+
+/// The little-endian word at byte `o` of a span read into `PY_READ_BUF` (0 past its end).
+#[inline(always)]
+fn span_word(buf: &[u8; PY_READ_SPAN], o: u64) -> u64 {
+    let o = o as usize & (PY_READ_SPAN - 1);
+    if o + 8 > PY_READ_SPAN {
+        return 0;
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&buf[o..o + 8]);
+    u64::from_le_bytes(v)
+}
+
+/// Slots of the per-CPU cache of code objects seen (a power of two).
+const CODE_SEEN_SLOTS: u32 = 1024;
+
+/// Per CPU, direct-mapped by address: code objects whose type was checked. A frame holds a
+/// reference to its code, so an address seen as a code object in a frame of the thread
+/// being walked (which is stopped in our probe) stays one while any frame uses it.
+#[map]
+static CODE_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(CODE_SEEN_SLOTS, 0);
+
+/// Whether `code` is a code object (`ob_type` is `PyCode_Type`): from the cache, or read once.
+#[inline(always)]
+fn is_code_object(cfg: &PyConfig, code: u64) -> bool {
+    let slot = (code.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as u32 & (CODE_SEEN_SLOTS - 1);
+    let seen = CODE_SEEN.get_ptr_mut(slot);
+    if let Some(seen) = seen
+        && code != 0
+        && unsafe { *seen } == code
+    {
+        return true;
+    }
+    if read_u64(code + 8) != Some(cfg.code_type) {
+        return false;
+    }
+    if let Some(seen) = seen {
+        unsafe { *seen = code };
+    }
+    true
 }
 
 /// One Python frame into `SCRATCH.py` (`bpf_loop` callback): see `PyConfig` and `py_frame`.
@@ -657,7 +719,7 @@ unsafe extern "C" fn py_frame_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 
         return 1;
     }
     // Never a frame whose code is not a code object.
-    if read_u64(code + 8) != Some(cfg.code_type) {
+    if !is_code_object(cfg, code) {
         w.end = py_end::BAD_FRAME as u64;
         return 1;
     }
@@ -690,11 +752,10 @@ fn python_frames(buf: &mut Stack, tid: u32, h: u64) -> u64 {
     if cfg.flavor == py_flavor::NONE {
         return h;
     }
-    let Some(ts) = py_thread_state(cfg, tid) else {
+    let Some((_, top)) = py_thread_state(cfg, tid) else {
         buf.runtime_end = py_end::NO_THREAD;
         return h;
     };
-    let top = read_u64(ts + cfg.tstate_frame);
     let frame = match cfg.flavor {
         py_flavor::CFRAME_311 | py_flavor::CFRAME_312 => match top {
             Some(0) => Some(0),
