@@ -599,19 +599,7 @@ fn py_frame_fields(cfg: &PyConfig, frame: u64) -> Option<PyFrameFields> {
             flag,
         });
     }
-    let n = (len as u32) & (PY_READ_SPAN as u32 * 2 - 1);
-    // SAFETY: at most PY_READ_SPAN bytes (checked above) into this CPU's buffer.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_user(
-            buf as *mut core::ffi::c_void,
-            n.min(PY_READ_SPAN as u32),
-            (frame + lo) as *const core::ffi::c_void,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let b = unsafe { &*buf };
+    let b = read_span(buf, frame + lo, len)?;
     let word = |at: u64| span_word(b, at - lo);
     let flag = if has_flag { b[(cfg.frame_entry - lo) as usize & (PY_READ_SPAN - 1)] } else { 0 };
     Some(PyFrameFields {
@@ -631,20 +619,24 @@ fn read_two(base: u64, a: u64, b: u64) -> Option<(u64, u64)> {
     let Some(buf) = PY_READ_BUF.get_ptr_mut(0).filter(|_| len <= PY_READ_SPAN as u64) else {
         return Some((read_u64(base + a)?, read_u64(base + b)?));
     };
+    let span = read_span(buf, base + lo, len)?;
+    Some((span_word(span, a - lo), span_word(span, b - lo)))
+}
+
+/// Reads `len` bytes (at most [`PY_READ_SPAN`], as the callers check) at `at` into this
+/// CPU's `PY_READ_BUF` (`buf`) in one `bpf_probe_read_user`.
+#[inline(always)]
+fn read_span(buf: *mut [u8; PY_READ_SPAN], at: u64, len: u64) -> Option<&'static [u8; PY_READ_SPAN]> {
     let n = (len as u32) & (PY_READ_SPAN as u32 * 2 - 1);
-    // SAFETY: at most PY_READ_SPAN bytes (checked above) into this CPU's buffer.
+    // SAFETY: at most PY_READ_SPAN bytes into this CPU's buffer; programs do not nest on a CPU.
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_probe_read_user(
             buf as *mut core::ffi::c_void,
             n.min(PY_READ_SPAN as u32),
-            (base + lo) as *const core::ffi::c_void,
+            at as *const core::ffi::c_void,
         )
     };
-    if rc != 0 {
-        return None;
-    }
-    let b_ = unsafe { &*buf };
-    Some((span_word(b_, a - lo), span_word(b_, b - lo)))
+    (rc == 0).then(|| unsafe { &*buf })
 }
 
 /// The little-endian word at byte `o` of a span read into `PY_READ_BUF` (0 past its end).
