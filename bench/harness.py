@@ -897,6 +897,9 @@ NODE_TRACERS = [
     ("exact_native", "leakprobe exact, --no-js-frames", ["--no-js-frames"]),
     ("exact_js", "leakprobe exact, JavaScript frames", []),
 ]
+# BENCH_NODE_TRACERS=none,exact_native,exact_js: only those rows (quick comparisons).
+if os.environ.get("BENCH_NODE_TRACERS"):
+    NODE_TRACERS = [t for t in NODE_TRACERS if t[0] in os.environ["BENCH_NODE_TRACERS"].split(",")]
 
 
 def node_once(args):
@@ -928,7 +931,7 @@ def node_snapshot_pauses():
     leakprobe's peak memory."""
     import json
     rows = []
-    for mib in [int(m) for m in os.environ.get("NODE_SNAPSHOT_MIB", "100,1024").split(",")]:
+    for mib in [int(m) for m in os.environ.get("NODE_SNAPSHOT_MIB", "100,1024").split(",") if m.strip()]:
         pauses, rss = [], []
         for _ in range(int(os.environ.get("NODE_SNAPSHOT_ROUNDS", ROUNDS))):
             t = subprocess.Popen([NODE, "--max-old-space-size=8192", os.path.join(ROOT, "bench/node_heap.js"), str(mib)],
