@@ -15,6 +15,7 @@ pub mod maps {
     pub const LIVE: &str = "LIVE";
     pub const STACKS: &str = "STACKS";
     pub const SITES: &str = "SITES";
+    pub const HEAP: &str = "HEAP";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
@@ -357,6 +358,25 @@ pub struct SiteCounters {
     pub alloc_bytes: u64,
     pub free_count: u64,
     pub free_bytes: u64,
+    /// The most the site held at once (bytes, and separately blocks), raised at each
+    /// allocation: exact in full tracking, the high-water mark of the estimate when sampled.
+    pub peak_bytes: u64,
+    pub peak_count: u64,
+    /// Allocations freed by their thread before it made another allocation or free call
+    /// (heaptrack's "temporary", per thread). Full tracking only.
+    pub temporary_count: u64,
+}
+
+/// The whole tracked heap (one entry of `HEAP`): what is outstanding now, the most it ever
+/// was, and when (`bpf_ktime_get_ns`). Bytes and counts weighted as in [`SiteCounters`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapTotal {
+    pub bytes: u64,
+    pub count: u64,
+    pub peak_bytes: u64,
+    pub peak_count: u64,
+    pub peak_at_ns: u64,
 }
 
 /// A call site: a stack and the function that allocated there.
@@ -540,6 +560,7 @@ mod pod {
     unsafe impl aya::Pod for FreedBlock {}
     unsafe impl aya::Pod for FreedKey {}
     unsafe impl aya::Pod for SiteCounters {}
+    unsafe impl aya::Pod for HeapTotal {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for PyConfig {}
     unsafe impl aya::Pod for V8Config {}

@@ -11,7 +11,7 @@
 #![feature(core_intrinsics)]
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
     ptr::read_volatile,
 };
 
@@ -26,9 +26,10 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, InFlight, LiveBlock, MAX_PY_DEPTH, MAX_STACK_DEPTH,
-    MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow, V8Config,
-    WrapperStash, cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling, stack_end,
+    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, HeapTotal, InFlight, LiveBlock, MAX_PY_DEPTH,
+    MAX_STACK_DEPTH, MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow,
+    V8Config, WrapperStash, cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling,
+    stack_end,
 };
 
 /// Set by the daemon before load.
@@ -68,6 +69,13 @@ static FREED_SCRATCH: PerCpuArray<(FreedKey, FreedBlock)> = PerCpuArray::with_ma
 static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 15, 0);
 #[map]
 static SITES: HashMap<SiteKey, SiteCounters> = HashMap::with_max_entries(1 << 15, 0);
+/// The whole tracked heap, and its peak.
+#[map]
+static HEAP: Array<HeapTotal> = Array::with_max_entries(1, 0);
+/// Full tracking: each thread's last allocated address, until its next free call (0 after
+/// one): a free of that very address is a temporary allocation.
+#[map]
+static LAST_ALLOC: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 #[map]
@@ -992,12 +1000,53 @@ fn atomic_add(p: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// Adds `v` and returns the value after it (which may include a concurrent add).
+#[inline(always)]
+fn atomic_add_fetch(p: *mut u64, v: u64) -> u64 {
+    atomic_add(p, v);
+    unsafe { read_volatile(p) }
+}
+
+/// Raises `*p` to `v` if `v` is higher; true if it did. Racing raisers retry against what
+/// they find, a bounded number of times: the highest value wins.
+#[inline(always)]
+fn raise_to(p: *mut u64, v: u64) -> bool {
+    let mut cur = unsafe { read_volatile(p) };
+    for _ in 0..8 {
+        if v <= cur {
+            return false;
+        }
+        let (seen, ok) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(p, cur, v)
+        };
+        if ok {
+            return true;
+        }
+        cur = seen;
+    }
+    false
+}
+
 #[inline(always)]
 fn account_alloc(block: &LiveBlock) {
     let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
     if let Some(site) = site_counters(&key) {
-        atomic_add(unsafe { &raw mut (*site).alloc_count }, block.weight_count);
-        atomic_add(unsafe { &raw mut (*site).alloc_bytes }, block.weight_bytes);
+        let count = atomic_add_fetch(unsafe { &raw mut (*site).alloc_count }, block.weight_count);
+        let bytes = atomic_add_fetch(unsafe { &raw mut (*site).alloc_bytes }, block.weight_bytes);
+        // A free racing with this block's own LIVE insert may be counted first: saturate.
+        let (freed_count, freed_bytes) = unsafe {
+            (read_volatile(&raw const (*site).free_count), read_volatile(&raw const (*site).free_bytes))
+        };
+        raise_to(unsafe { &raw mut (*site).peak_bytes }, bytes.saturating_sub(freed_bytes));
+        raise_to(unsafe { &raw mut (*site).peak_count }, count.saturating_sub(freed_count));
+    }
+    if let Some(heap) = HEAP.get_ptr_mut(0) {
+        let bytes = atomic_add_fetch(unsafe { &raw mut (*heap).bytes }, block.weight_bytes);
+        let count = atomic_add_fetch(unsafe { &raw mut (*heap).count }, block.weight_count);
+        if raise_to(unsafe { &raw mut (*heap).peak_bytes }, bytes) {
+            unsafe { (*heap).peak_at_ns = block.timestamp_ns };
+        }
+        raise_to(unsafe { &raw mut (*heap).peak_count }, count);
     }
 }
 
@@ -1007,6 +1056,62 @@ fn account_free(block: &LiveBlock) {
     if let Some(site) = SITES.get_ptr_mut(&key) {
         atomic_add(unsafe { &raw mut (*site).free_count }, block.weight_count);
         atomic_add(unsafe { &raw mut (*site).free_bytes }, block.weight_bytes);
+    }
+    if let Some(heap) = HEAP.get_ptr_mut(0) {
+        atomic_add(unsafe { &raw mut (*heap).bytes }, block.weight_bytes.wrapping_neg());
+        atomic_add(unsafe { &raw mut (*heap).count }, block.weight_count.wrapping_neg());
+    }
+}
+
+/// Full tracking: this thread just allocated `addr`.
+#[inline(always)]
+fn note_alloc(addr: u64) {
+    if sample_bytes() != 0 {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    match LAST_ALLOC.get_ptr_mut(&tid) {
+        Some(last) => unsafe { *last = addr },
+        None => {
+            let _ = LAST_ALLOC.insert(&tid, &addr, BPF_ANY as u64);
+        }
+    }
+}
+
+/// Full tracking: this thread calls free on `addr` (`block`, if it was tracked). The block
+/// is temporary if it was the thread's last allocation, with no free call in between
+/// (heaptrack's rule); any free call ends that chance for the last allocation.
+#[inline(always)]
+fn note_free(addr: u64, block: Option<&LiveBlock>) {
+    if sample_bytes() != 0 {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(last) = LAST_ALLOC.get_ptr_mut(&tid) else { return };
+    let was_last = unsafe { *last } == addr;
+    unsafe { *last = 0 };
+    if let Some(b) = block
+        && was_last
+    {
+        let key = SiteKey { stack_id: b.stack_id, kind: b.kind, _pad: 0 };
+        if let Some(site) = SITES.get_ptr_mut(&key) {
+            atomic_add(unsafe { &raw mut (*site).temporary_count }, b.weight_count);
+        }
+    }
+}
+
+/// realloc moved or freed its old block: account for it as a free call.
+#[inline(always)]
+fn free_realloc_old(rec: &InFlight) {
+    if rec.old_ptr == 0 {
+        return;
+    }
+    if rec.old_known != 0 {
+        account_free(&rec.old_block);
+        note_free(rec.old_ptr, Some(&rec.old_block));
+    } else {
+        count(counter::UNKNOWN_FREE);
+        note_free(rec.old_ptr, None);
     }
 }
 
@@ -1079,6 +1184,7 @@ fn sampled(tid: u32, size: u64) -> bool {
 }
 
 fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
+    note_alloc(addr);
     let (weight_bytes, weight_count) = weights(size);
     let block = LiveBlock {
         size,
@@ -1375,8 +1481,14 @@ fn dispatch(tid: u32, p: &Pending, stack_id: u64) {
 
 fn finish_free(addr: u64) {
     match take_live(addr) {
-        Some(block) => account_free(&block),
-        None => count(counter::UNKNOWN_FREE),
+        Some(block) => {
+            account_free(&block);
+            note_free(addr, Some(&block));
+        }
+        None => {
+            count(counter::UNKNOWN_FREE);
+            note_free(addr, None);
+        }
     }
 }
 
@@ -1397,13 +1509,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         Some(AllocKind::Realloc | AllocKind::Reallocarray | AllocKind::Rallocx) => {
             if ret != 0 || (rec.size == 0 && rec.old_ptr != 0) {
                 // Success, or glibc's realloc(p, 0), which frees p and returns NULL.
-                if rec.old_ptr != 0 {
-                    if rec.old_known != 0 {
-                        account_free(&rec.old_block);
-                    } else {
-                        count(counter::UNKNOWN_FREE);
-                    }
-                }
+                free_realloc_old(&rec);
                 if ret != 0 {
                     record_alloc(ret, rec.size, rec.stack_id, rec.kind);
                 }
@@ -1695,11 +1801,7 @@ pub fn site_alloc(ctx: ProbeContext) -> u32 {
             if rec.sp == sp {
                 let _ = SITE_OLD.remove(&tid);
                 if ptr != 0 || size == 0 {
-                    if rec.old_known != 0 {
-                        account_free(&rec.old_block);
-                    } else {
-                        count(counter::UNKNOWN_FREE);
-                    }
+                    free_realloc_old(&rec);
                 } else {
                     // Failed: the old block is still the caller's.
                     count(counter::FAILED_ALLOCS);

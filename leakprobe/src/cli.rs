@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::model::SortBy;
+use crate::report::suppress::Suppressions;
 use crate::target::allocator::{AllocatorKind, Choice};
 
 const EXAMPLES: &str = "\
@@ -42,6 +44,16 @@ Examples:
   # A Valgrind-style CI check without a rebuild: fail if anything is definitely lost at exit
   leakprobe run --scan --fail-on-leak 0 -- ./my-test --case 7
 
+  # The same gate with known leaks suppressed (LSan's leak:PATTERN lines, or Valgrind's
+  # Memcheck:Leak blocks); they are listed apart, with their bytes
+  leakprobe run --scan --fail-on-leak 0 --suppressions known.supp -- ./my-test < input.txt
+
+  # LeakSanitizer's report and exit status (23, or LSAN_OPTIONS=exitcode=N), for LSan scripts
+  leakprobe run --format lsan -- ./my-test
+
+  # heaptrack's rankings: the sites that peaked highest, or made the most temporaries
+  leakprobe run --sort peak -- ./my-test
+
   # Watch for days: per-site series for Prometheus at http://127.0.0.1:9464/metrics
   # (Grafana dashboard and alert rules in docs/monitoring/), one snapshot an hour, 48 kept
   leakprobe attach --pid 4242 --sample-bytes 512KiB --metrics 9464 \\
@@ -61,7 +73,8 @@ Examples:
 Existing output files are replaced only if leakprobe wrote them; anything else needs --force
 (owner and mode kept), and /etc, /usr, /boot, /proc, /sys, /dev need --allow-system-path.
 
-Exit status: 0 done, 1 outstanding growth above --fail-on-leak, 2 error (nothing attached).";
+Exit status: 0 done, 1 outstanding growth above --fail-on-leak (23 or LSAN_OPTIONS's exitcode
+with --format lsan), 2 error (nothing attached).";
 
 /// Find growing allocation call sites in a live process, without restarting it.
 ///
@@ -285,6 +298,47 @@ pub enum Format {
     Json,
 }
 
+/// Formats of the trace report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    /// LeakSanitizer's report.
+    Lsan,
+}
+
+/// LeakSanitizer's default exit status on a leak.
+pub const LSAN_EXITCODE: u8 = 23;
+
+/// What leakprobe takes from `LSAN_OPTIONS` (`exitcode=N:suppressions=FILE`, `:` or space
+/// separated, as the sanitizers read it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LsanOptions {
+    pub exitcode: Option<u8>,
+    pub suppressions: Option<PathBuf>,
+}
+
+impl LsanOptions {
+    pub fn parse(value: &str) -> Result<LsanOptions, ConfigError> {
+        let mut o = LsanOptions::default();
+        for item in value.split([':', ' ', ',']).filter(|i| !i.is_empty()) {
+            let Some((k, v)) = item.split_once('=') else { continue };
+            let v = v.trim_matches(['"', '\'']);
+            match k {
+                "exitcode" => {
+                    o.exitcode = Some(v.parse().map_err(|_| ConfigError::LsanOptions {
+                        item: item.to_string(),
+                        why: "exitcode must be 0-255",
+                    })?)
+                }
+                "suppressions" => o.suppressions = Some(PathBuf::from(v)),
+                _ => {}
+            }
+        }
+        Ok(o)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TraceOpts {
     /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C, SIGTERM or the target exits.
@@ -301,9 +355,24 @@ pub struct TraceOpts {
     /// Count only blocks at least this old as outstanding (e.g. 30s).
     #[arg(long, value_name = "A")]
     pub min_age: Option<String>,
-    /// Report format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Report format. lsan: LeakSanitizer's report (`Direct leak of N byte(s) in M
+    /// object(s) allocated from:` ... `SUMMARY:`), for scripts written for LSan; implies --scan
+    /// and --fail-on-leak 0, and exits with LSAN_OPTIONS's exitcode (23 if unset) on a leak;
+    /// LSAN_OPTIONS's suppressions=FILE is read too.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
+    /// Order of the call sites in the text report: growth (bytes/s now), outstanding,
+    /// peak (the most held at once), calls, temporary (freed before the thread's next
+    /// allocation). `top`'s `s` key cycles through the same.
+    #[arg(long, value_enum, default_value_t = SortBy::Outstanding, value_name = "BY")]
+    pub sort: SortBy,
+    /// Known leaks to leave out of --fail-on-leak and the verdict (still listed, with their
+    /// bytes, as suppressed). LeakSanitizer's format (`leak:PATTERN`, matched against every
+    /// frame's function, file and module; `*` wildcards) or Valgrind's (`{ name
+    /// Memcheck:Leak fun:... obj:... ... }`). Repeatable. Suppressions that matched nothing
+    /// are named at the end.
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Vec<PathBuf>,
     /// Write the report here instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -533,6 +602,10 @@ pub enum ConfigError {
     NotATrace,
     #[error("invalid {flag} value {value:?}: {reason} (examples: 500ms, 5s, 2m, 1h)")]
     Duration { flag: &'static str, value: String, reason: String },
+    #[error("LSAN_OPTIONS: {item:?}: {why}")]
+    LsanOptions { item: String, why: &'static str },
+    #[error("--suppressions {path}: {reason}")]
+    Suppressions { path: PathBuf, reason: String },
     #[error("invalid --fail-on-leak value {value:?}: {reason} (examples: 0, 4096, 64KiB, 10MiB)")]
     Bytes { value: String, reason: String },
     #[error("invalid {flag} value {value:?}: {reason} (examples: 64KiB, 512KiB, 1MiB)")]
@@ -586,7 +659,12 @@ pub struct Config {
     pub interval: Duration,
     pub top: usize,
     pub min_age: Duration,
-    pub format: Format,
+    pub format: ReportFormat,
+    pub sort: SortBy,
+    /// Known leaks, from --suppressions (and LSAN_OPTIONS with --format lsan).
+    pub suppressions: Suppressions,
+    /// The exit status when --fail-on-leak trips: 1, or LSan's with --format lsan.
+    pub leak_exit_code: u8,
     pub output: Option<PathBuf>,
     pub fail_on_leak: Option<u64>,
     pub max_live: u32,
@@ -703,7 +781,7 @@ impl TryFrom<Cli> for Config {
         }
         let min_age =
             opts.min_age.as_deref().map(|d| duration("--min-age", d)).transpose()?.unwrap_or_default();
-        let fail_on_leak = opts
+        let mut fail_on_leak = opts
             .fail_on_leak
             .as_deref()
             .map(|v| {
@@ -711,6 +789,20 @@ impl TryFrom<Cli> for Config {
                     .map_err(|e| ConfigError::Bytes { value: v.to_string(), reason: e.to_string() })
             })
             .transpose()?;
+        let lsan = match (opts.format, std::env::var("LSAN_OPTIONS")) {
+            (ReportFormat::Lsan, Ok(v)) => LsanOptions::parse(&v)?,
+            _ => LsanOptions::default(),
+        };
+        let mut suppression_files = opts.suppressions.clone();
+        suppression_files.extend(lsan.suppressions.clone());
+        let suppressions = read_suppressions(&suppression_files)?;
+        let leak_exit_code = if opts.format == ReportFormat::Lsan {
+            // As an LSan build fails on any leak.
+            fail_on_leak.get_or_insert(0);
+            lsan.exitcode.unwrap_or(LSAN_EXITCODE)
+        } else {
+            1
+        };
         let sample_bytes = match opts.sample_bytes.as_deref() {
             None => 0,
             Some(v) => {
@@ -820,7 +912,12 @@ impl TryFrom<Cli> for Config {
         } else {
             None
         };
-        let scan = if opts.scan || opts.scan_every.is_some() || opts.census || opts.backrefs.is_some() {
+        let scan = if opts.scan
+            || opts.scan_every.is_some()
+            || opts.census
+            || opts.backrefs.is_some()
+            || opts.format == ReportFormat::Lsan
+        {
             let max_pause = duration("--max-pause", &opts.max_pause)?;
             if max_pause.is_zero() {
                 return Err(ConfigError::Zero { flag: "--max-pause" });
@@ -863,6 +960,9 @@ impl TryFrom<Cli> for Config {
             top: opts.top,
             min_age,
             format: opts.format,
+            sort: opts.sort,
+            suppressions,
+            leak_exit_code,
             output: opts.output,
             fail_on_leak,
             max_live: opts.max_live,
@@ -896,6 +996,20 @@ impl TryFrom<Cli> for Config {
     }
 }
 
+/// Reads and parses every suppression file, in order.
+fn read_suppressions(paths: &[PathBuf]) -> Result<Suppressions, ConfigError> {
+    let mut all = Suppressions::default();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Suppressions { path: path.clone(), reason: e.to_string() })?;
+        let name = path.display().to_string();
+        let parsed = Suppressions::parse(&name, &text)
+            .map_err(|e| ConfigError::Suppressions { path: path.clone(), reason: e.to_string() })?;
+        all.extend(parsed);
+    }
+    Ok(all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,7 +1026,7 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(5));
         assert_eq!(c.duration, None);
         assert_eq!(c.top, 10);
-        assert_eq!(c.format, Format::Text);
+        assert_eq!(c.format, ReportFormat::Text);
     }
 
     #[test]

@@ -81,11 +81,13 @@ fn run() -> anyhow::Result<ExitCode> {
     let outcome = runtime.block_on(session::run(config))?;
     if outcome.leak_gate_failed() {
         leakprobe::say!(
-            "leakprobe: outstanding growth {} bytes is above --fail-on-leak {} bytes",
+            "leakprobe: {} {} bytes{} is above --fail-on-leak {} bytes",
+            outcome.judged,
             outcome.outstanding_bytes,
+            if outcome.suppressed { " (suppressed sites left out)" } else { "" },
             outcome.fail_on_leak.unwrap_or(0)
         );
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(outcome.exit_code));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use leakprobe_common::{
-    FreedBlock, FreedKey, LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack, UnwindModule,
-    UnwindRow, counter, globals, maps as map_names,
+    FreedBlock, FreedKey, HeapTotal, LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack,
+    UnwindModule, UnwindRow, counter, globals, maps as map_names,
 };
 use thiserror::Error;
 
@@ -546,6 +546,15 @@ impl Probes {
         Ok(c)
     }
 
+    /// The whole tracked heap and its peak, counts in whole allocations.
+    fn heap(&self) -> Result<HeapTotal, ProbeError> {
+        let name = map_names::HEAP;
+        let arr: Array<&MapData, HeapTotal> =
+            Array::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let h = arr.get(&0, 0).map_err(|source| ProbeError::Map { name, source })?;
+        Ok(HeapTotal { count: scaled_count(h.count), peak_count: scaled_count(h.peak_count), ..h })
+    }
+
     /// Reads the maps into a sample. The live-block walk (ages, `min_age_ns`) costs a pair of
     /// syscalls per outstanding block, so it happens only when `read_live` is set.
     pub fn sample(&self, now_ns: u64, min_age_ns: u64, read_live: bool) -> Result<Sample, ProbeError> {
@@ -562,6 +571,7 @@ impl Probes {
             }
         }
 
+        let heap = self.heap()?;
         if !read_live {
             return Ok(Sample {
                 at_ns: now_ns,
@@ -569,6 +579,7 @@ impl Probes {
                 live: StdHashMap::new(),
                 counters: self.counters()?,
                 memory: None,
+                heap,
             });
         }
         let name = map_names::LIVE;
@@ -597,7 +608,7 @@ impl Probes {
             s.aged_count = scaled_count(s.aged_count);
         }
 
-        Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None })
+        Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None, heap })
     }
 
     /// Every outstanding block the kernel tracks (address, its record), for the reachability
@@ -858,6 +869,9 @@ fn unscale(c: SiteCounters) -> SiteCounters {
         alloc_bytes: c.alloc_bytes,
         free_count: scaled_count(c.free_count),
         free_bytes: c.free_bytes,
+        peak_bytes: c.peak_bytes,
+        peak_count: scaled_count(c.peak_count),
+        temporary_count: scaled_count(c.temporary_count),
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use leakprobe_common::SiteKey;
 
-use crate::model::{Counters, DROP_KINDS, INFO_KINDS, SiteStats, Tracker, total_drops};
+use crate::model::{Counters, DROP_KINDS, INFO_KINDS, SiteStats, SortBy, Tracker, total_drops};
 use crate::report::scan::{Reachability, site_verdict};
 use crate::symbolize::Frame;
 
@@ -215,16 +215,8 @@ pub fn compose(
 ) -> View {
     let tl = tracker.timeline();
     let counters: &Counters = tracker.counters();
-    let mut ranked: Vec<&SiteStats> = sites.iter().collect();
-    ranked.sort_by(|a, b| {
-        growth(b)
-            .total_cmp(&growth(a))
-            .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
-            .then(a.key.cmp(&b.key))
-    });
-    let view_sites = ranked
+    let view_sites = chosen(sites, inputs.top)
         .into_iter()
-        .take(inputs.top)
         .map(|s| {
             let history = tracker
                 .site_history(&s.key)
@@ -283,10 +275,30 @@ pub fn compose(
 
 /// The growth a site is ranked by.
 fn growth(s: &SiteStats) -> f64 {
-    match s.fit {
-        Some(f) if f.slope_per_s.is_finite() => f.slope_per_s,
-        _ => s.growth_bytes_per_s,
+    crate::model::growth_rate(s.fit, s.growth_bytes_per_s)
+}
+
+/// The `top` fastest growing sites, first and in that order (what the metrics export), then
+/// those in the top `top` by every other ranking (what `top`'s sort key can bring up).
+fn chosen(sites: &[SiteStats], top: usize) -> Vec<&SiteStats> {
+    let mut ranked: Vec<&SiteStats> = sites.iter().collect();
+    ranked.sort_by(|a, b| {
+        growth(b)
+            .total_cmp(&growth(a))
+            .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
+            .then(a.key.cmp(&b.key))
+    });
+    let mut out: Vec<&SiteStats> = ranked.iter().take(top).copied().collect();
+    for by in SortBy::ALL.into_iter().filter(|b| *b != SortBy::Growth) {
+        let mut other = ranked.clone();
+        by.sort(&mut other, |s| s.figures());
+        for s in other.into_iter().take(top).filter(|s| by.score(&s.figures()) > 0.0) {
+            if !out.iter().any(|o| o.key == s.key) {
+                out.push(s);
+            }
+        }
     }
+    out
 }
 
 /// What the terminal view asks of the session.
@@ -367,10 +379,10 @@ mod tests {
         let key = |id| SiteKey { stack_id: id, kind: 0, _pad: 0 };
         let mut t = Tracker::new(0, 0);
         for i in 0..100u64 {
-            let grow = SiteCounters { alloc_count: i, alloc_bytes: 1000 * i, free_count: 0, free_bytes: 0 };
+            let grow = SiteCounters { alloc_count: i, alloc_bytes: 1000 * i, free_count: 0, free_bytes: 0, ..Default::default() };
             let big_flat =
-                SiteCounters { alloc_count: 1, alloc_bytes: 1 << 20, free_count: 0, free_bytes: 0 };
-            let small = SiteCounters { alloc_count: i, alloc_bytes: 10 * i, free_count: 0, free_bytes: 0 };
+                SiteCounters { alloc_count: 1, alloc_bytes: 1 << 20, free_count: 0, free_bytes: 0, ..Default::default() };
+            let small = SiteCounters { alloc_count: i, alloc_bytes: 10 * i, free_count: 0, free_bytes: 0, ..Default::default() };
             t.ingest(crate::model::Sample {
                 at_ns: (i + 1) * 1_000_000_000,
                 sites: vec![(key(1), grow), (key(2), big_flat), (key(3), small)],
@@ -392,10 +404,13 @@ mod tests {
         };
         let v =
             compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });
-        assert_eq!(v.sites.len(), 2);
+        // The top two by growth first (what the metrics export), then the flat site, which
+        // tops the outstanding and peak rankings (what `top`'s sort key can bring up).
+        assert_eq!(v.sites.len(), 3);
         // The steady 1000 B/s grower first, though the flat site holds more.
         assert_eq!(v.sites[0].stats.key, key(1));
         assert_eq!(v.sites[1].stats.key, key(3));
+        assert_eq!(v.sites[2].stats.key, key(2));
         assert!(v.sites[0].growth_bytes_per_s > 900.0);
         assert_eq!(v.sites[0].history.len(), SPARK_POINTS);
         assert_eq!(*v.sites[0].history.last().unwrap(), 99_000);

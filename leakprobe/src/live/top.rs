@@ -24,35 +24,10 @@ use ratatui::{
 };
 
 use super::{Request, Site, View, Viewer};
+use crate::model::SortBy;
 use crate::report::text::human_bytes;
 
 /// How the sites are ordered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Sort {
-    #[default]
-    Growth,
-    Outstanding,
-    Allocations,
-}
-
-impl Sort {
-    fn next(self) -> Sort {
-        match self {
-            Sort::Growth => Sort::Outstanding,
-            Sort::Outstanding => Sort::Allocations,
-            Sort::Allocations => Sort::Growth,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Sort::Growth => "growth",
-            Sort::Outstanding => "outstanding",
-            Sort::Allocations => "allocations",
-        }
-    }
-}
-
 /// What a key asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -64,7 +39,7 @@ pub enum Action {
 /// The view's state: sort, filter, freeze.
 #[derive(Debug, Default)]
 pub struct App {
-    pub sort: Sort,
+    pub sort: SortBy,
     /// Sites whose function, module or allocation function contains this (case-insensitive).
     pub filter: String,
     /// Typing a filter after `/`.
@@ -134,12 +109,7 @@ impl App {
                     || s.allocator.to_lowercase().contains(&needle)
             })
             .collect();
-        match self.sort {
-            // The view comes ranked by growth.
-            Sort::Growth => {}
-            Sort::Outstanding => rows.sort_by_key(|s| std::cmp::Reverse(s.stats.outstanding_bytes)),
-            Sort::Allocations => rows.sort_by_key(|s| std::cmp::Reverse(s.stats.allocated_count)),
-        }
+        self.sort.sort(&mut rows, |s| s.stats.figures());
         rows
     }
 }
@@ -248,8 +218,10 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
             "SITE",
             "GROWTH",
             "OUTSTANDING",
+            "PEAK",
             "OBJECTS",
             "ALLOCS",
+            "TEMP",
             "VERDICT",
             "TREND",
             "FUNCTION",
@@ -267,8 +239,14 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
             Cell::from(s.label.id.clone()),
             Cell::from(signed_bytes(s.growth_bytes_per_s)),
             Cell::from(human_bytes(s.stats.outstanding_bytes)),
+            Cell::from(human_bytes(s.stats.peak_bytes)),
             Cell::from(s.stats.outstanding_count.to_string()),
             Cell::from(s.stats.allocated_count.to_string()),
+            Cell::from(if view.sample_bytes > 0 {
+                "-".to_string()
+            } else {
+                s.stats.temporary_count.to_string()
+            }),
             Cell::from(s.verdict).style(verdict_style),
             Cell::from(sparkline(&s.history, spark_width)).style(Style::new().fg(Color::Cyan)),
             Cell::from(format!("{} <- {}", s.allocator, s.label.function)),
@@ -287,8 +265,10 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
         Constraint::Length(12),
         Constraint::Length(13),
         Constraint::Length(11),
+        Constraint::Length(11),
         Constraint::Length(8),
         Constraint::Length(9),
+        Constraint::Length(8),
         Constraint::Length(15),
         Constraint::Length(spark_width as u16),
         Constraint::Min(20),
@@ -401,6 +381,9 @@ mod tests {
                 interval_frees: 0,
                 growth_bytes_per_s: growth,
                 oldest_age_s: None,
+                peak_bytes: outstanding,
+                peak_count: 1,
+                temporary_count: 0,
                 trend: Default::default(),
                 fit: None,
             },
@@ -448,7 +431,13 @@ mod tests {
         app.key(key(KeyCode::Char('s')), &v);
         assert_eq!(order(&app), [2, 1, 3], "by outstanding");
         app.key(key(KeyCode::Char('s')), &v);
-        assert_eq!(order(&app), [3, 1, 2], "by allocations");
+        assert_eq!(order(&app), [2, 1, 3], "by peak (each site's peak is what it holds here)");
+        app.key(key(KeyCode::Char('s')), &v);
+        assert_eq!(order(&app), [3, 1, 2], "by calls");
+        app.key(key(KeyCode::Char('s')), &v);
+        assert_eq!(app.sort, SortBy::Temporary);
+        app.key(key(KeyCode::Char('s')), &v);
+        assert_eq!(order(&app), [1, 2, 3], "back to growth");
         app.key(key(KeyCode::Char('/')), &v);
         for c in "LIBC".chars() {
             app.key(key(KeyCode::Char(c)), &v);

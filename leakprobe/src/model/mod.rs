@@ -9,7 +9,7 @@ pub mod trend;
 
 use std::collections::HashMap;
 
-use leakprobe_common::{AllocKind, SiteCounters, SiteKey, counter};
+use leakprobe_common::{AllocKind, HeapTotal, SiteCounters, SiteKey, counter};
 
 use trend::{Fit, RunVerdict, Series, Trend};
 
@@ -43,6 +43,8 @@ pub struct Sample {
     pub counters: Counters,
     /// The process's memory as the kernel sees it, when it could be read.
     pub memory: Option<ProcMemory>,
+    /// The whole tracked heap and its high-water mark.
+    pub heap: HeapTotal,
 }
 
 /// Resident memory from /proc/PID/status and smaps_rollup, in bytes.
@@ -108,6 +110,11 @@ pub struct SiteStats {
     pub growth_bytes_per_s: f64,
     /// Age of the oldest outstanding block, if the live map was read.
     pub oldest_age_s: Option<f64>,
+    /// The most it held at once since attach (bytes; blocks, counted on their own).
+    pub peak_bytes: u64,
+    pub peak_count: u64,
+    /// Allocations freed by their thread before its next allocation or free call.
+    pub temporary_count: u64,
     /// What its outstanding bytes did over the trailing half of the window.
     pub trend: Trend,
     pub fit: Option<Fit>,
@@ -130,6 +137,17 @@ pub struct Tracker {
     rate_base: (u64, Counters),
     last_dt: f64,
     evicted: Evicted,
+    /// The whole tracked heap at the latest sample, with its peak.
+    heap: HeapTotal,
+}
+
+/// The tracked heap's high-water mark.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HeapPeak {
+    pub bytes: u64,
+    pub count: u64,
+    /// Seconds after the probes went live.
+    pub at_s: f64,
 }
 
 impl Tracker {
@@ -149,10 +167,24 @@ impl Tracker {
             rate_base: (start_ns, Counters::default()),
             last_dt: 0.0,
             evicted: Evicted::default(),
+            heap: HeapTotal::default(),
         }
     }
 
+    /// The tracked heap's peak since attach, if anything was allocated.
+    pub fn heap_peak(&self) -> Option<HeapPeak> {
+        let h = &self.heap;
+        (h.peak_bytes > 0).then(|| HeapPeak {
+            bytes: h.peak_bytes,
+            count: h.peak_count,
+            at_s: h.peak_at_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+        })
+    }
+
     pub fn ingest(&mut self, sample: Sample) {
+        if sample.heap.peak_bytes >= self.heap.peak_bytes {
+            self.heap = sample.heap;
+        }
         for state in self.sites.values_mut() {
             state.prev = state.now;
             state.live = None;
@@ -307,6 +339,11 @@ impl Tracker {
                     interval_frees: s.now.free_count.saturating_sub(s.prev.free_count),
                     growth_bytes_per_s,
                     oldest_age_s: if outstanding_count > 0 { oldest_age_s } else { None },
+                    // A site whose counters come from elsewhere (V8's profile) has no kernel
+                    // peak: what it holds now is the least its peak can be.
+                    peak_bytes: s.now.peak_bytes.max(outstanding_bytes),
+                    peak_count: s.now.peak_count.max(outstanding_count),
+                    temporary_count: s.now.temporary_count,
                     trend,
                     fit,
                 }
@@ -439,6 +476,92 @@ pub fn total_drops(c: &Counters) -> u64 {
     DROP_KINDS.iter().map(|(idx, _, _)| c.get(*idx)).sum()
 }
 
+/// How call sites are ranked: `--sort` in the text report, the `s` key in `top`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortBy {
+    /// Net growth per second: the trailing fit's slope, else outstanding over the window.
+    #[default]
+    Growth,
+    /// Outstanding bytes (heaptrack's "leaked").
+    Outstanding,
+    /// The most a site held at once.
+    Peak,
+    /// Allocation calls.
+    Calls,
+    /// Allocations freed before their thread's next allocation or free call.
+    Temporary,
+}
+
+/// The figures a ranking reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RankFigures {
+    pub growth_bytes_per_s: f64,
+    pub outstanding_bytes: u64,
+    pub peak_bytes: u64,
+    pub calls: u64,
+    pub temporary: u64,
+}
+
+impl SortBy {
+    pub const ALL: [SortBy; 5] =
+        [SortBy::Growth, SortBy::Outstanding, SortBy::Peak, SortBy::Calls, SortBy::Temporary];
+
+    pub fn next(self) -> SortBy {
+        let i = SortBy::ALL.iter().position(|s| *s == self).unwrap_or(0);
+        SortBy::ALL[(i + 1) % SortBy::ALL.len()]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SortBy::Growth => "growth",
+            SortBy::Outstanding => "outstanding",
+            SortBy::Peak => "peak",
+            SortBy::Calls => "calls",
+            SortBy::Temporary => "temporary",
+        }
+    }
+
+    /// Higher ranks first.
+    pub fn score(self, f: &RankFigures) -> f64 {
+        match self {
+            SortBy::Growth => f.growth_bytes_per_s,
+            SortBy::Outstanding => f.outstanding_bytes as f64,
+            SortBy::Peak => f.peak_bytes as f64,
+            SortBy::Calls => f.calls as f64,
+            SortBy::Temporary => f.temporary as f64,
+        }
+    }
+
+    /// Orders `items` best first by this ranking, ties by outstanding bytes (stable).
+    pub fn sort<T>(self, items: &mut [T], figures: impl Fn(&T) -> RankFigures) {
+        items.sort_by(|a, b| {
+            let (fa, fb) = (figures(a), figures(b));
+            self.score(&fb).total_cmp(&self.score(&fa)).then(fb.outstanding_bytes.cmp(&fa.outstanding_bytes))
+        });
+    }
+}
+
+/// Net growth per second as sites are ranked: the trailing fit's slope when there is one,
+/// else the outstanding bytes over the whole window.
+pub fn growth_rate(fit: Option<Fit>, over_window: f64) -> f64 {
+    match fit {
+        Some(f) if f.slope_per_s.is_finite() => f.slope_per_s,
+        _ => over_window,
+    }
+}
+
+impl SiteStats {
+    pub fn figures(&self) -> RankFigures {
+        RankFigures {
+            growth_bytes_per_s: growth_rate(self.fit, self.growth_bytes_per_s),
+            outstanding_bytes: self.outstanding_bytes,
+            peak_bytes: self.peak_bytes,
+            calls: self.allocated_count,
+            temporary: self.temporary_count,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,7 +571,7 @@ mod tests {
     }
 
     fn counters(ac: u64, ab: u64, fc: u64, fb: u64) -> SiteCounters {
-        SiteCounters { alloc_count: ac, alloc_bytes: ab, free_count: fc, free_bytes: fb }
+        SiteCounters { alloc_count: ac, alloc_bytes: ab, free_count: fc, free_bytes: fb, ..Default::default() }
     }
 
     const S: u64 = 1_000_000_000;
@@ -620,5 +743,36 @@ mod tests {
         // The kernel-side fields are u64 too.
         let c = SiteCounters::default();
         let _: [u64; 4] = [c.alloc_count, c.alloc_bytes, c.free_count, c.free_bytes];
+    }
+
+    #[test]
+    fn rankings_order_by_their_figure_and_cycle() {
+        let f = |g: f64, out: u64, peak: u64, calls: u64, temp: u64| RankFigures {
+            growth_bytes_per_s: g,
+            outstanding_bytes: out,
+            peak_bytes: peak,
+            calls,
+            temporary: temp,
+        };
+        let items = [f(5.0, 10, 100, 3, 0), f(1.0, 50, 60, 9, 7), f(9.0, 20, 20, 1, 2)];
+        let order = |by: SortBy| {
+            let mut v: Vec<usize> = (0..items.len()).collect();
+            by.sort(&mut v, |i| items[*i]);
+            v
+        };
+        assert_eq!(order(SortBy::Growth), [2, 0, 1]);
+        assert_eq!(order(SortBy::Outstanding), [1, 2, 0]);
+        assert_eq!(order(SortBy::Peak), [0, 1, 2]);
+        assert_eq!(order(SortBy::Calls), [1, 0, 2]);
+        assert_eq!(order(SortBy::Temporary), [1, 2, 0]);
+        let mut s = SortBy::Growth;
+        let names: Vec<&str> = (0..6)
+            .map(|_| {
+                let n = s.name();
+                s = s.next();
+                n
+            })
+            .collect();
+        assert_eq!(names, ["growth", "outstanding", "peak", "calls", "temporary", "growth"]);
     }
 }

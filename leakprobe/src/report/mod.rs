@@ -6,8 +6,10 @@
 
 pub mod diff;
 pub mod export;
+pub mod lsan;
 pub mod plot;
 pub mod scan;
+pub mod suppress;
 
 pub mod text;
 
@@ -79,6 +81,9 @@ pub struct Report {
     /// absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan: Option<scan::Scan>,
+    /// `--suppressions`: what each rule took out, and the rules that matched nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressions: Option<suppress::Applied>,
     /// A language runtime found in the target (CPython), and what was done with it; absent
     /// when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +336,9 @@ pub struct Target {
     pub ended_by: String,
     /// Exit status, when the target was our child (`run` mode) and exited.
     pub exit_status: Option<i32>,
+    /// Started by `leakprobe run` (traced from its first instruction), not attached to.
+    #[serde(default)]
+    pub is_run: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -405,6 +413,11 @@ pub struct Totals {
     /// Call sites forgotten after they ended (`--evict-after`); their allocations and frees
     /// are still in `allocated_count` and `freed_count`.
     pub evicted_sites: u64,
+    /// The most the tracked heap held at once since attach, and when (seconds into the
+    /// window).
+    pub peak_bytes: u64,
+    pub peak_count: u64,
+    pub peak_at_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -424,6 +437,16 @@ pub struct Site {
     #[serde(default)]
     pub growth_bytes_per_s: f64,
     pub oldest_age_s: Option<f64>,
+    /// The most it held at once since attach (heaptrack's "peak"): bytes, and blocks on
+    /// their own.
+    #[serde(default)]
+    pub peak_bytes: u64,
+    #[serde(default)]
+    pub peak_count: u64,
+    /// Allocations freed by their thread before its next allocation or free call
+    /// (heaptrack's "temporary"); absent when sampling, which cannot see the calls between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary_count: Option<u64>,
     /// "growing", "stable" or "not-enough-data": outstanding bytes over the trailing half of
     /// the window, and the fit behind it.
     #[serde(default)]
@@ -450,11 +473,17 @@ pub struct Site {
     /// `--scan`: LEAK, ACCUMULATION, CYCLE, STABLE or NOT ENOUGH DATA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
+    /// The suppression that matched it (`leak:PATTERN`, or a Valgrind block's name): left
+    /// out of --fail-on-leak and the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<String>,
 }
 
 /// What the session knows besides the tracker.
 pub struct Context<'a> {
     pub identity: &'a Identity,
+    /// `leakprobe run`, not `attach`.
+    pub is_run: bool,
     pub args: Vec<String>,
     pub start_wall: std::time::SystemTime,
     pub interval_s: f64,
@@ -495,6 +524,9 @@ pub fn build(
                 interval_frees: s.interval_frees,
                 growth_bytes_per_s: s.growth_bytes_per_s,
                 oldest_age_s: s.oldest_age_s,
+                peak_bytes: s.peak_bytes,
+                peak_count: s.peak_count,
+                temporary_count: (ctx.sample_bytes == 0).then_some(s.temporary_count),
                 trend: s.trend,
                 fit: s.fit,
                 stack_id: format!("{:016x}", s.key.stack_id),
@@ -508,10 +540,12 @@ pub fn build(
                 reachability: None,
                 held_by: Vec::new(),
                 verdict: None,
+                suppressed: None,
             }
         })
         .collect::<Vec<_>>();
     let (kind, summary) = tracker.verdict();
+    let peak = tracker.heap_peak();
     let tl = tracker.timeline();
     let heap_from = crate::model::trend::trailing_from(tl.heap.points());
     let rss_from = crate::model::trend::trailing_from(tl.rss.points());
@@ -531,6 +565,7 @@ pub fn build(
             start_time: ctx.identity.start_time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             ended_by: ctx.ended_by.to_string(),
             exit_status: ctx.exit_status,
+            is_run: ctx.is_run,
         },
         allocator: {
             let plan = ctx.allocator;
@@ -587,6 +622,9 @@ pub fn build(
             sites: t.sites,
             growing_sites: t.growing_sites,
             evicted_sites: tracker.evicted().sites,
+            peak_bytes: peak.map_or(0, |p| p.bytes),
+            peak_count: peak.map_or(0, |p| p.count),
+            peak_at_s: peak.map_or(0.0, |p| p.at_s),
         },
         drops: DROP_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),
         activity: INFO_KINDS.iter().map(|(i, name, _)| (Cow::Borrowed(*name), counters.get(*i))).collect(),
@@ -611,6 +649,7 @@ pub fn build(
         runtime: None,
         js_heap: None,
         scan: None,
+        suppressions: None,
     }
 }
 

@@ -499,7 +499,7 @@ mod tests {
         };
         apply(&mut rep, Scan::default(), vec![result]);
         assert_eq!(rep.sites[0].verdict.as_deref(), Some("NOT ENOUGH DATA"));
-        let text = crate::report::text::render(&rep, 10);
+        let text = crate::report::text::render(&rep, 10, crate::model::SortBy::Outstanding);
         assert!(text.contains("  NOT ENOUGH DATA: 3.91 KiB reachable in 1 block (too few samples"), "{text}");
         assert!(!text.contains("STABLE"), "{text}");
     }
@@ -508,7 +508,7 @@ mod tests {
     #[test]
     fn a_leak_only_the_scan_found_is_not_called_growing() {
         let verdict_line = |rep: &Report| {
-            let text = crate::report::text::render(rep, 10);
+            let text = crate::report::text::render(rep, 10, crate::model::SortBy::Outstanding);
             text.lines().find(|l| l.starts_with("VERDICT")).unwrap().to_string()
         };
         let scan = || Scan { totals: r(40, 0, 0, 0), ..Default::default() };

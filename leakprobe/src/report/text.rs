@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{Report, Site};
-use crate::model::DROP_KINDS;
+use crate::model::{DROP_KINDS, RankFigures, SortBy};
 
 /// Bytes in binary units: "512 B", "64.0 KiB", "1.50 MiB".
 pub fn human_bytes(b: u64) -> String {
@@ -84,6 +84,13 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
         s.freed_count,
         s.interval_allocs,
         s.interval_frees,
+    );
+    let _ = writeln!(
+        out,
+        "  peak {} in {}{}",
+        human_bytes(s.peak_bytes),
+        plural(s.peak_count, "block", "blocks"),
+        s.temporary_count.map(|t| format!("; {t} temporary")).unwrap_or_default(),
     );
     if let Some(r) = &s.reachability {
         reachability_lines(out, s, r);
@@ -358,7 +365,111 @@ fn reachability_lines(out: &mut String, s: &Site, r: &crate::report::scan::Reach
 }
 
 /// Renders the report. `top` limits how many growing call sites are printed in full.
-pub fn render(r: &Report, top: usize) -> String {
+/// The figures a site is ranked by, from the report.
+fn figures(s: &Site) -> RankFigures {
+    RankFigures {
+        growth_bytes_per_s: crate::model::growth_rate(s.fit, s.growth_bytes_per_s),
+        outstanding_bytes: s.outstanding_bytes,
+        peak_bytes: s.peak_bytes,
+        calls: s.allocated_count,
+        temporary: s.temporary_count.unwrap_or(0),
+    }
+}
+
+/// A site in one line: its headline frame, `function (file:line)`.
+fn site_name(s: &Site) -> String {
+    match crate::symbolize::Frame::headline(&s.frames) {
+        Some(f) => {
+            let func = f.function.as_deref().unwrap_or("[unknown]");
+            match f.location() {
+                Some(l) => format!("{func} ({l})"),
+                None => format!(
+                    "{func} ({})",
+                    f.module.as_deref().map(|m| m.rsplit('/').next().unwrap_or(m)).unwrap_or("?")
+                ),
+            }
+        }
+        None => format!("[no stack] via {}", s.function),
+    }
+}
+
+/// heaptrack_print's four rankings, three sites each, in its order: calls, peak, leaked,
+/// temporary.
+fn rankings_lines(out: &mut String, r: &Report) {
+    let rankings = [
+        (SortBy::Calls, "MOST CALLS TO ALLOCATION FUNCTIONS"),
+        (SortBy::Peak, "PEAK MEMORY CONSUMERS"),
+        (SortBy::Outstanding, "MOST MEMORY LEAKED (outstanding)"),
+        (SortBy::Temporary, "MOST TEMPORARY ALLOCATIONS"),
+    ];
+    for (by, title) in rankings {
+        if by == SortBy::Temporary && r.sampling.estimated {
+            let _ = writeln!(out, "{title}: not counted when sampling");
+            continue;
+        }
+        let mut sites: Vec<&Site> = r.sites.iter().filter(|s| by.score(&figures(s)) > 0.0).collect();
+        by.sort(&mut sites, |s| figures(s));
+        let _ = writeln!(out, "{title}");
+        if sites.is_empty() {
+            let _ = writeln!(out, "  (none)");
+        }
+        for s in sites.iter().take(3) {
+            let _ = writeln!(
+                out,
+                "  {:>10} calls  peak {:>10}  leaked {:>10}  {:>8} temporary  {}",
+                s.allocated_count,
+                human_bytes(s.peak_bytes),
+                human_bytes(s.outstanding_bytes),
+                s.temporary_count.map_or("-".to_string(), |t| t.to_string()),
+                site_name(s)
+            );
+        }
+    }
+    let _ = writeln!(out);
+}
+
+/// The sites the report shows in full, in `sort`'s order: those with something outstanding
+/// (growth, outstanding), or any with a non-zero figure (peak, calls, temporary).
+fn shown_sites(r: &Report, sort: SortBy) -> Vec<&Site> {
+    let open = r.sites.iter().filter(|s| s.suppressed.is_none());
+    let mut sites: Vec<&Site> = match sort {
+        SortBy::Growth | SortBy::Outstanding => open.filter(|s| s.outstanding_bytes > 0).collect(),
+        _ => open.filter(|s| sort.score(&figures(s)) > 0.0).collect(),
+    };
+    // The report comes ordered by outstanding bytes already.
+    if sort != SortBy::Outstanding {
+        sort.sort(&mut sites, |s| figures(s));
+    }
+    sites
+}
+
+/// The suppressed sites, by rule, as LSan's "Suppressions used", and the rules that matched
+/// nothing.
+fn suppressed_lines(out: &mut String, r: &Report, applied: &crate::report::suppress::Applied) {
+    if !applied.used.is_empty() {
+        let _ = writeln!(out, "SUPPRESSED (--suppressions; left out of --fail-on-leak and the verdict):");
+    }
+    for u in &applied.used {
+        let _ = writeln!(
+            out,
+            "  {} ({}): {} in {} from {}",
+            u.rule,
+            u.origin,
+            human_bytes(u.bytes),
+            plural(u.count, "object", "objects"),
+            plural(u.sites, "call site", "call sites"),
+        );
+        for s in r.sites.iter().filter(|s| s.suppressed.as_deref() == Some(u.rule.as_str())) {
+            let _ = writeln!(out, "      {} outstanding: {}", human_bytes(s.outstanding_bytes), site_name(s));
+        }
+    }
+    for u in &applied.unused {
+        let _ = writeln!(out, "  suppression {} ({}) matched nothing", u.rule, u.origin);
+    }
+    out.push('\n');
+}
+
+pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
     let mut out = String::new();
     let t = &r.target;
     let _ = writeln!(
@@ -602,21 +713,41 @@ pub fn render(r: &Report, top: usize) -> String {
     }
     let _ = writeln!(out, "VERDICT: {}: {}", r.verdict.label(), r.verdict.summary);
     let _ = writeln!(out);
+    if r.target.is_run && !r.sites.is_empty() {
+        rankings_lines(&mut out, r);
+    }
+    if r.totals.peak_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "PEAK: the tracked heap held at most {} in {}, {:.1} s after attach{}.\n",
+            human_bytes(r.totals.peak_bytes),
+            plural(r.totals.peak_count, "block", "blocks"),
+            r.totals.peak_at_s,
+            if r.sampling.estimated { " (estimated)" } else { "" },
+        );
+    }
 
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();
-    if growing.is_empty() {
+    let shown = shown_sites(r, sort);
+    if shown.is_empty() {
         let _ = writeln!(out, "No outstanding allocations from call sites seen since attach.");
     } else {
-        for (i, s) in growing.iter().take(top).enumerate() {
+        if sort != SortBy::Outstanding {
+            let _ = writeln!(out, "Call sites by {} (--sort):\n", sort.name());
+        }
+        for (i, s) in shown.iter().take(top).enumerate() {
             site_block(&mut out, i + 1, s);
         }
-        if growing.len() > top {
+        if shown.len() > top {
             let _ = writeln!(
                 out,
-                "... {} more call sites with outstanding memory (raise --top, or see --format json)\n",
-                growing.len() - top
+                "... {} more call sites (raise --top, or see --format json)\n",
+                shown.len() - top
             );
         }
+    }
+    if let Some(applied) = &r.suppressions {
+        suppressed_lines(&mut out, r, applied);
     }
     let freed_all = r.sites.len() - growing.len();
     let _ = writeln!(

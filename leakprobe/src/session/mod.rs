@@ -18,7 +18,7 @@ use leakprobe_common::SiteKey;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{Config, Format, Mode, Unwind},
+    cli::{Config, Format, Mode, ReportFormat, Unwind},
     inprocess::guard::{self, Guard, RestoreList},
     kernel::{
         preflight,
@@ -69,6 +69,12 @@ pub struct Outcome {
     /// What --fail-on-leak judges: outstanding bytes, or with --scan definitely lost bytes.
     pub outstanding_bytes: u64,
     pub fail_on_leak: Option<u64>,
+    /// The exit status when the gate trips.
+    pub exit_code: u8,
+    /// What the gate judged: "definitely lost" (a scan) or "outstanding growth".
+    pub judged: &'static str,
+    /// Suppressed sites were left out of the figure.
+    pub suppressed: bool,
 }
 
 /// The scans of a session (`--scan`, `--scan-every`) and the last result.
@@ -668,16 +674,26 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         report.in_process = Some(ip);
     }
     let mut gate_bytes = report.totals.outstanding_bytes;
+    let mut scanned = false;
     if let Some(done) = scanner.as_mut().and_then(|s| s.last.take()) {
         gate_bytes = done.scan.totals.definitely_lost.bytes;
+        scanned = true;
         report::scan::apply(&mut report, done.scan, done.sites);
     } else if cfg.scan.is_some() && cfg.fail_on_leak.is_some() {
         // The gate is on definitely lost bytes: without a scan it cannot be judged safely.
         progress(&cfg, format_args!("--fail-on-leak: no scan was made; judging outstanding bytes instead"));
     }
+    report::suppress::apply(&mut report, &cfg.suppressions);
+    gate_bytes = report::suppress::unsuppressed_gate(&report, gate_bytes, scanned);
+    if let Some(applied) = &report.suppressions {
+        for u in &applied.unused {
+            progress(&cfg, format_args!("suppression {} ({}) matched nothing", u.rule, u.origin));
+        }
+    }
     let rendered = match cfg.format {
-        Format::Text => report::text::render(&report, cfg.top),
-        Format::Json => report::to_json(&report).context("serializing the report")?,
+        ReportFormat::Text => report::text::render(&report, cfg.top, cfg.sort),
+        ReportFormat::Json => report::to_json(&report).context("serializing the report")?,
+        ReportFormat::Lsan => report::lsan::render(&report),
     };
     // top draws on stdout: its report goes only to --output.
     if !(cfg.live_view && cfg.output.is_none()) {
@@ -691,7 +707,13 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     }
     write_exports(&cfg.exports, &report, cfg.output_policy)?;
     crate::ptrace::server::shutdown();
-    Ok(Outcome { outstanding_bytes: gate_bytes, fail_on_leak: cfg.fail_on_leak })
+    Ok(Outcome {
+        outstanding_bytes: gate_bytes,
+        fail_on_leak: cfg.fail_on_leak,
+        exit_code: cfg.leak_exit_code,
+        judged: if scanned { "definitely lost" } else { "outstanding growth" },
+        suppressed: report.sites.iter().any(|s| s.suppressed.is_some()),
+    })
 }
 
 /// The longest the target may stay stopped while the stub is mapped or the GOT restored: past
@@ -913,6 +935,7 @@ impl Reporting<'_> {
         let host = self.host.get_or_insert_with(|| host(symbolizer)).clone();
         let ctx = report::Context {
             identity: self.identity,
+            is_run: matches!(self.cfg.mode, Mode::Run { .. }),
             args: self.cfg.args.clone(),
             start_wall: self.start_wall,
             interval_s: self.cfg.interval.as_secs_f64(),

@@ -105,6 +105,9 @@ pub(crate) mod testing {
             interval_frees: 0,
             growth_bytes_per_s: 0.0,
             oldest_age_s: None,
+            peak_bytes: outstanding.0,
+            peak_count: outstanding.1,
+            temporary_count: Some(0),
             trend: crate::model::trend::Trend::NotEnoughData,
             fit: None,
             stack_id: "0000000000000001".into(),
@@ -114,6 +117,7 @@ pub(crate) mod testing {
             reachability: None,
             held_by: Vec::new(),
             verdict: None,
+            suppressed: None,
         }
     }
 
@@ -133,6 +137,7 @@ pub(crate) mod testing {
                 start_time: None,
                 ended_by: "duration".into(),
                 exit_status: None,
+                is_run: false,
             },
             allocator: crate::report::Allocator {
                 name: "glibc".into(),
@@ -159,6 +164,7 @@ pub(crate) mod testing {
                 sites: 3,
                 growing_sites: 2,
                 evicted_sites: 0,
+                ..Default::default()
             },
             drops: Default::default(),
             activity: Default::default(),
@@ -216,6 +222,7 @@ pub(crate) mod testing {
             runtime: None,
             js_heap: None,
             scan: None,
+            suppressions: None,
         }
     }
 }
