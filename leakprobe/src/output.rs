@@ -308,7 +308,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], policy: Policy) -> Result<(), Out
 /// | output | mark |
 /// |---|---|
 /// | JSON report, snapshot, diff | `"schema": "leakprobe/..."` |
-/// | text report | first line `leakprobe VERSION: PID ...` |
+/// | text report, `--format lsan` | first line `leakprobe VERSION: PID ...` |
 /// | text diff | first line `leakprobe diff: ...` |
 /// | folded stacks | first line `# leakprobe ...` |
 /// | SVG (flame graph, chart) | `<!-- written by leakprobe ... -->` right after the XML declaration |
@@ -543,6 +543,7 @@ mod tests {
         assert!(recognise(b"{not json").is_none());
         assert!(recognise(b"leakprobe 0.1.0: PID 12 (/bin/x) traced for 1.0 s\n").is_some());
         assert!(recognise(b"leakprobe diff: A = a.json, B = b.json\n").is_some());
+        assert!(recognise(b"leakprobe 0.1.0: PID 12 (/bin/x), --format lsan\n").is_some());
         assert!(recognise(b"leakprobe is great\n").is_none());
         assert!(recognise(mark::folded_header().as_bytes()).is_some());
         let svg = mark::svg(b"<?xml version=\"1.0\"?><svg></svg>");

@@ -114,7 +114,8 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// the privilege and packaging tests, man-db for the man page test, the tools that open the
 /// exports in the tests (`go tool pprof` from golang-go, headless chromium for the flame
 /// graph), the other allocators the tests trace (jemalloc, tcmalloc, mimalloc, musl, Debian's
-/// redis-server on jemalloc), valgrind, whose leak classes the scan's tests compare with, and
+/// redis-server on jemalloc), valgrind, whose leak classes the scan's tests compare with,
+/// heaptrack, whose per-site figures the issue-26 tests compare with, and
 /// for the live-monitoring tests a real Prometheus (with promtool) and tmux (to drive
 /// `leakprobe top`), and Debian's CPython 3.11 for the scan's module-data test.
 /// musl-tools is also what the static build links with.
@@ -137,6 +138,7 @@ const TEST_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "valgrind",
+    "heaptrack",
     "prometheus",
     "tmux",
     "python3.11",

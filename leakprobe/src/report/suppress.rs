@@ -675,4 +675,42 @@ mod tests {
         assert_eq!(without_params("f(std::function<void (int)>)"), "f");
         assert_eq!(without_params("main"), "main");
     }
+
+    fn scanned(lost: u64) -> crate::report::scan::Reachability {
+        use crate::report::scan::{ClassTally, Reachability};
+        Reachability { definitely_lost: ClassTally { bytes: lost, count: 1 }, ..Reachability::default() }
+    }
+
+    #[test]
+    fn applied_rules_take_their_sites_out_of_the_gate_and_the_verdict() {
+        let mut r = crate::report::export::testing::report();
+        r.verdict.kind = RunVerdict::Leak;
+        r.verdict.summary = "grows".into();
+        for s in &mut r.sites {
+            s.reachability = Some(scanned(s.outstanding_bytes));
+            s.trend = if s.outstanding_bytes > 0 { Trend::Growing } else { Trend::Stable };
+        }
+        let all_lost: u64 = r.sites.iter().map(|s| s.outstanding_bytes).sum();
+        let first = r.sites[0].frames[0].function.clone().unwrap();
+        let rules = Suppressions::parse("k.supp", &format!("leak:{first}\nleak:no_such_function\n")).unwrap();
+        apply(&mut r, &rules);
+        let applied = r.suppressions.clone().unwrap();
+        assert_eq!(applied.used.len(), 1);
+        assert_eq!(applied.used[0].bytes, r.sites[0].outstanding_bytes);
+        assert_eq!(applied.unused, [Unused { rule: "leak:no_such_function".into(), origin: "k.supp:2".into() }]);
+        assert_eq!(r.sites[0].suppressed.as_deref(), Some(format!("leak:{first}").as_str()));
+        assert_eq!(unsuppressed_gate(&r, all_lost, true), all_lost - r.sites[0].outstanding_bytes);
+        assert_eq!(r.verdict.kind, RunVerdict::Leak, "another site still leaks");
+        assert!(r.verdict.summary.contains("suppressed call site left out"), "{}", r.verdict.summary);
+
+        let every = Suppressions::parse("all.supp", "leak:main\n").unwrap();
+        let mut r2 = crate::report::export::testing::report();
+        r2.verdict.kind = RunVerdict::Leak;
+        for s in &mut r2.sites {
+            s.trend = if s.outstanding_bytes > 0 { Trend::Growing } else { Trend::Stable };
+        }
+        apply(&mut r2, &every);
+        assert_eq!(r2.verdict.kind, RunVerdict::Stable, "{}", r2.verdict.summary);
+        assert_eq!(unsuppressed_gate(&r2, 4300, false), 0, "no scan: outstanding bytes taken out");
+    }
 }

@@ -376,20 +376,29 @@ fn figures(s: &Site) -> RankFigures {
     }
 }
 
-/// A site in one line: its headline frame, `function (file:line)`.
-fn site_name(s: &Site) -> String {
-    match crate::symbolize::Frame::headline(&s.frames) {
-        Some(f) => {
-            let func = f.function.as_deref().unwrap_or("[unknown]");
-            match f.location() {
-                Some(l) => format!("{func} ({l})"),
-                None => format!(
-                    "{func} ({})",
-                    f.module.as_deref().map(|m| m.rsplit('/').next().unwrap_or(m)).unwrap_or("?")
-                ),
-            }
-        }
-        None => format!("[no stack] via {}", s.function),
+/// `function (file:line)`, or `function (module)` without a line.
+fn frame_name(f: &crate::symbolize::Frame) -> String {
+    let func = f.function.as_deref().unwrap_or("[unknown]");
+    match f.location() {
+        Some(l) => format!("{func} ({l})"),
+        None => format!("{func} ({})", f.module.as_deref().map(|m| m.rsplit('/').next().unwrap_or(m)).unwrap_or("?")),
+    }
+}
+
+/// A site in one line: its headline frame and, when that is in a library (libstdc++'s string
+/// constructor, say) or inlined (a template from a header), the function of the executable
+/// `exe` it ran in: its first frame there that was not inlined.
+fn site_name(s: &Site, exe: &str) -> String {
+    let Some(head) = crate::symbolize::Frame::headline(&s.frames) else {
+        return format!("[no stack] via {}", s.function);
+    };
+    let in_exe = |f: &&crate::symbolize::Frame| f.module.as_deref() == Some(exe) && !f.inlined;
+    if head.runtime.is_some() || in_exe(&head) {
+        return frame_name(head);
+    }
+    match s.frames.iter().find(in_exe) {
+        Some(caller) => format!("{} <- {}", frame_name(head), frame_name(caller)),
+        None => frame_name(head),
     }
 }
 
@@ -421,7 +430,7 @@ fn rankings_lines(out: &mut String, r: &Report) {
                 human_bytes(s.peak_bytes),
                 human_bytes(s.outstanding_bytes),
                 s.temporary_count.map_or("-".to_string(), |t| t.to_string()),
-                site_name(s)
+                site_name(s, &r.target.exe)
             );
         }
     }
@@ -460,7 +469,7 @@ fn suppressed_lines(out: &mut String, r: &Report, applied: &crate::report::suppr
             plural(u.sites, "call site", "call sites"),
         );
         for s in r.sites.iter().filter(|s| s.suppressed.as_deref() == Some(u.rule.as_str())) {
-            let _ = writeln!(out, "      {} outstanding: {}", human_bytes(s.outstanding_bytes), site_name(s));
+            let _ = writeln!(out, "      {} outstanding: {}", human_bytes(s.outstanding_bytes), site_name(s, &r.target.exe));
         }
     }
     for u in &applied.unused {

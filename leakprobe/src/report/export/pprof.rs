@@ -290,6 +290,18 @@ pub fn profile(report: &Report) -> Profile {
                     let key = strings.get("verdict");
                     l.push(Label { key, str: strings.get(v), num: 0, num_unit: 0 });
                 }
+                // pprof has no peak: the site's peak and temporaries ride as numeric labels
+                // (`go tool pprof -traces` prints them per stack, `-tagfocus` filters on them).
+                let (key, unit) = (strings.get("peak_bytes"), strings.get("bytes"));
+                l.push(Label { key, str: 0, num: signed(site.peak_bytes), num_unit: unit });
+                if let Some(t) = site.temporary_count {
+                    let (key, unit) = (strings.get("temporary"), strings.get("count"));
+                    l.push(Label { key, str: 0, num: signed(t), num_unit: unit });
+                }
+                if let Some(rule) = &site.suppressed {
+                    let key = strings.get("suppressed");
+                    l.push(Label { key, str: strings.get(rule), num: 0, num_unit: 0 });
+                }
                 l
             },
         });
@@ -478,7 +490,9 @@ mod tests {
         assert_eq!(p.location.iter().find(|l| l.address == 0x1100).unwrap().line.len(), 2);
         assert_eq!(p.sample[1].value, [300, 1, 600, 2]);
         assert_eq!(s(&p, p.sample[1].label[0].str), "calloc");
-        assert_eq!(first.label.len(), 1, "no scan, no reachability label");
+        let keys: Vec<&str> = first.label.iter().map(|l| s(&p, l.key)).collect();
+        assert_eq!(keys, ["allocator", "peak_bytes", "temporary"], "no scan, no reachability label");
+        assert_eq!(first.label[1].num, first.value[0], "the fixture's peak is what it holds");
         // No symbol: an address in libc's mapping, and no function.
         assert_eq!(stack(&p, &p.sample[1]), ["cache_put;v2\nx:12", "0x7f0000001010", "main:90"]);
         assert_eq!(p.sample[2].value, [0, 0, 500, 6]);
@@ -530,12 +544,12 @@ mod tests {
         r.sites[0].verdict = Some("LEAK".into());
         let p = profile(&r);
         let labels: Vec<(&str, &str)> =
-            p.sample[0].label.iter().map(|l| (s(&p, l.key), s(&p, l.str))).collect();
+            p.sample[0].label.iter().filter(|l| l.num_unit == 0).map(|l| (s(&p, l.key), s(&p, l.str))).collect();
         assert_eq!(
             labels,
             [("allocator", "malloc"), ("reachability", "definitely_lost"), ("verdict", "LEAK")]
         );
-        assert_eq!(p.sample[1].label.len(), 1);
+        assert_eq!(p.sample[1].label.iter().filter(|l| l.num_unit == 0).count(), 1, "not scanned: the allocator only");
     }
 
     #[test]
