@@ -37,7 +37,8 @@ fn run_json(args: &[&str], cmd: &[&str]) -> (Value, String) {
     let out = run_leakprobe(&all);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "leakprobe {all:?} failed:\n{err}");
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}); stderr:\n{err}"));
+    let report =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}); stderr:\n{err}"));
     (report, err)
 }
 
@@ -146,11 +147,19 @@ fn temporaries_are_counted_as_heaptrack_counts_them() {
         sites(&sampled).iter().all(|s| s.get("temporary_count").is_none()),
         "sampling sees no calls between samples: no temporary count"
     );
-    let text = String::from_utf8_lossy(&run_leakprobe(&["run", "--sort", "temporary", "--", exe_s, "temporaries"]).stdout)
-        .into_owned();
-    let block = text.split("Call sites by temporary").nth(1).unwrap_or_else(|| panic!("no --sort section:\n{text}"));
+    let text = String::from_utf8_lossy(
+        &run_leakprobe(&["run", "--sort", "temporary", "--", exe_s, "temporaries"]).stdout,
+    )
+    .into_owned();
+    let block =
+        text.split("Call sites by temporary").nth(1).unwrap_or_else(|| panic!("no --sort section:\n{text}"));
     let first = block.lines().find(|l| l.starts_with("#1 ")).unwrap();
-    let body: String = block.lines().skip_while(|l| *l != first).take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+    let body: String = block
+        .lines()
+        .skip_while(|l| *l != first)
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(body.contains("scratch(int)") && body.contains("5000 temporary"), "--sort temporary:\n{body}");
 }
 
@@ -237,7 +246,11 @@ fn suppressions_keep_the_gate_green_as_lsan_and_valgrind_read_them() {
             "--",
             plain.to_str().unwrap(),
         ]);
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, text, err) = gate(&both);
     assert_eq!(code, Some(0), "both leaks known: the gate passes\n{text}\n{err}");
@@ -245,9 +258,13 @@ fn suppressions_keep_the_gate_green_as_lsan_and_valgrind_read_them() {
     assert_eq!(code, Some(0), "the Valgrind file suppresses both too\n{err}");
     let (code, text, err) = gate(&one);
     assert_eq!(code, Some(1), "leak_b is not known: the gate fails\n{text}\n{err}");
-    let suppressed = text.split("SUPPRESSED").nth(1).unwrap_or_else(|| panic!("no SUPPRESSED section:\n{text}"));
+    let suppressed =
+        text.split("SUPPRESSED").nth(1).unwrap_or_else(|| panic!("no SUPPRESSED section:\n{text}"));
     assert!(suppressed.contains("leak:leak_a") && suppressed.contains("400 B"), "{suppressed}");
-    assert!(err.contains("suppression leak:never_called_anywhere") && err.contains("matched nothing"), "{err}");
+    assert!(
+        err.contains("suppression leak:never_called_anywhere") && err.contains("matched nothing"),
+        "{err}"
+    );
 
     // The same files, read by LeakSanitizer itself.
     let lsan_run = |supp: &Path| {
@@ -301,7 +318,8 @@ fn lsan_blocks(text: &str) -> Vec<(String, Vec<(String, String)>)> {
 fn the_lsan_format_reads_as_lsans_own_report() {
     require_root();
     let plain = build_target("lsan_example.cpp", "lsan_example", "g++", &["-O0", "-g"]);
-    let lsan = build_target("lsan_example.cpp", "lsan_example_lsan", "g++", &["-O0", "-g", "-fsanitize=leak"]);
+    let lsan =
+        build_target("lsan_example.cpp", "lsan_example_lsan", "g++", &["-O0", "-g", "-fsanitize=leak"]);
     let theirs = output(&mut Command::new(&lsan));
     let their_text = String::from_utf8_lossy(&theirs.stderr).into_owned();
     assert_eq!(theirs.status.code(), Some(23), "{their_text}");
@@ -354,13 +372,16 @@ fn the_readmes_reproduction_script_gates_as_documented() {
     let dir = scratch_dir("ci_gate_recipe");
     let sh = write(&dir, "reproduce_leak.sh", script);
     let input = write(&dir, "input.txt", "");
-    let path = format!("{}:{}", leakprobe_bin().parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        leakprobe_bin().parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let run = |known: &str| {
         write(&dir, "known.supp", known);
         let _ = std::fs::remove_file(dir.join("leak-report.txt"));
-        let out = output(
-            Command::new("sh").arg(&sh).arg(&plain).arg(&input).current_dir(&dir).env("PATH", &path),
-        );
+        let out =
+            output(Command::new("sh").arg(&sh).arg(&plain).arg(&input).current_dir(&dir).env("PATH", &path));
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (code, err) = run("leak:leak_a\nleak:leak_b\n");

@@ -379,10 +379,27 @@ mod tests {
         let key = |id| SiteKey { stack_id: id, kind: 0, _pad: 0 };
         let mut t = Tracker::new(0, 0);
         for i in 0..100u64 {
-            let grow = SiteCounters { alloc_count: i, alloc_bytes: 1000 * i, free_count: 0, free_bytes: 0, ..Default::default() };
-            let big_flat =
-                SiteCounters { alloc_count: 1, alloc_bytes: 1 << 20, free_count: 0, free_bytes: 0, ..Default::default() };
-            let small = SiteCounters { alloc_count: i, alloc_bytes: 10 * i, free_count: 0, free_bytes: 0, ..Default::default() };
+            let grow = SiteCounters {
+                alloc_count: i,
+                alloc_bytes: 1000 * i,
+                free_count: 0,
+                free_bytes: 0,
+                ..Default::default()
+            };
+            let big_flat = SiteCounters {
+                alloc_count: 1,
+                alloc_bytes: 1 << 20,
+                free_count: 0,
+                free_bytes: 0,
+                ..Default::default()
+            };
+            let small = SiteCounters {
+                alloc_count: i,
+                alloc_bytes: 10 * i,
+                free_count: 0,
+                free_bytes: 0,
+                ..Default::default()
+            };
             t.ingest(crate::model::Sample {
                 at_ns: (i + 1) * 1_000_000_000,
                 sites: vec![(key(1), grow), (key(2), big_flat), (key(3), small)],

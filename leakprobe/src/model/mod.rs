@@ -571,7 +571,13 @@ mod tests {
     }
 
     fn counters(ac: u64, ab: u64, fc: u64, fb: u64) -> SiteCounters {
-        SiteCounters { alloc_count: ac, alloc_bytes: ab, free_count: fc, free_bytes: fb, ..Default::default() }
+        SiteCounters {
+            alloc_count: ac,
+            alloc_bytes: ab,
+            free_count: fc,
+            free_bytes: fb,
+            ..Default::default()
+        }
     }
 
     const S: u64 = 1_000_000_000;

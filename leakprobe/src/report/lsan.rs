@@ -71,8 +71,10 @@ fn leak_block(out: &mut String, direct: bool, bytes: u64, count: u64, s: &Site, 
 pub fn render(r: &Report) -> String {
     // The mark leakprobe knows its own outputs by (so that the next run may replace the
     // file); it must not say "LeakSanitizer", which gates grep for.
-    let mut out =
-        format!("leakprobe {}: PID {} ({}), --format lsan\n", r.leakprobe.version, r.target.pid, r.target.exe);
+    let mut out = format!(
+        "leakprobe {}: PID {} ({}), --format lsan\n",
+        r.leakprobe.version, r.target.pid, r.target.exe
+    );
     let unsuppressed = || r.sites.iter().filter(|s| s.suppressed.is_none());
     let mut direct: Vec<(&Site, u64, u64)> = unsuppressed()
         .filter_map(|s| s.reachability.map(|c| (s, c.definitely_lost.bytes, c.definitely_lost.count)))
@@ -133,9 +135,15 @@ mod tests {
         });
         let text = render(&r);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines.iter().any(|l| l.ends_with("ERROR: LeakSanitizer: detected memory leaks (found by leakprobe)")));
-        let direct = lines.iter().position(|l| *l == "Direct leak of 400 byte(s) in 1 object(s) allocated from:");
-        let indirect = lines.iter().position(|l| *l == "Indirect leak of 96 byte(s) in 2 object(s) allocated from:");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("ERROR: LeakSanitizer: detected memory leaks (found by leakprobe)"))
+        );
+        let direct =
+            lines.iter().position(|l| *l == "Direct leak of 400 byte(s) in 1 object(s) allocated from:");
+        let indirect =
+            lines.iter().position(|l| *l == "Indirect leak of 96 byte(s) in 2 object(s) allocated from:");
         assert!(direct.is_some() && indirect > direct, "direct first:\n{text}");
         let f = &r.sites[0].frames[0];
         let want = format!(

@@ -697,7 +697,10 @@ mod tests {
         let applied = r.suppressions.clone().unwrap();
         assert_eq!(applied.used.len(), 1);
         assert_eq!(applied.used[0].bytes, r.sites[0].outstanding_bytes);
-        assert_eq!(applied.unused, [Unused { rule: "leak:no_such_function".into(), origin: "k.supp:2".into() }]);
+        assert_eq!(
+            applied.unused,
+            [Unused { rule: "leak:no_such_function".into(), origin: "k.supp:2".into() }]
+        );
         assert_eq!(r.sites[0].suppressed.as_deref(), Some(format!("leak:{first}").as_str()));
         assert_eq!(unsuppressed_gate(&r, all_lost, true), all_lost - r.sites[0].outstanding_bytes);
         assert_eq!(r.verdict.kind, RunVerdict::Leak, "another site still leaks");

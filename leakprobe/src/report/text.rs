@@ -381,7 +381,10 @@ fn frame_name(f: &crate::symbolize::Frame) -> String {
     let func = f.function.as_deref().unwrap_or("[unknown]");
     match f.location() {
         Some(l) => format!("{func} ({l})"),
-        None => format!("{func} ({})", f.module.as_deref().map(|m| m.rsplit('/').next().unwrap_or(m)).unwrap_or("?")),
+        None => format!(
+            "{func} ({})",
+            f.module.as_deref().map(|m| m.rsplit('/').next().unwrap_or(m)).unwrap_or("?")
+        ),
     }
 }
 
@@ -469,7 +472,12 @@ fn suppressed_lines(out: &mut String, r: &Report, applied: &crate::report::suppr
             plural(u.sites, "call site", "call sites"),
         );
         for s in r.sites.iter().filter(|s| s.suppressed.as_deref() == Some(u.rule.as_str())) {
-            let _ = writeln!(out, "      {} outstanding: {}", human_bytes(s.outstanding_bytes), site_name(s, &r.target.exe));
+            let _ = writeln!(
+                out,
+                "      {} outstanding: {}",
+                human_bytes(s.outstanding_bytes),
+                site_name(s, &r.target.exe)
+            );
         }
     }
     for u in &applied.unused {

@@ -543,13 +543,21 @@ mod tests {
         });
         r.sites[0].verdict = Some("LEAK".into());
         let p = profile(&r);
-        let labels: Vec<(&str, &str)> =
-            p.sample[0].label.iter().filter(|l| l.num_unit == 0).map(|l| (s(&p, l.key), s(&p, l.str))).collect();
+        let labels: Vec<(&str, &str)> = p.sample[0]
+            .label
+            .iter()
+            .filter(|l| l.num_unit == 0)
+            .map(|l| (s(&p, l.key), s(&p, l.str)))
+            .collect();
         assert_eq!(
             labels,
             [("allocator", "malloc"), ("reachability", "definitely_lost"), ("verdict", "LEAK")]
         );
-        assert_eq!(p.sample[1].label.iter().filter(|l| l.num_unit == 0).count(), 1, "not scanned: the allocator only");
+        assert_eq!(
+            p.sample[1].label.iter().filter(|l| l.num_unit == 0).count(),
+            1,
+            "not scanned: the allocator only"
+        );
     }
 
     #[test]
