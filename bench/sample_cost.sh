@@ -4,7 +4,7 @@
 # `leakprobe attach --in-process --sample-bytes B` follows an allocation-heavy target.
 # The trap that enters a program is not in these figures; bench/trap_cost.sh measures it.
 #
-# Usage: bench/sample_cost.sh [LEAKPROBE] [python|c] [SAMPLE_BYTES] [EXTRA leakprobe args...]
+# Usage: bench/sample_cost.sh [LEAKPROBE] [python|c] [SAMPLE_BYTES|exact] [EXTRA leakprobe args...]
 #   (root). LEAKPROBE defaults to target/release/leakprobe: give two builds' binaries in turn
 #   to compare them on the same target. Prints one Markdown row per program that ran.
 set -euo pipefail
@@ -28,7 +28,9 @@ exec 3<>"$work/in"
 "${target[@]}" <&3 >"$work/out" 2>"$work/err" &
 pid=$!
 until grep -q ready "$work/out"; do sleep 0.1; done
-"$lp" attach --pid "$pid" --in-process --sample-bytes "$bytes" --duration 60s "$@" >/dev/null 2>"$work/lp" &
+# "exact": full tracking with uprobes (every call runs the programs), no stub.
+if [ "$bytes" = exact ]; then mode=(); else mode=(--in-process --sample-bytes "$bytes"); fi
+"$lp" attach --pid "$pid" "${mode[@]}" --duration 60s "$@" >/dev/null 2>"$work/lp" &
 lpid=$!
 until grep -q "attached" "$work/lp"; do
     kill -0 "$lpid" 2>/dev/null || { cat "$work/lp" >&2; exit 1; }
