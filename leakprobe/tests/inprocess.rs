@@ -288,7 +288,10 @@ fn a_hundred_random_sigkills_under_an_allocation_storm_leave_the_target_correct(
         worst.longest()
     );
     assert!(inside_stop >= kills / 8, "only {inside_stop} kills landed inside a stop");
-    assert!(worst.longest() <= Duration::from_millis(100), "{worst:?}");
+    // The bound leakprobe promises is the install's pause bound (200 ms, IN_PROCESS_MAX_PAUSE),
+    // which the helper keeps on its own clock: a debug build on a loaded CI host once took
+    // 124 ms to finish the step under way after the kill (typically under 15 ms here).
+    assert!(worst.longest() <= Duration::from_millis(200), "{worst:?}");
     assert_all_gone(&format!("after {kills} SIGKILLs in in-process mode"));
     // Still right: 64 threads leak exactly what they should, with a fresh leakprobe.
     let report =

@@ -71,7 +71,7 @@ fn storm_exits_clean(mut t: Target) {
 /// tables' stub, patching, tracing; exact and in-process by turns; a quarter held until a stop,
 /// a quarter until the tables are patched) under four threads
 /// allocating without pause: each time the eight words come back within a second, no thread
-/// stays stopped past 100 ms, nothing of ours stays loaded; at the end the storm's every
+/// stays stopped past the 200 ms pause bound, nothing of ours stays loaded; at the end the storm's every
 /// object checked right and Python exits 0.
 #[test]
 fn a_hundred_sigkills_under_a_python_storm_leave_the_interpreter_correct() {
@@ -138,7 +138,10 @@ fn a_hundred_sigkills_under_a_python_storm_leave_the_interpreter_correct() {
         "only {patched_at_kill} kills landed while the tables were patched"
     );
     assert!(inside_stop >= kills / 8, "only {inside_stop} kills landed inside a stop");
-    assert!(worst.longest() <= Duration::from_millis(100), "{worst:?}");
+    // The bound leakprobe promises is the install's pause bound (200 ms, IN_PROCESS_MAX_PAUSE),
+    // which the helper keeps on its own clock: a debug build on a loaded CI host once took
+    // 124 ms to finish the step under way after the kill (typically under 15 ms here).
+    assert!(worst.longest() <= Duration::from_millis(200), "{worst:?}");
     assert_all_gone("after 100 SIGKILLs with CPython's tables patched");
     storm_exits_clean(target);
 }
