@@ -486,8 +486,8 @@ fn suppressed_lines(out: &mut String, r: &Report, applied: &crate::report::suppr
     out.push('\n');
 }
 
-pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
-    let mut out = String::new();
+/// The first lines: what was traced, how it ended, the target and the host.
+fn header_lines(out: &mut String, r: &Report) {
     let t = &r.target;
     let _ = writeln!(
         out,
@@ -531,7 +531,10 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
         r.leakprobe.version,
         r.leakprobe.args.join(" "),
     );
+}
 
+/// The allocator hooked and the probes, by module.
+fn allocator_lines(out: &mut String, r: &Report) {
     let a = &r.allocator;
     let _ = writeln!(
         out,
@@ -580,61 +583,58 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
             let _ = writeln!(out, "           not attached (optional): {}", missing.join(" "));
         }
     }
-    if let Some(ip) = &r.in_process {
-        let slots: u64 = ip.patched.iter().map(|p| p.slots).sum();
-        let modules =
-            ip.patched.iter().map(|p| p.module.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+}
+
+/// `--in-process`: the stub, its slots and what it left in the target.
+fn in_process_lines(out: &mut String, r: &Report, ip: &crate::report::InProcess) {
+    let slots: u64 = ip.patched.iter().map(|p| p.slots).sum();
+    let modules =
+        ip.patched.iter().map(|p| p.module.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+    let _ = writeln!(
+        out,
+        "  sampler: in-process stub: {slots} GOT slots in {modules} modules; target paused {:.1} ms to \
+         install (slots written in {:.1} ms, no stop), {} to restore ({})",
+        ip.map_pause_ms,
+        ip.patch_pause_ms,
+        ip.restore_pause_ms.map_or("not".to_string(), |p| format!("{p:.1} ms")),
+        ip.restored_slots.map_or("target gone".to_string(), |n| format!("{n} slots restored")),
+    );
+    if r.sampling.estimated {
         let _ = writeln!(
             out,
-            "  sampler: in-process stub: {slots} GOT slots in {modules} modules; target paused {:.1} ms to \
-             install (slots written in {:.1} ms, no stop), {} to restore ({})",
-            ip.map_pause_ms,
-            ip.patch_pause_ms,
-            ip.restore_pause_ms.map_or("not".to_string(), |p| format!("{p:.1} ms")),
-            ip.restored_slots.map_or("target gone".to_string(), |n| format!("{n} slots restored")),
+            "           the stub followed {} sampled allocations and {} of their frees{}",
+            ip.stub_sampled_allocs,
+            ip.stub_sampled_frees,
+            if ip.stub_set_full > 0 {
+                format!("; DEGRADED: its pointer set was full {} times, sampling stopped", ip.stub_set_full)
+            } else {
+                String::new()
+            }
         );
-        if r.sampling.estimated {
-            let _ = writeln!(
-                out,
-                "           the stub followed {} sampled allocations and {} of their frees{}",
-                ip.stub_sampled_allocs,
-                ip.stub_sampled_frees,
-                if ip.stub_set_full > 0 {
-                    format!(
-                        "; DEGRADED: its pointer set was full {} times, sampling stopped",
-                        ip.stub_set_full
-                    )
-                } else {
-                    String::new()
-                }
-            );
-        }
-        if ip.repatched_slots > 0 {
-            let _ = writeln!(
-                out,
-                "           {} GOT slots lost the stub's address while attached and were put back at the \
-                 next interval (calls through them in between were not seen)",
-                ip.repatched_slots
-            );
-        }
-        if ip.from_entry {
-            let _ = writeln!(
-                out,
-                "           installed at the program's entry point: allocations made before it (by the \
-                 libraries' constructors) were not seen"
-            );
-        }
-        for s in &ip.skipped {
-            let _ = writeln!(out, "           not patched: {} in {} ({})", s.function, s.module, s.reason);
-        }
-        let _ = writeln!(out, "           left in the target: {}", ip.left_in_target);
     }
-    if let Some(rt) = &r.runtime {
-        runtime_lines(&mut out, rt, r.sampling.estimated);
+    if ip.repatched_slots > 0 {
+        let _ = writeln!(
+            out,
+            "           {} GOT slots lost the stub's address while attached and were put back at the \
+             next interval (calls through them in between were not seen)",
+            ip.repatched_slots
+        );
     }
-    if let Some(js) = &r.js_heap {
-        js_heap_lines(&mut out, js);
+    if ip.from_entry {
+        let _ = writeln!(
+            out,
+            "           installed at the program's entry point: allocations made before it (by the \
+             libraries' constructors) were not seen"
+        );
     }
+    for s in &ip.skipped {
+        let _ = writeln!(out, "           not patched: {} in {} ({})", s.function, s.module, s.reason);
+    }
+    let _ = writeln!(out, "           left in the target: {}", ip.left_in_target);
+}
+
+/// Estimates, drops, what the probes saw and what they cost.
+fn activity_lines(out: &mut String, r: &Report) {
     if r.sampling.estimated {
         let _ = writeln!(
             out,
@@ -686,52 +686,57 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
         );
     }
     let _ = writeln!(out);
+}
 
-    if let Some(sc) = &r.scan {
-        let t = &sc.totals;
-        let _ = writeln!(
-            out,
-            "  scan:    at +{:.1} s, {} ({}): target paused {:.1} ms (+{:.1} ms to reap), {} threads, {} read, \
-             {} blocks in {:.0} ms",
-            sc.at_s,
-            if sc.method == "clone" { "a copy-on-write snapshot" } else { "copied while stopped" },
-            sc.no_clone_why.as_deref().unwrap_or("forked inside the target, never run"),
-            sc.pause_ms,
-            sc.reap_pause_ms,
-            sc.threads,
-            human_bytes(sc.bytes_read),
-            sc.blocks_scanned,
-            sc.duration_ms,
-        );
-        let _ = writeln!(
-            out,
-            "           {}{}",
-            four_classes(t),
-            if sc.cycles.is_empty() {
-                String::new()
-            } else {
-                format!("; {} cycles of lost blocks", sc.cycles.len() as u64 + sc.cycles_rest)
-            }
-        );
-        if let Some(c) = &sc.census {
-            census_lines(&mut out, c);
+/// The scan: its pause, its classes, the census and the Python objects.
+fn scan_summary_lines(out: &mut String, sc: &crate::report::scan::Scan) {
+    let t = &sc.totals;
+    let _ = writeln!(
+        out,
+        "  scan:    at +{:.1} s, {} ({}): target paused {:.1} ms (+{:.1} ms to reap), {} threads, {} read, \
+         {} blocks in {:.0} ms",
+        sc.at_s,
+        if sc.method == "clone" { "a copy-on-write snapshot" } else { "copied while stopped" },
+        sc.no_clone_why.as_deref().unwrap_or("forked inside the target, never run"),
+        sc.pause_ms,
+        sc.reap_pause_ms,
+        sc.threads,
+        human_bytes(sc.bytes_read),
+        sc.blocks_scanned,
+        sc.duration_ms,
+    );
+    let _ = writeln!(
+        out,
+        "           {}{}",
+        four_classes(t),
+        if sc.cycles.is_empty() {
+            String::new()
+        } else {
+            format!("; {} cycles of lost blocks", sc.cycles.len() as u64 + sc.cycles_rest)
         }
-        if let Some(p) = &sc.python_objects {
-            python_objects_lines(&mut out, p);
-        }
-        if sc.unreadable_bytes > 0 {
-            let _ = writeln!(
-                out,
-                "           {} of memory could not be read: a pointer there could hold a block called lost",
-                human_bytes(sc.unreadable_bytes)
-            );
-        }
-        let _ = writeln!(out);
+    );
+    if let Some(c) = &sc.census {
+        census_lines(out, c);
     }
+    if let Some(p) = &sc.python_objects {
+        python_objects_lines(out, p);
+    }
+    if sc.unreadable_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "           {} of memory could not be read: a pointer there could hold a block called lost",
+            human_bytes(sc.unreadable_bytes)
+        );
+    }
+    let _ = writeln!(out);
+}
+
+/// The verdict, then for a `run` heaptrack's rankings, then the heap's peak.
+fn verdict_lines(out: &mut String, r: &Report) {
     let _ = writeln!(out, "VERDICT: {}: {}", r.verdict.label(), r.verdict.summary);
     let _ = writeln!(out);
     if r.target.is_run && !r.sites.is_empty() {
-        rankings_lines(&mut out, r);
+        rankings_lines(out, r);
     }
     if r.totals.peak_bytes > 0 {
         let _ = writeln!(
@@ -743,7 +748,10 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
             if r.sampling.estimated { " (estimated)" } else { "" },
         );
     }
+}
 
+/// The sites shown in full (in `sort`'s order), the suppressed ones, and the summary.
+fn sites_lines(out: &mut String, r: &Report, top: usize, sort: SortBy) {
     let growing: Vec<&Site> = r.sites.iter().filter(|s| s.outstanding_bytes > 0).collect();
     let shown = shown_sites(r, sort);
     if shown.is_empty() {
@@ -753,7 +761,7 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
             let _ = writeln!(out, "Call sites by {} (--sort):\n", sort.name());
         }
         for (i, s) in shown.iter().take(top).enumerate() {
-            site_block(&mut out, i + 1, s);
+            site_block(out, i + 1, s);
         }
         if shown.len() > top {
             let _ = writeln!(
@@ -764,7 +772,7 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
         }
     }
     if let Some(applied) = &r.suppressions {
-        suppressed_lines(&mut out, r, applied);
+        suppressed_lines(out, r, applied);
     }
     let freed_all = r.sites.len() - growing.len();
     let _ = writeln!(
@@ -787,6 +795,27 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
             plural(r.totals.evicted_sites, "call site", "call sites"),
         );
     }
+}
+
+pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
+    let mut out = String::new();
+    header_lines(&mut out, r);
+    allocator_lines(&mut out, r);
+    if let Some(ip) = &r.in_process {
+        in_process_lines(&mut out, r, ip);
+    }
+    if let Some(rt) = &r.runtime {
+        runtime_lines(&mut out, rt, r.sampling.estimated);
+    }
+    if let Some(js) = &r.js_heap {
+        js_heap_lines(&mut out, js);
+    }
+    activity_lines(&mut out, r);
+    if let Some(sc) = &r.scan {
+        scan_summary_lines(&mut out, sc);
+    }
+    verdict_lines(&mut out, r);
+    sites_lines(&mut out, r, top, sort);
     out
 }
 
