@@ -4,7 +4,7 @@
 # `leakprobe attach --in-process --sample-bytes B` follows an allocation-heavy target.
 # The trap that enters a program is not in these figures; bench/trap_cost.sh measures it.
 #
-# Usage: bench/sample_cost.sh [LEAKPROBE] [python|c] [SAMPLE_BYTES|exact] [EXTRA leakprobe args...]
+# Usage: bench/sample_cost.sh [LEAKPROBE] [python|c|node] [SAMPLE_BYTES|exact] [EXTRA leakprobe args...]
 #   (root). LEAKPROBE defaults to target/release/leakprobe: give two builds' binaries in turn
 #   to compare them on the same target. Prints one Markdown row per program that ran.
 set -euo pipefail
@@ -21,7 +21,8 @@ trap 'sysctl -q kernel.bpf_stats_enabled="$was"; kill $(jobs -p) 2>/dev/null || 
 case $kind in
     python) target=(python3.11 bench/py_alloc.py 3) ;;
     c) gcc -O2 -o "$work/loop" bench/alloc_loop.c -lpthread; target=("$work/loop" 2000000 10 1) ;;
-    *) echo "kind: python or c" >&2; exit 2 ;;
+    node) target=(node bench/node_alloc.js 3) ;;
+    *) echo "kind: python, c or node" >&2; exit 2 ;;
 esac
 mkfifo "$work/in"
 exec 3<>"$work/in"
