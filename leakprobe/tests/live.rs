@@ -343,7 +343,15 @@ fn top_shows_the_leaking_site_first_sorts_on_a_key_and_leaves_a_clean_terminal()
     tmux.keys(&["s"]);
     tmux.wait("the sort change", |s| s.contains("call sites by outstanding"));
     tmux.keys(&["s"]);
-    tmux.wait("the second sort change", |s| s.contains("call sites by allocations"));
+    tmux.wait("the second sort change", |s| s.contains("call sites by peak"));
+    // By calls, and by temporaries: the health check, which allocates and frees at once on
+    // every request, comes first, its buffers counted as temporaries.
+    tmux.keys(&["s"]);
+    let s = tmux.wait("the sort by calls", |s| s.contains("call sites by calls"));
+    assert!(first_row(&s).contains("health"), "{s}");
+    tmux.keys(&["s"]);
+    let s = tmux.wait("the sort by temporaries", |s| s.contains("call sites by temporary"));
+    assert!(first_row(&s).contains("health") && s.contains("TEMP"), "{s}");
     // Filter by module: the demo's own sites stay, the others go.
     tmux.keys(&["/", "s", "e", "s", "s", "i", "o", "n", "Enter"]);
     let s = tmux.wait("the filter", |s| s.contains("matching \"session\""));
