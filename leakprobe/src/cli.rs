@@ -134,8 +134,8 @@ pub enum Command {
     /// A live terminal view of a running process: call sites sorted by growth, RSS against
     /// the tracked heap, the verdict.
     ///
-    /// Keys: s sort (growth, outstanding, allocations), / filter by function, module or allocator,
-    /// f freeze, w write a snapshot, q quit (detaches; the target runs on).
+    /// Keys: s sort (growth, outstanding, peak, calls, temporary), / filter by function, module or
+    /// allocator, f freeze, w write a snapshot, q quit (detaches; the target runs on).
     #[command(after_help = TOP_EXAMPLES)]
     Top {
         /// The process to watch.
