@@ -1050,10 +1050,12 @@ fn account_alloc(block: &LiveBlock) {
     }
 }
 
+/// Subtracts a freed block from its site and the heap; returns its site's counters.
 #[inline(always)]
-fn account_free(block: &LiveBlock) {
+fn account_free(block: &LiveBlock) -> Option<*mut SiteCounters> {
     let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
-    if let Some(site) = SITES.get_ptr_mut(&key) {
+    let site = SITES.get_ptr_mut(&key);
+    if let Some(site) = site {
         atomic_add(unsafe { &raw mut (*site).free_count }, block.weight_count);
         atomic_add(unsafe { &raw mut (*site).free_bytes }, block.weight_bytes);
     }
@@ -1061,6 +1063,7 @@ fn account_free(block: &LiveBlock) {
         atomic_add(unsafe { &raw mut (*heap).bytes }, block.weight_bytes.wrapping_neg());
         atomic_add(unsafe { &raw mut (*heap).count }, block.weight_count.wrapping_neg());
     }
+    site
 }
 
 /// Full tracking: this thread just allocated `addr`.
@@ -1078,11 +1081,12 @@ fn note_alloc(addr: u64) {
     }
 }
 
-/// Full tracking: this thread calls free on `addr` (`block`, if it was tracked). The block
-/// is temporary if it was the thread's last allocation, with no free call in between
-/// (heaptrack's rule); any free call ends that chance for the last allocation.
+/// Full tracking: this thread calls free on `addr`; `freed` is the tracked block and its
+/// site's counters (from [`account_free`]), if it was tracked. The block is temporary if it
+/// was the thread's last allocation, with no free call in between (heaptrack's rule); any
+/// free call ends that chance for the last allocation.
 #[inline(always)]
-fn note_free(addr: u64, block: Option<&LiveBlock>) {
+fn note_free(addr: u64, freed: Option<(&LiveBlock, Option<*mut SiteCounters>)>) {
     if sample_bytes() != 0 {
         return;
     }
@@ -1090,13 +1094,10 @@ fn note_free(addr: u64, block: Option<&LiveBlock>) {
     let Some(last) = LAST_ALLOC.get_ptr_mut(&tid) else { return };
     let was_last = unsafe { *last } == addr;
     unsafe { *last = 0 };
-    if let Some(b) = block
+    if let Some((b, Some(site))) = freed
         && was_last
     {
-        let key = SiteKey { stack_id: b.stack_id, kind: b.kind, _pad: 0 };
-        if let Some(site) = SITES.get_ptr_mut(&key) {
-            atomic_add(unsafe { &raw mut (*site).temporary_count }, b.weight_count);
-        }
+        atomic_add(unsafe { &raw mut (*site).temporary_count }, b.weight_count);
     }
 }
 
@@ -1107,8 +1108,8 @@ fn free_realloc_old(rec: &InFlight) {
         return;
     }
     if rec.old_known != 0 {
-        account_free(&rec.old_block);
-        note_free(rec.old_ptr, Some(&rec.old_block));
+        let site = account_free(&rec.old_block);
+        note_free(rec.old_ptr, Some((&rec.old_block, site)));
     } else {
         count(counter::UNKNOWN_FREE);
         note_free(rec.old_ptr, None);
@@ -1208,7 +1209,7 @@ fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
                     // pymalloc's sizes): one block, already counted.
                     return;
                 }
-                account_free(&old);
+                let _ = account_free(&old);
                 keep_for_scan(addr, &old);
             }
             count(counter::MISSED_FREE);
@@ -1482,8 +1483,8 @@ fn dispatch(tid: u32, p: &Pending, stack_id: u64) {
 fn finish_free(addr: u64) {
     match take_live(addr) {
         Some(block) => {
-            account_free(&block);
-            note_free(addr, Some(&block));
+            let site = account_free(&block);
+            note_free(addr, Some((&block, site)));
         }
         None => {
             count(counter::UNKNOWN_FREE);
@@ -1710,7 +1711,9 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
         return 0;
     }
     match take_live(addr) {
-        Some(block) if block.kind == AllocKind::Mmap as u32 => account_free(&block),
+        Some(block) if block.kind == AllocKind::Mmap as u32 => {
+            let _ = account_free(&block);
+        }
         Some(block) => {
             // Not a mapping we recorded; put it back untouched.
             let _ = LIVE.insert(&addr, &block, BPF_ANY as u64);
