@@ -81,7 +81,17 @@ fn our_figures(report: &Value, function: &str) -> BTreeMap<&'static str, u64> {
         .iter()
         .filter(|s| s["frames"].as_array().unwrap().iter().any(|f| f["function"].as_str() == Some(function)))
         .collect();
-    assert!(!through.is_empty(), "no site through {function}");
+    if through.is_empty() {
+        let stacks: Vec<String> = sites(report)
+            .iter()
+            .map(|s| {
+                let names: Vec<&str> =
+                    s["frames"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+                format!("{} B: {} {}", s["outstanding_bytes"], names.join(" <- "), s["frames"])
+            })
+            .collect();
+        panic!("no site through {function} in:\n{}\nwarnings: {}", stacks.join("\n"), report["warnings"]);
+    }
     let total = |k: &str| through.iter().map(|s| s[k].as_u64().unwrap_or(0)).sum::<u64>();
     BTreeMap::from([
         ("allocations", total("allocated_count")),
@@ -179,7 +189,8 @@ fn a_sites_peak_survives_its_frees_in_every_mode() {
         (&["--in-process", "--sample-bytes", "16KiB"], false),
     ];
     for (args, exact) in modes {
-        let (report, _) = run_json(args, &[exe_s, "peaks"]);
+        let (report, err) = run_json(args, &[exe_s, "peaks"]);
+        println!("{args:?}: leakprobe said:\n{err}");
         let ours = our_figures(&report, "grow_block()");
         println!("{args:?}: {ours:?}, heap peak {}", report["totals"]["peak_bytes"]);
         if exact {

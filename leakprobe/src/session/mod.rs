@@ -518,6 +518,10 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     tracing::info!("probes attached in {:?}", t_attach.elapsed());
     let start_ns = monotonic_ns();
     let start_wall = SystemTime::now();
+    // The mappings are read while a held command is still stopped: one that exits within
+    // milliseconds of its release would otherwise leave no table to symbolize its stacks with.
+    let mut symbolizer = Symbolizer::new();
+    let _ = symbolizer.modules.refresh(&identity);
     let mut child: Option<Child> = None;
     if let Some(h) = held.take() {
         child = Some(h.release().context("releasing the held command")?);
@@ -536,7 +540,6 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         ),
     );
 
-    let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
     let mut tracker = Tracker::new(start_ns, cfg.min_age.as_nanos() as u64);
     // The JavaScript heap last: the inspector is open for as short a time as can be.
