@@ -20,7 +20,11 @@ pub mod maps {
     pub const SCRATCH: &str = "SCRATCH";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     pub const CAPTURE_PROG: &str = "CAPTURE_PROG";
-    pub const EXECED: &str = "EXECED";
+    /// The traced processes by tgid ([`TargetState`]); every program returns at once for any
+    /// other process.
+    pub const TARGETS: &str = "TARGETS";
+    /// Ring of [`ForkEvent`]s: a followed process forked a child, which is now in `TARGETS`.
+    pub const FORKS: &str = "FORKS";
     pub const SAMPLE_LEFT: &str = "SAMPLE_LEFT";
     pub const EXP_TABLE: &str = "EXP_TABLE";
     pub const WEIGHT_TABLE: &str = "WEIGHT_TABLE";
@@ -36,8 +40,10 @@ pub mod maps {
 
 /// Globals the daemon sets before load.
 pub mod globals {
-    /// The target's tgid; every program returns early for any other process.
-    pub const TARGET_TGID: &str = "TARGET_TGID";
+    /// Offsets of `task_struct.pid` and `.tgid` (from the kernel's BTF): the fork
+    /// tracepoint reads the child's ids with them.
+    pub const TASK_PID: &str = "TASK_PID";
+    pub const TASK_TGID: &str = "TASK_TGID";
     /// Frames to capture per stack (at most MAX_STACK_DEPTH).
     pub const MAX_DEPTH: &str = "MAX_DEPTH";
     /// Mean bytes between samples; 0 tracks every allocation.
@@ -74,8 +80,57 @@ pub mod sampling {
     pub const WEIGHT_ONE: u64 = 65536;
 }
 
-/// Unwind table capacity: executable mappings of the target described at once.
+/// Unwind table capacity: executable mappings of one address-space layout described at once.
 pub const MAX_UNWIND_MODULES: u32 = 128;
+
+/// Address-space layouts described at once. Processes forked from one another share their
+/// parent's layout (the same modules at the same addresses); each process started on its own
+/// has its own (ASLR). Layout `l` owns `UNWIND_MODULES[l * MAX_UNWIND_MODULES ..]`.
+pub const MAX_LAYOUTS: u32 = 64;
+
+/// One traced process (a `TARGETS` entry, keyed by tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetState {
+    /// Its module table: an index below [`MAX_LAYOUTS`].
+    pub layout: u32,
+    /// [`target_flag`] bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` when the fork tracepoint added it (0: added by the daemon).
+    pub forked_ns: u64,
+    /// What this process holds now and the most it held (weighted as [`SiteCounters`]).
+    pub heap: HeapTotal,
+    /// Blocks of this process that could not be recorded (a kernel map was full).
+    pub drops: u64,
+}
+
+/// Bits of [`TargetState::flags`].
+pub mod target_flag {
+    /// The process called exec: nothing more is recorded for it, so the old image's figures
+    /// are never mixed with the new one's.
+    pub const EXECED: u32 = 1;
+    /// Its children are followed: the fork tracepoint adds each new process it forks, with the
+    /// same flags and layout, and reports it in `FORKS`.
+    pub const FOLLOW: u32 = 2;
+}
+
+/// A followed process forked: `child` is in `TARGETS` from its first instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub parent: u32,
+    pub child: u32,
+    pub ns: u64,
+}
+
+/// A `LIVE` key: forked processes hand out the same addresses, so the process is part of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub addr: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
 
 /// How a row computes the canonical frame address (CFA).
 pub mod cfa {
@@ -263,7 +318,13 @@ pub mod counter {
     pub const SCAN_FREES_LOST: u32 = 17;
     /// pymalloc's arena mmaps passed over: the objects in them are tracked one by one.
     pub const PY_ARENA_MMAPS: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// A followed process forked a child that could not be added: `TARGETS` was full
+    /// (`--max-processes`). The child runs untraced.
+    pub const PROCESSES_DROPPED: u32 = 19;
+    /// A fork event could not be queued for the daemon (its ring was full): the child is
+    /// traced, but the daemon learns of it only at its next look at `TARGETS`.
+    pub const FORK_EVENTS_LOST: u32 = 20;
+    pub const COUNT: u32 = 21;
 }
 
 /// Arguments of an allocation call kept from entry to return, per thread id.
@@ -315,7 +376,8 @@ pub struct LiveBlock {
     /// Allocations it stands for, in 1/COUNT_SCALE units.
     pub weight_count: u64,
     pub kind: u32,
-    pub _pad: u32,
+    /// The process that allocated it.
+    pub tgid: u32,
 }
 
 /// A block taken out of `LIVE` while a scan's window was open (`SCAN_FROM` non-zero), keyed
@@ -327,6 +389,8 @@ pub struct LiveBlock {
 pub struct FreedKey {
     pub addr: u64,
     pub timestamp_ns: u64,
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 /// See [`FreedKey`].
@@ -385,7 +449,8 @@ pub struct HeapTotal {
 pub struct SiteKey {
     pub stack_id: u64,
     pub kind: u32,
-    pub _pad: u32,
+    /// The process: the same stack in two processes is two sites (merged in user space).
+    pub tgid: u32,
 }
 
 /// A captured user stack, innermost first. `ips[0]` is the return address into the caller
@@ -565,6 +630,9 @@ mod pod {
     unsafe impl aya::Pod for PyConfig {}
     unsafe impl aya::Pod for V8Config {}
     unsafe impl aya::Pod for SiteKey {}
+    unsafe impl aya::Pod for TargetState {}
+    unsafe impl aya::Pod for ForkEvent {}
+    unsafe impl aya::Pod for LiveKey {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindModule {}
 }

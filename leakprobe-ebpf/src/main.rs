@@ -22,19 +22,19 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use leakprobe_common::{
-    AllocKind, COUNT_SCALE, FreedBlock, FreedKey, HeapTotal, InFlight, LiveBlock, MAX_PY_DEPTH,
-    MAX_STACK_DEPTH, MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack, UnwindModule, UnwindRow,
-    V8Config, WrapperStash, cfa, counter, js_frame, py_end, py_flavor, py_frame, rbp_rule, sampling,
-    stack_end,
+    AllocKind, COUNT_SCALE, ForkEvent, FreedBlock, FreedKey, HeapTotal, InFlight, LiveBlock, LiveKey,
+    MAX_LAYOUTS, MAX_PY_DEPTH, MAX_STACK_DEPTH, MAX_UNWIND_MODULES, PyConfig, SiteCounters, SiteKey, Stack,
+    TargetState, UnwindModule, UnwindRow, V8Config, WrapperStash, cfa, counter, js_frame, py_end, py_flavor,
+    py_frame, rbp_rule, sampling, stack_end, target_flag,
 };
 
-/// Set by the daemon before load.
+/// `task_struct.tgid`, set by the daemon before load (0: children are never followed).
 #[unsafe(no_mangle)]
-static TARGET_TGID: u32 = 0;
+static TASK_TGID: u64 = 0;
 /// Frames per stack (`--max-stack`), at most MAX_STACK_DEPTH.
 #[unsafe(no_mangle)]
 static MAX_DEPTH: u32 = MAX_STACK_DEPTH as u32;
@@ -52,7 +52,14 @@ static WRAPPER_STASH: HashMap<u32, WrapperStash> = HashMap::with_max_entries(163
 #[map]
 static SITE_OLD: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 #[map]
-static LIVE: HashMap<u64, LiveBlock> = HashMap::with_max_entries(1 << 20, 0);
+static LIVE: HashMap<LiveKey, LiveBlock> = HashMap::with_max_entries(1 << 20, 0);
+/// The traced processes (`--max-processes`): the daemon adds those it attaches to, the fork
+/// tracepoint the children of followed ones.
+#[map]
+static TARGETS: HashMap<u32, TargetState> = HashMap::with_max_entries(256, 0);
+/// Followed processes' new children, for the daemon to attach to at once.
+#[map]
+static FORKS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// A scan's window: while entry 0 is non-zero, every block allocated at or before that time
 /// that leaves `LIVE` is kept in `FREED_SINCE`, so that the scan can tell what was live at the
 /// instant it stopped the target, however late it reads `LIVE`. The daemon opens the window
@@ -167,7 +174,7 @@ static WEIGHT_TABLE: Array<u64> = Array::with_max_entries(sampling::WEIGHT_ENTRI
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, 0);
 /// The target's executable mappings sorted by start; unused slots have start = i64::MAX.
 #[map]
-static UNWIND_MODULES: Array<UnwindModule> = Array::with_max_entries(MAX_UNWIND_MODULES, 0);
+static UNWIND_MODULES: Array<UnwindModule> = Array::with_max_entries(MAX_LAYOUTS * MAX_UNWIND_MODULES, 0);
 
 const EEXIST: i32 = 17;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -187,33 +194,66 @@ fn count(idx: u32) {
     }
 }
 
-/// Slot 0: non-zero once the target has called exec. From then on nothing is recorded, so
-/// the old image's figures are never mixed with the new one's.
-#[map]
-static EXECED: Array<u32> = Array::with_max_entries(1, 0);
-
-/// The current thread id if it belongs to the target (and the target has not exec'd).
+/// The current process's entry in `TARGETS`, if it is traced (and has not called exec).
 #[inline(always)]
-fn target_tid() -> Option<u32> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let target = unsafe { read_volatile(&raw const TARGET_TGID) };
-    if target == 0 || tgid != target {
-        return None;
-    }
-    if EXECED.get(0).is_some_and(|v| *v != 0) {
-        return None;
-    }
-    Some(pid_tgid as u32)
+fn current_target() -> Option<*mut TargetState> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let t = TARGETS.get_ptr_mut(&tgid)?;
+    (unsafe { (*t).flags } & target_flag::EXECED == 0).then_some(t)
 }
 
-/// Marks the target's exec (a raw tracepoint: no tracefs involved).
+/// The current thread id if its process is traced.
+#[inline(always)]
+fn target_tid() -> Option<u32> {
+    current_target().map(|_| bpf_get_current_pid_tgid() as u32)
+}
+
+/// The current process's tgid (every LIVE key and site is its process's).
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn live_key(addr: u64) -> LiveKey {
+    LiveKey { addr, tgid: current_tgid(), _pad: 0 }
+}
+
+/// Marks a traced process's exec (a raw tracepoint: no tracefs involved).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
-    if target_tid().is_some() {
-        if let Some(flag) = EXECED.get_ptr_mut(0) {
-            unsafe { *flag = 1 };
-        }
+    if let Some(t) = current_target() {
+        unsafe { (*t).flags |= target_flag::EXECED };
+    }
+    0
+}
+
+/// A followed process forked: its child is traced from its first instruction, in the
+/// parent's layout (a fork copies the address space), and the daemon is told.
+/// `sched_process_fork(parent, child)` runs in the parent, before the child can run.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn on_fork(ctx: RawTracePointContext) -> i32 {
+    let Some(t) = current_target() else { return 0 };
+    let parent = unsafe { *t };
+    let off = unsafe { read_volatile(&raw const TASK_TGID) };
+    if parent.flags & target_flag::FOLLOW == 0 || off == 0 {
+        return 0;
+    }
+    let child_task: u64 = ctx.arg(1);
+    let Ok(child) = (unsafe { bpf_probe_read_kernel((child_task + off) as *const u32) }) else { return 0 };
+    let tgid = current_tgid();
+    if child == tgid || child == 0 {
+        return 0; // a new thread of the same process
+    }
+    let ns = unsafe { bpf_ktime_get_ns() };
+    let state =
+        TargetState { layout: parent.layout, flags: parent.flags, forked_ns: ns, ..Default::default() };
+    if TARGETS.insert(&child, &state, BPF_NOEXIST as u64).is_err() {
+        count(counter::PROCESSES_DROPPED);
+        return 0;
+    }
+    if FORKS.output::<ForkEvent>(ForkEvent { parent: tgid, child, ns }, 0).is_err() {
+        count(counter::FORK_EVENTS_LOST);
     }
     0
 }
@@ -241,8 +281,9 @@ fn le_mask(a: u64, b: u64) -> u64 {
 
 /// The mapping containing `pc`: binary search over the sorted module slots.
 #[inline(always)]
-fn find_module(pc: u64) -> Option<UnwindModule> {
-    let mut lo: u32 = 0;
+fn find_module(pc: u64, layout: u32) -> Option<UnwindModule> {
+    let base = (layout % MAX_LAYOUTS) * MAX_UNWIND_MODULES;
+    let mut lo: u32 = base;
     let mut n: u32 = MAX_UNWIND_MODULES;
     for _ in 0..8 {
         if n <= 1 {
@@ -288,6 +329,7 @@ const ROW_CACHE_SLOTS: u32 = 2048;
 #[derive(Clone, Copy)]
 struct RowCacheSlot {
     pc: u64,
+    layout: u64,
     /// `UNWIND_GEN` + 1 when filled (0: empty).
     generation: u64,
     row: UnwindRow,
@@ -313,20 +355,26 @@ fn cache_slot(x: u64, slots: u32) -> u32 {
 
 /// The unwind row for return address `pc` (the row of the call before it), through the cache.
 #[inline(always)]
-fn cached_row(pc: u64) -> Option<UnwindRow> {
+fn cached_row(pc: u64, layout: u64) -> Option<UnwindRow> {
     let generation = UNWIND_GEN.get(0).copied().unwrap_or(0).wrapping_add(1);
-    let s = ROW_CACHE.get_ptr_mut(cache_slot(pc, ROW_CACHE_SLOTS));
+    let s = ROW_CACHE.get_ptr_mut(cache_slot(pc ^ (layout << 56), ROW_CACHE_SLOTS));
     if let Some(s) = s {
         let s = unsafe { &*s };
-        if s.pc == pc && s.generation == generation {
+        if s.pc == pc && s.layout == layout && s.generation == generation {
             return (s.found != 0).then_some(s.row);
         }
     }
     // A return address points after the call: look up the call itself.
-    let row = find_module(pc).and_then(|m| find_row(&m, pc - 1 - m.bias));
+    let row = find_module(pc, layout as u32).and_then(|m| find_row(&m, pc - 1 - m.bias));
     if let Some(s) = s {
         unsafe {
-            *s = RowCacheSlot { pc, generation, row: row.unwrap_or_default(), found: row.is_some() as u64 }
+            *s = RowCacheSlot {
+                pc,
+                layout,
+                generation,
+                row: row.unwrap_or_default(),
+                found: row.is_some() as u64,
+            }
         };
     }
     row
@@ -800,12 +848,15 @@ fn capture_stack(tid: u32, sp: u64, fp: u64) -> u64 {
     };
     // SAFETY: this CPU's entry; programs do not nest on a CPU.
     let w = unsafe { &mut *w };
+    // Equal addresses in two layouts are different code: the layout is part of the stack id.
+    let layout = current_target().map(|t| unsafe { (*t).layout } as u64).unwrap_or(0);
     *w = NativeWalk {
         win: StackWin::new(),
         sp,
         bp: fp,
         pc: 0,
-        h: 0xcbf2_9ce4_8422_2325,
+        h: fnv(0xcbf2_9ce4_8422_2325, layout),
+        layout,
         depth: 1,
         end: stack_end::COMPLETE as u64,
         max_depth: unsafe { read_volatile(&raw const MAX_DEPTH) } as u64,
@@ -883,6 +934,8 @@ struct NativeWalk {
     keep_fps: u64,
     /// Set when the walk stopped for a word past the window (see [`Word::Refill`]).
     refill: u64,
+    /// The process's module table.
+    layout: u64,
 }
 
 /// Stack windows read per walk at most (16 KiB), before the rest goes word by word.
@@ -907,7 +960,7 @@ unsafe extern "C" fn native_frame_step(_i: u64, _ctx: *mut core::ffi::c_void) ->
         return 1;
     }
     let (sp, bp) = (w.sp, w.bp);
-    let (row, by_fp) = match cached_row(pc) {
+    let (row, by_fp) = match cached_row(pc, w.layout) {
         Some(r) => (r, false),
         // No unwind information: follow the frame pointer if it looks like one.
         None if plausible_fp(bp, sp) => (FRAME_POINTER_ROW, true),
@@ -1029,7 +1082,7 @@ fn raise_to(p: *mut u64, v: u64) -> bool {
 
 #[inline(always)]
 fn account_alloc(block: &LiveBlock) {
-    let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
+    let key = SiteKey { stack_id: block.stack_id, kind: block.kind, tgid: block.tgid };
     if let Some(site) = site_counters(&key) {
         let count = atomic_add_fetch(unsafe { &raw mut (*site).alloc_count }, block.weight_count);
         let bytes = atomic_add_fetch(unsafe { &raw mut (*site).alloc_bytes }, block.weight_bytes);
@@ -1041,27 +1094,44 @@ fn account_alloc(block: &LiveBlock) {
         raise_to(unsafe { &raw mut (*site).peak_count }, count.saturating_sub(freed_count));
     }
     if let Some(heap) = HEAP.get_ptr_mut(0) {
-        let bytes = atomic_add_fetch(unsafe { &raw mut (*heap).bytes }, block.weight_bytes);
-        let count = atomic_add_fetch(unsafe { &raw mut (*heap).count }, block.weight_count);
-        if raise_to(unsafe { &raw mut (*heap).peak_bytes }, bytes) {
-            unsafe { (*heap).peak_at_ns = block.timestamp_ns };
-        }
-        raise_to(unsafe { &raw mut (*heap).peak_count }, count);
+        heap_add(heap, block);
     }
+    if let Some(t) = TARGETS.get_ptr_mut(&block.tgid) {
+        heap_add(unsafe { &raw mut (*t).heap }, block);
+    }
+}
+
+/// Adds a block to a heap's totals (the whole tracked heap's, or one process's).
+#[inline(always)]
+fn heap_add(heap: *mut HeapTotal, block: &LiveBlock) {
+    let bytes = atomic_add_fetch(unsafe { &raw mut (*heap).bytes }, block.weight_bytes);
+    let count = atomic_add_fetch(unsafe { &raw mut (*heap).count }, block.weight_count);
+    if raise_to(unsafe { &raw mut (*heap).peak_bytes }, bytes) {
+        unsafe { (*heap).peak_at_ns = block.timestamp_ns };
+    }
+    raise_to(unsafe { &raw mut (*heap).peak_count }, count);
+}
+
+#[inline(always)]
+fn heap_sub(heap: *mut HeapTotal, block: &LiveBlock) {
+    atomic_add(unsafe { &raw mut (*heap).bytes }, block.weight_bytes.wrapping_neg());
+    atomic_add(unsafe { &raw mut (*heap).count }, block.weight_count.wrapping_neg());
 }
 
 /// Subtracts a freed block from its site and the heap; returns its site's counters.
 #[inline(always)]
 fn account_free(block: &LiveBlock) -> Option<*mut SiteCounters> {
-    let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
+    let key = SiteKey { stack_id: block.stack_id, kind: block.kind, tgid: block.tgid };
     let site = SITES.get_ptr_mut(&key);
     if let Some(site) = site {
         atomic_add(unsafe { &raw mut (*site).free_count }, block.weight_count);
         atomic_add(unsafe { &raw mut (*site).free_bytes }, block.weight_bytes);
     }
     if let Some(heap) = HEAP.get_ptr_mut(0) {
-        atomic_add(unsafe { &raw mut (*heap).bytes }, block.weight_bytes.wrapping_neg());
-        atomic_add(unsafe { &raw mut (*heap).count }, block.weight_count.wrapping_neg());
+        heap_sub(heap, block);
+    }
+    if let Some(t) = TARGETS.get_ptr_mut(&block.tgid) {
+        heap_sub(unsafe { &raw mut (*t).heap }, block);
     }
     site
 }
@@ -1194,14 +1264,14 @@ fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
         weight_bytes,
         weight_count,
         kind,
-        _pad: 0,
+        tgid: current_tgid(),
     };
-    match LIVE.insert(&addr, &block, BPF_NOEXIST as u64) {
+    match LIVE.insert(&live_key(addr), &block, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(e) if e == -EEXIST => {
             // The address came back while still live: its free went unseen. Retire the old
             // block so it does not show as a leak, and count the miss.
-            if let Some(old) = unsafe { LIVE.get(&addr) } {
+            if let Some(old) = unsafe { LIVE.get(&live_key(addr)) } {
                 let old = *old;
                 if kind == AllocKind::PyMem as u32 && old.kind != kind {
                     // pymalloc passed the request on to malloc, whose hook recorded this very
@@ -1213,26 +1283,35 @@ fn record_alloc(addr: u64, size: u64, stack_id: u64, kind: u32) {
                 keep_for_scan(addr, &old);
             }
             count(counter::MISSED_FREE);
-            if LIVE.insert(&addr, &block, BPF_ANY as u64).is_err() {
-                count(counter::LIVE_MAP_FULL);
+            if LIVE.insert(&live_key(addr), &block, BPF_ANY as u64).is_err() {
+                live_map_full();
                 return;
             }
         }
         Err(_) => {
             // Not recorded, so not counted: a block we cannot see freed must not become a leak.
-            count(counter::LIVE_MAP_FULL);
+            live_map_full();
             return;
         }
     }
     account_alloc(&block);
 }
 
+/// A block could not be recorded: counted overall and for its process.
+#[inline(always)]
+fn live_map_full() {
+    count(counter::LIVE_MAP_FULL);
+    if let Some(t) = current_target() {
+        atomic_add(unsafe { &raw mut (*t).drops }, 1);
+    }
+}
+
 /// Removes a live block; returns it if it was there.
 #[inline(always)]
 fn take_live(addr: u64) -> Option<LiveBlock> {
-    let block = unsafe { LIVE.get(&addr) }.copied()?;
+    let block = unsafe { LIVE.get(&live_key(addr)) }.copied()?;
     // Only the thread whose remove succeeds owns the block.
-    LIVE.remove(&addr).ok()?;
+    LIVE.remove(&live_key(addr)).ok()?;
     keep_for_scan(addr, &block);
     Some(block)
 }
@@ -1250,7 +1329,7 @@ fn keep_for_scan(addr: u64, block: &LiveBlock) {
     let Some(e) = FREED_SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's own scratch entry; programs do not nest on a CPU.
     let e = unsafe { &mut *e };
-    e.0 = FreedKey { addr, timestamp_ns: block.timestamp_ns };
+    e.0 = FreedKey { addr, timestamp_ns: block.timestamp_ns, tgid: block.tgid, _pad: 0 };
     e.1.block = *block;
     e.1.freed_ns = unsafe { bpf_ktime_get_ns() };
     if FREED_SINCE.insert(&e.0, &e.1, BPF_ANY as u64).is_err() {
@@ -1349,7 +1428,7 @@ fn record_call(tid: u32, sp: u64, size: u64, old_ptr: u64, out_ptr: u64, stack_i
     if IN_FLIGHT.insert(&tid, &rec, BPF_ANY as u64).is_err() {
         count(counter::IN_FLIGHT_FULL);
         if rec.old_known != 0 {
-            let _ = LIVE.insert(&old_ptr, &rec.old_block, BPF_ANY as u64);
+            let _ = LIVE.insert(&live_key(old_ptr), &rec.old_block, BPF_ANY as u64);
         }
     }
 }
@@ -1517,7 +1596,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
             } else {
                 count(counter::FAILED_ALLOCS);
                 if rec.old_known != 0 {
-                    let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);
+                    let _ = LIVE.insert(&live_key(rec.old_ptr), &rec.old_block, BPF_ANY as u64);
                 }
             }
         }
@@ -1716,7 +1795,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
         }
         Some(block) => {
             // Not a mapping we recorded; put it back untouched.
-            let _ = LIVE.insert(&addr, &block, BPF_ANY as u64);
+            let _ = LIVE.insert(&live_key(addr), &block, BPF_ANY as u64);
             count(counter::UNKNOWN_MUNMAP);
         }
         None => count(counter::UNKNOWN_MUNMAP),
@@ -1809,7 +1888,7 @@ pub fn site_alloc(ctx: ProbeContext) -> u32 {
                     // Failed: the old block is still the caller's.
                     count(counter::FAILED_ALLOCS);
                     if rec.old_known != 0 {
-                        let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);
+                        let _ = LIVE.insert(&live_key(rec.old_ptr), &rec.old_block, BPF_ANY as u64);
                     }
                     return 0;
                 }
@@ -1855,7 +1934,7 @@ pub fn site_realloc_old(ctx: ProbeContext) -> u32 {
     if SITE_OLD.insert(&tid, &rec, BPF_ANY as u64).is_err() {
         count(counter::IN_FLIGHT_FULL);
         if rec.old_known != 0 {
-            let _ = LIVE.insert(&rec.old_ptr, &rec.old_block, BPF_ANY as u64);
+            let _ = LIVE.insert(&live_key(rec.old_ptr), &rec.old_block, BPF_ANY as u64);
         }
     }
     0

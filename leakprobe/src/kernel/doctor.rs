@@ -183,6 +183,9 @@ fn ebpf_load() -> Check {
     let start = Instant::now();
     let cfg = ProbeConfig {
         tgid: std::process::id(),
+        // The fork follower is loaded and verified too.
+        follow_children: true,
+        max_processes: 4,
         max_live: 1024,
         max_stacks: 1024,
         max_threads: 64,

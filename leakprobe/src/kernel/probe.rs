@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use leakprobe_common::{
-    FreedBlock, FreedKey, HeapTotal, LiveBlock, MAX_UNWIND_MODULES, SiteCounters, SiteKey, Stack,
-    UnwindModule, UnwindRow, counter, globals, maps as map_names,
+    FreedBlock, FreedKey, HeapTotal, LiveBlock, LiveKey, MAX_LAYOUTS, MAX_UNWIND_MODULES, SiteCounters,
+    SiteKey, Stack, TargetState, UnwindModule, UnwindRow, counter, globals, maps as map_names, target_flag,
 };
 use thiserror::Error;
 
@@ -71,6 +71,11 @@ pub enum ProbeError {
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
     pub tgid: u32,
+    /// Follow the target's children: each process it forks is traced from its first
+    /// instruction, in its parent's layout, and reported in `FORKS`.
+    pub follow_children: bool,
+    /// Capacity of `TARGETS`: processes traced at once (`--max-processes`).
+    pub max_processes: u32,
     /// Capacity of the live-block map: outstanding blocks tracked at once.
     pub max_live: u32,
     /// Capacity of the stack and site maps: distinct stacks / call sites.
@@ -132,6 +137,7 @@ const CAPTURE_PYTHON_PROGRAM: &str = "capture_python";
 const CAPTURE_V8_PROGRAM: &str = "capture_v8";
 const NOOP_ENTER: &str = "noop_enter";
 const EXEC_PROGRAM: &str = "on_exec";
+const FORK_PROGRAM: &str = "on_fork";
 const NOOP_EXIT: &str = "noop_exit";
 const WATCH_PROGRAM: &str = "untracked_enter";
 
@@ -148,7 +154,15 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(cfg: ProbeConfig) -> Result<Self, ProbeError> {
-        let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: "TARGET_TGID" })?;
+        let pid = NonZeroU32::new(cfg.tgid).ok_or(ProbeError::MissingMap { name: map_names::TARGETS })?;
+        // Children are followed only where the kernel says where a task's tgid is.
+        let task_tgid: u64 = match cfg.follow_children {
+            true => super::btf::offset_of("task_struct", &["tgid"]).map_err(|e| ProbeError::Symbols {
+                module: super::btf::VMLINUX.into(),
+                reason: error_chain(&e),
+            })?,
+            false => 0,
+        };
         let (text_start, text_end) = cfg.allocator_text.unwrap_or((0, 0));
         let (stub_start, stub_end) = cfg.stub_text.unwrap_or((0, 0));
         let (vma_start, vma_end) = super::btf::vma_bounds_offsets();
@@ -159,11 +173,12 @@ impl Probes {
             .override_global(globals::ALLOCATOR_TEXT_END, &text_end, true)
             .override_global(globals::STUB_TEXT_START, &stub_start, true)
             .override_global(globals::STUB_TEXT_END, &stub_end, true)
-            .override_global(globals::TARGET_TGID, &cfg.tgid, true)
+            .override_global(globals::TASK_TGID, &task_tgid, true)
             .override_global(globals::MAX_DEPTH, &cfg.max_depth, true)
             .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
             .map_max_entries(map_names::UNWIND_ROWS, cfg.max_unwind_rows)
             .map_max_entries(map_names::LIVE, cfg.max_live)
+            .map_max_entries(map_names::TARGETS, cfg.max_processes.max(1))
             .map_max_entries(map_names::STACKS, cfg.max_stacks)
             .map_max_entries(map_names::SITES, cfg.max_stacks)
             .map_max_entries(map_names::IN_FLIGHT, cfg.max_threads)
@@ -173,8 +188,12 @@ impl Probes {
             .map_err(|source| ProbeError::Load { source })?;
         let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop, stubbed: Vec::new() };
         probes.install_capture()?;
-        probes.watch_exec()?;
         probes.clear_unwind_modules()?;
+        probes.add_target(cfg.tgid, 0, cfg.follow_children)?;
+        probes.watch_exec()?;
+        if cfg.follow_children {
+            probes.watch_forks()?;
+        }
         if cfg.sample_bytes > 0 {
             probes.fill_sampling_tables(cfg.sample_bytes)?;
         }
@@ -220,9 +239,8 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the exec watcher (raw tracepoint sched_process_exec; no tracefs).
-    fn watch_exec(&mut self) -> Result<(), ProbeError> {
-        let name = EXEC_PROGRAM;
+    /// Attaches a raw tracepoint program (no tracefs involved).
+    fn attach_raw_tracepoint(&mut self, name: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
         let prog: &mut RawTracePoint = self
             .ebpf
             .program_mut(name)
@@ -230,29 +248,71 @@ impl Probes {
             .try_into()
             .map_err(|source| ProbeError::Program { name, source })?;
         prog.load().map_err(|source| ProbeError::Program { name, source })?;
-        prog.attach("sched_process_exec").map_err(|source| ProbeError::Program { name, source })?;
+        prog.attach(tracepoint).map_err(|source| ProbeError::Program { name, source })?;
         Ok(())
+    }
+
+    /// Attaches the exec watcher (sched_process_exec).
+    fn watch_exec(&mut self) -> Result<(), ProbeError> {
+        self.attach_raw_tracepoint(EXEC_PROGRAM, "sched_process_exec")
+    }
+
+    /// Attaches the fork follower (sched_process_fork): it runs on every fork on the machine
+    /// and returns at once unless the parent is a followed target.
+    fn watch_forks(&mut self) -> Result<(), ProbeError> {
+        self.attach_raw_tracepoint(FORK_PROGRAM, "sched_process_fork")
+    }
+
+    /// Traces process `tgid` from now on, with the module table of `layout`; `follow`: its
+    /// children too. Fails if `TARGETS` is full.
+    pub fn add_target(&mut self, tgid: u32, layout: u32, follow: bool) -> Result<(), ProbeError> {
+        let name = map_names::TARGETS;
+        let mut map: HashMap<&mut MapData, u32, TargetState> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        let flags = if follow { target_flag::FOLLOW } else { 0 };
+        let state = TargetState { layout: layout % MAX_LAYOUTS, flags, ..TargetState::default() };
+        map.insert(tgid, state, 0).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// A traced process's state (its heap, drops and flags), if it is in `TARGETS`.
+    pub fn target_state(&self, tgid: u32) -> Result<Option<TargetState>, ProbeError> {
+        let name = map_names::TARGETS;
+        let map: HashMap<&MapData, u32, TargetState> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        match map.get(&tgid, 0) {
+            Ok(t) => Ok(Some(t)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(ProbeError::Map { name, source }),
+        }
     }
 
     /// Whether the target has called exec since attach (recording stopped at that moment).
     pub fn target_execed(&self) -> Result<bool, ProbeError> {
-        let name = map_names::EXECED;
-        let arr: Array<&MapData, u32> =
-            Array::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
-        Ok(arr.get(&0, 0).map_err(|source| ProbeError::Map { name, source })? != 0)
+        let state = self.target_state(self.pid.get())?;
+        Ok(state.is_some_and(|t| t.flags & target_flag::EXECED != 0))
     }
 
-    /// Marks every unwind-module slot unused (start = i64::MAX keeps the table sorted).
+    /// Marks every unwind-module slot of every layout unused (start = i64::MAX keeps each
+    /// table sorted).
     fn clear_unwind_modules(&mut self) -> Result<(), ProbeError> {
-        self.set_unwind_modules(&[])
+        for layout in 0..MAX_LAYOUTS {
+            self.write_unwind_modules(layout, &[])?;
+        }
+        self.bump_unwind_gen()
     }
 
     /// Replaces the target's unwind-module table; `modules` must be sorted by start.
     pub fn set_unwind_modules(&mut self, modules: &[UnwindModule]) -> Result<(), ProbeError> {
+        self.set_layout_modules(0, modules)
+    }
+
+    /// Replaces layout `layout`'s unwind-module table; `modules` must be sorted by start.
+    pub fn set_layout_modules(&mut self, layout: u32, modules: &[UnwindModule]) -> Result<(), ProbeError> {
         // Before and after: a walk that read the table half-changed cached under a
         // generation that is then already gone.
         self.bump_unwind_gen()?;
-        self.write_unwind_modules(modules)?;
+        self.write_unwind_modules(layout, modules)?;
         self.bump_unwind_gen()
     }
 
@@ -266,16 +326,17 @@ impl Probes {
         arr.set(0, generation.wrapping_add(1), 0).map_err(|source| ProbeError::Map { name, source })
     }
 
-    fn write_unwind_modules(&mut self, modules: &[UnwindModule]) -> Result<(), ProbeError> {
+    fn write_unwind_modules(&mut self, layout: u32, modules: &[UnwindModule]) -> Result<(), ProbeError> {
         let name = map_names::UNWIND_MODULES;
         let mut arr: Array<&mut MapData, UnwindModule> =
             Array::try_from(self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?)
                 .map_err(|source| ProbeError::Map { name, source })?;
         // i64::MAX, not u64::MAX: the walker compares with a sign-bit trick valid below 2^63.
         let unused = UnwindModule { start: i64::MAX as u64, end: i64::MAX as u64, ..Default::default() };
+        let base = (layout % MAX_LAYOUTS) * MAX_UNWIND_MODULES;
         for i in 0..MAX_UNWIND_MODULES {
             let m = modules.get(i as usize).copied().unwrap_or(unused);
-            arr.set(i, m, 0).map_err(|source| ProbeError::Map { name, source })?;
+            arr.set(base + i, m, 0).map_err(|source| ProbeError::Map { name, source })?;
         }
         Ok(())
     }
@@ -583,7 +644,7 @@ impl Probes {
             });
         }
         let name = map_names::LIVE;
-        let live_map: HashMap<&MapData, u64, LiveBlock> =
+        let live_map: HashMap<&MapData, LiveKey, LiveBlock> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
         let mut live: StdHashMap<SiteKey, LiveSummary> = StdHashMap::new();
         // A key deleted under the iterator restarts it from the top; bound the walk.
@@ -594,7 +655,7 @@ impl Probes {
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => return Err(ProbeError::Map { name, source }),
             };
-            let key = SiteKey { stack_id: block.stack_id, kind: block.kind, _pad: 0 };
+            let key = SiteKey { stack_id: block.stack_id, kind: block.kind, tgid: block.tgid };
             let s = live.entry(key).or_default();
             if s.oldest_ns == 0 || block.timestamp_ns < s.oldest_ns {
                 s.oldest_ns = block.timestamp_ns;
@@ -611,16 +672,18 @@ impl Probes {
         Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None, heap })
     }
 
-    /// Every outstanding block the kernel tracks (address, its record), for the reachability
-    /// scan. Bounded like [`Probes::sample`]'s walk.
+    /// Every outstanding block the kernel tracks in the target (address, its record), for the
+    /// reachability scan. Bounded like [`Probes::sample`]'s walk.
     pub fn live_blocks(&self) -> Result<Vec<(u64, LiveBlock)>, ProbeError> {
         let name = map_names::LIVE;
-        let live_map: HashMap<&MapData, u64, LiveBlock> =
+        let live_map: HashMap<&MapData, LiveKey, LiveBlock> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let tgid = self.pid.get();
         let mut out = Vec::new();
         for entry in live_map.iter().take(1 << 24) {
             match entry {
-                Ok(kv) => out.push(kv),
+                Ok((k, b)) if k.tgid == tgid => out.push((k.addr, b)),
+                Ok(_) => continue,
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => return Err(ProbeError::Map { name, source }),
             }
@@ -679,7 +742,7 @@ impl Probes {
         self.set_scan_window(0)?;
         let mut put_back = 0;
         for (key, f) in self.drain_freed()? {
-            if f.block.timestamp_ns <= at_ns && at_ns < f.freed_ns {
+            if key.tgid == self.pid.get() && f.block.timestamp_ns <= at_ns && at_ns < f.freed_ns {
                 out.push((key.addr, f.block));
                 put_back += 1;
             }

@@ -417,7 +417,7 @@ mod tests {
             verdict: "LEAK / GROWING".into(),
             sites: vec![Site {
                 stats: crate::model::SiteStats {
-                    key: SiteKey { stack_id: 1, kind: 0, _pad: 0 },
+                    key: SiteKey { stack_id: 1, kind: 0, tgid: 0 },
                     kind: None,
                     outstanding_bytes: 4096,
                     outstanding_count: 4,

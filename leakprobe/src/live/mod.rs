@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn compose_ranks_by_growth_and_bounds_sites_and_sparklines() {
         use leakprobe_common::SiteCounters;
-        let key = |id| SiteKey { stack_id: id, kind: 0, _pad: 0 };
+        let key = |id| SiteKey { stack_id: id, kind: 0, tgid: 0 };
         let mut t = Tracker::new(0, 0);
         for i in 0..100u64 {
             let grow = SiteCounters {

@@ -369,7 +369,7 @@ mod tests {
     fn site(id: u64, function: &str, module: &str, outstanding: u64, allocs: u64, growth: f64) -> Site {
         Site {
             stats: crate::model::SiteStats {
-                key: SiteKey { stack_id: id, kind: 0, _pad: 0 },
+                key: SiteKey { stack_id: id, kind: 0, tgid: 0 },
                 kind: None,
                 outstanding_bytes: outstanding,
                 outstanding_count: 1,

@@ -567,7 +567,7 @@ mod tests {
     use super::*;
 
     fn key(id: u64) -> SiteKey {
-        SiteKey { stack_id: id, kind: AllocKind::Malloc as u32, _pad: 0 }
+        SiteKey { stack_id: id, kind: AllocKind::Malloc as u32, tgid: 0 }
     }
 
     fn counters(ac: u64, ab: u64, fc: u64, fb: u64) -> SiteCounters {

@@ -390,6 +390,8 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
+        follow_children: false,
+        max_processes: 256,
         max_live: cfg.max_live,
         max_stacks: cfg.max_stacks,
         max_threads: 1 << 14,

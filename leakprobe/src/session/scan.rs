@@ -50,7 +50,7 @@ fn blocks(live: Vec<(u64, LiveBlock)>) -> (Vec<mark::Block>, Vec<LiveBlock>, Vec
     let mut out = Vec::with_capacity(kept.len());
     let mut weights = Vec::with_capacity(kept.len());
     for (addr, b) in kept {
-        let key = SiteKey { stack_id: b.stack_id, kind: b.kind, _pad: 0 };
+        let key = SiteKey { stack_id: b.stack_id, kind: b.kind, tgid: b.tgid };
         let site = *index.entry(key).or_insert_with(|| {
             keys.push(key);
             (keys.len() - 1) as u32

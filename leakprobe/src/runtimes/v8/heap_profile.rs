@@ -147,7 +147,7 @@ impl JsHeapSites {
     pub fn sites(&self) -> Vec<(SiteKey, SiteCounters)> {
         self.counters
             .iter()
-            .map(|(&id, c)| (SiteKey { stack_id: id, kind: AllocKind::JsHeap as u32, _pad: 0 }, *c))
+            .map(|(&id, c)| (SiteKey { stack_id: id, kind: AllocKind::JsHeap as u32, tgid: 0 }, *c))
             .collect()
     }
 
