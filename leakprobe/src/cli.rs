@@ -99,9 +99,9 @@ pub enum Command {
     /// Attach to a running process by PID.
     #[command(after_help = EXAMPLES)]
     Attach {
-        /// The process to trace.
-        #[arg(short, long)]
-        pid: i32,
+        /// The processes to trace: one PID, a comma-separated list, or --pid repeated.
+        #[arg(short, long, required = true, value_delimiter = ',', num_args = 1..)]
+        pid: Vec<i32>,
         #[command(flatten)]
         opts: TraceOpts,
     },
@@ -138,9 +138,9 @@ pub enum Command {
     /// allocator, f freeze, w write a snapshot, q quit (detaches; the target runs on).
     #[command(after_help = TOP_EXAMPLES)]
     Top {
-        /// The process to watch.
-        #[arg(short, long)]
-        pid: i32,
+        /// The processes to watch: one PID, a comma-separated list, or --pid repeated.
+        #[arg(short, long, required = true, value_delimiter = ',', num_args = 1..)]
+        pid: Vec<i32>,
         #[command(flatten)]
         opts: TraceOpts,
     },
@@ -399,6 +399,16 @@ pub struct TraceOpts {
     /// a probe; without, every call reaches one (one trap per call, no return probe).
     #[arg(long)]
     pub in_process: bool,
+    /// Follow the target's children too: those it has now (and theirs), and every process it
+    /// forks while traced, from its first instruction. Each process gets its own sites and
+    /// verdict; processes running one build are also merged. A child that calls exec is
+    /// reported up to its exec.
+    #[arg(long)]
+    pub children: bool,
+    /// The most processes traced at once (--pid lists and --children): further children run
+    /// untraced, and are counted and reported.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_processes: u32,
     /// Overhead budget in probe hits (allocations + frees) per second: above it, leakprobe
     /// detaches, reports what it saw, and says why. Each hit costs the target ~1.8 us here.
     #[arg(long, value_name = "HITS_PER_S")]
@@ -630,6 +640,11 @@ pub enum ConfigError {
     Needs { flag: &'static str, needs: &'static str },
     #[error("invalid --metrics value {value:?}: {reason}")]
     Metrics { value: String, reason: String },
+    #[error(
+        "{flag} cannot be combined with {other} yet: {other} works on one process (trace one PID with it, or \
+         leave it out to follow them all with uprobes)"
+    )]
+    OneProcess { flag: &'static str, other: &'static str },
 }
 
 /// What to trace.
@@ -688,6 +703,12 @@ pub struct Config {
     pub output_policy: crate::output::Policy,
     /// `--in-process`.
     pub in_process: bool,
+    /// `--pid A,B,C`: the processes after the first (`mode` has the first).
+    pub more_pids: Vec<i32>,
+    /// `--children`.
+    pub children: bool,
+    /// `--max-processes`.
+    pub max_processes: u32,
     /// `--scan` / `--scan-every`: scan at the end (or at exit() in run mode), and periodically.
     pub scan: Option<ScanConfig>,
     /// `--js-heap`: V8's sampling heap profiler (attach only).
@@ -754,16 +775,16 @@ impl TryFrom<Cli> for Config {
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
         let live_view = matches!(cli.command, Command::Top { .. });
-        let (mode, opts) = match cli.command {
-            Command::Attach { pid, opts } => (Mode::Attach { pid }, opts),
-            Command::Run { opts, command } => (Mode::Run { command }, opts),
+        let (mode, more_pids, opts) = match cli.command {
+            Command::Attach { pid, opts } => (Mode::Attach { pid: pid[0] }, pid[1..].to_vec(), opts),
+            Command::Run { opts, command } => (Mode::Run { command }, Vec::new(), opts),
             Command::Census { pid, mut opts } => {
                 opts.scan = true;
                 opts.census = true;
                 opts.duration.get_or_insert_with(|| "200ms".into());
-                (Mode::Attach { pid }, opts)
+                (Mode::Attach { pid }, Vec::new(), opts)
             }
-            Command::Top { pid, opts } => (Mode::Attach { pid }, opts),
+            Command::Top { pid, opts } => (Mode::Attach { pid: pid[0] }, pid[1..].to_vec(), opts),
             Command::Diff(_) | Command::Doctor(_) | Command::Completions(_) | Command::Manpage(_) => {
                 return Err(ConfigError::NotATrace);
             }
@@ -939,6 +960,21 @@ impl TryFrom<Cli> for Config {
         } else {
             None
         };
+        let many = !more_pids.is_empty() || opts.children;
+        let flag = if opts.children { "--children" } else { "--pid with several processes" };
+        if many {
+            if !(1..=4096).contains(&opts.max_processes) {
+                return Err(ConfigError::Range { flag: "--max-processes", min: 1, max: 4096 });
+            }
+            let one_process_only = [
+                (opts.in_process, "--in-process"),
+                (scan.is_some(), "--scan"),
+                (js_heap.is_some(), "--js-heap"),
+            ];
+            if let Some((_, other)) = one_process_only.iter().find(|(on, _)| *on) {
+                return Err(ConfigError::OneProcess { flag, other });
+            }
+        }
         let exports = opts.export;
         // Two outputs into one file would leave only the last one.
         let outputs: Vec<(&'static str, &PathBuf)> = opts
@@ -979,6 +1015,9 @@ impl TryFrom<Cli> for Config {
             exports,
             allocator: Choice { allocator: parse_allocator(&opts.allocator)?, lib: opts.lib },
             in_process: opts.in_process,
+            more_pids,
+            children: opts.children,
+            max_processes: opts.max_processes,
             scan,
             js_heap,
             js_heap_snapshot: opts.js_heap_snapshot,
@@ -1017,6 +1056,31 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
         Config::try_from(cli).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn several_pids_and_children() {
+        let c = parse(&["leakprobe", "attach", "--pid", "12,13", "--pid", "14"]).unwrap();
+        assert!(matches!(c.mode, Mode::Attach { pid: 12 }));
+        assert_eq!(c.more_pids, vec![13, 14]);
+        assert!(!c.children);
+        let c = parse(&["leakprobe", "attach", "--pid", "12", "--children", "--max-processes", "8"]).unwrap();
+        assert!(c.children && c.more_pids.is_empty() && c.max_processes == 8);
+        let c = parse(&["leakprobe", "run", "--children", "--", "make", "-j4"]).unwrap();
+        assert!(c.children);
+        for (args, other) in
+            [(&["--children", "--in-process"][..], "--in-process"), (&["--children", "--scan"][..], "--scan")]
+        {
+            let mut all = vec!["leakprobe", "attach", "--pid", "12"];
+            all.extend_from_slice(args);
+            let e = parse(&all).unwrap_err();
+            assert!(e.contains(other) && e.contains("one process"), "{e}");
+        }
+        let e = parse(&["leakprobe", "attach", "--pid", "12,13", "--in-process"]).unwrap_err();
+        assert!(e.contains("--pid with several processes"), "{e}");
+        let e =
+            parse(&["leakprobe", "attach", "--pid", "12", "--children", "--max-processes", "0"]).unwrap_err();
+        assert!(e.contains("--max-processes"), "{e}");
     }
 
     #[test]

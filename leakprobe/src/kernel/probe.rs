@@ -7,7 +7,7 @@ use std::{collections::HashMap as StdHashMap, num::NonZeroU32, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         ProgramError, RawTracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
@@ -144,8 +144,10 @@ const WATCH_PROGRAM: &str = "untracked_enter";
 pub struct Probes {
     ebpf: Ebpf,
     pid: NonZeroU32,
-    /// Every link made, so detach can drop them all at once.
-    links: Vec<(&'static str, UProbeLinkId)>,
+    /// The process the next attach calls bind to (the target, or a member of a fleet).
+    attach_to: NonZeroU32,
+    /// Every link made, by process, so detach can drop them all at once.
+    links: Vec<(u32, &'static str, UProbeLinkId)>,
     noop: bool,
     /// In-process mode: modules whose allocation family the stub covers (reached through
     /// the patched GOT). Their family functions, and aliases of them, get no uprobe.
@@ -186,7 +188,8 @@ impl Probes {
             .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
-        let mut probes = Probes { ebpf, pid, links: Vec::new(), noop: cfg.noop, stubbed: Vec::new() };
+        let mut probes =
+            Probes { ebpf, pid, attach_to: pid, links: Vec::new(), noop: cfg.noop, stubbed: Vec::new() };
         probes.install_capture()?;
         probes.clear_unwind_modules()?;
         probes.add_target(cfg.tgid, 0, cfg.follow_children)?;
@@ -373,22 +376,73 @@ impl Probes {
         path: &PathBuf,
         offset: u64,
     ) -> Result<(), ProbeError> {
-        let pid = self.pid;
+        let pid = self.attach_to;
         let prog = self.program(program)?;
         let id = prog
             .attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::OneProcess(pid))
             .map_err(|source| ProbeError::Attach { function, module: path.display().to_string(), source })?;
-        self.links.push((program, id));
+        self.links.push((pid.get(), program, id));
         Ok(())
     }
 
-    /// Removes every probe from the target. Each uprobe's removal waits for a grace period
-    /// (~0.09 s here) and the kernel serializes most of perf-event teardown; dropping the
-    /// links on parallel threads still overlaps some of it (21 links: 2.1 s one by one,
-    /// 1.8 s in parallel). Idempotent; also run on drop.
-    pub fn detach(&mut self) {
-        let mut owned = Vec::with_capacity(self.links.len());
-        for (program, id) in std::mem::take(&mut self.links) {
+    /// Attaches `plan` to another process of the session (its links are its own, dropped by
+    /// [`Probes::detach_process`]).
+    pub fn attach_process(&mut self, pid: u32, plan: &Plan) -> Result<Vec<ProbeStatus>, ProbeError> {
+        self.attach_to = NonZeroU32::new(pid).ok_or(ProbeError::MissingMap { name: map_names::TARGETS })?;
+        let out = self.attach(plan);
+        self.attach_to = self.pid;
+        out
+    }
+
+    /// Forgets a process of the session that has ended: its `TARGETS` entry (returned: what it
+    /// held at the end), and its links, torn down on a thread of their own.
+    pub fn detach_process(&mut self, pid: u32) -> Option<TargetState> {
+        let state = self.target_state(pid).ok().flatten();
+        let name = map_names::TARGETS;
+        if let Some(map) = self.ebpf.map_mut(name)
+            && let Ok(mut map) = HashMap::<&mut MapData, u32, TargetState>::try_from(map)
+        {
+            let _ = map.remove(&pid);
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.links).into_iter().partition(|l| l.0 == pid);
+        self.links = rest;
+        let owned = self.take_links(mine);
+        if !owned.is_empty() {
+            std::thread::spawn(move || drop(owned));
+        }
+        state
+    }
+
+    /// Every process in `TARGETS` (those the fork tracepoint added included).
+    pub fn targets(&self) -> Result<Vec<(u32, TargetState)>, ProbeError> {
+        let name = map_names::TARGETS;
+        let map: HashMap<&MapData, u32, TargetState> =
+            HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
+        let mut out = Vec::new();
+        for entry in map.iter().take(1 << 16) {
+            match entry {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(ProbeError::Map { name, source }),
+            }
+        }
+        out.sort_unstable_by_key(|(t, _)| *t);
+        out.dedup_by_key(|(t, _)| *t);
+        Ok(out)
+    }
+
+    /// The ring the fork tracepoint reports new children on (taken once).
+    pub fn take_fork_ring(&mut self) -> Option<RingBuf<MapData>> {
+        RingBuf::try_from(self.ebpf.take_map(map_names::FORKS)?).ok()
+    }
+
+    fn take_links(
+        &mut self,
+        links: Vec<(u32, &'static str, UProbeLinkId)>,
+    ) -> Vec<aya::programs::uprobe::UProbeLink> {
+        let mut owned = Vec::with_capacity(links.len());
+        for (_, program, id) in links {
             let link = self
                 .ebpf
                 .program_mut(program)
@@ -398,9 +452,23 @@ impl Probes {
                 owned.push(link);
             }
         }
+        owned
+    }
+
+    /// Removes every probe from the target. Each uprobe's removal waits for a grace period
+    /// (~0.09 s here) and the kernel serializes most of perf-event teardown; dropping the
+    /// links on parallel threads still overlaps some of it (21 links: 2.1 s one by one,
+    /// 1.8 s in parallel). Idempotent; also run on drop.
+    pub fn detach(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        let owned = self.take_links(links);
+        // At most 32 threads, however many processes a fleet had.
+        let per_thread = owned.len().div_ceil(32).max(1);
+        let mut owned = owned;
         std::thread::scope(|s| {
-            for link in owned {
-                s.spawn(move || drop(link));
+            while !owned.is_empty() {
+                let chunk: Vec<_> = owned.drain(..per_thread.min(owned.len())).collect();
+                s.spawn(move || drop(chunk));
             }
         });
     }
@@ -412,7 +480,7 @@ impl Probes {
         watch_only: bool,
         out: &mut Vec<ProbeStatus>,
     ) -> Result<(), ProbeError> {
-        let path = target_path(self.pid.get() as i32, &module.path);
+        let path = target_path(self.attach_to.get() as i32, &module.path);
         let names: Vec<&str> = hooks.iter().map(|h| h.function).collect();
         let (syms, data) = crate::target::elf::functions(&path, &names).map_err(|e| ProbeError::Symbols {
             module: module.path.display().to_string(),
@@ -922,7 +990,7 @@ impl Probes {
 
 /// Counts come from the kernel in 1/COUNT_SCALE units (a sampled block may stand for a
 /// fraction of an allocation); whole numbers from here on.
-fn scaled_count(raw: u64) -> u64 {
+pub fn scaled_count(raw: u64) -> u64 {
     (raw + leakprobe_common::COUNT_SCALE / 2) / leakprobe_common::COUNT_SCALE
 }
 

@@ -8,6 +8,7 @@ pub mod diff;
 pub mod export;
 pub mod lsan;
 pub mod plot;
+pub mod processes;
 pub mod scan;
 pub mod suppress;
 
@@ -91,7 +92,16 @@ pub struct Report {
     /// `--js-heap`: V8's sampling heap profiler and the inspector it went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub js_heap: Option<JsHeapInfo>,
+    /// Several processes (`--pid A,B,C`, `--children`): each one, ended ones included; empty
+    /// when one process was traced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<processes::Process>,
+    /// The sites merged across processes of one build, largest growth first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<processes::MergedSite>,
 }
+
+pub use processes::Process;
 
 /// `--js-heap`: how the JavaScript heap was sampled, and the inspector's window.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -477,6 +487,9 @@ pub struct Site {
     /// out of --fail-on-leak and the verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<String>,
+    /// Several processes traced: the process it is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// What the session knows besides the tracker.
@@ -495,6 +508,8 @@ pub struct Context<'a> {
     pub host: Host,
     pub modules: Vec<Module>,
     pub allocator: &'a crate::target::allocator::Plan,
+    /// Several processes are traced: each site names its process.
+    pub per_process: bool,
 }
 
 pub fn build(
@@ -541,6 +556,7 @@ pub fn build(
                 held_by: Vec::new(),
                 verdict: None,
                 suppressed: None,
+                pid: ctx.per_process.then_some(s.key.tgid),
             }
         })
         .collect::<Vec<_>>();
@@ -650,6 +666,8 @@ pub fn build(
         js_heap: None,
         scan: None,
         suppressions: None,
+        processes: Vec::new(),
+        merged: Vec::new(),
     }
 }
 

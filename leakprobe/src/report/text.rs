@@ -41,10 +41,11 @@ fn frame_line(out: &mut String, idx: usize, f: &crate::symbolize::Frame) {
 fn site_block(out: &mut String, rank: usize, s: &Site) {
     let _ = writeln!(
         out,
-        "#{rank} {} outstanding in {} allocated by {} from:",
+        "#{rank} {} outstanding in {} allocated by {}{} from:",
         human_bytes(s.outstanding_bytes),
         plural(s.outstanding_count, "object", "objects"),
         s.function,
+        s.pid.map(|p| format!(" in PID {p}")).unwrap_or_default(),
     );
     for (i, f) in s.frames.iter().enumerate() {
         frame_line(out, i, f);
@@ -377,7 +378,7 @@ fn figures(s: &Site) -> RankFigures {
 }
 
 /// `function (file:line)`, or `function (module)` without a line.
-fn frame_name(f: &crate::symbolize::Frame) -> String {
+pub(super) fn frame_name(f: &crate::symbolize::Frame) -> String {
     let func = f.function.as_deref().unwrap_or("[unknown]");
     match f.location() {
         Some(l) => format!("{func} ({l})"),
@@ -815,6 +816,7 @@ pub fn render(r: &Report, top: usize, sort: SortBy) -> String {
         scan_summary_lines(&mut out, sc);
     }
     verdict_lines(&mut out, r);
+    super::processes::render(&mut out, r, top);
     sites_lines(&mut out, r, top, sort);
     out
 }

@@ -1,6 +1,7 @@
 //! One tracing session: attach, sample every interval, stop, detach, report.
 //! Data flows one way: probe -> model -> report.
 
+mod fleet;
 pub mod inspector;
 mod js_heap;
 mod live;
@@ -37,6 +38,7 @@ fn sync_unwind(
     probes: &mut Probes,
     loaded: &mut unwind::Loaded,
     pid: i32,
+    layout: u32,
 ) -> anyhow::Result<()> {
     if cfg.unwind == Unwind::Fp {
         return Ok(()); // no rows: every frame follows frame pointers
@@ -60,7 +62,7 @@ fn sync_unwind(
             leakprobe_common::MAX_UNWIND_MODULES
         );
     }
-    probes.set_unwind_modules(&modules)?;
+    probes.set_layout_modules(layout, &modules)?;
     Ok(())
 }
 
@@ -390,8 +392,8 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
-        follow_children: false,
-        max_processes: 256,
+        follow_children: cfg.children,
+        max_processes: cfg.max_processes,
         max_live: cfg.max_live,
         max_stacks: cfg.max_stacks,
         max_threads: 1 << 14,
@@ -414,7 +416,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let t_unwind = std::time::Instant::now();
     let mut unwind = unwind::Loaded::default();
     crate::progress::spinner(format!("loading the unwind tables of PID {pid}'s modules"));
-    let synced = sync_unwind(&cfg, &mut probes, &mut unwind, pid).context("loading unwind tables");
+    let synced = sync_unwind(&cfg, &mut probes, &mut unwind, pid, 0).context("loading unwind tables");
     crate::progress::done();
     synced?;
     tracing::info!("{} unwind rows loaded in {:?}", unwind.rows_used(), t_unwind.elapsed());
@@ -524,6 +526,35 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     // milliseconds of its release would otherwise leave no table to symbolize its stacks with.
     let mut symbolizer = Symbolizer::new();
     let _ = symbolizer.modules.refresh(&identity);
+    // Several processes: the others join now (each with its links; forked workers share the
+    // first one's layout), and with --children every child forked from here on.
+    let mut fleet = match fleet::Fleet::is_many(&cfg) {
+        true => {
+            let mut f = fleet::Fleet::new(&cfg, &identity, attach_plan.clone(), &mut probes, start_ns);
+            let mut ctx = fleet::Joining {
+                cfg: &cfg,
+                probes: &mut probes,
+                unwind: &mut unwind,
+                symbolizer: &mut symbolizer,
+            };
+            crate::progress::spinner("attaching to the other processes".to_string());
+            let lines = f.join_initial(&cfg, &mut ctx);
+            crate::progress::done();
+            for line in lines {
+                progress(&cfg, format_args!("{line}"));
+            }
+            progress(
+                &cfg,
+                format_args!(
+                    "tracing {} processes{}",
+                    f.members.len(),
+                    if cfg.children { "; following their children" } else { "" }
+                ),
+            );
+            Some(f)
+        }
+        false => None,
+    };
     let mut child: Option<Child> = None;
     if let Some(h) = held.take() {
         child = Some(h.release().context("releasing the held command")?);
@@ -573,6 +604,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         host: None,
         snapshots_written: 0,
         snapshot_paths: std::collections::VecDeque::new(),
+        processes: fleet.as_ref().map(|f| f.report(&probes)),
     };
     crate::progress::window(cfg.duration);
 
@@ -592,6 +624,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         &mut inproc,
         &mut scanner,
         &mut live,
+        &mut fleet,
     )
     .await?;
     crate::progress::window_done();
@@ -651,6 +684,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     if let Some(i) = inproc.as_mut() {
         i.finish(ended_by);
     }
+    if let Some(f) = &fleet {
+        reporting.processes = Some(f.report(&probes));
+    }
     let t0 = std::time::Instant::now();
     let background = probes.detach_in_background();
     tracing::info!("detached in {:?}", t0.elapsed());
@@ -689,6 +725,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         progress(&cfg, format_args!("--fail-on-leak: no scan was made; judging outstanding bytes instead"));
     }
     report::suppress::apply(&mut report, &cfg.suppressions);
+    if !report.processes.is_empty() {
+        report::processes::fill(&mut report);
+    }
     gate_bytes = report::suppress::unsuppressed_gate(&report, gate_bytes, scanned);
     if let Some(applied) = &report.suppressions {
         for u in &applied.unused {
@@ -924,6 +963,8 @@ struct Reporting<'a> {
     snapshots_written: u32,
     /// The snapshots this session wrote, oldest first (for --snapshot-keep).
     snapshot_paths: std::collections::VecDeque<PathBuf>,
+    /// Several processes: each one as last seen (refreshed every interval).
+    processes: Option<Vec<report::Process>>,
 }
 
 impl Reporting<'_> {
@@ -952,6 +993,7 @@ impl Reporting<'_> {
             host,
             modules,
             allocator: self.plan,
+            per_process: self.processes.is_some(),
         };
         let many = tracker.totals().sites >= 1000;
         if many {
@@ -970,6 +1012,10 @@ impl Reporting<'_> {
             .map(python::Python::report)
             .or_else(|| stacks.v8.as_ref().map(v8::V8::report));
         report.js_heap = stacks.js_heap.as_ref().map(js_heap::JsHeap::info);
+        if let Some(p) = &self.processes {
+            report.processes = p.clone();
+            report::processes::fill(&mut report);
+        }
         if let Some(full) = report
             .runtime
             .as_ref()
@@ -1109,7 +1155,7 @@ fn site_frames(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolizer) 
     }
     match stacks.stacks.get(&key.stack_id) {
         Some(Some(f)) => {
-            let native = symbolizer.symbolize(&f.ips);
+            let native = symbolizer.symbolize_for(key.tgid, &f.ips);
             let native = crate::symbolize::mixed::place_javascript(native, f.javascript.clone());
             let is_eval = |fr: &Frame| stacks.python.as_ref().is_some_and(|p| p.names.is_eval(fr));
             (crate::symbolize::mixed::interleave(native, f.python.clone(), is_eval), f.end)
@@ -1149,6 +1195,7 @@ async fn watch(
     inproc: &mut Option<InProcess>,
     scanner: &mut Option<Scanner>,
     live: &mut Option<live::Live>,
+    fleet: &mut Option<fleet::Fleet>,
 ) -> anyhow::Result<(&'static str, Option<i32>)> {
     let pid = identity.pid;
     let mut last_look = 0.0;
@@ -1177,8 +1224,18 @@ async fn watch(
     let mut test_panic = std::env::var_os("LEAKPROBE_TEST_PANIC_AFTER_ATTACH").is_some();
     // `run`: intervals left to look for a CPython that has started since.
     let mut python_looks = if matches!(cfg.mode, Mode::Run { .. }) { 30 } else { 0 };
+    // Several processes: the session goes on after the first one ends, while others run.
+    let mut first_alive = true;
     loop {
         tokio::select! {
+            _ = async { match fleet.as_mut() { Some(f) => f.forked().await, None => std::future::pending().await } } => {
+                if let Some(f) = fleet.as_mut() {
+                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer };
+                    for line in f.take_forks(&mut ctx) {
+                        progress(cfg, format_args!("{line}"));
+                    }
+                }
+            }
             _ = &mut sleep_until_deadline => return Ok(("duration", None)),
             _ = sigint.recv() => return Ok(("signal", None)),
             _ = sigterm.recv() => return Ok(("signal", None)),
@@ -1203,18 +1260,34 @@ async fn watch(
                     return Ok(("exit-called", None));
                 }
             }
-            _ = exited.readable() => {
+            _ = exited.readable(), if first_alive => {
                 let status = child.as_mut().and_then(|c| c.wait().ok()).map(|s| {
                     use std::os::unix::process::ExitStatusExt as _;
                     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
                 });
                 progress(cfg, format_args!("PID {pid} exited"));
-                return Ok(("target-exited", status));
+                first_alive = false;
+                let others = fleet.as_mut().is_some_and(|f| f.first_ended(probes, tracker.window_s()));
+                if !others {
+                    return Ok(("target-exited", status));
+                }
+                progress(cfg, format_args!("the other processes are still traced"));
             }
             _ = ticker.tick() => {
+                if let Some(f) = fleet.as_mut() {
+                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer };
+                    let (lines, running) = f.look(&mut ctx, tracker.window_s());
+                    for line in lines {
+                        progress(cfg, format_args!("{line}"));
+                    }
+                    reporting.processes = Some(f.report(probes));
+                    if !running {
+                        return Ok(("targets-exited", None));
+                    }
+                }
                 // Exited (perhaps its PID already reused): nothing more is read from /proc for
                 // this PID; the pidfd branch ends the trace.
-                if target::pidfd_exited(exited.get_ref()) {
+                if target::pidfd_exited(exited.get_ref()) && fleet.is_none() {
                     continue;
                 }
                 // Tests only: leakprobe's own panic while attached must leave nothing behind.
@@ -1240,7 +1313,7 @@ async fn watch(
                 tracker.ingest(sample);
                 let _ = symbolizer.modules.refresh(identity);
                 // Libraries loaded since (dlopen) get unwind rows too.
-                if let Err(e) = sync_unwind(cfg, probes, unwind, pid) {
+                if let Err(e) = sync_unwind(cfg, probes, unwind, pid, 0) {
                     tracing::warn!("updating unwind tables: {e:#}");
                 }
                 // ...and, in-process, their GOT slots point at the stub from now on.

@@ -190,8 +190,14 @@ impl Modules {
 
 pub struct Symbolizer {
     inner: bz::Symbolizer,
+    /// The first target's modules (layout 0).
     pub modules: Modules,
     cache: HashMap<u64, Vec<Frame>>,
+    /// Other address-space layouts of a session with several processes (layout 1 first),
+    /// each with its modules and its own cache: one address means other code in each.
+    layouts: Vec<(Modules, HashMap<u64, Vec<Frame>>)>,
+    /// Which layout each process's addresses are in (absent: layout 0).
+    layout_of: HashMap<u32, u32>,
 }
 
 impl Default for Symbolizer {
@@ -207,53 +213,94 @@ impl Symbolizer {
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        Symbolizer { inner, modules: Modules::default(), cache: HashMap::new() }
+        Symbolizer {
+            inner,
+            modules: Modules::default(),
+            cache: HashMap::new(),
+            layouts: Vec::new(),
+            layout_of: HashMap::new(),
+        }
     }
 
-    /// Frames for a stack of return addresses, innermost first.
+    /// Frames for a stack of return addresses of the first target, innermost first.
     pub fn symbolize(&mut self, ips: &[u64]) -> Vec<Frame> {
         let missing: Vec<u64> = ips.iter().copied().filter(|ip| !self.cache.contains_key(ip)).collect();
         if !missing.is_empty() {
-            self.fill(&missing);
+            fill(&self.inner, &self.modules, &mut self.cache, &missing);
         }
         ips.iter().flat_map(|ip| self.cache.get(ip).cloned().unwrap_or_default()).collect()
     }
 
-    fn fill(&mut self, addrs: &[u64]) {
-        // One batch per module.
-        let mut by_module: HashMap<PathBuf, (String, Vec<(u64, u64)>)> = HashMap::new();
-        for &addr in addrs {
-            match self.modules.find(addr) {
-                Some(m) => {
-                    // A return address points after the call; the call is one byte back.
-                    let offset = addr.saturating_sub(1) - m.mapping.start + m.mapping.file_offset;
-                    by_module
-                        .entry(m.handle.clone())
-                        .or_insert_with(|| (m.mapping.path.display().to_string(), Vec::new()))
-                        .1
-                        .push((addr, offset));
-                }
-                None => {
-                    self.cache.insert(addr, vec![Frame::unknown(addr, None)]);
-                }
+    /// Frames for a stack of process `tgid` (layout 0 unless [`Symbolizer::set_layout`] said
+    /// otherwise).
+    pub fn symbolize_for(&mut self, tgid: u32, ips: &[u64]) -> Vec<Frame> {
+        let layout = self.layout_of.get(&tgid).copied().unwrap_or(0) as usize;
+        let Some((modules, cache)) = layout.checked_sub(1).and_then(|i| self.layouts.get_mut(i)) else {
+            return self.symbolize(ips);
+        };
+        let missing: Vec<u64> = ips.iter().copied().filter(|ip| !cache.contains_key(ip)).collect();
+        if !missing.is_empty() {
+            fill(&self.inner, modules, cache, &missing);
+        }
+        ips.iter().flat_map(|ip| cache.get(ip).cloned().unwrap_or_default()).collect()
+    }
+
+    /// A new layout's modules (read by the caller from one of its processes); returns its
+    /// index (1, 2, ...).
+    pub fn add_layout(&mut self, modules: Modules) -> u32 {
+        self.layouts.push((modules, HashMap::new()));
+        self.layouts.len() as u32
+    }
+
+    /// The modules of layout `layout` (0: the first target's).
+    pub fn layout_modules(&mut self, layout: u32) -> Option<&mut Modules> {
+        match layout {
+            0 => Some(&mut self.modules),
+            l => self.layouts.get_mut(l as usize - 1).map(|(m, _)| m),
+        }
+    }
+
+    /// Process `tgid`'s addresses are in layout `layout`.
+    pub fn set_layout(&mut self, tgid: u32, layout: u32) {
+        self.layout_of.insert(tgid, layout);
+    }
+}
+
+/// Symbolizes `addrs` with `modules` into `cache`.
+fn fill(inner: &bz::Symbolizer, modules: &Modules, cache: &mut HashMap<u64, Vec<Frame>>, addrs: &[u64]) {
+    // One batch per module.
+    let mut by_module: HashMap<PathBuf, (String, Vec<(u64, u64)>)> = HashMap::new();
+    for &addr in addrs {
+        match modules.find(addr) {
+            Some(m) => {
+                // A return address points after the call; the call is one byte back.
+                let offset = addr.saturating_sub(1) - m.mapping.start + m.mapping.file_offset;
+                by_module
+                    .entry(m.handle.clone())
+                    .or_insert_with(|| (m.mapping.path.display().to_string(), Vec::new()))
+                    .1
+                    .push((addr, offset));
+            }
+            None => {
+                cache.insert(addr, vec![Frame::unknown(addr, None)]);
             }
         }
-        for (handle, (module, entries)) in by_module {
-            let offsets: Vec<u64> = entries.iter().map(|(_, o)| *o).collect();
-            let src = Source::Elf(Elf::new(handle));
-            let results = self.inner.symbolize(&src, Input::FileOffset(&offsets));
-            for (i, (addr, offset)) in entries.into_iter().enumerate() {
-                let frames = match results.as_ref().ok().and_then(|r| r.get(i)) {
-                    Some(Symbolized::Sym(sym)) => frames_of(addr, sym, &module),
-                    _ => {
-                        // Unknown: keep the module and offset visible.
-                        let mut f = Frame::unknown(addr, Some(module.clone()));
-                        f.function = Some(format!("[unknown] {}+{:#x}", short(&module), offset + 1));
-                        vec![f]
-                    }
-                };
-                self.cache.insert(addr, frames);
-            }
+    }
+    for (handle, (module, entries)) in by_module {
+        let offsets: Vec<u64> = entries.iter().map(|(_, o)| *o).collect();
+        let src = Source::Elf(Elf::new(handle));
+        let results = inner.symbolize(&src, Input::FileOffset(&offsets));
+        for (i, (addr, offset)) in entries.into_iter().enumerate() {
+            let frames = match results.as_ref().ok().and_then(|r| r.get(i)) {
+                Some(Symbolized::Sym(sym)) => frames_of(addr, sym, &module),
+                _ => {
+                    // Unknown: keep the module and offset visible.
+                    let mut f = Frame::unknown(addr, Some(module.clone()));
+                    f.function = Some(format!("[unknown] {}+{:#x}", short(&module), offset + 1));
+                    vec![f]
+                }
+            };
+            cache.insert(addr, frames);
         }
     }
 }

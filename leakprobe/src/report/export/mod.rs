@@ -118,6 +118,7 @@ pub(crate) mod testing {
             held_by: Vec::new(),
             verdict: None,
             suppressed: None,
+            pid: None,
         }
     }
 
@@ -223,6 +224,8 @@ pub(crate) mod testing {
             js_heap: None,
             scan: None,
             suppressions: None,
+            processes: Vec::new(),
+            merged: Vec::new(),
         }
     }
 }

@@ -1,0 +1,399 @@
+//! Several processes in one session (`--pid A,B,C`, `--children`): who is traced, each one's
+//! layout and probes, and what is left of those that ended.
+//!
+//! One BPF object serves them all. Each process has its `TARGETS` entry and its own links of
+//! the same programs (the kernel puts a uprobe's breakpoint only into the processes it is
+//! attached for, so nothing else on the machine pays for it). Processes forked from one
+//! another share a layout: one unwind table in the kernel, one symbol table here. A child
+//! forked while traced is in `TARGETS` before it runs (the fork tracepoint); its links follow
+//! as soon as the fork ring says so, and the gap between is measured and reported.
+
+use std::{collections::BTreeMap, os::fd::OwnedFd};
+
+use aya::maps::{MapData, RingBuf};
+use leakprobe_common::{ForkEvent, HeapTotal, MAX_LAYOUTS, TargetState};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    cli::Config,
+    kernel::{
+        probe::{Probes, monotonic_ns},
+        unwind,
+    },
+    report,
+    symbolize::{Modules, Symbolizer},
+    target::{self, Identity, Mapping, allocator::Plan},
+};
+
+/// How a process came to be traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Named with --pid.
+    Listed,
+    /// A descendant of a listed process, found when the session started.
+    Child,
+    /// Forked by a traced process during the session.
+    Forked,
+}
+
+impl Origin {
+    fn name(self) -> &'static str {
+        match self {
+            Origin::Listed => "listed",
+            Origin::Child => "child",
+            Origin::Forked => "forked",
+        }
+    }
+}
+
+pub struct Member {
+    pub identity: Identity,
+    pub layout: u32,
+    pub origin: Origin,
+    pub parent: Option<u32>,
+    /// Seconds since the session started when its probes went live.
+    pub joined_s: f64,
+    /// A forked child: milliseconds from its fork to its probes. What it allocated and freed
+    /// in between was not seen.
+    pub blind_ms: Option<f64>,
+    pub ended: Option<Ended>,
+    pidfd: Option<OwnedFd>,
+    /// Probes that failed to attach to it (it is traced by the rest).
+    pub probe_errors: Vec<String>,
+}
+
+pub struct Ended {
+    pub at_s: f64,
+    /// "exited" or "exec".
+    pub how: &'static str,
+    /// What it still held when it ended.
+    pub held: HeapTotal,
+    pub drops: u64,
+}
+
+/// One address-space layout: the executable mappings that define it, and the plan its
+/// processes are attached with.
+struct Layout {
+    maps: Vec<Mapping>,
+    plan: Plan,
+}
+
+pub struct Fleet {
+    pub members: BTreeMap<u32, Member>,
+    layouts: Vec<Layout>,
+    follow: bool,
+    max: usize,
+    /// Processes left untraced because --max-processes was reached (found by us; the fork
+    /// tracepoint counts its own in `processes_dropped`).
+    pub refused: u64,
+    ring: Option<AsyncFd<RingBuf<MapData>>>,
+    /// `monotonic_ns` at the session's start.
+    start_ns: u64,
+}
+
+impl Fleet {
+    /// The session's first process, already attached as layout 0 with `plan`.
+    pub fn new(cfg: &Config, first: &Identity, plan: Plan, probes: &mut Probes, start_ns: u64) -> Fleet {
+        let maps = target::exec_mappings(first.pid).unwrap_or_default();
+        let ring = match cfg.children {
+            // SAFETY: the ring's descriptor moves into the AsyncFd and stays open, unchanged,
+            // until it drops.
+            true => probes.take_fork_ring().and_then(|r| unsafe { AsyncFd::register(r) }.ok()),
+            false => None,
+        };
+        let mut members = BTreeMap::new();
+        members.insert(
+            first.pid as u32,
+            Member {
+                identity: first.clone(),
+                layout: 0,
+                origin: Origin::Listed,
+                parent: None,
+                joined_s: 0.0,
+                blind_ms: None,
+                ended: None,
+                pidfd: None,
+                probe_errors: Vec::new(),
+            },
+        );
+        Fleet {
+            members,
+            layouts: vec![Layout { maps, plan }],
+            follow: cfg.children,
+            max: cfg.max_processes as usize,
+            refused: 0,
+            ring,
+            start_ns,
+        }
+    }
+
+    /// More than one process is (or may become) traced.
+    pub fn is_many(cfg: &Config) -> bool {
+        cfg.children || !cfg.more_pids.is_empty()
+    }
+
+    /// The processes named after the first, and with --children every descendant of each
+    /// listed process now. Returns a line per process that could not be traced.
+    pub fn join_initial(&mut self, cfg: &Config, ctx: &mut Joining<'_>) -> Vec<String> {
+        let mut lines = Vec::new();
+        let first = *self.members.keys().next().unwrap_or(&0);
+        for &pid in &cfg.more_pids {
+            if let Err(e) = self.add(pid as u32, Origin::Listed, None, None, ctx) {
+                lines.push(format!("PID {pid}: not traced: {e:#}"));
+            }
+        }
+        if self.follow {
+            let listed: Vec<u32> =
+                std::iter::once(first).chain(cfg.more_pids.iter().map(|p| *p as u32)).collect();
+            for parent in listed {
+                for child in target::descendants(parent as i32, self.max) {
+                    if !self.members.contains_key(&(child as u32))
+                        && let Err(e) = self.add(child as u32, Origin::Child, Some(parent), None, ctx)
+                    {
+                        lines.push(format!("PID {child} (child of {parent}): not traced: {e:#}"));
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// Traces `pid`: its layout (a known one, or a new one with its unwind table and
+    /// symbols), its `TARGETS` entry (the fork tracepoint made a forked child's already) and
+    /// its links.
+    fn add(
+        &mut self,
+        pid: u32,
+        origin: Origin,
+        parent: Option<u32>,
+        forked: Option<&TargetState>,
+        ctx: &mut Joining<'_>,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        if self.members.len() >= self.max {
+            self.refused += 1;
+            if forked.is_some() {
+                ctx.probes.detach_process(pid);
+            }
+            anyhow::bail!("--max-processes {} reached", self.max);
+        }
+        let identity = match target::identify(pid as i32) {
+            Ok(id) => id,
+            Err(e) => {
+                if forked.is_some() {
+                    ctx.probes.detach_process(pid);
+                }
+                return Err(e.into());
+            }
+        };
+        let pidfd = target::pidfd_open(pid as i32).ok();
+        let layout = match forked {
+            // A fork copies its parent's address space.
+            Some(t) => t.layout,
+            None => self.layout_for(pid, ctx)?,
+        };
+        ctx.symbolizer.set_layout(pid, layout);
+        if forked.is_none() {
+            ctx.probes.add_target(pid, layout, self.follow).context("adding it to the traced processes")?;
+        }
+        let plan = &self.layouts.get(layout as usize).context("a layout without a plan")?.plan;
+        let statuses = match ctx.probes.attach_process(pid, plan) {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.probes.detach_process(pid);
+                return Err(e).context("attaching its probes");
+            }
+        };
+        let now = monotonic_ns();
+        let blind_ms = forked.map(|t| now.saturating_sub(t.forked_ns) as f64 / 1e6);
+        let probe_errors = statuses
+            .iter()
+            .filter_map(|s| {
+                s.error.as_ref().map(|e| format!("{} in {}: {e}", s.function, s.module.display()))
+            })
+            .collect();
+        self.members.insert(
+            pid,
+            Member {
+                identity,
+                layout,
+                origin,
+                parent,
+                joined_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
+                blind_ms,
+                ended: None,
+                pidfd,
+                probe_errors,
+            },
+        );
+        Ok(())
+    }
+
+    /// The layout whose mappings `pid` has, or a new one (its unwind rows, module table and
+    /// symbols loaded, its allocator planned).
+    fn layout_for(&mut self, pid: u32, ctx: &mut Joining<'_>) -> anyhow::Result<u32> {
+        use anyhow::Context as _;
+        let maps = target::exec_mappings(pid as i32)?;
+        if let Some(i) = self.layouts.iter().position(|l| same_layout(&l.maps, &maps)) {
+            return Ok(i as u32);
+        }
+        let layout = self.layouts.len() as u32;
+        if layout >= MAX_LAYOUTS {
+            anyhow::bail!(
+                "{MAX_LAYOUTS} address-space layouts are traced already (processes started on their own each \
+                 have one; forked workers share their parent's)"
+            );
+        }
+        let identity = target::identify(pid as i32)?;
+        let modules = target::allocator::scan(pid as i32)?;
+        let plan = target::allocator::plan(
+            pid as i32,
+            &identity.exe,
+            &modules,
+            &target::allocator::preloads(pid as i32),
+            &ctx.cfg.allocator,
+        )?;
+        super::sync_unwind(ctx.cfg, ctx.probes, ctx.unwind, pid as i32, layout)
+            .context("loading unwind tables")?;
+        let mut symbols = Modules::default();
+        let _ = symbols.refresh(&identity);
+        let index = ctx.symbolizer.add_layout(symbols);
+        debug_assert_eq!(index, layout);
+        self.layouts.push(Layout { maps, plan });
+        Ok(layout)
+    }
+
+    /// Waits until the fork tracepoint reports a child (never, when not following).
+    pub async fn forked(&mut self) {
+        match self.ring.as_mut() {
+            Some(r) => {
+                if let Ok(mut guard) = r.readable_mut().await {
+                    guard.clear_ready();
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Traces every child the fork ring reported; returns a line per child that could not be.
+    pub fn take_forks(&mut self, ctx: &mut Joining<'_>) -> Vec<String> {
+        let mut events = Vec::new();
+        if let Some(r) = self.ring.as_mut() {
+            let ring = r.get_mut();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<ForkEvent>() {
+                    // SAFETY: the tracepoint writes whole ForkEvents, a plain #[repr(C)] struct.
+                    events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ForkEvent>()) });
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        for e in events {
+            lines.extend(self.join_forked(e.child, Some(e.parent), ctx));
+        }
+        lines
+    }
+
+    /// A child in `TARGETS` that is not a member yet (forked, reported or not).
+    fn join_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Option<String> {
+        if self.members.contains_key(&child) {
+            return None;
+        }
+        let state = ctx.probes.target_state(child).ok().flatten()?;
+        self.add(child, Origin::Forked, parent, Some(&state), ctx)
+            .err()
+            .map(|e| format!("PID {child} (forked): not traced: {e:#}"))
+    }
+
+    /// Every interval: children whose fork event was lost, members that ended (exit or exec;
+    /// their links go, what they held is kept), and whether any member still runs.
+    pub fn look(&mut self, ctx: &mut Joining<'_>, now_s: f64) -> (Vec<String>, bool) {
+        let mut lines = Vec::new();
+        if self.follow
+            && let Ok(targets) = ctx.probes.targets()
+        {
+            for (tgid, _) in targets {
+                if !self.members.contains_key(&tgid) {
+                    lines.extend(self.join_forked(tgid, None, ctx));
+                }
+            }
+        }
+        let primary = *self.members.keys().next().unwrap_or(&0);
+        for (pid, m) in self.members.iter_mut() {
+            if m.ended.is_some() || *pid == primary {
+                continue;
+            }
+            let state = ctx.probes.target_state(*pid).ok().flatten();
+            let execed = state.is_some_and(|t| t.flags & leakprobe_common::target_flag::EXECED != 0);
+            let exited = m.pidfd.as_ref().is_none_or(target::pidfd_exited);
+            if exited || execed {
+                let last = ctx.probes.detach_process(*pid).or(state).unwrap_or_default();
+                m.ended = Some(Ended {
+                    at_s: now_s,
+                    how: if execed && !exited { "exec" } else { "exited" },
+                    held: last.heap,
+                    drops: last.drops,
+                });
+                m.pidfd = None;
+            }
+        }
+        (lines, self.members.values().any(|m| m.ended.is_none()))
+    }
+
+    /// The first process ended (its pidfd said so); the session goes on while others run.
+    pub fn first_ended(&mut self, probes: &Probes, now_s: f64) -> bool {
+        let Some((pid, m)) = self.members.iter_mut().next() else { return false };
+        if m.ended.is_none() {
+            let last = probes.target_state(*pid).ok().flatten().unwrap_or_default();
+            m.ended = Some(Ended { at_s: now_s, how: "exited", held: last.heap, drops: last.drops });
+        }
+        self.members.values().any(|m| m.ended.is_none())
+    }
+
+    /// The report's view of every process.
+    pub fn report(&self, probes: &Probes) -> Vec<report::Process> {
+        self.members
+            .iter()
+            .map(|(pid, m)| {
+                let (held, drops) = match &m.ended {
+                    Some(e) => (e.held, e.drops),
+                    None => {
+                        let t = probes.target_state(*pid).ok().flatten().unwrap_or_default();
+                        (t.heap, t.drops)
+                    }
+                };
+                report::Process {
+                    pid: *pid,
+                    exe: m.identity.exe.clone(),
+                    origin: m.origin.name().into(),
+                    parent: m.parent,
+                    layout: m.layout,
+                    joined_s: m.joined_s,
+                    blind_ms: m.blind_ms,
+                    ended_s: m.ended.as_ref().map(|e| e.at_s),
+                    ended_by: m.ended.as_ref().map(|e| e.how.into()),
+                    tracked_bytes: held.bytes,
+                    tracked_count: crate::kernel::probe::scaled_count(held.count),
+                    peak_bytes: held.peak_bytes,
+                    drops,
+                    probe_errors: m.probe_errors.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+}
+
+/// What adding a process needs from the session.
+pub struct Joining<'a> {
+    pub cfg: &'a Config,
+    pub probes: &'a mut Probes,
+    pub unwind: &'a mut unwind::Loaded,
+    pub symbolizer: &'a mut Symbolizer,
+}
+
+/// Two processes have one layout when they map the same files at the same addresses.
+fn same_layout(a: &[Mapping], b: &[Mapping]) -> bool {
+    let key = |m: &Mapping| (m.start, m.end, m.file_offset, m.dev, m.inode);
+    a.len() == b.len() && a.iter().map(key).eq(b.iter().map(key))
+}

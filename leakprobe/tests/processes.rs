@@ -1,0 +1,200 @@
+//! Several processes in one session (issue 25): a pre-fork server's workers with --children,
+//! workers recycled while traced, and independent processes listed with --pid A,B.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const LEAK: u64 = 1000;
+
+/// `prefork WORKERS LEAK RECYCLE`, and the port it listens on.
+struct Server {
+    child: Child,
+    _stdin: ChildStdin,
+    port: u16,
+}
+
+impl Server {
+    fn start(workers: u32, recycle: u32) -> Server {
+        let exe = c_target("prefork.c", "prefork");
+        let mut child = Command::new(exe)
+            .args([workers.to_string(), LEAK.to_string(), recycle.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start prefork");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).expect("port line");
+        let stdin = child.stdin.take().unwrap();
+        // Every worker is up (and has accepted nothing yet).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while children_of(child.id() as i32).len() < workers as usize {
+            assert!(Instant::now() < deadline, "the workers never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, _stdin: stdin, port }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// One request: which worker served it.
+    fn request(&self) -> u32 {
+        let mut c = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        c.write_all(b"GET\n").unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("reply {reply:?}"))
+    }
+
+    /// `n` requests spread over `over`: requests served per worker.
+    fn load(&self, n: u32, over: Duration) -> BTreeMap<u32, u64> {
+        let mut served = BTreeMap::new();
+        let start = Instant::now();
+        for i in 0..n {
+            *served.entry(self.request()).or_default() += 1;
+            let due = over.mul_f64(f64::from(i + 1) / f64::from(n));
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        served
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Outstanding bytes through remember_request, by pid.
+fn leaked_by_pid(report: &Value) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    for s in sites(report).iter().filter(|s| has_frame(s, "remember_request")) {
+        let pid = s["pid"].as_u64().unwrap_or_else(|| panic!("a site without its pid: {s}")) as u32;
+        *out.entry(pid).or_default() += s["outstanding_bytes"].as_u64().unwrap();
+    }
+    out
+}
+
+fn processes(report: &Value) -> BTreeMap<u32, &Value> {
+    report["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes in the report"))
+        .iter()
+        .map(|p| (p["pid"].as_u64().unwrap() as u32, p))
+        .collect()
+}
+
+/// nginx's shape: a master and 4 workers, each leaking 1000 bytes a request. `attach --pid
+/// MASTER --children` traces all five, and each worker's leak is exactly what it served; the
+/// merged site has all four workers and their total.
+#[test]
+fn every_worker_of_a_prefork_server_is_traced_with_its_own_bytes() {
+    require_root();
+    let server = Server::start(4, 0);
+    let master = server.pid().to_string();
+    let mut lp =
+        Leakprobe::start(&["attach", "--pid", &master, "--children", "--duration", "5s", "--format", "json"]);
+    lp.wait_attached();
+    let served = server.load(400, Duration::from_secs(3));
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let procs = processes(&report);
+    println!("served {served:?}; processes {:?}", procs.keys());
+    assert_eq!(procs.len(), 5, "the master and its 4 workers: {err}");
+    for w in children_of(server.pid()) {
+        assert_eq!(procs[&(w as u32)]["origin"], "child", "{}", procs[&(w as u32)]);
+    }
+    let leaked = leaked_by_pid(&report);
+    for (pid, n) in &served {
+        assert_eq!(
+            leaked.get(pid).copied(),
+            Some(n * LEAK),
+            "PID {pid} served {n} requests; leaked {leaked:?}"
+        );
+    }
+    let merged = report["merged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["frames"].as_array().unwrap().iter().any(|f| f["function"] == "remember_request"))
+        .unwrap_or_else(|| panic!("no merged site through remember_request: {}", report["merged"]));
+    let total: u64 = served.values().sum();
+    assert_eq!(merged["outstanding_bytes"].as_u64(), Some(total * LEAK));
+    assert_eq!(merged["pids"].as_array().unwrap().len(), served.len());
+    assert_no_drops(&report);
+}
+
+/// Workers recycled every 50 requests while traced: every worker that served a request is in
+/// the report, each ended one with what it held; their leaks add up to what was served,
+/// within the few milliseconds between a fork and its probes.
+#[test]
+fn recycled_workers_are_followed_and_none_is_lost() {
+    require_root();
+    let server = Server::start(4, 50);
+    let master = server.pid().to_string();
+    let mut lp =
+        Leakprobe::start(&["attach", "--pid", &master, "--children", "--duration", "8s", "--format", "json"]);
+    lp.wait_attached();
+    let served = server.load(1000, Duration::from_secs(5));
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let procs = processes(&report);
+    let leaked = leaked_by_pid(&report);
+    println!("served by {} workers, {} processes traced", served.len(), procs.len());
+    assert!(served.len() >= 20, "1000 requests, recycled every 50: {served:?}");
+    for pid in served.keys() {
+        assert!(procs.contains_key(pid), "PID {pid} served requests but is not in the report");
+        assert!(leaked.contains_key(pid), "PID {pid}'s site was lost");
+    }
+    let ended = procs.values().filter(|p| p["ended_by"] == "exited").count();
+    assert!(ended >= served.len() - 4, "{ended} ended of {}", served.len());
+    let forked: Vec<f64> = procs.values().filter_map(|p| p["blind_ms"].as_f64()).collect();
+    println!("fork to probes: {forked:?} ms");
+    let total: u64 = served.values().sum::<u64>() * LEAK;
+    let seen: u64 = leaked.values().sum();
+    assert!(seen <= total, "more than was served: {seen} > {total}");
+    assert!(seen as f64 >= total as f64 * 0.95, "seen {seen} of {total} bytes");
+}
+
+/// Two servers started on their own (two layouts, ASLR apart): `--pid A,B` traces both
+/// workers, and each one's stack is symbolized in its own layout.
+#[test]
+fn independent_processes_are_traced_each_in_its_own_layout() {
+    require_root();
+    let (a, b) = (Server::start(1, 0), Server::start(1, 0));
+    let wa = children_of(a.pid())[0];
+    let wb = children_of(b.pid())[0];
+    let pids = format!("{wa},{wb}");
+    let mut lp = Leakprobe::start(&["attach", "--pid", &pids, "--duration", "3s", "--format", "json"]);
+    lp.wait_attached();
+    let (na, nb) = (a.load(30, Duration::from_millis(500)), b.load(70, Duration::from_millis(500)));
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let procs = processes(&report);
+    assert_ne!(procs[&(wa as u32)]["layout"], procs[&(wb as u32)]["layout"]);
+    let leaked = leaked_by_pid(&report);
+    assert_eq!(leaked.get(&(wa as u32)).copied(), Some(na[&(wa as u32)] * LEAK), "{leaked:?}");
+    assert_eq!(leaked.get(&(wb as u32)).copied(), Some(nb[&(wb as u32)] * LEAK), "{leaked:?}");
+}
