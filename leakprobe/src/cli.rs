@@ -34,6 +34,13 @@ Examples:
   # a flame graph of outstanding bytes, and its folded stacks
   leakprobe attach --pid 4242 --duration 60s --pprof leak.pb.gz --flamegraph leak.svg --folded leak.folded
 
+  # A pre-fork server (nginx, gunicorn, php-fpm): the master and every worker, those
+  # forked later too (recycled workers), each with its own sites, and merged per build
+  leakprobe attach --pid 4242 --children --duration 60s
+
+  # A few processes by PID
+  leakprobe attach --pid 4242,4243,4250 --duration 60s
+
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 

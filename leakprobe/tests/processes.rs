@@ -198,3 +198,33 @@ fn independent_processes_are_traced_each_in_its_own_layout() {
     assert_eq!(leaked.get(&(wa as u32)).copied(), Some(na[&(wa as u32)] * LEAK), "{leaked:?}");
     assert_eq!(leaked.get(&(wb as u32)).copied(), Some(nb[&(wb as u32)] * LEAK), "{leaked:?}");
 }
+
+/// A SIGKILL of leakprobe while it follows a master and 8 workers under load: every process
+/// runs on and answers, and nothing of ours stays loaded.
+#[test]
+fn sigkill_while_following_eight_workers_leaves_them_all_running() {
+    require_root();
+    let server = Server::start(8, 0);
+    let workers = children_of(server.pid());
+    let master = server.pid().to_string();
+    for round in 0..3 {
+        let mut lp = Leakprobe::start(&["attach", "--pid", &master, "--children", "--duration", "60s"]);
+        lp.wait_attached();
+        let load = std::thread::scope(|s| {
+            let h = s.spawn(|| server.load(300, Duration::from_millis(600)));
+            std::thread::sleep(Duration::from_millis(100 + 150 * round));
+            // SAFETY: kill with a valid signal on the leakprobe we started.
+            unsafe { libc::kill(lp.child.id() as i32, libc::SIGKILL) };
+            h.join().unwrap()
+        });
+        let _ = lp.child.wait();
+        assert_eq!(load.values().sum::<u64>(), 300, "every request answered across the kill");
+        assert_all_gone(&format!("round {round}"));
+        assert_eq!(children_of(server.pid()), workers, "the same 8 workers, none lost");
+        for w in &workers {
+            assert!(matches!(state_of(*w), Some('S' | 'R')), "worker {w} is {:?}", state_of(*w));
+        }
+    }
+    // And they still serve.
+    assert_eq!(server.load(40, Duration::from_millis(100)).values().sum::<u64>(), 40);
+}

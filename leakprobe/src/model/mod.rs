@@ -448,6 +448,11 @@ pub const DROP_KINDS: &[(u32, &str, &str)] = &[
         "scan_frees_lost",
         "blocks freed while a scan read the tracker that it could not keep (scanned as untracked memory)",
     ),
+    (
+        counter::PROCESSES_DROPPED,
+        "processes_dropped",
+        "children forked while --max-processes were traced: they ran untraced (raise --max-processes)",
+    ),
 ];
 
 /// Counters that are expected in normal operation, reported for context.
@@ -468,6 +473,11 @@ pub const INFO_KINDS: &[(u32, &str, &str)] = &[
         counter::PY_ARENA_MMAPS,
         "python_arena_mmaps",
         "pymalloc arenas mapped (not sites: the objects in them are tracked one by one)",
+    ),
+    (
+        counter::FORK_EVENTS_LOST,
+        "fork_events_lost",
+        "children whose fork report was lost (ring full): found at the next interval instead",
     ),
 ];
 

@@ -78,6 +78,9 @@ struct Layout {
     plan: Plan,
 }
 
+/// Ended processes kept in detail.
+const MAX_ENDED: usize = 1024;
+
 pub struct Fleet {
     pub members: BTreeMap<u32, Member>,
     layouts: Vec<Layout>,
@@ -86,6 +89,10 @@ pub struct Fleet {
     /// Processes left untraced because --max-processes was reached (found by us; the fork
     /// tracepoint counts its own in `processes_dropped`).
     pub refused: u64,
+    /// Children that called exec before their probes were attached: not followed.
+    pub execed_unfollowed: u64,
+    /// Ended processes summarized only (past [`MAX_ENDED`]): how many.
+    pub ended_forgotten: u64,
     ring: Option<AsyncFd<RingBuf<MapData>>>,
     /// `monotonic_ns` at the session's start.
     start_ns: u64,
@@ -122,6 +129,8 @@ impl Fleet {
             follow: cfg.children,
             max: cfg.max_processes as usize,
             refused: 0,
+            execed_unfollowed: 0,
+            ended_forgotten: 0,
             ring,
             start_ns,
         }
@@ -170,7 +179,7 @@ impl Fleet {
         ctx: &mut Joining<'_>,
     ) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        if self.members.len() >= self.max {
+        if self.running() >= self.max {
             self.refused += 1;
             if forked.is_some() {
                 ctx.probes.detach_process(pid);
@@ -294,12 +303,24 @@ impl Fleet {
         lines
     }
 
+    /// Members still running.
+    fn running(&self) -> usize {
+        self.members.values().filter(|m| m.ended.is_none()).count()
+    }
+
     /// A child in `TARGETS` that is not a member yet (forked, reported or not).
     fn join_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Option<String> {
         if self.members.contains_key(&child) {
             return None;
         }
         let state = ctx.probes.target_state(child).ok().flatten()?;
+        if state.flags & leakprobe_common::target_flag::EXECED != 0 {
+            // Forked and exec'd before we got to it (a shell, a helper): another program,
+            // not followed (yet).
+            ctx.probes.detach_process(child);
+            self.execed_unfollowed += 1;
+            return None;
+        }
         self.add(child, Origin::Forked, parent, Some(&state), ctx)
             .err()
             .map(|e| format!("PID {child} (forked): not traced: {e:#}"))
@@ -337,7 +358,24 @@ impl Fleet {
                 m.pidfd = None;
             }
         }
+        self.forget_oldest_ended();
         (lines, self.members.values().any(|m| m.ended.is_none()))
+    }
+
+    /// Keeps at most [`MAX_ENDED`] ended processes in detail (workers recycled for days would
+    /// otherwise grow this without bound); their sites stay in the tracker.
+    fn forget_oldest_ended(&mut self) {
+        let ended = self.members.len() - self.running();
+        if ended <= MAX_ENDED {
+            return;
+        }
+        let mut by_end: Vec<(f64, u32)> =
+            self.members.iter().filter_map(|(p, m)| m.ended.as_ref().map(|e| (e.at_s, *p))).collect();
+        by_end.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (_, pid) in by_end.into_iter().take(ended - MAX_ENDED) {
+            self.members.remove(&pid);
+            self.ended_forgotten += 1;
+        }
     }
 
     /// The first process ended (its pidfd said so); the session goes on while others run.

@@ -272,6 +272,7 @@ impl StackCache {
         &mut self,
         pid: i32,
         sample_bytes: u64,
+        hook: bool,
         probes: &mut Probes,
         statuses: &mut Vec<ProbeStatus>,
     ) -> anyhow::Result<Vec<String>> {
@@ -282,8 +283,14 @@ impl StackCache {
             (Some(names), line) => {
                 probes.set_python(&names.config()).context("loading the Python layout")?;
                 let mut py = python::Python::new(names);
-                let (hooked, st) = py.hook_allocators(sample_bytes, IN_PROCESS_MAX_PAUSE, probes);
-                statuses.extend(st);
+                let hooked = match hook {
+                    true => {
+                        let (hooked, st) = py.hook_allocators(sample_bytes, IN_PROCESS_MAX_PAUSE, probes);
+                        statuses.extend(st);
+                        hooked
+                    }
+                    false => PYTHON_NOT_HOOKED_MANY.to_string(),
+                };
                 self.python = Some(py);
                 Ok(line.into_iter().chain([hooked]).collect())
             }
@@ -515,8 +522,14 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     // what pymalloc passes on to malloc is then seen there.
     let mut python = python_names.map(python::Python::new);
     if let Some(py) = python.as_mut() {
-        let (line, st) = py.hook_allocators(cfg.sample_bytes, IN_PROCESS_MAX_PAUSE, &mut probes);
-        statuses.extend(st);
+        let line = match fleet::Fleet::is_many(&cfg) {
+            false => {
+                let (line, st) = py.hook_allocators(cfg.sample_bytes, IN_PROCESS_MAX_PAUSE, &mut probes);
+                statuses.extend(st);
+                line
+            }
+            true => PYTHON_NOT_HOOKED_MANY.to_string(),
+        };
         progress(&cfg, format_args!("{line}"));
     }
     tracing::info!("probes attached in {:?}", t_attach.elapsed());
@@ -706,6 +719,14 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         l.finish(ended_by);
     }
     let mut report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
+    if let Some(f) = &fleet {
+        if f.refused > 0 {
+            report.drops.insert("processes_refused".into(), f.refused);
+            report.degraded = true;
+        }
+        report.activity.insert("children_execed_unfollowed".into(), f.execed_unfollowed);
+        report.activity.insert("ended_processes_summarized".into(), f.ended_forgotten);
+    }
     if let Some(i) = &inproc {
         let ip = i.report();
         if ip.stub_set_full > 0 {
@@ -759,6 +780,11 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         suppressed: report.sites.iter().any(|s| s.suppressed.is_some()),
     })
 }
+
+/// Several processes: CPython's allocator tables are left alone, because children forked
+/// while they point at the stub would keep pointing there after detach.
+const PYTHON_NOT_HOOKED_MANY: &str = "CPython's allocators not hooked with several processes: Python frames are in \
+     every stack, but small objects from pymalloc's arenas are seen as arena mmaps, not one by one";
 
 /// The longest the target may stay stopped while the stub is mapped or the GOT restored: past
 /// it, the operation is abandoned and the target resumed.
@@ -1326,7 +1352,7 @@ async fn watch(
                 }
                 if python_looks > 0 {
                     python_looks -= 1;
-                    let lines = stacks.look_for_python(pid, cfg.sample_bytes, probes, statuses)?;
+                    let lines = stacks.look_for_python(pid, cfg.sample_bytes, fleet.is_none(), probes, statuses)?;
                     for line in &lines {
                         progress(cfg, format_args!("{line}"));
                     }

@@ -339,6 +339,7 @@ pub fn our_programs_loaded() -> Vec<String> {
         "cxx_new_enter",
         "capture",
         "on_exec",
+        "on_fork",
         "noop_enter",
         "noop_exit",
         "mallocx_enter",
@@ -375,7 +376,11 @@ pub fn our_links() -> usize {
         .iter()
         .filter(|p| {
             p["name"].as_str().is_some_and(|n| {
-                n.ends_with("_enter") || n.ends_with("_exit") || n == "capture" || n == "on_exec"
+                n.ends_with("_enter")
+                    || n.ends_with("_exit")
+                    || n == "capture"
+                    || n == "on_exec"
+                    || n == "on_fork"
             })
         })
         .filter_map(|p| p["id"].as_u64())
