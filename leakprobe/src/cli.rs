@@ -107,7 +107,7 @@ pub enum Command {
     #[command(after_help = EXAMPLES)]
     Attach {
         /// The processes to trace: one PID, a comma-separated list, or --pid repeated.
-        #[arg(short, long, required = true, value_delimiter = ',', num_args = 1..)]
+        #[arg(short, long, required_unless_present = "cgroup", value_delimiter = ',', num_args = 1..)]
         pid: Vec<i32>,
         #[command(flatten)]
         opts: TraceOpts,
@@ -146,7 +146,7 @@ pub enum Command {
     #[command(after_help = TOP_EXAMPLES)]
     Top {
         /// The processes to watch: one PID, a comma-separated list, or --pid repeated.
-        #[arg(short, long, required = true, value_delimiter = ',', num_args = 1..)]
+        #[arg(short, long, required_unless_present = "cgroup", value_delimiter = ',', num_args = 1..)]
         pid: Vec<i32>,
         #[command(flatten)]
         opts: TraceOpts,
@@ -412,7 +412,12 @@ pub struct TraceOpts {
     /// reported up to its exec.
     #[arg(long)]
     pub children: bool,
-    /// The most processes traced at once (--pid lists and --children): further children run
+    /// Every process in a cgroup v2 directory (a container, a systemd service: e.g.
+    /// /sys/fs/cgroup/system.slice/nginx.service), and each one that joins it while traced;
+    /// a process that leaves it is traced no more. With --pid, those too.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// The most processes traced at once (--pid lists, --children, --cgroup): further ones run
     /// untraced, and are counted and reported.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_processes: u32,
@@ -652,6 +657,33 @@ pub enum ConfigError {
          leave it out to follow them all with uprobes)"
     )]
     OneProcess { flag: &'static str, other: &'static str },
+    #[error("--cgroup {dir}: {reason}")]
+    Cgroup { dir: PathBuf, reason: String },
+}
+
+/// The processes in cgroup v2 directory `dir` now (its `cgroup.procs`).
+pub fn cgroup_members(dir: &std::path::Path) -> Result<Vec<i32>, ConfigError> {
+    let err = |reason: String| ConfigError::Cgroup { dir: dir.to_path_buf(), reason };
+    let procs = dir.join("cgroup.procs");
+    let text = std::fs::read_to_string(&procs).map_err(|e| {
+        err(format!(
+            "cannot read {} ({e}): give a cgroup v2 directory, e.g. /sys/fs/cgroup/system.slice/app.service \
+             (see /proc/PID/cgroup for a process's)",
+            procs.display()
+        ))
+    })?;
+    let mut pids: Vec<i32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+/// The first process of the cgroup (--cgroup without --pid).
+fn cgroup_first(dir: Option<&std::path::Path>) -> Result<i32, ConfigError> {
+    let dir = dir.ok_or(ConfigError::Needs { flag: "attach", needs: "--pid or --cgroup" })?;
+    cgroup_members(dir)?.first().copied().ok_or_else(|| ConfigError::Cgroup {
+        dir: dir.to_path_buf(),
+        reason: "no process in it now (leakprobe traces the processes of a cgroup that has one)".into(),
+    })
 }
 
 /// What to trace.
@@ -714,6 +746,8 @@ pub struct Config {
     pub more_pids: Vec<i32>,
     /// `--children`.
     pub children: bool,
+    /// `--cgroup DIR`.
+    pub cgroup: Option<PathBuf>,
     /// `--max-processes`.
     pub max_processes: u32,
     /// `--scan` / `--scan-every`: scan at the end (or at exit() in run mode), and periodically.
@@ -783,6 +817,10 @@ impl TryFrom<Cli> for Config {
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
         let live_view = matches!(cli.command, Command::Top { .. });
         let (mode, more_pids, opts) = match cli.command {
+            Command::Attach { pid, opts } | Command::Top { pid, opts } if pid.is_empty() => {
+                let first = cgroup_first(opts.cgroup.as_deref())?;
+                (Mode::Attach { pid: first }, Vec::new(), opts)
+            }
             Command::Attach { pid, opts } => (Mode::Attach { pid: pid[0] }, pid[1..].to_vec(), opts),
             Command::Run { opts, command } => (Mode::Run { command }, Vec::new(), opts),
             Command::Census { pid, mut opts } => {
@@ -967,8 +1005,15 @@ impl TryFrom<Cli> for Config {
         } else {
             None
         };
-        let many = !more_pids.is_empty() || opts.children;
-        let flag = if opts.children { "--children" } else { "--pid with several processes" };
+        let many = !more_pids.is_empty() || opts.children || opts.cgroup.is_some();
+        let flag = match (opts.children, opts.cgroup.is_some()) {
+            (true, _) => "--children",
+            (false, true) => "--cgroup",
+            _ => "--pid with several processes",
+        };
+        if let Some(dir) = &opts.cgroup {
+            cgroup_members(dir)?;
+        }
         if many {
             if !(1..=4096).contains(&opts.max_processes) {
                 return Err(ConfigError::Range { flag: "--max-processes", min: 1, max: 4096 });
@@ -1024,6 +1069,7 @@ impl TryFrom<Cli> for Config {
             in_process: opts.in_process,
             more_pids,
             children: opts.children,
+            cgroup: opts.cgroup.clone(),
             max_processes: opts.max_processes,
             scan,
             js_heap,

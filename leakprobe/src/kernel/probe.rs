@@ -152,6 +152,73 @@ pub struct Probes {
     /// In-process mode: modules whose allocation family the stub covers (reached through
     /// the patched GOT). Their family functions, and aliases of them, get no uprobe.
     stubbed: Vec<PathBuf>,
+    /// Tears down the links of processes that ended, off the session's path.
+    reaper: Option<Reaper>,
+}
+
+type Link = aya::programs::uprobe::UProbeLink;
+
+/// One thread that drops links of ended processes, one at a time, and waits while links are
+/// being made: the kernel tears a uprobe's perf event down under a lock that every new one
+/// needs, for a grace period each.
+struct Reaper {
+    queue: std::sync::mpsc::Sender<Vec<Link>>,
+    attaching: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// While alive, the reaper waits.
+struct Hold(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Reaper {
+    fn start() -> Reaper {
+        use std::sync::atomic::Ordering;
+        let (queue, rx) = std::sync::mpsc::channel::<Vec<Link>>();
+        let attaching = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let busy = attaching.clone();
+        let spawned = std::thread::Builder::new().name("leakprobe-reaper".into()).spawn(move || {
+            for links in rx {
+                for link in links {
+                    while busy.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    drop(link);
+                }
+            }
+        });
+        let thread = spawned
+            .map_err(|e| tracing::warn!("no reaper thread ({e}): ended processes' links stay until the end"))
+            .ok();
+        Reaper { queue, attaching, thread }
+    }
+
+    /// Drops what is still queued, and waits for it: at detach, when a child of ours holds a
+    /// copy of every descriptor, that is quick (the child's exit is the teardown).
+    fn finish(self) {
+        let Reaper { queue, thread, .. } = self;
+        drop(queue);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    fn send(&self, links: Vec<Link>) {
+        // No thread (it could not start): the links stay open until we exit.
+        if let Err(std::sync::mpsc::SendError(links)) = self.queue.send(links) {
+            std::mem::forget(links);
+        }
+    }
+
+    fn hold(&self) -> Hold {
+        self.attaching.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Hold(self.attaching.clone())
+    }
 }
 
 impl Probes {
@@ -188,8 +255,15 @@ impl Probes {
             .map_max_entries(map_names::WRAPPER_STASH, cfg.max_threads)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
-        let mut probes =
-            Probes { ebpf, pid, attach_to: pid, links: Vec::new(), noop: cfg.noop, stubbed: Vec::new() };
+        let mut probes = Probes {
+            ebpf,
+            pid,
+            attach_to: pid,
+            links: Vec::new(),
+            noop: cfg.noop,
+            stubbed: Vec::new(),
+            reaper: None,
+        };
         probes.install_capture()?;
         probes.clear_unwind_modules()?;
         probes.add_target(cfg.tgid, 0, cfg.follow_children)?;
@@ -389,6 +463,10 @@ impl Probes {
     /// [`Probes::detach_process`]).
     pub fn attach_process(&mut self, pid: u32, plan: &Plan) -> Result<Vec<ProbeStatus>, ProbeError> {
         self.attach_to = NonZeroU32::new(pid).ok_or(ProbeError::MissingMap { name: map_names::TARGETS })?;
+        // Ended processes' links wait meanwhile: each teardown holds a kernel lock that
+        // attaching needs for a grace period (~0.1 s here), and a new child's first
+        // allocations are unseen until its links are made.
+        let _hold = self.reaper.as_ref().map(Reaper::hold);
         let out = self.attach(plan);
         self.attach_to = self.pid;
         out
@@ -409,7 +487,7 @@ impl Probes {
         self.links = rest;
         let owned = self.take_links(mine);
         if !owned.is_empty() {
-            std::thread::spawn(move || drop(owned));
+            self.reaper.get_or_insert_with(Reaper::start).send(owned);
         }
         state
     }
@@ -460,6 +538,9 @@ impl Probes {
     /// links on parallel threads still overlaps some of it (21 links: 2.1 s one by one,
     /// 1.8 s in parallel). Idempotent; also run on drop.
     pub fn detach(&mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.finish();
+        }
         let links = std::mem::take(&mut self.links);
         let owned = self.take_links(links);
         // At most 32 threads, however many processes a fleet had.

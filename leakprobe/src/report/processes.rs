@@ -64,12 +64,15 @@ pub struct MergedSite {
     pub frames: Vec<Frame>,
 }
 
+/// A site as the merge sees it: the allocation function, and each frame's function, file and
+/// line (addresses differ between processes; names do not).
+type StackKey = (String, Vec<(Option<String>, Option<String>, Option<u32>)>);
+
 /// The report's sites merged across processes, largest growth first, then largest
 /// outstanding.
 pub fn merge(report: &Report) -> Vec<MergedSite> {
     let exe_of: BTreeMap<u32, &str> = report.processes.iter().map(|p| (p.pid, p.exe.as_str())).collect();
-    let mut by_stack: BTreeMap<(String, Vec<(Option<String>, Option<String>, Option<u32>)>), MergedSite> =
-        BTreeMap::new();
+    let mut by_stack: BTreeMap<StackKey, MergedSite> = BTreeMap::new();
     for s in report.sites.iter().filter(|s| s.suppressed.is_none()) {
         let Some(pid) = s.pid else { continue };
         let key = (

@@ -34,6 +34,8 @@ pub enum Origin {
     Child,
     /// Forked by a traced process during the session.
     Forked,
+    /// In the --cgroup directory (at the start, or joined it since).
+    Cgroup,
 }
 
 impl Origin {
@@ -42,6 +44,7 @@ impl Origin {
             Origin::Listed => "listed",
             Origin::Child => "child",
             Origin::Forked => "forked",
+            Origin::Cgroup => "cgroup",
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Fleet {
     pub members: BTreeMap<u32, Member>,
     layouts: Vec<Layout>,
     follow: bool,
+    /// --cgroup: members join and leave with it.
+    cgroup: Option<std::path::PathBuf>,
     max: usize,
     /// Processes left untraced because --max-processes was reached (found by us; the fork
     /// tracepoint counts its own in `processes_dropped`).
@@ -102,7 +107,7 @@ impl Fleet {
     /// The session's first process, already attached as layout 0 with `plan`.
     pub fn new(cfg: &Config, first: &Identity, plan: Plan, probes: &mut Probes, start_ns: u64) -> Fleet {
         let maps = target::exec_mappings(first.pid).unwrap_or_default();
-        let ring = match cfg.children {
+        let ring = match Fleet::follows(cfg) {
             // SAFETY: the ring's descriptor moves into the AsyncFd and stays open, unchanged,
             // until it drops.
             true => probes.take_fork_ring().and_then(|r| unsafe { AsyncFd::register(r) }.ok()),
@@ -126,7 +131,8 @@ impl Fleet {
         Fleet {
             members,
             layouts: vec![Layout { maps, plan }],
-            follow: cfg.children,
+            follow: Fleet::follows(cfg),
+            cgroup: cfg.cgroup.clone(),
             max: cfg.max_processes as usize,
             refused: 0,
             execed_unfollowed: 0,
@@ -138,7 +144,14 @@ impl Fleet {
 
     /// More than one process is (or may become) traced.
     pub fn is_many(cfg: &Config) -> bool {
-        cfg.children || !cfg.more_pids.is_empty()
+        cfg.children || !cfg.more_pids.is_empty() || cfg.cgroup.is_some()
+    }
+
+    /// Whether children are followed: with --children, and in a cgroup (children start in
+    /// their parent's, and are traced from their first instruction; one that moves out is
+    /// dropped at the next look).
+    pub fn follows(cfg: &Config) -> bool {
+        cfg.children || cfg.cgroup.is_some()
     }
 
     /// The processes named after the first, and with --children every descendant of each
@@ -151,7 +164,8 @@ impl Fleet {
                 lines.push(format!("PID {pid}: not traced: {e:#}"));
             }
         }
-        if self.follow {
+        lines.extend(self.join_cgroup(ctx, false));
+        if cfg.children {
             let listed: Vec<u32> =
                 std::iter::once(first).chain(cfg.more_pids.iter().map(|p| *p as u32)).collect();
             for parent in listed {
@@ -206,7 +220,10 @@ impl Fleet {
             ctx.probes.add_target(pid, layout, self.follow).context("adding it to the traced processes")?;
         }
         let plan = &self.layouts.get(layout as usize).context("a layout without a plan")?.plan;
-        let statuses = match ctx.probes.attach_process(pid, plan) {
+        let t_attach = std::time::Instant::now();
+        let attached = ctx.probes.attach_process(pid, plan);
+        tracing::info!("PID {pid}: probes attached in {:?}", t_attach.elapsed());
+        let statuses = match attached {
             Ok(s) => s,
             Err(e) => {
                 ctx.probes.detach_process(pid);
@@ -303,6 +320,37 @@ impl Fleet {
         lines
     }
 
+    /// --cgroup: its processes that are not traced yet join.
+    fn join_cgroup(&mut self, ctx: &mut Joining<'_>, say_joins: bool) -> Vec<String> {
+        let Some(dir) = self.cgroup.clone() else { return Vec::new() };
+        let mut lines = Vec::new();
+        for pid in crate::cli::cgroup_members(&dir).unwrap_or_default() {
+            let pid = pid as u32;
+            if self.members.get(&pid).is_some_and(|m| m.ended.is_none()) {
+                continue;
+            }
+            // A process that left and came back is a member again, with a fresh entry.
+            self.members.remove(&pid);
+            match self.add(pid, Origin::Cgroup, None, None, ctx) {
+                Ok(()) if say_joins => lines.push(format!("PID {pid} joined {}: traced", dir.display())),
+                Ok(()) => {}
+                Err(e) => lines.push(format!("PID {pid} (in {}): not traced: {e:#}", dir.display())),
+            }
+        }
+        lines
+    }
+
+    /// --cgroup: running members that are no longer in it.
+    fn left_cgroup(&self) -> Vec<u32> {
+        let Some(dir) = &self.cgroup else { return Vec::new() };
+        let Ok(now) = crate::cli::cgroup_members(dir) else { return Vec::new() };
+        self.members
+            .iter()
+            .filter(|(pid, m)| m.ended.is_none() && now.binary_search(&(**pid as i32)).is_err())
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
     /// Members still running.
     fn running(&self) -> usize {
         self.members.values().filter(|m| m.ended.is_none()).count()
@@ -339,25 +387,30 @@ impl Fleet {
                 }
             }
         }
+        let left = self.left_cgroup();
         let primary = *self.members.keys().next().unwrap_or(&0);
         for (pid, m) in self.members.iter_mut() {
-            if m.ended.is_some() || *pid == primary {
+            if m.ended.is_some() {
                 continue;
             }
             let state = ctx.probes.target_state(*pid).ok().flatten();
             let execed = state.is_some_and(|t| t.flags & leakprobe_common::target_flag::EXECED != 0);
-            let exited = m.pidfd.as_ref().is_none_or(target::pidfd_exited);
-            if exited || execed {
-                let last = ctx.probes.detach_process(*pid).or(state).unwrap_or_default();
-                m.ended = Some(Ended {
-                    at_s: now_s,
-                    how: if execed && !exited { "exec" } else { "exited" },
-                    held: last.heap,
-                    drops: last.drops,
-                });
-                m.pidfd = None;
+            // The first process's exit and exec are the session's to notice.
+            let exited = *pid != primary && m.pidfd.as_ref().is_none_or(target::pidfd_exited);
+            let how = match (exited, execed && *pid != primary, left.contains(pid)) {
+                (true, _, _) => "exited",
+                (_, true, _) => "exec",
+                (_, _, true) => "left the cgroup",
+                _ => continue,
+            };
+            let last = ctx.probes.detach_process(*pid).or(state).unwrap_or_default();
+            m.ended = Some(Ended { at_s: now_s, how, held: last.heap, drops: last.drops });
+            m.pidfd = None;
+            if let (true, Some(dir)) = (how == "left the cgroup", &self.cgroup) {
+                lines.push(format!("PID {pid} left {}: no longer traced", dir.display()));
             }
         }
+        lines.extend(self.join_cgroup(ctx, true));
         self.forget_oldest_ended();
         (lines, self.members.values().any(|m| m.ended.is_none()))
     }

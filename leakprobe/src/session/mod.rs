@@ -399,7 +399,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let t_load = std::time::Instant::now();
     let mut probes = Probes::load(ProbeConfig {
         tgid: pid as u32,
-        follow_children: cfg.children,
+        follow_children: fleet::Fleet::follows(&cfg),
         max_processes: cfg.max_processes,
         max_live: cfg.max_live,
         max_stacks: cfg.max_stacks,
@@ -1242,6 +1242,8 @@ async fn watch(
     };
     tokio::pin!(sleep_until_deadline);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    // A tick held up (a slow attach, a scan) is not made up for with a burst of samples.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // run --scan: how soon we notice the target stopped itself at exit().
     let at_exit = scanner.as_ref().is_some_and(|s| s.at_exit);
     let mut exit_poll = tokio::time::interval(std::time::Duration::from_millis(10));

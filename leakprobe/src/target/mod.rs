@@ -272,6 +272,29 @@ pub fn exe_of(pid: i32) -> Option<PathBuf> {
     Process::new(pid).ok()?.exe().ok()
 }
 
+/// The processes `pid` has forked that still run (every thread's children), and theirs, in
+/// breadth-first order; at most `limit`.
+pub fn descendants(pid: i32, limit: usize) -> Vec<i32> {
+    let mut out: Vec<i32> = Vec::new();
+    let mut queue = std::collections::VecDeque::from([pid]);
+    while let Some(p) = queue.pop_front() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(text) = std::fs::read_to_string(task.path().join("children")) else { continue };
+            for child in text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                if !out.contains(&child) && child != pid {
+                    if out.len() >= limit {
+                        return out;
+                    }
+                    out.push(child);
+                    queue.push_back(child);
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,27 +323,4 @@ mod tests {
             PathBuf::from("/proc/42/root/usr/lib/libc.so.6")
         );
     }
-}
-
-/// The processes `pid` has forked that still run (every thread's children), and theirs, in
-/// breadth-first order; at most `limit`.
-pub fn descendants(pid: i32, limit: usize) -> Vec<i32> {
-    let mut out: Vec<i32> = Vec::new();
-    let mut queue = std::collections::VecDeque::from([pid]);
-    while let Some(p) = queue.pop_front() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
-        for task in tasks.flatten() {
-            let Ok(text) = std::fs::read_to_string(task.path().join("children")) else { continue };
-            for child in text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
-                if !out.contains(&child) && child != pid {
-                    if out.len() >= limit {
-                        return out;
-                    }
-                    out.push(child);
-                    queue.push_back(child);
-                }
-            }
-        }
-    }
-    out
 }

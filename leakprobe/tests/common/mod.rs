@@ -717,3 +717,20 @@ pub fn node_lts() -> PathBuf {
     let _ = std::fs::remove_file(&tgz);
     bin
 }
+
+/// Waits until no leakprobe process runs (at most a minute): an earlier session's probes are
+/// torn down by a child of it in the background, under the kernel lock that attaching needs.
+pub fn wait_for_teardowns() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "leakprobe"))
+    };
+    while running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
