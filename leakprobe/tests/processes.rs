@@ -108,6 +108,28 @@ fn processes(report: &Value) -> BTreeMap<u32, &Value> {
         .collect()
 }
 
+/// `attach --pid MASTER --children` for `duration` while `n` requests are spread over `over`:
+/// requests served per worker, the JSON report, and leakprobe's stderr.
+fn follow(server: &Server, duration: &str, n: u32, over: Duration) -> (BTreeMap<u32, u64>, Value, String) {
+    let master = server.pid().to_string();
+    let mut lp = Leakprobe::start(&[
+        "attach",
+        "--pid",
+        &master,
+        "--children",
+        "--duration",
+        duration,
+        "--format",
+        "json",
+    ]);
+    lp.wait_attached();
+    let served = server.load(n, over);
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    (served, report, err)
+}
+
 /// nginx's shape: a master and 4 workers, each leaking 1000 bytes a request. `attach --pid
 /// MASTER --children` traces all five, and each worker's leak is exactly what it served; the
 /// merged site has all four workers and their total.
@@ -115,14 +137,7 @@ fn processes(report: &Value) -> BTreeMap<u32, &Value> {
 fn every_worker_of_a_prefork_server_is_traced_with_its_own_bytes() {
     require_root();
     let server = Server::start(4, 0);
-    let master = server.pid().to_string();
-    let mut lp =
-        Leakprobe::start(&["attach", "--pid", &master, "--children", "--duration", "5s", "--format", "json"]);
-    lp.wait_attached();
-    let served = server.load(400, Duration::from_secs(3));
-    let (code, out, err) = lp.finish();
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let (served, report, err) = follow(&server, "5s", 400, Duration::from_secs(3));
     let procs = processes(&report);
     println!("served {served:?}; processes {:?}", procs.keys());
     assert_eq!(procs.len(), 5, "the master and its 4 workers: {err}");
@@ -160,14 +175,7 @@ fn recycled_workers_are_followed_and_none_is_lost() {
     // (With teardowns in flight a child's probes can take seconds: docs/design/multi-process.md.)
     wait_for_teardowns();
     let server = Server::start(4, 50);
-    let master = server.pid().to_string();
-    let mut lp =
-        Leakprobe::start(&["attach", "--pid", &master, "--children", "--duration", "8s", "--format", "json"]);
-    lp.wait_attached();
-    let served = server.load(1000, Duration::from_secs(5));
-    let (code, out, err) = lp.finish();
-    assert_eq!(code, 0, "{err}");
-    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let (served, report, err) = follow(&server, "8s", 1000, Duration::from_secs(5));
     let procs = processes(&report);
     let leaked = leaked_by_pid(&report);
     println!("served by {} workers, {} processes traced", served.len(), procs.len());
