@@ -541,33 +541,17 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     let _ = symbolizer.modules.refresh(&identity);
     // Several processes: the others join now (each with its links; forked workers share the
     // first one's layout), and with --children every child forked from here on.
-    let mut fleet = match fleet::Fleet::is_many(&cfg) {
-        true => {
-            let mut f = fleet::Fleet::new(&cfg, &identity, attach_plan.clone(), &mut probes, start_ns);
-            let mut ctx = fleet::Joining {
-                cfg: &cfg,
-                probes: &mut probes,
-                unwind: &mut unwind,
-                symbolizer: &mut symbolizer,
-            };
-            crate::progress::spinner("attaching to the other processes".to_string());
-            let lines = f.join_initial(&cfg, &mut ctx);
-            crate::progress::done();
-            for line in lines {
-                progress(&cfg, format_args!("{line}"));
-            }
-            progress(
-                &cfg,
-                format_args!(
-                    "tracing {} processes{}",
-                    f.members.len(),
-                    if cfg.children { "; following their children" } else { "" }
-                ),
-            );
-            Some(f)
-        }
-        false => None,
-    };
+    let mut fleet = fleet::Fleet::is_many(&cfg).then(|| {
+        let mut f = fleet::Fleet::new(&cfg, &identity, attach_plan.clone(), &mut probes, start_ns);
+        let mut ctx = fleet::Joining {
+            cfg: &cfg,
+            probes: &mut probes,
+            unwind: &mut unwind,
+            symbolizer: &mut symbolizer,
+        };
+        join_the_others(&cfg, &mut f, &mut ctx);
+        f
+    });
     let mut child: Option<Child> = None;
     if let Some(h) = held.take() {
         child = Some(h.release().context("releasing the held command")?);
@@ -1436,6 +1420,19 @@ async fn watch(
             }
         }
     }
+}
+
+/// Several processes: the others join (--pid, the children now, the cgroup's members), with a
+/// spinner meanwhile and a line for each that could not.
+fn join_the_others(cfg: &Config, f: &mut fleet::Fleet, ctx: &mut fleet::Joining<'_>) {
+    crate::progress::spinner("attaching to the other processes".to_string());
+    let lines = f.join_initial(cfg, ctx);
+    crate::progress::done();
+    for line in lines {
+        progress(cfg, format_args!("{line}"));
+    }
+    let following = if fleet::Fleet::follows(cfg) { "; following their children" } else { "" };
+    progress(cfg, format_args!("tracing {} processes{following}", f.members.len()));
 }
 
 /// Tests only: sleep where a race is to be provoked (the named variable holds milliseconds).
