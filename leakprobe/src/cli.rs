@@ -41,6 +41,9 @@ Examples:
   # A few processes by PID
   leakprobe attach --pid 4242,4243,4250 --duration 60s
 
+  # A container or a systemd service: its processes, those that join it, none that leave
+  leakprobe attach --cgroup /sys/fs/cgroup/system.slice/app.service --duration 60s
+
   # Trace a command from its first allocation; fail (exit 1) if over 1 MiB is left
   leakprobe run --fail-on-leak 1MiB -- ./my-test --case 7
 
