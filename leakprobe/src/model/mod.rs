@@ -120,6 +120,56 @@ pub struct SiteStats {
     pub fit: Option<Fit>,
 }
 
+/// The sites of several processes merged per build: one entry per stack and allocation
+/// function (forked workers share their stack ids), its figures summed and its key's tgid 0.
+/// What the live view and the metrics show by default, so that the same site in N workers is
+/// one series, not N under one label set. A site in one process only is kept as it is.
+pub fn merge_processes(sites: &[SiteStats]) -> Vec<SiteStats> {
+    let mut by_stack: HashMap<(u64, u32), Vec<&SiteStats>> = HashMap::new();
+    for s in sites {
+        by_stack.entry((s.key.stack_id, s.key.kind)).or_default().push(s);
+    }
+    let mut out: Vec<SiteStats> = by_stack
+        .into_values()
+        .map(|group| match group.as_slice() {
+            [one] => (*one).clone(),
+            many => merged(many),
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+fn merged(group: &[&SiteStats]) -> SiteStats {
+    let first = group[0];
+    let sum = |f: fn(&SiteStats) -> u64| group.iter().map(|s| f(s)).sum::<u64>();
+    let growing = group.iter().find(|s| s.trend == Trend::Growing);
+    SiteStats {
+        key: SiteKey { tgid: 0, ..first.key },
+        kind: first.kind,
+        outstanding_bytes: sum(|s| s.outstanding_bytes),
+        outstanding_count: sum(|s| s.outstanding_count),
+        allocated_bytes: sum(|s| s.allocated_bytes),
+        allocated_count: sum(|s| s.allocated_count),
+        freed_bytes: sum(|s| s.freed_bytes),
+        freed_count: sum(|s| s.freed_count),
+        interval_allocs: sum(|s| s.interval_allocs),
+        interval_frees: sum(|s| s.interval_frees),
+        growth_bytes_per_s: group.iter().map(|s| s.growth_bytes_per_s).sum(),
+        oldest_age_s: group.iter().filter_map(|s| s.oldest_age_s).reduce(f64::max),
+        // Each process's peak came at its own time: their sum bounds the merged peak.
+        peak_bytes: sum(|s| s.peak_bytes),
+        peak_count: sum(|s| s.peak_count),
+        temporary_count: sum(|s| s.temporary_count),
+        trend: growing.map_or(first.trend, |s| s.trend),
+        // The growing member's fit, its slope the total of every member's.
+        fit: growing.or(Some(&first)).and_then(|s| s.fit).map(|f| Fit {
+            slope_per_s: group.iter().filter_map(|s| s.fit).map(|f| f.slope_per_s).sum(),
+            ..f
+        }),
+    }
+}
+
 /// Tracks every call site from the moment probes went live.
 #[derive(Debug)]
 pub struct Tracker {
@@ -575,6 +625,59 @@ impl SiteStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn in_process(stack_id: u64, tgid: u32, bytes: u64, growing: bool) -> SiteStats {
+        SiteStats {
+            key: SiteKey { stack_id, kind: AllocKind::Malloc as u32, tgid },
+            kind: Some(AllocKind::Malloc),
+            outstanding_bytes: bytes,
+            outstanding_count: bytes / 100,
+            allocated_bytes: bytes,
+            allocated_count: bytes / 100,
+            freed_bytes: 0,
+            freed_count: 0,
+            interval_allocs: 1,
+            interval_frees: 0,
+            growth_bytes_per_s: bytes as f64 / 10.0,
+            oldest_age_s: Some(bytes as f64 / 1000.0),
+            peak_bytes: bytes,
+            peak_count: bytes / 100,
+            temporary_count: 0,
+            trend: if growing { Trend::Growing } else { Trend::Stable },
+            fit: growing.then_some(Fit {
+                slope_per_s: bytes as f64 / 10.0,
+                r2: 0.9,
+                rising_fraction: 1.0,
+                change: bytes as f64,
+                points: 10,
+                span_s: 10.0,
+                last: bytes as f64,
+            }),
+        }
+    }
+
+    /// One stack in three workers is one site with their sums, growing if any grows; a stack
+    /// of one process stays as it is.
+    #[test]
+    fn the_same_stack_in_several_processes_merges_per_build() {
+        let sites = vec![
+            in_process(7, 11, 1000, true),
+            in_process(7, 12, 3000, false),
+            in_process(7, 13, 2000, true),
+            in_process(9, 12, 500, false),
+        ];
+        let merged = merge_processes(&sites);
+        assert_eq!(merged.len(), 2);
+        let m = merged.iter().find(|s| s.key.stack_id == 7).unwrap();
+        assert_eq!(
+            (m.key.tgid, m.outstanding_bytes, m.outstanding_count, m.interval_allocs),
+            (0, 6000, 60, 3)
+        );
+        assert_eq!((m.growth_bytes_per_s, m.trend, m.oldest_age_s), (600.0, Trend::Growing, Some(3.0)));
+        assert_eq!(m.fit.map(|f| f.slope_per_s), Some(300.0), "the growing members' slopes summed");
+        let alone = merged.iter().find(|s| s.key.stack_id == 9).unwrap();
+        assert_eq!(alone, &sites[3], "a site of one process is kept as it is");
+    }
 
     fn key(id: u64) -> SiteKey {
         SiteKey { stack_id: id, kind: AllocKind::Malloc as u32, tgid: 0 }

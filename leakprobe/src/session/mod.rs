@@ -699,6 +699,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     if let Some(l) = live.as_mut() {
         let sites = tracker.sites();
         let last = scanner.as_ref().and_then(|s| s.last.as_ref());
+        let sites = live_sites(fleet.is_some(), &sites);
         l.publish(&cfg, pid, &identity.exe, &tracker, &sites, &stacks, &mut symbolizer, last);
         l.finish(ended_by);
     }
@@ -1261,6 +1262,7 @@ async fn watch(
                         }
                         if let Some(l) = live.as_mut() {
                             let sites = tracker.sites();
+                            let sites = live_sites(fleet.is_some(), &sites);
                             l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
                         }
                     }
@@ -1399,6 +1401,7 @@ async fn watch(
                     }
                 };
                 if let Some(l) = live.as_mut() {
+                    let sites = live_sites(fleet.is_some(), &sites);
                     l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
                 }
                 let t = Totals::of(&sites);
@@ -1419,6 +1422,18 @@ async fn watch(
                 }
             }
         }
+    }
+}
+
+/// What the live view and the metrics show: with several processes, the sites merged per build
+/// (one series for a site in N workers; the report keeps each process's own).
+fn live_sites(
+    many: bool,
+    sites: &[crate::model::SiteStats],
+) -> std::borrow::Cow<'_, [crate::model::SiteStats]> {
+    match many {
+        true => std::borrow::Cow::Owned(crate::model::merge_processes(sites)),
+        false => std::borrow::Cow::Borrowed(sites),
     }
 }
 
