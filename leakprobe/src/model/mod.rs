@@ -136,7 +136,7 @@ pub fn merge_processes(sites: &[SiteStats]) -> Vec<SiteStats> {
             many => merged(many),
         })
         .collect();
-    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.sort_by_key(|s| s.key);
     out
 }
 
