@@ -197,15 +197,21 @@ fn count(idx: u32) {
 /// The current process's entry in `TARGETS`, if it is traced (and has not called exec).
 #[inline(always)]
 fn current_target() -> Option<*mut TargetState> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let t = TARGETS.get_ptr_mut(&tgid)?;
+    traced(bpf_get_current_pid_tgid())
+}
+
+/// The entry of the process in `pid_tgid`'s upper half, if it is traced and has not exec'd.
+#[inline(always)]
+fn traced(pid_tgid: u64) -> Option<*mut TargetState> {
+    let t = TARGETS.get_ptr_mut(&((pid_tgid >> 32) as u32))?;
     (unsafe { (*t).flags } & target_flag::EXECED == 0).then_some(t)
 }
 
-/// The current thread id if its process is traced.
+/// The current thread id if its process is traced (one helper call on every probe hit).
 #[inline(always)]
 fn target_tid() -> Option<u32> {
-    current_target().map(|_| bpf_get_current_pid_tgid() as u32)
+    let pid_tgid = bpf_get_current_pid_tgid();
+    traced(pid_tgid).map(|_| pid_tgid as u32)
 }
 
 /// The current process's tgid (every LIVE key and site is its process's).

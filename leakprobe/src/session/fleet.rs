@@ -213,7 +213,7 @@ impl Fleet {
         let layout = match forked {
             // A fork copies its parent's address space.
             Some(t) => t.layout,
-            None => self.layout_for(pid, ctx)?,
+            None => self.layout_for(&identity, ctx)?,
         };
         ctx.symbolizer.set_layout(pid, layout);
         if forked.is_none() {
@@ -255,9 +255,10 @@ impl Fleet {
         Ok(())
     }
 
-    /// The layout whose mappings `pid` has, or a new one (its unwind rows, module table and
+    /// The layout whose mappings the process has, or a new one (its unwind rows, module table and
     /// symbols loaded, its allocator planned).
-    fn layout_for(&mut self, pid: u32, ctx: &mut Joining<'_>) -> anyhow::Result<u32> {
+    fn layout_for(&mut self, identity: &Identity, ctx: &mut Joining<'_>) -> anyhow::Result<u32> {
+        let pid = identity.pid as u32;
         use anyhow::Context as _;
         let maps = target::exec_mappings(pid as i32)?;
         if let Some(i) = self.layouts.iter().position(|l| same_layout(&l.maps, &maps)) {
@@ -270,7 +271,6 @@ impl Fleet {
                  have one; forked workers share their parent's)"
             );
         }
-        let identity = target::identify(pid as i32)?;
         let modules = target::allocator::scan(pid as i32)?;
         let plan = target::allocator::plan(
             pid as i32,
@@ -282,7 +282,7 @@ impl Fleet {
         super::sync_unwind(ctx.cfg, ctx.probes, ctx.unwind, pid as i32, layout)
             .context("loading unwind tables")?;
         let mut symbols = Modules::default();
-        let _ = symbols.refresh(&identity);
+        let _ = symbols.refresh(identity);
         let index = ctx.symbolizer.add_layout(symbols);
         debug_assert_eq!(index, layout);
         self.layouts.push(Layout { maps, plan });
