@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == leakprobe::ptrace::server::ARG) {
         return leakprobe::ptrace::server::run();
     }
+    // The follower, which holds followed processes' children at birth (likewise).
+    if std::env::args_os().nth(1).is_some_and(|a| a == leakprobe::ptrace::follow::ARG) {
+        return leakprobe::ptrace::follow::run();
+    }
     match run() {
         Ok(code) => code,
         Err(err) => {

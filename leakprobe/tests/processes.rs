@@ -165,14 +165,14 @@ fn every_worker_of_a_prefork_server_is_traced_with_its_own_bytes() {
 }
 
 /// Workers recycled every 50 requests while traced: every worker that served a request is in
-/// the report, each ended one with what it held; their leaks add up to what was served,
-/// within the few milliseconds between a fork and its probes.
+/// the report, each ended one with what it held. Each child is held at birth until its probes
+/// are live, so the leaks seen are exactly those served.
 #[test]
 fn recycled_workers_are_followed_and_none_is_lost() {
     require_root();
     // The previous tests' probes are torn down in the background, under the kernel lock that
-    // attaching a child's probes needs: wait for a quiet kernel, as a server would have.
-    // (With teardowns in flight a child's probes can take seconds: docs/design/multi-process.md.)
+    // attaching a child's probes needs: wait for a quiet kernel, as a server would have. (With
+    // teardowns in flight a child can be held for its whole MAX_HOLD: docs/design/multi-process.md.)
     wait_for_teardowns();
     let server = Server::start(4, 50);
     let (served, report, err) = follow(&server, "8s", 1000, Duration::from_secs(5));
@@ -180,22 +180,21 @@ fn recycled_workers_are_followed_and_none_is_lost() {
     let leaked = leaked_by_pid(&report);
     println!("served by {} workers, {} processes traced", served.len(), procs.len());
     assert!(served.len() >= 20, "1000 requests, recycled every 50: {served:?}");
-    for pid in served.keys() {
+    for (pid, n) in &served {
         assert!(procs.contains_key(pid), "PID {pid} served requests but is not in the report:\n{err}");
-    }
-    // A worker's first requests can fall between its fork and its probes (blind_ms): every
-    // worker that lived out its 50 requests has its site.
-    for (pid, _) in served.iter().filter(|(_, n)| **n == 50) {
-        assert!(leaked.contains_key(pid), "PID {pid}'s site was lost:\n{err}");
+        assert_eq!(leaked.get(pid).copied(), Some(n * LEAK), "PID {pid} served {n} requests:\n{err}");
     }
     let ended = procs.values().filter(|p| p["ended_by"] == "exited").count();
     assert!(ended >= served.len() - 4, "{ended} ended of {}", served.len());
-    let forked: Vec<f64> = procs.values().filter_map(|p| p["blind_ms"].as_f64()).collect();
-    println!("fork to probes: {forked:?} ms");
+    let forked: Vec<&Value> = procs.values().copied().filter(|p| p["origin"] == "forked").collect();
+    let held: Vec<f64> = forked.iter().filter_map(|p| p["held_ms"].as_f64()).collect();
+    println!("held at birth: {held:?} ms");
+    for p in &forked {
+        assert_eq!(p["blind_ms"].as_f64(), Some(0.0), "a forked worker ran before its probes: {p}");
+    }
     let total: u64 = served.values().sum::<u64>() * LEAK;
     let seen: u64 = leaked.values().sum();
-    assert!(seen <= total, "more than was served: {seen} > {total}");
-    assert!(seen as f64 >= total as f64 * 0.95, "seen {seen} of {total} bytes");
+    assert_eq!(seen, total, "seen {seen} of {total} bytes");
 }
 
 /// Two servers started on their own (two layouts, ASLR apart): `--pid A,B` traces both
@@ -242,12 +241,51 @@ fn sigkill_while_following_eight_workers_leaves_them_all_running() {
         assert_eq!(load.values().sum::<u64>(), 300, "every request answered across the kill");
         assert_all_gone(&format!("round {round}"));
         assert_eq!(children_of(server.pid()), workers, "the same 8 workers, none lost");
-        for w in &workers {
-            assert!(matches!(state_of(*w), Some('S' | 'R')), "worker {w} is {:?}", state_of(*w));
+        for w in workers.iter().chain([&server.pid()]) {
+            assert!(matches!(state_of(*w), Some('S' | 'R')), "{w} is {:?}", state_of(*w));
+            assert_eq!(stopped_threads(*w).1, "0", "{w} is still traced (the follower is gone)");
         }
     }
     // And they still serve.
     assert_eq!(server.load(40, Duration::from_millis(100)).values().sum::<u64>(), 40);
+}
+
+/// A worker held at birth when leakprobe is SIGKILLed goes on at once: the follower reads EOF
+/// and exits, and the kernel lets go of every process it traced. No request is lost.
+#[test]
+fn sigkill_while_a_child_is_held_at_birth_lets_it_run() {
+    require_root();
+    // One worker, recycled every 5 requests: the 6th request waits for a held newborn.
+    let server = Server::start(1, 5);
+    let master = server.pid().to_string();
+    let mut lp = Leakprobe::start_env(
+        &["attach", "--pid", &master, "--children", "--duration", "60s"],
+        // Neither leakprobe nor the follower lets it go on its own within the test.
+        &[("LEAKPROBE_TEST_RELEASE_PAUSE_MS", "60000"), ("LEAKPROBE_TEST_MAX_HOLD_MS", "60000")],
+    );
+    lp.wait_attached();
+    let (load, waited) = std::thread::scope(|s| {
+        let h = s.spawn(|| server.load(12, Duration::from_millis(300)));
+        lp.wait_for("LEAKPROBE_TEST_RELEASE_PAUSE_MS: pausing");
+        let newborn = children_of(server.pid());
+        assert_eq!(newborn.len(), 1, "one worker at a time: {newborn:?}");
+        let (stopped, tracer) = stopped_threads(newborn[0]);
+        assert_eq!(stopped, 1, "the newborn worker {} is held (tracer {tracer})", newborn[0]);
+        let killed = Instant::now();
+        // SAFETY: kill with a valid signal on the leakprobe we started.
+        unsafe { libc::kill(lp.child.id() as i32, libc::SIGKILL) };
+        let load = h.join().unwrap();
+        (load, killed.elapsed())
+    });
+    let _ = lp.child.wait();
+    println!("the held worker served again {waited:?} after the kill");
+    assert!(waited < Duration::from_secs(30), "let go by the kill, not by a timeout: {waited:?}");
+    assert_eq!(load.values().sum::<u64>(), 12, "every request answered: {load:?}");
+    assert!(load.len() >= 2, "served by the recycled workers: {load:?}");
+    assert_all_gone("after the kill");
+    for w in children_of(server.pid()).into_iter().chain([server.pid()]) {
+        assert_eq!(stopped_threads(w), (0, "0".to_string()), "{w} is stopped or still traced");
+    }
 }
 
 /// A cgroup v2 directory this test creates (and removes), under the unified hierarchy.

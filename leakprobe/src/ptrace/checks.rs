@@ -10,6 +10,8 @@ pub struct ProcStatus {
     pub state: char,
     /// 0 when not traced.
     pub tracer_pid: i32,
+    /// The thread's process (its thread-group leader's PID).
+    pub tgid: i32,
     /// 0 disabled, 1 strict, 2 filter; `None` on kernels without seccomp.
     pub seccomp: Option<u8>,
     /// `Kthread:` (6.x kernels); `None` when the line is absent.
@@ -26,6 +28,7 @@ pub fn parse_status(text: &str) -> ProcStatus {
             "Name" => st.name = value.to_string(),
             "State" => st.state = value.chars().next().unwrap_or('?'),
             "TracerPid" => st.tracer_pid = value.parse().unwrap_or(0),
+            "Tgid" => st.tgid = value.parse().unwrap_or(0),
             "Seccomp" => st.seccomp = value.parse().ok(),
             "Kthread" => st.kthread = value.parse::<u8>().ok().map(|v| v != 0),
             _ => {}

@@ -9,6 +9,8 @@
 //! - [`Mem`] reads and writes the target's memory through `/proc/PID/mem`.
 //! - [`server`]: the helper process that does all of the above for leakprobe, so that a
 //!   SIGKILLed leakprobe never holds the target stopped while the kernel closes its probes.
+//! - [`follow`]: the follower process, which holds the followed processes' children at birth
+//!   until their probes are live.
 //! - [`check_target`] refuses targets we must not stop (traced, seccomp filter, zombie...).
 //!
 //! If leakprobe dies mid-operation the kernel detaches every tracee and each resumes with the
@@ -29,6 +31,7 @@
 
 mod checks;
 mod error;
+pub mod follow;
 mod mem;
 mod remote;
 pub mod server;

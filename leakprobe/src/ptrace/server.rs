@@ -128,7 +128,7 @@ impl ThreadView {
     }
 }
 
-fn write_msg(w: &mut impl Write, msg: &impl Serialize) -> std::io::Result<()> {
+pub(super) fn write_msg(w: &mut impl Write, msg: &impl Serialize) -> std::io::Result<()> {
     let body = postcard::to_stdvec(msg).map_err(std::io::Error::other)?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend((body.len() as u32).to_le_bytes());
@@ -137,7 +137,7 @@ fn write_msg(w: &mut impl Write, msg: &impl Serialize) -> std::io::Result<()> {
     w.flush()
 }
 
-fn read_msg<T: DeserializeOwned>(r: &mut impl Read) -> std::io::Result<T> {
+pub(super) fn read_msg<T: DeserializeOwned>(r: &mut impl Read) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -164,7 +164,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 // leakprobe's side
 
-struct Helper {
+/// One of our helper processes (this one, or the follower of `super::follow`): leakprobe
+/// itself started with a hidden argument, spoken to in frames on its stdin and stdout.
+pub(super) struct Helper {
     child: Child,
     input: ChildStdin,
     output: ChildStdout,
@@ -181,10 +183,10 @@ fn lost(what: &'static str) -> impl FnOnce(std::io::Error) -> PtraceError {
 }
 
 impl Helper {
-    fn spawn() -> Result<Helper, PtraceError> {
+    pub(super) fn spawn(args: &[&str]) -> Result<Helper, PtraceError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
         let mut child = Command::new(exe)
-            .arg(ARG)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -201,13 +203,19 @@ impl Helper {
         Ok(Helper { child, input, output })
     }
 
-    fn ask(&mut self, req: &Request) -> Result<Reply, PtraceError> {
+    /// One request, one reply.
+    pub(super) fn exchange<R: DeserializeOwned>(&mut self, req: &impl Serialize) -> Result<R, PtraceError> {
         write_msg(&mut self.input, req).map_err(lost("stopped reading requests"))?;
         read_msg(&mut self.output).map_err(lost("stopped answering"))
     }
 
+    /// Whether it has exited.
+    pub(super) fn exited(&mut self) -> bool {
+        self.child.try_wait().map_or(true, |s| s.is_some())
+    }
+
     /// Closes its pipe and waits a little for it to exit.
-    fn end(mut self) {
+    pub(super) fn end(mut self) {
         drop(self.input);
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
@@ -247,11 +255,11 @@ pub fn move_high<F: From<OwnedFd> + Into<OwnedFd>>(fd: F) -> F {
 
 /// The helper, started if it is not running. A helper that died is started again.
 fn ensure(slot: &mut Option<Helper>) -> Result<&mut Helper, PtraceError> {
-    if slot.as_mut().is_some_and(|h| h.child.try_wait().map_or(true, |s| s.is_some())) {
+    if slot.as_mut().is_some_and(Helper::exited) {
         *slot = None;
     }
     if slot.is_none() {
-        *slot = Some(Helper::spawn()?);
+        *slot = Some(Helper::spawn(&[ARG])?);
     }
     slot.as_mut()
         .ok_or(PtraceError::Helper { what: "is not running", source: std::io::Error::other("not started") })
@@ -259,7 +267,7 @@ fn ensure(slot: &mut Option<Helper>) -> Result<&mut Helper, PtraceError> {
 
 /// One request on a locked helper; an I/O failure forgets it, so the next use starts another.
 fn ask(slot: &mut Option<Helper>, req: &Request) -> Result<Reply, PtraceError> {
-    let r = ensure(slot)?.ask(req);
+    let r = ensure(slot)?.exchange(req);
     if let Err(PtraceError::Helper { .. }) = &r
         && let Some(h) = slot.take()
     {

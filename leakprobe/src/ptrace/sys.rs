@@ -68,6 +68,20 @@ pub(crate) fn detach(tid: i32, signo: i32) -> Result<(), Errno> {
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
 }
 
+/// `PTRACE_CONT` with a raw signal number.
+pub(crate) fn cont(tid: i32, signo: i32) -> Result<(), Errno> {
+    // SAFETY: plain ptrace request with integer arguments.
+    let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid as libc::pid_t, 0usize, signo as usize) };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// `PTRACE_LISTEN`: a seized thread in a group stop stays stopped, and reports when it ends.
+pub(crate) fn listen(tid: i32) -> Result<(), Errno> {
+    // SAFETY: plain ptrace request with integer arguments.
+    let r = unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid as libc::pid_t, 0usize, 0usize) };
+    if r < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
 pub(crate) fn geteventmsg(tid: i32) -> Result<i64, PtraceError> {
     ptrace::getevent(pid(tid)).map_err(op_err(tid, "GETEVENTMSG"))
 }

@@ -146,7 +146,7 @@ pub struct StoppedWorld {
     _not_send: PhantomData<*const ()>,
 }
 
-fn list_tasks(pid: i32) -> Result<Vec<i32>, PtraceError> {
+pub(crate) fn list_tasks(pid: i32) -> Result<Vec<i32>, PtraceError> {
     let path = format!("/proc/{pid}/task");
     let dir = match std::fs::read_dir(&path) {
         Ok(d) => d,

@@ -25,6 +25,9 @@ pub struct Process {
     /// were not seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blind_ms: Option<f64>,
+    /// A forked child held at birth: milliseconds from its fork until its probes were live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<f64>,
     /// When it ended (seconds after the start), and how: "exited" or "exec".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_s: Option<f64>,
@@ -155,7 +158,11 @@ pub fn render(out: &mut String, report: &Report, top: usize) {
             (Some(at), Some(how)) => format!("+{:.1}s .. +{at:.1}s ({how})", p.joined_s),
             _ => format!("+{:.1}s .. end", p.joined_s),
         };
-        let blind = p.blind_ms.map(|ms| format!(", unseen for its first {ms:.1} ms")).unwrap_or_default();
+        let blind = match (p.blind_ms, p.held_ms) {
+            (Some(b), _) if b > 0.0 => format!(", unseen for its first {b:.1} ms"),
+            (_, Some(h)) => format!(", held at birth {h:.1} ms"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
             "  {:>8} {:<8} {:>10} {:>12} {:>6}  {:<10} {lived}{blind}",

@@ -6,7 +6,9 @@
 //! attached for, so nothing else on the machine pays for it). Processes forked from one
 //! another share a layout: one unwind table in the kernel, one symbol table here. A child
 //! forked while traced is in `TARGETS` before it runs (the fork tracepoint); its links follow
-//! as soon as the fork ring says so, and the gap between is measured and reported.
+//! as soon as the fork ring says so. Meanwhile the follower ([`crate::ptrace::follow`]) holds
+//! it at its first instruction, so that nothing it does goes unseen; where it cannot (another
+//! tracer, no ptrace), the gap is measured and reported as `blind_ms`.
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 
@@ -20,6 +22,7 @@ use crate::{
         probe::{Probes, monotonic_ns},
         unwind,
     },
+    ptrace::follow::{Follower, Release},
     report,
     symbolize::{Modules, Symbolizer},
     target::{self, Identity, Mapping, allocator::Plan},
@@ -56,9 +59,11 @@ pub struct Member {
     pub parent: Option<u32>,
     /// Seconds since the session started when its probes went live.
     pub joined_s: f64,
-    /// A forked child: milliseconds from its fork to its probes. What it allocated and freed
-    /// in between was not seen.
+    /// A forked child: milliseconds from its fork to its probes in which it ran. What it
+    /// allocated and freed then was not seen (0 when it was held at birth).
     pub blind_ms: Option<f64>,
+    /// A forked child held at birth: milliseconds until its probes were live.
+    pub held_ms: Option<f64>,
     pub ended: Option<Ended>,
     pidfd: Option<OwnedFd>,
     /// Probes that failed to attach to it (it is traced by the rest).
@@ -99,6 +104,8 @@ pub struct Fleet {
     /// Ended processes summarized only (past [`MAX_ENDED`]): how many.
     pub ended_forgotten: u64,
     ring: Option<AsyncFd<RingBuf<MapData>>>,
+    /// Holds the followed processes' children at birth (when following, and it could start).
+    follower: Option<Follower>,
     /// `monotonic_ns` at the session's start.
     start_ns: u64,
 }
@@ -123,6 +130,7 @@ impl Fleet {
                 parent: None,
                 joined_s: 0.0,
                 blind_ms: None,
+                held_ms: None,
                 ended: None,
                 pidfd: None,
                 probe_errors: Vec::new(),
@@ -138,6 +146,7 @@ impl Fleet {
             execed_unfollowed: 0,
             ended_forgotten: 0,
             ring,
+            follower: None,
             start_ns,
         }
     }
@@ -158,10 +167,19 @@ impl Fleet {
     /// listed process now. Returns a line per process that could not be traced.
     pub fn join_initial(&mut self, cfg: &Config, ctx: &mut Joining<'_>) -> Vec<String> {
         let mut lines = Vec::new();
+        if self.follow {
+            match Follower::start(self.max) {
+                Ok(f) => self.follower = Some(f),
+                Err(e) => lines.push(format!(
+                    "children are traced from just after their fork, not held at birth: the follower did not start: {e}"
+                )),
+            }
+        }
         let first = *self.members.keys().next().unwrap_or(&0);
         for &pid in &cfg.more_pids {
-            if let Err(e) = self.add(pid as u32, Origin::Listed, None, None, ctx) {
-                lines.push(format!("PID {pid}: not traced: {e:#}"));
+            match self.add(pid as u32, Origin::Listed, None, None, ctx) {
+                Ok(note) => lines.extend(note),
+                Err(e) => lines.push(format!("PID {pid}: not traced: {e:#}")),
             }
         }
         lines.extend(self.join_cgroup(ctx, false));
@@ -170,10 +188,12 @@ impl Fleet {
                 std::iter::once(first).chain(cfg.more_pids.iter().map(|p| *p as u32)).collect();
             for parent in listed {
                 for child in target::descendants(parent as i32, self.max) {
-                    if !self.members.contains_key(&(child as u32))
-                        && let Err(e) = self.add(child as u32, Origin::Child, Some(parent), None, ctx)
-                    {
-                        lines.push(format!("PID {child} (child of {parent}): not traced: {e:#}"));
+                    if self.members.contains_key(&(child as u32)) {
+                        continue;
+                    }
+                    match self.add(child as u32, Origin::Child, Some(parent), None, ctx) {
+                        Ok(note) => lines.extend(note),
+                        Err(e) => lines.push(format!("PID {child} (child of {parent}): not traced: {e:#}")),
                     }
                 }
             }
@@ -191,7 +211,7 @@ impl Fleet {
         parent: Option<u32>,
         forked: Option<&TargetState>,
         ctx: &mut Joining<'_>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<String>> {
         use anyhow::Context as _;
         if self.running() >= self.max {
             self.refused += 1;
@@ -232,6 +252,8 @@ impl Fleet {
         };
         let now = monotonic_ns();
         let blind_ms = forked.map(|t| now.saturating_sub(t.forked_ns) as f64 / 1e6);
+        // A forked child is followed already (it was born traced, as its parent is).
+        let note = if forked.is_none() { self.hold_children_of(pid) } else { None };
         let probe_errors = statuses
             .iter()
             .filter_map(|s| {
@@ -247,12 +269,60 @@ impl Fleet {
                 parent,
                 joined_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
                 blind_ms,
+                held_ms: None,
                 ended: None,
                 pidfd,
                 probe_errors,
             },
         );
-        Ok(())
+        Ok(note)
+    }
+
+    /// The follower traces `pid`, so that its children are held at birth. Returns a line if it
+    /// cannot (they are then seen from just after their fork).
+    fn hold_children_of(&mut self, pid: u32) -> Option<String> {
+        let f = self.follower.as_mut()?;
+        let e = f.follow(pid as i32).err()?;
+        if matches!(e, crate::ptrace::PtraceError::Helper { .. }) {
+            self.follower = None;
+        }
+        Some(format!("PID {pid}: its children are traced from just after their fork, not held at birth: {e}"))
+    }
+
+    /// The first process is followed too (after `run`'s held command is let go: until then
+    /// it is traced by us). Returns a line if it cannot be.
+    pub fn follow_first(&mut self) -> Option<String> {
+        let first = *self.members.keys().next()?;
+        self.hold_children_of(first)
+    }
+
+    /// Lets a child held at birth go; its report then says whether it ran unseen.
+    fn release(&mut self, child: u32) -> Option<String> {
+        let f = self.follower.as_mut()?;
+        super::test_hook_pause("LEAKPROBE_TEST_RELEASE_PAUSE_MS");
+        let released = match f.release(child as i32) {
+            Ok(r) => r,
+            Err(e) => {
+                self.follower = None;
+                return Some(format!(
+                    "the follower ended ({e}): children are now traced from just after their fork"
+                ));
+            }
+        };
+        let m = self.members.get_mut(&child)?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        match released {
+            Release::Held { .. } | Release::BeforeItsStop => {
+                m.held_ms = m.blind_ms.take();
+                m.blind_ms = Some(0.0);
+            }
+            Release::TimedOut { held } => {
+                m.held_ms = Some(ms(held));
+                m.blind_ms = m.blind_ms.map(|b| (b - ms(held)).max(0.0));
+            }
+            Release::NotHeld => {}
+        }
+        None
     }
 
     /// The layout whose mappings the process has, or a new one (its unwind rows, module table and
@@ -332,8 +402,12 @@ impl Fleet {
             // A process that left and came back is a member again, with a fresh entry.
             self.members.remove(&pid);
             match self.add(pid, Origin::Cgroup, None, None, ctx) {
-                Ok(()) if say_joins => lines.push(format!("PID {pid} joined {}: traced", dir.display())),
-                Ok(()) => {}
+                Ok(note) => {
+                    if say_joins {
+                        lines.push(format!("PID {pid} joined {}: traced", dir.display()));
+                    }
+                    lines.extend(note);
+                }
                 Err(e) => lines.push(format!("PID {pid} (in {}): not traced: {e:#}", dir.display())),
             }
         }
@@ -351,16 +425,18 @@ impl Fleet {
             .collect()
     }
 
+    /// Seconds since the session started, on the clock `joined_s` is on.
+    fn now_s(&self) -> f64 {
+        monotonic_ns().saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
     /// Members still running.
     fn running(&self) -> usize {
         self.members.values().filter(|m| m.ended.is_none()).count()
     }
 
     /// A child in `TARGETS` that is not a member yet (forked, reported or not).
-    fn join_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Option<String> {
-        if self.members.contains_key(&child) {
-            return None;
-        }
+    fn trace_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Option<String> {
         let state = ctx.probes.target_state(child).ok().flatten()?;
         if state.flags & leakprobe_common::target_flag::EXECED != 0 {
             // Forked and exec'd before we got to it (a shell, a helper): another program,
@@ -374,9 +450,19 @@ impl Fleet {
             .map(|e| format!("PID {child} (forked): not traced: {e:#}"))
     }
 
+    /// A forked child joins (or is refused), and is let go if it was held at birth.
+    fn join_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Vec<String> {
+        if self.members.contains_key(&child) {
+            return Vec::new();
+        }
+        let joined = self.trace_forked(child, parent, ctx);
+        joined.into_iter().chain(self.release(child)).collect()
+    }
+
     /// Every interval: children whose fork event was lost, members that ended (exit or exec;
     /// their links go, what they held is kept), and whether any member still runs.
-    pub fn look(&mut self, ctx: &mut Joining<'_>, now_s: f64) -> (Vec<String>, bool) {
+    pub fn look(&mut self, ctx: &mut Joining<'_>) -> (Vec<String>, bool) {
+        let now_s = self.now_s();
         let mut lines = Vec::new();
         if self.follow
             && let Ok(targets) = ctx.probes.targets()
@@ -432,7 +518,8 @@ impl Fleet {
     }
 
     /// The first process ended (its pidfd said so); the session goes on while others run.
-    pub fn first_ended(&mut self, probes: &Probes, now_s: f64) -> bool {
+    pub fn first_ended(&mut self, probes: &Probes) -> bool {
+        let now_s = self.now_s();
         let Some((pid, m)) = self.members.iter_mut().next() else { return false };
         if m.ended.is_none() {
             let last = probes.target_state(*pid).ok().flatten().unwrap_or_default();
@@ -461,6 +548,7 @@ impl Fleet {
                     layout: m.layout,
                     joined_s: m.joined_s,
                     blind_ms: m.blind_ms,
+                    held_ms: m.held_ms,
                     ended_s: m.ended.as_ref().map(|e| e.at_s),
                     ended_by: m.ended.as_ref().map(|e| e.how.into()),
                     tracked_bytes: held.bytes,

@@ -559,6 +559,10 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
             i.installed.held_released().context("telling the guard the command runs")?;
         }
     }
+    // Its children are held at birth from now on (a held command is ours to trace until here).
+    if let Some(line) = fleet.as_mut().and_then(fleet::Fleet::follow_first) {
+        progress(&cfg, format_args!("{line}"));
+    }
     let attached = statuses.iter().filter(|s| s.attached()).count();
     progress(
         &cfg,
@@ -1281,7 +1285,7 @@ async fn watch(
                 });
                 progress(cfg, format_args!("PID {pid} exited"));
                 first_alive = false;
-                let others = fleet.as_mut().is_some_and(|f| f.first_ended(probes, tracker.window_s()));
+                let others = fleet.as_mut().is_some_and(|f| f.first_ended(probes));
                 if !others {
                     return Ok(("target-exited", status));
                 }
@@ -1290,7 +1294,7 @@ async fn watch(
             _ = ticker.tick() => {
                 if let Some(f) = fleet.as_mut() {
                     let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer };
-                    let (lines, running) = f.look(&mut ctx, tracker.window_s());
+                    let (lines, running) = f.look(&mut ctx);
                     for line in lines {
                         progress(cfg, format_args!("{line}"));
                     }
