@@ -5,7 +5,8 @@
 //! its uprobe links can be made only once user space has heard of it: 2-100 ms on a quiet
 //! kernel, in which a pre-fork worker serves its first requests unseen. The follower closes
 //! that gap. It traces every thread of each followed process with `PTRACE_O_TRACEFORK`,
-//! `TRACEVFORK` and `TRACECLONE`, so that the kernel starts each child in a ptrace stop, before
+//! `TRACEVFORK` and `TRACECLONE` (and `TRACEEXEC`: a process that calls exec leaves the
+//! session, and the follower lets go of it there), so that the kernel starts each child in a ptrace stop, before
 //! its first instruction. The child is held there until leakprobe has attached its probes and
 //! calls [`Follower::release`], or for [`MAX_HOLD`] at most. A released child stays followed:
 //! its own children are held in turn.
@@ -61,13 +62,16 @@ const MAX_TIMED_OUT: usize = 4096;
 enum Request {
     /// Trace every thread of the process, so that its children are held at birth.
     Follow { pid: i32 },
-    /// Its probes are live: let the child go.
-    Release { pid: i32 },
+    /// Let the child go: followed (its probes are live), or not (it is not traced).
+    Release { pid: i32, follow: bool },
+    /// Stop following the process (it left the session but runs on).
+    Unfollow { pid: i32 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Following { threads: u32 },
+    Unfollowed,
     Released(Release),
     Failed(String),
 }
@@ -128,10 +132,20 @@ impl Follower {
         }
     }
 
-    /// Lets a child held at birth go (its probes are live, or it will not be traced).
-    pub fn release(&mut self, pid: i32) -> Result<Release, PtraceError> {
-        match self.ask(&Request::Release { pid })? {
+    /// Lets a child held at birth go. `follow`: its probes are live, and its own children are
+    /// to be held in turn; otherwise it is not traced, and the follower lets go of it too.
+    pub fn release(&mut self, pid: i32, follow: bool) -> Result<Release, PtraceError> {
+        match self.ask(&Request::Release { pid, follow })? {
             Reply::Released(r) => Ok(r),
+            other => Err(out_of_turn(other)),
+        }
+    }
+
+    /// Stops following `pid` (it left the session, by exec or by leaving the cgroup, and runs
+    /// on): its children are no longer held.
+    pub fn unfollow(&mut self, pid: i32) -> Result<(), PtraceError> {
+        match self.ask(&Request::Unfollow { pid })? {
+            Reply::Unfollowed => Ok(()),
             other => Err(out_of_turn(other)),
         }
     }
@@ -157,9 +171,9 @@ fn out_of_turn(reply: Reply) -> PtraceError {
 enum Newcomer {
     /// A new thread of a followed process.
     Thread { tgid: i32 },
-    /// A new process. `early`: leakprobe released it already; `over`: --max-processes are
-    /// followed already.
-    Process { early: bool, over: bool },
+    /// A new process. `early`: leakprobe released it already, to be followed or not; `over`:
+    /// --max-processes are followed already.
+    Process { early: Option<bool>, over: bool },
 }
 
 /// What to do with one stop (or end) of a traced thread.
@@ -173,6 +187,8 @@ enum Step {
     Hold(i32),
     /// A new process not to follow: let it go untraced, with this signal.
     Detach(i32),
+    /// It called exec: another program, which the session does not follow. Let it go.
+    Exec,
     /// It has ended.
     Forget,
 }
@@ -183,12 +199,15 @@ fn step(status: Status, newcomer: Option<Newcomer>) -> Step {
     // A signal-delivery stop (event 0) carries a signal to pass on; an event stop none.
     let pass = if event == 0 { sig } else { 0 };
     match newcomer {
-        Some(Newcomer::Process { over: true, .. }) => return Step::Detach(pass),
-        Some(Newcomer::Process { early: false, .. }) => return Step::Hold(pass),
+        Some(Newcomer::Process { over: true, .. } | Newcomer::Process { early: Some(false), .. }) => {
+            return Step::Detach(pass);
+        }
+        Some(Newcomer::Process { early: None, .. }) => return Step::Hold(pass),
         _ => {}
     }
     match event {
         0 => Step::Cont(sig),
+        libc::PTRACE_EVENT_EXEC => Step::Exec,
         // Under PTRACE_SEIZE a group stop is an event stop with the stopping signal; every
         // other event stop (an interrupt, the end of a group stop, a new task) carries SIGTRAP.
         libc::PTRACE_EVENT_STOP if sig != libc::SIGTRAP => Step::Listen,
@@ -209,8 +228,8 @@ struct Tracer {
     threads: HashMap<i32, i32>,
     processes: HashSet<i32>,
     held: HashMap<i32, Held>,
-    /// Released by leakprobe before their first stop was seen.
-    early: HashSet<i32>,
+    /// Released by leakprobe before their first stop was seen: to be followed or not.
+    early: HashMap<i32, bool>,
     /// Let go by [`MAX_HOLD`]: how long each was held.
     timed_out: HashMap<i32, Duration>,
     max_hold: Duration,
@@ -218,7 +237,8 @@ struct Tracer {
 
 const OPTIONS: ptrace::Options = ptrace::Options::PTRACE_O_TRACEFORK
     .union(ptrace::Options::PTRACE_O_TRACEVFORK)
-    .union(ptrace::Options::PTRACE_O_TRACECLONE);
+    .union(ptrace::Options::PTRACE_O_TRACECLONE)
+    .union(ptrace::Options::PTRACE_O_TRACEEXEC);
 
 impl Tracer {
     fn new(max_processes: usize) -> Tracer {
@@ -228,7 +248,7 @@ impl Tracer {
             threads: HashMap::new(),
             processes: HashSet::new(),
             held: HashMap::new(),
-            early: HashSet::new(),
+            early: HashMap::new(),
             timed_out: HashMap::new(),
             max_hold: max_hold(),
         }
@@ -240,7 +260,11 @@ impl Tracer {
                 Ok(threads) => Reply::Following { threads },
                 Err(e) => Reply::Failed(e.to_string()),
             },
-            Request::Release { pid } => Reply::Released(self.release(pid)),
+            Request::Release { pid, follow } => Reply::Released(self.release(pid, follow)),
+            Request::Unfollow { pid } => {
+                self.unfollow(pid);
+                Reply::Unfollowed
+            }
         }
     }
 
@@ -289,26 +313,77 @@ impl Tracer {
         Ok(threads as u32)
     }
 
-    fn release(&mut self, pid: i32) -> Release {
+    fn release(&mut self, pid: i32, follow: bool) -> Release {
         self.reap();
         if let Some(h) = self.held.remove(&pid) {
-            let _ = sys::cont(pid, h.sig);
+            match follow {
+                true => {
+                    let _ = sys::cont(pid, h.sig);
+                }
+                false => {
+                    let _ = sys::detach(pid, h.sig);
+                    self.forget(pid);
+                }
+            }
             return Release::Held { held: h.since.elapsed() };
         }
-        if let Some(held) = self.timed_out.remove(&pid) {
-            return Release::TimedOut { held };
+        let released = match self.timed_out.remove(&pid) {
+            Some(held) => Release::TimedOut { held },
+            None if self.threads.contains_key(&pid) => Release::NotHeld,
+            None => match status_of(pid, pid) {
+                // Traced by us since its birth, its first stop still to come.
+                Ok(st) if st.tracer_pid == self.me => {
+                    self.early.insert(pid, follow);
+                    return Release::BeforeItsStop;
+                }
+                _ => Release::NotHeld,
+            },
+        };
+        if !follow {
+            self.unfollow(pid);
         }
-        if self.threads.contains_key(&pid) {
-            return Release::NotHeld;
-        }
-        match status_of(pid, pid) {
-            // Traced by us since its birth, its first stop still to come.
-            Ok(st) if st.tracer_pid == self.me => {
-                self.early.insert(pid);
-                Release::BeforeItsStop
+        released
+    }
+
+    /// Lets go of every thread of `pid`: a held one with the signal it stopped for, the others
+    /// once they have stopped for our interrupt, each with the signal it stopped for, if any
+    /// (a thread in a group stop reports an event stop, and stays stopped).
+    fn unfollow(&mut self, pid: i32) {
+        // Stops already pending are handled first (a signal-delivery stop is passed on).
+        self.reap();
+        let tids: Vec<i32> = self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect();
+        let mut running = Vec::new();
+        for &tid in &tids {
+            match self.held.remove(&tid) {
+                Some(h) => {
+                    let _ = sys::detach(tid, h.sig);
+                }
+                None => {
+                    let _ = sys::interrupt(tid);
+                    running.push(tid);
+                }
             }
-            _ => Release::NotHeld,
         }
+        let deadline = Instant::now() + Duration::from_millis(200);
+        for tid in running {
+            // Bounded: a thread that never stops (a vfork parent) stays traced until we exit,
+            // which is harmless.
+            if let Ok(Some(Status::Stopped { sig, event })) = sys::wait_until(tid, deadline) {
+                let _ = sys::detach(tid, if event == 0 { sig } else { 0 });
+            }
+        }
+        for tid in tids {
+            self.forget(tid);
+        }
+        self.processes.remove(&pid);
+    }
+
+    fn forget(&mut self, tid: i32) {
+        if self.threads.remove(&tid) == Some(tid) {
+            self.processes.remove(&tid);
+        }
+        self.held.remove(&tid);
+        self.early.remove(&tid);
     }
 
     /// Every wait status pending, handled.
@@ -338,13 +413,7 @@ impl Tracer {
     fn on_status(&mut self, tid: i32, status: Status) {
         let newcomer = (!self.threads.contains_key(&tid)).then(|| self.newcomer(tid));
         match step(status, newcomer) {
-            Step::Forget => {
-                if self.threads.remove(&tid) == Some(tid) {
-                    self.processes.remove(&tid);
-                }
-                self.held.remove(&tid);
-                self.early.remove(&tid);
-            }
+            Step::Forget => self.forget(tid),
             Step::Cont(sig) => {
                 match newcomer {
                     Some(Newcomer::Thread { tgid }) => {
@@ -368,6 +437,17 @@ impl Tracer {
             }
             Step::Detach(sig) => {
                 let _ = sys::detach(tid, sig);
+            }
+            Step::Exec => {
+                // Its other threads are gone; the one that called exec now has the PID.
+                let pid = self.threads.get(&tid).copied().unwrap_or(tid);
+                let _ = sys::detach(tid, 0);
+                let gone: Vec<i32> =
+                    self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect();
+                for t in gone {
+                    self.forget(t);
+                }
+                self.processes.remove(&pid);
             }
         }
     }
@@ -464,7 +544,7 @@ mod tests {
 
     #[test]
     fn a_new_process_is_held_with_the_signal_it_stopped_for() {
-        let fresh = Some(Newcomer::Process { early: false, over: false });
+        let fresh = Some(Newcomer::Process { early: None, over: false });
         assert_eq!(step(stopped(libc::SIGTRAP, STOP), fresh), Step::Hold(0));
         // Stopped first by a signal: held, and the signal is passed on at release.
         assert_eq!(step(stopped(libc::SIGUSR1, 0), fresh), Step::Hold(libc::SIGUSR1));
@@ -472,9 +552,11 @@ mod tests {
 
     #[test]
     fn a_process_released_early_or_over_the_limit_is_not_held() {
-        let early = Some(Newcomer::Process { early: true, over: false });
+        let early = Some(Newcomer::Process { early: Some(true), over: false });
         assert_eq!(step(stopped(libc::SIGTRAP, STOP), early), Step::Cont(0));
-        let over = Some(Newcomer::Process { early: false, over: true });
+        let dropped = Some(Newcomer::Process { early: Some(false), over: false });
+        assert_eq!(step(stopped(libc::SIGTRAP, STOP), dropped), Step::Detach(0));
+        let over = Some(Newcomer::Process { early: None, over: true });
         assert_eq!(step(stopped(libc::SIGTRAP, STOP), over), Step::Detach(0));
         assert_eq!(step(stopped(libc::SIGTERM, 0), over), Step::Detach(libc::SIGTERM));
     }
@@ -484,6 +566,7 @@ mod tests {
         assert_eq!(step(stopped(libc::SIGTRAP, STOP), Some(Newcomer::Thread { tgid: 1 })), Step::Cont(0));
         assert_eq!(step(stopped(libc::SIGTRAP, libc::PTRACE_EVENT_FORK), None), Step::Cont(0));
         assert_eq!(step(stopped(libc::SIGTRAP, libc::PTRACE_EVENT_CLONE), None), Step::Cont(0));
+        assert_eq!(step(stopped(libc::SIGTRAP, libc::PTRACE_EVENT_EXEC), None), Step::Exec);
         assert_eq!(step(stopped(libc::SIGCHLD, 0), None), Step::Cont(libc::SIGCHLD));
         // A real-time signal too (nix's Signal has none).
         assert_eq!(step(stopped(libc::SIGRTMIN() + 3, 0), None), Step::Cont(libc::SIGRTMIN() + 3));
@@ -500,6 +583,6 @@ mod tests {
     #[test]
     fn an_end_is_forgotten() {
         assert_eq!(step(Status::Gone, None), Step::Forget);
-        assert_eq!(step(Status::Gone, Some(Newcomer::Process { early: false, over: false })), Step::Forget);
+        assert_eq!(step(Status::Gone, Some(Newcomer::Process { early: None, over: false })), Step::Forget);
     }
 }

@@ -284,9 +284,18 @@ impl Fleet {
         let f = self.follower.as_mut()?;
         let e = f.follow(pid as i32).err()?;
         if matches!(e, crate::ptrace::PtraceError::Helper { .. }) {
-            self.follower = None;
+            return Some(self.follower_lost(e));
         }
         Some(format!("PID {pid}: its children are traced from just after their fork, not held at birth: {e}"))
+    }
+
+    /// The follower failed to answer (it has gone): children are seen from just after their
+    /// fork from now on. The line to say so.
+    fn follower_lost(&mut self, e: crate::ptrace::PtraceError) -> String {
+        self.follower = None;
+        format!(
+            "the follower ended ({e}): children are now traced from just after their fork, not held at birth"
+        )
     }
 
     /// The first process is followed too (after `run`'s held command is let go: until then
@@ -300,7 +309,9 @@ impl Fleet {
     fn release(&mut self, child: u32) -> Option<String> {
         let f = self.follower.as_mut()?;
         super::test_hook_pause("LEAKPROBE_TEST_RELEASE_PAUSE_MS");
-        let released = match f.release(child as i32) {
+        // A child refused (--max-processes, gone) is let go by the follower too.
+        let traced = self.members.get(&child).is_some_and(|m| m.ended.is_none());
+        let released = match f.release(child as i32, traced) {
             Ok(r) => r,
             Err(e) => {
                 self.follower = None;
@@ -475,6 +486,8 @@ impl Fleet {
         }
         let left = self.left_cgroup();
         let primary = *self.members.keys().next().unwrap_or(&0);
+        // Those that run on, out of the session: their children are no longer held.
+        let mut unfollow = Vec::new();
         for (pid, m) in self.members.iter_mut() {
             if m.ended.is_some() {
                 continue;
@@ -490,10 +503,18 @@ impl Fleet {
                 _ => continue,
             };
             let last = ctx.probes.detach_process(*pid).or(state).unwrap_or_default();
+            if how != "exited" {
+                unfollow.push(*pid);
+            }
             m.ended = Some(Ended { at_s: now_s, how, held: last.heap, drops: last.drops });
             m.pidfd = None;
             if let (true, Some(dir)) = (how == "left the cgroup", &self.cgroup) {
                 lines.push(format!("PID {pid} left {}: no longer traced", dir.display()));
+            }
+        }
+        for pid in unfollow {
+            if let Some(Err(e)) = self.follower.as_mut().map(|f| f.unfollow(pid as i32)) {
+                lines.push(self.follower_lost(e));
             }
         }
         lines.extend(self.join_cgroup(ctx, true));
