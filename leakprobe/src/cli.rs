@@ -410,9 +410,10 @@ pub struct TraceOpts {
     #[arg(long)]
     pub in_process: bool,
     /// Follow the target's children too: those it has now (and theirs), and every process it
-    /// forks while traced, from its first instruction. Each process gets its own sites and
-    /// verdict; processes running one build are also merged. A child that calls exec is
-    /// reported up to its exec.
+    /// forks while traced, from its first instruction (a helper of ours traces them with
+    /// ptrace, fork and exec events only, and holds each newborn until its probes are live,
+    /// 1 s at most). Each process gets its own sites and verdict; processes running one build
+    /// are also merged. A child that calls exec is reported up to its exec.
     #[arg(long)]
     pub children: bool,
     /// Every process in a cgroup v2 directory (a container, a systemd service: e.g.

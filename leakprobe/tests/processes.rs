@@ -255,6 +255,8 @@ fn sigkill_while_following_eight_workers_leaves_them_all_running() {
 #[test]
 fn sigkill_while_a_child_is_held_at_birth_lets_it_run() {
     require_root();
+    // "Nothing of ours loaded" afterwards: the previous tests' teardowns finish first.
+    wait_for_teardowns();
     // One worker, recycled every 5 requests: the 6th request waits for a held newborn.
     let server = Server::start(1, 5);
     let master = server.pid().to_string();
