@@ -24,7 +24,10 @@ every configuration, ...; medians reported):
     (from PyPI, in a venv of that python3.11 at MEMRAY_VENV, /var/tmp/leakprobe-bench-venv,
     made here if missing); goal: sampled in-process keeps >= 90% of the baseline on both.
     A tracer that cannot run gets a row saying why.
-BENCH_ONLY=scan (or soak, python, pycensus, node; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
+  * several processes (BENCH_ONLY=processes): attach time for 1 and for 64 workers of one
+    build, what following children costs a spawning parent (fork+exec, fork, vfork), and
+    nginx with 4 workers followed with --children under wrk.
+BENCH_ONLY=scan (or soak, python, pycensus, node, processes; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
 node: NODE_SNAPSHOT_MIB=100,1024 picks the snapshot heaps, NODE_SNAPSHOT_ROUNDS their rounds (a 1 GiB snapshot stops Node for ~100 s).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
 """
@@ -1007,6 +1010,154 @@ def node_table():
             + "\n".join(rows) + "\n\n" + node_snapshot_pauses())
 
 
+PREFORK_SRC = os.path.join(ROOT, "tests/targets/prefork.c")
+
+
+def _prefork(workers):
+    """tests/targets/prefork.c with `workers` workers (no leak, no recycling): (master, worker pids)."""
+    exe = os.path.join(WORK, "prefork")
+    if not os.path.exists(exe):
+        sh("gcc", "-O2", "-g", "-o", exe, PREFORK_SRC)
+    m = subprocess.Popen([exe, str(workers), "64", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    m.stdout.readline()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = subprocess.run(["pgrep", "-P", str(m.pid)], capture_output=True, text=True).stdout.split()
+        if len(kids) >= workers:
+            return m, [int(k) for k in kids]
+        time.sleep(0.05)
+    raise RuntimeError("prefork workers did not start")
+
+
+def _attach_seconds(args):
+    """Launch of `leakprobe attach ARGS --duration 1s` to its "attached" line (every probe live)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen([LP, "attach"] + args + ["--duration", "1s", "--interval", "1s"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _watch(p, p.stderr, "attached", 300, "leakprobe")
+    took = time.monotonic() - t0
+    p.wait()
+    p.drainer.join(timeout=10)
+    _wait_teardowns()
+    return took
+
+
+def _wait_teardowns():
+    """Our probes of a run that ended are torn down in the background: wait for a quiet kernel."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and subprocess.run(["pgrep", "-x", "leakprobe"],
+                                                          capture_output=True).returncode == 0:
+        time.sleep(0.1)
+
+
+SPAWN_N = 100
+SPAWNERS = {
+    # fork without exec (a pre-fork master replacing a worker): held until its probes are live.
+    "fork, the child exits (python3 os.fork)": [
+        "python3", "-c", "import os,sys; sys.stdin.readline()\n"
+        f"for _ in range({SPAWN_N}):\n pid = os.fork()\n if pid == 0: os._exit(0)\n os.waitpid(pid, 0)"],
+    # fork + exec (a shell's child): held until its probes are live, let go at its exec.
+    "fork+exec (python3 os.fork, os.execv /bin/true)": [
+        "python3", "-c", "import os,sys; sys.stdin.readline()\n"
+        f"for _ in range({SPAWN_N}):\n pid = os.fork()\n if pid == 0: os.execv('/bin/true', ['true'])\n"
+        " os.waitpid(pid, 0)"],
+    # vfork + exec (posix_spawn, Python's subprocess, dash): never held.
+    "vfork+exec (python3 subprocess.run /bin/true)": [
+        "python3", "-c", "import subprocess,sys; sys.stdin.readline()\n"
+        f"for _ in range({SPAWN_N}): subprocess.run(['/bin/true'])"],
+}
+
+
+def _spawn_ms(argv, traced):
+    """Milliseconds per child of a spawning loop, with or without `leakprobe --children` on it."""
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    time.sleep(0.2)
+    t = None
+    if traced:
+        t = subprocess.Popen([LP, "attach", "--pid", str(p.pid), "--children", "--interval", "1s"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _watch(t, t.stderr, "attached", 120, "leakprobe")
+    t0 = time.monotonic()
+    p.stdin.write("go\n"); p.stdin.flush()
+    p.wait()
+    ms = (time.monotonic() - t0) * 1e3 / SPAWN_N
+    if t is not None:
+        stop_tracer("full", t)
+        _wait_teardowns()
+    return ms
+
+
+NGINX4_CONF = NGINX_CONF.replace("worker_processes 1;", "worker_processes 4;")
+
+
+def _nginx4_once(kind):
+    conf = os.path.join(WORK, "nginx4.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX4_CONF.format(work=WORK))
+    os.makedirs(os.path.join(WORK, "www"), exist_ok=True)
+    with open(os.path.join(WORK, "www/index.html"), "w") as f:
+        f.write("x" * 2048)
+    master = subprocess.Popen(["nginx", "-c", conf], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    t = None
+    try:
+        if kind != "none":
+            extra = {"full": [], "sampled": ["--sample-bytes", "512KiB"]}[kind]
+            t = subprocess.Popen([LP, "attach", "--pid", str(master.pid), "--children", "--interval", "2s"] + extra,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _watch(t, t.stderr, "attached", 120, "leakprobe")
+        out = subprocess.run(["wrk", "-t2", "-c32", "-d8s", "--latency", "http://127.0.0.1:18089/"],
+                             capture_output=True, text=True).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+        return rps, float(p99.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[p99.group(2)]
+    finally:
+        stop_tracer("full", t)
+        master.send_signal(signal.SIGQUIT); master.wait()
+        _wait_teardowns()
+
+
+def processes_table():
+    """Several processes: attach time for 1 and 64 workers of one build; what following
+    children costs a spawning parent (each child held at birth until its probes are live);
+    nginx with 4 workers followed with --children under wrk."""
+    med = statistics.median
+    one, many = [], []
+    for _ in range(ROUNDS):
+        m, workers = _prefork(64)
+        try:
+            one.append(_attach_seconds(["--pid", str(workers[0])]))
+            many.append(_attach_seconds(["--pid", str(m.pid), "--children"]))
+        finally:
+            m.stdin.close(); m.wait()
+    out = ["| attach, 1 worker | attach, master + 64 workers (`--children`) | ratio |", "|---|---|---|",
+           f"| {med(one):.2f} s | {med(many):.2f} s | {med(many) / med(one):.2f}x |", ""]
+    out += ["| spawning parent (100 children) | ms per child, untraced | followed (`--children`) | added per child |",
+            "|---|---|---|---|"]
+    for label, argv in SPAWNERS.items():
+        base, traced = [], []
+        for _ in range(ROUNDS):
+            base.append(_spawn_ms(argv, False))
+            traced.append(_spawn_ms(argv, True))
+        out.append(f"| {label} | {med(base):.2f} | {med(traced):.2f} | +{med(traced) - med(base):.2f} ms |")
+    out.append("")
+    if not shutil.which("nginx") or not shutil.which("wrk"):
+        out.append("(nginx or wrk missing: `apt-get install nginx-light wrk`)")
+        return "\n".join(out)
+    res = {"none": [], "full": [], "sampled": []}
+    for _ in range(max(2, ROUNDS - 1)):
+        for kind in res:
+            res[kind].append(_nginx4_once(kind))
+    base = med(r for r, _ in res["none"])
+    out += ["| nginx, 4 workers, wrk -t2 -c32 -d8s | requests/s (median) | of baseline | p99 ms |", "|---|---|---|---|"]
+    for kind, label in (("none", "no tracer"), ("full", "leakprobe --children (exact)"),
+                        ("sampled", "leakprobe --children --sample-bytes 512KiB")):
+        rps = med(r for r, _ in res[kind])
+        out.append(f"| {label} | {rps:,.0f} | {rps / base:.0%} | {med(p for _, p in res[kind]):.2f} |")
+    out.append("| leakprobe --children --in-process | not yet: --in-process works on one process for now | | |")
+    return "\n".join(out)
+
+
 def update_doc(begin, end, text):
     path = os.path.join(ROOT, "docs/benchmarks.md")
     doc = open(path).read()
@@ -1025,7 +1176,8 @@ def main():
     for name, table, how in (("soak", soak_table, "one run"), ("scan", scan_table, f"{ROUNDS} rounds, medians"),
                              ("python", python_table, f"{ROUNDS} interleaved rounds, medians"),
                              ("pycensus", pycensus_table, f"{ROUNDS} rounds, medians"),
-                             ("node", node_table, f"{ROUNDS} interleaved rounds, medians")):
+                             ("node", node_table, f"{ROUNDS} interleaved rounds, medians"),
+                             ("processes", processes_table, f"{ROUNDS} rounds, medians")):
         if only not in (None, name):
             continue
         text = (f"Command: `BENCH_ONLY={name} cargo xtask bench` (bench/harness.py `{table.__name__}`, {how}). "

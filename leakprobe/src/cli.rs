@@ -411,8 +411,8 @@ pub struct TraceOpts {
     pub in_process: bool,
     /// Follow the target's children too: those it has now (and theirs), and every process it
     /// forks while traced, from its first instruction (a helper of ours traces them with
-    /// ptrace, fork and exec events only, and holds each newborn until its probes are live,
-    /// 1 s at most). Each process gets its own sites and verdict; processes running one build
+    /// ptrace, fork and exec events only, and holds each newborn until its probes are live:
+    /// 250 ms at most, 8 a second at most; gdb cannot attach to them meanwhile). Each process gets its own sites and verdict; processes running one build
     /// are also merged. A child that calls exec is reported up to its exec.
     #[arg(long)]
     pub children: bool,
@@ -460,6 +460,11 @@ pub struct TraceOpts {
     /// the series' cardinality).
     #[arg(long, default_value_t = 20, value_name = "N", help_heading = "Live")]
     pub metrics_top: usize,
+    /// With several processes (--pid A,B, --children, --cgroup): one series per call site and
+    /// process, with a `pid` label, instead of one per site merged across the processes of a
+    /// build (the default, which keeps the cardinality of a pool of workers that of one).
+    #[arg(long, requires = "metrics", help_heading = "Live")]
+    pub metrics_per_process: bool,
     /// Forget call sites with nothing outstanding and no call for this long: their stacks
     /// leave the kernel's map (room for new ones) and leakprobe's memory; counted in the
     /// report as evicted. Keeps long attaches bounded.
@@ -765,6 +770,8 @@ pub struct Config {
     /// `--metrics`: where to serve Prometheus metrics, and how many sites get series.
     pub metrics: Option<std::net::SocketAddr>,
     pub metrics_top: usize,
+    /// `--metrics-per-process`: a `pid` label on the per-site series.
+    pub metrics_per_process: bool,
     /// `--evict-after`: how long a site with nothing outstanding may stay idle.
     pub evict_after: Duration,
     /// `top`: a terminal view draws the session (no progress lines on stderr).
@@ -1081,6 +1088,7 @@ impl TryFrom<Cli> for Config {
             js_frames: !opts.no_js_frames,
             metrics,
             metrics_top: opts.metrics_top,
+            metrics_per_process: opts.metrics_per_process,
             evict_after,
             live_view,
             output_policy: crate::output::Policy {

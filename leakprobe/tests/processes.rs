@@ -79,7 +79,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // The workers first: a master killed outright leaves them running.
+        // The master stopped first (it would fork replacements for the workers killed), then
+        // the workers (a master killed outright leaves them running), then the master.
+        // SAFETY: kill with a valid signal on the server we started.
+        unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
         for w in children_of(self.pid()) {
             // SAFETY: kill with a valid signal on a worker of the server we started.
             unsafe { libc::kill(w, libc::SIGKILL) };
@@ -288,6 +291,69 @@ fn sigkill_while_a_child_is_held_at_birth_lets_it_run() {
     for w in children_of(server.pid()).into_iter().chain([server.pid()]) {
         assert_eq!(stopped_threads(w), (0, "0".to_string()), "{w} is stopped or still traced");
     }
+}
+
+/// The leaking site's `leakprobe_site_outstanding_bytes` series in a scrape: (pid label, value).
+fn outstanding_series(scrape: &str, function: &str) -> Vec<(Option<u32>, u64)> {
+    let needle = format!("function=\"{function}\"");
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("leakprobe_site_outstanding_bytes{") && l.contains(&needle))
+        .filter_map(|l| {
+            let pid = l.split("pid=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|p| p.parse().ok());
+            Some((pid, l.rsplit(' ').next()?.parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// The metrics of a pool: one series per site, merged across the workers, by default (the
+/// cardinality of one process); one per worker with a `pid` label on --metrics-per-process,
+/// each with the bytes that worker leaked.
+#[test]
+fn metrics_merge_the_workers_unless_asked_per_process() {
+    require_root();
+    let server = Server::start(3, 0);
+    let master = server.pid().to_string();
+    let mut served_so_far: BTreeMap<u32, u64> = BTreeMap::new();
+    for per_process in [false, true] {
+        let port = free_port();
+        let p = port.to_string();
+        let mut args = vec!["attach", "--pid", &master, "--children", "--interval", "1s", "--metrics", &p];
+        args.extend(["--duration", "8s"]);
+        if per_process {
+            args.push("--metrics-per-process");
+        }
+        let mut lp = Leakprobe::start(&args);
+        lp.wait_attached();
+        let served = server.load(60, Duration::from_millis(600));
+        for (pid, n) in &served {
+            *served_so_far.entry(*pid).or_default() += n;
+        }
+        let total: u64 = served.values().sum::<u64>() * LEAK;
+        let deadline = Instant::now() + Duration::from_secs(6);
+        let series = loop {
+            let scrape = http(port, "GET", "/metrics").map(|r| r.1).unwrap_or_default();
+            let series = outstanding_series(&scrape, "remember_request");
+            if series.iter().map(|s| s.1).sum::<u64>() == total || Instant::now() > deadline {
+                break series;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        match per_process {
+            false => assert_eq!(series, [(None, total)], "one merged series, the pool's total"),
+            true => {
+                let mut expect: Vec<(Option<u32>, u64)> =
+                    served.iter().map(|(pid, n)| (Some(*pid), n * LEAK)).collect();
+                let mut got = series.clone();
+                expect.sort_unstable();
+                got.sort_unstable();
+                assert_eq!(got, expect, "one series per worker, each with its own bytes");
+            }
+        }
+        let (code, _, err) = lp.finish();
+        assert_eq!(code, 0, "{err}");
+    }
+    assert!(served_so_far.len() >= 2, "the load reached several workers: {served_so_far:?}");
 }
 
 /// A cgroup v2 directory this test creates (and removes), under the unified hierarchy.

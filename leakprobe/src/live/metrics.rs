@@ -28,14 +28,32 @@ pub enum MetricsError {
 }
 
 /// A per-site series' labels: the stable id, its leaf function, file:line, module and the
-/// allocation function.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// allocation function; and its process with `--metrics-per-process` (none otherwise: a site
+/// is then one series across the workers of a build).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct SiteLabels {
     site: String,
     function: String,
     location: String,
     module: String,
     allocator: String,
+    pid: Option<u32>,
+}
+
+impl EncodeLabelSet for SiteLabels {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> std::fmt::Result {
+        let mut pairs = vec![
+            ("site", self.site.clone()),
+            ("function", self.function.clone()),
+            ("location", self.location.clone()),
+            ("module", self.module.clone()),
+            ("allocator", self.allocator.clone()),
+        ];
+        if let Some(pid) = self.pid {
+            pairs.push(("pid", pid.to_string()));
+        }
+        pairs.encode(encoder)
+    }
 }
 
 /// A site's series by reachability class: its labels and the class.
@@ -94,8 +112,17 @@ fn counter(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: u6
     }
 }
 
+/// What the exporter serves: the top `top` sites by growth, each with a `pid` label when
+/// `per_process` (several processes: one series per process instead of one per build).
+#[derive(Clone, Copy, Debug)]
+pub struct Export {
+    pub top: usize,
+    pub per_process: bool,
+}
+
 /// The view as the Prometheus text exposition format (version 0.0.4).
-pub fn encode(v: &View, top: usize) -> String {
+pub fn encode(v: &View, export: Export) -> String {
+    let top = export.top;
     let mut reg = Registry::with_prefix("leakprobe");
 
     // The process.
@@ -187,7 +214,9 @@ pub fn encode(v: &View, top: usize) -> String {
         None,
         v.sites_evicted,
     );
-    let sites = &v.sites[..v.sites.len().min(top)];
+    let per_process = export.per_process && v.processes > 1;
+    let sites = if per_process { &v.process_sites } else { &v.sites };
+    let sites = &sites[..sites.len().min(top)];
     gauge(
         &mut reg,
         "sites_exported",
@@ -212,6 +241,7 @@ pub fn encode(v: &View, top: usize) -> String {
             location: s.label.location.clone(),
             module: s.label.module.clone(),
             allocator: s.allocator.to_string(),
+            pid: per_process.then_some(s.stats.key.tgid),
         };
         out_b.get_or_create(&l).set(s.stats.outstanding_bytes as f64);
         out_n.get_or_create(&l).set(s.stats.outstanding_count as f64);
@@ -342,7 +372,7 @@ impl Drop for Server {
 pub fn serve(
     addr: SocketAddr,
     views: tokio::sync::watch::Receiver<Arc<View>>,
-    top: usize,
+    export: Export,
 ) -> Result<Server, MetricsError> {
     let listener = std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
     listener.set_nonblocking(true).map_err(|source| MetricsError::Bind { addr, source })?;
@@ -369,7 +399,7 @@ pub fn serve(
                                 header::CONTENT_TYPE,
                                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                             )],
-                            encode(&view, top),
+                            encode(&view, export),
                         )
                     }
                 };
@@ -458,17 +488,49 @@ mod tests {
             crate::live::PythonTypeCount { name: "__main__.Node".into(), count: 6000, bytes: 336_000 },
             crate::live::PythonTypeCount { name: "tuple".into(), count: 500, bytes: 32_000 },
         ];
-        let text = encode(&v, 20);
+        let text = encode(&v, Export { top: 20, per_process: false });
         assert!(text.contains(r#"leakprobe_python_objects{type="__main__.Node"} 6000"#), "{text}");
         assert!(text.contains(r#"leakprobe_python_object_bytes{type="tuple"} 32000"#), "{text}");
-        assert!(!encode(&v, 1).contains(r#"type="tuple""#), "--metrics-top bounds the types");
-        assert!(!encode(&view(), 20).contains("python_objects"), "no CPython, no series");
+        assert!(
+            !encode(&v, Export { top: 1, per_process: false }).contains(r#"type="tuple""#),
+            "--metrics-top bounds the types"
+        );
+        assert!(
+            !encode(&view(), Export { top: 20, per_process: false }).contains("python_objects"),
+            "no CPython, no series"
+        );
+    }
+
+    #[test]
+    fn several_processes_are_one_series_per_build_unless_per_process_is_asked() {
+        let mut v = view();
+        let mut merged = v.sites[0].clone();
+        merged.stats.outstanding_bytes = 8192;
+        let mut own = [v.sites[0].clone(), v.sites[0].clone()];
+        own[0].stats.key.tgid = 101;
+        own[1].stats.key.tgid = 102;
+        v.sites = vec![merged];
+        v.process_sites = own.to_vec();
+        v.processes = 2;
+        let by_build = encode(&v, Export { top: 20, per_process: false });
+        assert!(!by_build.contains("malloc\",pid="), "no pid label by default: {by_build}");
+        assert!(by_build.contains("module=\"leaky_server\",allocator=\"malloc\"} 8192"), "{by_build}");
+        let per = encode(&v, Export { top: 20, per_process: true });
+        for pid in [101, 102] {
+            assert!(per.contains(&format!("allocator=\"malloc\",pid=\"{pid}\"}} 4096")), "{per}");
+        }
+        // One process: the flag changes nothing.
+        v.processes = 1;
+        assert!(!encode(&v, Export { top: 20, per_process: true }).contains("malloc\",pid="));
     }
 
     #[test]
     fn series_carry_the_site_labels_and_figures() {
-        let text = encode(&view(), 20);
-        assert!(!encode(&view(), 0).contains("parse_upload"), "--metrics-top bounds the sites");
+        let text = encode(&view(), Export { top: 20, per_process: false });
+        assert!(
+            !encode(&view(), Export { top: 0, per_process: false }).contains("parse_upload"),
+            "--metrics-top bounds the sites"
+        );
         let site = r#"site="0123456789ab",function="parse_upload",location="leaky_server.c:40",module="leaky_server",allocator="malloc""#;
         assert!(text.contains(&format!("leakprobe_site_outstanding_bytes{{{site}}} 4096")), "{text}");
         assert!(text.contains(&format!("leakprobe_site_allocated_bytes_total{{{site}}} 8192")), "{text}");
@@ -488,7 +550,7 @@ mod tests {
     fn symbol_names_are_escaped_in_labels() {
         let mut v = view();
         v.sites[0].label.function = r#"std::map<int, "x">::insert\n"#.into();
-        let text = encode(&v, 20);
+        let text = encode(&v, Export { top: 20, per_process: false });
         assert!(text.contains(r#"function="std::map<int, \"x\">::insert\\n""#), "{text}");
     }
 

@@ -165,8 +165,13 @@ pub struct View {
     /// Sites tracked, and sites evicted since attach (nothing outstanding, idle).
     pub sites_tracked: usize,
     pub sites_evicted: u64,
-    /// The top sites by growth, largest first.
+    /// The top sites by growth, largest first. With several processes, merged per build: a
+    /// site in N workers is one (its key's tgid 0); a site in one process only keeps its tgid.
     pub sites: Vec<Site>,
+    /// With several processes: each process's own top sites (their key's tgid is the PID).
+    pub process_sites: Vec<Site>,
+    /// Processes in the session, ended ones included (1 for one process).
+    pub processes: usize,
     /// The run's verdict.
     pub verdict: String,
     /// Seconds since attach of the latest scan, with the whole process's classes.
@@ -207,37 +212,49 @@ pub struct Inputs<'a> {
 }
 
 /// Builds the view of one interval. `label` names a site (it symbolizes; cached by the caller).
+/// `processes`: how many the session has had; with more than one, `sites` are merged per build
+/// ([`crate::model::merge_processes`]) and each process's own go to `process_sites`.
 pub fn compose(
     tracker: &Tracker,
     sites: &[SiteStats],
+    processes: usize,
     inputs: &Inputs<'_>,
     mut label: impl FnMut(&SiteStats) -> Label,
 ) -> View {
     let tl = tracker.timeline();
     let counters: &Counters = tracker.counters();
-    let view_sites = chosen(sites, inputs.top)
-        .into_iter()
-        .map(|s| {
-            let history = tracker
+    let mut view_site = |s: &SiteStats| {
+        let history = match s.key.tgid {
+            // Merged: the sum of the members' series is not kept; the sparkline stays empty.
+            0 if processes > 1 => Vec::new(),
+            _ => tracker
                 .site_history(&s.key)
                 .map(|h| h.iter().rev().take(SPARK_POINTS).rev().map(|p| p.1 as u64).collect())
-                .unwrap_or_default();
-            let scanned = (inputs.scanned)(&s.key);
-            let verdict = match &scanned {
-                Some((r, cycle_bytes)) => site_verdict(s.trend, r, *cycle_bytes),
-                None => s.trend.label(),
-            };
-            Site {
-                stats: s.clone(),
-                label: label(s),
-                allocator: s.kind.map_or("unknown", |k| k.name()),
-                growth_bytes_per_s: growth(s),
-                history,
-                classes: scanned.map(|(r, _)| Classes::of(&r)),
-                verdict,
-            }
-        })
-        .collect();
+                .unwrap_or_default(),
+        };
+        let scanned = (inputs.scanned)(&s.key);
+        let verdict = match &scanned {
+            Some((r, cycle_bytes)) => site_verdict(s.trend, r, *cycle_bytes),
+            None => s.trend.label(),
+        };
+        Site {
+            stats: s.clone(),
+            label: label(s),
+            allocator: s.kind.map_or("unknown", |k| k.name()),
+            growth_bytes_per_s: growth(s),
+            history,
+            classes: scanned.map(|(r, _)| Classes::of(&r)),
+            verdict,
+        }
+    };
+    let (view_sites, process_sites) = match processes > 1 {
+        true => {
+            let merged = crate::model::merge_processes(sites);
+            let own: Vec<Site> = chosen(sites, inputs.top).into_iter().map(&mut view_site).collect();
+            (chosen(&merged, inputs.top).into_iter().map(&mut view_site).collect(), own)
+        }
+        false => (chosen(sites, inputs.top).into_iter().map(&mut view_site).collect(), Vec::new()),
+    };
     let (verdict, _) = tracker.verdict();
     let last = |s: &crate::model::trend::Series| s.last().unwrap_or(0.0);
     let alloc_calls = counters.get(leakprobe_common::counter::ALLOC_CALLS);
@@ -265,6 +282,8 @@ pub fn compose(
         sites_tracked: sites.len(),
         sites_evicted: inputs.sites_evicted,
         sites: view_sites,
+        process_sites,
+        processes,
         verdict: verdict.label().to_string(),
         scan_at_s: inputs.scan_at_s,
         scan_totals: inputs.scan_totals,
@@ -374,6 +393,44 @@ mod tests {
     }
 
     #[test]
+    fn several_processes_are_merged_per_build_and_kept_per_process() {
+        use leakprobe_common::SiteCounters;
+        let key = |tgid| SiteKey { stack_id: 5, kind: 0, tgid };
+        let mut t = Tracker::new(0, 0);
+        for i in 1..4u64 {
+            let grow = |per| SiteCounters { alloc_count: i, alloc_bytes: per * i, ..Default::default() };
+            t.ingest(crate::model::Sample {
+                at_ns: i * 1_000_000_000,
+                sites: vec![(key(101), grow(100)), (key(102), grow(300))],
+                ..Default::default()
+            });
+        }
+        let none = |_: &SiteKey| None;
+        let inputs = Inputs {
+            pid: 100,
+            exe: "/bin/x",
+            sample_bytes: 0,
+            top: 10,
+            sites_evicted: 0,
+            scanned: &none,
+            scan_at_s: None,
+            scan_totals: None,
+            python_objects: Vec::new(),
+        };
+        let label = |_: &SiteStats| Label::default();
+        let v = compose(&t, &t.sites(), 3, &inputs, label);
+        assert_eq!(v.sites.len(), 1, "one site per build");
+        assert_eq!((v.sites[0].stats.key.tgid, v.sites[0].stats.outstanding_bytes), (0, 1200));
+        let mut own: Vec<(u32, u64)> =
+            v.process_sites.iter().map(|s| (s.stats.key.tgid, s.stats.outstanding_bytes)).collect();
+        own.sort_unstable();
+        assert_eq!(own, [(101, 300), (102, 900)]);
+        // One process: nothing merged, nothing twice.
+        let v = compose(&t, &t.sites(), 1, &inputs, label);
+        assert_eq!((v.sites.len(), v.process_sites.len()), (2, 0));
+    }
+
+    #[test]
     fn compose_ranks_by_growth_and_bounds_sites_and_sparklines() {
         use leakprobe_common::SiteCounters;
         let key = |id| SiteKey { stack_id: id, kind: 0, tgid: 0 };
@@ -419,8 +476,10 @@ mod tests {
             scan_totals: None,
             python_objects: Vec::new(),
         };
-        let v =
-            compose(&t, &sites, &inputs, |s| Label { id: format!("{}", s.key.stack_id), ..Label::default() });
+        let v = compose(&t, &sites, 1, &inputs, |s| Label {
+            id: format!("{}", s.key.stack_id),
+            ..Label::default()
+        });
         // The top two by growth first (what the metrics export), then the flat site, which
         // tops the outstanding and peak rankings (what `top`'s sort key can bring up).
         assert_eq!(v.sites.len(), 3);

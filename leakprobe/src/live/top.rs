@@ -46,6 +46,8 @@ pub struct App {
     pub editing: bool,
     /// The view shown while frozen.
     pub frozen: Option<Arc<View>>,
+    /// With several processes: each process's own sites rather than sites merged per build.
+    pub per_process: bool,
 }
 
 impl App {
@@ -92,15 +94,24 @@ impl App {
                 Action::None
             }
             KeyCode::Char('w') => Action::Snapshot,
+            KeyCode::Char('p') => {
+                self.per_process = !self.per_process;
+                Action::None
+            }
             _ => Action::None,
         }
+    }
+
+    /// Whether the rows are each process's own sites (several processes, and `p` pressed).
+    pub fn shows_processes(&self, view: &View) -> bool {
+        self.per_process && view.processes > 1
     }
 
     /// The sites to show, filtered and sorted.
     pub fn rows<'v>(&self, view: &'v View) -> Vec<&'v Site> {
         let needle = self.filter.to_lowercase();
-        let mut rows: Vec<&Site> = view
-            .sites
+        let sites = if self.shows_processes(view) { &view.process_sites } else { &view.sites };
+        let mut rows: Vec<&Site> = sites
             .iter()
             .filter(|s| {
                 needle.is_empty()
@@ -172,7 +183,16 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
     let lines = vec![
         Line::from(vec![
             Span::styled("leakprobe top", Style::new().add_modifier(Modifier::BOLD)),
-            Span::raw(format!("  PID {} {}  {:.0} s", view.pid, view.exe, view.window_s)),
+            Span::raw(format!(
+                "  PID {} {}{}  {:.0} s",
+                view.pid,
+                view.exe,
+                match view.processes {
+                    0 | 1 => String::new(),
+                    n => format!(" and {} other processes", n - 1),
+                },
+                view.window_s
+            )),
             Span::styled(state, Style::new().fg(Color::Yellow)),
         ]),
         Line::from(vec![Span::raw("VERDICT: "), Span::styled(view.verdict.clone(), verdict_style)]),
@@ -213,9 +233,12 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
 
     let rows = app.rows(view);
     let spark_width = 20usize;
+    // Several processes: a PID column (a site merged across processes says "all").
+    let many = view.processes > 1;
     let header = Row::new(
         [
             "SITE",
+            "PID",
             "GROWTH",
             "OUTSTANDING",
             "PEAK",
@@ -228,6 +251,8 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
             "LOCATION",
             "MODULE",
         ]
+        .into_iter()
+        .filter(|h| many || *h != "PID")
         .map(|h| Cell::from(h).style(Style::new().add_modifier(Modifier::BOLD))),
     );
     let body = rows.iter().map(|s| {
@@ -235,8 +260,11 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
             "LEAK" | "CYCLE" | "GROWING" | "ACCUMULATION" => Style::new().fg(Color::Red),
             _ => Style::new(),
         };
-        Row::new(vec![
-            Cell::from(s.label.id.clone()),
+        let pid = match s.stats.key.tgid {
+            0 => "all".to_string(),
+            p => p.to_string(),
+        };
+        Row::new([Cell::from(s.label.id.clone())].into_iter().chain(many.then(|| Cell::from(pid))).chain([
             Cell::from(signed_bytes(s.growth_bytes_per_s)),
             Cell::from(human_bytes(s.stats.outstanding_bytes)),
             Cell::from(human_bytes(s.stats.peak_bytes)),
@@ -252,29 +280,37 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
             Cell::from(format!("{} <- {}", s.allocator, s.label.function)),
             Cell::from(s.label.location.clone()),
             Cell::from(s.label.module.clone()),
-        ])
+        ]))
     });
+    let scope = match (many, app.shows_processes(view)) {
+        (false, _) => String::new(),
+        (true, false) => format!(", merged across {} processes per build", view.processes),
+        (true, true) => format!(", per process ({})", view.processes),
+    };
     let title = format!(
-        " call sites by {}{} ({} of {}) ",
+        " call sites by {}{scope}{} ({} of {}) ",
         app.sort.name(),
         if app.filter.is_empty() { String::new() } else { format!(", matching {:?}", app.filter) },
         rows.len(),
-        view.sites.len()
+        if app.shows_processes(view) { view.process_sites.len() } else { view.sites.len() },
     );
     let widths = [
-        Constraint::Length(12),
-        Constraint::Length(13),
-        Constraint::Length(11),
-        Constraint::Length(11),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(15),
-        Constraint::Length(spark_width as u16),
-        Constraint::Min(20),
-        Constraint::Length(20),
-        Constraint::Length(14),
-    ];
+        Some(Constraint::Length(12)),
+        many.then_some(Constraint::Length(8)),
+        Some(Constraint::Length(13)),
+        Some(Constraint::Length(11)),
+        Some(Constraint::Length(11)),
+        Some(Constraint::Length(8)),
+        Some(Constraint::Length(9)),
+        Some(Constraint::Length(8)),
+        Some(Constraint::Length(15)),
+        Some(Constraint::Length(spark_width as u16)),
+        Some(Constraint::Min(20)),
+        Some(Constraint::Length(20)),
+        Some(Constraint::Length(14)),
+    ]
+    .into_iter()
+    .flatten();
     frame.render_widget(
         Table::new(body, widths).header(header).block(Block::new().borders(Borders::TOP).title(title)),
         table,
@@ -289,7 +325,10 @@ pub fn draw(frame: &mut Frame<'_>, app: &App, view: &View) {
     } else {
         Line::from(vec![
             Span::styled(
-                "q quit  s sort  / filter  f freeze  w snapshot",
+                match many {
+                    true => "q quit  s sort  / filter  f freeze  w snapshot  p merged/per process",
+                    false => "q quit  s sort  / filter  f freeze  w snapshot",
+                },
                 Style::new().add_modifier(Modifier::REVERSED),
             ),
             Span::raw(format!("  {}", view.status)),
@@ -453,6 +492,35 @@ mod tests {
         assert_eq!(app.key(key(KeyCode::Char('w')), &v), Action::Snapshot);
         assert_eq!(app.key(key(KeyCode::Char('q')), &v), Action::Quit);
         assert_eq!(app.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL), &v), Action::Quit);
+    }
+
+    #[test]
+    fn several_processes_get_a_pid_column_and_p_switches_to_each_ones_sites() {
+        let mut v = (*view()).clone();
+        let mut own =
+            [site(1, "parse_upload", "app", 60, 3, 500.0), site(1, "parse_upload", "app", 40, 2, 400.0)];
+        own[0].stats.key.tgid = 4243;
+        own[1].stats.key.tgid = 4244;
+        v.process_sites = own.to_vec();
+        v.processes = 3;
+        let v = Arc::new(v);
+        let mut app = App::default();
+        let pids = |app: &App| app.rows(&v).iter().map(|s| s.stats.key.tgid).collect::<Vec<_>>();
+        assert_eq!(pids(&app), [0, 0, 0], "merged per build first");
+        app.key(key(KeyCode::Char('p')), &v);
+        assert_eq!(pids(&app), [4243, 4244], "each process's own");
+        let mut t = Terminal::new(TestBackend::new(220, 20)).unwrap();
+        t.draw(|f| draw(f, &app, &v)).unwrap();
+        let text: String = t.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+        assert!(text.contains("PID") && text.contains("4243") && text.contains("per process (3)"), "{text}");
+        app.key(key(KeyCode::Char('p')), &v);
+        t.draw(|f| draw(f, &app, &v)).unwrap();
+        let text: String = t.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+        assert!(text.contains("all") && text.contains("merged across 3 processes"), "{text}");
+        // One process: no PID column.
+        t.draw(|f| draw(f, &App::default(), &view())).unwrap();
+        let text: String = t.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+        assert!(!text.contains(" PID  "), "{text}");
     }
 
     #[test]

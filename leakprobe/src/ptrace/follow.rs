@@ -19,7 +19,8 @@
 //! What a followed process notices is time only: a fork or a new thread costs it a round trip
 //! through the follower (tens of microseconds), so does each signal it receives (the delivery
 //! stop is resumed with that same signal), and a new child starts once its probes are live.
-//! A group stop stays a stop (`PTRACE_LISTEN`), as job control wants.
+//! A group stop stays a stop (`PTRACE_LISTEN`), as job control wants. A vfork child is never
+//! held (its parent waits for its exec); a child that calls exec is let go there.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -45,7 +46,14 @@ pub const ARG: &str = "__ptrace-follower";
 
 /// The longest a child is held at birth when leakprobe does not release it (its probes take
 /// longer, or its fork was never reported): it then runs, unseen until its probes are live.
-pub const MAX_HOLD: Duration = Duration::from_secs(1);
+/// Attaching a child's probes takes 2-95 ms on a quiet kernel, longer while other probes are
+/// being torn down (docs/benchmarks.md).
+pub const MAX_HOLD: Duration = Duration::from_millis(250);
+
+/// Children held per second at most. A parent that forks faster (a process per connection, a
+/// shell loop) would wait for every child's probes; past this, its children go on at once and
+/// are seen from just after their fork (`blind_ms`).
+pub const HOLDS_PER_SECOND: usize = 8;
 
 /// [`MAX_HOLD`], or for tests `LEAKPROBE_TEST_MAX_HOLD_MS`.
 fn max_hold() -> Duration {
@@ -233,6 +241,8 @@ struct Tracer {
     /// Let go by [`MAX_HOLD`]: how long each was held.
     timed_out: HashMap<i32, Duration>,
     max_hold: Duration,
+    /// When the children of the last second were held ([`HOLDS_PER_SECOND`]).
+    recent_holds: std::collections::VecDeque<Instant>,
 }
 
 const OPTIONS: ptrace::Options = ptrace::Options::PTRACE_O_TRACEFORK
@@ -251,7 +261,16 @@ impl Tracer {
             early: HashMap::new(),
             timed_out: HashMap::new(),
             max_hold: max_hold(),
+            recent_holds: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Whether [`HOLDS_PER_SECOND`] children were held in the last second.
+    fn holding_too_many(&mut self) -> bool {
+        while self.recent_holds.front().is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            self.recent_holds.pop_front();
+        }
+        self.recent_holds.len() >= HOLDS_PER_SECOND
     }
 
     fn handle(&mut self, req: Request) -> Reply {
@@ -333,7 +352,8 @@ impl Tracer {
             None => match status_of(pid, pid) {
                 // Traced by us since its birth, its first stop still to come.
                 Ok(st) if st.tracer_pid == self.me => {
-                    self.early.insert(pid, follow);
+                    // A vfork child stays let go untraced.
+                    self.early.entry(pid).or_insert(follow);
                     return Release::BeforeItsStop;
                 }
                 _ => Release::NotHeld,
@@ -402,7 +422,8 @@ impl Tracer {
     fn newcomer(&mut self, tid: i32) -> Newcomer {
         match status_of(tid, tid) {
             Ok(st) if st.tgid == tid => Newcomer::Process {
-                early: self.early.remove(&tid),
+                // Past the hold rate: as if released already, followed.
+                early: self.early.remove(&tid).or_else(|| self.holding_too_many().then_some(true)),
                 over: self.processes.len() >= self.max_processes,
             },
             Ok(st) => Newcomer::Thread { tgid: st.tgid },
@@ -411,6 +432,9 @@ impl Tracer {
     }
 
     fn on_status(&mut self, tid: i32, status: Status) {
+        if status == (Status::Stopped { sig: libc::SIGTRAP, event: libc::PTRACE_EVENT_VFORK }) {
+            self.vforked(tid);
+        }
         let newcomer = (!self.threads.contains_key(&tid)).then(|| self.newcomer(tid));
         match step(status, newcomer) {
             Step::Forget => self.forget(tid),
@@ -431,6 +455,7 @@ impl Tracer {
                 let _ = sys::listen(tid);
             }
             Step::Hold(sig) => {
+                self.recent_holds.push_back(Instant::now());
                 self.threads.insert(tid, tid);
                 self.processes.insert(tid);
                 self.held.insert(tid, Held { since: Instant::now(), sig });
@@ -448,6 +473,21 @@ impl Tracer {
                     self.forget(t);
                 }
                 self.processes.remove(&pid);
+            }
+        }
+    }
+
+    /// A vfork child (`posix_spawn`, `subprocess`) is not held: its parent waits for it, and it
+    /// runs only until it calls exec or exits, in the parent's memory. Let it go untraced.
+    fn vforked(&mut self, parent: i32) {
+        let Ok(child) = sys::geteventmsg(parent).map(|c| c as i32) else { return };
+        match self.held.remove(&child) {
+            Some(h) => {
+                let _ = sys::detach(child, h.sig);
+                self.forget(child);
+            }
+            None => {
+                self.early.insert(child, false);
             }
         }
     }

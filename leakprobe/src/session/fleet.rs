@@ -313,12 +313,7 @@ impl Fleet {
         let traced = self.members.get(&child).is_some_and(|m| m.ended.is_none());
         let released = match f.release(child as i32, traced) {
             Ok(r) => r,
-            Err(e) => {
-                self.follower = None;
-                return Some(format!(
-                    "the follower ended ({e}): children are now traced from just after their fork"
-                ));
-            }
+            Err(e) => return Some(self.follower_lost(e)),
         };
         let m = self.members.get_mut(&child)?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -463,10 +458,14 @@ impl Fleet {
 
     /// A forked child joins (or is refused), and is let go if it was held at birth.
     fn join_forked(&mut self, child: u32, parent: Option<u32>, ctx: &mut Joining<'_>) -> Vec<String> {
-        if self.members.contains_key(&child) {
-            return Vec::new();
-        }
-        let joined = self.trace_forked(child, parent, ctx);
+        let joined = match self.members.get(&child) {
+            // Joined already.
+            Some(m) if m.ended.is_none() => return Vec::new(),
+            // Its PID was an ended member's, still in the report: not traced (the fork
+            // tracepoint counted it), and let go at once rather than held for nothing.
+            Some(_) => None,
+            None => self.trace_forked(child, parent, ctx),
+        };
         joined.into_iter().chain(self.release(child)).collect()
     }
 

@@ -44,7 +44,8 @@ impl Live {
         };
         let server = match cfg.metrics {
             Some(addr) => {
-                let s = metrics::serve(addr, views.subscribe(), cfg.metrics_top)?;
+                let export = metrics::Export { top: cfg.metrics_top, per_process: cfg.metrics_per_process };
+                let s = metrics::serve(addr, views.subscribe(), export)?;
                 super::progress(cfg, format_args!("serving Prometheus metrics at http://{}/metrics", s.addr));
                 Some(s)
             }
@@ -74,6 +75,7 @@ impl Live {
         exe: &str,
         tracker: &Tracker,
         sites: &[SiteStats],
+        processes: usize,
         stacks: &StackCache,
         symbolizer: &mut Symbolizer,
         scan: Option<&Done>,
@@ -104,7 +106,7 @@ impl Live {
                 .unwrap_or_default(),
         };
         let labels = &mut self.labels;
-        let mut view = live::compose(tracker, sites, &inputs, |s| {
+        let mut view = live::compose(tracker, sites, processes, &inputs, |s| {
             labels
                 .entry(s.key)
                 .or_insert_with(|| {

@@ -703,8 +703,8 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     if let Some(l) = live.as_mut() {
         let sites = tracker.sites();
         let last = scanner.as_ref().and_then(|s| s.last.as_ref());
-        let sites = live_sites(fleet.is_some(), &sites);
-        l.publish(&cfg, pid, &identity.exe, &tracker, &sites, &stacks, &mut symbolizer, last);
+        let processes = processes_in(fleet.as_ref());
+        l.publish(&cfg, pid, &identity.exe, &tracker, &sites, processes, &stacks, &mut symbolizer, last);
         l.finish(ended_by);
     }
     let mut report = reporting.build(&tracker, &stacks, &mut symbolizer, &statuses, ended_by, exit_status);
@@ -1266,8 +1266,8 @@ async fn watch(
                         }
                         if let Some(l) = live.as_mut() {
                             let sites = tracker.sites();
-                            let sites = live_sites(fleet.is_some(), &sites);
-                            l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
+                            let processes = processes_in(fleet.as_ref());
+                            l.publish(cfg, pid, &identity.exe, tracker, &sites, processes, stacks, symbolizer, last_scan);
                         }
                     }
                 }
@@ -1405,8 +1405,8 @@ async fn watch(
                     }
                 };
                 if let Some(l) = live.as_mut() {
-                    let sites = live_sites(fleet.is_some(), &sites);
-                    l.publish(cfg, pid, &identity.exe, tracker, &sites, stacks, symbolizer, last_scan);
+                    let processes = processes_in(fleet.as_ref());
+                    l.publish(cfg, pid, &identity.exe, tracker, &sites, processes, stacks, symbolizer, last_scan);
                 }
                 let t = Totals::of(&sites);
                 let drops = total_drops(tracker.counters());
@@ -1429,16 +1429,10 @@ async fn watch(
     }
 }
 
-/// What the live view and the metrics show: with several processes, the sites merged per build
-/// (one series for a site in N workers; the report keeps each process's own).
-fn live_sites(
-    many: bool,
-    sites: &[crate::model::SiteStats],
-) -> std::borrow::Cow<'_, [crate::model::SiteStats]> {
-    match many {
-        true => std::borrow::Cow::Owned(crate::model::merge_processes(sites)),
-        false => std::borrow::Cow::Borrowed(sites),
-    }
+/// Processes the session has had (1 for one process): the live view merges sites across
+/// them when there are several.
+fn processes_in(fleet: Option<&fleet::Fleet>) -> usize {
+    fleet.map_or(1, |f| f.members.len())
 }
 
 /// Several processes: the others join (--pid, the children now, the cgroup's members), with a
