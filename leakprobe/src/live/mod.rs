@@ -392,6 +392,25 @@ mod tests {
         assert_eq!(label("malloc", &[]).function, "[no stack]");
     }
 
+    fn not_scanned(_: &SiteKey) -> Option<(Reachability, u64)> {
+        None
+    }
+
+    /// Inputs of a session with no scan, showing the `top` sites.
+    fn unscanned(top: usize) -> Inputs<'static> {
+        Inputs {
+            pid: 7,
+            exe: "/bin/x",
+            sample_bytes: 0,
+            top,
+            sites_evicted: 0,
+            scanned: &not_scanned,
+            scan_at_s: None,
+            scan_totals: None,
+            python_objects: Vec::new(),
+        }
+    }
+
     #[test]
     fn several_processes_are_merged_per_build_and_kept_per_process() {
         use leakprobe_common::SiteCounters;
@@ -405,18 +424,7 @@ mod tests {
                 ..Default::default()
             });
         }
-        let none = |_: &SiteKey| None;
-        let inputs = Inputs {
-            pid: 100,
-            exe: "/bin/x",
-            sample_bytes: 0,
-            top: 10,
-            sites_evicted: 0,
-            scanned: &none,
-            scan_at_s: None,
-            scan_totals: None,
-            python_objects: Vec::new(),
-        };
+        let inputs = unscanned(10);
         let label = |_: &SiteStats| Label::default();
         let v = compose(&t, &t.sites(), 3, &inputs, label);
         assert_eq!(v.sites.len(), 1, "one site per build");
@@ -464,18 +472,7 @@ mod tests {
             });
         }
         let sites = t.sites();
-        let none = |_: &SiteKey| None;
-        let inputs = Inputs {
-            pid: 7,
-            exe: "/bin/x",
-            sample_bytes: 0,
-            top: 2,
-            sites_evicted: 0,
-            scanned: &none,
-            scan_at_s: None,
-            scan_totals: None,
-            python_objects: Vec::new(),
-        };
+        let inputs = unscanned(2);
         let v = compose(&t, &sites, 1, &inputs, |s| Label {
             id: format!("{}", s.key.stack_id),
             ..Label::default()

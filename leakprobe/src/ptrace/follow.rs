@@ -324,7 +324,7 @@ impl Tracer {
                 }
             }
         }
-        let threads = self.threads.values().filter(|p| **p == pid).count();
+        let threads = self.threads_of(pid).len();
         if threads == 0 {
             return Err(PtraceError::Exited { pid });
         }
@@ -371,9 +371,8 @@ impl Tracer {
     fn unfollow(&mut self, pid: i32) {
         // Stops already pending are handled first (a signal-delivery stop is passed on).
         self.reap();
-        let tids: Vec<i32> = self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect();
         let mut running = Vec::new();
-        for &tid in &tids {
+        for tid in self.threads_of(pid) {
             match self.held.remove(&tid) {
                 Some(h) => {
                     let _ = sys::detach(tid, h.sig);
@@ -392,10 +391,7 @@ impl Tracer {
                 let _ = sys::detach(tid, if event == 0 { sig } else { 0 });
             }
         }
-        for tid in tids {
-            self.forget(tid);
-        }
-        self.processes.remove(&pid);
+        self.forget_process(pid);
     }
 
     fn forget(&mut self, tid: i32) {
@@ -439,25 +435,16 @@ impl Tracer {
         match step(status, newcomer) {
             Step::Forget => self.forget(tid),
             Step::Cont(sig) => {
-                match newcomer {
-                    Some(Newcomer::Thread { tgid }) => {
-                        self.threads.insert(tid, tgid);
-                    }
-                    Some(Newcomer::Process { .. }) => {
-                        self.threads.insert(tid, tid);
-                        self.processes.insert(tid);
-                    }
-                    None => {}
-                }
+                self.admit(tid, newcomer);
                 let _ = sys::cont(tid, sig);
             }
             Step::Listen => {
+                self.admit(tid, newcomer);
                 let _ = sys::listen(tid);
             }
             Step::Hold(sig) => {
+                self.admit(tid, newcomer);
                 self.recent_holds.push_back(Instant::now());
-                self.threads.insert(tid, tid);
-                self.processes.insert(tid);
                 self.held.insert(tid, Held { since: Instant::now(), sig });
             }
             Step::Detach(sig) => {
@@ -467,14 +454,36 @@ impl Tracer {
                 // Its other threads are gone; the one that called exec now has the PID.
                 let pid = self.threads.get(&tid).copied().unwrap_or(tid);
                 let _ = sys::detach(tid, 0);
-                let gone: Vec<i32> =
-                    self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect();
-                for t in gone {
-                    self.forget(t);
-                }
-                self.processes.remove(&pid);
+                self.forget_process(pid);
             }
         }
+    }
+
+    /// A thread seen for the first time, and followed from now on.
+    fn admit(&mut self, tid: i32, newcomer: Option<Newcomer>) {
+        match newcomer {
+            Some(Newcomer::Thread { tgid }) => {
+                self.threads.insert(tid, tgid);
+            }
+            Some(Newcomer::Process { .. }) => {
+                self.threads.insert(tid, tid);
+                self.processes.insert(tid);
+            }
+            None => {}
+        }
+    }
+
+    /// The threads of `pid` we trace.
+    fn threads_of(&self, pid: i32) -> Vec<i32> {
+        self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect()
+    }
+
+    /// Forgets `pid` and every thread of it.
+    fn forget_process(&mut self, pid: i32) {
+        for tid in self.threads_of(pid) {
+            self.forget(tid);
+        }
+        self.processes.remove(&pid);
     }
 
     /// A vfork child (`posix_spawn`, `subprocess`) is not held: its parent waits for it, and it
