@@ -1029,11 +1029,7 @@ impl TryFrom<Cli> for Config {
             if !(1..=4096).contains(&opts.max_processes) {
                 return Err(ConfigError::Range { flag: "--max-processes", min: 1, max: 4096 });
             }
-            let one_process_only = [
-                (opts.in_process, "--in-process"),
-                (scan.is_some(), "--scan"),
-                (js_heap.is_some(), "--js-heap"),
-            ];
+            let one_process_only = [(scan.is_some(), "--scan"), (js_heap.is_some(), "--js-heap")];
             if let Some((_, other)) = one_process_only.iter().find(|(on, _)| *on) {
                 return Err(ConfigError::OneProcess { flag, other });
             }
@@ -1134,15 +1130,17 @@ mod tests {
         let c = parse(&["leakprobe", "run", "--children", "--", "make", "-j4"]).unwrap();
         assert!(c.children);
         for (args, other) in
-            [(&["--children", "--in-process"][..], "--in-process"), (&["--children", "--scan"][..], "--scan")]
+            [(&["--children", "--scan"][..], "--scan"), (&["--children", "--js-heap"][..], "--js-heap")]
         {
             let mut all = vec!["leakprobe", "attach", "--pid", "12"];
             all.extend_from_slice(args);
             let e = parse(&all).unwrap_err();
             assert!(e.contains(other) && e.contains("one process"), "{e}");
         }
-        let e = parse(&["leakprobe", "attach", "--pid", "12,13", "--in-process"]).unwrap_err();
+        let e = parse(&["leakprobe", "attach", "--pid", "12,13", "--scan"]).unwrap_err();
         assert!(e.contains("--pid with several processes"), "{e}");
+        let c = parse(&["leakprobe", "attach", "--pid", "12", "--children", "--in-process"]).unwrap();
+        assert!(c.children && c.in_process);
         let e =
             parse(&["leakprobe", "attach", "--pid", "12", "--children", "--max-processes", "0"]).unwrap_err();
         assert!(e.contains("--max-processes"), "{e}");

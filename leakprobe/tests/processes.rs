@@ -114,13 +114,23 @@ fn processes(report: &Value) -> BTreeMap<u32, &Value> {
 /// `attach --pid MASTER --children` for `duration` while `n` requests are spread over `over`:
 /// requests served per worker, the JSON report, and leakprobe's stderr.
 fn follow(server: &Server, duration: &str, n: u32, over: Duration) -> (BTreeMap<u32, u64>, Value, String) {
+    follow_with(server, duration, n, over, &[])
+}
+
+/// [`follow`] with more arguments for leakprobe.
+fn follow_with(
+    server: &Server,
+    duration: &str,
+    n: u32,
+    over: Duration,
+    more: &[&str],
+) -> (BTreeMap<u32, u64>, Value, String) {
     let master = server.pid().to_string();
+    let mut args = vec!["attach", "--pid", &master, "--children", "--duration", duration, "--format", "json"];
+    args.extend_from_slice(more);
     // A debug build attaches a child's probes in up to ~150 ms here, near the follower's 250 ms
     // bound: these tests check that a held child loses nothing, so the bound is raised.
-    let mut lp = Leakprobe::start_env(
-        &["attach", "--pid", &master, "--children", "--duration", duration, "--format", "json"],
-        &[("LEAKPROBE_TEST_MAX_HOLD_MS", "2000")],
-    );
+    let mut lp = Leakprobe::start_env(&args, &[("LEAKPROBE_TEST_MAX_HOLD_MS", "2000")]);
     lp.wait_attached();
     let served = server.load(n, over);
     let (code, out, err) = lp.finish();
@@ -194,6 +204,119 @@ fn recycled_workers_are_followed_and_none_is_lost() {
     let total: u64 = served.values().sum::<u64>() * LEAK;
     let seen: u64 = leaked.values().sum();
     assert_eq!(seen, total, "seen {seen} of {total} bytes");
+}
+
+/// The GOT slots of malloc and free in `pid` that lead into a stub of ours (its code mapping).
+fn slots_into_stub(pid: i32) -> Vec<(u64, &'static str)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let stubs: Vec<(u64, u64)> = maps
+        .lines()
+        .filter(|l| l.contains("leakprobe-stub"))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+        })
+        .collect();
+    let Ok(mem) = leakprobe::ptrace::Mem::open(pid) else { return Vec::new() };
+    let Ok(plan) = leakprobe::inprocess::got::plan_pid(pid, |a| mem.read_u64(a).ok()) else {
+        return Vec::new();
+    };
+    plan.slots
+        .iter()
+        .filter(|s| matches!(s.function, "malloc" | "free"))
+        .filter(|s| mem.read_u64(s.address).is_ok_and(|v| stubs.iter().any(|(lo, hi)| v >= *lo && v < *hi)))
+        .map(|s| (s.address, s.function))
+        .collect()
+}
+
+/// `--in-process` across a recycled pool: the workers there at the start get a stub each, those
+/// forked since run their parent's (inherited with the GOT, and given sampling draws of their
+/// own). Every worker's leak is exact, and at the end no process's GOT leads into a stub.
+#[test]
+fn in_process_follows_recycled_workers_exactly_and_puts_every_got_back() {
+    require_root();
+    wait_for_teardowns();
+    let server = Server::start(4, 50);
+    let (served, report, err) = follow_with(&server, "8s", 1000, Duration::from_secs(5), &["--in-process"]);
+    let procs = processes(&report);
+    let leaked = leaked_by_pid(&report);
+    assert!(served.len() >= 20, "1000 requests, recycled every 50: {served:?}");
+    for (pid, n) in &served {
+        assert_eq!(leaked.get(pid).copied(), Some(n * LEAK), "PID {pid} served {n} requests:\n{err}");
+        let stub = &procs[pid]["stub"];
+        let how = if procs[pid]["origin"] == "forked" { "inherited" } else { "mapped" };
+        assert_eq!(stub["how"], how, "{}", procs[pid]);
+        assert!(stub["slots"].as_u64() >= Some(2), "{}", procs[pid]);
+    }
+    // Those still running at the end had their GOT put back; the others ended with theirs.
+    let running: Vec<&Value> = procs.values().copied().filter(|p| p["ended_by"].is_null()).collect();
+    assert_eq!(running.len(), 5, "the master and 4 workers run at the end:\n{err}");
+    for p in running {
+        assert_eq!(p["stub"]["restored"], p["stub"]["slots"], "{p}");
+    }
+    for pid in children_of(server.pid()).into_iter().chain([server.pid()]) {
+        assert_eq!(slots_into_stub(pid), vec![], "PID {pid} still leads into a stub");
+    }
+    assert_eq!(server.load(20, Duration::from_millis(100)).values().sum::<u64>(), 20);
+    assert_no_drops(&report);
+}
+
+/// Sampled in-process across a recycled pool: each newborn samples with draws of its own, so
+/// the estimates of 20 workers add up (with the parent's draws copied into every child, they
+/// erred together: 42% of the bytes in one run).
+#[test]
+fn in_process_sampled_estimates_add_up_across_recycled_workers() {
+    require_root();
+    wait_for_teardowns();
+    let server = Server::start(4, 50);
+    let more = ["--in-process", "--sample-bytes", "4KiB"];
+    let (served, report, err) = follow_with(&server, "8s", 1000, Duration::from_secs(5), &more);
+    let total: u64 = served.values().sum::<u64>() * LEAK;
+    let seen: u64 = leaked_by_pid(&report).values().sum();
+    let sampled: u64 = processes(&report).values().filter_map(|p| p["stub"]["sampled_allocs"].as_u64()).sum();
+    println!("estimated {seen} of {total} bytes from {sampled} samples");
+    // ~217 samples of 1000-byte blocks at 4 KiB: a standard error of ~6%.
+    let ratio = seen as f64 / total as f64;
+    assert!((0.75..=1.25).contains(&ratio), "estimated {seen} of {total} bytes:\n{err}");
+}
+
+/// A SIGKILL of leakprobe while a master and 8 workers run its stub: each one's guard puts
+/// its GOT back within a second, every request is answered, nothing of ours stays loaded.
+#[test]
+fn sigkill_in_process_across_eight_workers_puts_every_got_back() {
+    require_root();
+    wait_for_teardowns();
+    let server = Server::start(8, 0);
+    let all: Vec<i32> = children_of(server.pid()).into_iter().chain([server.pid()]).collect();
+    let master = server.pid().to_string();
+    let mut lp =
+        Leakprobe::start(&["attach", "--pid", &master, "--children", "--in-process", "--duration", "60s"]);
+    lp.wait_attached();
+    for pid in &all {
+        assert!(!slots_into_stub(*pid).is_empty(), "PID {pid} does not run the stub while attached");
+    }
+    let (load, restored) = std::thread::scope(|s| {
+        let h = s.spawn(|| server.load(300, Duration::from_millis(600)));
+        std::thread::sleep(Duration::from_millis(200));
+        let killed = Instant::now();
+        // SAFETY: kill with a valid signal on the leakprobe we started.
+        unsafe { libc::kill(lp.child.id() as i32, libc::SIGKILL) };
+        while all.iter().any(|p| !slots_into_stub(*p).is_empty()) && killed.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let restored = killed.elapsed();
+        (h.join().unwrap(), restored)
+    });
+    let _ = lp.child.wait();
+    println!("every GOT put back {restored:?} after the SIGKILL");
+    for pid in &all {
+        assert_eq!(slots_into_stub(*pid), vec![], "PID {pid} still leads into a stub");
+    }
+    assert!(restored < Duration::from_secs(1), "the guards took {restored:?}");
+    assert_eq!(load.values().sum::<u64>(), 300, "every request answered across the kill");
+    assert_all_gone("after the kill");
+    assert_eq!(server.load(40, Duration::from_millis(100)).values().sum::<u64>(), 40);
 }
 
 /// Two servers started on their own (two layouts, ASLR apart): `--pid A,B` traces both

@@ -70,6 +70,16 @@ pub enum InstallError {
         #[source]
         source: crate::target::launch::LaunchError,
     },
+    /// A forked process does not map the stub its parent runs (it called exec since).
+    #[error("PID {pid} does not map the stub it was forked with")]
+    NotInherited { pid: i32 },
+    /// Restoring the slots through /proc/PID/mem failed.
+    #[error("restoring the GOT of PID {pid}")]
+    Restore {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
     /// The guard process could not be started.
     #[error("starting the guard that restores the GOT if leakprobe is killed")]
     Guard {
@@ -177,6 +187,8 @@ pub struct Installed {
     held_stopped: bool,
     pub summary: Summary,
     max_pause: Duration,
+    /// The sampling period (0: exact).
+    sample_bytes: u64,
 }
 
 fn ptrace_err(pid: i32, during: &'static str) -> impl FnOnce(PtraceError) -> InstallError {
@@ -256,7 +268,26 @@ impl Installed {
             }
         }
         let nested = family_code(pid, &real);
-        Installed::map_stub(pid, real, &nested, sample_bytes, max_pause, held)
+        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, held, None)
+    }
+
+    /// [`Installed::map`] with the code at `code_at` exactly, or an error: every process of a
+    /// session runs its stub at one address (the eBPF side knows one stub range).
+    pub fn map_at(
+        pid: i32,
+        plan: &PatchPlan,
+        sample_bytes: u64,
+        max_pause: Duration,
+        code_at: u64,
+    ) -> Result<Installed, InstallError> {
+        let real = choose_real(plan);
+        for needed in ["malloc", "free"] {
+            if !real.iter().any(|(f, _)| Some(*f) == Func::from_name(needed)) {
+                return Err(InstallError::NothingToPatch { pid, missing: needed });
+            }
+        }
+        let nested = family_code(pid, &real);
+        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, None, Some(code_at))
     }
 
     /// Maps a stub for each of `real` (function, where it forwards) into `pid`. `nested`:
@@ -269,6 +300,19 @@ impl Installed {
         sample_bytes: u64,
         max_pause: Duration,
         held: Option<&mut crate::target::launch::Held>,
+    ) -> Result<Installed, InstallError> {
+        Installed::map_stub_at(pid, real, nested, sample_bytes, max_pause, held, None)
+    }
+
+    /// [`Installed::map_stub`]; with `code_at`, the code goes there or nowhere.
+    fn map_stub_at(
+        pid: i32,
+        real: Vec<(Func, u64)>,
+        nested: &[(u64, u64)],
+        sample_bytes: u64,
+        max_pause: Duration,
+        held: Option<&mut crate::target::launch::Held>,
+        code_at: Option<u64>,
     ) -> Result<Installed, InstallError> {
         // The guard first, with nothing to restore yet. Its pipe sits above the probes' perf
         // events (`ptrace::server::move_high`), so it learns of our death before the kernel's
@@ -294,32 +338,8 @@ impl Installed {
                 .map_err(ptrace_err(pid, "memfd_create"))?;
             rs.syscall("ftruncate", libc::SYS_ftruncate, [fd as u64, CODE_LEN, 0, 0, 0, 0])
                 .map_err(ptrace_err(pid, "ftruncate of the memfd"))?;
-            // Private: the kernel puts no uprobe in a shared mapping (valid_vma refuses
-            // VM_MAYSHARE). Until a page is copied on write it shows the memfd's page cache,
-            // so our writes through the memfd are what the target runs.
-            let prot = libc::PROT_READ | libc::PROT_EXEC;
             let targets: Vec<u64> = real.iter().map(|r| r.1).collect();
-            // Near the real functions when a spot is free (a direct jump passes calls on);
-            // anywhere otherwise, or if the spot was taken meanwhile.
-            let near = place::near_spot(&layout(pid), &targets, CODE_LEN).and_then(|at| {
-                rs.mmap(at, CODE_LEN, prot, libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE, fd, 0).ok()
-            });
-            let code = match near {
-                Some(at) => at,
-                None => rs
-                    .mmap(0, CODE_LEN, prot, libc::MAP_PRIVATE, fd, 0)
-                    .map_err(ptrace_err(pid, "mapping the stub's code"))?,
-            };
-            let data = rs
-                .mmap(
-                    0,
-                    stub::DATA_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-                .map_err(ptrace_err(pid, "mapping the stub's data"))?;
+            let mapped = map_code_and_data(&mut rs, pid, fd, &targets, code_at);
             let path = format!("/proc/{pid}/fd/{fd}");
             let memfd = std::fs::OpenOptions::new()
                 .read(true)
@@ -330,6 +350,7 @@ impl Installed {
             let closed = rs.close(fd).map_err(ptrace_err(pid, "closing the memfd in the target"));
             rs.finish().map_err(ptrace_err(pid, "restoring the thread's registers"))?;
             closed?;
+            let (code, data) = mapped?;
             (code, data, memfd?)
         };
         let stub = stub::generate(code, data, &real, sample_bytes > 0)
@@ -365,6 +386,7 @@ impl Installed {
             held_stopped,
             summary: Summary { map_pause, ..Summary::default() },
             max_pause,
+            sample_bytes,
         })
     }
 
@@ -376,6 +398,93 @@ impl Installed {
             free: self.stub.site_free - self.code,
             realloc_old: self.stub.site_realloc_old - self.code,
         }
+    }
+
+    /// The inode of the stub's memfd: a process maps this stub when its mapping at `code` has
+    /// it.
+    fn memfd_inode(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        self.memfd.metadata().ok().map(|m| m.ino())
+    }
+
+    /// Whether `pid` maps this very stub (its parent's, inherited across fork).
+    pub fn mapped_by(&self, pid: i32) -> bool {
+        self.memfd_inode().is_some_and(|ino| mapped_inode(pid, self.code) == Some(ino))
+    }
+
+    /// The restore list of `pid`, a process forked from this one (or from one forked from
+    /// it): its GOT and data page are copies of ours, at the same addresses.
+    fn restore_list_of(&self, pid: i32) -> RestoreList {
+        RestoreList {
+            pid,
+            start_ticks: guard::start_ticks(pid).unwrap_or(0),
+            held_stopped: false,
+            ..self.restore_list()
+        }
+    }
+
+    /// A process forked from this one runs the same stub through a copy of the patched GOT:
+    /// its own `Installed` for the same words, with a guard of its own. Nothing is written
+    /// and nothing stopped.
+    pub fn adopt(&self, child: i32) -> Result<Installed, InstallError> {
+        if !self.mapped_by(child) {
+            return Err(InstallError::NotInherited { pid: child });
+        }
+        let memfd = self.memfd.try_clone().map_err(|source| InstallError::Memfd {
+            path: format!("/proc/self/fd/{}", self.memfd.as_raw_fd()),
+            source,
+        })?;
+        let guard =
+            Guard::spawn(&self.restore_list_of(child)).map_err(|source| InstallError::Guard { source })?;
+        self.reseed(child)?;
+        Ok(Installed {
+            pid: child,
+            code: self.code,
+            data: self.data,
+            stub: self.stub.clone(),
+            memfd,
+            real: self.real.clone(),
+            patched: self.patched.clone(),
+            guard: Some(guard),
+            held_stopped: false,
+            summary: Summary { patched: self.summary.patched.clone(), ..Summary::default() },
+            max_pause: self.max_pause,
+            sample_bytes: self.sample_bytes,
+        })
+    }
+
+    /// Sampled mode: a forked child's copy of the data page holds its parent's countdowns and
+    /// draws, so every child would sample at the same bytes as its siblings (their estimates
+    /// would err together). It gets draws and countdowns of its own.
+    fn reseed(&self, child: i32) -> Result<(), InstallError> {
+        if self.sample_bytes == 0 {
+            return Ok(());
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (child as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let page = stub::data_page(self.sample_bytes, &self.real, &[], seed);
+        let exp = stub::off::EXP as usize..stub::off::EXP as usize + 8 * stub::EXP_ENTRIES as usize;
+        let countdowns = stub::off::COUNTDOWN as usize
+            ..stub::off::COUNTDOWN as usize
+                + (stub::COUNTDOWN_SLOTS * stub::COUNTDOWN_STRIDE as u64) as usize;
+        let mem = crate::ptrace::Mem::open(child).map_err(ptrace_err(child, "opening its memory"))?;
+        for r in [exp, countdowns] {
+            mem.write_all_at(self.data + r.start as u64, &page[r])
+                .map_err(ptrace_err(child, "writing its own sampling draws"))?;
+        }
+        Ok(())
+    }
+
+    /// Puts back the GOT of `child`, forked from this one, that will not be traced: it must
+    /// not keep running our stub. Written while it runs, as the guard would.
+    pub fn restore_inherited(&self, child: i32) -> Result<usize, InstallError> {
+        if !self.mapped_by(child) {
+            return Ok(0);
+        }
+        guard::restore(&self.restore_list_of(child))
+            .map_err(|source| InstallError::Restore { pid: child, source })
     }
 
     /// The code's address range in the target.
@@ -570,6 +679,32 @@ impl Installed {
         (counters, self.restore().map(Some))
     }
 
+    /// [`Installed::finish`] without a stop: for a process another tracer of ours holds
+    /// (the follower), written while it runs, as the guard would.
+    #[allow(clippy::type_complexity)]
+    pub fn finish_running(
+        &mut self,
+        target_gone: bool,
+    ) -> (Option<[u64; stub::counter::COUNT]>, Result<Option<(usize, Duration)>, InstallError>) {
+        let counters = self.counters().ok();
+        if target_gone {
+            if let Some(g) = self.take_guard() {
+                g.disarm();
+            }
+            return (counters, Ok(None));
+        }
+        let t0 = std::time::Instant::now();
+        let restored = guard::restore(&self.restore_list())
+            .map_err(|source| InstallError::Restore { pid: self.pid, source });
+        if restored.is_ok() {
+            self.patched.clear();
+            if let Some(g) = self.guard.take() {
+                g.disarm();
+            }
+        }
+        (counters, restored.map(|n| Some((n, t0.elapsed()))))
+    }
+
     /// Slots currently pointing at the stub.
     pub fn patched_slots(&self) -> usize {
         self.patched.len()
@@ -622,6 +757,57 @@ impl Installed {
             g.disarm();
         }
         Ok((restored, pause))
+    }
+}
+
+/// The inode of the stub mapping `pid` has at `code`, if any.
+fn mapped_inode(pid: i32, code: u64) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let start = f.next()?.split('-').next()?;
+        (u64::from_str_radix(start, 16).ok()? == code && l.contains("leakprobe-stub"))
+            .then(|| f.nth(3)?.parse().ok())?
+    })
+}
+
+/// Maps the stub's code (from the memfd `fd`) and its data in the target: the code at
+/// `code_at` if given, else near `targets` if a spot is free, else anywhere. On an error
+/// nothing stays mapped.
+fn map_code_and_data(
+    rs: &mut server::Remote<'_>,
+    pid: i32,
+    fd: i32,
+    targets: &[u64],
+    code_at: Option<u64>,
+) -> Result<(u64, u64), InstallError> {
+    // Private: the kernel puts no uprobe in a shared mapping (valid_vma refuses
+    // VM_MAYSHARE). Until a page is copied on write it shows the memfd's page cache,
+    // so our writes through the memfd are what the target runs.
+    let prot = libc::PROT_READ | libc::PROT_EXEC;
+    let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE;
+    let code = match code_at {
+        Some(at) => rs
+            .mmap(at, CODE_LEN, prot, fixed, fd, 0)
+            .map_err(ptrace_err(pid, "mapping the stub's code where the session's other stubs are"))?,
+        // Near the real functions when a spot is free (a direct jump passes calls on);
+        // anywhere otherwise, or if the spot was taken meanwhile.
+        None => match place::near_spot(&layout(pid), targets, CODE_LEN)
+            .and_then(|at| rs.mmap(at, CODE_LEN, prot, fixed, fd, 0).ok())
+        {
+            Some(at) => at,
+            None => rs
+                .mmap(0, CODE_LEN, prot, libc::MAP_PRIVATE, fd, 0)
+                .map_err(ptrace_err(pid, "mapping the stub's code"))?,
+        },
+    };
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    match rs.mmap(0, stub::DATA_SIZE, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) {
+        Ok(data) => Ok((code, data)),
+        Err(e) => {
+            let _ = rs.munmap(code, CODE_LEN);
+            Err(ptrace_err(pid, "mapping the stub's data")(e))
+        }
     }
 }
 

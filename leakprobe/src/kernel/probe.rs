@@ -700,6 +700,19 @@ impl Probes {
         Ok(out)
     }
 
+    /// [`Probes::attach_sites`] for another process of the session (its links are its own).
+    pub fn attach_process_sites(
+        &mut self,
+        pid: u32,
+        sites: &StubSites,
+    ) -> Result<Vec<ProbeStatus>, ProbeError> {
+        self.attach_to = NonZeroU32::new(pid).ok_or(ProbeError::MissingMap { name: map_names::TARGETS })?;
+        let _hold = self.reaper.as_ref().map(Reaper::hold);
+        let out = self.attach_sites(sites);
+        self.attach_to = self.pid;
+        out
+    }
+
     /// `run --scan`: stops the target at `exit` (file offset `offset` in `path`) for the scan.
     pub fn attach_exit_stop(&mut self, path: &PathBuf, offset: u64) -> Result<ProbeStatus, ProbeError> {
         self.attach_one("exit_stop", "exit", path, offset)?;

@@ -486,6 +486,10 @@ impl Remote<'_> {
         self.syscall("mmap", libc::SYS_mmap, super::remote::mmap_args(addr, len, prot, flags, fd, off))
     }
 
+    pub fn munmap(&mut self, addr: u64, len: u64) -> Result<(), PtraceError> {
+        self.syscall("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0]).map(drop)
+    }
+
     /// Restores the thread's registers and unmaps our code page, reporting failures.
     pub fn finish(mut self) -> Result<(), PtraceError> {
         self.finished = true;

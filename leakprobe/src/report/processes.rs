@@ -48,6 +48,24 @@ pub struct Process {
     pub verdict: Cow<'static, str>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_errors: Vec<String>,
+    /// `--in-process`: the stub in this process (mapped for it, or inherited from its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stub: Option<ProcessStub>,
+}
+
+/// `--in-process`, one process's stub.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProcessStub {
+    /// "mapped" (leakprobe placed it) or "inherited" (forked from a process that ran it).
+    pub how: Cow<'static, str>,
+    /// GOT slots and data pointers that led into it.
+    pub slots: u64,
+    /// Put back at the end: `None` while it runs, or when the process ended first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<u64>,
+    /// Blocks it sampled and frees of them it saw (its own counters, inherited ones left out).
+    pub sampled_allocs: u64,
+    pub sampled_frees: u64,
 }
 
 /// A call site merged across the processes that have it (same allocation function and the
@@ -163,9 +181,13 @@ pub fn render(out: &mut String, report: &Report, top: usize) {
             (_, Some(h)) => format!(", held at birth {h:.1} ms"),
             _ => String::new(),
         };
+        let stub = match &p.stub {
+            Some(st) => format!(", stub {} ({} slots)", st.how, st.slots),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  {:>8} {:<8} {:>10} {:>12} {:>6}  {:<10} {lived}{blind}",
+            "  {:>8} {:<8} {:>10} {:>12} {:>6}  {:<10} {lived}{blind}{stub}",
             p.pid,
             p.origin,
             human_bytes(p.tracked_bytes),

@@ -18,6 +18,11 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     cli::Config,
+    inprocess::{
+        got::{self, PatchPlan},
+        install::Installed,
+        stub::counter,
+    },
     kernel::{
         probe::{Probes, monotonic_ns},
         unwind,
@@ -68,6 +73,46 @@ pub struct Member {
     pidfd: Option<OwnedFd>,
     /// Probes that failed to attach to it (it is traced by the rest).
     pub probe_errors: Vec<String>,
+    /// `--in-process`: the stub it runs.
+    stub: Option<MemberStub>,
+}
+
+/// `--in-process`: a member's stub, and what the report says of it.
+struct MemberStub {
+    installed: Installed,
+    /// "mapped" or "inherited".
+    how: &'static str,
+    slots: usize,
+    restored: Option<usize>,
+    /// Its counters when it joined (a forked child's copy of its parent's), and last read.
+    base: [u64; counter::COUNT],
+    last: [u64; counter::COUNT],
+}
+
+impl MemberStub {
+    /// Puts its GOT back while it runs (the follower traces it: no stop of ours), or, when it
+    /// is gone (`gone`), only disarms its guard.
+    fn finish(&mut self, gone: bool) -> Result<(), crate::inprocess::install::InstallError> {
+        let (counters, restored) = self.installed.finish_running(gone);
+        self.last = counters.unwrap_or(self.last);
+        self.restored = restored?.map(|r| r.0);
+        Ok(())
+    }
+
+    fn report(&self, running: bool) -> report::processes::ProcessStub {
+        let now = match running && self.restored.is_none() {
+            true => self.installed.counters().unwrap_or(self.last),
+            false => self.last,
+        };
+        let own = |c: i32| now[c as usize].saturating_sub(self.base[c as usize]);
+        report::processes::ProcessStub {
+            how: self.how.into(),
+            slots: self.slots as u64,
+            restored: self.restored.map(|r| r as u64),
+            sampled_allocs: own(counter::SAMPLED_ALLOCS),
+            sampled_frees: own(counter::SAMPLED_FREES),
+        }
+    }
 }
 
 pub struct Ended {
@@ -103,6 +148,8 @@ pub struct Fleet {
     pub execed_unfollowed: u64,
     /// Ended processes summarized only (past [`MAX_ENDED`]): how many.
     pub ended_forgotten: u64,
+    /// `--in-process`: children not traced whose inherited GOT was put back.
+    pub stubs_let_go: u64,
     ring: Option<AsyncFd<RingBuf<MapData>>>,
     /// Holds the followed processes' children at birth (when following, and it could start).
     follower: Option<Follower>,
@@ -134,6 +181,7 @@ impl Fleet {
                 ended: None,
                 pidfd: None,
                 probe_errors: Vec::new(),
+                stub: None,
             },
         );
         Fleet {
@@ -145,6 +193,7 @@ impl Fleet {
             refused: 0,
             execed_unfollowed: 0,
             ended_forgotten: 0,
+            stubs_let_go: 0,
             ring,
             follower: None,
             start_ns,
@@ -212,28 +261,39 @@ impl Fleet {
         forked: Option<&TargetState>,
         ctx: &mut Joining<'_>,
     ) -> anyhow::Result<Option<String>> {
+        let added = self.try_add(pid, origin, parent, forked, ctx);
+        if added.is_err() && forked.is_some() {
+            // Born traced, and not traced after all: out of TARGETS, and its copy of a
+            // parent's patched GOT put back.
+            ctx.probes.detach_process(pid);
+            self.restore_inherited(pid, ctx);
+        }
+        added
+    }
+
+    fn try_add(
+        &mut self,
+        pid: u32,
+        origin: Origin,
+        parent: Option<u32>,
+        forked: Option<&TargetState>,
+        ctx: &mut Joining<'_>,
+    ) -> anyhow::Result<Option<String>> {
         use anyhow::Context as _;
         if self.running() >= self.max {
             self.refused += 1;
-            if forked.is_some() {
-                ctx.probes.detach_process(pid);
-            }
             anyhow::bail!("--max-processes {} reached", self.max);
         }
-        let identity = match target::identify(pid as i32) {
-            Ok(id) => id,
-            Err(e) => {
-                if forked.is_some() {
-                    ctx.probes.detach_process(pid);
-                }
-                return Err(e.into());
-            }
-        };
+        let identity = target::identify(pid as i32)?;
         let pidfd = target::pidfd_open(pid as i32).ok();
         let layout = match forked {
             // A fork copies its parent's address space.
             Some(t) => t.layout,
             None => self.layout_for(&identity, ctx)?,
+        };
+        let stub = match ctx.first_stub {
+            Some(first) => Some(self.stub_for(pid, layout, forked.is_some(), first, ctx.cfg)?),
+            None => None,
         };
         ctx.symbolizer.set_layout(pid, layout);
         if forked.is_none() {
@@ -241,7 +301,12 @@ impl Fleet {
         }
         let plan = &self.layouts.get(layout as usize).context("a layout without a plan")?.plan;
         let t_attach = std::time::Instant::now();
-        let attached = ctx.probes.attach_process(pid, plan);
+        let attached = ctx.probes.attach_process(pid, plan).and_then(|mut st| {
+            if let Some((s, _)) = &stub {
+                st.extend(ctx.probes.attach_process_sites(pid, &s.sites())?);
+            }
+            Ok(st)
+        });
         tracing::info!("PID {pid}: probes attached in {:?}", t_attach.elapsed());
         let statuses = match attached {
             Ok(s) => s,
@@ -249,6 +314,19 @@ impl Fleet {
                 ctx.probes.detach_process(pid);
                 return Err(e).context("attaching its probes");
             }
+        };
+        // Only now, with its report sites watched, does its GOT lead into its stub.
+        let stub = match stub {
+            Some((mut s, plan)) => {
+                if let Some(plan) = plan {
+                    s.patch(&plan).context("patching its GOT")?;
+                }
+                let base = s.counters().unwrap_or_default();
+                let how = if forked.is_some() { "inherited" } else { "mapped" };
+                let slots = s.patched_slots();
+                Some(MemberStub { installed: s, how, slots, restored: None, base, last: base })
+            }
+            None => None,
         };
         let now = monotonic_ns();
         let blind_ms = forked.map(|t| now.saturating_sub(t.forked_ns) as f64 / 1e6);
@@ -273,9 +351,101 @@ impl Fleet {
                 ended: None,
                 pidfd,
                 probe_errors,
+                stub,
             },
         );
         Ok(note)
+    }
+
+    /// `--in-process`: the stub `pid` runs, inherited from the process it was forked from, or
+    /// mapped for it now (one stop) at the address of the first's, with the GOT plan to patch
+    /// once its report sites are watched.
+    fn stub_for(
+        &self,
+        pid: u32,
+        layout: u32,
+        forked: bool,
+        first: &Installed,
+        cfg: &Config,
+    ) -> anyhow::Result<(Installed, Option<PatchPlan>)> {
+        use anyhow::Context as _;
+        if layout != 0 {
+            anyhow::bail!(
+                "--in-process traces the processes of the first one's layout (forked from one another); \
+                 this one was started on its own: trace it in a session of its own"
+            );
+        }
+        if forked {
+            let source = self.stub_source(pid, first).context("it maps no stub of ours (exec?)")?;
+            return Ok((source.adopt(pid as i32)?, None));
+        }
+        let mem = crate::ptrace::Mem::open(pid as i32)?;
+        let plan = got::plan_pid(pid as i32, |a| mem.read_u64(a).ok())?;
+        let s =
+            Installed::map_at(pid as i32, &plan, cfg.sample_bytes, super::IN_PROCESS_MAX_PAUSE, first.code)?;
+        Ok((s, Some(plan)))
+    }
+
+    /// The stub (the first's, or a member's) that `pid` maps: the one it was forked with.
+    fn stub_source<'s>(&'s self, pid: u32, first: &'s Installed) -> Option<&'s Installed> {
+        std::iter::once(first)
+            .chain(self.members.values().filter_map(|m| m.stub.as_ref().map(|s| &s.installed)))
+            .find(|s| s.mapped_by(pid as i32))
+    }
+
+    /// `--in-process`: a child that will not be traced must not run our stub: its copy of its
+    /// parent's GOT is put back (written while it runs, as the guard would).
+    fn restore_inherited(&mut self, pid: u32, ctx: &Joining<'_>) {
+        let Some(first) = ctx.first_stub else { return };
+        if let Some(source) = self.stub_source(pid, first) {
+            match source.restore_inherited(pid as i32) {
+                Ok(n) if n > 0 => self.stubs_let_go += 1,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("PID {pid}: {e:#}"),
+            }
+        }
+    }
+
+    /// `--in-process`, at the end: every running member's GOT put back (the first's is the
+    /// session's, done between [`Fleet::restore_stubs`] and [`Fleet::restore_newborns`]).
+    /// Lines for those that failed (their guards restore them when leakprobe exits).
+    pub fn restore_stubs(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (pid, m) in self.members.iter_mut() {
+            let running = m.ended.is_none();
+            if let Some(st) = m.stub.as_mut().filter(|st| st.restored.is_none())
+                && let Err(e) = st.finish(!running)
+            {
+                lines.push(format!("PID {pid}: {e:#} (its guard puts it back when leakprobe exits)"));
+            }
+        }
+        lines
+    }
+
+    /// `--in-process`, after every member's GOT is back: children forked before that (held at
+    /// birth, or not joined yet) hold a copy of a patched GOT. Each is put back, until a pass
+    /// finds none.
+    pub fn restore_newborns(&mut self, ctx: &mut Joining<'_>) {
+        for _ in 0..8 {
+            let newborns: Vec<u32> = ctx
+                .probes
+                .targets()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(tgid, _)| tgid)
+                .filter(|t| self.members.get(t).is_none_or(|m| m.ended.is_some()))
+                .collect();
+            if newborns.is_empty() {
+                return;
+            }
+            for child in newborns {
+                ctx.probes.detach_process(child);
+                self.restore_inherited(child, ctx);
+                if let Some(f) = self.follower.as_mut() {
+                    let _ = f.release(child as i32, false);
+                }
+            }
+        }
     }
 
     /// The follower traces `pid`, so that its children are held at birth. Returns a line if it
@@ -463,7 +633,10 @@ impl Fleet {
             Some(m) if m.ended.is_none() => return Vec::new(),
             // Its PID was an ended member's, still in the report: not traced (the fork
             // tracepoint counted it), and let go at once rather than held for nothing.
-            Some(_) => None,
+            Some(_) => {
+                self.restore_inherited(child, ctx);
+                None
+            }
             None => self.trace_forked(child, parent, ctx),
         };
         joined.into_iter().chain(self.release(child)).collect()
@@ -504,6 +677,13 @@ impl Fleet {
             let last = ctx.probes.detach_process(*pid).or(state).unwrap_or_default();
             if how != "exited" {
                 unfollow.push(*pid);
+            }
+            // Gone (exited, or another program after exec): nothing of ours is left in it. One
+            // that left the cgroup runs on: its GOT is put back.
+            if let Some(st) = m.stub.as_mut()
+                && let Err(e) = st.finish(how != "left the cgroup")
+            {
+                lines.push(format!("PID {pid}: {e:#} (its guard puts it back when leakprobe exits)"));
             }
             m.ended = Some(Ended { at_s: now_s, how, held: last.heap, drops: last.drops });
             m.pidfd = None;
@@ -576,6 +756,7 @@ impl Fleet {
                     peak_bytes: held.peak_bytes,
                     drops,
                     probe_errors: m.probe_errors.clone(),
+                    stub: m.stub.as_ref().map(|st| st.report(m.ended.is_none())),
                     ..Default::default()
                 }
             })
@@ -589,10 +770,14 @@ pub struct Joining<'a> {
     pub probes: &'a mut Probes,
     pub unwind: &'a mut unwind::Loaded,
     pub symbolizer: &'a mut Symbolizer,
+    /// `--in-process`: the first process's stub (every other one is at its address).
+    pub first_stub: Option<&'a Installed>,
 }
 
-/// Two processes have one layout when they map the same files at the same addresses.
+/// Two processes have one layout when they map the same files at the same addresses. Our
+/// own stub (`--in-process`) is left out: the first process maps it before the others.
 fn same_layout(a: &[Mapping], b: &[Mapping]) -> bool {
+    let theirs = |m: &&Mapping| !m.path.to_string_lossy().contains("leakprobe-stub");
     let key = |m: &Mapping| (m.start, m.end, m.file_offset, m.dev, m.inode);
-    a.len() == b.len() && a.iter().map(key).eq(b.iter().map(key))
+    a.iter().filter(theirs).map(key).eq(b.iter().filter(theirs).map(key))
 }

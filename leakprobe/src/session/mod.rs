@@ -548,6 +548,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
             probes: &mut probes,
             unwind: &mut unwind,
             symbolizer: &mut symbolizer,
+            first_stub: inproc.as_ref().map(|i| &i.installed),
         };
         join_the_others(&cfg, &mut f, &mut ctx);
         f
@@ -605,7 +606,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         host: None,
         snapshots_written: 0,
         snapshot_paths: std::collections::VecDeque::new(),
-        processes: fleet.as_ref().map(|f| f.report(&probes)),
+        processes: fleet.as_ref().map(|f| processes_report(f, &probes, inproc.as_ref())),
     };
     crate::progress::window(cfg.duration);
 
@@ -682,11 +683,28 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
     if let Some(py) = stacks.python.as_mut() {
         py.finish(ended_by);
     }
-    if let Some(i) = inproc.as_mut() {
-        i.finish(ended_by);
+    match (fleet.as_mut(), inproc.as_mut()) {
+        // Several processes: each one's GOT is written back while it runs (the follower traces
+        // them, so no stop of ours), then its children that were forked meanwhile.
+        (Some(f), Some(i)) => {
+            for line in f.restore_stubs() {
+                progress(&cfg, format_args!("in-process: {line}"));
+            }
+            i.finish(ended_by, false);
+            let mut ctx = fleet::Joining {
+                cfg: &cfg,
+                probes: &mut probes,
+                unwind: &mut unwind,
+                symbolizer: &mut symbolizer,
+                first_stub: Some(&i.installed),
+            };
+            f.restore_newborns(&mut ctx);
+        }
+        (None, Some(i)) => i.finish(ended_by, true),
+        _ => {}
     }
     if let Some(f) = &fleet {
-        reporting.processes = Some(f.report(&probes));
+        reporting.processes = Some(processes_report(f, &probes, inproc.as_ref()));
     }
     let t0 = std::time::Instant::now();
     let background = probes.detach_in_background();
@@ -715,6 +733,9 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
         }
         report.activity.insert("children_execed_unfollowed".into(), f.execed_unfollowed);
         report.activity.insert("ended_processes_summarized".into(), f.ended_forgotten);
+        if inproc.is_some() {
+            report.activity.insert("inprocess_children_let_go".into(), f.stubs_let_go);
+        }
     }
     if let Some(i) = &inproc {
         let ip = i.report();
@@ -903,9 +924,30 @@ impl InProcess {
         }
     }
 
-    /// Restores the GOT (unless the target is gone) and keeps the stub's last counters.
-    fn finish(&mut self, ended_by: &str) {
-        let (counters, restored) = self.installed.finish(target_gone(ended_by));
+    /// This stub as the report's processes list has it.
+    fn process_stub(&self) -> report::processes::ProcessStub {
+        use crate::inprocess::stub::counter;
+        let now = match self.restored {
+            None => self.installed.counters().unwrap_or(self.counters),
+            Some(_) => self.counters,
+        };
+        report::processes::ProcessStub {
+            how: "mapped".into(),
+            slots: self.installed.summary.patched.iter().map(|(_, _, n)| *n as u64).sum(),
+            restored: self.restored.map(|(n, _)| n as u64),
+            sampled_allocs: now[counter::SAMPLED_ALLOCS as usize],
+            sampled_frees: now[counter::SAMPLED_FREES as usize],
+        }
+    }
+
+    /// Restores the GOT (unless the target is gone) and keeps the stub's last counters. `stop`:
+    /// in one stop of the target; else written while it runs, as the guard would.
+    fn finish(&mut self, ended_by: &str, stop: bool) {
+        let gone = target_gone(ended_by);
+        let (counters, restored) = match stop {
+            true => self.installed.finish(gone),
+            false => self.installed.finish_running(gone),
+        };
         self.counters = counters.unwrap_or(self.counters);
         match restored {
             Ok(r) => self.restored = r,
@@ -1247,7 +1289,7 @@ async fn watch(
         tokio::select! {
             _ = async { match fleet.as_mut() { Some(f) => f.forked().await, None => std::future::pending().await } } => {
                 if let Some(f) = fleet.as_mut() {
-                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer };
+                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer, first_stub: inproc.as_ref().map(|i| &i.installed) };
                     for line in f.take_forks(&mut ctx) {
                         progress(cfg, format_args!("{line}"));
                     }
@@ -1293,12 +1335,12 @@ async fn watch(
             }
             _ = ticker.tick() => {
                 if let Some(f) = fleet.as_mut() {
-                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer };
+                    let mut ctx = fleet::Joining { cfg, probes, unwind, symbolizer, first_stub: inproc.as_ref().map(|i| &i.installed) };
                     let (lines, running) = f.look(&mut ctx);
                     for line in lines {
                         progress(cfg, format_args!("{line}"));
                     }
-                    reporting.processes = Some(f.report(probes));
+                    reporting.processes = Some(processes_report(f, probes, inproc.as_ref()));
                     if !running {
                         return Ok(("targets-exited", None));
                     }
@@ -1431,6 +1473,15 @@ async fn watch(
 
 /// Processes the session has had (1 for one process): the live view merges sites across
 /// them when there are several.
+/// The report's processes; the first one's stub is the session's own.
+fn processes_report(f: &fleet::Fleet, probes: &Probes, inproc: Option<&InProcess>) -> Vec<report::Process> {
+    let mut out = f.report(probes);
+    if let (Some(first), Some(i)) = (out.first_mut(), inproc) {
+        first.stub = Some(i.process_stub());
+    }
+    out
+}
+
 fn processes_in(fleet: Option<&fleet::Fleet>) -> usize {
     fleet.map_or(1, |f| f.members.len())
 }
