@@ -26,7 +26,7 @@ every configuration, ...; medians reported):
     A tracer that cannot run gets a row saying why.
   * several processes (BENCH_ONLY=processes): attach time for 1 and for 64 workers of one
     build, what following children costs a spawning parent (fork+exec, fork, vfork), and
-    nginx with 4 workers followed with --children under wrk.
+    nginx with 4 workers followed with --children under wrk (uprobes, and in-process).
 BENCH_ONLY=scan (or soak, python, pycensus, node, processes; or `harness.py --only NAME`) runs only that one (and updates only its block of docs/benchmarks.md).
 node: NODE_SNAPSHOT_MIB=100,1024 picks the snapshot heaps, NODE_SNAPSHOT_ROUNDS their rounds (a 1 GiB snapshot stops Node for ~100 s).
 Writes the tables into docs/benchmarks.md between the harness markers and prints them.
@@ -1102,7 +1102,8 @@ def _nginx4_once(kind):
     t = None
     try:
         if kind != "none":
-            extra = {"full": [], "sampled": ["--sample-bytes", "512KiB"]}[kind]
+            extra = {"full": [], "sampled": ["--sample-bytes", "512KiB"], "inproc": ["--in-process"],
+                     "inproc_sampled": ["--in-process", "--sample-bytes", "512KiB"]}[kind]
             t = subprocess.Popen([LP, "attach", "--pid", str(master.pid), "--children", "--interval", "2s"] + extra,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             _watch(t, t.stderr, "attached", 120, "leakprobe")
@@ -1120,7 +1121,7 @@ def _nginx4_once(kind):
 def processes_table():
     """Several processes: attach time for 1 and 64 workers of one build; what following
     children costs a spawning parent (each child held at birth until its probes are live);
-    nginx with 4 workers followed with --children under wrk."""
+    nginx with 4 workers followed with --children under wrk (uprobes, and in-process). with uprobes and in-process."""
     med = statistics.median
     one, many = [], []
     for _ in range(ROUNDS):
@@ -1144,17 +1145,18 @@ def processes_table():
     if not shutil.which("nginx") or not shutil.which("wrk"):
         out.append("(nginx or wrk missing: `apt-get install nginx-light wrk`)")
         return "\n".join(out)
-    res = {"none": [], "full": [], "sampled": []}
+    res = {"none": [], "full": [], "sampled": [], "inproc": [], "inproc_sampled": []}
     for _ in range(max(2, ROUNDS - 1)):
         for kind in res:
             res[kind].append(_nginx4_once(kind))
     base = med(r for r, _ in res["none"])
     out += ["| nginx, 4 workers, wrk -t2 -c32 -d8s | requests/s (median) | of baseline | p99 ms |", "|---|---|---|---|"]
     for kind, label in (("none", "no tracer"), ("full", "leakprobe --children (exact)"),
-                        ("sampled", "leakprobe --children --sample-bytes 512KiB")):
+                        ("sampled", "leakprobe --children --sample-bytes 512KiB"),
+                        ("inproc", "leakprobe --children --in-process (exact)"),
+                        ("inproc_sampled", "leakprobe --children --in-process --sample-bytes 512KiB")):
         rps = med(r for r, _ in res[kind])
         out.append(f"| {label} | {rps:,.0f} | {rps / base:.0%} | {med(p for _, p in res[kind]):.2f} |")
-    out.append("| leakprobe --children --in-process | not yet: --in-process works on one process for now | | |")
     return "\n".join(out)
 
 

@@ -38,6 +38,9 @@ Examples:
   # forked later too (recycled workers), each with its own sites, and merged per build
   leakprobe attach --pid 4242 --children --duration 60s
 
+  # The same pool for an hour, cheaply: a stub in every worker (forked ones inherit it)
+  leakprobe attach --pid 4242 --children --in-process --sample-bytes 512KiB --duration 1h
+
   # A few processes by PID
   leakprobe attach --pid 4242,4243,4250 --duration 60s
 
@@ -406,7 +409,9 @@ pub struct TraceOpts {
     /// Decide sampling inside the target, so unsampled calls never trap: a small stub is mapped
     /// into it with ptrace (no function of the target is called) and its GOT slots for the
     /// allocation family point at it until detach. With --sample-bytes only sampled calls reach
-    /// a probe; without, every call reaches one (one trap per call, no return probe).
+    /// a probe; without, every call reaches one (one trap per call, no return probe). With
+    /// --children or --cgroup, each process of the first one's build and layout gets a stub
+    /// (one stop each), and children forked later run their parent's.
     #[arg(long)]
     pub in_process: bool,
     /// Follow the target's children too: those it has now (and theirs), and every process it

@@ -208,15 +208,7 @@ fn recycled_workers_are_followed_and_none_is_lost() {
 
 /// The GOT slots of malloc and free in `pid` that lead into a stub of ours (its code mapping).
 fn slots_into_stub(pid: i32) -> Vec<(u64, &'static str)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let stubs: Vec<(u64, u64)> = maps
-        .lines()
-        .filter(|l| l.contains("leakprobe-stub"))
-        .filter_map(|l| {
-            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
-        })
-        .collect();
+    let stubs = leakprobe::inprocess::install::stub_ranges(pid);
     let Ok(mem) = leakprobe::ptrace::Mem::open(pid) else { return Vec::new() };
     let Ok(plan) = leakprobe::inprocess::got::plan_pid(pid, |a| mem.read_u64(a).ok()) else {
         return Vec::new();
@@ -551,4 +543,129 @@ fn a_cgroups_members_are_traced_while_they_are_members() {
     let leaked = leaked_by_pid(&report);
     assert_eq!(leaked.get(&(wa as u32)).copied(), Some(a_inside * LEAK), "A while a member only: {leaked:?}");
     assert_eq!(leaked.get(&(wb as u32)).copied(), Some(b_inside * LEAK), "B from its joining: {leaked:?}");
+}
+
+/// gunicorn from PyPI, in a venv of Debian's python3.11 made once under the test's target dir.
+fn gunicorn() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv-gunicorn");
+    let bin = venv.join("bin/gunicorn");
+    if !bin.exists() {
+        let made =
+            Command::new("python3.11").args(["-m", "venv"]).arg(&venv).status().expect("python3.11 -m venv");
+        assert!(made.success(), "python3.11 -m venv (Debian's python3.11-venv)");
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "gunicorn==27.0.1"])
+            .status()
+            .expect("pip");
+        assert!(pip.success(), "pip install gunicorn (PyPI must be reachable)");
+    }
+    bin
+}
+
+/// A gunicorn master and its sync workers, stopped (all of them) when dropped.
+struct Gunicorn {
+    master: Child,
+    port: u16,
+}
+
+impl Gunicorn {
+    fn start(workers: u32) -> Gunicorn {
+        let port = free_port();
+        let master = Command::new(gunicorn())
+            .args(["-w", &workers.to_string(), "-b", &format!("127.0.0.1:{port}"), "--chdir"])
+            .arg(repo_root().join("tests/targets"))
+            .arg("py_gunicorn_app:app")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gunicorn");
+        let g = Gunicorn { master, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while children_of(g.pid()).len() < workers as usize || http(port, "GET", "/warmup").is_err() {
+            assert!(Instant::now() < deadline, "gunicorn's workers never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    fn pid(&self) -> i32 {
+        self.master.id() as i32
+    }
+
+    /// `n` requests spread over `over`: requests served per worker.
+    fn load(&self, n: u32, over: Duration) -> BTreeMap<u32, u64> {
+        let mut served = BTreeMap::new();
+        let start = Instant::now();
+        for i in 0..n {
+            let (status, body) = http(self.port, "GET", "/").expect("request");
+            assert_eq!(status, 200, "{body}");
+            let pid = body.trim().strip_prefix("pid ").and_then(|p| p.parse().ok()).expect("pid line");
+            *served.entry(pid).or_default() += 1;
+            if let Some(wait) = over.mul_f64(f64::from(i + 1) / f64::from(n)).checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        served
+    }
+}
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        let workers = children_of(self.pid());
+        // SAFETY: kill with valid signals on the server we started and its workers.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        for w in workers {
+            // SAFETY: as above.
+            unsafe { libc::kill(w, libc::SIGKILL) };
+        }
+        let _ = self.master.wait();
+    }
+}
+
+/// gunicorn's pre-fork workers running a Python app that caches a 48 KiB bytearray per
+/// request: `attach --pid MASTER --children` names the leaking line (`cache_user`, its file and
+/// line) in each worker, with the bytes that worker cached, under the app's own frames.
+#[test]
+fn gunicorn_workers_each_show_the_leaking_python_line() {
+    require_root();
+    wait_for_teardowns();
+    let server = Gunicorn::start(4);
+    let src = std::fs::read_to_string(repo_root().join("tests/targets/py_gunicorn_app.py")).unwrap();
+    let line = src.lines().position(|l| l.contains("bytearray(48 * 1024)")).unwrap() as u64 + 1;
+    let master = server.pid().to_string();
+    let mut lp = Leakprobe::start_env(
+        &["attach", "--pid", &master, "--children", "--duration", "8s", "--format", "json"],
+        &[("LEAKPROBE_TEST_MAX_HOLD_MS", "2000")],
+    );
+    lp.wait_attached();
+    let served = server.load(200, Duration::from_secs(3));
+    let (code, out, err) = lp.finish();
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let mut cached: BTreeMap<u32, u64> = BTreeMap::new();
+    for s in sites(&report) {
+        let python: Vec<&Value> =
+            s["frames"].as_array().unwrap().iter().filter(|f| f["runtime"] == "python").collect();
+        let Some(inner) = python.first() else { continue };
+        if inner["function"] != "cache_user" {
+            continue;
+        }
+        assert_eq!(inner["line"].as_u64(), Some(line), "{inner}");
+        assert!(inner["file"].as_str().unwrap().ends_with("py_gunicorn_app.py"), "{inner}");
+        assert_eq!(python.get(1).map(|f| &f["function"]), Some(&Value::from("app")), "{s}");
+        *cached.entry(s["pid"].as_u64().unwrap() as u32).or_default() +=
+            s["outstanding_bytes"].as_u64().unwrap();
+    }
+    println!("served {served:?}; cached by leakprobe {cached:?}");
+    assert!(served.len() >= 2, "gunicorn spread 200 requests over its workers: {served:?}");
+    for (pid, n) in &served {
+        // A bytearray of 48 KiB is a 49,153-byte buffer from malloc (its object header and the
+        // dict's entries are pymalloc's, not hooked with several processes).
+        let want = n * 49_153;
+        let got = cached.get(pid).copied().unwrap_or(0);
+        assert!(
+            got >= want && got <= want + want / 10 + 64 * 1024,
+            "PID {pid} served {n} requests: {got} bytes at cache_user (want {want}):\n{err}"
+        );
+    }
 }

@@ -142,6 +142,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
     "python3.11",
+    // gunicorn (PyPI) goes into a venv of it for the several-processes tests.
+    "python3.11-venv",
     "nodejs",
 ];
 

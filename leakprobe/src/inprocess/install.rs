@@ -662,12 +662,17 @@ impl Installed {
     }
 
     /// At the session's end: the stub's last counters (if readable), then every word
-    /// restored (one stop); if the target is gone (exited, or another program after exec), the
-    /// guard is told there is nothing to do. `Ok(None)`: nothing restored, the target is gone.
+    /// restored; if the target is gone (exited, or another program after exec), the guard is
+    /// told there is nothing to do. `Ok(None)`: nothing restored, the target is gone.
+    ///
+    /// `stop`: in one stop of the target. Without (a process another tracer of ours holds,
+    /// the follower), written while it runs, as the guard would; the words then stay listed,
+    /// for [`Installed::restore_inherited`] of children forked before.
     #[allow(clippy::type_complexity)]
     pub fn finish(
         &mut self,
         target_gone: bool,
+        stop: bool,
     ) -> (Option<[u64; stub::counter::COUNT]>, Result<Option<(usize, Duration)>, InstallError>) {
         let counters = self.counters().ok();
         if target_gone {
@@ -676,31 +681,16 @@ impl Installed {
             }
             return (counters, Ok(None));
         }
-        (counters, self.restore().map(Some))
-    }
-
-    /// [`Installed::finish`] without a stop: for a process another tracer of ours holds
-    /// (the follower), written while it runs, as the guard would.
-    #[allow(clippy::type_complexity)]
-    pub fn finish_running(
-        &mut self,
-        target_gone: bool,
-    ) -> (Option<[u64; stub::counter::COUNT]>, Result<Option<(usize, Duration)>, InstallError>) {
-        let counters = self.counters().ok();
-        if target_gone {
-            if let Some(g) = self.take_guard() {
-                g.disarm();
-            }
-            return (counters, Ok(None));
+        if stop {
+            return (counters, self.restore().map(Some));
         }
         let t0 = std::time::Instant::now();
         let restored = guard::restore(&self.restore_list())
             .map_err(|source| InstallError::Restore { pid: self.pid, source });
-        if restored.is_ok() {
-            self.patched.clear();
-            if let Some(g) = self.guard.take() {
-                g.disarm();
-            }
+        if restored.is_ok()
+            && let Some(g) = self.guard.take()
+        {
+            g.disarm();
         }
         (counters, restored.map(|n| Some((n, t0.elapsed()))))
     }
@@ -762,7 +752,24 @@ impl Installed {
 
 /// The inode of the stub mapping `pid` has at `code`, if any.
 fn mapped_inode(pid: i32, code: u64) -> Option<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    stub_inode_in(&std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?, code)
+}
+
+/// The address ranges of every stub code mapping (ours, or an earlier leakprobe's) in
+/// `pid`: empty if there is none or /proc cannot say.
+pub fn stub_ranges(pid: i32) -> Vec<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| l.contains("leakprobe-stub"))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+        })
+        .collect()
+}
+
+/// The inode of the stub mapping starting at `code` in a `/proc/PID/maps` listing.
+fn stub_inode_in(maps: &str, code: u64) -> Option<u64> {
     maps.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let start = f.next()?.split('-').next()?;
@@ -841,4 +848,23 @@ fn layout(pid: i32) -> place::Layout {
         return place::Layout::default();
     }
     place::Layout { regions, brk, min_addr }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stub_inode_in;
+
+    #[test]
+    fn the_stub_mapping_is_known_by_its_address_and_its_name() {
+        let maps = "\
+003ef000-003ff000 r-xp 00000000 00:01 4242                       /memfd:leakprobe-stub (deleted)
+7f0000000000-7f0000010000 r-xp 00000000 00:01 77                         /memfd:leakprobe-stub (deleted)
+7f0000020000-7f0000030000 r-xp 00000000 08:01 99                         /usr/lib/libc.so.6
+";
+        assert_eq!(stub_inode_in(maps, 0x3ef000), Some(4242));
+        assert_eq!(stub_inode_in(maps, 0x7f0000000000), Some(77));
+        // Another file at that address is not ours; nothing at an address is nothing.
+        assert_eq!(stub_inode_in(maps, 0x7f0000020000), None);
+        assert_eq!(stub_inode_in(maps, 0x1000), None);
+    }
 }

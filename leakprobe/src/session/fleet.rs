@@ -84,7 +84,8 @@ struct MemberStub {
     how: &'static str,
     slots: usize,
     restored: Option<usize>,
-    /// Its counters when it joined (a forked child's copy of its parent's), and last read.
+    /// Its counters when it joined (a forked child's copy of its parent's), and last read (each
+    /// interval: an exited process's are as of the interval before it ended).
     base: [u64; counter::COUNT],
     last: [u64; counter::COUNT],
 }
@@ -93,7 +94,7 @@ impl MemberStub {
     /// Puts its GOT back while it runs (the follower traces it: no stop of ours), or, when it
     /// is gone (`gone`), only disarms its guard.
     fn finish(&mut self, gone: bool) -> Result<(), crate::inprocess::install::InstallError> {
-        let (counters, restored) = self.installed.finish_running(gone);
+        let (counters, restored) = self.installed.finish(gone, false);
         self.last = counters.unwrap_or(self.last);
         self.restored = restored?.map(|r| r.0);
         Ok(())
@@ -664,6 +665,10 @@ impl Fleet {
             if m.ended.is_some() {
                 continue;
             }
+            // Its stub's counters as of now: once it has exited they cannot be read.
+            if let Some(st) = m.stub.as_mut() {
+                st.last = st.installed.counters().unwrap_or(st.last);
+            }
             let state = ctx.probes.target_state(*pid).ok().flatten();
             let execed = state.is_some_and(|t| t.flags & leakprobe_common::target_flag::EXECED != 0);
             // The first process's exit and exec are the session's to notice.
@@ -780,4 +785,30 @@ fn same_layout(a: &[Mapping], b: &[Mapping]) -> bool {
     let theirs = |m: &&Mapping| !m.path.to_string_lossy().contains("leakprobe-stub");
     let key = |m: &Mapping| (m.start, m.end, m.file_offset, m.dev, m.inode);
     a.iter().filter(theirs).map(key).eq(b.iter().filter(theirs).map(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(start: u64, path: &str, inode: u64) -> Mapping {
+        Mapping { start, end: start + 0x1000, file_offset: 0, path: path.into(), dev: (8, 1), inode }
+    }
+
+    #[test]
+    fn a_layout_is_the_same_with_or_without_our_stub() {
+        let worker = vec![m(0x1000, "/usr/sbin/nginx", 5), m(0x7f00_0000_0000, "/usr/lib/libc.so.6", 9)];
+        // The first process maps the stub before its workers are read: still one layout.
+        let mut first = worker.clone();
+        first.insert(1, m(0x7eff_0000_0000, "/memfd:leakprobe-stub (deleted)", 1234));
+        assert!(same_layout(&first, &worker));
+        assert!(same_layout(&worker, &first));
+        // Another library, or one moved by ASLR, is another layout.
+        let mut moved = worker.clone();
+        moved[1].start += 0x10_0000;
+        assert!(!same_layout(&moved, &worker));
+        let mut more = worker.clone();
+        more.push(m(0x7f10_0000_0000, "/usr/lib/libz.so.1", 11));
+        assert!(!same_layout(&more, &worker));
+    }
 }

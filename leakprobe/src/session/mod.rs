@@ -944,10 +944,7 @@ impl InProcess {
     /// in one stop of the target; else written while it runs, as the guard would.
     fn finish(&mut self, ended_by: &str, stop: bool) {
         let gone = target_gone(ended_by);
-        let (counters, restored) = match stop {
-            true => self.installed.finish(gone),
-            false => self.installed.finish_running(gone),
-        };
+        let (counters, restored) = self.installed.finish(gone, stop);
         self.counters = counters.unwrap_or(self.counters);
         match restored {
             Ok(r) => self.restored = r,

@@ -74,15 +74,7 @@ pub fn words(a: &Allocators, module: &Path) -> Result<Vec<Word>, String> {
 
 /// Whether a MEM or OBJ function lies in a stub an earlier leakprobe left mapped.
 fn leads_into_an_earlier_stub(pid: i32, a: &Allocators) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
-    let stubs: Vec<(u64, u64)> = maps
-        .lines()
-        .filter(|l| l.contains("leakprobe-stub"))
-        .filter_map(|l| {
-            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
-        })
-        .collect();
+    let stubs = crate::inprocess::install::stub_ranges(pid);
     [Domain::Mem, Domain::Obj].iter().any(|&d| {
         let s = a.slot(d);
         [s.malloc, s.calloc, s.realloc, s.free].iter().any(|f| stubs.iter().any(|(lo, hi)| lo <= f && f < hi))
@@ -215,7 +207,7 @@ impl PyAllocHooks {
 
     /// Restores the words (unless the target is gone) and keeps the stub's last counters.
     pub fn finish(&mut self, ended_by: &str) {
-        let (counters, restored) = self.installed.finish(super::target_gone(ended_by));
+        let (counters, restored) = self.installed.finish(super::target_gone(ended_by), true);
         self.counters = counters.unwrap_or(self.counters);
         match restored.context("restoring CPython's allocator tables") {
             Ok(r) => self.restored = r,
