@@ -260,6 +260,7 @@ impl Installed {
         sample_bytes: u64,
         max_pause: Duration,
         held: Option<&mut crate::target::launch::Held>,
+        also: &[i32],
     ) -> Result<Installed, InstallError> {
         let real = choose_real(plan);
         for needed in ["malloc", "free"] {
@@ -268,7 +269,7 @@ impl Installed {
             }
         }
         let nested = family_code(pid, &real);
-        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, held, None)
+        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, held, Place::Near(also))
     }
 
     /// [`Installed::map`] with the code at `code_at` exactly, or an error: every process of a
@@ -287,7 +288,7 @@ impl Installed {
             }
         }
         let nested = family_code(pid, &real);
-        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, None, Some(code_at))
+        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, None, Place::At(code_at))
     }
 
     /// Maps a stub for each of `real` (function, where it forwards) into `pid`. `nested`:
@@ -301,10 +302,10 @@ impl Installed {
         max_pause: Duration,
         held: Option<&mut crate::target::launch::Held>,
     ) -> Result<Installed, InstallError> {
-        Installed::map_stub_at(pid, real, nested, sample_bytes, max_pause, held, None)
+        Installed::map_stub_at(pid, real, nested, sample_bytes, max_pause, held, Place::Near(&[]))
     }
 
-    /// [`Installed::map_stub`]; with `code_at`, the code goes there or nowhere.
+    /// [`Installed::map_stub`], with the code placed as `spot` says.
     fn map_stub_at(
         pid: i32,
         real: Vec<(Func, u64)>,
@@ -312,7 +313,7 @@ impl Installed {
         sample_bytes: u64,
         max_pause: Duration,
         held: Option<&mut crate::target::launch::Held>,
-        code_at: Option<u64>,
+        spot: Place<'_>,
     ) -> Result<Installed, InstallError> {
         // The guard first, with nothing to restore yet. Its pipe sits above the probes' perf
         // events (`ptrace::server::move_high`), so it learns of our death before the kernel's
@@ -339,7 +340,7 @@ impl Installed {
             rs.syscall("ftruncate", libc::SYS_ftruncate, [fd as u64, CODE_LEN, 0, 0, 0, 0])
                 .map_err(ptrace_err(pid, "ftruncate of the memfd"))?;
             let targets: Vec<u64> = real.iter().map(|r| r.1).collect();
-            let mapped = map_code_and_data(&mut rs, pid, fd, &targets, code_at);
+            let mapped = map_code_and_data(&mut rs, pid, fd, &targets, spot);
             let path = format!("/proc/{pid}/fd/{fd}");
             let memfd = std::fs::OpenOptions::new()
                 .read(true)
@@ -778,29 +779,42 @@ fn stub_inode_in(maps: &str, code: u64) -> Option<u64> {
     })
 }
 
-/// Maps the stub's code (from the memfd `fd`) and its data in the target: the code at
-/// `code_at` if given, else near `targets` if a spot is free, else anywhere. On an error
-/// nothing stays mapped.
+/// Where the stub's code goes.
+#[derive(Clone, Copy, Debug)]
+enum Place<'a> {
+    /// Near the real functions, at a spot free in the target and in these processes too (the
+    /// others of a session, whose stubs must be at the same address), else anywhere.
+    Near(&'a [i32]),
+    /// There, or nowhere.
+    At(u64),
+}
+
+/// Maps the stub's code (from the memfd `fd`) and its data in the target, the code placed as
+/// `spot` says. On an error nothing stays mapped.
 fn map_code_and_data(
     rs: &mut server::Remote<'_>,
     pid: i32,
     fd: i32,
     targets: &[u64],
-    code_at: Option<u64>,
+    spot: Place<'_>,
 ) -> Result<(u64, u64), InstallError> {
     // Private: the kernel puts no uprobe in a shared mapping (valid_vma refuses
     // VM_MAYSHARE). Until a page is copied on write it shows the memfd's page cache,
     // so our writes through the memfd are what the target runs.
     let prot = libc::PROT_READ | libc::PROT_EXEC;
     let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE;
-    let code = match code_at {
-        Some(at) => rs
+    let code = match spot {
+        Place::At(at) => rs
             .mmap(at, CODE_LEN, prot, fixed, fd, 0)
             .map_err(ptrace_err(pid, "mapping the stub's code where the session's other stubs are"))?,
         // Near the real functions when a spot is free (a direct jump passes calls on);
         // anywhere otherwise, or if the spot was taken meanwhile.
-        None => match place::near_spot(&layout(pid), targets, CODE_LEN)
-            .and_then(|at| rs.mmap(at, CODE_LEN, prot, fixed, fd, 0).ok())
+        Place::Near(also) => match place::near_spot(
+            &place::Layout::union(std::iter::once(layout(pid)).chain(also.iter().map(|p| layout(*p)))),
+            targets,
+            CODE_LEN,
+        )
+        .and_then(|at| rs.mmap(at, CODE_LEN, prot, fixed, fd, 0).ok())
         {
             Some(at) => at,
             None => rs

@@ -40,6 +40,25 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layouts of several processes as one: a spot free in it is free in each of them
+    /// (their mappings together, the widest heap room). Empty if any is unknown.
+    pub fn union(layouts: impl IntoIterator<Item = Layout>) -> Layout {
+        let mut out = Layout::default();
+        for l in layouts {
+            if l.regions.is_empty() {
+                return Layout::default();
+            }
+            out.regions.extend(l.regions);
+            out.brk = match (out.brk, l.brk) {
+                (Some((s1, e1)), Some((s2, e2))) => Some((s1.min(s2), e1.max(e2))),
+                (a, b) => a.or(b),
+            };
+            out.min_addr = out.min_addr.max(l.min_addr);
+        }
+        out.regions.sort_by_key(|r| r.start);
+        out
+    }
+
     /// True when `[at, at + len)` lies in the room the heap may grow into.
     fn in_brk_room(&self, at: u64, len: u64) -> bool {
         self.brk.is_some_and(|(start, end)| at < end.saturating_add(BRK_ROOM) && at + len > start)
@@ -98,6 +117,29 @@ pub fn near_spot(layout: &Layout, targets: &[u64], len: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spot_for_several_processes_is_free_in_each() {
+        let libc = 0x7f00_0010_0000;
+        let master = Layout {
+            regions: vec![region(0x5555_0000_0000, 0x5555_0001_0000), region(libc, libc + 0x20_0000)],
+            brk: None,
+            min_addr: 65536,
+        };
+        let alone = near_spot(&master, &[libc], LEN).unwrap();
+        // A worker loaded a library (NSS) right where the master's spot would be.
+        let mut worker = master.clone();
+        worker.regions.insert(1, region(alone - 0x1000, alone + 0x2_0000));
+        let both = near_spot(&Layout::union([master.clone(), worker.clone()]), &[libc], LEN).unwrap();
+        for l in [&master, &worker] {
+            assert!(
+                l.regions.iter().all(|r| both + LEN + PAGE <= r.start || r.end + PAGE <= both),
+                "{both:#x}"
+            );
+        }
+        // An unknown layout among them: nothing is known free.
+        assert!(near_spot(&Layout::union([master, Layout::default()]), &[libc], LEN).is_none());
+    }
 
     fn region(start: u64, end: u64) -> Region {
         Region { start, end, grows_down: false }

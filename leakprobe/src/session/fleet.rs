@@ -206,6 +206,25 @@ impl Fleet {
         cfg.children || !cfg.more_pids.is_empty() || cfg.cgroup.is_some()
     }
 
+    /// The processes besides `first` that join at the start (--pid, --cgroup, and with
+    /// --children the descendants): an in-process stub goes where it is free in each.
+    pub fn initial_others(first: i32, cfg: &Config) -> Vec<i32> {
+        let mut out: Vec<i32> = cfg.more_pids.clone();
+        if let Some(dir) = &cfg.cgroup {
+            out.extend(crate::cli::cgroup_members(dir).unwrap_or_default());
+        }
+        if cfg.children {
+            for p in std::iter::once(first).chain(cfg.more_pids.iter().copied()) {
+                out.extend(target::descendants(p, cfg.max_processes as usize));
+            }
+        }
+        out.retain(|p| *p != first);
+        out.sort_unstable();
+        out.dedup();
+        out.truncate(cfg.max_processes as usize);
+        out
+    }
+
     /// Whether children are followed: with --children, and in a cgroup (children start in
     /// their parent's, and are traced from their first instruction; one that moves out is
     /// dropped at the next look).
@@ -370,10 +389,16 @@ impl Fleet {
         cfg: &Config,
     ) -> anyhow::Result<(Installed, Option<PatchPlan>)> {
         use anyhow::Context as _;
-        if layout != 0 {
+        let first_maps = &self.layouts.first().context("no first layout")?.maps;
+        let maps = match layout {
+            0 => first_maps.clone(),
+            _ => target::exec_mappings(pid as i32)?,
+        };
+        let real: Vec<u64> = first.real.iter().map(|r| r.1).collect();
+        if !same_allocator(first_maps, &maps, &real) {
             anyhow::bail!(
-                "--in-process traces the processes of the first one's layout (forked from one another); \
-                 this one was started on its own: trace it in a session of its own"
+                "--in-process traces the processes whose allocator is mapped where the first one's is \
+                 (forked from one another); this one was started on its own: trace it in a session of its own"
             );
         }
         if forked {
@@ -526,6 +551,11 @@ impl Fleet {
             &target::allocator::preloads(pid as i32),
             &ctx.cfg.allocator,
         )?;
+        // In-process, the stub takes the allocation family: its mmap/munmap keep their uprobes.
+        let plan = match ctx.first_stub {
+            Some(_) => super::in_process_hooks(&plan),
+            None => plan,
+        };
         super::sync_unwind(ctx.cfg, ctx.probes, ctx.unwind, pid as i32, layout)
             .context("loading unwind tables")?;
         let mut symbols = Modules::default();
@@ -779,6 +809,19 @@ pub struct Joining<'a> {
     pub first_stub: Option<&'a Installed>,
 }
 
+/// Whether the code at each of `addrs` (the real allocation functions, in `first`) is the same
+/// file at the same address in `other`: a worker that loaded more libraries after its fork (NSS
+/// modules for its user switch) is another layout, but runs the first's allocator, where the
+/// eBPF side's one allocator range says.
+fn same_allocator(first: &[Mapping], other: &[Mapping], addrs: &[u64]) -> bool {
+    let at = |maps: &[Mapping], a: u64| {
+        maps.iter()
+            .find(|m| m.start <= a && a < m.end)
+            .map(|m| (m.start, m.end, m.file_offset, m.dev, m.inode))
+    };
+    addrs.iter().all(|&a| at(first, a).is_some_and(|m| Some(m) == at(other, a)))
+}
+
 /// Two processes have one layout when they map the same files at the same addresses. Our
 /// own stub (`--in-process`) is left out: the first process maps it before the others.
 fn same_layout(a: &[Mapping], b: &[Mapping]) -> bool {
@@ -810,5 +853,25 @@ mod tests {
         let mut more = worker.clone();
         more.push(m(0x7f10_0000_0000, "/usr/lib/libz.so.1", 11));
         assert!(!same_layout(&more, &worker));
+    }
+
+    #[test]
+    fn a_worker_with_more_libraries_runs_the_same_allocator() {
+        let first = vec![m(0x1000, "/usr/sbin/nginx", 5), m(0x7f00_0000_0000, "/usr/lib/libc.so.6", 9)];
+        let malloc = 0x7f00_0000_0800;
+        // NSS modules loaded after the fork: another layout, the same allocator.
+        let mut worker = first.clone();
+        worker.push(m(0x7f20_0000_0000, "/usr/lib/libnss_systemd.so.2", 12));
+        assert!(same_allocator(&first, &worker, &[malloc]));
+        // libc elsewhere (started on its own), or another file there: not the same.
+        let mut moved = first.clone();
+        moved[1].start += 0x10_0000;
+        moved[1].end += 0x10_0000;
+        assert!(!same_allocator(&first, &moved, &[malloc]));
+        let mut other = first.clone();
+        other[1].inode = 10;
+        assert!(!same_allocator(&first, &other, &[malloc]));
+        // An address the first does not map is never the same.
+        assert!(!same_allocator(&first, &worker, &[0x10]));
     }
 }

@@ -826,8 +826,15 @@ impl InProcess {
         use crate::inprocess::{got, install::Installed};
         let mem = crate::ptrace::Mem::open(pid).map_err(refuse)?;
         let got = got::plan_pid(pid, |a| mem.read_u64(a).ok()).map_err(refuse)?;
-        let installed =
-            Installed::map(pid, &got, cfg.sample_bytes, IN_PROCESS_MAX_PAUSE, held).map_err(refuse)?;
+        let installed = Installed::map(
+            pid,
+            &got,
+            cfg.sample_bytes,
+            IN_PROCESS_MAX_PAUSE,
+            held,
+            &fleet::Fleet::initial_others(pid, cfg),
+        )
+        .map_err(refuse)?;
         let maps = target::exec_mappings(pid).unwrap_or_default();
         let known = maps.iter().map(|m| m.path.clone()).collect();
         let stubbed_modules: Vec<std::path::PathBuf> =
