@@ -545,13 +545,16 @@ fn a_cgroups_members_are_traced_while_they_are_members() {
     assert_eq!(leaked.get(&(wb as u32)).copied(), Some(b_inside * LEAK), "B from its joining: {leaked:?}");
 }
 
-/// gunicorn from PyPI, in a venv of Debian's python3.11 made once under the test's target dir.
+/// gunicorn from PyPI, in a venv of Debian's /usr/bin/python3.11 made once under the test's target dir.
 fn gunicorn() -> std::path::PathBuf {
     let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv-gunicorn");
     let bin = venv.join("bin/gunicorn");
     if !bin.exists() {
-        let made =
-            Command::new("python3.11").args(["-m", "venv"]).arg(&venv).status().expect("python3.11 -m venv");
+        let made = Command::new("/usr/bin/python3.11")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3.11 -m venv");
         assert!(made.success(), "python3.11 -m venv (Debian's python3.11-venv)");
         let pip = Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check", "gunicorn==27.0.1"])

@@ -246,12 +246,16 @@ impl StackCache {
                     let python = match self.python.as_mut() {
                         Some(py) => {
                             py.walk_ended(s.runtime_end);
-                            if s.runtime.is_empty() { Vec::new() } else { py.names.frames(&s.runtime) }
+                            if s.runtime.is_empty() {
+                                Vec::new()
+                            } else {
+                                py.names.frames(site.key.tgid, &s.runtime)
+                            }
                         }
                         None => Vec::new(),
                     };
                     let javascript = match self.v8.as_mut() {
-                        Some(v8) => v8.frames(&s.runtime, s.runtime_end),
+                        Some(v8) => v8.frames(site.key.tgid, &s.runtime, s.runtime_end),
                         None => Vec::new(),
                     };
                     Fetched { python, javascript, ips: s.ips, end: s.end }

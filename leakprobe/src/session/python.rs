@@ -6,12 +6,18 @@ use leakprobe_common::{PyConfig, py_flavor};
 
 use crate::{ptrace::Mem, runtimes::cpython, symbolize::Frame};
 
+/// Other processes whose memory and code cache are kept at once.
+const MAX_OTHERS: usize = 1024;
+
 pub struct Names {
     /// What was recognised.
     pub runtime: cpython::Runtime,
     config: PyConfig,
     resolver: cpython::CodeResolver,
     mem: Mem,
+    /// Several processes: each other one's memory and resolver, by tgid (opened at its first
+    /// stack; `None` once it could not be read).
+    others: std::collections::HashMap<u32, Option<(Mem, cpython::CodeResolver)>>,
     /// Where the evaluation loop's code is: its frames are where Python frames go.
     eval: Vec<cpython::NativeFunction>,
     /// Before 3.12: pymalloc's static `arenas` and `maxarenas` (runtime addresses), found in
@@ -88,7 +94,16 @@ impl Names {
         );
         let resolver = runtime.resolver();
         let eval = runtime.eval_frame.clone();
-        (Some(Names { runtime, config, resolver, mem, eval, static_arenas: Default::default() }), Some(line))
+        let names = Names {
+            runtime,
+            config,
+            resolver,
+            mem,
+            others: Default::default(),
+            eval,
+            static_arenas: Default::default(),
+        };
+        (Some(names), Some(line))
     }
 
     /// The layout for the kernel side.
@@ -96,11 +111,24 @@ impl Names {
         self.config
     }
 
-    /// Names the packed Python frames of one stack, innermost first, each with its entry
-    /// flag (see [`cpython::CodeResolver::name_stack`]).
-    pub fn frames(&mut self, words: &[u64]) -> Vec<(Frame, bool)> {
-        self.resolver
-            .name_stack(&self.mem, words)
+    /// Names the packed Python frames of one stack of process `tgid`, innermost first, each
+    /// with its entry flag (see [`cpython::CodeResolver::name_stack`]). Another process of the
+    /// session (a forked worker) is read in its own memory, with its own cache.
+    pub fn frames(&mut self, tgid: u32, words: &[u64]) -> Vec<(Frame, bool)> {
+        let named = if tgid == 0 || tgid == self.runtime.pid as u32 {
+            self.resolver.name_stack(&self.mem, words)
+        } else {
+            // Processes that ended leave entries: start over past a bound.
+            if self.others.len() >= MAX_OTHERS && !self.others.contains_key(&tgid) {
+                self.others.clear();
+            }
+            let fresh = || Mem::open(tgid as i32).ok().map(|m| (m, self.resolver.fresh()));
+            match self.others.entry(tgid).or_insert_with(fresh) {
+                Some((mem, resolver)) => resolver.name_stack(mem, words),
+                None => Vec::new(),
+            }
+        };
+        named
             .into_iter()
             .map(|(code, f, entry)| (Frame::python(code, f.function, f.file, f.line), entry))
             .collect()

@@ -11,9 +11,14 @@ use crate::{
 };
 
 pub struct V8 {
+    /// The process it was recognised in (the session's first).
+    pid: i32,
     runtime: v8::detect::Runtime,
     resolver: Resolver,
     mem: Mem,
+    /// Several processes: each other one's memory and resolver, by tgid (`None` once it could
+    /// not be read).
+    others: std::collections::HashMap<u32, Option<(Mem, Resolver)>>,
     /// Distinct stacks whose JavaScript walk ended early, by why.
     walks_cut: std::collections::BTreeMap<String, u64>,
     /// JavaScript frames the kernel side kept that did not check out (left out).
@@ -39,7 +44,16 @@ impl V8 {
         let version = runtime.version.map(|v| format!("V8 {v}")).unwrap_or_else(|| "V8".into());
         let line = format!("{version} in {}: JavaScript frames in every stack", runtime.module.display());
         let resolver = Resolver::new(runtime.layout.clone());
-        (Some(V8 { runtime, resolver, mem, walks_cut: Default::default(), unnamed: 0 }), Some(line))
+        let v8 = V8 {
+            pid,
+            runtime,
+            resolver,
+            mem,
+            others: Default::default(),
+            walks_cut: Default::default(),
+            unnamed: 0,
+        };
+        (Some(v8), Some(line))
     }
 
     /// The layout for the kernel side.
@@ -47,12 +61,25 @@ impl V8 {
         self.runtime.layout.bpf_config()
     }
 
-    /// Names the `js_frame` pairs of one stack, each with the index of its native frame.
-    pub fn frames(&mut self, words: &[u64], end: u32) -> Vec<(usize, Frame)> {
+    /// Names the `js_frame` pairs of one stack of process `tgid`, each with the index of its
+    /// native frame. Another process of the session is read in its own memory.
+    pub fn frames(&mut self, tgid: u32, words: &[u64], end: u32) -> Vec<(usize, Frame)> {
         if end == leakprobe_common::py_end::MAX_DEPTH {
             *self.walks_cut.entry("max-depth".into()).or_default() += 1;
         }
-        let named = self.resolver.name_stack(&self.mem, words);
+        let named = if tgid == 0 || tgid == self.pid as u32 {
+            self.resolver.name_stack(&self.mem, words)
+        } else {
+            if self.others.len() >= 1024 && !self.others.contains_key(&tgid) {
+                self.others.clear();
+            }
+            let layout = &self.runtime.layout;
+            let fresh = || Mem::open(tgid as i32).ok().map(|m| (m, Resolver::new(layout.clone())));
+            match self.others.entry(tgid).or_insert_with(fresh) {
+                Some((mem, resolver)) => resolver.name_stack(mem, words),
+                None => Vec::new(),
+            }
+        };
         self.unnamed += words.len().saturating_sub(named.len()) as u64;
         named.into_iter().map(|(i, sfi, f)| (i, Frame::javascript(sfi, f))).collect()
     }

@@ -257,6 +257,13 @@ impl CodeResolver {
     /// The named frames of a captured stack, innermost first: (code object, name, entry
     /// flag). A frame left out (hidden, or not checking out) hands its entry flag to the
     /// frame inside it, where its C call's native frames belong. Never a guessed name.
+    /// A resolver of the same runtime with nothing cached: for another process (a forked
+    /// worker's code objects created since the fork are its own, at addresses the parent may
+    /// use for others).
+    pub fn fresh(&self) -> CodeResolver {
+        CodeResolver { layout: self.layout, types: self.types, cache: HashMap::new() }
+    }
+
     pub fn name_stack(&mut self, mem: &dyn Memory, words: &[u64]) -> Vec<(u64, PyFrame, bool)> {
         let mut out: Vec<(u64, PyFrame, bool)> = Vec::with_capacity(words.len());
         for &w in words {
