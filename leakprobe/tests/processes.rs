@@ -130,7 +130,9 @@ fn follow_with(
     args.extend_from_slice(more);
     // A debug build attaches a child's probes in up to ~150 ms here, near the follower's 250 ms
     // bound: these tests check that a held child loses nothing, so the bound is raised.
-    let mut lp = Leakprobe::start_env(&args, &[("LEAKPROBE_TEST_MAX_HOLD_MS", "2000")]);
+    // Its own log too, printed only when a test fails.
+    let env = [("LEAKPROBE_TEST_MAX_HOLD_MS", "2000"), ("RUST_LOG", "leakprobe=info")];
+    let mut lp = Leakprobe::start_env(&args, &env);
     lp.wait_attached();
     let served = server.load(n, over);
     let (code, out, err) = lp.finish();
