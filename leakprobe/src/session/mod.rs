@@ -293,7 +293,7 @@ impl StackCache {
                         statuses.extend(st);
                         hooked
                     }
-                    false => PYTHON_NOT_HOOKED_MANY.to_string(),
+                    false => py.leave_allocators(PYTHON_NOT_HOOKED_MANY),
                 };
                 self.python = Some(py);
                 Ok(line.into_iter().chain([hooked]).collect())
@@ -532,7 +532,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                 statuses.extend(st);
                 line
             }
-            true => PYTHON_NOT_HOOKED_MANY.to_string(),
+            true => py.leave_allocators(PYTHON_NOT_HOOKED_MANY),
         };
         progress(&cfg, format_args!("{line}"));
     }

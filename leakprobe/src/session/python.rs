@@ -178,6 +178,12 @@ impl Python {
         (done.line, done.statuses)
     }
 
+    /// The allocator tables are left alone, for `why` (said in the report); returns the line.
+    pub fn leave_allocators(&mut self, why: &str) -> String {
+        self.alloc_left = Some(why.to_string());
+        why.to_string()
+    }
+
     /// Counts a fetched stack's Python walk that ended early.
     pub fn walk_ended(&mut self, end: u32) {
         let why = match end {
