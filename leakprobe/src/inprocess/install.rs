@@ -262,14 +262,7 @@ impl Installed {
         held: Option<&mut crate::target::launch::Held>,
         also: &[i32],
     ) -> Result<Installed, InstallError> {
-        let real = choose_real(plan);
-        for needed in ["malloc", "free"] {
-            if !real.iter().any(|(f, _)| Some(*f) == Func::from_name(needed)) {
-                return Err(InstallError::NothingToPatch { pid, missing: needed });
-            }
-        }
-        let nested = family_code(pid, &real);
-        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, held, Place::Near(also))
+        Installed::map_plan(pid, plan, sample_bytes, max_pause, held, Place::Near(also))
     }
 
     /// [`Installed::map`] with the code at `code_at` exactly, or an error: every process of a
@@ -281,6 +274,18 @@ impl Installed {
         max_pause: Duration,
         code_at: u64,
     ) -> Result<Installed, InstallError> {
+        Installed::map_plan(pid, plan, sample_bytes, max_pause, None, Place::At(code_at))
+    }
+
+    /// The stubs `plan`'s slots need (malloc and free at least), placed as `spot` says.
+    fn map_plan(
+        pid: i32,
+        plan: &PatchPlan,
+        sample_bytes: u64,
+        max_pause: Duration,
+        held: Option<&mut crate::target::launch::Held>,
+        spot: Place<'_>,
+    ) -> Result<Installed, InstallError> {
         let real = choose_real(plan);
         for needed in ["malloc", "free"] {
             if !real.iter().any(|(f, _)| Some(*f) == Func::from_name(needed)) {
@@ -288,7 +293,7 @@ impl Installed {
             }
         }
         let nested = family_code(pid, &real);
-        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, None, Place::At(code_at))
+        Installed::map_stub_at(pid, real, &nested, sample_bytes, max_pause, held, spot)
     }
 
     /// Maps a stub for each of `real` (function, where it forwards) into `pid`. `nested`:
