@@ -117,8 +117,10 @@ fn two_attaches_show_the_leak_delta_and_bad_files_are_refused() {
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me\n");
 
     // A truncated file: exit 2, its name and the position, no panic.
+    // Cut just after a comma: a cut inside a number ("12" of "125") would read as an invalid
+    // number, not as a file that ends early.
     let full = std::fs::read_to_string(&b_path).unwrap();
-    let cut = full[..full.len() / 2].trim_end();
+    let cut = &full[..=full[..full.len() / 2].rfind(',').unwrap()];
     let trunc = dir.path().join("truncated.json");
     std::fs::write(&trunc, cut).unwrap();
     let (code, _, err) = diff(&[a_s, trunc.to_str().unwrap()]);
