@@ -217,6 +217,36 @@ fn progress(cfg: &Config, msg: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Several processes: each other process's memory and a runtime resolver of its own (a
+/// forked worker's objects created since the fork are its own, at addresses the first may use
+/// for others), by tgid. Opened at its first stack; `None` once it could not be read. Ended
+/// processes leave entries: it starts over past a bound.
+struct OtherProcesses<R> {
+    by_tgid: HashMap<u32, Option<(crate::ptrace::Mem, R)>>,
+}
+
+impl<R> Default for OtherProcesses<R> {
+    fn default() -> Self {
+        OtherProcesses { by_tgid: HashMap::new() }
+    }
+}
+
+impl<R> OtherProcesses<R> {
+    const MAX: usize = 1024;
+
+    /// `tgid`'s memory and resolver (made with `fresh` the first time), if it can be read.
+    fn get(&mut self, tgid: u32, fresh: impl FnOnce() -> R) -> Option<(&crate::ptrace::Mem, &mut R)> {
+        if self.by_tgid.len() >= Self::MAX && !self.by_tgid.contains_key(&tgid) {
+            self.by_tgid.clear();
+        }
+        let entry = self
+            .by_tgid
+            .entry(tgid)
+            .or_insert_with(|| crate::ptrace::Mem::open(tgid as i32).ok().map(|m| (m, fresh())));
+        entry.as_mut().map(|(m, r)| (&*m, r))
+    }
+}
+
 /// A stack fetched from the kernel map, its interpreter's frames named at once (their code
 /// objects may be freed or moved later).
 struct Fetched {

@@ -6,18 +6,14 @@ use leakprobe_common::{PyConfig, py_flavor};
 
 use crate::{ptrace::Mem, runtimes::cpython, symbolize::Frame};
 
-/// Other processes whose memory and code cache are kept at once.
-const MAX_OTHERS: usize = 1024;
-
 pub struct Names {
     /// What was recognised.
     pub runtime: cpython::Runtime,
     config: PyConfig,
     resolver: cpython::CodeResolver,
     mem: Mem,
-    /// Several processes: each other one's memory and resolver, by tgid (opened at its first
-    /// stack; `None` once it could not be read).
-    others: std::collections::HashMap<u32, Option<(Mem, cpython::CodeResolver)>>,
+    /// Several processes: the others' memory and resolvers.
+    others: super::OtherProcesses<cpython::CodeResolver>,
     /// Where the evaluation loop's code is: its frames are where Python frames go.
     eval: Vec<cpython::NativeFunction>,
     /// Before 3.12: pymalloc's static `arenas` and `maxarenas` (runtime addresses), found in
@@ -118,13 +114,9 @@ impl Names {
         let named = if tgid == 0 || tgid == self.runtime.pid as u32 {
             self.resolver.name_stack(&self.mem, words)
         } else {
-            // Processes that ended leave entries: start over past a bound.
-            if self.others.len() >= MAX_OTHERS && !self.others.contains_key(&tgid) {
-                self.others.clear();
-            }
-            let fresh = || Mem::open(tgid as i32).ok().map(|m| (m, self.resolver.fresh()));
-            match self.others.entry(tgid).or_insert_with(fresh) {
-                Some((mem, resolver)) => resolver.name_stack(mem, words),
+            let resolver = &self.resolver;
+            match self.others.get(tgid, || resolver.fresh()) {
+                Some((mem, r)) => r.name_stack(mem, words),
                 None => Vec::new(),
             }
         };

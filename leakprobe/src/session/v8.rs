@@ -16,9 +16,8 @@ pub struct V8 {
     runtime: v8::detect::Runtime,
     resolver: Resolver,
     mem: Mem,
-    /// Several processes: each other one's memory and resolver, by tgid (`None` once it could
-    /// not be read).
-    others: std::collections::HashMap<u32, Option<(Mem, Resolver)>>,
+    /// Several processes: the others' memory and resolvers.
+    others: super::OtherProcesses<Resolver>,
     /// Distinct stacks whose JavaScript walk ended early, by why.
     walks_cut: std::collections::BTreeMap<String, u64>,
     /// JavaScript frames the kernel side kept that did not check out (left out).
@@ -70,13 +69,9 @@ impl V8 {
         let named = if tgid == 0 || tgid == self.pid as u32 {
             self.resolver.name_stack(&self.mem, words)
         } else {
-            if self.others.len() >= 1024 && !self.others.contains_key(&tgid) {
-                self.others.clear();
-            }
             let layout = &self.runtime.layout;
-            let fresh = || Mem::open(tgid as i32).ok().map(|m| (m, Resolver::new(layout.clone())));
-            match self.others.entry(tgid).or_insert_with(fresh) {
-                Some((mem, resolver)) => resolver.name_stack(mem, words),
+            match self.others.get(tgid, || Resolver::new(layout.clone())) {
+                Some((mem, r)) => r.name_stack(mem, words),
                 None => Vec::new(),
             }
         };
