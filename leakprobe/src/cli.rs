@@ -667,8 +667,8 @@ pub enum ConfigError {
     #[error("invalid --metrics value {value:?}: {reason}")]
     Metrics { value: String, reason: String },
     #[error(
-        "{flag} cannot be combined with {other} yet: {other} works on one process (trace one PID with it, or \
-         leave it out to follow them all with uprobes)"
+        "{flag} cannot be combined with {other} yet: {other} works on one process (name that PID alone \
+         with --pid, or leave {other} out)"
     )]
     OneProcess { flag: &'static str, other: &'static str },
     #[error("--cgroup {dir}: {reason}")]
@@ -1034,7 +1034,13 @@ impl TryFrom<Cli> for Config {
             if !(1..=4096).contains(&opts.max_processes) {
                 return Err(ConfigError::Range { flag: "--max-processes", min: 1, max: 4096 });
             }
-            let one_process_only = [(scan.is_some(), "--scan"), (js_heap.is_some(), "--js-heap")];
+            // A scan goes through every process; its heap walk's report and its drawing are
+            // one process's.
+            let one_process_only = [
+                (opts.census, "--census"),
+                (opts.backrefs.is_some(), "--backrefs"),
+                (js_heap.is_some(), "--js-heap"),
+            ];
             if let Some((_, other)) = one_process_only.iter().find(|(on, _)| *on) {
                 return Err(ConfigError::OneProcess { flag, other });
             }
@@ -1134,16 +1140,19 @@ mod tests {
         assert!(c.children && c.more_pids.is_empty() && c.max_processes == 8);
         let c = parse(&["leakprobe", "run", "--children", "--", "make", "-j4"]).unwrap();
         assert!(c.children);
-        for (args, other) in
-            [(&["--children", "--scan"][..], "--scan"), (&["--children", "--js-heap"][..], "--js-heap")]
-        {
+        for (args, other) in [
+            (&["--children", "--scan", "--census"][..], "--census"),
+            (&["--children", "--js-heap"][..], "--js-heap"),
+        ] {
             let mut all = vec!["leakprobe", "attach", "--pid", "12"];
             all.extend_from_slice(args);
             let e = parse(&all).unwrap_err();
             assert!(e.contains(other) && e.contains("one process"), "{e}");
         }
-        let e = parse(&["leakprobe", "attach", "--pid", "12,13", "--scan"]).unwrap_err();
-        assert!(e.contains("--pid with several processes"), "{e}");
+        let e = parse(&["leakprobe", "attach", "--pid", "12,13", "--backrefs", "app.Node"]).unwrap_err();
+        assert!(e.contains("--pid with several processes") && e.contains("--backrefs"), "{e}");
+        let c = parse(&["leakprobe", "attach", "--pid", "12,13", "--scan-every", "1m"]).unwrap();
+        assert!(c.scan.is_some() && c.more_pids == vec![13]);
         let c = parse(&["leakprobe", "attach", "--pid", "12", "--children", "--in-process"]).unwrap();
         assert!(c.children && c.in_process);
         let e =

@@ -175,6 +175,71 @@ fn every_worker_of_a_prefork_server_is_traced_with_its_own_bytes() {
     assert_no_drops(&report);
 }
 
+/// `--scan` with `--children`: each process is scanned on its own (the follower lends it to
+/// the scan's stop and takes it back), every worker's leak is found reachable through the
+/// `cache` global in full, and the workers stay followed between scans: what they leak after
+/// the first scan is still counted exactly, and none is stopped or traced at the end.
+#[test]
+fn scan_goes_through_every_worker_one_at_a_time() {
+    require_root();
+    let server = Server::start(4, 0);
+    let (served, report, err) = follow_with(
+        &server,
+        "6s",
+        400,
+        Duration::from_secs(4),
+        &["--scan-every", "2s", "--max-pause", "500ms"],
+    );
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 5, "the master and its 4 workers: {err}");
+    let scan = &report["scan"];
+    let scanned: BTreeMap<u32, &Value> = scan["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no per-process scans: {scan}"))
+        .iter()
+        .map(|p| (p["pid"].as_u64().unwrap() as u32, p))
+        .collect();
+    assert_eq!(scanned.keys().collect::<Vec<_>>(), procs.keys().collect::<Vec<_>>(), "{err}");
+    for (pid, p) in &scanned {
+        assert!(p.get("error").is_none(), "PID {pid}: {p}\n{err}");
+        assert!(p["pause_ms"].as_f64().unwrap() < 500.0, "PID {pid}: {p}");
+    }
+    assert!(scan["history"].as_array().unwrap().len() >= 2, "periodic scans and the last: {scan}");
+    // Exact bytes after two scans: following went on between them.
+    let leaked = leaked_by_pid(&report);
+    for (pid, n) in &served {
+        assert_eq!(
+            leaked.get(pid).copied(),
+            Some(n * LEAK),
+            "PID {pid} served {n}; leaked {leaked:?}\n{err}"
+        );
+    }
+    for s in sites(&report).iter().filter(|s| has_frame(s, "remember_request")) {
+        let pid = s["pid"].as_u64().unwrap();
+        let reach = &s["reachability"];
+        assert_eq!(
+            reach["reachable"]["bytes"].as_u64(),
+            s["outstanding_bytes"].as_u64(),
+            "PID {pid}: every cached entry is reachable: {reach}"
+        );
+        let holder = s["held_by"][0]["holder"].as_str().unwrap_or_default();
+        assert!(holder.contains("cache"), "PID {pid}: held by {}", s["held_by"]);
+    }
+    let merged = report["merged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["frames"].as_array().unwrap().iter().any(|f| f["function"] == "remember_request"))
+        .unwrap_or_else(|| panic!("no merged site: {}", report["merged"]));
+    let total: u64 = served.values().sum();
+    assert_eq!(merged["reachability"]["reachable"]["bytes"].as_u64(), Some(total * LEAK), "{merged}");
+    for w in std::iter::once(server.pid()).chain(children_of(server.pid())) {
+        let (stopped, tracer) = stopped_threads(w);
+        assert_eq!((stopped, tracer.as_str()), (0, "0"), "PID {w} after the session");
+    }
+    assert_no_drops(&report);
+}
+
 /// Workers recycled every 50 requests while traced: every worker that served a request is in
 /// the report, each ended one with what it held. Each child is held at birth until its probes
 /// are live, so the leaks seen are exactly those served.

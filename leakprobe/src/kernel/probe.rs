@@ -834,13 +834,12 @@ impl Probes {
         Ok(Sample { at_ns: now_ns, sites, live, counters: self.counters()?, memory: None, heap })
     }
 
-    /// Every outstanding block the kernel tracks in the target (address, its record), for the
-    /// reachability scan. Bounded like [`Probes::sample`]'s walk.
-    pub fn live_blocks(&self) -> Result<Vec<(u64, LiveBlock)>, ProbeError> {
+    /// Every outstanding block the kernel tracks in process `tgid` (address, its record), for
+    /// the reachability scan. Bounded like [`Probes::sample`]'s walk.
+    pub fn live_blocks(&self, tgid: u32) -> Result<Vec<(u64, LiveBlock)>, ProbeError> {
         let name = map_names::LIVE;
         let live_map: HashMap<&MapData, LiveKey, LiveBlock> =
             HashMap::try_from(self.map(name)?).map_err(|source| ProbeError::Map { name, source })?;
-        let tgid = self.pid.get();
         let mut out = Vec::new();
         for entry in live_map.iter().take(1 << 24) {
             match entry {
@@ -896,15 +895,19 @@ impl Probes {
     /// while the window was open), so that the scan's picture and the tracker agree however
     /// long after the stop this runs. Closes the window and empties what it kept. The second
     /// value counts the blocks taken from what the window kept.
-    pub fn live_blocks_at(&mut self, at_ns: u64) -> Result<(Vec<(u64, LiveBlock)>, u64), ProbeError> {
+    pub fn live_blocks_at(
+        &mut self,
+        tgid: u32,
+        at_ns: u64,
+    ) -> Result<(Vec<(u64, LiveBlock)>, u64), ProbeError> {
         let mut out: Vec<(u64, LiveBlock)> =
-            self.live_blocks()?.into_iter().filter(|(_, b)| b.timestamp_ns <= at_ns).collect();
+            self.live_blocks(tgid)?.into_iter().filter(|(_, b)| b.timestamp_ns <= at_ns).collect();
         // Closed only now: a block the walk above missed had left the map before the walk
         // passed it, so it is kept already.
         self.set_scan_window(0)?;
         let mut put_back = 0;
         for (key, f) in self.drain_freed()? {
-            if key.tgid == self.pid.get() && f.block.timestamp_ns <= at_ns && at_ns < f.freed_ns {
+            if key.tgid == tgid && f.block.timestamp_ns <= at_ns && at_ns < f.freed_ns {
                 out.push((key.addr, f.block));
                 put_back += 1;
             }

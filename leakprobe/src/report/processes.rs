@@ -83,6 +83,9 @@ pub struct MergedSite {
     /// Processes that run the same executable: "grows in 4 of 4".
     pub of: u32,
     pub frames: Vec<Frame>,
+    /// `--scan`: its blocks by class in every process, added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<super::scan::Reachability>,
 }
 
 /// A site as the merge sees it: the allocation function, and each frame's function, file and
@@ -125,6 +128,9 @@ fn add(m: &mut MergedSite, s: &Site, pid: u32) {
     m.outstanding_count += s.outstanding_count;
     m.allocated_count += s.allocated_count;
     m.growth_bytes_per_s += s.growth_bytes_per_s;
+    if let Some(r) = &s.reachability {
+        m.reachability.get_or_insert_default().add(r);
+    }
     if !m.pids.contains(&pid) {
         m.pids.push(pid);
         if s.trend == Trend::Growing {
@@ -213,6 +219,9 @@ pub fn render(out: &mut String, report: &Report, top: usize) {
                 m.growing_in,
                 m.of,
             );
+            if let Some(r) = &m.reachability {
+                let _ = writeln!(out, "     scan: {}", super::text::four_classes(r));
+            }
         }
     }
     out.push('\n');

@@ -139,6 +139,101 @@ pub struct Scan {
     /// A CPython target: its live objects by type, from the same picture.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub python_objects: Option<PythonObjects>,
+    /// Several processes: each one's scan (they stop one at a time); the figures above are
+    /// their sum, and `pause_ms` the longest single pause.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessScan>,
+}
+
+/// One process's scan in a session of several.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessScan {
+    pub pid: u32,
+    pub pause_ms: f64,
+    pub duration_ms: f64,
+    pub blocks_scanned: u64,
+    pub totals: Reachability,
+    /// Why it could not be scanned (it ended, another tracer holds it, the pause bound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Cycles kept in a merged scan; the rest are counted in `cycles_rest`.
+const MERGED_CYCLES: usize = 1000;
+
+impl Scan {
+    /// The scans of several processes, one at a time, as one: their figures added (a pause is
+    /// the longest one: each process stops on its own), cycles and Python types together, and
+    /// each process's own line. `None` when none of them could be scanned.
+    pub fn merged(at_s: f64, parts: Vec<(u32, Result<Scan, String>)>) -> Option<Scan> {
+        let mut out = Scan { at_s, cycles_complete: true, ..Scan::default() };
+        let mut methods = std::collections::BTreeSet::new();
+        let mut any = false;
+        for (pid, part) in parts {
+            let sc = match part {
+                Ok(sc) => sc,
+                Err(error) => {
+                    out.processes.push(ProcessScan { pid, error: Some(error), ..ProcessScan::default() });
+                    continue;
+                }
+            };
+            any = true;
+            out.processes.push(ProcessScan {
+                pid,
+                pause_ms: sc.pause_ms,
+                duration_ms: sc.duration_ms,
+                blocks_scanned: sc.blocks_scanned,
+                totals: sc.totals,
+                error: None,
+            });
+            methods.insert(sc.method.clone());
+            out.no_clone_why = out.no_clone_why.or(sc.no_clone_why);
+            out.pause_ms = out.pause_ms.max(sc.pause_ms);
+            out.reap_pause_ms = out.reap_pause_ms.max(sc.reap_pause_ms);
+            out.duration_ms += sc.duration_ms;
+            out.threads += sc.threads;
+            out.bytes_read += sc.bytes_read;
+            out.blocks_scanned += sc.blocks_scanned;
+            for (k, v) in sc.roots {
+                *out.roots.entry(k).or_default() += v;
+            }
+            out.unreadable_bytes += sc.unreadable_bytes;
+            out.totals.add(&sc.totals);
+            out.cycles.extend(sc.cycles);
+            out.cycles_rest += sc.cycles_rest;
+            out.cycles_complete &= sc.cycles_complete;
+            match (out.python_objects.as_mut(), sc.python_objects) {
+                (Some(p), Some(q)) => p.absorb(q),
+                (None, q) => out.python_objects = q,
+                (_, None) => {}
+            }
+        }
+        if !any {
+            return None;
+        }
+        // "clone" when every process was scanned from a copy, else the one that stopped longest.
+        out.method =
+            if methods.len() == 1 { methods.pop_first().unwrap_or_default() } else { "mixed".into() };
+        out.cycles.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        if out.cycles.len() > MERGED_CYCLES {
+            out.cycles_rest += (out.cycles.len() - MERGED_CYCLES) as u64;
+            out.cycles.truncate(MERGED_CYCLES);
+        }
+        Some(out)
+    }
+
+    /// Its point on the scans' timeline.
+    pub fn point(&self) -> ScanPoint {
+        ScanPoint {
+            t_s: self.at_s,
+            pause_ms: self.pause_ms,
+            definitely_lost_bytes: self.totals.definitely_lost.bytes,
+            indirectly_lost_bytes: self.totals.indirectly_lost.bytes,
+            possibly_lost_bytes: self.totals.possibly_lost.bytes,
+            reachable_bytes: self.totals.reachable.bytes,
+        }
+    }
 }
 
 /// CPython's live objects by type, as `objgraph.show_most_common_types` and `show_growth`
@@ -276,6 +371,56 @@ impl PythonObjects {
     }
 }
 
+impl PythonObjects {
+    /// Another process's objects added to these: by type (`module.qualname`), and the heap's
+    /// figures summed.
+    pub fn absorb(&mut self, other: PythonObjects) {
+        if other.error.is_some() && self.error.is_none() && self.objects == 0 {
+            *self = other;
+            return;
+        }
+        if other.error.is_some() {
+            return;
+        }
+        self.objects += other.objects;
+        self.untracked_objects += other.untracked_objects;
+        self.outside_arenas += other.outside_arenas;
+        self.arenas_not_walked = self.arenas_not_walked.take().or(other.arenas_not_walked);
+        self.arenas += other.arenas;
+        self.pools += other.pools;
+        self.blocks += other.blocks;
+        self.bad_pools += other.bad_pools;
+        self.bytes += other.bytes;
+        self.gc_enabled &= other.gc_enabled;
+        for (g, o) in self.generations.iter_mut().zip(other.generations) {
+            *g += o;
+        }
+        self.permanent += other.permanent;
+        self.garbage += other.garbage;
+        for t in other.types {
+            match self.types.iter_mut().find(|m| m.module == t.module && m.qualname == t.qualname) {
+                Some(m) => {
+                    m.count += t.count;
+                    m.untracked += t.untracked;
+                    m.bytes += t.bytes;
+                    for site in t.sites {
+                        if !m.sites.contains(&site) && m.sites.len() < 3 {
+                            m.sites.push(site);
+                        }
+                    }
+                }
+                None => self.types.push(t),
+            }
+        }
+        self.types.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.count.cmp(&a.count)));
+        self.cycles.extend(other.cycles);
+        self.cycles.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        if self.cycles_fate.is_empty() {
+            self.cycles_fate = other.cycles_fate;
+        }
+    }
+}
+
 impl PythonType {
     /// `qualname`, or `module.qualname` outside builtins.
     pub fn label(&self) -> String {
@@ -344,6 +489,8 @@ pub struct SiteResult {
     pub holders: Vec<Holder>,
     /// Its lost bytes that sit in cycles.
     pub cycle_bytes: u64,
+    /// The process it is in (several processes: sites of one stack in two workers are two).
+    pub pid: u32,
 }
 
 /// A site's verdict from its classes and its trend.
@@ -370,12 +517,18 @@ pub fn site_verdict(trend: Trend, r: &Reachability, cycle_bytes: u64) -> &'stati
 /// refined (a growing heap still referenced is ACCUMULATION; lost memory mostly in cycles is
 /// CYCLE; definitely lost memory is a LEAK even when nothing grows, with [`Basis::Scan`]).
 pub fn apply(report: &mut Report, scan: Scan, results: Vec<SiteResult>) {
-    let mut by_key: std::collections::HashMap<(String, String), SiteResult> =
-        results.into_iter().map(|r| ((r.stack_id.clone(), r.function.clone()), r)).collect();
+    let mut by_key: std::collections::HashMap<(String, String), Vec<SiteResult>> =
+        std::collections::HashMap::new();
+    for r in results {
+        by_key.entry((r.stack_id.clone(), r.function.clone())).or_default().push(r);
+    }
     let (mut growing_lost, mut growing_held, mut growing_cycle) = (0u64, 0u64, 0u64);
     let mut top_holder: Option<(u64, String)> = None;
     for site in report.sites.iter_mut() {
-        let Some(r) = by_key.remove(&(site.stack_id.clone(), site.function.clone())) else { continue };
+        let Some(same) = by_key.get_mut(&(site.stack_id.clone(), site.function.clone())) else { continue };
+        // One process traced: its sites carry no pid.
+        let Some(at) = same.iter().position(|r| site.pid.is_none_or(|p| p == r.pid)) else { continue };
+        let r = same.swap_remove(at);
         site.verdict = Some(site_verdict(site.trend, &r.reachability, r.cycle_bytes).to_string());
         if site.trend == Trend::Growing {
             growing_lost += r.reachability.lost_bytes() + r.reachability.possibly_lost.bytes;
@@ -543,5 +696,77 @@ mod tests {
         let old: crate::report::Verdict =
             serde_json::from_str(r#"{"kind": "leak", "summary": "x"}"#).unwrap();
         assert_eq!(old.label(), "LEAK / GROWING");
+    }
+
+    /// Three workers' scans as one: classes added, the longest pause, a failed one named with
+    /// why, cycles and Python types together; a site of one stack in two workers keeps each
+    /// worker's own classes.
+    #[test]
+    fn scans_of_several_processes_merge() {
+        let py = |n: u64| PythonObjects {
+            objects: n,
+            types: vec![PythonType {
+                module: "app".into(),
+                qualname: "Node".into(),
+                count: n,
+                bytes: 56 * n,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let one = |pause: f64, def: u64, cycles: u64| Scan {
+            method: "clone".into(),
+            pause_ms: pause,
+            duration_ms: 10.0,
+            blocks_scanned: 5,
+            totals: r(def, 0, 0, 100),
+            cycles: (0..cycles).map(|i| Cycle { blocks: 2, bytes: 64 + i, sites: Vec::new() }).collect(),
+            cycles_complete: true,
+            python_objects: Some(py(def)),
+            ..Default::default()
+        };
+        let m = Scan::merged(
+            7.0,
+            vec![(10, Ok(one(2.0, 1000, 2))), (11, Err("it has ended".into())), (12, Ok(one(5.5, 3000, 1)))],
+        )
+        .unwrap();
+        assert_eq!((m.at_s, m.pause_ms, m.duration_ms, m.blocks_scanned), (7.0, 5.5, 20.0, 10));
+        assert_eq!(m.totals.definitely_lost, ClassTally { bytes: 4000, count: 2 });
+        assert_eq!(m.totals.reachable.bytes, 200);
+        assert_eq!(m.method, "clone");
+        assert_eq!(m.cycles.len(), 3);
+        assert_eq!(m.cycles[0].bytes, 65, "largest cycle first");
+        let pids: Vec<(u32, bool)> = m.processes.iter().map(|p| (p.pid, p.error.is_some())).collect();
+        assert_eq!(pids, vec![(10, false), (11, true), (12, false)]);
+        assert_eq!(m.processes[2].totals.definitely_lost.bytes, 3000);
+        let p = m.python_objects.as_ref().unwrap();
+        assert_eq!(
+            (p.objects, p.types.len(), p.types[0].count, p.types[0].bytes),
+            (4000, 1, 4000, 56 * 4000)
+        );
+        assert_eq!(m.point().definitely_lost_bytes, 4000);
+        assert!(Scan::merged(1.0, vec![(10, Err("gone".into()))]).is_none());
+
+        let mut rep = crate::report::export::testing::report();
+        rep.sites.truncate(1);
+        let mut other = rep.sites[0].clone();
+        rep.sites[0].pid = Some(10);
+        other.pid = Some(12);
+        rep.sites.push(other);
+        let result = |pid, def| SiteResult {
+            stack_id: rep.sites[0].stack_id.clone(),
+            function: rep.sites[0].function.clone(),
+            reachability: r(def, 0, 0, 0),
+            pid,
+            ..Default::default()
+        };
+        let results = vec![result(12, 3000), result(10, 1000)];
+        apply(&mut rep, m, results);
+        let lost: Vec<u64> =
+            rep.sites.iter().map(|s| s.reachability.map_or(0, |r| r.definitely_lost.bytes)).collect();
+        assert_eq!(lost, vec![1000, 3000]);
+        let text = crate::report::text::render(&rep, 10, crate::model::SortBy::Outstanding);
+        assert!(text.contains("3 processes scanned one at a time"), "{text}");
+        assert!(text.contains("PID 11: not scanned: it has ended"), "{text}");
     }
 }

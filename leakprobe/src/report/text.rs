@@ -100,7 +100,7 @@ fn site_block(out: &mut String, rank: usize, s: &Site) {
 }
 
 /// "definitely lost 1000 B in 10, indirectly 0 B in 0, possibly ..., reachable ...".
-fn four_classes(r: &crate::report::scan::Reachability) -> String {
+pub(super) fn four_classes(r: &crate::report::scan::Reachability) -> String {
     format!(
         "definitely lost {} in {}, indirectly {} in {}, possibly {} in {}, reachable {} in {}",
         human_bytes(r.definitely_lost.bytes),
@@ -716,6 +716,7 @@ fn scan_summary_lines(out: &mut String, sc: &crate::report::scan::Scan) {
             format!("; {} cycles of lost blocks", sc.cycles.len() as u64 + sc.cycles_rest)
         }
     );
+    process_scan_lines(out, &sc.processes);
     if let Some(c) = &sc.census {
         census_lines(out, c);
     }
@@ -730,6 +731,38 @@ fn scan_summary_lines(out: &mut String, sc: &crate::report::scan::Scan) {
         );
     }
     let _ = writeln!(out);
+}
+
+/// Processes whose scan is listed in the text report; the JSON has them all.
+const PROCESS_SCANS_SHOWN: usize = 16;
+
+/// Several processes: each one's scan, or why it had none.
+fn process_scan_lines(out: &mut String, processes: &[crate::report::scan::ProcessScan]) {
+    if processes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "           {} scanned one at a time (each stopped on its own; the pause above is the longest):",
+        plural(processes.len() as u64, "process", "processes")
+    );
+    for p in processes.iter().take(PROCESS_SCANS_SHOWN) {
+        let _ = match &p.error {
+            Some(e) => writeln!(out, "             PID {}: not scanned: {e}", p.pid),
+            None => writeln!(
+                out,
+                "             PID {}: paused {:.1} ms, {} blocks: {}",
+                p.pid,
+                p.pause_ms,
+                p.blocks_scanned,
+                four_classes(&p.totals)
+            ),
+        };
+    }
+    if processes.len() > PROCESS_SCANS_SHOWN {
+        let _ =
+            writeln!(out, "             and {} more (in the JSON)", processes.len() - PROCESS_SCANS_SHOWN);
+    }
 }
 
 /// The verdict, then for a `run` heaptrack's rankings, then the heap's peak.

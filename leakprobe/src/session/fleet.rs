@@ -132,6 +132,16 @@ struct Layout {
     plan: Plan,
 }
 
+/// A running member as a scan needs it.
+pub struct ScanMember<'f> {
+    pub pid: u32,
+    /// 0: the first's layout (forked from it): its CPython's addresses hold here too.
+    pub layout: u32,
+    pub plan: &'f Plan,
+    /// `--in-process`: its stub's code and data (the first's is the session's).
+    pub exclude: Vec<(u64, u64)>,
+}
+
 /// Ended processes kept in detail.
 const MAX_ENDED: usize = 1024;
 
@@ -474,6 +484,44 @@ impl Fleet {
         }
     }
 
+    /// The running members a scan goes through, one at a time, each with what differs from
+    /// the first's setup: our own memory in it, and its allocator.
+    pub fn scan_members(&self) -> Vec<ScanMember<'_>> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.ended.is_none())
+            .filter_map(|(pid, m)| {
+                let plan = &self.layouts.get(m.layout as usize)?.plan;
+                let exclude = m
+                    .stub
+                    .as_ref()
+                    .map(|s| {
+                        let i = &s.installed;
+                        vec![(i.data, i.data + crate::inprocess::stub::DATA_SIZE), i.code_range()]
+                    })
+                    .unwrap_or_default();
+                Some(ScanMember { pid: *pid, layout: m.layout, plan, exclude })
+            })
+            .collect()
+    }
+
+    /// The follower lets go of `pid` for its scan: the ptrace server cannot stop a process
+    /// another tracer holds. Its children forked meanwhile are seen from just after their fork.
+    /// Returns a line if the follower has gone.
+    pub fn lend(&mut self, pid: u32) -> Option<String> {
+        let f = self.follower.as_mut()?;
+        let e = f.unfollow(pid as i32).err()?;
+        Some(self.follower_lost(e))
+    }
+
+    /// After its scan, `pid` is followed again (see [`Fleet::lend`]).
+    pub fn take_back(&mut self, pid: u32) -> Option<String> {
+        if !self.members.get(&pid).is_some_and(|m| m.ended.is_none()) {
+            return None;
+        }
+        self.hold_children_of(pid)
+    }
+
     /// The follower traces `pid`, so that its children are held at birth. Returns a line if it
     /// cannot (they are then seen from just after their fork).
     fn hold_children_of(&mut self, pid: u32) -> Option<String> {
@@ -511,6 +559,15 @@ impl Fleet {
             Ok(r) => r,
             Err(e) => return Some(self.follower_lost(e)),
         };
+        if released == Release::NotHeld && traced {
+            // Forked while its parent was lent for a scan: not traced by the follower yet.
+            let alive = self
+                .members
+                .get(&child)
+                .and_then(|m| m.pidfd.as_ref())
+                .is_none_or(|fd| !target::pidfd_exited(fd));
+            return self.hold_children_of(child).filter(|_| alive);
+        }
         let m = self.members.get_mut(&child)?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         match released {

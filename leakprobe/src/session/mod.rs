@@ -112,6 +112,51 @@ impl Scanner {
             .unwrap_or_default()
     }
 
+    /// A member's setup: the first's, with its own pid, memory of ours and allocator.
+    fn setup_for(&self, m: &fleet::ScanMember<'_>, exe: &str) -> scan::Setup {
+        let first = m.pid == self.setup.pid as u32;
+        let plan = m.plan;
+        scan::Setup {
+            pid: m.pid as i32,
+            exclude: if first { self.setup.exclude.clone() } else { m.exclude.clone() },
+            glibc: plan.allocator == allocator::AllocatorKind::Glibc,
+            census: census_version(plan).ok(),
+            // exit() stops only the first (`run --scan`).
+            function_entries: if first { self.setup.function_entries.clone() } else { Vec::new() },
+            allocator_module: (plan.module.path.as_os_str() != exe)
+                .then(|| plan.module.path.to_string_lossy().into_owned()),
+            python_objects: m.layout == 0,
+            ..self.setup.clone()
+        }
+    }
+
+    /// Several processes: each running member in turn, lent by the follower for its stop.
+    fn scan_each(
+        &mut self,
+        cfg: &Config,
+        probes: &mut Probes,
+        at_s: f64,
+        stacks: &StackCache,
+        symbolizer: &mut Symbolizer,
+        fleet: &mut fleet::Fleet,
+    ) -> anyhow::Result<scan::Done> {
+        let setups: Vec<scan::Setup> = fleet
+            .scan_members()
+            .iter()
+            .map(|m| {
+                let exe = fleet.members.get(&m.pid).map_or("", |x| x.identity.exe.as_str());
+                self.setup_for(m, exe)
+            })
+            .collect();
+        let between = |pid: u32, before: bool| {
+            let line = if before { fleet.lend(pid) } else { fleet.take_back(pid) };
+            if let Some(line) = line {
+                progress(cfg, format_args!("{line}"));
+            }
+        };
+        scan::run_each(setups, probes, at_s, &mut self.history, stacks, symbolizer, between)
+    }
+
     fn scan(
         &mut self,
         cfg: &Config,
@@ -119,20 +164,27 @@ impl Scanner {
         at_s: f64,
         stacks: &StackCache,
         symbolizer: &mut Symbolizer,
+        fleet: Option<&mut fleet::Fleet>,
     ) {
-        crate::progress::spinner(format!(
-            "scanning PID {}'s memory for pointers{}",
-            self.setup.pid,
-            if self.setup.census.is_some() { " and walking its heap" } else { "" }
-        ));
-        let result =
-            scan::run(&self.setup, probes, at_s, &mut self.history, stacks, symbolizer).map(|mut done| {
-                if !self.census_report {
-                    done.scan.census = None;
-                }
-                done
-            });
-        crate::progress::done();
+        let result = match fleet {
+            Some(f) => self.scan_each(cfg, probes, at_s, stacks, symbolizer, f),
+            None => {
+                crate::progress::spinner(format!(
+                    "scanning PID {}'s memory for pointers{}",
+                    self.setup.pid,
+                    if self.setup.census.is_some() { " and walking its heap" } else { "" }
+                ));
+                let r = scan::run(&self.setup, probes, at_s, &mut self.history, stacks, symbolizer);
+                crate::progress::done();
+                r
+            }
+        }
+        .map(|mut done| {
+            if !self.census_report {
+                done.scan.census = None;
+            }
+            done
+        });
         match result {
             Ok(mut done) => {
                 if let (Some(now), Some(prev)) = (
@@ -503,6 +555,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                 allocator_module: (plan.module.path.as_os_str() != identity.exe.as_str())
                     .then(|| plan.module.path.to_string_lossy().into_owned()),
                 backrefs: s.backrefs.clone(),
+                python_objects: true,
             },
             census_report: s.census,
             exit_guard: None,
@@ -692,7 +745,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                 && ended_by != "target-exited"
                 && ended_by != "target-exec"
         {
-            sc.scan(&cfg, &mut probes, tracker.window_s(), &stacks, &mut symbolizer);
+            sc.scan(&cfg, &mut probes, tracker.window_s(), &stacks, &mut symbolizer, fleet.as_mut());
         } else if matches!(cfg.mode, Mode::Run { .. }) {
             progress(
                 &cfg,
@@ -1465,7 +1518,7 @@ async fn watch(
                     && tracker.window_s() + cfg.interval.as_secs_f64() / 2.0 >= sc.last_at + every.as_secs_f64()
                 {
                     stacks.fetch_new(probes, &tracker.sites())?;
-                    sc.scan(cfg, probes, tracker.window_s(), stacks, symbolizer);
+                    sc.scan(cfg, probes, tracker.window_s(), stacks, symbolizer, fleet.as_mut());
                 }
                 let last_scan = scanner.as_ref().and_then(|s| s.last.as_ref());
                 if let Err(e) = reporting.snapshot_if_due(tracker, stacks, symbolizer, statuses, last_scan) {

@@ -90,6 +90,7 @@ pub fn site_label(key: &SiteKey, stacks: &StackCache, symbolizer: &mut Symbolize
 }
 
 /// What a scan of the session's target needs besides the probes.
+#[derive(Clone)]
 pub struct Setup {
     pub pid: i32,
     /// Our own memory in the target (never a root).
@@ -105,6 +106,9 @@ pub struct Setup {
     pub allocator_module: Option<String>,
     /// `--backrefs TYPE`.
     pub backrefs: Option<String>,
+    /// The session's CPython addresses hold in this process (the first, or forked from it):
+    /// its Python objects are counted too.
+    pub python_objects: bool,
 }
 
 fn blocks_word(n: u64) -> &'static str {
@@ -185,7 +189,7 @@ fn scan_at_stop(
     let at_ns = captured.stopped_at_ns();
     let live = probes
         .narrow_scan_window(at_ns)
-        .and_then(|()| probes.live_blocks_at(at_ns))
+        .and_then(|()| probes.live_blocks_at(setup.pid as u32, at_ns))
         .context("reading the tracked blocks as they were at the stop");
     let (live, put_back) = match live {
         Ok(l) => l,
@@ -218,7 +222,8 @@ pub fn run(
     stacks: &StackCache,
     symbolizer: &mut Symbolizer,
 ) -> anyhow::Result<Done> {
-    let python = stacks.python.as_ref().and_then(|p| p.names.objects_target());
+    let python =
+        stacks.python.as_ref().filter(|_| setup.python_objects).and_then(|p| p.names.objects_target());
     let Scanned { out, tracked_blocks, weights, keys } = scan_at_stop(setup, probes, python)?;
     let m = &out.marking;
     if tracing::enabled!(tracing::Level::TRACE) {
@@ -241,22 +246,11 @@ pub fn run(
         out.root_bytes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     roots.insert("registers".into(), m.stats.root_values);
     let totals = tallies.totals;
-    push_bounded(
-        history,
-        ScanPoint {
-            t_s: at_s,
-            pause_ms: out.pause.as_secs_f64() * 1e3,
-            definitely_lost_bytes: totals.definitely_lost.bytes,
-            indirectly_lost_bytes: totals.indirectly_lost.bytes,
-            possibly_lost_bytes: totals.possibly_lost.bytes,
-            reachable_bytes: totals.reachable.bytes,
-        },
-    );
     let census = out.census.as_ref().map(|c| {
         let mut origin_label = |site: u32| names.label(site);
         census_summary(c, census_groups, &tracked_blocks, &mut origin_label)
     });
-    let scan = Scan {
+    let mut scan = Scan {
         at_s,
         method: out.method.name().into(),
         no_clone_why: out.no_clone_why.clone(),
@@ -272,11 +266,57 @@ pub fn run(
         cycles,
         cycles_rest: m.cycles.rest.count,
         cycles_complete: m.cycles.complete,
-        history: history.clone(),
+        history: Vec::new(),
         census,
         python_objects: out.python.as_ref().map(|c| python_report(c, &mut names, setup)),
+        processes: Vec::new(),
     };
+    push_bounded(history, scan.point());
+    scan.history = history.clone();
     Ok(Done { scan, sites: results })
+}
+
+/// Scans several processes one at a time (each one stopped on its own, within the pause
+/// bound) and merges what they found; a process that cannot be scanned is named with why.
+/// `between` is called before and after each one's scan (the follower lets go of it and
+/// takes it back), and may return a line to show.
+pub fn run_each(
+    setups: Vec<Setup>,
+    probes: &mut Probes,
+    at_s: f64,
+    history: &mut Vec<ScanPoint>,
+    stacks: &StackCache,
+    symbolizer: &mut Symbolizer,
+    mut between: impl FnMut(u32, bool),
+) -> anyhow::Result<Done> {
+    let n = setups.len();
+    let mut parts = Vec::with_capacity(n);
+    let mut sites = Vec::new();
+    for (i, setup) in setups.iter().enumerate() {
+        let pid = setup.pid as u32;
+        crate::progress::spinner(format!("scanning PID {pid}'s memory for pointers ({} of {n})", i + 1));
+        between(pid, true);
+        let mut own = Vec::new();
+        let done = run(setup, probes, at_s, &mut own, stacks, symbolizer);
+        between(pid, false);
+        crate::progress::done();
+        parts.push((
+            pid,
+            done.map(|d| {
+                sites.extend(d.sites);
+                d.scan
+            })
+            .map_err(|e| format!("{e:#}")),
+        ));
+    }
+    let failed: Vec<String> =
+        parts.iter().filter_map(|(pid, p)| p.as_ref().err().map(|e| format!("PID {pid}: {e}"))).collect();
+    let Some(mut scan) = Scan::merged(at_s, parts) else {
+        anyhow::bail!("no process could be scanned: {}", failed.join("; "));
+    };
+    push_bounded(history, scan.point());
+    scan.history = history.clone();
+    Ok(Done { scan, sites })
 }
 
 /// Scans every minute for days: the history stays bounded like every other series (the
@@ -611,6 +651,7 @@ impl<'a> Names<'a> {
                     reachability: tallies.per_site[i],
                     holders,
                     cycle_bytes: cycle_bytes[i],
+                    pid: key.tgid,
                 }),
                 None => {
                     let Some(g) = self.group_of(s.site) else { continue };
