@@ -694,11 +694,12 @@ fn scan_summary_lines(out: &mut String, sc: &crate::report::scan::Scan) {
     let t = &sc.totals;
     let _ = writeln!(
         out,
-        "  scan:    at +{:.1} s, {} ({}): target paused {:.1} ms (+{:.1} ms to reap), {} threads, {} read, \
+        "  scan:    at +{:.1} s, {} ({}): {} {:.1} ms (+{:.1} ms to reap), {} threads, {} read, \
          {} blocks in {:.0} ms",
         sc.at_s,
         if sc.method == "clone" { "a copy-on-write snapshot" } else { "copied while stopped" },
         sc.no_clone_why.as_deref().unwrap_or("forked inside the target, never run"),
+        if sc.processes.is_empty() { "target paused" } else { "each process paused at most" },
         sc.pause_ms,
         sc.reap_pause_ms,
         sc.threads,
@@ -743,7 +744,7 @@ fn process_scan_lines(out: &mut String, processes: &[crate::report::scan::Proces
     }
     let _ = writeln!(
         out,
-        "           {} scanned one at a time (each stopped on its own; the pause above is the longest):",
+        "           {} scanned one at a time:",
         plural(processes.len() as u64, "process", "processes")
     );
     for p in processes.iter().take(PROCESS_SCANS_SHOWN) {

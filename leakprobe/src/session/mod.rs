@@ -197,10 +197,14 @@ impl Scanner {
                 progress(
                     cfg,
                     format_args!(
-                        "scan: {} blocks in {:.0} ms (target paused {:.1} ms{}): {} definitely lost, {} indirectly, \
+                        "scan: {} blocks in {:.0} ms ({} {:.1} ms{}): {} definitely lost, {} indirectly, \
                          {} possibly, {} reachable",
                         s.blocks_scanned,
                         s.duration_ms,
+                        match s.processes.len() {
+                            0 => "target paused".to_string(),
+                            n => format!("{n} processes, each paused at most"),
+                        },
                         s.pause_ms,
                         if s.method == "clone" { String::new() } else { format!(", {}", s.method) },
                         human_bytes(s.totals.definitely_lost.bytes),
