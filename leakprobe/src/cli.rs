@@ -44,6 +44,9 @@ Examples:
   # A few processes by PID
   leakprobe attach --pid 4242,4243,4250 --duration 60s
 
+  # Why do the workers keep it? Each process scanned in turn, each paused on its own
+  leakprobe attach --pid 4242 --children --duration 60s --scan
+
   # A container or a systemd service: its processes, those that join it, none that leave
   leakprobe attach --cgroup /sys/fs/cgroup/system.slice/app.service --duration 60s
 
@@ -499,8 +502,9 @@ pub struct TraceOpts {
     /// lost (no pointer reaches them) or still reachable, and name what holds the growing
     /// sites. attach: once, at the end of the window; run: when the command calls exit(),
     /// before its atexit handlers and destructors. The target pauses for --max-pause at most
-    /// (a copy-on-write snapshot is forked inside it and read afterwards). With --fail-on-leak
-    /// the gate is on definitely lost bytes.
+    /// (a copy-on-write snapshot is forked inside it and read afterwards). With several
+    /// processes (--children, --pid A,B, --cgroup) each one is scanned in turn, paused on its
+    /// own. With --fail-on-leak the gate is on definitely lost bytes.
     #[arg(long)]
     pub scan: bool,
     /// attach: scan this often too (e.g. 1m), feeding the timeline. Implies --scan.
