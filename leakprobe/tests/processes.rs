@@ -111,6 +111,28 @@ fn processes(report: &Value) -> BTreeMap<u32, &Value> {
         .collect()
 }
 
+/// Every worker's leak is exactly the requests it served.
+fn assert_each_leaked_what_it_served(served: &BTreeMap<u32, u64>, report: &Value, err: &str) {
+    let leaked = leaked_by_pid(report);
+    for (pid, n) in served {
+        assert_eq!(
+            leaked.get(pid).copied(),
+            Some(n * LEAK),
+            "PID {pid} served {n}; leaked {leaked:?}\n{err}"
+        );
+    }
+}
+
+/// The merged site through `remember_request`.
+fn merged_leak(report: &Value) -> &Value {
+    report["merged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["frames"].as_array().unwrap().iter().any(|f| f["function"] == "remember_request"))
+        .unwrap_or_else(|| panic!("no merged site through remember_request: {}", report["merged"]))
+}
+
 /// `attach --pid MASTER --children` for `duration` while `n` requests are spread over `over`:
 /// requests served per worker, the JSON report, and leakprobe's stderr.
 fn follow(server: &Server, duration: &str, n: u32, over: Duration) -> (BTreeMap<u32, u64>, Value, String) {
@@ -155,20 +177,8 @@ fn every_worker_of_a_prefork_server_is_traced_with_its_own_bytes() {
     for w in children_of(server.pid()) {
         assert_eq!(procs[&(w as u32)]["origin"], "child", "{}", procs[&(w as u32)]);
     }
-    let leaked = leaked_by_pid(&report);
-    for (pid, n) in &served {
-        assert_eq!(
-            leaked.get(pid).copied(),
-            Some(n * LEAK),
-            "PID {pid} served {n} requests; leaked {leaked:?}"
-        );
-    }
-    let merged = report["merged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["frames"].as_array().unwrap().iter().any(|f| f["function"] == "remember_request"))
-        .unwrap_or_else(|| panic!("no merged site through remember_request: {}", report["merged"]));
+    assert_each_leaked_what_it_served(&served, &report, "");
+    let merged = merged_leak(&report);
     let total: u64 = served.values().sum();
     assert_eq!(merged["outstanding_bytes"].as_u64(), Some(total * LEAK));
     assert_eq!(merged["pids"].as_array().unwrap().len(), served.len());
@@ -206,14 +216,7 @@ fn scan_goes_through_every_worker_one_at_a_time() {
     }
     assert!(scan["history"].as_array().unwrap().len() >= 2, "periodic scans and the last: {scan}");
     // Exact bytes after two scans: following went on between them.
-    let leaked = leaked_by_pid(&report);
-    for (pid, n) in &served {
-        assert_eq!(
-            leaked.get(pid).copied(),
-            Some(n * LEAK),
-            "PID {pid} served {n}; leaked {leaked:?}\n{err}"
-        );
-    }
+    assert_each_leaked_what_it_served(&served, &report, &err);
     for s in sites(&report).iter().filter(|s| has_frame(s, "remember_request")) {
         let pid = s["pid"].as_u64().unwrap();
         let reach = &s["reachability"];
@@ -225,12 +228,7 @@ fn scan_goes_through_every_worker_one_at_a_time() {
         let holder = s["held_by"][0]["holder"].as_str().unwrap_or_default();
         assert!(holder.contains("cache"), "PID {pid}: held by {}", s["held_by"]);
     }
-    let merged = report["merged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["frames"].as_array().unwrap().iter().any(|f| f["function"] == "remember_request"))
-        .unwrap_or_else(|| panic!("no merged site: {}", report["merged"]));
+    let merged = merged_leak(&report);
     let total: u64 = served.values().sum();
     assert_eq!(merged["reachability"]["reachable"]["bytes"].as_u64(), Some(total * LEAK), "{merged}");
     for w in std::iter::once(server.pid()).chain(children_of(server.pid())) {

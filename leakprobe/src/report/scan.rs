@@ -215,7 +215,7 @@ impl Scan {
         // "clone" when every process was scanned from a copy, else the one that stopped longest.
         out.method =
             if methods.len() == 1 { methods.pop_first().unwrap_or_default() } else { "mixed".into() };
-        out.cycles.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        out.cycles.sort_by_key(|c| std::cmp::Reverse(c.bytes));
         if out.cycles.len() > MERGED_CYCLES {
             out.cycles_rest += (out.cycles.len() - MERGED_CYCLES) as u64;
             out.cycles.truncate(MERGED_CYCLES);
@@ -414,7 +414,7 @@ impl PythonObjects {
         }
         self.types.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.count.cmp(&a.count)));
         self.cycles.extend(other.cycles);
-        self.cycles.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        self.cycles.sort_by_key(|c| std::cmp::Reverse(c.bytes));
         if self.cycles_fate.is_empty() {
             self.cycles_fate = other.cycles_fate;
         }

@@ -516,7 +516,7 @@ impl Fleet {
 
     /// After its scan, `pid` is followed again (see [`Fleet::lend`]).
     pub fn take_back(&mut self, pid: u32) -> Option<String> {
-        if !self.members.get(&pid).is_some_and(|m| m.ended.is_none()) {
+        if self.members.get(&pid).is_none_or(|m| m.ended.is_some()) {
             return None;
         }
         self.hold_children_of(pid)
