@@ -34,6 +34,7 @@ impl Names {
             } else {
                 None
             },
+            frames: Some(cpython::objects::Frames { config: self.config, layout: r.layout, types: r.types }),
         })
     }
 

@@ -78,6 +78,11 @@ pub struct CodeLayout {
     pub compact_size: u64,
     /// Up to 3.11 a string must have `state.ready` set for its data to be there.
     pub has_ready_bit: bool,
+    /// The frame's named variables: `co_nlocals` (an int) and `co_varnames` (a tuple of str)
+    /// up to 3.10; `co_nlocalsplus` and `co_localsplusnames` (locals, cells and free
+    /// variables) from 3.11.
+    pub nlocals: u64,
+    pub localnames: u64,
 }
 
 /// What the eBPF walk and the code resolver need of one CPython version.
@@ -103,6 +108,9 @@ pub struct Layout {
     pub frame_instr: u64,
     /// `is_entry` (3.11) or `owner` (3.12+); 0 when unused.
     pub frame_entry: u64,
+    /// The frame's variables, in the order of the code's names: `f_localsplus` (3.9/3.10) or
+    /// `localsplus`.
+    pub frame_localsplus: u64,
     pub code: CodeLayout,
 }
 
@@ -123,6 +131,8 @@ const fn code_39_310(format: LineTableFormat, pos_in_bytes: bool) -> CodeLayout 
         ascii_size: 48,
         compact_size: 72,
         has_ready_bit: true,
+        nlocals: 28,
+        localnames: 72,
     }
 }
 
@@ -144,6 +154,8 @@ const fn code_311_313(argcount: u64, first_traceable: u64, size: u64) -> CodeLay
         ascii_size: if new_strings { 40 } else { 48 },
         compact_size: if new_strings { 56 } else { 72 },
         has_ready_bit: !new_strings,
+        nlocals: argcount + 20,
+        localnames: 96,
     }
 }
 
@@ -153,7 +165,7 @@ impl Layout {
         if major != 3 {
             return None;
         }
-        let frame_object = |f_lasti, format, pos_in_bytes| Layout {
+        let frame_object = |f_lasti, f_localsplus, format, pos_in_bytes| Layout {
             flavor: py_flavor::FRAME_OBJECT,
             runtime_interp_head: 32,
             interp_threads_head: 8,
@@ -167,11 +179,12 @@ impl Layout {
             frame_back: 24,
             frame_instr: f_lasti,
             frame_entry: 0,
+            frame_localsplus: f_localsplus,
             code: code_39_310(format, pos_in_bytes),
         };
         Some(match minor {
-            9 => frame_object(104, LineTableFormat::Lnotab, true),
-            10 => frame_object(96, LineTableFormat::Pep626, false),
+            9 => frame_object(104, 360, LineTableFormat::Lnotab, true),
+            10 => frame_object(96, 352, LineTableFormat::Pep626, false),
             11 => Layout {
                 flavor: py_flavor::CFRAME_311,
                 runtime_interp_head: 40,
@@ -186,6 +199,7 @@ impl Layout {
                 frame_back: 48,
                 frame_instr: 56,
                 frame_entry: 68,
+                frame_localsplus: 72,
                 code: code_311_313(56, 168, 184),
             },
             12 => Layout {
@@ -202,6 +216,7 @@ impl Layout {
                 frame_back: 8,
                 frame_instr: 56,
                 frame_entry: 70,
+                frame_localsplus: 72,
                 code: code_311_313(52, 176, 192),
             },
             13 => Layout {
@@ -218,6 +233,7 @@ impl Layout {
                 frame_back: 8,
                 frame_instr: 56,
                 frame_entry: 70,
+                frame_localsplus: 72,
                 code: code_311_313(52, 184, 200),
             },
             _ => return None,

@@ -35,11 +35,11 @@ use crate::runtimes::Memory;
 
 /// `tp_itemsize`, `tp_flags`, `tp_dict`.
 const TP_ITEMSIZE: u64 = 40;
-const TP_FLAGS: u64 = 168;
-const TP_DICT: u64 = 264;
+pub(super) const TP_FLAGS: u64 = 168;
+pub(super) const TP_DICT: u64 = 264;
 /// `Py_TPFLAGS_HEAPTYPE`, `Py_TPFLAGS_HAVE_GC`, `Py_TPFLAGS_MANAGED_DICT` (3.11+),
 /// `Py_TPFLAGS_MANAGED_WEAKREF` (3.12+).
-const HEAPTYPE: u64 = 1 << 9;
+pub(super) const HEAPTYPE: u64 = 1 << 9;
 const HAVE_GC: u64 = 1 << 14;
 const MANAGED_DICT: u64 = 1 << 4;
 const MANAGED_WEAKREF: u64 = 1 << 3;
@@ -199,6 +199,16 @@ pub struct Target {
     pub unicode_type: u64,
     /// Before 3.12: the addresses of pymalloc's file-static `arenas` and `maxarenas`.
     pub static_arenas: Option<(u64, u64)>,
+    /// The threads' frames, whose variables are named roots; `None`: not read.
+    pub frames: Option<Frames>,
+}
+
+/// How to walk the threads' frames and read their variables' names.
+#[derive(Clone, Copy, Debug)]
+pub struct Frames {
+    pub config: leakprobe_common::PyConfig,
+    pub layout: super::layout::Layout,
+    pub types: super::code::TypeAddrs,
 }
 
 /// One type's row in a census.
@@ -1121,7 +1131,13 @@ mod tests {
         m.put_u64(list + 16, 1);
         m.put_u64(list + 24, list + 0x100);
         m.put_u64(list + 0x100, 0xccc0);
-        let t = Target { layout: l, py_runtime: runtime, unicode_type: UNICODE, static_arenas: None };
+        let t = Target {
+            layout: l,
+            py_runtime: runtime,
+            unicode_type: UNICODE,
+            static_arenas: None,
+            frames: None,
+        };
         let r = super::super::roots::named_roots(&m, &t).unwrap();
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
         assert_eq!(
@@ -1133,6 +1149,88 @@ mod tests {
             ]
         );
         assert_eq!((r.modules, r.unreadable_modules, r.dropped), (1, 0, 0));
+    }
+
+    /// A class defined in its module gives its attributes, before the module's globals; an
+    /// imported one does not; each thread's frames give their set variables, after them.
+    #[test]
+    fn named_roots_name_class_attributes_and_frame_locals() {
+        let m = Fake::default();
+        let l = layout();
+        let (runtime, interp) = (0x1000, 0x10_0000);
+        let frames_layout = super::super::layout::Layout::for_version(3, 11).unwrap();
+        let code_type = 0x9100;
+        let config = super::super::walk::config(&frames_layout, runtime, code_type);
+        m.put_u64(runtime + l.runtime_interp_main, interp);
+        m.put_u64(config.interp_head_ptr, interp);
+        let (modules, module, globals) = (0x20_0000, 0x21_0000, 0x22_0000);
+        for (at, s) in [
+            (0x30_0000, "app"),
+            (0x30_1000, "cache"),
+            (0x30_2000, "Registry"),
+            (0x30_3000, "Imported"),
+            (0x30_4000, "__module__"),
+            (0x30_5000, "items"),
+            (0x30_6000, "other"),
+            (0x30_7000, "rows"),
+            (0x30_8000, "unset"),
+        ] {
+            put_str(&m, at, s);
+        }
+        m.put_u64(interp + 888, modules);
+        put_dict(&m, modules, &[(0x30_0000, module)]);
+        m.put_u64(module + 16, globals);
+        let (registry, imported, meta) = (0x50_0000, 0x53_0000, 0x51_0000);
+        put_dict(&m, globals, &[(0x30_1000, 0xaaa0), (0x30_2000, registry), (0x30_3000, imported)]);
+        m.put_u64(meta + TP_FLAGS, 1 << 31);
+        for (class, dict, module_name) in [(registry, 0x52_0000, 0x30_0000), (imported, 0x54_0000, 0x30_6000)]
+        {
+            m.put_u64(class + OB_TYPE, meta);
+            m.put_u64(class + TP_FLAGS, 1 << 9);
+            m.put_u64(class + 264, dict);
+            put_dict(&m, dict, &[(0x30_4000, module_name), (0x30_5000, 0xddd0)]);
+        }
+        // One thread, one frame: `rows` set, `unset` not yet.
+        let (tstate, cframe, frame, code, names) = (0x60_0000, 0x61_0000, 0x62_0000, 0x63_0000, 0x64_0000);
+        m.put_u64(interp + frames_layout.interp_threads_head, tstate);
+        m.put_u64(tstate + 160, 812);
+        m.put_u64(tstate + frames_layout.tstate_frame, cframe);
+        m.put_u64(cframe + frames_layout.cframe_current_frame, frame);
+        m.put_u64(frame + frames_layout.frame_code, code);
+        m.put_u64(frame + frames_layout.frame_back, 0);
+        m.put_u64(frame + 72, 0xeee0);
+        m.put_u64(frame + 80, 0);
+        m.put_u64(code + OB_TYPE, code_type);
+        m.put(code + frames_layout.code.nlocals, &2i32.to_le_bytes());
+        m.put_u64(code + frames_layout.code.localnames, names);
+        m.put_u64(names + 16, 2);
+        m.put_u64(names + 24, 0x30_7000);
+        m.put_u64(names + 32, 0x30_8000);
+        let frames = Frames {
+            config,
+            layout: frames_layout,
+            types: super::super::code::TypeAddrs { code: code_type, unicode: UNICODE, bytes: 0x9200 },
+        };
+        let t = Target {
+            layout: l,
+            py_runtime: runtime,
+            unicode_type: UNICODE,
+            static_arenas: None,
+            frames: Some(frames),
+        };
+        let r = super::super::roots::named_roots(&m, &t).unwrap();
+        let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
+        assert_eq!(
+            got,
+            [
+                ("class app.Registry, attribute __module__", 0x30_0000),
+                ("class app.Registry, attribute items", 0xddd0),
+                ("module app, global cache", 0xaaa0),
+                ("module app, global Registry", registry),
+                ("module app, global Imported", imported),
+                ("local rows in a Python function, thread 812", 0xeee0),
+            ]
+        );
     }
 
     #[test]

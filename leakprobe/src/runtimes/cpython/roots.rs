@@ -1,12 +1,20 @@
-//! What a Python program holds, in its own names: every module's globals (`module app,
-//! global cache`) and the collector's `gc.garbage`. The reachability scan marks from these
+//! What a Python program holds, in its own names: its classes' attributes (`class
+//! app.Registry, attribute items`), every module's globals (`module app, global cache`), the
+//! variables of every thread's frames (`local rows in handle (app.py:30), thread 812`) and
+//! the collector's `gc.garbage`, marked in that order. The reachability scan marks from these
 //! before any other root, so that a block a module global reaches is held by that global,
-//! not by the interpreter's data that reaches every module.
+//! not by the interpreter's data that reaches every module, and what only a running
+//! function holds is named by its variable, not by the data stack's memory.
 //!
 //! Pure: reads the target's memory through [`Memory`]. Only the names of namespaces'
 //! entries are kept (identifiers), never a value's contents.
 
-use super::objects::{self, ObjectLayout, ObjectsError, Target, TypeNames};
+use leakprobe_common::py_frame;
+
+use super::{
+    objects::{self, Frames, HEAPTYPE, ObjectLayout, ObjectsError, TP_DICT, TP_FLAGS, Target, TypeNames},
+    walk,
+};
 use crate::runtimes::Memory;
 
 /// `PyModuleObject.md_dict`, the same in 3.9–3.13.
@@ -24,6 +32,13 @@ const OB_SIZE: u64 = 16;
 const SET_USED: u64 = 24;
 /// `PyDictObject.ma_used`.
 const DICT_USED: u64 = 16;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: the object is a type.
+const TYPE_SUBCLASS: u64 = 1 << 31;
+/// Attributes read per class, and variables per frame.
+const MAX_ATTRIBUTES: u64 = 1 << 16;
+const MAX_LOCALS: i32 = 1 << 16;
+/// `PyTupleObject.ob_item`.
+const TUPLE_ITEMS: u64 = 24;
 
 /// One named root: a pointer the program holds under a name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +87,7 @@ pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> 
     let string = |addr: u64| super::code::read_str(mem, addr, &l.str_layout, t.unicode_type);
     let modules = modules_offset(l.minor).and_then(|off| mem.read_u64(interp.wrapping_add(off)));
     let entries = modules.and_then(|m| objects::dict_entries(mem, l, m, MAX_MODULES));
+    let mut globals_of = Vec::new();
     for (key, module) in entries.unwrap_or_default() {
         out.modules += 1;
         let name = printable_name(string(key));
@@ -79,12 +95,32 @@ pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> 
             .read_u64(module.wrapping_add(MD_DICT))
             .filter(|&d| d != 0)
             .and_then(|d| objects::dict_entries(mem, l, d, MAX_GLOBALS));
-        let Some(globals) = globals else {
-            out.unreadable_modules += 1;
-            continue;
-        };
-        for (k, v) in globals {
-            push(&mut out, format!("module {name}, global {}", printable_name(string(k))), v);
+        match globals {
+            Some(g) => globals_of.push((name, g)),
+            None => out.unreadable_modules += 1,
+        }
+    }
+    for (module, globals) in &globals_of {
+        for &(k, v) in globals {
+            let Some(attributes) = class_attributes(mem, l, v, module, &string) else { continue };
+            let class = printable_name(string(k));
+            for (a, value) in attributes {
+                push(
+                    &mut out,
+                    format!("class {module}.{class}, attribute {}", printable_name(string(a))),
+                    value,
+                );
+            }
+        }
+    }
+    for (module, globals) in &globals_of {
+        for &(k, v) in globals {
+            push(&mut out, format!("module {module}, global {}", printable_name(string(k))), v);
+        }
+    }
+    if let Some(f) = &t.frames {
+        for (name, value) in frame_locals(mem, f, &string) {
+            push(&mut out, name, value);
         }
     }
     if let Some(items) = garbage(mem, l, interp) {
@@ -93,6 +129,81 @@ pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> 
         }
     }
     Ok(out)
+}
+
+/// A class defined in `module` (its `__module__` says so: an imported class is named where
+/// it is defined): its own attributes, `__module__` and `__doc__` and the like included.
+fn class_attributes(
+    mem: &dyn Memory,
+    l: &ObjectLayout,
+    obj: u64,
+    module: &str,
+    string: &dyn Fn(u64) -> Option<String>,
+) -> Option<Vec<(u64, u64)>> {
+    let tp = mem.read_u64(obj.wrapping_add(8)).filter(|&tp| tp != 0)?;
+    let meta_flags = mem.read_u64(tp.wrapping_add(TP_FLAGS))?;
+    let flags = mem.read_u64(obj.wrapping_add(TP_FLAGS))?;
+    if meta_flags & TYPE_SUBCLASS == 0 || flags & HEAPTYPE == 0 {
+        return None;
+    }
+    let dict = mem.read_u64(obj.wrapping_add(TP_DICT)).filter(|&d| d != 0)?;
+    let entries = objects::dict_entries(mem, l, dict, MAX_ATTRIBUTES)?;
+    let defined_here = entries
+        .iter()
+        .any(|&(k, v)| string(k).as_deref() == Some("__module__") && string(v).as_deref() == Some(module));
+    defined_here.then_some(entries)
+}
+
+/// Every thread's frames' variables: `local NAME in FUNCTION (FILE:LINE), thread TID`, the
+/// innermost frame first. A variable not set yet (NULL) is left out.
+fn frame_locals(mem: &dyn Memory, f: &Frames, string: &dyn Fn(u64) -> Option<String>) -> Vec<(String, u64)> {
+    let mut resolver = super::code::CodeResolver::new(f.layout.code, f.types);
+    let mut out = Vec::new();
+    for tstate in walk::thread_states(mem, &f.config) {
+        let thread = f
+            .layout
+            .tstate_native_thread_id
+            .and_then(|o| mem.read_u64(tstate.wrapping_add(o)))
+            .map_or_else(String::new, |tid| format!(", thread {tid}"));
+        for (frame, word) in walk::frames_of(mem, &f.config, tstate).0 {
+            let code = py_frame::code(word);
+            let at = resolver.resolve(mem, code, py_frame::pos(word)).map_or_else(
+                || "a Python function".to_string(),
+                |p| {
+                    let file = p.file.rsplit('/').next().unwrap_or(&p.file).to_string();
+                    super::code::PyFrame { file, ..p }.to_string()
+                },
+            );
+            for (name, value) in variables(mem, f, frame, code) {
+                out.push((format!("local {} in {at}{thread}", printable_name(string(name))), value));
+            }
+        }
+    }
+    out
+}
+
+/// A frame's set variables: (the name's str, the value).
+fn variables(mem: &dyn Memory, f: &Frames, frame: u64, code: u64) -> Vec<(u64, u64)> {
+    let c = &f.layout.code;
+    let Some(n) = mem.read_i32(code.wrapping_add(c.nlocals)).filter(|n| (0..=MAX_LOCALS).contains(n)) else {
+        return Vec::new();
+    };
+    let n = n as u64;
+    let names = mem.read_u64(code.wrapping_add(c.localnames)).unwrap_or(0);
+    // The names' tuple must have them all.
+    if names == 0 || mem.read_u64(names.wrapping_add(OB_SIZE)).is_none_or(|len| len < n) {
+        return Vec::new();
+    }
+    let words = |addr: u64| {
+        mem.read_vec(addr, (n * 8) as usize)
+            .map(|raw| {
+                raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
+            })
+            .unwrap_or_default()
+    };
+    let keys: Vec<u64> = words(names.wrapping_add(TUPLE_ITEMS));
+    let values: Vec<u64> = words(frame.wrapping_add(f.layout.frame_localsplus));
+    keys.into_iter().zip(values).filter(|&(_, v)| v != 0).collect()
 }
 
 /// The items of `gc.garbage` (a list).

@@ -120,15 +120,19 @@ pub fn find_thread_state(mem: &dyn Memory, cfg: &PyConfig, key: u64) -> Option<u
 
 /// The frame walk of the thread state `tstate` (see the module documentation).
 pub fn walk_frames(mem: &dyn Memory, cfg: &PyConfig, tstate: u64) -> PyWalk {
-    let mut walk = PyWalk::default();
-    walk.end = match walk_into(mem, cfg, tstate, &mut walk.words) {
-        Some(end) => end,
-        None => py_end::BAD_FRAME,
-    };
-    walk
+    let (frames, end) = frames_of(mem, cfg, tstate);
+    PyWalk { words: frames.into_iter().map(|(_, w)| w).collect(), end }
 }
 
-fn walk_into(mem: &dyn Memory, cfg: &PyConfig, tstate: u64, words: &mut Vec<u64>) -> Option<u32> {
+/// [`walk_frames`] with each frame's address: `(frame, word)`, innermost first, and how the
+/// walk ended.
+pub fn frames_of(mem: &dyn Memory, cfg: &PyConfig, tstate: u64) -> (Vec<(u64, u64)>, u32) {
+    let mut frames = Vec::new();
+    let end = walk_into(mem, cfg, tstate, &mut frames).unwrap_or(py_end::BAD_FRAME);
+    (frames, end)
+}
+
+fn walk_into(mem: &dyn Memory, cfg: &PyConfig, tstate: u64, words: &mut Vec<(u64, u64)>) -> Option<u32> {
     let shims = matches!(cfg.flavor, py_flavor::CFRAME_312 | py_flavor::CURRENT_313);
     let max = (cfg.max_frames as usize).min(MAX_PY_DEPTH);
     let mut f = match cfg.flavor {
@@ -147,7 +151,7 @@ fn walk_into(mem: &dyn Memory, cfg: &PyConfig, tstate: u64, words: &mut Vec<u64>
             return Some(py_end::COMPLETE);
         }
         if shims && mem.read_u8(f + cfg.frame_entry)? == OWNED_BY_CSTACK {
-            if let Some(last) = words.last_mut() {
+            if let Some((_, last)) = words.last_mut() {
                 *last |= py_frame::ENTRY;
             }
             f = mem.read_u64(f + cfg.frame_back)?;
@@ -170,7 +174,7 @@ fn walk_into(mem: &dyn Memory, cfg: &PyConfig, tstate: u64, words: &mut Vec<u64>
             let entry = cfg.flavor == py_flavor::CFRAME_311 && mem.read_u8(f + cfg.frame_entry)? != 0;
             (pos, entry)
         };
-        words.push(py_frame::pack(code, pos, entry));
+        words.push((f, py_frame::pack(code, pos, entry)));
         f = mem.read_u64(f + cfg.frame_back)?;
     }
     Some(py_end::MAX_DEPTH)
