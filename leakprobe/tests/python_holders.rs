@@ -3,7 +3,9 @@
 //! name a module that does not contain the holding address (the kernel merges a module's .bss
 //! with the anonymous mapping after it, pymalloc's arenas here). Module globals as Python names
 //! them (issue 23): what a program adds after attach to a dict and a list made before it is
-//! held by `module __main__, global cache` and `global listeners`, on every CPython.
+//! held by `module __main__, global cache` and `global listeners`, and what only a running
+//! function holds by its variable (`local pending in main (py_holders.py:37), thread N`), on
+//! every CPython.
 //! Privileged: run as root, one at a time.
 
 mod common;
@@ -200,7 +202,18 @@ fn globals_case(python: &Path) {
     // The closures (function objects, pymalloc), allocated on the LISTENERS line.
     let closures = python_site(&report, "pymalloc", "subscribe");
     assert_held(closures, "module __main__, global listeners (list, ", &format!("{version}: the closures"));
-    eprintln!("{version}: buffers held by {first}; closures by {}", closures["held_by"][0]["holder"]);
+    // The buffers only main()'s variable holds, named by it, the line main() is at, and its
+    // thread.
+    let pending = python_site(&report, "malloc", "main");
+    assert_held(pending, "local pending in main (py_holders.py:", &format!("{version}: main's buffers"));
+    let by = pending["held_by"][0]["holder"].as_str().unwrap();
+    // 3.9 and 3.10 keep no kernel thread id in a thread state: no thread is named there.
+    let old = ["3.9", "3.10"].iter().any(|v| version.to_string().contains(v));
+    assert!(old || by.contains(", thread "), "{version}: {by}");
+    eprintln!(
+        "{version}: buffers held by {first}; closures by {}; pending by {by}",
+        closures["held_by"][0]["holder"]
+    );
 }
 
 /// `--backrefs bytearray --backrefs-svg`: from the cache global, through the dict, to the

@@ -4,7 +4,8 @@ py_holders.py: fills a module-level dict `cache` (48 KiB bytearrays by user) and
 `listeners` (closures) before it prints "ready", then keeps adding one of each every few
 milliseconds until killed. The containers themselves are from before any attach; what goes
 into them after is allocated at the two lines marked CACHE and LISTENERS. It also keeps 50
-bytes objects of 10000 bytes in `blobs` (over 512 bytes: malloc's blocks, not pymalloc's)."""
+bytes objects of 10000 bytes in `blobs` (over 512 bytes: malloc's blocks, not pymalloc's), and
+4 KiB bytearrays in `main`'s own variable `pending`, which no global reaches (PENDING)."""
 import time
 
 cache = {}
@@ -23,6 +24,7 @@ def subscribe(i):
 
 
 def main():
+    pending = []  # held by this frame's variable only
     for i in range(100):
         remember(f"early-{i}")
         subscribe(i)
@@ -31,6 +33,7 @@ def main():
     while True:
         remember(f"user-{i}")
         subscribe(i)
+        pending.append(bytearray(4096))  # PENDING
         i += 1
         time.sleep(0.004)
 
