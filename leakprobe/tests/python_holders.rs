@@ -207,9 +207,7 @@ fn globals_case(python: &Path) {
     let pending = python_site(&report, "malloc", "main");
     assert_held(pending, "local pending in main (py_holders.py:", &format!("{version}: main's buffers"));
     let by = pending["held_by"][0]["holder"].as_str().unwrap();
-    // 3.9 and 3.10 keep no kernel thread id in a thread state: no thread is named there.
-    let old = ["3.9", "3.10"].iter().any(|v| version.to_string().contains(v));
-    assert!(old || by.contains(", thread "), "{version}: {by}");
+    assert!(by.contains(&format!(", thread {}", t.pid())), "{version}: {by}");
     eprintln!(
         "{version}: buffers held by {first}; closures by {}; pending by {by}",
         closures["held_by"][0]["holder"]

@@ -71,7 +71,8 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
     }
     b.trim_list_items(snap, into.blocks);
     let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, named: Vec::new() };
-    match pyroots::named_roots(snap, t) {
+    let threads: Vec<(u64, i32)> = snap.threads.iter().map(|t| (t.fs_base, t.tid)).collect();
+    match pyroots::named_roots(snap, t, &threads) {
         Ok(r) => {
             part.heap.roots = r.roots.len() as u64;
             part.heap.modules = r.modules;

@@ -1138,7 +1138,7 @@ mod tests {
             static_arenas: None,
             frames: None,
         };
-        let r = super::super::roots::named_roots(&m, &t).unwrap();
+        let r = super::super::roots::named_roots(&m, &t, &[]).unwrap();
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
         assert_eq!(
             got,
@@ -1218,7 +1218,7 @@ mod tests {
             static_arenas: None,
             frames: Some(frames),
         };
-        let r = super::super::roots::named_roots(&m, &t).unwrap();
+        let r = super::super::roots::named_roots(&m, &t, &[]).unwrap();
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
         assert_eq!(
             got,

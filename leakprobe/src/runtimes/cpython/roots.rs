@@ -72,8 +72,10 @@ fn modules_offset(minor: u8) -> Option<u64> {
 
 pub use crate::runtimes::printable_name;
 
-/// Every module's globals and `gc.garbage`'s items, in `sys.modules` order.
-pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> {
+/// Classes' attributes, every module's globals (in `sys.modules` order), the threads' frames'
+/// variables and `gc.garbage`'s items. `threads` are the process's (thread pointer, kernel
+/// id): before 3.11 a thread state knows its thread by its `pthread_self()` only.
+pub fn named_roots(mem: &dyn Memory, t: &Target, threads: &[(u64, i32)]) -> Result<Roots, ObjectsError> {
     let l = &t.layout;
     let interp = objects::main_interpreter(mem, l, t.py_runtime)?;
     let mut out = Roots::default();
@@ -119,7 +121,7 @@ pub fn named_roots(mem: &dyn Memory, t: &Target) -> Result<Roots, ObjectsError> 
         }
     }
     if let Some(f) = &t.frames {
-        for (name, value) in frame_locals(mem, f, &string) {
+        for (name, value) in frame_locals(mem, f, threads, &string) {
             push(&mut out, name, value);
         }
     }
@@ -156,15 +158,22 @@ fn class_attributes(
 
 /// Every thread's frames' variables: `local NAME in FUNCTION (FILE:LINE), thread TID`, the
 /// innermost frame first. A variable not set yet (NULL) is left out.
-fn frame_locals(mem: &dyn Memory, f: &Frames, string: &dyn Fn(u64) -> Option<String>) -> Vec<(String, u64)> {
+fn frame_locals(
+    mem: &dyn Memory,
+    f: &Frames,
+    threads: &[(u64, i32)],
+    string: &dyn Fn(u64) -> Option<String>,
+) -> Vec<(String, u64)> {
     let mut resolver = super::code::CodeResolver::new(f.layout.code, f.types);
     let mut out = Vec::new();
     for tstate in walk::thread_states(mem, &f.config) {
-        let thread = f
-            .layout
-            .tstate_native_thread_id
-            .and_then(|o| mem.read_u64(tstate.wrapping_add(o)))
-            .map_or_else(String::new, |tid| format!(", thread {tid}"));
+        let tid = match f.layout.tstate_native_thread_id {
+            Some(o) => mem.read_u64(tstate.wrapping_add(o)),
+            None => mem.read_u64(tstate.wrapping_add(f.layout.tstate_thread_id)).and_then(|me| {
+                threads.iter().find(|(fs, _)| *fs == me && me != 0).map(|(_, tid)| *tid as u64)
+            }),
+        };
+        let thread = tid.map_or_else(String::new, |tid| format!(", thread {tid}"));
         for (frame, word) in walk::frames_of(mem, &f.config, tstate).0 {
             let code = py_frame::code(word);
             let at = resolver.resolve(mem, code, py_frame::pos(word)).map_or_else(
