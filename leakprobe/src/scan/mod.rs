@@ -215,12 +215,27 @@ impl crate::runtimes::Memory for Snapshot {
     }
 }
 
-/// Reads the snapshot for the marking.
-struct SnapMem<'a>(&'a Snapshot);
+/// Reads the snapshot for the marking; words in `dead` (sorted, disjoint) read as zero: stale
+/// slots the program itself no longer counts as references (a free list's past its count).
+struct SnapMem<'a>(&'a Snapshot, &'a [(u64, u64)]);
 
 impl mark::Memory for SnapMem<'_> {
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), mark::Unreadable> {
-        if self.0.read(addr, buf) { Ok(()) } else { Err(mark::Unreadable) }
+        if !self.0.read(addr, buf) {
+            return Err(mark::Unreadable);
+        }
+        zero_dead(self.1, addr, buf);
+        Ok(())
+    }
+}
+
+/// Zeroes the bytes of `buf` (read at `addr`) that fall in `dead`'s ranges.
+fn zero_dead(dead: &[(u64, u64)], addr: u64, buf: &mut [u8]) {
+    let end = addr.saturating_add(buf.len() as u64);
+    let first = dead.partition_point(|&(_, e)| e <= addr);
+    for &(s, e) in dead[first..].iter().take_while(|&&(s, _)| s < end) {
+        let (from, to) = (s.max(addr) - addr, e.min(end) - addr);
+        buf[from as usize..to as usize].fill(0);
     }
 }
 
@@ -280,7 +295,9 @@ impl<'a> Captured<'a> {
         let mut roots = roots::build(&snap.regions, &threads, &layout);
         let first = py.as_mut().map_or_else(Vec::new, |p| p.named_roots(&mut roots));
         let prefixes = py.as_ref().map_or(&[][..], |p| &p.prefixes);
-        let marker = Marker { snap: &snap, blocks: &blocks, roots: &roots, first: &first, prefixes, req };
+        let dead = py.as_ref().map_or(&[][..], |p| &p.dead);
+        let marker =
+            Marker { snap: &snap, blocks: &blocks, roots: &roots, first: &first, prefixes, dead, req };
         // Marked again, following untracked memory back, only if some of it holds blocks.
         let mut marking = marker.mark(None)?;
         let weak_held = marking.sites.iter().flat_map(|s| &s.holders).any(|h| match h.by {
@@ -350,6 +367,8 @@ struct Marker<'a> {
     /// Named roots marked before all others (a Python program's globals).
     first: &'a [mark::RootValues],
     prefixes: &'a [mark::Prefix],
+    /// Words read as zero (see [`SnapMem`]).
+    dead: &'a [(u64, u64)],
     req: &'a Request,
 }
 
@@ -384,7 +403,7 @@ fn mark_roots(mk: &Marker<'_>, back: Option<&backref::Index>) -> Result<mark::Ma
         weak,
         first: mk.first.to_vec(),
     };
-    let mut mem = SnapMem(snap);
+    let mut mem = SnapMem(snap, mk.dead);
     let mut vtable = |a: u64| is_vtable(snap, a);
     // A holder in untracked memory is the object there, not each of its words.
     let mut holder_word = |root: u32, addr: u64| match back {
@@ -442,7 +461,7 @@ fn take_census(
     blocks: &mut Vec<mark::Block>,
     exclude: &mut Vec<(u64, u64)>,
 ) -> CensusResult {
-    let c = census::census(&mut SnapMem(snap), &snap.regions, v);
+    let c = census::census(&mut SnapMem(snap, &[]), &snap.regions, v);
     let mut tracked: Vec<(u64, u64)> = blocks.iter().map(|b| (b.start, b.start + b.size.max(1))).collect();
     tracked.sort_unstable();
     let overlaps_tracked = |s: u64, e: u64| {
@@ -837,7 +856,7 @@ fn back_index(
     }));
     let values: Vec<(u32, Vec<u64>)> =
         roots.values.iter().map(|(root, v)| (*root, v.iter().map(|x| x.1).collect())).collect();
-    backref::Index::build(&ranges, &values, 1, &mut SnapMem(snap), backref::Limits::default())
+    backref::Index::build(&ranges, &values, 1, &mut SnapMem(snap, &[]), backref::Limits::default())
 }
 
 /// One root slot in the user's words: a global by symbol, a register or stack slot by thread.
@@ -928,6 +947,25 @@ fn name_root(r: RootRef, roots: &roots::Roots, snap: &Snapshot, globals: &mut Gl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dead ranges read as zero wherever a read meets them; the rest reads as it is.
+    #[test]
+    fn dead_words_read_as_zero() {
+        let dead = [(0x1008, 0x1010), (0x1018, 0x1030)];
+        let mut buf = [0xffu8; 0x30];
+        zero_dead(&dead, 0x1000, &mut buf);
+        assert!(buf[..8].iter().all(|&b| b == 0xff));
+        assert!(buf[8..16].iter().all(|&b| b == 0));
+        assert!(buf[16..24].iter().all(|&b| b == 0xff));
+        assert!(buf[24..].iter().all(|&b| b == 0));
+        // A read inside one range, and one past them all.
+        let mut w = [0xffu8; 4];
+        zero_dead(&dead, 0x101c, &mut w);
+        assert_eq!(w, [0; 4]);
+        let mut w = [0xffu8; 8];
+        zero_dead(&dead, 0x1030, &mut w);
+        assert_eq!(w, [0xff; 8]);
+    }
 
     #[test]
     fn template_args() {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::{GroupKey, Groups, PythonHeap, mark, roots, snapshot::Snapshot};
 use crate::runtimes::cpython::{
+    freelists,
     objects::{self, BlockTyper, Census, ObjectsError, PyBlock, Target, TypeNames},
     roots::{self as pyroots, NamedRoot},
 };
@@ -25,6 +26,8 @@ pub(super) struct Part {
     pub heap: PythonHeap,
     /// The pre-headers of 3.11+ objects: scanned as the object's.
     pub prefixes: Vec<mark::Prefix>,
+    /// Stale slots of the interpreter's free lists: no references (they read as zero).
+    pub dead: Vec<(u64, u64)>,
     named: Vec<NamedRoot>,
 }
 
@@ -70,7 +73,8 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         b.count_outside(c, snap, t);
     }
     b.trim_list_items(snap, into.blocks);
-    let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, named: Vec::new() };
+    let dead = free_list_slots(snap, t);
+    let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, dead, named: Vec::new() };
     let threads: Vec<(u64, i32)> = snap.threads.iter().map(|t| (t.fs_base, t.tid)).collect();
     match pyroots::named_roots(snap, t, &threads) {
         Ok(r) => {
@@ -82,6 +86,20 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         Err(e) => part.heap.roots_error = Some(e.to_string()),
     }
     part
+}
+
+/// The stale slots of the interpreter's free lists (see [`freelists`]).
+fn free_list_slots(snap: &Snapshot, t: &Target) -> Vec<(u64, u64)> {
+    let lists = match freelists::in_interpreter(t.layout.minor) {
+        Some(at) => match objects::main_interpreter(snap, &t.layout, t.py_runtime) {
+            Ok(interp) => {
+                at.map(|f| freelists::FreeList { items: interp + f.items, count: interp + f.count }).to_vec()
+            }
+            Err(_) => Vec::new(),
+        },
+        None => t.static_free_lists.map(|l| l.to_vec()).unwrap_or_default(),
+    };
+    freelists::stale_slots(snap, &lists)
 }
 
 /// Puts the Python heap's blocks into the marking's.

@@ -19,6 +19,8 @@ pub struct Names {
     /// Before 3.12: pymalloc's static `arenas` and `maxarenas` (runtime addresses), found in
     /// the module's file at the first census.
     static_arenas: std::cell::OnceCell<Option<(u64, u64)>>,
+    /// 3.9: the file-static free lists (runtime addresses), found at the first census.
+    static_free_lists: std::cell::OnceCell<Option<[cpython::freelists::FreeList; 3]>>,
 }
 
 impl Names {
@@ -34,8 +36,31 @@ impl Names {
             } else {
                 None
             },
+            static_free_lists: if r.version.minor == 9 {
+                *self.static_free_lists.get_or_init(|| self.find_static_free_lists())
+            } else {
+                None
+            },
             frames: Some(cpython::objects::Frames { config: self.config, layout: r.layout, types: r.types }),
         })
+    }
+
+    fn find_static_free_lists(&self) -> Option<[cpython::freelists::FreeList; 3]> {
+        let r = &self.runtime;
+        let path = crate::target::target_path(r.pid, &r.module);
+        let found = std::fs::read(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|image| cpython::freelists::static_lists(&image));
+        match found {
+            Ok(lists) => Some(lists.map(|f| cpython::freelists::FreeList {
+                items: f.items.wrapping_add(r.bias),
+                count: f.count.wrapping_add(r.bias),
+            })),
+            Err(why) => {
+                tracing::info!("CPython's free lists not found in {}: {why}", r.module.display());
+                None
+            }
+        }
     }
 
     fn find_static_arenas(&self) -> Option<(u64, u64)> {
@@ -99,6 +124,7 @@ impl Names {
             others: Default::default(),
             eval,
             static_arenas: Default::default(),
+            static_free_lists: Default::default(),
         };
         (Some(names), Some(line))
     }

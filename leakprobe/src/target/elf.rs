@@ -121,6 +121,31 @@ pub fn symbols_in(
     Ok(out)
 }
 
+/// The file-local symbols (`static` variables) named `wanted` of one source file, from the
+/// symbol table (`.symtab`), where a compiler lists each file's locals after an `STT_FILE`
+/// entry with the file's name: `static` names repeat across files (`free_list`).
+pub fn file_locals(
+    data: &[u8],
+    source: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, SymbolAddr>, object::Error> {
+    use object::SymbolKind;
+    let file = object::File::parse(data)?;
+    let mut out = HashMap::new();
+    let mut inside = false;
+    for sym in file.symbols() {
+        if sym.kind() == SymbolKind::File {
+            inside = sym.name().is_ok_and(|n| n == source);
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if inside && sym.is_local() && sym.is_definition() && wanted(name) && !out.contains_key(name) {
+            out.insert(name.to_string(), SymbolAddr { address: sym.address(), size: sym.size() });
+        }
+    }
+    Ok(out)
+}
+
 /// The contents of the section `name` of an ELF image, if it has file data.
 pub fn section_data<'a>(data: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let file = object::File::parse(data).ok()?;

@@ -14,6 +14,7 @@
 pub mod allocators;
 pub mod code;
 mod detect;
+pub mod freelists;
 pub mod layout;
 pub mod linetable;
 pub mod objects;

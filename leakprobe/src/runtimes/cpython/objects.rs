@@ -201,6 +201,8 @@ pub struct Target {
     pub static_arenas: Option<(u64, u64)>,
     /// The threads' frames, whose variables are named roots; `None`: not read.
     pub frames: Option<Frames>,
+    /// 3.9: the file-static free lists of dicts, keys tables and lists (runtime addresses).
+    pub static_free_lists: Option<[super::freelists::FreeList; 3]>,
 }
 
 /// How to walk the threads' frames and read their variables' names.
@@ -1137,6 +1139,7 @@ mod tests {
             unicode_type: UNICODE,
             static_arenas: None,
             frames: None,
+            static_free_lists: None,
         };
         let r = super::super::roots::named_roots(&m, &t, &[]).unwrap();
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
@@ -1217,6 +1220,7 @@ mod tests {
             unicode_type: UNICODE,
             static_arenas: None,
             frames: Some(frames),
+            static_free_lists: None,
         };
         let r = super::super::roots::named_roots(&m, &t, &[]).unwrap();
         let got: Vec<(&str, u64)> = r.roots.iter().map(|n| (n.name.as_str(), n.value)).collect();
