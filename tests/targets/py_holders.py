@@ -1,5 +1,4 @@
 """A Python program whose memory is held by module globals (tests/python_holders.rs, issue 23).
-
 py_holders.py: fills a module-level dict `cache` (48 KiB bytearrays by user) and a list
 `listeners` (closures) before it prints "ready", then keeps adding one of each every few
 milliseconds until killed. The containers themselves are from before any attach; what goes
