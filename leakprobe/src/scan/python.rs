@@ -11,6 +11,7 @@ use crate::runtimes::cpython::{
     freelists,
     objects::{self, BlockTyper, Census, ObjectsError, PyBlock, Target, TypeNames},
     roots::{self as pyroots, NamedRoot},
+    walk,
 };
 
 /// Where the Python heap goes.
@@ -73,7 +74,7 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         b.count_outside(c, snap, t);
     }
     b.trim_list_items(snap, into.blocks);
-    let dead = free_list_slots(snap, t);
+    let dead = dead_words(snap, t);
     let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, dead, named: Vec::new() };
     let threads: Vec<(u64, i32)> = snap.threads.iter().map(|t| (t.fs_base, t.tid)).collect();
     match pyroots::named_roots(snap, t, &threads) {
@@ -86,6 +87,17 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         Err(e) => part.heap.roots_error = Some(e.to_string()),
     }
     part
+}
+
+/// Words the interpreter no longer counts as references: its free lists' stale slots (see
+/// [`freelists`]) and its threads' frame stacks past their top. Sorted.
+fn dead_words(snap: &Snapshot, t: &Target) -> Vec<(u64, u64)> {
+    let mut dead = free_list_slots(snap, t);
+    if let Some(f) = &t.frames {
+        dead.extend(walk::dead_frame_stacks(snap, &f.config, &f.layout));
+    }
+    dead.sort_unstable();
+    dead
 }
 
 /// The stale slots of the interpreter's free lists (see [`freelists`]).

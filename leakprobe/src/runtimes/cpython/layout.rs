@@ -99,6 +99,9 @@ pub struct Layout {
     pub tstate_thread_id: u64,
     /// `PyThreadState.native_thread_id` (3.11+): the kernel tid.
     pub tstate_native_thread_id: Option<u64>,
+    /// `PyThreadState.datastack_top` (3.11+), followed by `datastack_limit`: the frames'
+    /// stack ends at `top`; its chunk's words up to `limit` are what returned frames left.
+    pub tstate_datastack_top: Option<u64>,
     /// `frame` (3.9/3.10), `cframe` (3.11/3.12), `current_frame` (3.13).
     pub tstate_frame: u64,
     /// `_PyCFrame.current_frame` (3.11/3.12).
@@ -173,6 +176,7 @@ impl Layout {
             tstate_interp: 16,
             tstate_thread_id: 176,
             tstate_native_thread_id: None,
+            tstate_datastack_top: None,
             tstate_frame: 24,
             cframe_current_frame: 0,
             frame_code: 32,
@@ -193,6 +197,7 @@ impl Layout {
                 tstate_interp: 16,
                 tstate_thread_id: 152,
                 tstate_native_thread_id: Some(160),
+                tstate_datastack_top: Some(304),
                 tstate_frame: 56,
                 cframe_current_frame: 8,
                 frame_code: 32,
@@ -210,6 +215,7 @@ impl Layout {
                 tstate_interp: 16,
                 tstate_thread_id: 136,
                 tstate_native_thread_id: Some(144),
+                tstate_datastack_top: Some(240),
                 tstate_frame: 56,
                 cframe_current_frame: 0,
                 frame_code: 0,
@@ -227,6 +233,7 @@ impl Layout {
                 tstate_interp: 16,
                 tstate_thread_id: 152,
                 tstate_native_thread_id: Some(160),
+                tstate_datastack_top: Some(240),
                 tstate_frame: 72,
                 cframe_current_frame: 0,
                 frame_code: 0,

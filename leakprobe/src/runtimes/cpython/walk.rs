@@ -102,6 +102,21 @@ pub fn thread_states(mem: &dyn Memory, cfg: &PyConfig) -> Vec<u64> {
     out
 }
 
+/// Each thread's frame stack past its top (3.11+): `[datastack_top, datastack_limit)` of the
+/// current chunk, where returned frames left their variables. Dead memory, as a native stack
+/// below its stack pointer is. Empty before 3.11 (frames are objects there).
+pub fn dead_frame_stacks(mem: &dyn Memory, cfg: &PyConfig, layout: &Layout) -> Vec<(u64, u64)> {
+    let Some(top_at) = layout.tstate_datastack_top else { return Vec::new() };
+    thread_states(mem, cfg)
+        .into_iter()
+        .filter_map(|t| {
+            let (top, limit) = (mem.read_u64(t + top_at)?, mem.read_u64(t + top_at + 8)?);
+            (top != 0 && top.is_multiple_of(8) && top < limit && limit - top <= 1 << 30)
+                .then_some((top, limit))
+        })
+        .collect()
+}
+
 /// The thread state whose id field equals `key` ([`thread_key`]), as the kernel side finds it.
 pub fn find_thread_state(mem: &dyn Memory, cfg: &PyConfig, key: u64) -> Option<u64> {
     let interp = mem.read_u64(cfg.interp_head_ptr).filter(|&i| i != 0)?;
@@ -243,6 +258,19 @@ mod tests {
         let w = walk_frames(&mem, &PyConfig { max_frames: 1, ..cfg }, t2);
         assert_eq!((w.words.len(), w.end), (1, py_end::MAX_DEPTH));
         assert!(py_frame::entry(w.words[0]));
+    }
+
+    /// The frame stack past its top is dead, per thread; a thread with none (top 0) has none.
+    #[test]
+    fn each_threads_frame_stack_past_its_top_is_dead() {
+        let mem = FakeMem::default();
+        let (cfg, t2) = process_312(&mem);
+        let l = Layout::for_version(3, 12).unwrap();
+        mem.put_u64(t2 + 240, 0x70_0100);
+        mem.put_u64(t2 + 248, 0x70_4000);
+        assert_eq!(dead_frame_stacks(&mem, &cfg, &l), vec![(0x70_0100, 0x70_4000)]);
+        // Before 3.11 frames are objects: nothing.
+        assert!(dead_frame_stacks(&mem, &cfg, &Layout::for_version(3, 10).unwrap()).is_empty());
     }
 
     #[test]
