@@ -45,37 +45,29 @@ impl Names {
         })
     }
 
-    fn find_static_free_lists(&self) -> Option<[cpython::freelists::FreeList; 3]> {
+    /// Something found in the file of the module that defines `_PyRuntime` (its symbols), or
+    /// `None` with a log line saying why (`what` names it).
+    fn from_module_file<T>(&self, what: &str, find: impl FnOnce(&[u8]) -> Result<T, String>) -> Option<T> {
         let r = &self.runtime;
         let path = crate::target::target_path(r.pid, &r.module);
-        let found = std::fs::read(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))
-            .and_then(|image| cpython::freelists::static_lists(&image));
-        match found {
-            Ok(lists) => Some(lists.map(|f| cpython::freelists::FreeList {
-                items: f.items.wrapping_add(r.bias),
-                count: f.count.wrapping_add(r.bias),
-            })),
-            Err(why) => {
-                tracing::info!("CPython's free lists not found in {}: {why}", r.module.display());
-                None
-            }
-        }
+        let found =
+            std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())).and_then(|i| find(&i));
+        found.map_err(|why| tracing::info!("{what} not found in {}: {why}", r.module.display())).ok()
+    }
+
+    fn find_static_free_lists(&self) -> Option<[cpython::freelists::FreeList; 3]> {
+        let bias = self.runtime.bias;
+        let lists = self.from_module_file("CPython's free lists", cpython::freelists::static_lists)?;
+        Some(lists.map(|f| cpython::freelists::FreeList {
+            items: f.items.wrapping_add(bias),
+            count: f.count.wrapping_add(bias),
+        }))
     }
 
     fn find_static_arenas(&self) -> Option<(u64, u64)> {
-        let r = &self.runtime;
-        let path = crate::target::target_path(r.pid, &r.module);
-        let found = std::fs::read(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))
-            .and_then(|image| cpython::pymalloc::static_arenas(&image));
-        match found {
-            Ok((a, m)) => Some((a.wrapping_add(r.bias), m.wrapping_add(r.bias))),
-            Err(why) => {
-                tracing::info!("pymalloc's arenas not found in {}: {why}", r.module.display());
-                None
-            }
-        }
+        let bias = self.runtime.bias;
+        let (a, m) = self.from_module_file("pymalloc's arenas", cpython::pymalloc::static_arenas)?;
+        Some((a.wrapping_add(bias), m.wrapping_add(bias)))
     }
 
     /// The target's CPython, or None; the line says what was found, or why its frames are
