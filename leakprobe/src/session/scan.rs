@@ -278,8 +278,8 @@ pub fn run(
 
 /// Scans several processes one at a time (each one stopped on its own, within the pause
 /// bound) and merges what they found; a process that cannot be scanned is named with why.
-/// `between` is called before and after each one's scan (the follower lets go of it and
-/// takes it back), and may return a line to show.
+/// `between(pid, before)` is called before and after each one's scan (the follower lets go
+/// of it and takes it back).
 pub fn run_each(
     setups: Vec<Setup>,
     probes: &mut Probes,
