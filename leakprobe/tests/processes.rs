@@ -691,8 +691,9 @@ impl Drop for Gunicorn {
 }
 
 /// gunicorn's pre-fork workers running a Python app that caches a 48 KiB bytearray per
-/// request: `attach --pid MASTER --children` names the leaking line (`cache_user`, its file and
-/// line) in each worker, with the bytes that worker cached, under the app's own frames.
+/// request: `attach --pid MASTER --children --scan` names the leaking line (`cache_user`, its
+/// file and line) in each worker, with the bytes that worker cached, under the app's own
+/// frames, and the module global that holds them.
 #[test]
 fn gunicorn_workers_each_show_the_leaking_python_line() {
     require_root();
@@ -702,7 +703,7 @@ fn gunicorn_workers_each_show_the_leaking_python_line() {
     let line = src.lines().position(|l| l.contains("bytearray(48 * 1024)")).unwrap() as u64 + 1;
     let master = server.pid().to_string();
     let mut lp = Leakprobe::start_env(
-        &["attach", "--pid", &master, "--children", "--duration", "8s", "--format", "json"],
+        &["attach", "--pid", &master, "--children", "--duration", "8s", "--scan", "--format", "json"],
         &[("LEAKPROBE_TEST_MAX_HOLD_MS", "2000")],
     );
     lp.wait_attached();
@@ -723,7 +724,20 @@ fn gunicorn_workers_each_show_the_leaking_python_line() {
         assert_eq!(python.get(1).map(|f| &f["function"]), Some(&Value::from("app")), "{s}");
         *cached.entry(s["pid"].as_u64().unwrap() as u32).or_default() +=
             s["outstanding_bytes"].as_u64().unwrap();
+        // Each worker's scan names the module global, through the Python objects of a worker
+        // that imported the app after its fork (another layout, the master's interpreter).
+        if s["outstanding_bytes"].as_u64() > Some(0) {
+            let holder = s["held_by"][0]["holder"].as_str().unwrap_or_default();
+            assert!(
+                holder.starts_with("module py_gunicorn_app, global CACHE (dict, "),
+                "PID {}: {}",
+                s["pid"],
+                s["held_by"]
+            );
+        }
     }
+    let scanned = report["scan"]["processes"].as_array().map_or(0, Vec::len);
+    assert!(scanned > served.len(), "the master and every worker scanned: {}", report["scan"]);
     println!("served {served:?}; cached by leakprobe {cached:?}");
     assert!(served.len() >= 2, "gunicorn spread 200 requests over its workers: {served:?}");
     for (pid, n) in &served {

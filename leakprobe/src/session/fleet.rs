@@ -135,8 +135,9 @@ struct Layout {
 /// A running member as a scan needs it.
 pub struct ScanMember<'f> {
     pub pid: u32,
-    /// 0: the first's layout (forked from it): its CPython's addresses hold here too.
-    pub layout: u32,
+    /// It runs the first's CPython at the first's addresses (forked from it): the object
+    /// census's addresses hold here too.
+    pub python: bool,
     pub plan: &'f Plan,
     /// `--in-process`: its stub's code and data (the first's is the session's).
     pub exclude: Vec<(u64, u64)>,
@@ -405,7 +406,7 @@ impl Fleet {
             _ => target::exec_mappings(pid as i32)?,
         };
         let real: Vec<u64> = first.real.iter().map(|r| r.1).collect();
-        if !same_allocator(first_maps, &maps, &real) {
+        if !same_code(first_maps, &maps, &real) {
             anyhow::bail!(
                 "--in-process traces the processes whose allocator is mapped where the first one's is \
                  (forked from one another); this one was started on its own: trace it in a session of its own"
@@ -485,8 +486,10 @@ impl Fleet {
     }
 
     /// The running members a scan goes through, one at a time, each with what differs from
-    /// the first's setup: our own memory in it, and its allocator.
-    pub fn scan_members(&self) -> Vec<ScanMember<'_>> {
+    /// the first's setup: our own memory in it, its allocator, and whether it runs the first's
+    /// CPython where the first does (`python_code`: an address in its code).
+    pub fn scan_members(&self, python_code: &[u64]) -> Vec<ScanMember<'_>> {
+        let first_maps = self.layouts.first().map_or(&[][..], |l| &l.maps[..]);
         self.members
             .iter()
             .filter(|(_, m)| m.ended.is_none())
@@ -500,7 +503,10 @@ impl Fleet {
                         vec![(i.data, i.data + crate::inprocess::stub::DATA_SIZE), i.code_range()]
                     })
                     .unwrap_or_default();
-                Some(ScanMember { pid: *pid, layout: m.layout, plan, exclude })
+                let maps = &self.layouts.get(m.layout as usize)?.maps;
+                let python =
+                    m.layout == 0 || !python_code.is_empty() && same_code(first_maps, maps, python_code);
+                Some(ScanMember { pid: *pid, python, plan, exclude })
             })
             .collect()
     }
@@ -866,11 +872,12 @@ pub struct Joining<'a> {
     pub first_stub: Option<&'a Installed>,
 }
 
-/// Whether the code at each of `addrs` (the real allocation functions, in `first`) is the same
-/// file at the same address in `other`: a worker that loaded more libraries after its fork (NSS
-/// modules for its user switch) is another layout, but runs the first's allocator, where the
-/// eBPF side's one allocator range says.
-fn same_allocator(first: &[Mapping], other: &[Mapping], addrs: &[u64]) -> bool {
+/// Whether the code at each of `addrs` (in `first`: the real allocation functions, CPython's
+/// evaluation loop) is the same file at the same address in `other`: a worker that loaded more
+/// libraries after its fork (NSS modules for its user switch, a WSGI app's extensions) is
+/// another layout, but runs the first's allocator, where the eBPF side's one allocator range
+/// says, and the first's interpreter, whose addresses the Python object census uses.
+fn same_code(first: &[Mapping], other: &[Mapping], addrs: &[u64]) -> bool {
     let at = |maps: &[Mapping], a: u64| {
         maps.iter()
             .find(|m| m.start <= a && a < m.end)
@@ -913,22 +920,22 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_with_more_libraries_runs_the_same_allocator() {
+    fn a_worker_with_more_libraries_runs_the_same_code() {
         let first = vec![m(0x1000, "/usr/sbin/nginx", 5), m(0x7f00_0000_0000, "/usr/lib/libc.so.6", 9)];
         let malloc = 0x7f00_0000_0800;
         // NSS modules loaded after the fork: another layout, the same allocator.
         let mut worker = first.clone();
         worker.push(m(0x7f20_0000_0000, "/usr/lib/libnss_systemd.so.2", 12));
-        assert!(same_allocator(&first, &worker, &[malloc]));
+        assert!(same_code(&first, &worker, &[malloc]));
         // libc elsewhere (started on its own), or another file there: not the same.
         let mut moved = first.clone();
         moved[1].start += 0x10_0000;
         moved[1].end += 0x10_0000;
-        assert!(!same_allocator(&first, &moved, &[malloc]));
+        assert!(!same_code(&first, &moved, &[malloc]));
         let mut other = first.clone();
         other[1].inode = 10;
-        assert!(!same_allocator(&first, &other, &[malloc]));
+        assert!(!same_code(&first, &other, &[malloc]));
         // An address the first does not map is never the same.
-        assert!(!same_allocator(&first, &worker, &[0x10]));
+        assert!(!same_code(&first, &worker, &[0x10]));
     }
 }

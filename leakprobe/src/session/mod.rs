@@ -125,7 +125,7 @@ impl Scanner {
             function_entries: if first { self.setup.function_entries.clone() } else { Vec::new() },
             allocator_module: (plan.module.path.as_os_str() != exe)
                 .then(|| plan.module.path.to_string_lossy().into_owned()),
-            python_objects: m.layout == 0,
+            python_objects: m.python,
             ..self.setup.clone()
         }
     }
@@ -140,8 +140,9 @@ impl Scanner {
         symbolizer: &mut Symbolizer,
         fleet: &mut fleet::Fleet,
     ) -> anyhow::Result<scan::Done> {
+        let python_code = stacks.python.as_ref().map_or_else(Vec::new, |p| p.names.code_at());
         let setups: Vec<scan::Setup> = fleet
-            .scan_members()
+            .scan_members(&python_code)
             .iter()
             .map(|m| {
                 let exe = fleet.members.get(&m.pid).map_or("", |x| x.identity.exe.as_str());

@@ -145,6 +145,12 @@ impl Names {
             .collect()
     }
 
+    /// An address in the interpreter's code (its evaluation loop): a process that maps the
+    /// same file there runs this CPython at these addresses.
+    pub fn code_at(&self) -> Vec<u64> {
+        self.eval.first().map(|e| e.start).into_iter().collect()
+    }
+
     /// Whether a native frame is the evaluation loop's own (not a caller's inlined wrapper).
     pub fn is_eval(&self, f: &Frame) -> bool {
         f.runtime.is_none()
