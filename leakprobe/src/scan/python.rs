@@ -74,7 +74,11 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
         b.count_outside(c, snap, t);
     }
     b.trim_list_items(snap, into.blocks);
-    let dead = dead_words(snap, t);
+    let mut dead = dead_words(snap, t, &b.frames);
+    if let Ok(Ok(a)) = census.as_ref().map(|c| &c.arenas) {
+        dead.extend(arena_table_slack(&a.walk, into.blocks));
+        dead.sort_unstable();
+    }
     let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, dead, named: Vec::new() };
     let threads: Vec<(u64, i32)> = snap.threads.iter().map(|t| (t.fs_base, t.tid)).collect();
     match pyroots::named_roots(snap, t, &threads) {
@@ -90,28 +94,49 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
 }
 
 /// Words the interpreter no longer counts as references: its free lists' stale slots (see
-/// [`freelists`]) and its threads' frame stacks past their top. Sorted.
-fn dead_words(snap: &Snapshot, t: &Target) -> Vec<(u64, u64)> {
-    let mut dead = free_list_slots(snap, t);
+/// [`freelists`]), its threads' frame stacks past their top (3.11+), and the variables and
+/// value stacks of frame objects kept for reuse (3.9's zombie frames, the frame free list).
+/// Sorted. `frames`: the frame objects met, (object, end).
+fn dead_words(snap: &Snapshot, t: &Target, frames: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let lists = match freelists::in_interpreter(t.layout.minor) {
+        Some(at) => objects::main_interpreter(snap, &t.layout, t.py_runtime).ok().map(|i| at.moved(i)),
+        None => t.static_free_lists,
+    };
+    let mut dead = lists.map_or_else(Vec::new, |l| freelists::stale_slots(snap, &l.arrays));
     if let Some(f) = &t.frames {
         dead.extend(walk::dead_frame_stacks(snap, &f.config, &f.layout));
+        let free = lists
+            .and_then(|l| l.frames)
+            .map_or_else(Vec::new, |l| freelists::free_frames(snap, l, f.layout.frame_back));
+        let word = |a: u64| crate::runtimes::Memory::read_u64(snap, a);
+        for &(frame, end) in frames {
+            let zombie = t.layout.minor == 9
+                && word(frame + f.layout.frame_code).and_then(|c| word(c + freelists::CO_ZOMBIEFRAME_39))
+                    == Some(frame);
+            let from = frame + f.layout.frame_localsplus;
+            if (zombie || free.contains(&frame)) && from < end {
+                dead.push((from, end));
+            }
+        }
     }
     dead.sort_unstable();
     dead
 }
 
-/// The stale slots of the interpreter's free lists (see [`freelists`]).
-fn free_list_slots(snap: &Snapshot, t: &Target) -> Vec<(u64, u64)> {
-    let lists = match freelists::in_interpreter(t.layout.minor) {
-        Some(at) => match objects::main_interpreter(snap, &t.layout, t.py_runtime) {
-            Ok(interp) => {
-                at.map(|f| freelists::FreeList { items: interp + f.items, count: interp + f.count }).to_vec()
-            }
-            Err(_) => Vec::new(),
-        },
-        None => t.static_free_lists.map(|l| l.to_vec()).unwrap_or_default(),
-    };
-    freelists::stale_slots(snap, &lists)
+/// pymalloc's arena table: its unused slots, and its allocation past its `maxarenas` slots
+/// (malloc rounds it up), whose words are what the memory held before.
+fn arena_table_slack(
+    walk: &crate::runtimes::cpython::pymalloc::Walk,
+    blocks: &[mark::Block],
+) -> Vec<(u64, u64)> {
+    let (start, end) = walk.table;
+    let mut out = walk.unused_slots.clone();
+    if let Some(b) = blocks.iter().find(|b| b.start <= start && start < b.start + b.size) {
+        if end < b.start + b.size {
+            out.push((end, b.start + b.size));
+        }
+    }
+    out
 }
 
 /// Puts the Python heap's blocks into the marking's.
@@ -126,6 +151,9 @@ struct Builder {
     type_sites: HashMap<u64, u32>,
     /// Objects on no collector list found in blocks already there: (type, block, size).
     untracked: Vec<(u64, u64, u64)>,
+    /// Frame objects (3.9/3.10 frames are objects): (object, end).
+    frames: Vec<(u64, u64)>,
+    is_frame: HashMap<u64, bool>,
 }
 
 impl Builder {
@@ -185,6 +213,9 @@ impl Builder {
             self.lists.push(b.start);
         }
         b.size = end.saturating_sub(found.offset);
+        if !found.dead && *self.is_frame.entry(found.tp).or_insert_with(|| name_of(found.tp) == "frame") {
+            self.frames.push((b.start, b.start + b.size));
+        }
         if found.preheader > 0 {
             self.prefixes.push(mark::Prefix { block: index, start, end: start + found.preheader });
         }

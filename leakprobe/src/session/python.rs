@@ -20,7 +20,7 @@ pub struct Names {
     /// the module's file at the first census.
     static_arenas: std::cell::OnceCell<Option<(u64, u64)>>,
     /// 3.9: the file-static free lists (runtime addresses), found at the first census.
-    static_free_lists: std::cell::OnceCell<Option<[cpython::freelists::FreeList; 3]>>,
+    static_free_lists: std::cell::OnceCell<Option<cpython::freelists::FreeLists>>,
 }
 
 impl Names {
@@ -55,13 +55,9 @@ impl Names {
         found.map_err(|why| tracing::info!("{what} not found in {}: {why}", r.module.display())).ok()
     }
 
-    fn find_static_free_lists(&self) -> Option<[cpython::freelists::FreeList; 3]> {
-        let bias = self.runtime.bias;
+    fn find_static_free_lists(&self) -> Option<cpython::freelists::FreeLists> {
         let lists = self.from_module_file("CPython's free lists", cpython::freelists::static_lists)?;
-        Some(lists.map(|f| cpython::freelists::FreeList {
-            items: f.items.wrapping_add(bias),
-            count: f.count.wrapping_add(bias),
-        }))
+        Some(lists.moved(self.runtime.bias))
     }
 
     fn find_static_arenas(&self) -> Option<(u64, u64)> {

@@ -201,8 +201,8 @@ pub struct Target {
     pub static_arenas: Option<(u64, u64)>,
     /// The threads' frames, whose variables are named roots; `None`: not read.
     pub frames: Option<Frames>,
-    /// 3.9: the file-static free lists of dicts, keys tables and lists (runtime addresses).
-    pub static_free_lists: Option<[super::freelists::FreeList; 3]>,
+    /// 3.9: the file-static free lists (runtime addresses).
+    pub static_free_lists: Option<super::freelists::FreeLists>,
 }
 
 /// How to walk the threads' frames and read their variables' names.

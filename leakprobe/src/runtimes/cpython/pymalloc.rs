@@ -111,6 +111,12 @@ pub struct Walk {
     /// The memory whose every block in use was reported (whole arenas, or the good pools of
     /// an arena with a bad one), in address order: it holds nothing else.
     pub known: Vec<(u64, u64)>,
+    /// The table's unused slots (`address == 0`), in address order. The table grows by
+    /// realloc and only a new slot's `address` and `nextarena` are set: its other words are
+    /// whatever the memory held before (a freed list's items, say). No references.
+    pub unused_slots: Vec<(u64, u64)>,
+    /// The table itself: `(start, end)` (its allocation may be larger: the rest is stale).
+    pub table: (u64, u64),
 }
 
 /// Calls `each(block, size, bytes)` for every block in use, with the block's bytes (at most
@@ -120,10 +126,16 @@ pub fn walk(mem: &dyn Memory, a: &Arenas, want: usize, each: &mut dyn FnMut(u64,
     let Some(table) = mem.read_vec(a.table, (a.maxarenas as u64 * ARENA_OBJECT) as usize) else {
         return out;
     };
-    for slot in table.chunks_exact(ARENA_OBJECT as usize) {
+    out.table = (a.table, a.table + a.maxarenas as u64 * ARENA_OBJECT);
+    for (i, slot) in table.chunks_exact(ARENA_OBJECT as usize).enumerate() {
         let word = |off: usize| u64::from_le_bytes(slot[off..off + 8].try_into().unwrap_or_default());
         let (address, carved) = (word(0), word(8));
         if address == 0 {
+            let at = a.table + i as u64 * ARENA_OBJECT;
+            match out.unused_slots.last_mut() {
+                Some(last) if last.1 == at => last.1 = at + ARENA_OBJECT,
+                _ => out.unused_slots.push((at, at + ARENA_OBJECT)),
+            }
             continue;
         }
         // An arena is an mmap of user space: anything else is no arena (counted as a pool
@@ -307,7 +319,16 @@ mod tests {
         // Every carved pool checked out: the whole arena is known.
         assert_eq!(
             w,
-            Walk { arenas: 1, pools: 2, blocks: 4, bad_pools: 0, known: vec![(arena, arena + (1 << 20))] }
+            Walk {
+                arenas: 1,
+                pools: 2,
+                blocks: 4,
+                bad_pools: 0,
+                known: vec![(arena, arena + (1 << 20))],
+                // Slots 0 and 2 are unused: their words are no references.
+                unused_slots: vec![(0x1000, 0x1000 + ARENA_OBJECT), (0x1000 + 96, 0x1000 + 144)],
+                table: (0x1000, 0x1000 + 144),
+            }
         );
         assert_eq!(
             seen,
