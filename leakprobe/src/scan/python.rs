@@ -131,10 +131,10 @@ fn arena_table_slack(
 ) -> Vec<(u64, u64)> {
     let (start, end) = walk.table;
     let mut out = walk.unused_slots.clone();
-    if let Some(b) = blocks.iter().find(|b| b.start <= start && start < b.start + b.size) {
-        if end < b.start + b.size {
-            out.push((end, b.start + b.size));
-        }
+    if let Some(b) = blocks.iter().find(|b| b.start <= start && start < b.start + b.size)
+        && end < b.start + b.size
+    {
+        out.push((end, b.start + b.size));
     }
     out
 }

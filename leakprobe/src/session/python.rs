@@ -47,7 +47,7 @@ impl Names {
 
     /// Something found in the file of the module that defines `_PyRuntime` (its symbols), or
     /// `None` with a log line saying why (`what` names it).
-    fn from_module_file<T>(&self, what: &str, find: impl FnOnce(&[u8]) -> Result<T, String>) -> Option<T> {
+    fn in_module_file<T>(&self, what: &str, find: impl FnOnce(&[u8]) -> Result<T, String>) -> Option<T> {
         let r = &self.runtime;
         let path = crate::target::target_path(r.pid, &r.module);
         let found =
@@ -56,13 +56,13 @@ impl Names {
     }
 
     fn find_static_free_lists(&self) -> Option<cpython::freelists::FreeLists> {
-        let lists = self.from_module_file("CPython's free lists", cpython::freelists::static_lists)?;
+        let lists = self.in_module_file("CPython's free lists", cpython::freelists::static_lists)?;
         Some(lists.moved(self.runtime.bias))
     }
 
     fn find_static_arenas(&self) -> Option<(u64, u64)> {
         let bias = self.runtime.bias;
-        let (a, m) = self.from_module_file("pymalloc's arenas", cpython::pymalloc::static_arenas)?;
+        let (a, m) = self.in_module_file("pymalloc's arenas", cpython::pymalloc::static_arenas)?;
         Some((a.wrapping_add(bias), m.wrapping_add(bias)))
     }
 
