@@ -27,7 +27,8 @@ pub(super) struct Part {
     pub heap: PythonHeap,
     /// The pre-headers of 3.11+ objects: scanned as the object's.
     pub prefixes: Vec<mark::Prefix>,
-    /// Stale slots of the interpreter's free lists: no references (they read as zero).
+    /// Memory the interpreter no longer counts as references (free lists' stale slots, frame
+    /// stacks past their top, the arena table's slack): read as zero by the marking.
     pub dead: Vec<(u64, u64)>,
     named: Vec<NamedRoot>,
 }
