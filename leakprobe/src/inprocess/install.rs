@@ -498,6 +498,11 @@ impl Installed {
         (self.code, self.code + CODE_LEN)
     }
 
+    /// Our own memory in the target, data page and code: never a root of a scan.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        vec![(self.data, self.data + super::stub::DATA_SIZE), self.code_range()]
+    }
+
     /// Points the plan's GOT slots and data pointers at the stubs. Additive: slots already
     /// patched are left as they are, so a new plan after a dlopen patches only the new
     /// module's slots. Returns the slots written and the time they took.

@@ -169,7 +169,6 @@ impl Scan {
     pub fn merged(at_s: f64, parts: Vec<(u32, Result<Scan, String>)>) -> Option<Scan> {
         let mut out = Scan { at_s, cycles_complete: true, ..Scan::default() };
         let mut methods = std::collections::BTreeSet::new();
-        let mut any = false;
         for (pid, part) in parts {
             let sc = match part {
                 Ok(sc) => sc,
@@ -178,7 +177,6 @@ impl Scan {
                     continue;
                 }
             };
-            any = true;
             out.processes.push(ProcessScan {
                 pid,
                 pause_ms: sc.pause_ms,
@@ -209,10 +207,10 @@ impl Scan {
                 (_, None) => {}
             }
         }
-        if !any {
+        if out.processes.iter().all(|p| p.error.is_some()) {
             return None;
         }
-        // "clone" when every process was scanned from a copy, else the one that stopped longest.
+        // The one method every process was scanned with, else "mixed".
         out.method =
             if methods.len() == 1 { methods.pop_first().unwrap_or_default() } else { "mixed".into() };
         out.cycles.sort_by_key(|c| std::cmp::Reverse(c.bytes));

@@ -78,8 +78,9 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
     let mut dead = dead_words(snap, t, &b.frames);
     if let Ok(Ok(a)) = census.as_ref().map(|c| &c.arenas) {
         dead.extend(arena_table_slack(&a.walk, into.blocks));
-        dead.sort_unstable();
     }
+    // The marking's reader needs them in order.
+    dead.sort_unstable();
     let mut part = Part { census, heap: b.heap, prefixes: b.prefixes, dead, named: Vec::new() };
     let threads: Vec<(u64, i32)> = snap.threads.iter().map(|t| (t.fs_base, t.tid)).collect();
     match pyroots::named_roots(snap, t, &threads) {
@@ -97,7 +98,7 @@ pub(super) fn take(snap: &Snapshot, t: &Target, into: &mut Into<'_>) -> Part {
 /// Words the interpreter no longer counts as references: its free lists' stale slots (see
 /// [`freelists`]), its threads' frame stacks past their top (3.11+), and the variables and
 /// value stacks of frame objects kept for reuse (3.9's zombie frames, the frame free list).
-/// Sorted. `frames`: the frame objects met, (object, end).
+/// `frames`: the frame objects met, (object, end).
 fn dead_words(snap: &Snapshot, t: &Target, frames: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let lists = match freelists::in_interpreter(t.layout.minor) {
         Some(at) => objects::main_interpreter(snap, &t.layout, t.py_runtime).ok().map(|i| at.moved(i)),
@@ -120,7 +121,6 @@ fn dead_words(snap: &Snapshot, t: &Target, frames: &[(u64, u64)]) -> Vec<(u64, u
             }
         }
     }
-    dead.sort_unstable();
     dead
 }
 

@@ -135,6 +135,7 @@ struct Layout {
 /// A running member as a scan needs it.
 pub struct ScanMember<'f> {
     pub pid: u32,
+    pub exe: &'f str,
     /// It runs the first's CPython at the first's addresses (forked from it): the object
     /// census's addresses hold here too.
     pub python: bool,
@@ -494,19 +495,11 @@ impl Fleet {
             .iter()
             .filter(|(_, m)| m.ended.is_none())
             .filter_map(|(pid, m)| {
-                let plan = &self.layouts.get(m.layout as usize)?.plan;
-                let exclude = m
-                    .stub
-                    .as_ref()
-                    .map(|s| {
-                        let i = &s.installed;
-                        vec![(i.data, i.data + crate::inprocess::stub::DATA_SIZE), i.code_range()]
-                    })
-                    .unwrap_or_default();
-                let maps = &self.layouts.get(m.layout as usize)?.maps;
-                let python =
-                    m.layout == 0 || !python_code.is_empty() && same_code(first_maps, maps, python_code);
-                Some(ScanMember { pid: *pid, python, plan, exclude })
+                let layout = self.layouts.get(m.layout as usize)?;
+                let exclude = m.stub.as_ref().map(|s| s.installed.ranges()).unwrap_or_default();
+                let python = m.layout == 0
+                    || !python_code.is_empty() && same_code(first_maps, &layout.maps, python_code);
+                Some(ScanMember { pid: *pid, exe: &m.identity.exe, python, plan: &layout.plan, exclude })
             })
             .collect()
     }

@@ -101,19 +101,11 @@ struct Scanner {
 impl Scanner {
     /// Our own memory in the target: never a root.
     fn exclude(inproc: &Option<InProcess>) -> Vec<(u64, u64)> {
-        inproc
-            .as_ref()
-            .map(|i| {
-                vec![
-                    (i.installed.data, i.installed.data + crate::inprocess::stub::DATA_SIZE),
-                    i.installed.code_range(),
-                ]
-            })
-            .unwrap_or_default()
+        inproc.as_ref().map(|i| i.installed.ranges()).unwrap_or_default()
     }
 
     /// A member's setup: the first's, with its own pid, memory of ours and allocator.
-    fn setup_for(&self, m: &fleet::ScanMember<'_>, exe: &str) -> scan::Setup {
+    fn setup_for(&self, m: &fleet::ScanMember<'_>) -> scan::Setup {
         let first = m.pid == self.setup.pid as u32;
         let plan = m.plan;
         scan::Setup {
@@ -123,8 +115,7 @@ impl Scanner {
             census: census_version(plan).ok(),
             // exit() stops only the first (`run --scan`).
             function_entries: if first { self.setup.function_entries.clone() } else { Vec::new() },
-            allocator_module: (plan.module.path.as_os_str() != exe)
-                .then(|| plan.module.path.to_string_lossy().into_owned()),
+            allocator_module: allocator_module(plan, m.exe),
             python_objects: m.python,
             ..self.setup.clone()
         }
@@ -141,14 +132,8 @@ impl Scanner {
         fleet: &mut fleet::Fleet,
     ) -> anyhow::Result<scan::Done> {
         let python_code = stacks.python.as_ref().map_or_else(Vec::new, |p| p.names.code_at());
-        let setups: Vec<scan::Setup> = fleet
-            .scan_members(&python_code)
-            .iter()
-            .map(|m| {
-                let exe = fleet.members.get(&m.pid).map_or("", |x| x.identity.exe.as_str());
-                self.setup_for(m, exe)
-            })
-            .collect();
+        let setups: Vec<scan::Setup> =
+            fleet.scan_members(&python_code).iter().map(|m| self.setup_for(m)).collect();
         let between = |pid: u32, before: bool| {
             let line = if before { fleet.lend(pid) } else { fleet.take_back(pid) };
             if let Some(line) = line {
@@ -220,6 +205,12 @@ impl Scanner {
         }
         self.last_at = at_s;
     }
+}
+
+/// The allocator's module for a scan, unless it is the executable: a static executable's own
+/// data holds the program's globals too.
+fn allocator_module(plan: &allocator::Plan, exe: &str) -> Option<String> {
+    (plan.module.path.as_os_str() != exe).then(|| plan.module.path.to_string_lossy().into_owned())
 }
 
 /// `--census`: the target's glibc version, or why there is no census.
@@ -556,9 +547,7 @@ pub async fn run_with(cfg: Config, tap: Option<crate::live::Tap>) -> anyhow::Res
                     Err(_) => None,
                 },
                 function_entries: Vec::new(),
-                // Not a static executable's own data: that holds the program's globals too.
-                allocator_module: (plan.module.path.as_os_str() != identity.exe.as_str())
-                    .then(|| plan.module.path.to_string_lossy().into_owned()),
+                allocator_module: allocator_module(&plan, &identity.exe),
                 backrefs: s.backrefs.clone(),
                 python_objects: true,
             },
